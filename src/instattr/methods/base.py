@@ -1,0 +1,97 @@
+"""The attributor interface shared by every method.
+
+``Attributor(**options).fit(train, head) -> self`` then ``score(test) -> (n_test, n_train)``
+float32, higher = the training example supports the prediction on the test example more.
+``train``/``test`` are :class:`instattr.store.FeatureSet`; ``head`` is the trained last layer
+(:class:`instattr.store.HeadState`), ignored by similarity methods.
+
+Scores are computed over blocks of test rows (``chunk_size`` rows; ``None`` sizes blocks to
+about ``BLOCK_ELEMENTS`` scores), so memory stays bounded however many training examples.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+
+from ..store import FeatureSet, HeadState
+
+BLOCK_ELEMENTS = 1 << 24  # ~64 MB of float32 scores per block when chunk_size is None
+
+
+class NotFittedError(RuntimeError):
+    """``score`` was called before ``fit``."""
+
+
+class Attributor:
+    """Base class: subclasses set ``name`` and implement ``_fit`` and ``_score``.
+
+    ``_score(test, out)`` writes the float32 scores of the rows of ``test`` into ``out``
+    (shape (len(test), n_train), C-contiguous), so ``score`` fills its result in place.
+    """
+
+    name: str = ""
+    needs_head: bool = True
+
+    def __init__(self, chunk_size: Optional[int] = None):
+        if chunk_size is not None and int(chunk_size) < 1:
+            raise ValueError(f"{self.name}: chunk_size must be a positive number of rows")
+        self.chunk_size = chunk_size
+
+    def config(self) -> dict:
+        """The constructor options (saved next to the scores)."""
+        return {k: v for k, v in vars(self).items() if not k.endswith("_") and not k.startswith("_")}
+
+    def fit(self, train: FeatureSet, head: Optional[HeadState] = None) -> "Attributor":
+        if len(train) == 0:
+            raise ValueError(f"{self.name}: no training examples to fit on")
+        if self.needs_head and head is None:
+            raise ValueError(f"{self.name}: needs the trained head (HeadState)")
+        for k in [k for k in vars(self) if k.endswith("_")]:  # a refit forgets the last fit
+            delattr(self, k)
+        self._fit(train, head)
+        self.n_train_ = len(train)
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "n_train_"):
+            raise NotFittedError(f"{self.name}: call fit(train, head) before score(test)")
+
+    def _rows_per_block(self) -> int:
+        return int(self.chunk_size or max(1, BLOCK_ELEMENTS // self.n_train_))
+
+    def score(self, test: FeatureSet) -> np.ndarray:
+        """The full (n_test, n_train) float32 score matrix."""
+        self._check_fitted()
+        out = np.empty((len(test), self.n_train_), dtype=np.float32)
+        step = self._rows_per_block()
+        for s in range(0, len(test), step):
+            rows = slice(s, min(s + step, len(test)))
+            self._score(test.subset(rows), out[rows])
+        return out
+
+    def score_chunks(self, test: FeatureSet, chunk_size: Optional[int] = None) -> Iterator[Tuple[slice, np.ndarray]]:
+        """Yield (row slice, float32 block) over test rows, so memory stays bounded."""
+        self._check_fitted()
+        step = int(chunk_size or self._rows_per_block())
+        for s in range(0, len(test), step):
+            rows = slice(s, min(s + step, len(test)))
+            block = np.empty((rows.stop - rows.start, self.n_train_), dtype=np.float32)
+            self._score(test.subset(rows), block)
+            yield rows, block
+
+    def _fit(self, train: FeatureSet, head: Optional[HeadState]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _score(self, test: FeatureSet, out: np.ndarray) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def check_width(name: str, what: str, expected: int, got: np.ndarray) -> None:
+    """One-line error when test rows do not match the width seen in fit."""
+    if got.ndim != 2 or got.shape[1] != expected:
+        raise ValueError(f"{name}: test {what} have shape {got.shape}, fitted on width {expected}")
+
+
+def float32_rows(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
