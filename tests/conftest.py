@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny randomly initialised BERT (built from a config) and tiny datasets."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = ("good great fine bad awful poor movie film plot actor the a is was not very really fun dull "
+         "boring lovely man woman dog cat sat saw ran on mat park judge banker contacted").split()
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide BERT with random weights and a word-level vocabulary, saved to a folder."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_dataset(folder: Path, n_train=40, n_test=12, n_dev=10, pairs=False, seed=0) -> Path:
+    """A learnable toy dataset: label 1 iff the text holds a positive word (pairs: iff words overlap)."""
+    import random
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    pos, neg = ["good", "great", "fun", "lovely"], ["bad", "awful", "dull", "boring"]
+    nouns = ["movie", "film", "plot", "actor", "dog", "cat", "man", "woman"]
+
+    def row(split, i):
+        if pairs:
+            a, b = rng.sample(nouns, 2)
+            premise = f"the {a} saw the {b}"
+            label = rng.randint(0, 1)
+            hyp = f"the {b} saw the {a}" if label else f"a {rng.choice(pos)} {rng.choice(neg)}"
+            return {"idx": f"{split}_{i}", "document": premise, "query": hyp, "label": label}
+        label = rng.randint(0, 1)
+        word = rng.choice(pos if label else neg)
+        return {"idx": f"{split}_{i}", "document": f"the {rng.choice(nouns)} was {word}", "label": label}
+
+    for split, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
+        if n:
+            write_jsonl(folder / f"{split}.jsonl", [row(split, i) for i in range(n)])
+    names = ["non-entailment", "entailment"] if pairs else ["negative", "positive"]
+    (folder / "labels.json").write_text(json.dumps(names))
+    return folder
+
+
+@pytest.fixture
+def toy_data(tmp_path) -> Path:
+    return make_dataset(tmp_path / "toy")
+
+
+@pytest.fixture
+def toy_pairs(tmp_path) -> Path:
+    return make_dataset(tmp_path / "toy_pairs", pairs=True)
+
+
+@pytest.fixture
+def tiny_run(tmp_path, tiny_encoder, toy_data):
+    """A trained run on the toy dataset with the tiny encoder (seconds)."""
+    from instattr.model import HeadConfig
+    from instattr.pipeline import TrainConfig, train_run
+    cfg = TrainConfig(data=str(toy_data), encoder=tiny_encoder, head=HeadConfig(epochs=5, lr=1e-2, batch_size=8))
+    return train_run(cfg, tmp_path / "run", progress=False)

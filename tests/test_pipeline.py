@@ -1,0 +1,127 @@
+"""End to end on a tiny random BERT: the run directory, refuse/overwrite, determinism, predict."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from instattr import Run
+from instattr.cli import main
+from instattr.encoders import Encoder
+from instattr.model import HeadConfig, pair_input, predict
+from instattr.pipeline import TrainConfig, featurize, train_run
+from instattr.errors import InstattrError
+
+HEAD = HeadConfig(epochs=5, lr=1e-2, batch_size=8)
+
+
+def test_run_directory_holds_every_array(tiny_run):
+    run = Run.load(tiny_run.path)
+    m = run.manifest
+    assert m["eval_split"] == "test" and m["mode"] == "head" and m["l2"] == 0.01
+    assert set(run.splits) == {"train", "dev", "test"}
+    for split, n in (("train", 40), ("dev", 10), ("test", 12)):
+        fs = run.features(split)
+        assert len(fs) == n and fs.probs.shape == (n, 2) and fs.features.shape == (n, 32)
+        assert fs.encoder.shape == (n, 32) and fs.probs.dtype == np.float32
+        np.testing.assert_allclose(fs.probs.sum(1), 1, atol=1e-5)
+        np.testing.assert_array_equal(fs.pred, fs.probs.argmax(1))
+        assert list(fs.idx) == [f"{split}_{i}" for i in range(n)]
+        # features and probs are the stored head applied to the stored encoder output
+        feats, probs = predict(run.head_params(), fs.encoder)
+        np.testing.assert_allclose(feats, fs.features, atol=1e-5)
+        np.testing.assert_allclose(probs, fs.probs, atol=1e-5)
+    metrics = run.metrics
+    assert 0 <= metrics["test_accuracy"] <= 1 and metrics["timings"]["total_s"] > 0
+    assert run.head().w.shape == (2, 32)
+
+
+def test_length_sorted_encoding_equals_unsorted(tiny_encoder):
+    enc = Encoder(tiny_encoder, "mean")
+    texts = ["the dog", "the movie was really very good fun", "bad", "a cat sat on the mat in the park"]
+    np.testing.assert_allclose(enc.encode(texts, sort=True, progress=False),
+                               enc.encode(texts, sort=False, progress=False), atol=1e-5)
+    one = np.stack([enc.encode([t], progress=False)[0] for t in texts])
+    np.testing.assert_allclose(enc.encode(texts, progress=False), one, atol=1e-5)
+
+
+def test_featurize_reproduces_stored_rows(tiny_run):
+    ds = tiny_run.dataset()
+    ex = ds.splits["test"].examples[:5]
+    fs = featurize(tiny_run, [e.document for e in ex])
+    np.testing.assert_allclose(fs.probs, tiny_run.features("test").probs[:5], atol=1e-5)
+
+
+def test_refuses_existing_run_and_overwrite_replaces(tmp_path, tiny_encoder, toy_data, capsys):
+    out = tmp_path / "run"
+    args = ["--quiet", "train", "--data", str(toy_data), "--encoder", tiny_encoder, "--out", str(out),
+            "--epochs", "2"]
+    assert main(args) == 0
+    before = (out / "features" / "train.npz").read_bytes()
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "features" / "train.npz").read_bytes() == before
+    # a failing overwrite (bad data) leaves the old run whole
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.jsonl").write_text('{"document": 1}\n')
+    assert main(["--quiet", "train", "--data", str(bad), "--out", str(out), "--overwrite"]) == 2
+    assert (out / "features" / "train.npz").read_bytes() == before and Run.load(out).manifest
+    assert main(args + ["--overwrite", "--seed", "3"]) == 0
+    assert Run.load(out).manifest["seed"] == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
+
+
+def test_same_seed_same_run(tmp_path, tiny_encoder, toy_data):
+    cfg = TrainConfig(data=str(toy_data), encoder=tiny_encoder, head=HEAD)
+    a = train_run(cfg, tmp_path / "a", progress=False)
+    b = train_run(cfg, tmp_path / "b", progress=False)
+    for split in ("train", "test"):
+        for key in ("probs", "features", "encoder"):
+            np.testing.assert_array_equal(getattr(a.features(split), key), getattr(b.features(split), key))
+
+
+def test_siamese_pairs(tmp_path, tiny_encoder, toy_pairs):
+    run = train_run(TrainConfig(data=str(toy_pairs), encoder=tiny_encoder, head=HEAD), tmp_path / "p",
+                    progress=False)
+    m = run.manifest
+    assert m["pair_mode"] == "siamese" and m["head"]["d_in"] == 128 and m["data"]["is_pair"]
+    fs = run.features("train")
+    assert fs.encoder.shape == (40, 64)
+    feats, _ = predict(run.head_params(), pair_input(fs.encoder, "siamese"))
+    np.testing.assert_allclose(feats, fs.features, atol=1e-5)
+    with pytest.raises(InstattrError, match="--query"):
+        featurize(run, ["the dog saw the cat"])
+
+
+def test_cross_pairs_and_finetune(tmp_path, tiny_encoder, toy_pairs):
+    cfg = TrainConfig(data=str(toy_pairs), encoder=tiny_encoder, head=HEAD, mode="finetune",
+                      limit_train=16, limit_eval=4, finetune_epochs=1)
+    run = train_run(cfg, tmp_path / "ft", progress=False)
+    m = run.manifest
+    assert m["pair_mode"] == "cross" and m["data"]["n"] == {"train": 16, "dev": 4, "test": 4}
+    assert (run.path / "model" / "encoder" / "config.json").exists()
+    ex = run.dataset().splits["test"].examples[:2]
+    fs = featurize(run, [e.document for e in ex], [e.query for e in ex])
+    np.testing.assert_allclose(fs.probs, run.features("test").probs[:2], atol=1e-4)
+
+
+def test_tune_records_choice(tmp_path, tiny_encoder, toy_data, monkeypatch):
+    import instattr.pipeline as p
+    monkeypatch.setattr(p, "TUNE_GRID", {"l2": (0.1, 0.01), "lr": (1e-2, 1e-5), "epochs": (1, 3), "batch_size": (8,)})
+    run = train_run(TrainConfig(data=str(toy_data), encoder=tiny_encoder, tune=True), tmp_path / "t", progress=False)
+    tune = run.manifest["tune"]
+    assert len(tune["trials"]) == 8
+    best = max(t["dev_accuracy"] for t in tune["trials"])
+    chosen = tune["chosen"]
+    assert any(t["dev_accuracy"] == best and t["lr"] == chosen["lr"] and t["epochs"] == chosen["epochs"]
+               for t in tune["trials"])
+    assert run.manifest["head"]["lr"] == chosen["lr"]
+
+
+def test_predict_cli_json(tiny_run, capsys):
+    assert main(["--quiet", "predict", "--run", str(tiny_run.path), "the movie was good", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["label"] in ("negative", "positive") and abs(sum(out["probs"].values()) - 1) < 1e-4
+    assert main(["--quiet", "predict", "--run", str(tiny_run.path), "x", "--query", "y"]) == 2
+    assert main(["--quiet", "predict", "--run", str(tiny_run.path / "nope"), "x"]) == 2
