@@ -78,6 +78,22 @@ def cmd_predict(a) -> int:
     return 0
 
 
+def cmd_attribute(a) -> int:
+    from .attribution import attribute_run
+    from .store import Run
+    run = Run.load(a.run)
+    attribute_run(run, a.methods, a.split, a.limit_test, a.limit_train, a.overwrite, progress=not a.quiet)
+    return 0
+
+
+def cmd_explain(a) -> int:
+    from .attribution import explain, format_explanation
+    from .store import Run
+    result = explain(Run.load(a.run), a.text, a.query, a.methods, a.k)
+    print(json.dumps(result, indent=2) if a.json else format_explanation(result), end="" if not a.json else "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="instattr", description="Which training examples made my model predict this?")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -96,6 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
+    at = sub.add_parser("attribute", help="score the eval split against the training set, per method")
+    at.add_argument("--run", required=True)
+    at.add_argument("--methods", default="all", help="'all' or a comma-separated list")
+    at.add_argument("--split", help="split to attribute (default: the run's eval split)")
+    at.add_argument("--limit-test", type=int)
+    at.add_argument("--limit-train", type=int)
+    at.add_argument("--overwrite", action="store_true", help="recompute scores that exist")
+    at.set_defaults(func=cmd_attribute)
+
+    ex = sub.add_parser("explain", help="the training examples behind one prediction, per method")
+    ex.add_argument("--run", required=True)
+    ex.add_argument("text")
+    ex.add_argument("--query", help="the hypothesis, for sentence-pair runs")
+    ex.add_argument("--methods", default="nn-cos,gc,if,rep")
+    ex.add_argument("--k", type=int, default=5)
+    ex.add_argument("--json", action="store_true")
+    ex.set_defaults(func=cmd_explain)
     return p
 
 

@@ -1,0 +1,132 @@
+"""Attribute a run's test split (scores on disk), new texts, and explain single predictions."""
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .errors import InstattrError
+from .store import FeatureSet, Run, RunError
+
+
+def resolve_methods(spec) -> List[str]:
+    """Method names from ``"all"``, ``"a,b"`` or a list; unknown names are a one-line error."""
+    from .methods import expand_methods
+    try:
+        return expand_methods(spec)
+    except ValueError as e:
+        raise InstattrError(str(e)) from None
+
+
+def fit_method(run: Run, name: str, train: Optional[FeatureSet] = None, **options):
+    """A fitted attributor ``name`` on the run's training features (all rows unless ``train``)."""
+    from .methods import get_method
+    try:
+        method = get_method(name, **options)
+    except ValueError as e:
+        raise InstattrError(str(e)) from None
+    return method.fit(run.features("train") if train is None else train, run.head())
+
+
+def attribute_run(run: Run, methods="all", split: Optional[str] = None, limit_test: Optional[int] = None,
+                  limit_train: Optional[int] = None, overwrite: bool = False, progress: bool = True,
+                  log=print) -> Dict[str, float]:
+    """Score ``split`` (default: the run's eval split) against the training set with each method.
+
+    Writes ``scores/{method}-{split}.npy`` and ``.json``; existing scores are kept unless
+    ``overwrite``. Returns the compute seconds of each method that ran.
+    """
+    from tqdm.auto import tqdm
+    names = resolve_methods(methods)
+    split = split or run.eval_split
+    if split not in run.splits:
+        raise RunError(f"{run.path}: no features for split {split!r} (has {', '.join(run.splits)})")
+    for flag, v in (("--limit-test", limit_test), ("--limit-train", limit_train)):
+        if v is not None and v <= 0:
+            raise InstattrError(f"{flag} must be positive, got {v}")
+    test = run.features(split)
+    train = run.features("train")
+    if limit_test:
+        test = test.subset(slice(0, limit_test))
+    if limit_train:
+        train = train.subset(slice(0, limit_train))
+    seconds = {}
+    for name in tqdm(names, desc="attribute", disable=not progress, leave=False):
+        if run.has_scores(name, split) and not overwrite:
+            log(f"{name}: scores/{name}-{split}.npy exists, kept (use --overwrite to recompute)")
+            continue
+        t = time.perf_counter()
+        method = fit_method(run, name, train)
+        scores = method.score(test)
+        seconds[name] = time.perf_counter() - t
+        run.save_scores(name, split, scores, test.idx, train.idx, method.config(), seconds[name])
+        log(f"{name}: {scores.shape[0]} x {scores.shape[1]} scores in {seconds[name]:.3f} s")
+    return seconds
+
+
+def attribute_texts(run: Run, method: str, texts: Sequence[str], queries: Optional[Sequence[str]] = None,
+                    **options) -> np.ndarray:
+    """Scores (len(texts), n_train) of new texts against the run's training set."""
+    from .pipeline import featurize
+    test = featurize(run, list(texts), list(queries) if queries is not None else None)
+    return fit_method(run, method, **options).score(test)
+
+
+def explain(run: Run, text: str, query: Optional[str] = None, methods="all", k: int = 5) -> dict:
+    """The prediction for one text, then per method its top-k supporting and opposing examples."""
+    from .methods import bottom_k, top_k
+    from .pipeline import featurize
+    if k <= 0:
+        raise InstattrError(f"--k must be positive, got {k}")
+    names = resolve_methods(methods)
+    test = featurize(run, [text], [query] if query is not None else None)
+    train_examples = run.dataset().splits["train"].examples
+    train_fs = run.features("train")
+    if len(train_examples) < len(train_fs) or any(train_examples[i].idx != str(x) for i, x in
+                                                   ((0, train_fs.idx[0]), (len(train_fs) - 1, train_fs.idx[-1]))):
+        raise RunError(f"{run.path}: the dataset on disk no longer matches the run's training rows")
+    labels = run.label_names
+
+    def rows(idx, vals):
+        out = []
+        for i, v in zip(idx, vals):
+            e = train_examples[int(i)]
+            out.append({"idx": e.idx, "text": e.document, **({"query": e.query} if e.query is not None else {}),
+                        "label": labels[e.label], "score": float(v)})
+        return out
+
+    result = {"text": text, **({"query": query} if query is not None else {}),
+              "prediction": labels[int(test.pred[0])],
+              "probs": {n: float(p) for n, p in zip(labels, test.probs[0])}, "methods": {}}
+    for name in names:
+        scores = fit_method(run, name, train_fs).score(test)
+        result["methods"][name] = {"supporting": rows(*(a[0] for a in top_k(scores, k))),
+                                   "opposing": rows(*(a[0] for a in bottom_k(scores, k)))}
+    return result
+
+
+def format_explanation(result: dict, width: Optional[int] = None) -> str:
+    """A terminal table: per method, supporting and opposing examples side by side."""
+    import shutil
+    width = width or max(80, shutil.get_terminal_size((120, 20)).columns)
+    col = (width - 3) // 2
+    probs = "  ".join(f"{n} {p:.3f}" for n, p in result["probs"].items())
+    lines = [f"text:       {result['text']}"]
+    if "query" in result:
+        lines.append(f"query:      {result['query']}")
+    lines += [f"prediction: {result['prediction']}   ({probs})", ""]
+
+    def cell(r):
+        text = r["text"] + (f" || {r['query']}" if "query" in r else "")
+        head = f"{r['score']:+.3g} {r['label'][:8]:<8} "
+        room = col - len(head)
+        return head + (text if len(text) <= room else text[:room - 1] + "…")
+
+    for name, m in result["methods"].items():
+        lines.append(f"── {name} ".ljust(col, "─") + "─┼─" + "─" * col)
+        lines.append(f"{'supporting (helped this prediction)':<{col}} │ opposing (argued against it)")
+        for s, o in zip(m["supporting"], m["opposing"]):
+            lines.append(f"{cell(s):<{col}} │ {cell(o)}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
