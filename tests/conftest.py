@@ -7,6 +7,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("INSTATTR_CACHE", "off")  # tests measure encoding, not the cache
 
 WORDS = ("good great fine bad awful poor movie film plot actor the a is was not very really fun dull "
          "boring lovely man woman dog cat sat saw ran on mat park judge banker contacted").split()

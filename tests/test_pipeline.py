@@ -125,3 +125,19 @@ def test_predict_cli_json(tiny_run, capsys):
     assert out["label"] in ("negative", "positive") and abs(sum(out["probs"].values()) - 1) < 1e-4
     assert main(["--quiet", "predict", "--run", str(tiny_run.path), "x", "--query", "y"]) == 2
     assert main(["--quiet", "predict", "--run", str(tiny_run.path / "nope"), "x"]) == 2
+
+
+def test_embedding_cache_reused_and_keyed_by_text(tmp_path, tiny_encoder, toy_data, monkeypatch):
+    monkeypatch.setenv("INSTATTR_CACHE", str(tmp_path / "cache"))
+    cfg = TrainConfig(data=str(toy_data), encoder=tiny_encoder, head=HEAD)
+    a = train_run(cfg, tmp_path / "a", progress=False)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 3  # one per split
+
+    def boom(*args, **kwargs):
+        raise AssertionError("encoded again despite the cache")
+    monkeypatch.setattr(Encoder, "encode", boom)
+    b = train_run(cfg, tmp_path / "b", progress=False)
+    np.testing.assert_array_equal(a.features("train").encoder, b.features("train").encoder)
+    with pytest.raises(AssertionError, match="encoded again"):  # other texts miss the cache
+        train_run(TrainConfig(data=str(toy_data), encoder=tiny_encoder, head=HEAD, limit_train=7),
+                  tmp_path / "c", progress=False)

@@ -94,6 +94,42 @@ def cmd_explain(a) -> int:
     return 0
 
 
+def cmd_evaluate(a) -> int:
+    from .evaluate import run_evaluation
+    from .store import Run
+    run = Run.load(a.run)
+    opts = {"seed": a.seed}
+    if a.methods:
+        opts["methods"] = a.methods
+    if a.all:
+        if a.name != "near-train":
+            raise InstattrError("--all applies to near-train only")
+        opts["all"] = True
+    try:
+        run_evaluation(a.name, run, **opts)
+    except ValueError as e:
+        if isinstance(e, InstattrError):
+            raise
+        raise InstattrError(str(e)) from None
+    print((run.path / "results" / f"{a.name}.md").read_text(encoding="utf-8"), end="")
+    return 0
+
+
+def cmd_report(a) -> int:
+    from .report import build_report
+    from .store import Run
+    print(build_report(Run.load(a.run)))
+    return 0
+
+
+def cmd_reproduce(a) -> int:
+    from .reproduce import ReproduceConfig, reproduce
+    run = reproduce(train_config(a), a.out, ReproduceConfig(quick=a.quick, methods=a.methods, seed=a.seed),
+                    progress=not a.quiet)
+    print(f"open {run.path / 'report.html'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="instattr", description="Which training examples made my model predict this?")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -129,6 +165,26 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--k", type=int, default=5)
     ex.add_argument("--json", action="store_true")
     ex.set_defaults(func=cmd_explain)
+
+    from .evaluate import EVALUATIONS
+    ev = sub.add_parser("evaluate", help="run one of the paper's evaluations on a run")
+    ev.add_argument("name", choices=list(EVALUATIONS))
+    ev.add_argument("--run", required=True)
+    ev.add_argument("--methods", help="'all' or a comma-separated list (default: the paper's methods)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--all", action="store_true", help="near-train: every training example, not a sample")
+    ev.set_defaults(func=cmd_evaluate)
+
+    rp = sub.add_parser("report", help="(re)build RUN/report.html")
+    rp.add_argument("--run", required=True)
+    rp.set_defaults(func=cmd_report)
+
+    rr = sub.add_parser("reproduce", help="train, attribute, evaluate and report; resumes where it stopped")
+    _train_args(rr)
+    rr.add_argument("--out", required=True)
+    rr.add_argument("--quick", action="store_true", help="a slice of the data and smaller samples (minutes)")
+    rr.add_argument("--methods", default="all")
+    rr.set_defaults(func=cmd_reproduce)
     return p
 
 

@@ -18,7 +18,7 @@ from .data import Dataset, Split, load_dataset
 from .encoders import Encoder
 from .errors import InstattrError
 from .model import HeadConfig, pair_input, predict, train_heads
-from .store import FeatureSet, Run, RunError, _umask, write_json, write_npz
+from .store import FeatureSet, Run, RunError, _umask, write_json, write_npy, write_npz
 
 TUNE_GRID = {"l2": (0.1, 0.01, 0.001), "lr": (2e-3, 2e-4, 2e-5, 2e-6), "epochs": (3, 7, 10, 15),
              "batch_size": (8, 16)}
@@ -52,17 +52,57 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------ encoding
-def encode_split(encoder: Encoder, split: Split, pair_mode: Optional[str], progress: bool = True) -> np.ndarray:
+def cache_dir() -> Optional[Path]:
+    """Where untuned embeddings are cached: $INSTATTR_CACHE, else ~/.cache/instattr ('off' disables)."""
+    where = os.environ.get("INSTATTR_CACHE", str(Path.home() / ".cache" / "instattr"))
+    return None if where == "off" else Path(where)
+
+
+def _cached_encode(encoder: Encoder, texts, queries=None, progress=True, desc="encode") -> np.ndarray:
+    """``encoder.encode`` memoised on disk by encoder, pooling, length limit and the exact texts.
+
+    Only the packaged or a local encoder folder is cached (a hub name could change under us)."""
+    import hashlib
+    folder = cache_dir()
+    if folder is None or not Path(encoder.path).is_dir():
+        return encoder.encode(texts, queries, progress=progress, desc=desc)
+    h = hashlib.sha256()
+    weights = sorted(Path(encoder.path).glob("*.safetensors")) + sorted(Path(encoder.path).glob("*.bin"))
+    for part in [str(Path(encoder.path).resolve()), *(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}"
+                                                      for w in weights), encoder.pooling, str(encoder.max_length)]:
+        h.update(part.encode() + b"\0")
+    for t in texts + (queries or []):
+        h.update(t.encode() + b"\0")
+    h.update(b"pairs" if queries is not None else b"single")
+    path = folder / f"{h.hexdigest()[:32]}.npy"
+    if path.exists():
+        try:
+            vecs = np.load(path)
+            if vecs.shape == (len(texts), encoder.hidden_size):
+                return vecs
+        except (OSError, ValueError):
+            pass  # a damaged cache entry is recomputed
+    vecs = encoder.encode(texts, queries, progress=progress, desc=desc)
+    try:
+        write_npy(path, vecs)
+    except OSError:
+        pass  # a read-only cache never stops training
+    return vecs
+
+
+def encode_split(encoder: Encoder, split: Split, pair_mode: Optional[str], progress: bool = True,
+                 cache: bool = True) -> np.ndarray:
     """Untuned pooled vectors of a split: u, [u, v] (siamese) or the cross-encoded pair."""
+    enc = (lambda *a, **k: _cached_encode(encoder, *a, **k)) if cache else encoder.encode
     docs = [e.document for e in split.examples]
     if pair_mode is None:
-        return encoder.encode(docs, progress=progress, desc=f"encode {split.name}")
+        return enc(docs, progress=progress, desc=f"encode {split.name}")
     queries = [e.query for e in split.examples]
     if pair_mode == "cross":
-        return encoder.encode(docs, queries, progress=progress, desc=f"encode {split.name}")
+        return enc(docs, queries, progress=progress, desc=f"encode {split.name}")
     unique = list(dict.fromkeys(docs + queries))       # premises repeat: encode each sentence once
     pos = {t: i for i, t in enumerate(unique)}
-    vecs = encoder.encode(unique, progress=progress, desc=f"encode {split.name}")
+    vecs = enc(unique, progress=progress, desc=f"encode {split.name}")
     return np.concatenate([vecs[[pos[t] for t in docs]], vecs[[pos[t] for t in queries]]], axis=1)
 
 
@@ -236,7 +276,7 @@ def featurize(run: Run, documents: Sequence[str], queries: Optional[Sequence[str
     from .data import Example
     split = Split("new", [Example(f"new_{i}", d, 0, None if queries is None else queries[i])
                           for i, d in enumerate(documents)])
-    encoded = encode_split(run_encoder(run), split, m["pair_mode"], progress)
+    encoded = encode_split(run_encoder(run), split, m["pair_mode"], progress, cache=False)
     if m["mode"] == "head":
         x = pair_input(encoded, m["pair_mode"])
     else:

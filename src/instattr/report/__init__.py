@@ -1,0 +1,157 @@
+"""report.html: one self-contained page (images inline) over everything a run holds."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+from ..store import Run, write_text
+from .markdown import markdown_to_html
+
+SECTIONS = (
+    ("correlation", "Do the methods agree?",
+     "Mean per-test-row Spearman correlation between the methods' scores, and the share of common "
+     "top-k training examples (paper Figures 2, 5, 6)."),
+    ("retrain", "Remove the top-k and retrain",
+     "For random test examples, remove each method's top-k training examples, retrain the head from "
+     "the same initialisation, and record the change in the probability of the originally predicted "
+     "class (paper Table 1, left). More negative = the removed examples mattered more."),
+    ("randomized", "The randomized-model test",
+     "Spearman correlation between the scores of the trained model and of a randomly re-initialised "
+     "one (Hanawa et al. 2021; paper Table 1, right). Near zero is good: the ranking depends on "
+     "what the model learned."),
+    ("artifacts", "Do the methods surface the HANS lexical-overlap artifact?",
+     "For HANS non-entailment examples predicted as entailment, the lexical overlap rate of the "
+     "top-ranked training examples (paper Table 2). Random training examples give about 0.40."),
+    ("near-train", "Recovering near-copies of training examples",
+     "Targets are training examples and perturbed copies; HIT@1/HIT@10 is how often the original "
+     "ranks first / in the top 10 (paper Tables 3-4)."),
+    ("timing", "How long does it take?",
+     "Seconds per test example for each method, beside the paper's figures."),
+)
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#1d2330;line-height:1.5}
+h1{margin-bottom:.2em}h2{border-bottom:2px solid #e3e7ef;padding-bottom:.2em;margin-top:2em}
+.sub{color:#5b6475}.card{display:inline-block;background:#f4f6fa;border-radius:8px;padding:.6em 1em;
+margin:.3em .5em .3em 0}.card b{font-size:1.3em;display:block}
+table{border-collapse:collapse;margin:1em 0;font-size:.92em}th,td{border:1px solid #d9dde6;
+padding:.3em .6em;text-align:right}th{background:#f4f6fa}td:first-child,th:first-child{text-align:left}
+img{max-width:100%;margin:.5em 0;border:1px solid #eee}code{background:#f4f6fa;padding:0 .2em}
+.ex{border:1px solid #d9dde6;border-radius:8px;padding:.8em 1em;margin:1em 0}
+.ex table{width:100%}.ex td{text-align:left;vertical-align:top}.pos{color:#1a7f37}.neg{color:#b42318}
+.muted{color:#8a93a5}
+"""
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def _figures(run: Run, name: str) -> List[Path]:
+    folder = run.path / "figures"
+    if not folder.is_dir():
+        return []
+    key = name.replace("-", "_")
+    return sorted(p for p in folder.glob("*.png") if p.stem.startswith(name) or p.stem.startswith(key))
+
+
+def _overview(run: Run) -> str:
+    m, met = run.manifest, run.metrics
+    cards = []
+    for split in ("dev", "test"):
+        if met.get(f"{split}_accuracy") is not None:
+            cards.append((f"{split} accuracy", f"{met[f'{split}_accuracy']:.3f}"))
+    n = m["data"].get("n", {})
+    cards += [("training examples", f"{n.get('train', '?'):,}"), (f"{m['eval_split']} examples", f"{n.get(m['eval_split'], '?'):,}")]
+    cards.append(("train time", f"{met.get('timings', {}).get('total_s', 0):.0f} s"))
+    card_html = "".join(f'<div class="card"><b>{html.escape(v)}</b>{html.escape(k)}</div>' for k, v in cards)
+    enc = m["encoder"]
+    desc = (f"Dataset <code>{html.escape(m['data']['name'])}</code>, encoder <code>{html.escape(enc['name'])}</code> "
+            f"({enc['pooling']} pooling{', ' + m['pair_mode'] + ' pairs' if m.get('pair_mode') else ''}), "
+            f"mode <code>{m['mode']}</code>, head λ = {m['head']['l2']}, lr = {m['head']['lr']}, "
+            f"{m['head']['epochs']} epochs, batch {m['head']['batch_size']}, seed {m['seed']}.")
+    return f"<p class='sub'>{desc}</p>{card_html}"
+
+
+def _scores_table(run: Run) -> str:
+    rows = []
+    folder = run.path / "scores"
+    for side in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        info = json.loads(side.read_text())
+        rows.append(f"<tr><td>{html.escape(info['method'])}</td><td>{info['split']}</td>"
+                    f"<td>{len(info['test_idx']):,} × {len(info['train_idx']):,}</td><td>{info['seconds']:.3f}</td></tr>")
+    if not rows:
+        return ""
+    return ("<h2>Score matrices</h2><table><tr><th>method</th><th>split</th><th>shape</th><th>seconds</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def _examples(run: Run, n: int = 3, k: int = 3, seed: int = 0) -> str:
+    """A few test examples, the top-k supporting training examples of every method side by side."""
+    from ..methods import top_k
+    split = run.eval_split
+    folder = run.path / "scores"
+    methods = [p.stem[: -len(split) - 1] for p in sorted(folder.glob(f"*-{split}.json"))] if folder.is_dir() else []
+    if not methods:
+        return ""
+    try:
+        ds = run.dataset()
+    except Exception:  # the dataset moved: the report still renders without texts
+        return ""
+    test_ex = ds.splits[split].examples
+    train_ex = ds.splits["train"].examples
+    info = run.score_info(methods[0], split)
+    n_rows = len(info["test_idx"])
+    rows = np.random.default_rng(seed).choice(n_rows, size=min(n, n_rows), replace=False)
+    labels = run.label_names
+    fs = run.features(split)
+    out = ["<h2>Explained test examples</h2><p class='sub'>The three training examples each method "
+           "ranks as most supporting for a few random test predictions (label of the training example in "
+           "colour).</p>"]
+
+    def text(e):
+        return html.escape(e.document + (f" ‖ {e.query}" if e.query else ""))
+
+    for r in rows:
+        e = test_ex[int(r)]
+        out.append(f"<div class='ex'><b>{text(e)}</b><br><span class='sub'>gold {labels[e.label]}, "
+                   f"predicted {labels[int(fs.pred[r])]} ({float(fs.probs[r].max()):.2f})</span><table>")
+        for mname in methods:
+            idx, vals = top_k(np.asarray(run.scores(mname, split)[r:r + 1]), k)
+            cells = []
+            for i in idx[0]:
+                t = train_ex[int(i)]
+                cls = "pos" if t.label == int(fs.pred[r]) else "neg"
+                cells.append(f"<span class='{cls}'>[{html.escape(labels[t.label])}]</span> {text(t)}")
+            out.append(f"<tr><td><b>{html.escape(mname)}</b></td><td>{'<br>'.join(cells)}</td></tr>")
+        out.append("</table></div>")
+    return "".join(out)
+
+
+def build_report(run: Run, path: Optional[Path] = None) -> Path:
+    """Write ``report.html`` (self-contained) from whatever the run holds; returns its path."""
+    m = run.manifest
+    parts = [f"<h1>instattr report: {html.escape(m['data']['name'])}</h1>", _overview(run)]
+    for name, title, intro in SECTIONS:
+        md = run.path / "results" / f"{name}.md"
+        figs = _figures(run, name)
+        if not md.exists() and not figs:
+            continue
+        parts.append(f"<h2>{html.escape(title)}</h2><p class='sub'>{html.escape(intro)}</p>")
+        if md.exists():
+            parts.append(markdown_to_html(md.read_text(encoding="utf-8")))
+        parts += [_img(f) for f in figs]
+    parts.append(_examples(run))
+    parts.append(_scores_table(run))
+    parts.append(f"<p class='muted'>instattr {html.escape(m['versions']['instattr'])} · torch "
+                 f"{html.escape(m['versions']['torch'])} · run directory <code>{html.escape(str(run.path))}</code></p>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>instattr: {html.escape(m['data']['name'])}"
+            f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+    return write_text(path or run.path / "report.html", page)

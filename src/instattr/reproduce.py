@@ -1,0 +1,76 @@
+"""`instattr reproduce`: train, attribute, evaluate and report in one resumable job."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+from .errors import InstattrError
+from .store import Run, read_json, write_json
+
+# --quick: a slice of the data and smaller evaluation samples; a few minutes on 2 cores.
+QUICK_LIMITS = {"limit_train": 2000, "limit_eval": 300}
+QUICK_OPTIONS: Dict[str, dict] = {
+    "correlation": {"n_test": 50, "n_train": 300},
+    "retrain": {"n_test": 10, "n_random": 10},
+    "near-train": {"n": 200},
+    "timing": {},
+    "randomized": {},
+    "artifacts": {},
+}
+
+
+@dataclass(frozen=True)
+class ReproduceConfig:
+    quick: bool = False
+    methods: str = "all"
+    seed: int = 0
+
+
+def reproduce(train_config, out, config: ReproduceConfig = ReproduceConfig(), progress: bool = True,
+              log: Callable[[str], None] = print) -> Run:
+    """Run every step that is not done yet; finished steps (recorded in reproduce.json) are skipped."""
+    from .attribution import attribute_run
+    from .evaluate import evaluations_for, run_evaluation
+    from .pipeline import train_run
+    from .report import build_report
+
+    out = Path(out)
+    state_path = out / "reproduce.json"
+    wanted = {"quick": config.quick, "methods": config.methods, "seed": config.seed, "data": train_config.data}
+    if (out / "run.json").exists():
+        state = read_json(state_path) if state_path.exists() else {"config": None, "done": {}}
+        if state["config"] not in (None, wanted):
+            raise InstattrError(f"{out}: made by reproduce with {state['config']}, not {wanted}; "
+                                "use another --out or delete it")
+        run = Run.load(out)
+        log(f"resuming {out}")
+    else:
+        if config.quick:
+            train_config = replace(train_config, **QUICK_LIMITS)
+        t = time.perf_counter()
+        run = train_run(train_config, out, progress=progress)
+        state = {"config": wanted, "done": {"train": time.perf_counter() - t}}
+        write_json(state_path, state)
+        m = run.metrics
+        log(f"train: dev accuracy {m.get('dev_accuracy')}, test accuracy {m.get('test_accuracy')}")
+    state["config"] = wanted
+
+    def step(name: str, fn):
+        if name in state["done"]:
+            log(f"{name}: done earlier, skipped")
+            return
+        t = time.perf_counter()
+        fn()
+        state["done"][name] = time.perf_counter() - t
+        write_json(state_path, state)
+        log(f"{name}: {state['done'][name]:.1f} s")
+
+    step("attribute", lambda: attribute_run(run, config.methods, progress=progress, log=lambda s: None))
+    for name in evaluations_for(run):
+        opts = dict(QUICK_OPTIONS.get(name, {})) if config.quick else {}
+        step(name, lambda name=name, opts=opts: run_evaluation(name, run, seed=config.seed, **opts))
+    build_report(run)
+    log(f"report: {run.path / 'report.html'}")
+    return run
