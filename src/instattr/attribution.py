@@ -21,9 +21,13 @@ def resolve_methods(spec) -> List[str]:
 
 def fit_method(run: Run, name: str, train: Optional[FeatureSet] = None, **options):
     """A fitted attributor ``name`` on the run's training features (all rows unless ``train``)."""
+    import inspect
+
     from .methods import get_method
     try:
         method = get_method(name, **options)
+        if "run" in inspect.signature(type(method)).parameters and "run" not in options:
+            method = get_method(name, run=run, **options)   # methods that read the run's texts
     except ValueError as e:
         raise InstattrError(str(e)) from None
     return method.fit(run.features("train") if train is None else train, run.head())

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from ..store import Run, RunError
-from .common import Scorer, fmt, fmt_paper, md_table, method_list, save
+from .common import Scorer, fmt, md_table, method_list, save
 from .paper import TABLE2_ARTIFACTS
 
 
@@ -65,7 +65,7 @@ def markdown(result: dict) -> str:
 
     def row(m, r):
         p = TABLE2_ARTIFACTS.get(m, {})
-        return [m, fmt(r["top1"], 2), fmt(r["top10"], 2), fmt_paper(p.get("top1")), fmt_paper(p.get("top10"))]
+        return [m, fmt(r["top1"], 2), fmt(r["top10"], 2), fmt(p.get("top1"), 2), fmt(p.get("top10"), 2)]
 
     rows = [row("random", result["random"])] + [row(m, r) for m, r in result["methods"].items()]
     return ("# Lexical-overlap artifact on HANS (paper Table 2)\n\nMean premise/hypothesis lexical overlap of "

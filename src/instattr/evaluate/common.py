@@ -16,12 +16,10 @@ from ..store import FeatureSet, HeadState, Run, RunError, write_bytes
 
 
 def method_list(methods=None) -> List[str]:
-    """Method names: None = every registered method; a string or list may use registry groups."""
+    """Method names: None = the paper's methods; else ``expand_methods`` ("all", "a,b" or a list)."""
     from ..methods import METHOD_NAMES, expand_methods
     if methods is None:
         return list(METHOD_NAMES)
-    if isinstance(methods, str):
-        methods = [methods]
     return list(expand_methods(methods))
 
 

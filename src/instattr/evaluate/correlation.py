@@ -66,9 +66,9 @@ def correlation_tables(scores: Dict[str, np.ndarray], ks: Sequence[int] = (10, 5
 
 
 def top_k_curve(scores: Dict[str, np.ndarray], pairs: Iterable[Tuple[str, str]], ks: Sequence[int]) -> dict:
-    """Proportion of common top-k as a function of k for each available pair (Figure 4's curve)."""
+    """Proportion of common top-k as a function of k (k < number of columns) for each available pair."""
     n_cols = next(iter(scores.values())).shape[1]
-    ks = sorted({min(k, n_cols) for k in ks})
+    ks = sorted({k for k in ks if 0 < k < n_cols}) or [1]
     out = {}
     for a, b in pairs:
         if a in scores and b in scores:

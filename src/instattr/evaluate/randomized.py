@@ -13,7 +13,7 @@ import numpy as np
 
 from ..model import init_params, predict
 from ..store import FeatureSet, HeadState, Run
-from .common import (Scorer, data_name, fmt, fmt_paper, head_config, head_input, md_table, method_list,
+from .common import (Scorer, data_name, fmt, head_config, head_input, md_table, method_list,
                      require_head_mode, sample_rows, save)
 from .correlation import mean_spearman
 from .paper import TABLE1_RANDOMIZED, paper_columns
@@ -35,7 +35,7 @@ def random_model(x_train: np.ndarray, x_test: np.ndarray, train: FeatureSet, tes
 
 def markdown(result: dict, columns: List[str]) -> str:
     header = ["method", "ours"] + [f"paper {c}" for c in columns]
-    rows = [[m, fmt(r)] + [fmt_paper(TABLE1_RANDOMIZED[c].get(m)) for c in columns]
+    rows = [[m, fmt(r)] + [fmt(TABLE1_RANDOMIZED[c].get(m)) for c in columns]
             for m, r in result["methods"].items()]
     note = ""
     if any(m.startswith("sbert-") for m in result["methods"]):

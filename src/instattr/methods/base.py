@@ -42,6 +42,14 @@ class Attributor:
         """The constructor options (saved next to the scores)."""
         return {k: v for k, v in vars(self).items() if not k.endswith("_") and not k.startswith("_")}
 
+    def diagnostics(self) -> dict:
+        """Fitted scalars and small dicts (e.g. rep's ``reconstruction_``), JSON-ready."""
+        out = {}
+        for k, v in vars(self).items():
+            if k.endswith("_") and not k.startswith("_") and isinstance(v, (bool, int, float, str, dict, np.generic)):
+                out[k.rstrip("_")] = v.item() if isinstance(v, np.generic) else v
+        return out
+
     def fit(self, train: FeatureSet, head: Optional[HeadState] = None) -> "Attributor":
         if len(train) == 0:
             raise ValueError(f"{self.name}: no training examples to fit on")
@@ -72,8 +80,11 @@ class Attributor:
 
     def score_chunks(self, test: FeatureSet, chunk_size: Optional[int] = None) -> Iterator[Tuple[slice, np.ndarray]]:
         """Yield (row slice, float32 block) over test rows, so memory stays bounded."""
-        self._check_fitted()
+        self._check_fitted()  # here, not lazily on the first block
         step = int(chunk_size or self._rows_per_block())
+        return self._blocks(test, step)
+
+    def _blocks(self, test: FeatureSet, step: int) -> Iterator[Tuple[slice, np.ndarray]]:
         for s in range(0, len(test), step):
             rows = slice(s, min(s + step, len(test)))
             block = np.empty((rows.stop - rows.start, self.n_train_), dtype=np.float32)

@@ -13,11 +13,16 @@ orthonormal basis ``Q`` (C x C-1) of ``S``, ``g_a^T H^-1 g_b = g~_a^T H~^-1 g~_b
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-import scipy.linalg
+
+try:
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover - optional; only speed depends on it
+    threadpool_limits = None
 
 ROW_BLOCK = 1 << 15  # rows per float64 temporary when streaming over a split
 
@@ -34,6 +39,17 @@ def sum_zero_basis(n_classes: int) -> np.ndarray:
     return q
 
 
+def logits_of(features: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """F W^T for a thin W (C x d). einsum's own loop: multi-threaded BLAS on a product this
+    thin is no faster, and on a busy machine it can be 100x slower waiting on its threads."""
+    return np.einsum("id,cd->ic", features, w)
+
+
+def error_features(errors: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """E^T F (C x d), the data part of dL/dW times n; einsum for the same reason."""
+    return np.einsum("ic,id->cd", errors, features)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     np.exp(z, out=z)
@@ -46,12 +62,12 @@ def class_probs(features: np.ndarray, probs: np.ndarray, w: Optional[np.ndarray]
     probabilities round 1 - p to 0 for confident predictions), else the stored ones."""
     if w is None:
         return np.asarray(probs, dtype=np.float64)
-    return softmax(np.asarray(features, dtype=np.float64) @ np.asarray(w, dtype=np.float64).T)
+    return softmax(logits_of(np.asarray(features, dtype=np.float64), np.asarray(w, dtype=np.float64)))
 
 
 def loss_errors(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """e = p - onehot(labels), the gradient of the cross-entropy w.r.t. the logits (n, C)."""
-    labels = np.asarray(labels)
+    labels = np.asarray(labels, dtype=np.int64)
     n, c = probs.shape
     if labels.shape != (n,) or (n and (labels.min() < 0 or labels.max() >= c)):
         raise ValueError(f"labels must be {n} integers in [0, {c}); got shape {labels.shape}")
@@ -82,29 +98,35 @@ def reduced_hessian(features: np.ndarray, probs: np.ndarray, lam: float, basis: 
         r = p @ basis                                                  # Q^T p_i
         b = np.einsum("ca,ic,cb->iab", basis, p, basis) - r[:, :, None] * r[:, None, :]
         for a in range(k):
-            for c in range(a, k):
+            x = f * np.sqrt(np.maximum(b[:, a, a], 0.0))[:, None]    # B_i is PSD: b_aa >= 0
+            h[a, :, a, :] += x.T @ x                                   # symmetric product (syrk)
+            for c in range(a + 1, k):
                 blk = f.T @ (f * b[:, a, c, None])
                 h[a, :, c, :] += blk
-                if c != a:
-                    h[c, :, a, :] += blk.T
+                h[c, :, a, :] += blk.T
     h = h.reshape(k * d, k * d) / n
     h = (h + h.T) / 2
     h[np.diag_indices_from(h)] += 2.0 * lam + damping
     return h
 
 
-def cholesky(h: np.ndarray, what: str) -> np.ndarray:
-    """Lower Cholesky factor, or a one-line error saying how to regularise."""
-    try:
-        return scipy.linalg.cholesky(h, lower=True, check_finite=True)
-    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError, ValueError):
-        raise ValueError(f"{what}: the Hessian is not positive definite (l2 = 0 on rank-deficient "
-                         "features?); pass damping > 0") from None
+def serial_lapack():
+    """One BLAS thread for small factorisations: multi-threaded LAPACK on a (C-1)d matrix gains
+    nothing and, on a busy machine, waits on descheduled threads (1 s instead of 20 ms)."""
+    return threadpool_limits(1, user_api="blas") if threadpool_limits else nullcontext()
 
 
-def whiten(chol: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """Rows L^-1 g_i, so that (L^-1 g_a).(L^-1 g_b) = g_a^T H^-1 g_b."""
-    return scipy.linalg.solve_triangular(chol, g.T, lower=True, check_finite=False).T
+def inverse_cholesky(h: np.ndarray, what: str) -> np.ndarray:
+    """L^-1 for H = L L^T, or a one-line error saying how to regularise. Rows L^-1 g then have
+    (L^-1 g_a).(L^-1 g_b) = g_a^T H^-1 g_b. (numpy.linalg only: scipy.linalg would bring a
+    second BLAS thread pool competing with numpy's.)"""
+    with serial_lapack():
+        try:
+            chol = np.linalg.cholesky(h)
+        except np.linalg.LinAlgError:
+            raise ValueError(f"{what}: the Hessian is not positive definite (l2 = 0 on rank-deficient "
+                             "features?); pass damping > 0") from None
+        return np.linalg.solve(chol, np.eye(len(h)))
 
 
 # ---------------------------------------------------------------- refit to stationarity
@@ -112,51 +134,62 @@ def whiten(chol: np.ndarray, g: np.ndarray) -> np.ndarray:
 class Refit:
     w: np.ndarray          # (C, d) float64, rows sum to zero
     grad_norm: float       # Frobenius norm of dL/dW at w
-    n_iter: int
+    n_iter: int            # steps taken
+    n_hessians: int        # Hessians built (a Hessian is reused while it keeps paying)
     converged: bool
 
 
-def objective(features: np.ndarray, labels: np.ndarray, w: np.ndarray, lam: float) -> float:
-    z = features @ w.T
-    m = z.max(axis=1, keepdims=True)
-    lse = (m[:, 0] + np.log(np.exp(z - m).sum(axis=1)))
-    return float((lse - z[np.arange(len(z)), labels]).mean() + lam * (w ** 2).sum())
+def objective(logits: np.ndarray, labels: np.ndarray, v: np.ndarray, lam: float) -> float:
+    """Regularised mean loss from the logits; ||W||^2 = ||V||^2 as Q has orthonormal columns."""
+    m = logits.max(axis=1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))
+    return float((lse - logits[np.arange(len(logits)), labels]).mean() + lam * (v ** 2).sum())
 
 
 def refit(features: np.ndarray, labels: np.ndarray, w0: np.ndarray, lam: float,
-          tol: float = 1e-10, max_iter: int = 50) -> Refit:
+          tol: float = 1e-10, max_iter: int = 100) -> Refit:
     """Damped Newton on the regularised mean loss in float64, from ``w0``, until ||grad|| <= tol.
 
     Works in the sum-zero coordinates V = Q^T W: the class-mean row of W changes no probability
-    and its optimum is 0, so W = Q V throughout and the Newton system is ((C-1)d)^2.
+    and its optimum is 0, so W = Q V throughout and the Newton system is ((C-1)d)^2. A Hessian
+    is rebuilt only when the last step cut the gradient norm by less than 4x or needed a line
+    search; steps in between are cheap (two thin products), so a head trained near the optimum
+    converges after one or two Hessians.
     """
     if lam <= 0:
         raise ValueError("refitting to stationarity needs l2 > 0 (the loss has no minimiser otherwise)")
     f = np.asarray(features, dtype=np.float64)
-    y = np.asarray(labels)
+    y = np.asarray(labels, dtype=np.int64)
     n = len(f)
     q = sum_zero_basis(w0.shape[0])
     v = q.T @ np.asarray(w0, dtype=np.float64)
+    z = logits_of(f, q @ v)
+    obj = objective(z, y, v, lam)
     eps = np.finfo(np.float64).eps
-    grad_norm, it = np.inf, 0
+    whitener, last, n_hess, grad_norm, it = None, np.inf, 0, np.inf, 0
     for it in range(max_iter + 1):
-        w = q @ v
-        p = softmax(f @ w.T)
-        grad = (loss_errors(p, y) @ q).T @ f / n + 2.0 * lam * v      # = Q^T dL/dW, same norm
+        p = softmax(z)
+        grad = error_features(loss_errors(p, y) @ q, f) / n + 2.0 * lam * v   # = Q^T dL/dW, same norm
         grad_norm = float(np.linalg.norm(grad))
         if grad_norm <= tol or it == max_iter:
             break
-        chol = cholesky(reduced_hessian(f, p, lam, q), "refit")
-        step = scipy.linalg.cho_solve((chol, True), grad.ravel()).reshape(v.shape)
-        f0, slope, t = objective(f, y, w, lam), float((grad * step).sum()), 1.0
-        while t > 1e-12:
-            f1 = objective(f, y, q @ (v - t * step), lam)
-            if f1 <= f0 - 1e-4 * t * slope or f1 - f0 <= 64 * eps * abs(f0):
+        if whitener is None or grad_norm > 0.25 * last:
+            whitener = inverse_cholesky(reduced_hessian(f, p, lam, q), "refit")
+            n_hess += 1
+        step = (whitener.T @ (whitener @ grad.ravel())).reshape(v.shape)
+        slope, t = float((grad * step).sum()), 1.0
+        while True:                                          # Armijo backtracking
+            v1 = v - t * step
+            z1 = logits_of(f, q @ v1)
+            obj1 = objective(z1, y, v1, lam)
+            if obj1 <= obj - 1e-4 * t * slope or obj1 - obj <= 64 * eps * abs(obj) or t < 1e-12:
                 break
             t /= 2
-        v = v - t * step
+        if t < 1:
+            whitener = None
+        v, z, obj, last = v1, z1, obj1, grad_norm
     converged = grad_norm <= tol
     if not converged:
-        warnings.warn(f"refit stopped after {it} Newton steps at gradient norm {grad_norm:.2e} "
+        warnings.warn(f"refit stopped after {it} steps at gradient norm {grad_norm:.2e} "
                       f"(tol {tol:.0e})", RuntimeWarning, stacklevel=3)
-    return Refit(w=q @ v, grad_norm=grad_norm, n_iter=it, converged=converged)
+    return Refit(w=q @ v, grad_norm=grad_norm, n_iter=it, n_hessians=n_hess, converged=converged)

@@ -14,6 +14,8 @@ import numpy as np
 
 from ..store import FeatureSet, HeadState
 from .base import Attributor, check_width, float32_rows
+from .lastlayer import ROW_BLOCK
+from .registry import register
 
 METRICS = ("euc", "cos", "dot")
 
@@ -47,10 +49,12 @@ class Similarity(Attributor):
         self.width_ = x.shape[1]
         if self.metric == "euc":
             self.center_ = x.mean(axis=0, dtype=np.float64)
-        z = self._prepare(x)
-        self.train_vectors_ = float32_rows(z)
-        if self.metric == "euc":
-            self.train_sq_norms_ = (z ** 2).sum(axis=1).astype(np.float32)
+        self.train_vectors_ = np.empty(x.shape, dtype=np.float32)
+        self.train_sq_norms_ = np.empty(len(x), dtype=np.float32)
+        for s in range(0, len(x), ROW_BLOCK):                 # float64 temporaries stay small
+            z = self._prepare(x[s:s + ROW_BLOCK])
+            self.train_vectors_[s:s + ROW_BLOCK] = z
+            self.train_sq_norms_[s:s + ROW_BLOCK] = (z ** 2).sum(axis=1)
 
     def _score(self, test: FeatureSet, out: np.ndarray) -> None:
         x = np.asarray(getattr(test, self.space))
@@ -64,3 +68,33 @@ class Similarity(Attributor):
             np.maximum(out, 0.0, out=out)
             np.sqrt(out, out=out)
             np.negative(out, out=out)
+
+
+@register("nn-euc")
+class FeatureEuclidean(Similarity):
+    space, metric = "features", "euc"
+
+
+@register("nn-cos")
+class FeatureCosine(Similarity):
+    space, metric = "features", "cos"
+
+
+@register("nn-dot")
+class FeatureDot(Similarity):
+    space, metric = "features", "dot"
+
+
+@register("sbert-euc")
+class EncoderEuclidean(Similarity):
+    space, metric = "encoder", "euc"
+
+
+@register("sbert-cos")
+class EncoderCosine(Similarity):
+    space, metric = "encoder", "cos"
+
+
+@register("sbert-dot")
+class EncoderDot(Similarity):
+    space, metric = "encoder", "dot"

@@ -1,0 +1,293 @@
+"""Gradient methods over the head plus the top k encoder layers: gd-top, gc-top, if-top, rif-top.
+
+Same definitions and sign convention as the last-layer methods (:mod:`instattr.methods.gradient`):
+the test-side gradient at the model's predicted label, the training side at the gold label,
+
+    gd-top = <g_t, g_i>      gc-top = cos(g_t, g_i)
+    if-top = g_t^T H^-1 g_i  rif-top = cos(H^-1/2 g_t, H^-1/2 g_i)
+
+over every parameter of the tracked model (``layers`` top transformer layers, the pooler and the
+last linear layer), H the Hessian of the regularised training loss (L2 on the last linear weight
+only) plus ``damping``. Gradients are LoGra projections (:mod:`.projection`, ``proj_dim`` per
+side; ``None`` = exact); ``ihvp`` picks the inverse Hessian:
+
+- ``projected`` (default): the Gauss-Newton Hessian in the projected space (:class:`GaussNewton`).
+  This is the GGN ``(1/n) sum_i J_i^T (diag p_i - p_i p_i^T) J_i`` -- for softmax cross-entropy the
+  *true* Fisher, i.e. the expectation over labels drawn from the model, not the empirical Fisher at
+  the gold labels. On the last linear layer it equals the exact Hessian used by ``if``.
+- ``lissa``: the paper's LiSSA on exact Hessian-vector products over exact (unprojected)
+  gradients; ``damping`` here is the Hessian damping (LiSSA's per-step damping is damping/scale).
+- ``explicit``: the autograd Hessian over exact gradients (tiny models).
+
+The run (its texts and encoder) is needed: ``attribution.fit_method`` passes it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..methods.base import Attributor
+from ..methods.lastlayer import sum_zero_basis
+from ..methods.registry import register
+from ..methods.similarity import unit_rows
+from ..store import FeatureSet, HeadState, RunError
+from .cache import Examples
+from .grads import FlatParameters, hvp, per_example_flat_grads, summed_hessian
+from .ihvp import HESSIAN_STRUCTURES, Curvature, ExplicitHessian, GaussNewton, LiSSA
+from .network import L2_PARAMETER, resolve_dtype, tracked_model
+from .projection import KINDS, GradientProjector
+
+DEFAULT_PROJ_DIM = 16
+DEFAULT_DAMPING = 1e-3
+IHVPS = ("projected", "lissa", "explicit")
+FEATURE_TOLERANCE = 1e-3      # recomputed pooler features vs the run's stored ones
+MAX_EMBEDDING_BYTES = 8 << 30  # refuse exact (unprojected) training embeddings beyond this
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="ex", disable=not enabled, leave=False)
+
+
+def loss_coefficients(probs: torch.Tensor, labels: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Q^T (p - onehot(y)): the cross-entropy gradient in the reduced logit directions (B, C-1)."""
+    e = probs.clone()
+    e[torch.arange(len(e)), labels.long()] -= 1.0
+    return e @ basis
+
+
+def gauss_newton_roots(probs: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """R_i (B, C-1, C-1) with R_i R_i^T = Q^T (diag p_i - p_i p_i^T) Q (the reduced logit Hessian)."""
+    a = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    b = basis.T @ a @ basis
+    w, v = torch.linalg.eigh(b)
+    return v * w.clamp_min(0).sqrt()[:, None, :]
+
+
+class _TopLayers(Attributor):
+    """Shared machinery; subclasses set ``whitened`` and ``normalized`` (as the last-layer family)."""
+
+    whitened = False
+    normalized = False
+
+    def __init__(self, run=None, layers: Optional[int] = None, proj_dim: Optional[int] = DEFAULT_PROJ_DIM,
+                 projection: str = "orthogonal", seed: int = 0, batch_size: int = 32, dtype: str = "float32",
+                 progress: bool = True, chunk_size: Optional[int] = None):
+        super().__init__(chunk_size)
+        if layers is not None and int(layers) < 0:
+            raise ValueError(f"{self.name}: layers must be >= 0 (None: the top 3), got {layers}")
+        if proj_dim is not None and int(proj_dim) < 1:
+            raise ValueError(f"{self.name}: proj_dim must be a positive integer or None (exact), got {proj_dim}")
+        if projection not in KINDS:
+            raise ValueError(f"{self.name}: projection must be one of {', '.join(KINDS)}, got {projection!r}")
+        if int(batch_size) < 1:
+            raise ValueError(f"{self.name}: batch_size must be positive, got {batch_size}")
+        resolve_dtype(dtype)
+        self.run = run
+        self.layers = None if layers is None else int(layers)
+        self.proj_dim = None if proj_dim is None else int(proj_dim)
+        self.projection = projection
+        self.seed, self.batch_size, self.dtype, self.progress = int(seed), int(batch_size), dtype, bool(progress)
+
+    def config(self) -> dict:
+        cfg = {k: v for k, v in super().config().items() if k not in ("run", "progress")}
+        if hasattr(self, "dim_"):
+            cfg["gradient_dim"] = int(self.dim_)
+            cfg["tracked_layers"] = len(self.model_.layers)
+        return cfg
+
+    # ------------------------------------------------------------------ shared steps
+    def _model(self, head: Optional[HeadState]):
+        if self.run is None:
+            raise ValueError(f"{self.name}: needs the run (its texts and encoder); "
+                             f"use attribution.fit_method or get_method({self.name!r}, run=run)")
+        params = dict(self.run.head_params())
+        if head is not None:
+            params["w"] = torch.as_tensor(np.asarray(head.w))
+        model, self.start_ = tracked_model(self.run, self.layers, params, self.dtype)
+        return model
+
+    def _check_features(self, got: torch.Tensor, stored: np.ndarray) -> None:
+        diff = float(np.abs(got.float().numpy() - np.asarray(stored, dtype=np.float32)).max()) if len(got) else 0.0
+        if diff > FEATURE_TOLERANCE:
+            raise RunError(f"{self.name}: the tracked layers do not reproduce the run's stored features "
+                           f"(max difference {diff:.2g}); delete {self.run.path}/cache if the encoder changed")
+
+    def _projected(self, projector: GradientProjector, fs: FeatureSet, labels: np.ndarray, factors: bool,
+                   desc: str, check: bool = True):
+        """(gradients (n, dim), Gauss-Newton factors (n*(C-1), dim) or None) in ``fs`` order;
+        ``check``: compare the recomputed pooler features with the stored ones (final head only)."""
+        dtype = resolve_dtype(self.dtype)
+        examples = Examples(self.run, fs, self.layers, self.progress)
+        n, r, dim = len(fs), projector.model.n_classes - 1, projector.dim
+        if n * dim * (2 if factors else 1) * torch.finfo(dtype).bits // 8 > MAX_EMBEDDING_BYTES:
+            raise ValueError(f"{self.name}: {n} x {dim} gradients do not fit in memory; set proj_dim")
+        grads = torch.zeros(n, dim, dtype=dtype)
+        facs = torch.zeros(n, r, dim, dtype=dtype) if factors else None
+        basis = projector.basis.double()
+        labels = torch.as_tensor(np.asarray(labels))
+        with _progress(n, desc, self.progress) as bar:
+            for pos, batch in examples.batches(self.batch_size, dtype):
+                logits, feats, jac = projector.project(batch)
+                if check:
+                    self._check_features(feats, fs.features[pos])
+                p = torch.softmax(logits.double(), -1)
+                coef = loss_coefficients(p, labels[pos], basis).to(dtype)
+                grads[pos] = torch.einsum("br,brd->bd", coef, jac)
+                if factors:
+                    facs[pos] = torch.einsum("brs,brd->bsd", gauss_newton_roots(p, basis).to(dtype), jac)
+                bar.update(len(pos))
+        return grads, (facs.reshape(n * r, dim) if factors else None)
+
+    def _projector(self, model) -> GradientProjector:
+        return GradientProjector(model, self.proj_dim, self.seed, self.projection)
+
+    def _normalize(self, emb: torch.Tensor) -> torch.Tensor:
+        if not self.normalized:
+            return emb
+        return torch.as_tensor(unit_rows(emb.double().numpy())).to(emb.dtype)
+
+    def _finish(self, emb: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray(self._normalize(emb).float().numpy())
+
+    # ------------------------------------------------------------------ projected path
+    def _fit(self, train: FeatureSet, head: Optional[HeadState]) -> None:
+        model = self._model(head)
+        self.model_, self.l2_ = model, float(head.l2) if head is not None else 0.0
+        self.projector_ = self._projector(model)
+        self.dim_ = self.projector_.dim
+        grads, factors = self._projected(self.projector_, train, train.label, self.whitened, f"{self.name} train")
+        if self.whitened:
+            self.solver_ = self._gauss_newton(self.projector_, factors, len(train))
+            grads = self.solver_.whiten(grads)
+        self.train_embedding_ = self._finish(grads)
+
+    def _embed_test(self, test: FeatureSet) -> np.ndarray:
+        grads, _ = self._projected(self.projector_, test, test.pred, False, f"{self.name} test")
+        if self.whitened:
+            grads = self.solver_.whiten(grads)
+        return self._finish(grads)
+
+    def _score(self, test: FeatureSet, out: np.ndarray) -> None:
+        np.matmul(self._embed_test(test), self.train_embedding_.T, out=out)
+
+
+@register("gd-top")
+class TopGradientDot(_TopLayers):
+    """<g_t, g_i> over the head and the top ``layers`` encoder layers (projected gradients)."""
+
+
+@register("gc-top")
+class TopGradientCosine(_TopLayers):
+    """cos(g_t, g_i) over the head and the top ``layers`` encoder layers."""
+    normalized = True
+
+
+class _TopInfluence(_TopLayers):
+    whitened = True
+
+    def __init__(self, run=None, layers: Optional[int] = None, proj_dim: Optional[int] = DEFAULT_PROJ_DIM,
+                 projection: str = "orthogonal", seed: int = 0, ihvp: str = "projected",
+                 damping: float = DEFAULT_DAMPING, hessian: str = "auto", lissa_scale: float = 10.0,
+                 lissa_depth: int = 1000, lissa_repeats: int = 1, lissa_batch_size: int = 8,
+                 batch_size: int = 32, dtype: str = "float32", progress: bool = True,
+                 chunk_size: Optional[int] = None):
+        super().__init__(run, layers, proj_dim, projection, seed, batch_size, dtype, progress, chunk_size)
+        if ihvp not in IHVPS:
+            raise ValueError(f"{self.name}: ihvp must be one of {', '.join(IHVPS)}, got {ihvp!r}")
+        if not damping >= 0:
+            raise ValueError(f"{self.name}: damping must be >= 0, got {damping}")
+        if hessian not in HESSIAN_STRUCTURES:
+            raise ValueError(f"{self.name}: hessian must be one of {', '.join(HESSIAN_STRUCTURES)}, got {hessian!r}")
+        if self.normalized and ihvp == "lissa":
+            raise ValueError(f"{self.name}: needs H^-1/2 g for every training example; LiSSA gives H^-1 v "
+                             "for one vector at a time -- use ihvp='projected' or 'explicit'")
+        self.ihvp, self.damping, self.hessian = ihvp, float(damping), hessian
+        self.lissa_scale, self.lissa_depth = float(lissa_scale), int(lissa_depth)
+        self.lissa_repeats, self.lissa_batch_size = int(lissa_repeats), int(lissa_batch_size)
+        LiSSA(self.damping / self.lissa_scale, self.lissa_scale, self.lissa_depth, self.lissa_repeats,
+              self.lissa_batch_size)  # validates the options
+
+    def _gauss_newton(self, projector: GradientProjector, factors: torch.Tensor, n: int) -> GaussNewton:
+        blocks = [slice(int(a), int(z)) for a, z in zip(projector.offsets[:-1], projector.offsets[1:])]
+        reg = [2.0 * self.l2_ * torch.eye(b.dim, dtype=torch.float64) if b.name == "classifier" else None
+               for b in projector.blocks]
+        curvature = Curvature(dim=projector.dim, n=n, factors=factors, blocks=blocks, regulariser=reg,
+                              metric=projector.metrics(), groups=list(projector.groups().values()))
+        return GaussNewton(self.damping, self.hessian).fit(curvature)
+
+    # ------------------------------------------------------------------ exact (unprojected) path
+    def _fit(self, train: FeatureSet, head: Optional[HeadState]) -> None:
+        if self.ihvp == "projected":
+            return super()._fit(train, head)
+        model = self._model(head)
+        self.model_, self.l2_ = model, float(head.l2)
+        flat = FlatParameters(model)
+        self.flat_, self.dim_ = flat, flat.dim
+        dtype = resolve_dtype(self.dtype)
+        examples = Examples(self.run, train, self.layers, self.progress)
+        labels = torch.as_tensor(np.asarray(train.label))
+        n = len(train)
+
+        def batch_hvp(vectors, rows):
+            return hvp(model, flat, self.l2_, examples.batch(rows, dtype), labels[rows], vectors.to(dtype))
+
+        def hessian():
+            h = torch.zeros(flat.dim, flat.dim, dtype=torch.float64)
+            for pos, batch in examples.batches(self.batch_size, dtype):
+                h += summed_hessian(model, flat, batch, labels[pos]).double()
+            h /= n
+            w = flat.slices[L2_PARAMETER]
+            h[w, w] += 2.0 * self.l2_ * torch.eye(w.stop - w.start, dtype=torch.float64)
+            return h
+
+        curvature = Curvature(dim=flat.dim, n=n, hvp=batch_hvp, hessian=hessian)
+        if self.ihvp == "explicit":
+            self.solver_ = ExplicitHessian(self.damping).fit(curvature)
+        else:
+            self.solver_ = LiSSA(self.damping / self.lissa_scale, self.lissa_scale, self.lissa_depth,
+                                 self.lissa_repeats, self.lissa_batch_size, self.seed).fit(curvature)
+        self.train_ = train
+
+    def _exact_grads(self, fs: FeatureSet, labels: np.ndarray, positions=None):
+        """Yield (positions, (B, dim) exact per-example gradients) with torch.func."""
+        dtype = resolve_dtype(self.dtype)
+        examples = Examples(self.run, fs, self.layers, self.progress)
+        labels = torch.as_tensor(np.asarray(labels))
+        for pos, batch in examples.batches(self.batch_size, dtype, positions):
+            yield pos, per_example_flat_grads(self.model_, self.flat_, batch, labels[pos])
+
+    def _score(self, test: FeatureSet, out: np.ndarray) -> None:
+        if self.ihvp == "projected":
+            return super()._score(test, out)
+        g_t = torch.zeros(len(test), self.flat_.dim, dtype=resolve_dtype(self.dtype))
+        for pos, g in self._exact_grads(test, test.pred):
+            g_t[pos] = g
+        left = self._normalize(self.solver_.whiten(g_t) if self.normalized else self.solver_.solve(g_t))
+        with _progress(self.n_train_, f"{self.name} train", self.progress) as bar:
+            for pos, g in self._exact_grads(self.train_, self.train_.label):
+                right = self._normalize(self.solver_.whiten(g)) if self.normalized else g
+                out[:, pos] = (left @ right.T).float().numpy()
+                bar.update(len(pos))
+
+    def config(self) -> dict:
+        cfg = super().config()
+        if getattr(self, "solver_", None) is not None and hasattr(self.solver_, "full_"):
+            cfg["hessian_resolved"] = "full" if self.solver_.full_ else "block"
+        if self.ihvp != "lissa":
+            for k in ("lissa_scale", "lissa_depth", "lissa_repeats", "lissa_batch_size"):
+                cfg.pop(k, None)
+        return cfg
+
+
+@register("if-top")
+class TopInfluence(_TopInfluence):
+    """g_t^T (H + damping)^-1 g_i over the head and the top ``layers`` encoder layers."""
+
+
+@register("rif-top")
+class TopRelativeInfluence(_TopInfluence):
+    """cos(H^-1/2 g_t, H^-1/2 g_i) over the head and the top ``layers`` encoder layers."""
+    normalized = True

@@ -1,0 +1,215 @@
+"""Inverse-Hessian-vector products, three ways behind one interface.
+
+Every solver is ``Solver(options).fit(curvature) -> self`` and then ``solve(V) -> (H + damping M)^-1 V``
+for rows V (m, dim); :class:`ExplicitHessian` and :class:`GaussNewton` also ``whiten(V) = L^-1 V``
+with ``H = L L^T`` (so ``whiten(a) . whiten(b) = a^T H^-1 b``, which ``rif`` needs). A
+:class:`Curvature` says what a problem offers; each solver takes what it needs:
+
+- :class:`LiSSA` (Agarwal et al. 2017, as Koh & Liang's and the paper's code run it): minibatch
+  Hessian-vector products of the regularised training loss and the recursion
+  ``h <- v + (1 - damping) h - H_batch h / scale``, ``depth`` steps, averaged over ``repeats``, the
+  result divided by ``scale``. Its fixed point is ``(H + damping * scale * I)^-1 v``: the paper's
+  per-step ``damping`` is a Hessian damping of ``damping * scale``. It converges when ``scale``
+  exceeds the largest eigenvalue of ``H + damping * scale * I`` and that matrix is positive definite.
+- :class:`ExplicitHessian`: the full Hessian of the regularised full-batch loss by autograd, plus
+  ``damping * I``, Cholesky-factored. Tiny models only (dim^2 numbers).
+- :class:`GaussNewton`: ``(1/n) sum_i F_i^T F_i`` from per-example Gauss-Newton factors (rows) +
+  the regulariser's curvature + ``damping * M`` per block, where ``M`` is the metric the identity
+  becomes in projected coordinates (``P P^T``; the identity when nothing is projected). Full, or
+  block-diagonal over the curvature's groups (one per tracked layer, one for the head).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+
+HESSIAN_STRUCTURES = ("auto", "full", "block")
+MAX_FULL_DIM = 8192   # "auto" uses one full matrix up to this size, per-block matrices above
+
+
+@dataclass
+class Curvature:
+    """What a problem offers the solvers (each field optional; a solver names what it lacks)."""
+    dim: int
+    n: int
+    hvp: Optional[Callable[[torch.Tensor, np.ndarray], torch.Tensor]] = None  # (V, rows) -> batch HVPs
+    hessian: Optional[Callable[[], torch.Tensor]] = None       # full regularised Hessian (dim, dim)
+    factors: Optional[torch.Tensor] = None                     # (rows, dim) Gauss-Newton factors
+    blocks: Optional[List[slice]] = None                       # contiguous per-module slices
+    regulariser: Optional[List[Optional[torch.Tensor]]] = None # per block: the penalty's curvature
+    metric: Optional[List[Optional[torch.Tensor]]] = None      # per block: where damping goes
+    groups: Optional[List[slice]] = None                       # the block-diagonal Hessian's blocks
+
+
+def _need(curvature: Curvature, what: str, solver: str):
+    value = getattr(curvature, what)
+    if value is None:
+        raise ValueError(f"{solver} needs the curvature's {what}")
+    return value
+
+
+def _cholesky(h: torch.Tensor, what: str) -> torch.Tensor:
+    chol, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        low = float(torch.linalg.eigvalsh(h)[0])
+        raise ValueError(f"{what}: the damped Hessian is not positive definite (smallest eigenvalue "
+                         f"{low:.3g}); increase damping")
+    return chol
+
+
+class InverseHVP:
+    """Base: ``fit(curvature) -> self``; ``solve(V)``; ``whiten(V)`` where the solver can."""
+
+    name = ""
+
+    def fit(self, curvature: Curvature) -> "InverseHVP":  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def solve(self, vectors: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def whiten(self, vectors: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"{self.name} gives H^-1 v only, not H^-1/2 v; use the explicit or "
+                         "Gauss-Newton solver for relative influence")
+
+
+class _Factored(InverseHVP):
+    """Solvers holding Cholesky factors of diagonal blocks (a single block = full)."""
+
+    def _set(self, blocks: List[slice], chols: List[torch.Tensor], dim: int) -> None:
+        self.blocks_, self.chols_, self.dim_ = blocks, chols, dim
+
+    def _check(self, v: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "chols_"):
+            raise RuntimeError(f"{self.name}: call fit before solve")
+        v = torch.as_tensor(v)
+        if v.dim() != 2 or v.shape[1] != self.dim_:
+            raise ValueError(f"{self.name}: vectors must be (m, {self.dim_}), got {tuple(v.shape)}")
+        return v
+
+    def solve(self, vectors):
+        v = self._check(vectors)
+        out = torch.empty_like(v)
+        for s, chol in zip(self.blocks_, self.chols_):
+            out[:, s] = torch.cholesky_solve(v[:, s].T.to(chol.dtype), chol).T.to(v.dtype)
+        return out
+
+    def whiten(self, vectors):
+        v = self._check(vectors)
+        out = torch.empty_like(v)
+        for s, chol in zip(self.blocks_, self.chols_):
+            out[:, s] = torch.linalg.solve_triangular(chol, v[:, s].T.to(chol.dtype), upper=False).T.to(v.dtype)
+        return out
+
+
+class ExplicitHessian(_Factored):
+    """The autograd Hessian of the regularised full-batch loss plus ``damping * I``."""
+
+    name = "explicit"
+
+    def __init__(self, damping: float = 0.0):
+        if not damping >= 0:
+            raise ValueError(f"damping must be >= 0, got {damping}")
+        self.damping = float(damping)
+
+    def fit(self, curvature: Curvature) -> "ExplicitHessian":
+        h = _need(curvature, "hessian", self.name)().double()
+        h = (h + h.T) / 2
+        h.diagonal().add_(self.damping)
+        self.hessian_ = h
+        self._set([slice(0, curvature.dim)], [_cholesky(h, self.name)], curvature.dim)
+        return self
+
+
+class GaussNewton(_Factored):
+    """Gauss-Newton (from per-example factors) + regulariser + damping, full or block-diagonal."""
+
+    name = "gauss-newton"
+
+    def __init__(self, damping: float = 0.0, structure: str = "auto", max_full_dim: int = MAX_FULL_DIM,
+                 chunk: int = 1024):
+        if not damping >= 0:
+            raise ValueError(f"damping must be >= 0, got {damping}")
+        if structure not in HESSIAN_STRUCTURES:
+            raise ValueError(f"hessian must be one of {', '.join(HESSIAN_STRUCTURES)}, got {structure!r}")
+        self.damping, self.structure = float(damping), structure
+        self.max_full_dim, self.chunk = int(max_full_dim), int(chunk)
+
+    def fit(self, curvature: Curvature) -> "GaussNewton":
+        f = _need(curvature, "factors", self.name)
+        blocks = curvature.blocks or [slice(0, curvature.dim)]
+        reg = curvature.regulariser or [None] * len(blocks)
+        metric = curvature.metric or [None] * len(blocks)
+        full = self.structure == "full" or (self.structure == "auto" and curvature.dim <= self.max_full_dim)
+        groups = [slice(0, curvature.dim)] if full else (curvature.groups or blocks)
+        chols = []
+        for g in groups:
+            h = torch.zeros(g.stop - g.start, g.stop - g.start, dtype=torch.float64)
+            for a in range(0, len(f), self.chunk):        # products in the factors' dtype, sums in float64
+                part = f[a:a + self.chunk, g]
+                h += (part.T @ part).double()
+            h /= curvature.n
+            for s, r, m in zip(blocks, reg, metric):       # block terms that fall inside g
+                if s.start >= g.start and s.stop <= g.stop:
+                    i = slice(s.start - g.start, s.stop - g.start)
+                    size = s.stop - s.start
+                    if r is not None:
+                        h[i, i] += r.double()
+                    h[i, i] += self.damping * (m.double() if m is not None else torch.eye(size, dtype=torch.float64))
+            h = (h + h.T) / 2
+            chols.append(_cholesky(h, self.name))
+        self.full_ = full
+        self._set(groups, chols, curvature.dim)
+        return self
+
+
+class LiSSA(InverseHVP):
+    """The stochastic recursion of Agarwal et al. as Koh & Liang's code (and the paper) ran it."""
+
+    name = "lissa"
+
+    def __init__(self, damping: float = 0.0, scale: float = 1e4, depth: int = 1000, repeats: int = 1,
+                 batch_size: int = 8, seed: int = 0, tol: Optional[float] = None):
+        if not damping >= 0 or not scale > 0 or int(depth) < 1 or int(repeats) < 1 or int(batch_size) < 1:
+            raise ValueError("LiSSA needs damping >= 0, scale > 0 and depth, repeats, batch_size >= 1")
+        self.damping, self.scale = float(damping), float(scale)
+        self.depth, self.repeats, self.batch_size = int(depth), int(repeats), int(batch_size)
+        self.seed, self.tol = int(seed), tol
+
+    def fit(self, curvature: Curvature) -> "LiSSA":
+        _need(curvature, "hvp", self.name)
+        self.curvature_ = curvature
+        return self
+
+    def solve(self, vectors):
+        if not hasattr(self, "curvature_"):
+            raise RuntimeError("lissa: call fit before solve")
+        v = torch.as_tensor(vectors)
+        n, bs = self.curvature_.n, min(self.batch_size, self.curvature_.n)
+        total = torch.zeros_like(v)
+        self.steps_, self.last_change_ = [], []
+        for r in range(self.repeats):
+            g = torch.Generator().manual_seed(self.seed + r)
+            perm, pos = torch.randperm(n, generator=g).numpy(), 0
+            h = v.clone()
+            change = float("inf")
+            for step in range(1, self.depth + 1):
+                if pos >= n:
+                    perm, pos = torch.randperm(n, generator=g).numpy(), 0
+                rows = perm[pos:pos + bs]
+                pos += bs
+                new = v + (1 - self.damping) * h - self.curvature_.hvp(h, rows) / self.scale
+                if not torch.isfinite(new).all():
+                    raise ValueError("lissa diverged: raise scale above the largest Hessian eigenvalue, "
+                                     "or damping so that H + damping*scale*I is positive definite")
+                change = float((new - h).norm() / new.norm().clamp_min(1e-300))
+                h = new
+                if self.tol is not None and change < self.tol:
+                    break
+            self.steps_.append(step)
+            self.last_change_.append(change)
+            total += h / self.scale
+        return total / self.repeats

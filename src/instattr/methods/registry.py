@@ -1,0 +1,67 @@
+"""Attributors by name: ``register`` a class, ``get_method(name, **options)`` an instance."""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Dict, Iterable, List, Type, Union
+
+from .base import Attributor
+
+# The paper's methods, in the order tables and reports list them.
+METHOD_NAMES = ("nn-euc", "nn-cos", "nn-dot", "sbert-euc", "sbert-cos", "sbert-dot",
+                "gd", "gc", "if", "rif", "rep")
+
+_REGISTRY: Dict[str, Type[Attributor]] = {}
+
+
+def register(name: str) -> Callable[[Type[Attributor]], Type[Attributor]]:
+    """Class decorator: make ``cls`` available as ``name`` (and set ``cls.name``)."""
+    def add(cls: Type[Attributor]) -> Type[Attributor]:
+        if not (isinstance(cls, type) and issubclass(cls, Attributor)):
+            raise TypeError(f"register({name!r}): {cls!r} is not an Attributor subclass")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method {name!r} is already registered to {_REGISTRY[name].__name__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return add
+
+
+def registered() -> tuple:
+    """Every registered name: the paper's methods first, then any added by users."""
+    return tuple(n for n in METHOD_NAMES if n in _REGISTRY) + \
+        tuple(n for n in _REGISTRY if n not in METHOD_NAMES)
+
+
+def _unknown(name: str) -> ValueError:
+    return ValueError(f"unknown method {name!r}; known: {', '.join(registered())}")
+
+
+def get_method(name: str, **options) -> Attributor:
+    """A new, unfitted attributor ``name`` constructed with ``options``."""
+    if name not in _REGISTRY:
+        raise _unknown(name)
+    cls = _REGISTRY[name]
+    try:
+        inspect.signature(cls).bind(**options)
+    except TypeError:
+        allowed = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+        bad = sorted(set(options) - set(allowed)) or sorted(options)
+        raise ValueError(f"{name}: unknown option(s) {', '.join(bad)}; options: {', '.join(allowed) or 'none'}") from None
+    return cls(**options)
+
+
+def expand_methods(spec: Union[str, Iterable[str]]) -> List[str]:
+    """``"all"`` or ``"a,b"`` (or a list of names) -> validated names, duplicates dropped."""
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    names: List[str] = []
+    for part in (p.strip() for p in parts):
+        if not part:
+            continue
+        for name in (registered() if part == "all" else (part,)):
+            if name not in _REGISTRY:
+                raise _unknown(name)
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise ValueError(f"no methods given; choose 'all' or some of: {', '.join(registered())}")
+    return names

@@ -1,0 +1,73 @@
+"""Representer points (Yeh et al. 2018) for the last linear layer.
+
+At a stationary point W* of ``(1/n) sum_i CE(W f_i, y_i) + lam ||W||^2``,
+``W* = sum_i alpha_i f_i^T`` with ``alpha_i = -(1/(2 lam n)) (p*_i - onehot(y_i))``, so every
+logit decomposes over training examples: ``W* f_t = sum_i alpha_i <f_i, f_t>``. The score of
+training example i for test t is its share of the predicted class's logit,
+``alpha_{i,c} <f_i, f_t>`` with c = the model's prediction for t.
+
+The trained head is only near stationarity, so ``fit`` refits W by Newton's method on the fixed
+training features (float64, from the head's weights) and records how exactly the decomposition
+reconstructs the refit logits (``reconstruction_``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ..store import FeatureSet, HeadState
+from .base import Attributor, check_width, float32_rows
+from .lastlayer import error_features, kron_rows, logits_of, loss_errors, refit, softmax, sum_zero_basis
+from .registry import register
+
+
+@register("rep")
+class Representer(Attributor):
+    """Representer-point scores; ``tol`` is the gradient norm the refit must reach."""
+
+    def __init__(self, tol: float = 1e-10, max_iter: int = 100, chunk_size: Optional[int] = None):
+        super().__init__(chunk_size)
+        if not tol > 0 or int(max_iter) < 1:
+            raise ValueError(f"rep: need tol > 0 and max_iter >= 1, got {tol}, {max_iter}")
+        self.tol = float(tol)
+        self.max_iter = int(max_iter)
+
+    def _fit(self, train: FeatureSet, head: Optional[HeadState]) -> None:
+        f = np.asarray(train.features, dtype=np.float64)
+        n, d = f.shape
+        w0 = np.asarray(head.w, dtype=np.float64)
+        if w0.shape[1] != d:
+            raise ValueError(f"rep: head weight {w0.shape} does not match {d} features")
+        lam = float(head.l2)
+        if lam <= 0:
+            raise ValueError("rep: the head has l2 = 0; representer points need an L2-regularised head")
+        fit = refit(f, train.label, w0, lam, self.tol, self.max_iter)
+        logits = logits_of(f, fit.w)
+        p = softmax(logits)
+        alpha = -loss_errors(p, train.label) / (2.0 * lam * n)             # (n, C)
+        rebuilt = logits_of(f, error_features(alpha, f))                     # sum_i alpha_i <f_i, f_t>
+        corr = np.corrcoef(logits.ravel(), rebuilt.ravel())[0, 1] if logits.std() > 0 else 1.0
+        self.weight_ = fit.w
+        self.alpha_ = alpha
+        self.grad_norm_ = fit.grad_norm
+        self.n_iter_ = fit.n_iter
+        self.n_hessians_ = fit.n_hessians
+        self.converged_ = fit.converged
+        self.reconstruction_ = {"max_abs_error": float(np.abs(logits - rebuilt).max()),
+                                "correlation": float(corr)}
+        self.prediction_agreement_ = float((p.argmax(1) == np.asarray(train.pred)).mean())
+        self.width_ = d
+        # alpha_{i,c} <f_i, f_t> = (Q^T onehot(c) (x) f_t) . (Q^T alpha_i (x) f_i): alpha_i sums to 0
+        self.basis_ = sum_zero_basis(alpha.shape[1])
+        self.train_embedding_ = float32_rows(kron_rows(alpha @ self.basis_, f))
+
+    def _score(self, test: FeatureSet, out: np.ndarray) -> None:
+        x = np.asarray(test.features)
+        check_width(self.name, "features", self.width_, x)
+        pred = np.asarray(test.pred)
+        c = len(self.basis_)
+        if len(pred) and (pred.min() < 0 or pred.max() >= c):
+            raise ValueError(f"rep: test predictions must lie in [0, {c})")
+        emb = kron_rows(self.basis_[pred], np.asarray(x, dtype=np.float64))
+        np.matmul(float32_rows(emb), self.train_embedding_.T, out=out)

@@ -1,0 +1,122 @@
+"""Tiny synthetic runs for the evaluation tests: texts, a bag-of-words "encoder", a trained head.
+
+The encoder embeds a text as the mean of fixed random word vectors, so ``featurize`` can encode
+new (perturbed) texts exactly as the stored features were made, without any transformer.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from safetensors.torch import save_file
+
+from instattr.model import HeadConfig, pair_input, predict, train_heads
+from instattr.store import FeatureSet, Run, write_json, write_npz
+
+POSITIVE = ["good", "great", "superb", "lovely", "fine", "brilliant"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "weak"]
+NEUTRAL = [f"w{i}" for i in range(60)]
+DIM = 12
+
+
+def word_vector(word: str, dim: int = DIM) -> np.ndarray:
+    return np.random.default_rng(zlib.crc32(word.encode())).standard_normal(dim)
+
+
+def embed(texts: Sequence[str], dim: int = DIM) -> np.ndarray:
+    """Mean word vector of each text (zeros for an empty text), float32."""
+    out = np.zeros((len(texts), dim))
+    for i, t in enumerate(texts):
+        toks = t.split()
+        if toks:
+            out[i] = np.mean([word_vector(w, dim) for w in toks], axis=0)
+    return out.astype(np.float32)
+
+
+def sentences(n: int, rng: np.random.Generator, length=(4, 8)):
+    """(texts, labels): neutral filler plus one or two sentiment words of the label's polarity."""
+    texts, labels = [], []
+    for _ in range(n):
+        y = int(rng.integers(2))
+        words = list(rng.choice(NEUTRAL, size=int(rng.integers(*length))))
+        for _ in range(int(rng.integers(1, 3))):
+            words.insert(int(rng.integers(len(words) + 1)), str(rng.choice(POSITIVE if y else NEGATIVE)))
+        texts.append(" ".join(words))
+        labels.append(y)
+    return texts, labels
+
+
+def pairs(n: int, rng: np.random.Generator, adversarial: float = 0.0):
+    """(premises, hypotheses, labels) for non-entailment(0)/entailment(1): entailed hypotheses copy
+    premise words; with probability ``adversarial`` a non-entailment copies them too (HANS-like)."""
+    prem, hyp, labels = [], [], []
+    for _ in range(n):
+        y = int(rng.integers(2))
+        p = list(rng.choice(NEUTRAL, size=int(rng.integers(5, 9)), replace=False))
+        if y == 1 or rng.random() < adversarial:
+            h = list(rng.choice(p, size=3, replace=False))
+        else:
+            h = list(rng.choice(NEUTRAL, size=3, replace=False))
+        prem.append(" ".join(p))
+        hyp.append(" ".join(h))
+        labels.append(y)
+    return prem, hyp, labels
+
+
+def encode(documents, queries=None) -> np.ndarray:
+    return embed(documents) if queries is None else np.concatenate([embed(documents), embed(queries)], axis=1)
+
+
+def feature_set(params, idx, documents, queries, labels, pair_mode) -> FeatureSet:
+    enc = encode(documents, queries)
+    feats, probs = predict(params, pair_input(enc, pair_mode))
+    return FeatureSet(idx=np.array(idx), label=np.asarray(labels, dtype=np.int64), pred=probs.argmax(1),
+                      probs=probs, features=feats, encoder=enc)
+
+
+def make_run(root: Path, kind: str = "sst2", n_train: int = 80, n_test: int = 30, seed: int = 0,
+             epochs: int = 8, mode: str = "head", length=(4, 8), hidden: int = 8) -> Run:
+    """A trained toy run under ``root``: kind 'sst2' (single texts of ``length`` filler words) or
+    'hans' (pairs); the head has a ``hidden``-wide pooler."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    data_dir = root / "data" / kind
+    data_dir.mkdir(parents=True, exist_ok=True)
+    is_pair = kind == "hans"
+    label_names = ["non-entailment", "entailment"] if is_pair else ["negative", "positive"]
+    splits = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        if is_pair:
+            d, q, y = pairs(n, rng, adversarial=0.0 if split == "train" else 0.5)
+        else:
+            (d, y), q = sentences(n, rng, length), None
+        rows = [{"idx": f"{split}_{i}", "document": d[i], "label": y[i], **({"query": q[i]} if q else {})}
+                for i in range(n)]
+        (data_dir / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        splits[split] = ([r["idx"] for r in rows], d, q, y)
+    (data_dir / "labels.json").write_text(json.dumps(label_names))
+    pair_mode = "siamese" if is_pair else None
+    cfg = HeadConfig(l2=0.01, lr=0.01, epochs=epochs, batch_size=8, hidden=hidden, seed=seed)
+    idx, d, q, y = splits["train"]
+    x = pair_input(encode(d, q), pair_mode)
+    params = train_heads(x, np.array(y), 2, cfg).params
+    run_dir = root / "run"
+    (run_dir / "model").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in params.items()}, str(run_dir / "model" / "head.safetensors"))
+    for split, (idx, d, q, y) in splits.items():
+        write_npz(run_dir / "features" / f"{split}.npz", **feature_set(params, idx, d, q, y, pair_mode).to_npz())
+    write_json(run_dir / "run.json", {
+        "label_names": label_names, "eval_split": "test", "mode": mode, "pair_mode": pair_mode,
+        "head": {**cfg.to_dict(), "d_in": int(x.shape[1])},
+        "data": {"name": kind, "root": str(data_dir), "is_pair": is_pair}})
+    return Run.load(run_dir)
+
+
+def featurize(run: Run, documents, queries: Optional[Sequence[str]] = None, labels=None) -> FeatureSet:
+    """The toy runs' stand-in for instattr.pipeline.featurize."""
+    labels = np.zeros(len(documents), dtype=np.int64) if labels is None else labels
+    return feature_set(run.head_params(), [f"new_{i}" for i in range(len(documents))], documents, queries,
+                       labels, run.manifest["pair_mode"])

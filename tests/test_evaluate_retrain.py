@@ -1,0 +1,125 @@
+"""Remove-and-retrain: the batched trainer, mask bookkeeping, and that real supporters matter."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from _synthetic import make_run
+from instattr.evaluate.retrain import (effective_ks, random_masks, removal_deltas, removal_masks, retrain_probs,
+                                       run_retrain)
+from instattr.model import HeadConfig, init_params, logits, train_heads
+
+CFG = HeadConfig(l2=0.05, lr=0.05, epochs=3, batch_size=4, hidden=3, seed=7)
+
+
+def tiny_problem(n=14, d_in=5, c=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d_in)), rng.integers(0, c, size=n)
+
+
+def reference_head(x, y, c, config, keep):
+    """One head trained by hand: Adam, the trainer's seeded batch order, loss = mean CE over the
+    kept examples of each batch (0 if none) + l2 ||W||^2."""
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y)
+    keep = torch.as_tensor(keep, dtype=torch.float64)
+    params = {k: v.clone().requires_grad_(True) for k, v in
+              init_params(x.shape[1], config.hidden, c, config.seed, torch.float64).items()}
+    opt = torch.optim.Adam(list(params.values()), lr=config.lr)
+    g = torch.Generator().manual_seed(config.seed + 1)
+    for _ in range(config.epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for s in range(0, len(x), config.batch_size):
+            b = perm[s:s + config.batch_size]
+            ce = torch.nn.functional.cross_entropy(logits(params, x[b]), y[b], reduction="none")
+            kept = keep[b]
+            data = (ce * kept).sum() / kept.sum() if kept.sum() > 0 else ce.sum() * 0
+            opt.zero_grad()
+            (data + config.l2 * (params["w"] ** 2).sum()).backward()
+            opt.step()
+    return {k: v.detach() for k, v in params.items()}
+
+
+def test_batched_trainer_equals_heads_trained_one_at_a_time():
+    x, y = tiny_problem()
+    masks = np.ones((4, len(x)), dtype=bool)
+    masks[1, :5] = False
+    masks[2, ::2] = False
+    masks[3, 3:] = False                       # most batches have nothing kept
+    batched = train_heads(x, y, 3, CFG, masks=masks, dtype=torch.float64).params
+    for j in range(len(masks)):
+        alone = train_heads(x, y, 3, CFG, masks=masks[j:j + 1], dtype=torch.float64).params
+        ref = reference_head(x, y, 3, CFG, masks[j])
+        for k in ref:
+            torch.testing.assert_close(batched[k][j], alone[k][0], rtol=0, atol=1e-12)
+            torch.testing.assert_close(batched[k][j], ref[k], rtol=0, atol=1e-10)
+    assert not torch.allclose(batched["w"][0], batched["w"][1])   # removal changed the head
+
+
+def test_full_mask_head_equals_unbatched_training():
+    x, y = tiny_problem(seed=1)
+    full = train_heads(x, y, 3, CFG, masks=np.ones((1, len(x)), bool), dtype=torch.float64).params
+    single = train_heads(x, y, 3, CFG, dtype=torch.float64).params
+    for k in single:
+        torch.testing.assert_close(full[k][0], single[k], rtol=0, atol=1e-12)
+
+
+def test_retrain_probs_before_matches_and_chunking_does_not_matter():
+    x, y = tiny_problem(n=20, seed=2)
+    rng = np.random.default_rng(0)
+    masks = rng.random((7, 20)) > 0.3
+    masks[2] = True                                  # an all-kept head: after == before
+    masks[5] = masks[1]                              # duplicates are trained once, reported twice
+    a1, b1 = retrain_probs(x, y, x[:6], 3, CFG, masks, chunk_size=3)
+    a2, b2 = retrain_probs(x, y, x[:6], 3, CFG, masks, chunk_size=50)
+    assert a1.shape == (7, 6, 3)
+    np.testing.assert_allclose(a1[2], b1[2], atol=1e-6)
+    np.testing.assert_array_equal(a1[5], a1[1])
+    np.testing.assert_allclose(a1, a2, atol=1e-5)
+    np.testing.assert_allclose(b1, b2, atol=1e-5)
+    assert np.abs(a1[0] - b1[0]).max() > 1e-4
+
+
+def test_masks_and_k_clipping():
+    s = np.array([[0.1, 0.9, 0.5, 0.7], [4.0, 3.0, 2.0, 1.0]])
+    np.testing.assert_array_equal(removal_masks(s, 2), [[True, False, True, False], [False, False, True, True]])
+    r = random_masks(30, 7, 5, np.random.default_rng(0))
+    assert r.shape == (5, 30) and (r.sum(1) == 23).all() and len({row.tobytes() for row in r}) == 5
+    assert effective_ks((50, 500), 6920) == [50, 500]
+    assert effective_ks((50, 500), 80) == [40]
+    assert effective_ks((10, 500), 60) == [10, 30]
+
+
+def test_removal_deltas_shapes_and_random_baseline():
+    x, y = tiny_problem(n=24, c=2, seed=3)
+    rows = np.random.default_rng(0).normal(size=(3, 24))
+    out = removal_deltas(x, y, x[:3], np.array([0, 1, 1]), 2, CFG, {"m": rows}, ks=(4, 100), n_random=5, seed=1)
+    assert out["ks"] == [4, 12]
+    assert set(out["methods"]["m"]) == {"4", "12"} and len(out["per_example"]["m"]["4"]) == 3
+    assert out["methods"]["m"]["4"] == pytest.approx(np.mean(out["per_example"]["m"]["4"]))
+    assert set(out["random"]["12"]) == {"mean", "std"} and out["random"]["12"]["std"] >= 0
+    assert all(0 <= p <= 1 for p in out["before"])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("retrain"), n_train=80, n_test=20)
+
+
+def test_removing_real_supporters_moves_prediction_more_than_random(run):
+    res = run_retrain(run, methods=["gd", "nn-cos"], n_test=8, ks=(20,), n_random=16, progress=False)
+    rand = res["random"]["20"]["mean"]
+    for m in ("gd", "nn-cos"):
+        assert res["methods"][m]["20"] < rand - 0.03, (m, res["methods"][m], rand)
+    assert json.loads((run.path / "results" / "retrain.json").read_text()) == res
+    assert res["n_test"] == 8 and res["ks"] == [20] and len(res["test_idx"]) == 8
+    md = (run.path / "results" / "retrain.md").read_text()
+    assert "random (mean ± std)" in md and "paper SST k=500" in md
+    assert (run.path / "figures" / "retrain.png").exists()
+
+
+def test_retrain_refuses_finetune_runs(tmp_path):
+    from instattr.store import RunError
+    ft = make_run(tmp_path, n_train=20, n_test=4, epochs=1, mode="finetune")
+    with pytest.raises(RunError, match="head-mode"):
+        run_retrain(ft, methods=["gd"], n_test=2, ks=(2,), n_random=2, progress=False)
