@@ -11,7 +11,7 @@ from .store import FeatureSet, Run, RunError
 
 
 def resolve_methods(spec) -> List[str]:
-    """Method names from ``"all"``, ``"a,b"`` or a list; unknown names are a one-line error."""
+    """Method names from ``"paper"``, ``"all"``, ``"a,b"`` or a list; unknown names are a one-line error."""
     from .methods import expand_methods
     try:
         return expand_methods(spec)
@@ -33,7 +33,7 @@ def fit_method(run: Run, name: str, train: Optional[FeatureSet] = None, **option
     return method.fit(run.features("train") if train is None else train, run.head())
 
 
-def attribute_run(run: Run, methods="all", split: Optional[str] = None, limit_test: Optional[int] = None,
+def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_test: Optional[int] = None,
                   limit_train: Optional[int] = None, overwrite: bool = False, progress: bool = True,
                   log=print) -> Dict[str, float]:
     """Score ``split`` (default: the run's eval split) against the training set with each method.
@@ -64,7 +64,8 @@ def attribute_run(run: Run, methods="all", split: Optional[str] = None, limit_te
         method = fit_method(run, name, train)
         scores = method.score(test)
         seconds[name] = time.perf_counter() - t
-        run.save_scores(name, split, scores, test.idx, train.idx, method.config(), seconds[name])
+        run.save_scores(name, split, scores, test.idx, train.idx, method.config(), seconds[name],
+                        diagnostics=method.diagnostics())
         log(f"{name}: {scores.shape[0]} x {scores.shape[1]} scores in {seconds[name]:.3f} s")
     return seconds
 

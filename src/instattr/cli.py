@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     at = sub.add_parser("attribute", help="score the eval split against the training set, per method")
     at.add_argument("--run", required=True)
-    at.add_argument("--methods", default="all", help="'all' or a comma-separated list")
+    at.add_argument("--methods", default="paper",
+                    help="'paper' (the eleven last-layer methods), 'all' (every method), or a comma-separated list")
     at.add_argument("--split", help="split to attribute (default: the run's eval split)")
     at.add_argument("--limit-test", type=int)
     at.add_argument("--limit-train", type=int)
@@ -183,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(rr)
     rr.add_argument("--out", required=True)
     rr.add_argument("--quick", action="store_true", help="a slice of the data and smaller samples (minutes)")
-    rr.add_argument("--methods", default="all")
+    rr.add_argument("--methods", default="paper", help="methods to attribute with (default: the paper's eleven)")
     rr.set_defaults(func=cmd_reproduce)
     return p
 

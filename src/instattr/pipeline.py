@@ -136,10 +136,11 @@ def train_run(config: TrainConfig, out, overwrite: bool = False, progress: bool 
         raise InstattrError(f"--mode must be head or finetune, got {config.mode!r}")
     t0 = time.perf_counter()
     ds = load_dataset(config.data, config.data_root)
-    splits = {"train": ds.splits["train"].limit(config.limit_train)}
+    seed = config.head.seed
+    splits = {"train": ds.splits["train"].limit(config.limit_train, seed)}
     for name in ("dev", "test"):
         if name in ds.splits:
-            splits[name] = ds.splits[name].limit(config.limit_eval)
+            splits[name] = ds.splits[name].limit(config.limit_eval, seed)
     pair_mode = config.resolved_pair_mode(ds.is_pair)
     torch.manual_seed(config.head.seed)
     encoder = Encoder(config.encoder, config.pooling, config.max_length, config.encode_batch_size)

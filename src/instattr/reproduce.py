@@ -1,6 +1,7 @@
 """`instattr reproduce`: train, attribute, evaluate and report in one resumable job."""
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,7 +14,7 @@ from .store import Run, read_json, write_json
 QUICK_LIMITS = {"limit_train": 2000, "limit_eval": 300}
 QUICK_OPTIONS: Dict[str, dict] = {
     "correlation": {"n_test": 50, "n_train": 300},
-    "retrain": {"n_test": 10, "n_random": 10},
+    "retrain": {"n_test": 5, "n_random": 10},
     "near-train": {"n": 200},
     "timing": {},
     "randomized": {},
@@ -24,7 +25,7 @@ QUICK_OPTIONS: Dict[str, dict] = {
 @dataclass(frozen=True)
 class ReproduceConfig:
     quick: bool = False
-    methods: str = "all"
+    methods: str = "paper"
     seed: int = 0
 
 
@@ -32,7 +33,7 @@ def reproduce(train_config, out, config: ReproduceConfig = ReproduceConfig(), pr
               log: Callable[[str], None] = print) -> Run:
     """Run every step that is not done yet; finished steps (recorded in reproduce.json) are skipped."""
     from .attribution import attribute_run
-    from .evaluate import evaluations_for, run_evaluation
+    from .evaluate import EVALUATIONS, evaluations_for, run_evaluation
     from .pipeline import train_run
     from .report import build_report
 
@@ -70,6 +71,8 @@ def reproduce(train_config, out, config: ReproduceConfig = ReproduceConfig(), pr
     step("attribute", lambda: attribute_run(run, config.methods, progress=progress, log=lambda s: None))
     for name in evaluations_for(run):
         opts = dict(QUICK_OPTIONS.get(name, {})) if config.quick else {}
+        if "progress" in inspect.signature(EVALUATIONS[name]).parameters:
+            opts["progress"] = progress
         step(name, lambda name=name, opts=opts: run_evaluation(name, run, seed=config.seed, **opts))
     build_report(run)
     log(f"report: {run.path / 'report.html'}")

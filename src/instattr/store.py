@@ -218,7 +218,8 @@ class Run:
         return read_json(self.score_path(method, split or self.eval_split).with_suffix(".json"))
 
     def save_scores(self, method: str, split: str, scores: np.ndarray, test_idx: Sequence[str],
-                    train_idx: Sequence[str], config: dict, seconds: float) -> None:
+                    train_idx: Sequence[str], config: dict, seconds: float,
+                    diagnostics: Optional[dict] = None) -> None:
         """Write scores and their sidecar; the .json lands last so a present .json means complete."""
         scores = np.asarray(scores, dtype=np.float32)
         if scores.shape != (len(test_idx), len(train_idx)):
@@ -227,7 +228,7 @@ class Run:
         write_npy(p, scores)
         write_json(p.with_suffix(".json"), {"method": method, "split": split, "test_idx": list(map(str, test_idx)),
                                             "train_idx": list(map(str, train_idx)), "config": config,
-                                            "seconds": seconds})
+                                            "seconds": seconds, "diagnostics": diagnostics or {}})
 
     # results
     def result_path(self, name: str) -> Path:

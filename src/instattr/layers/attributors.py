@@ -34,9 +34,9 @@ from ..methods.registry import register
 from ..methods.similarity import unit_rows
 from ..store import FeatureSet, HeadState, RunError
 from .cache import Examples
-from .grads import FlatParameters, hvp, per_example_flat_grads, summed_hessian
+from .grads import FlatParameters, batch_hessian, hvp, per_example_flat_grads
 from .ihvp import HESSIAN_STRUCTURES, Curvature, ExplicitHessian, GaussNewton, LiSSA
-from .network import L2_PARAMETER, resolve_dtype, tracked_model
+from .network import resolve_dtype, tracked_model
 from .projection import KINDS, GradientProjector
 
 DEFAULT_PROJ_DIM = 16
@@ -234,13 +234,10 @@ class _TopInfluence(_TopLayers):
         def batch_hvp(vectors, rows):
             return hvp(model, flat, self.l2_, examples.batch(rows, dtype), labels[rows], vectors.to(dtype))
 
-        def hessian():
+        def hessian():   # sum over batches of (batch share) x (regularised batch-loss Hessian)
             h = torch.zeros(flat.dim, flat.dim, dtype=torch.float64)
             for pos, batch in examples.batches(self.batch_size, dtype):
-                h += summed_hessian(model, flat, batch, labels[pos]).double()
-            h /= n
-            w = flat.slices[L2_PARAMETER]
-            h[w, w] += 2.0 * self.l2_ * torch.eye(w.stop - w.start, dtype=torch.float64)
+                h += len(pos) / n * batch_hessian(model, flat, self.l2_, batch, labels[pos]).double()
             return h
 
         curvature = Curvature(dim=flat.dim, n=n, hvp=batch_hvp, hessian=hessian)

@@ -51,17 +51,19 @@ def get_method(name: str, **options) -> Attributor:
 
 
 def expand_methods(spec: Union[str, Iterable[str]]) -> List[str]:
-    """``"all"`` or ``"a,b"`` (or a list of names) -> validated names, duplicates dropped."""
+    """``"paper"`` (the eleven last-layer methods), ``"all"`` (every registered method) or
+    ``"a,b"`` (or a list of names) -> validated names, duplicates dropped."""
     parts = spec.split(",") if isinstance(spec, str) else list(spec)
     names: List[str] = []
     for part in (p.strip() for p in parts):
         if not part:
             continue
-        for name in (registered() if part == "all" else (part,)):
+        group = {"all": registered(), "paper": METHOD_NAMES}.get(part, (part,))
+        for name in group:
             if name not in _REGISTRY:
                 raise _unknown(name)
             if name not in names:
                 names.append(name)
     if not names:
-        raise ValueError(f"no methods given; choose 'all' or some of: {', '.join(registered())}")
+        raise ValueError(f"no methods given; choose 'paper', 'all' or some of: {', '.join(registered())}")
     return names

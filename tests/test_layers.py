@@ -1,0 +1,391 @@
+"""Methods over the head plus the top encoder layers, against brute force in float64.
+
+A micro BERT (8 wide, 2 layers, random weights with a large init so texts differ) and toy runs.
+Brute force = per-example gradients and logit Jacobians by loops of backward() calls, Hessians by
+torch.autograd.functional.hessian, inverses by torch.linalg.
+"""
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import BertConfig, BertModel, BertTokenizerFast
+
+from conftest import WORDS, make_dataset
+from instattr.attribution import attribute_run, explain, fit_method
+from instattr.methods import get_method
+from instattr.methods.lastlayer import sum_zero_basis
+from instattr.model import HeadConfig, pair_input
+from instattr.pipeline import TrainConfig, run_encoder, train_run
+from instattr.store import Run, RunError
+from instattr.layers import Curvature, GaussNewton, LiSSA
+from instattr.layers import cache as cache_mod
+from instattr.layers.cache import Examples, cache_path
+from instattr.layers.grads import FlatParameters, per_example_grads
+from instattr.layers.network import tracked_model
+from instattr.layers.projection import GradientProjector
+
+F64 = dict(dtype="float64", progress=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny autograd calls crawl when threads contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def micro_encoder(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("micro-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True)
+    assert len(tok.get_vocab()) == len(vocab)          # words are real tokens, not [UNK]
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=16, max_position_embeddings=32, initializer_range=0.3)
+    BertModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def _run(root, encoder, pairs=False, **cfg):
+    data = make_dataset(root / "data", n_train=14, n_test=4, n_dev=0, pairs=pairs)
+    head = HeadConfig(epochs=4, lr=1e-2, batch_size=8, l2=0.05)
+    return train_run(TrainConfig(data=str(data), encoder=encoder, head=head, **cfg), root / "run", progress=False)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, micro_encoder):
+    return _run(tmp_path_factory.mktemp("single"), micro_encoder, pooling="mean")
+
+
+@pytest.fixture(scope="module")
+def siamese(tmp_path_factory, micro_encoder):
+    return _run(tmp_path_factory.mktemp("siamese"), micro_encoder, pairs=True)   # cls pooling
+
+
+@pytest.fixture(scope="module")
+def cross(tmp_path_factory, micro_encoder):
+    return _run(tmp_path_factory.mktemp("cross"), micro_encoder, pairs=True, pair_mode="cross")
+
+
+# ---------------------------------------------------------------- brute force
+def model_of(run, layers=1):
+    return tracked_model(run, layers, dtype="float64")[0]
+
+
+def example_batches(run, fs, layers):
+    """One unpadded batch per example (nothing shared, no padding)."""
+    ex = Examples(run, fs, layers)
+    return [ex.batch([i], torch.float64) for i in range(len(fs))]
+
+
+def loop_grads(model, batches, labels):
+    """(n, p) per-example CE gradients by one backward() per example, named_parameters order."""
+    rows = []
+    for b, y in zip(batches, labels):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(**b), torch.tensor([int(y)])).backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    model.zero_grad()
+    return torch.stack(rows)
+
+
+def loop_jacobians(model, batches):
+    """(n, C, p) d logits / d params by one backward() per example and class."""
+    out = []
+    for b in batches:
+        rows = []
+        for c in range(model.n_classes):
+            model.zero_grad()
+            model(**b)[0, c].backward()
+            rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+        out.append(torch.stack(rows))
+    model.zero_grad()
+    return torch.stack(out)
+
+
+def probs_of(model, batches):
+    with torch.no_grad():
+        return torch.stack([torch.softmax(model(**b)[0], -1) for b in batches])
+
+
+def w_mask(model):
+    return torch.cat([torch.full((p.numel(),), n == "classifier.weight") for n, p in model.named_parameters()])
+
+
+def brute_ggn(model, batches, l2, damping):
+    """(1/n) sum J^T (diag p - p p^T) J + 2 l2 on the last weight + damping I."""
+    jac, p = loop_jacobians(model, batches), probs_of(model, batches)
+    a = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    h = torch.einsum("ncp,ncd,ndq->pq", jac, a, jac) / len(batches)
+    return h + torch.diag(2 * l2 * w_mask(model).double() + damping)
+
+
+def brute_hessian(model, batches, labels, l2):
+    """Hessian of mean CE + l2 ||W||^2 over the flat parameters, torch.autograd.functional.hessian."""
+    flat = FlatParameters(model)
+    from torch.func import functional_call
+
+    def loss(theta):
+        params = flat.unflatten(theta)
+        ce = sum(torch.nn.functional.cross_entropy(functional_call(model, params, kwargs=b), torch.tensor([int(y)]))
+                 for b, y in zip(batches, labels)) / len(batches)
+        return ce + l2 * (params["classifier.weight"] ** 2).sum()
+    return torch.autograd.functional.hessian(loss, flat.theta0)
+
+
+def scores(name, run, **options):
+    m = get_method(name, run=run, **{**F64, **options})
+    return m.fit(run.features("train"), run.head()).score(run.features("test")), m
+
+
+def spearman_rows(a, b):
+    from scipy.stats import spearmanr
+    return np.mean([spearmanr(x, y)[0] for x, y in zip(a, b)])
+
+
+# ---------------------------------------------------------------- cache and model
+@pytest.mark.parametrize("kind", ["single", "siamese", "cross"])
+def test_tracked_forward_from_cache_equals_full_encoder(kind, request, monkeypatch):
+    run = request.getfixturevalue(kind)
+    test = run.features("test")
+    ds = run.dataset().splits["test"].examples
+    enc = run_encoder(run)
+    docs, queries = [e.document for e in ds], [e.query for e in ds]
+    if kind == "single":
+        full = enc.encode(docs, progress=False)
+    elif kind == "cross":
+        full = enc.encode(docs, queries, progress=False)
+    else:
+        full = np.concatenate([enc.encode(docs, progress=False), enc.encode(queries, progress=False)], 1)
+    head = {k: v.double() for k, v in run.head_params().items()}
+    x = torch.as_tensor(pair_input(full, run.manifest["pair_mode"])).double()
+    want = torch.tanh(x @ head["dense_w"].T + head["dense_b"]).numpy()      # full encoder, then head
+    for layers in (0, 1, 2):
+        model = model_of(run, layers)
+        ex = Examples(run, test, layers)
+        got = np.zeros_like(want)
+        with torch.no_grad():
+            for pos, b in ex.batches(3, torch.float64):
+                got[pos] = model.features(**b).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert cache_path(run, "test", 2 - layers).exists()
+    # the cache is read back, never rebuilt: the encoder bottom does not run again
+    monkeypatch.setattr(cache_mod, "_encode_states", lambda *a, **k: pytest.fail("encoder re-run"))
+    fresh = Run.load(run.path)
+    c = cache_mod.load_cache(fresh, "test", 1)
+    assert c.sequences.shape == (len(test), 2 if kind == "siamese" else 1)
+
+
+def test_stale_cache_is_rebuilt(single):
+    path = cache_path(single, "train", 1)
+    fresh = Run.load(single.path)
+    cache_mod.load_cache(fresh, "train", 1)
+    path.write_bytes(b"not an npz")                        # a damaged file is rebuilt, atomically
+    again = cache_mod.load_cache(Run.load(single.path), "train", 1)
+    assert len(again.idx) == len(single.features("train")) and path.stat().st_size > 100
+
+
+# ---------------------------------------------------------------- gradients
+@pytest.mark.parametrize("kind", ["single", "siamese"])
+def test_vmap_per_example_grads_equal_backward_loop(kind, request):
+    run = request.getfixturevalue(kind)
+    fs = run.features("train")
+    model = model_of(run, 2)
+    want = loop_grads(model, example_batches(run, fs, 2), fs.label)
+    flat = FlatParameters(model)
+    got = torch.zeros_like(want)
+    for pos, b in Examples(run, fs, 2).batches(5, torch.float64):     # padded batches
+        got[pos] = flat.flatten(per_example_grads(model, b, torch.as_tensor(fs.label[pos])))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["single", "siamese"])
+def test_hooks_without_projection_equal_exact_gradients(kind, request):
+    """Exact hook blocks (dim=None) have the same inner products as the autograd gradients."""
+    run = request.getfixturevalue(kind)
+    fs = run.features("train")
+    model = model_of(run, 2)
+    exact = loop_grads(model, example_batches(run, fs, 2), fs.label)
+    proj = GradientProjector(model, None)
+    basis = proj.basis
+    got = torch.zeros(len(fs), proj.dim, dtype=torch.float64)
+    for pos, b in Examples(run, fs, 2).batches(4, torch.float64):
+        logits, _, jac = proj.project(b)
+        e = torch.softmax(logits, -1)
+        e[torch.arange(len(pos)), torch.as_tensor(fs.label[pos])] -= 1
+        got[pos] = torch.einsum("br,brd->bd", e @ basis, jac)
+    torch.testing.assert_close(got @ got.T, exact @ exact.T, rtol=1e-9, atol=1e-12)
+
+
+def test_projection_is_p_out_g_p_in_transposed(single):
+    """Each linear block holds P_out G P_in^T of the exact per-example weight|bias gradient G."""
+    fs = single.features("train")
+    model = model_of(single, 1)
+    batches = example_batches(single, fs, 1)
+    exact = loop_grads(model, batches, fs.label)
+    flat = FlatParameters(model)
+    proj = GradientProjector(model, 3, seed=5, kind="gaussian")
+    b = Examples(single, fs, 1).batch(np.arange(len(fs)), torch.float64)
+    logits, _, jac = proj.project(b)
+    e = torch.softmax(logits, -1)
+    e[torch.arange(len(fs)), torch.as_tensor(fs.label)] -= 1
+    got = torch.einsum("br,brd->bd", e @ proj.basis, jac)
+    checked = 0
+    for blk, a, z in zip(proj.blocks, proj.offsets[:-1], proj.offsets[1:]):
+        if blk.kind != "linear" or blk.name == "classifier":
+            continue
+        w = exact[:, flat.slices[blk.name + ".weight"]].reshape(len(fs), *blk.module.weight.shape)
+        bias = exact[:, flat.slices[blk.name + ".bias"]][:, :, None]
+        g = torch.cat([w, bias], dim=2)
+        want = torch.einsum("ko,bor,lr->bkl", blk.p_out, g, blk.p_in).reshape(len(fs), -1)
+        torch.testing.assert_close(got[:, a:z], want, rtol=1e-9, atol=1e-12)
+        checked += 1
+    assert checked == 7                                  # 6 per BERT layer + the pooler
+
+
+# ---------------------------------------------------------------- methods vs brute force
+FULL_RANK = dict(layers=1, proj_dim=1000, projection="orthogonal")
+
+
+def test_gd_gc_top_full_rank_projection_equal_exact(single):
+    fs, te = single.features("train"), single.features("test")
+    model = model_of(single, 1)
+    g_tr = loop_grads(model, example_batches(single, fs, 1), fs.label)
+    g_te = loop_grads(model, example_batches(single, te, 1), te.pred)
+    gd, m = scores("gd-top", single, **FULL_RANK)
+    np.testing.assert_allclose(gd, (g_te @ g_tr.T).numpy(), rtol=1e-5, atol=1e-6)
+    gd_exact, _ = scores("gd-top", single, layers=1, proj_dim=None)
+    np.testing.assert_allclose(gd_exact, gd, rtol=1e-5, atol=1e-6)
+    gc, _ = scores("gc-top", single, **FULL_RANK)
+    cos = (g_te / g_te.norm(dim=1, keepdim=True)) @ (g_tr / g_tr.norm(dim=1, keepdim=True)).T
+    np.testing.assert_allclose(gc, cos.numpy(), rtol=1e-5, atol=1e-6)
+    assert gd.dtype == np.float32 and gd.shape == (len(te), len(fs))
+    # a small projection approximates the same ranking, and is seeded
+    small, _ = scores("gd-top", single, layers=1, proj_dim=4)
+    again, _ = scores("gd-top", single, layers=1, proj_dim=4)
+    np.testing.assert_array_equal(small, again)
+    assert not np.allclose(small, scores("gd-top", single, layers=1, proj_dim=4, seed=1)[0])
+
+
+@pytest.mark.parametrize("hessian", ["full", "block"])
+def test_if_rif_top_full_rank_projection_equal_explicit_gauss_newton(single, hessian):
+    fs, te = single.features("train"), single.features("test")
+    model = model_of(single, 1)
+    batches = example_batches(single, fs, 1)
+    g_tr = loop_grads(model, batches, fs.label)
+    g_te = loop_grads(model, example_batches(single, te, 1), te.pred)
+    l2, damping = single.head().l2, 0.01
+    h = brute_ggn(model, batches, l2, damping)
+    if hessian == "block":                    # one block per tracked layer, one for the head
+        group = torch.tensor([0 if n.startswith("layers.") else 1 for n, p in model.named_parameters()
+                              for _ in range(p.numel())])
+        h = h * (group[:, None] == group[None, :])
+    want = g_te @ torch.linalg.solve(h, g_tr.T)
+    got, m = scores("if-top", single, damping=damping, hessian=hessian, **FULL_RANK)
+    assert m.config()["hessian_resolved"] == hessian
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5 * np.abs(want.numpy()).max())
+    ev, vec = torch.linalg.eigh(h)
+    root = vec @ torch.diag(ev ** -0.5) @ vec.T                       # H^-1/2
+    a, b = g_te @ root, g_tr @ root
+    cos = (a / a.norm(dim=1, keepdim=True)) @ (b / b.norm(dim=1, keepdim=True)).T
+    rif, _ = scores("rif-top", single, damping=damping, hessian=hessian, **FULL_RANK)
+    np.testing.assert_allclose(rif, cos.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_batch_size_does_not_change_scores(siamese):
+    a, _ = scores("if-top", siamese, layers=2, proj_dim=3, batch_size=2)
+    b, _ = scores("if-top", siamese, layers=2, proj_dim=3, batch_size=16)
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_explicit_equals_brute_force_and_converged_lissa(single):
+    fs = single.features("train")
+    model = model_of(single, 1)
+    batches = example_batches(single, fs, 1)
+    h = brute_hessian(model, batches, fs.label, single.head().l2)
+    ev = torch.linalg.eigvalsh(h)
+    damping = 1.5 * max(0.0, -float(ev[0])) + 0.05          # the exact Hessian is indefinite here
+    lo, hi = float(ev[0]) + damping, float(ev[-1]) + damping
+    scale = 1.05 * hi
+    depth = math.ceil(math.log(1e-11) / math.log(1 - lo / scale))
+    explicit, m = scores("if-top", single, layers=1, ihvp="explicit", damping=damping)
+    torch.testing.assert_close(m.solver_.hessian_, h + damping * torch.eye(len(h), dtype=h.dtype),
+                               rtol=1e-8, atol=1e-10)
+    g_tr = loop_grads(model, batches, fs.label)
+    te = single.features("test")
+    g_te = loop_grads(model, example_batches(single, te, 1), te.pred)
+    want = g_te @ torch.linalg.solve(h + damping * torch.eye(len(h), dtype=h.dtype), g_tr.T)
+    np.testing.assert_allclose(explicit, want.numpy(), rtol=1e-5, atol=1e-6 * np.abs(want.numpy()).max())
+    lissa, m = scores("if-top", single, layers=1, ihvp="lissa", damping=damping, lissa_scale=scale,
+                      lissa_depth=depth, lissa_batch_size=len(fs))
+    np.testing.assert_allclose(lissa, explicit, rtol=1e-5, atol=1e-6 * np.abs(explicit).max())
+    with pytest.raises(ValueError, match="not positive definite"):
+        scores("if-top", single, layers=1, ihvp="explicit", damping=0.0)
+    with pytest.raises(ValueError, match="LiSSA"):
+        get_method("rif-top", run=single, ihvp="lissa")
+
+
+def test_lissa_fixed_point_is_damping_times_scale():
+    """LiSSA(damping d, scale s) -> (H + d s I)^-1 v, also from minibatches when they agree."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((6, 6))
+    h = torch.as_tensor(a @ a.T / 6)
+    curv = Curvature(dim=6, n=10, hvp=lambda v, rows: v @ h)
+    v = torch.as_tensor(rng.standard_normal((3, 6)))
+    solver = LiSSA(damping=0.02, scale=10.0, depth=3000, repeats=2, batch_size=3).fit(curv)
+    want = torch.linalg.solve(h + 0.2 * torch.eye(6, dtype=h.dtype), v.T).T
+    torch.testing.assert_close(solver.solve(v), want, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="diverged"):
+        LiSSA(damping=0.0, scale=1e-3, depth=5000).fit(curv).solve(v)
+    gn = GaussNewton(damping=0.1).fit(Curvature(dim=6, n=6, factors=torch.as_tensor(a.T)))
+    torch.testing.assert_close(gn.solve(v), torch.linalg.solve(h + 0.1 * torch.eye(6, dtype=h.dtype), v.T).T)
+
+
+# ---------------------------------------------------------------- TracIn
+def _checkpoints(run, heads, lrs):
+    ck = {f"{k}.{i}": v.float().contiguous() for i, h in enumerate(heads) for k, v in h.items()}
+    save_file(ck, str(run.path / "model" / "checkpoints.safetensors"), metadata={"lrs": ",".join(map(str, lrs))})
+
+
+def test_tracin_one_checkpoint_lr1_equals_gd(single, tmp_path):
+    shutil.copytree(single.path, tmp_path / "run")
+    run = Run.load(tmp_path / "run")
+    final = run.head_params()
+    _checkpoints(run, [final], [1.0])
+    tr, te = run.features("train"), run.features("test")
+    gd = get_method("gd").fit(tr, run.head()).score(te)
+    tracin = fit_method(run, "tracin").score(te)
+    np.testing.assert_allclose(tracin, gd, rtol=1e-4, atol=1e-6)
+    top = fit_method(run, "tracin-top", layers=1, proj_dim=3, **F64).score(te)
+    gd_top = fit_method(run, "gd-top", layers=1, proj_dim=3, **F64).score(te)
+    np.testing.assert_allclose(top, gd_top, rtol=1e-6, atol=1e-9)
+    # the sum over checkpoints, weighted by learning rate
+    _checkpoints(run, [final, final], [0.5, 0.25])
+    np.testing.assert_allclose(fit_method(run, "tracin").score(te), 0.75 * gd, rtol=1e-4, atol=1e-6)
+    # the real trajectory differs from the final head, and ranks like gd
+    real = fit_method(single, "tracin").score(te)
+    assert not np.allclose(real, gd) and spearman_rows(real, gd) > 0.5
+
+
+# ---------------------------------------------------------------- the interface
+def test_attribute_explain_and_errors(cross):
+    seconds = attribute_run(cross, "if-top,gd-top,tracin", progress=False, log=lambda *_: None)
+    assert set(seconds) == {"if-top", "gd-top", "tracin"}
+    s = cross.scores("if-top")
+    assert s.shape == (len(cross.features("test")), len(cross.features("train")))
+    info = cross.score_info("if-top")
+    assert info["config"]["ihvp"] == "projected" and info["config"]["tracked_layers"] == 2
+    with pytest.raises(ValueError, match="needs the run"):
+        get_method("if-top").fit(cross.features("train"), cross.head())
+    with pytest.raises(RunError, match="not rows of the run"):
+        explain(cross, "the dog saw the cat", "the cat saw the dog", methods="gd-top")
+    with pytest.raises(ValueError, match="layers must be"):
+        fit_method(cross, "gd-top", layers=5)
