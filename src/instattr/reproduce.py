@@ -29,8 +29,12 @@ class ReproduceConfig:
     seed: int = 0
 
 
+def _log(message: str) -> None:
+    print(message, flush=True)  # flushed: a long job's log is read while it runs
+
+
 def reproduce(train_config, out, config: ReproduceConfig = ReproduceConfig(), progress: bool = True,
-              log: Callable[[str], None] = print) -> Run:
+              log: Callable[[str], None] = _log) -> Run:
     """Run every step that is not done yet; finished steps (recorded in reproduce.json) are skipped."""
     from .attribution import attribute_run
     from .evaluate import EVALUATIONS, evaluations_for, run_evaluation
