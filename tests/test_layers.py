@@ -141,9 +141,15 @@ def brute_hessian(model, batches, labels, l2):
     return torch.autograd.functional.hessian(loss, flat.theta0)
 
 
+def gold_not_pred(fs):
+    """The test rows with gold labels that differ from the predictions: the test side must use pred."""
+    from dataclasses import replace
+    return replace(fs, label=1 - np.asarray(fs.pred))
+
+
 def scores(name, run, **options):
     m = get_method(name, run=run, **{**F64, **options})
-    return m.fit(run.features("train"), run.head()).score(run.features("test")), m
+    return m.fit(run.features("train"), run.head()).score(gold_not_pred(run.features("test"))), m
 
 
 def spearman_rows(a, b):
@@ -251,6 +257,21 @@ def test_projection_is_p_out_g_p_in_transposed(single):
     assert checked == 7                                  # 6 per BERT layer + the pooler
 
 
+def test_damping_metric_is_p_p_transposed_for_orthogonal_rows(single):
+    """Damping lambda I becomes lambda P P^T in projected coordinates; for orthogonal rows that is
+    (d/k) I, which is what the Gauss-Newton solver adds."""
+    proj = GradientProjector(model_of(single, 1), 3, kind="orthogonal")
+    for blk in proj.blocks:
+        if blk.kind == "linear" and blk.p_out is not None and blk.name != "classifier":
+            want = torch.kron(blk.p_out.double() @ blk.p_out.double().T, blk.p_in.double() @ blk.p_in.double().T)
+        elif blk.kind == "layernorm":
+            want = blk.p.double() @ blk.p.double().T
+        else:
+            want = torch.eye(blk.dim, dtype=torch.float64)
+        torch.testing.assert_close(blk.metric(), want, rtol=1e-10, atol=1e-10)
+        assert blk.dim < 100 or blk.name == "classifier"
+
+
 # ---------------------------------------------------------------- methods vs brute force
 FULL_RANK = dict(layers=1, proj_dim=1000, projection="orthogonal")
 
@@ -351,7 +372,7 @@ def test_lissa_fixed_point_is_damping_times_scale():
 
 # ---------------------------------------------------------------- TracIn
 def _checkpoints(run, heads, lrs):
-    ck = {f"{k}.{i}": v.float().contiguous() for i, h in enumerate(heads) for k, v in h.items()}
+    ck = {f"{k}.{i}": v.float().clone() for i, h in enumerate(heads) for k, v in h.items()}
     save_file(ck, str(run.path / "model" / "checkpoints.safetensors"), metadata={"lrs": ",".join(map(str, lrs))})
 
 

@@ -228,7 +228,7 @@ def _save_head(folder: Path, params, result) -> None:
     tensors = {k: v.detach().float().contiguous() for k, v in params.items()}
     save_file(tensors, str(folder / "model" / "head.safetensors"))
     if result is not None and result.checkpoints:  # TracIn needs the head along its trajectory
-        ck = {f"{k}.{i}": v.float().contiguous() for i, c in enumerate(result.checkpoints) for k, v in c.items()}
+        ck = {f"{k}.{i}": v.detach().float().clone() for i, c in enumerate(result.checkpoints) for k, v in c.items()}
         save_file(ck, str(folder / "model" / "checkpoints.safetensors"),
                   metadata={"lrs": ",".join(map(str, result.checkpoint_lrs))})
 

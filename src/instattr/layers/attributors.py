@@ -16,7 +16,11 @@ side; ``None`` = exact); ``ihvp`` picks the inverse Hessian:
   *true* Fisher, i.e. the expectation over labels drawn from the model, not the empirical Fisher at
   the gold labels. On the last linear layer it equals the exact Hessian used by ``if``.
 - ``lissa``: the paper's LiSSA on exact Hessian-vector products over exact (unprojected)
-  gradients; ``damping`` here is the Hessian damping (LiSSA's per-step damping is damping/scale).
+  gradients; ``damping`` is the Hessian damping here too (LiSSA's per-step damping is
+  damping/scale). With the paper's large scale (1e4) and ``lissa_depth`` steps it is far from
+  converged -- about ``depth/scale`` times gd-top -- as the paper's was; it converges when
+  ``lissa_scale`` exceeds the largest eigenvalue and depth >> scale / (smallest eigenvalue + damping),
+  and only if H + damping I is positive definite (over a frozen encoder's layers it often is not).
 - ``explicit``: the autograd Hessian over exact gradients (tiny models).
 
 The run (its texts and encoder) is needed: ``attribution.fit_method`` passes it.
@@ -29,7 +33,6 @@ import numpy as np
 import torch
 
 from ..methods.base import Attributor
-from ..methods.lastlayer import sum_zero_basis
 from ..methods.registry import register
 from ..methods.similarity import unit_rows
 from ..store import FeatureSet, HeadState, RunError
@@ -40,14 +43,20 @@ from .network import resolve_dtype, tracked_model
 from .projection import KINDS, GradientProjector
 
 DEFAULT_PROJ_DIM = 16
-DEFAULT_DAMPING = 1e-3
+DEFAULT_DAMPING = 0.1
 IHVPS = ("projected", "lissa", "explicit")
 FEATURE_TOLERANCE = 1e-3      # recomputed pooler features vs the run's stored ones
 MAX_EMBEDDING_BYTES = 8 << 30  # refuse exact (unprojected) training embeddings beyond this
+EXACT_ROWS_PER_BLOCK = 16      # test rows per block on the unprojected (lissa, explicit) path
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, enabled: Optional[bool]):
+    """A progress bar on stderr; ``enabled=None`` shows it only when stderr is a terminal."""
+    import sys
+
     from tqdm.auto import tqdm
+    if enabled is None:
+        enabled = sys.stderr.isatty()
     return tqdm(total=total, desc=desc, unit="ex", disable=not enabled, leave=False)
 
 
@@ -66,6 +75,48 @@ def gauss_newton_roots(probs: torch.Tensor, basis: torch.Tensor) -> torch.Tensor
     return v * w.clamp_min(0).sqrt()[:, None, :]
 
 
+def projected_gradients(run, fs: FeatureSet, labels: np.ndarray, projector: GradientProjector,
+                        layers: Optional[int], batch_size: int = 32, dtype="float32", factors: bool = False,
+                        check: bool = True, progress: Optional[bool] = False, desc: str = "",
+                        what: str = "layers"):
+    """Projected per-example loss gradients of ``fs`` at ``labels`` (n, dim), in ``fs`` order, and
+    with ``factors`` the Gauss-Newton factors (n * (C-1), dim): rows F with GGN = (1/n) F^T F.
+    ``check`` compares the recomputed pooler features with the run's stored ones."""
+    dtype = resolve_dtype(dtype)
+    examples = Examples(run, fs, layers, progress)
+    n, r, dim = len(fs), projector.model.n_classes - 1, projector.dim
+    if n * dim * (1 + r * factors) * torch.finfo(dtype).bits // 8 > MAX_EMBEDDING_BYTES:
+        raise ValueError(f"{what}: {n} x {dim} gradients do not fit in memory; set proj_dim")
+    grads = torch.zeros(n, dim, dtype=dtype)
+    facs = torch.zeros(n, r, dim, dtype=dtype) if factors else None
+    basis = projector.basis.double()
+    labels = torch.as_tensor(np.asarray(labels))
+    with _progress(n, desc, progress) as bar:
+        for pos, batch in examples.batches(batch_size, dtype):
+            logits, feats, jac = projector.project(batch)
+            if check:
+                diff = float((feats.double() - torch.as_tensor(np.asarray(fs.features[pos])).double()).abs().max())
+                if diff > FEATURE_TOLERANCE:
+                    raise RunError(f"{what}: the tracked layers do not reproduce the run's stored features "
+                                   f"(max difference {diff:.2g}); delete {run.path}/cache if the encoder changed")
+            p = torch.softmax(logits.double(), -1)
+            grads[pos] = torch.einsum("br,brd->bd", loss_coefficients(p, labels[pos], basis).to(dtype), jac)
+            if factors:
+                facs[pos] = torch.einsum("brs,brd->bsd", gauss_newton_roots(p, basis).to(dtype), jac)
+            bar.update(len(pos))
+    return grads, (facs.reshape(n * r, dim) if factors else None)
+
+
+def gauss_newton_curvature(projector: GradientProjector, factors: torch.Tensor, n: int, l2: float) -> Curvature:
+    """The projected problem for :class:`GaussNewton`: factors, the L2 term (2 l2 I on the exact
+    last-layer block), the damping metric per module, one Hessian block per tracked layer + head."""
+    blocks = [slice(int(a), int(z)) for a, z in zip(projector.offsets[:-1], projector.offsets[1:])]
+    reg = [2.0 * l2 * torch.eye(b.dim, dtype=torch.float64) if b.name == "classifier" else None
+           for b in projector.blocks]
+    return Curvature(dim=projector.dim, n=n, factors=factors, blocks=blocks, regulariser=reg,
+                     metric=projector.metrics(), groups=list(projector.groups().values()))
+
+
 class _TopLayers(Attributor):
     """Shared machinery; subclasses set ``whitened`` and ``normalized`` (as the last-layer family)."""
 
@@ -74,7 +125,7 @@ class _TopLayers(Attributor):
 
     def __init__(self, run=None, layers: Optional[int] = None, proj_dim: Optional[int] = DEFAULT_PROJ_DIM,
                  projection: str = "orthogonal", seed: int = 0, batch_size: int = 32, dtype: str = "float32",
-                 progress: bool = True, chunk_size: Optional[int] = None):
+                 progress: Optional[bool] = None, chunk_size: Optional[int] = None):
         super().__init__(chunk_size)
         if layers is not None and int(layers) < 0:
             raise ValueError(f"{self.name}: layers must be >= 0 (None: the top 3), got {layers}")
@@ -89,7 +140,8 @@ class _TopLayers(Attributor):
         self.layers = None if layers is None else int(layers)
         self.proj_dim = None if proj_dim is None else int(proj_dim)
         self.projection = projection
-        self.seed, self.batch_size, self.dtype, self.progress = int(seed), int(batch_size), dtype, bool(progress)
+        self.seed, self.batch_size, self.dtype = int(seed), int(batch_size), dtype
+        self.progress = None if progress is None else bool(progress)
 
     def config(self) -> dict:
         cfg = {k: v for k, v in super().config().items() if k not in ("run", "progress")}
@@ -109,37 +161,10 @@ class _TopLayers(Attributor):
         model, self.start_ = tracked_model(self.run, self.layers, params, self.dtype)
         return model
 
-    def _check_features(self, got: torch.Tensor, stored: np.ndarray) -> None:
-        diff = float(np.abs(got.float().numpy() - np.asarray(stored, dtype=np.float32)).max()) if len(got) else 0.0
-        if diff > FEATURE_TOLERANCE:
-            raise RunError(f"{self.name}: the tracked layers do not reproduce the run's stored features "
-                           f"(max difference {diff:.2g}); delete {self.run.path}/cache if the encoder changed")
-
     def _projected(self, projector: GradientProjector, fs: FeatureSet, labels: np.ndarray, factors: bool,
                    desc: str, check: bool = True):
-        """(gradients (n, dim), Gauss-Newton factors (n*(C-1), dim) or None) in ``fs`` order;
-        ``check``: compare the recomputed pooler features with the stored ones (final head only)."""
-        dtype = resolve_dtype(self.dtype)
-        examples = Examples(self.run, fs, self.layers, self.progress)
-        n, r, dim = len(fs), projector.model.n_classes - 1, projector.dim
-        if n * dim * (2 if factors else 1) * torch.finfo(dtype).bits // 8 > MAX_EMBEDDING_BYTES:
-            raise ValueError(f"{self.name}: {n} x {dim} gradients do not fit in memory; set proj_dim")
-        grads = torch.zeros(n, dim, dtype=dtype)
-        facs = torch.zeros(n, r, dim, dtype=dtype) if factors else None
-        basis = projector.basis.double()
-        labels = torch.as_tensor(np.asarray(labels))
-        with _progress(n, desc, self.progress) as bar:
-            for pos, batch in examples.batches(self.batch_size, dtype):
-                logits, feats, jac = projector.project(batch)
-                if check:
-                    self._check_features(feats, fs.features[pos])
-                p = torch.softmax(logits.double(), -1)
-                coef = loss_coefficients(p, labels[pos], basis).to(dtype)
-                grads[pos] = torch.einsum("br,brd->bd", coef, jac)
-                if factors:
-                    facs[pos] = torch.einsum("brs,brd->bsd", gauss_newton_roots(p, basis).to(dtype), jac)
-                bar.update(len(pos))
-        return grads, (facs.reshape(n * r, dim) if factors else None)
+        return projected_gradients(self.run, fs, labels, projector, self.layers, self.batch_size, self.dtype,
+                                   factors, check, self.progress, desc, self.name)
 
     def _projector(self, model) -> GradientProjector:
         return GradientProjector(model, self.proj_dim, self.seed, self.projection)
@@ -155,7 +180,7 @@ class _TopLayers(Attributor):
     # ------------------------------------------------------------------ projected path
     def _fit(self, train: FeatureSet, head: Optional[HeadState]) -> None:
         model = self._model(head)
-        self.model_, self.l2_ = model, float(head.l2) if head is not None else 0.0
+        self.model_, self.l2_ = model, float(head.l2)
         self.projector_ = self._projector(model)
         self.dim_ = self.projector_.dim
         grads, factors = self._projected(self.projector_, train, train.label, self.whitened, f"{self.name} train")
@@ -190,9 +215,9 @@ class _TopInfluence(_TopLayers):
 
     def __init__(self, run=None, layers: Optional[int] = None, proj_dim: Optional[int] = DEFAULT_PROJ_DIM,
                  projection: str = "orthogonal", seed: int = 0, ihvp: str = "projected",
-                 damping: float = DEFAULT_DAMPING, hessian: str = "auto", lissa_scale: float = 10.0,
+                 damping: float = DEFAULT_DAMPING, hessian: str = "auto", lissa_scale: float = 1e4,
                  lissa_depth: int = 1000, lissa_repeats: int = 1, lissa_batch_size: int = 8,
-                 batch_size: int = 32, dtype: str = "float32", progress: bool = True,
+                 batch_size: int = 32, dtype: str = "float32", progress: Optional[bool] = None,
                  chunk_size: Optional[int] = None):
         super().__init__(run, layers, proj_dim, projection, seed, batch_size, dtype, progress, chunk_size)
         if ihvp not in IHVPS:
@@ -211,12 +236,7 @@ class _TopInfluence(_TopLayers):
               self.lissa_batch_size)  # validates the options
 
     def _gauss_newton(self, projector: GradientProjector, factors: torch.Tensor, n: int) -> GaussNewton:
-        blocks = [slice(int(a), int(z)) for a, z in zip(projector.offsets[:-1], projector.offsets[1:])]
-        reg = [2.0 * self.l2_ * torch.eye(b.dim, dtype=torch.float64) if b.name == "classifier" else None
-               for b in projector.blocks]
-        curvature = Curvature(dim=projector.dim, n=n, factors=factors, blocks=blocks, regulariser=reg,
-                              metric=projector.metrics(), groups=list(projector.groups().values()))
-        return GaussNewton(self.damping, self.hessian).fit(curvature)
+        return GaussNewton(self.damping, self.hessian).fit(gauss_newton_curvature(projector, factors, n, self.l2_))
 
     # ------------------------------------------------------------------ exact (unprojected) path
     def _fit(self, train: FeatureSet, head: Optional[HeadState]) -> None:
@@ -269,14 +289,18 @@ class _TopInfluence(_TopLayers):
                 out[:, pos] = (left @ right.T).float().numpy()
                 bar.update(len(pos))
 
+    def _rows_per_block(self) -> int:
+        if self.ihvp == "projected":
+            return super()._rows_per_block()
+        return int(self.chunk_size or EXACT_ROWS_PER_BLOCK)   # each row holds a full gradient
+
     def config(self) -> dict:
         cfg = super().config()
         if getattr(self, "solver_", None) is not None and hasattr(self.solver_, "full_"):
             cfg["hessian_resolved"] = "full" if self.solver_.full_ else "block"
-        if self.ihvp != "lissa":
-            for k in ("lissa_scale", "lissa_depth", "lissa_repeats", "lissa_batch_size"):
-                cfg.pop(k, None)
-        return cfg
+        unused = () if self.ihvp == "lissa" else ("lissa_scale", "lissa_depth", "lissa_repeats", "lissa_batch_size")
+        unused += ("proj_dim", "projection", "hessian") if self.ihvp != "projected" else ()
+        return {k: v for k, v in cfg.items() if k not in unused}
 
 
 @register("if-top")

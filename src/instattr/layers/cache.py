@@ -89,7 +89,7 @@ def _split_texts(run: Run, split: str, idx: Sequence[str]) -> Tuple[List[str], O
 
 
 @torch.inference_mode()
-def _encode_states(encoder, start: int, texts: List[str], second: Optional[List[str]], progress: bool,
+def _encode_states(encoder, start: int, texts: List[str], second: Optional[List[str]], progress: Optional[bool],
                    desc: str) -> Tuple[np.ndarray, np.ndarray]:
     """Hidden states entering layer ``start`` of each sequence, padding removed: (states, offsets)."""
     from tqdm.auto import tqdm
@@ -98,7 +98,9 @@ def _encode_states(encoder, start: int, texts: List[str], second: Optional[List[
     model = encoder.model
     model.eval()
     n_layers = len(encoder_layers(model))
-    with tqdm(total=n, desc=desc, unit="seq", disable=not progress, leave=False) as bar:
+    import sys
+    show = sys.stderr.isatty() if progress is None else progress
+    with tqdm(total=n, desc=desc, unit="seq", disable=not show, leave=False) as bar:
         for pos, batch in encoder.batches(texts, second):
             mask = batch["attention_mask"]
             if not bool((mask[:, :-1] >= mask[:, 1:]).all()):
@@ -117,7 +119,7 @@ def _encode_states(encoder, start: int, texts: List[str], second: Optional[List[
     return np.ascontiguousarray(states, dtype=np.float32), offsets
 
 
-def build_cache(run: Run, split: str, start: int, progress: bool = False) -> HiddenCache:
+def build_cache(run: Run, split: str, start: int, progress: Optional[bool] = False) -> HiddenCache:
     """Run the encoder bottom over a split and return its cache (not saved)."""
     idx = [str(i) for i in run.features(split).idx]
     docs, queries = _split_texts(run, split, idx)
@@ -141,7 +143,7 @@ def build_cache(run: Run, split: str, start: int, progress: bool = False) -> Hid
     return HiddenCache(states=states, offsets=offsets, sequences=sequences, idx=np.asarray(idx))
 
 
-def load_cache(run: Run, split: str, start: int, progress: bool = False) -> HiddenCache:
+def load_cache(run: Run, split: str, start: int, progress: Optional[bool] = False) -> HiddenCache:
     """The split's cache: read from ``RUN/cache`` when it matches the run, else built and saved."""
     memo = run.__dict__.setdefault("_hidden_caches", {})
     if (split, start) in memo:
@@ -169,7 +171,7 @@ def load_cache(run: Run, split: str, start: int, progress: bool = False) -> Hidd
 class Examples:
     """The rows of a FeatureSet located in the run's split caches, batched by length."""
 
-    def __init__(self, run: Run, fs: FeatureSet, layers: Optional[int], progress: bool = False):
+    def __init__(self, run: Run, fs: FeatureSet, layers: Optional[int], progress: Optional[bool] = False):
         self.start = first_tracked_layer(run_encoder_for(run), layers)
         where: Dict[str, Tuple[str, int]] = {}
         for split in run.splits:

@@ -172,12 +172,14 @@ class LiSSA(InverseHVP):
     name = "lissa"
 
     def __init__(self, damping: float = 0.0, scale: float = 1e4, depth: int = 1000, repeats: int = 1,
-                 batch_size: int = 8, seed: int = 0, tol: Optional[float] = None):
+                 batch_size: int = 8, seed: int = 0, tol: Optional[float] = None,
+                 callback: Optional[Callable[[int, int, torch.Tensor], None]] = None):
         if not damping >= 0 or not scale > 0 or int(depth) < 1 or int(repeats) < 1 or int(batch_size) < 1:
             raise ValueError("LiSSA needs damping >= 0, scale > 0 and depth, repeats, batch_size >= 1")
         self.damping, self.scale = float(damping), float(scale)
         self.depth, self.repeats, self.batch_size = int(depth), int(repeats), int(batch_size)
         self.seed, self.tol = int(seed), tol
+        self.callback = callback   # callback(repeat, step, current estimate of (H + damping*scale)^-1 v)
 
     def fit(self, curvature: Curvature) -> "LiSSA":
         _need(curvature, "hvp", self.name)
@@ -207,6 +209,8 @@ class LiSSA(InverseHVP):
                                      "or damping so that H + damping*scale*I is positive definite")
                 change = float((new - h).norm() / new.norm().clamp_min(1e-300))
                 h = new
+                if self.callback is not None:
+                    self.callback(r, step, h / self.scale)
                 if self.tol is not None and change < self.tol:
                     break
             self.steps_.append(step)

@@ -1,0 +1,424 @@
+"""Influence over the top encoder layers on a real run: projected if-top vs the paper's LiSSA vs EK-FAC.
+
+    python bench/layers.py runs/sst2 [--n-test 6] [--n-train 500] [--ks 4,8,16,32]
+                                     [--dampings 0.1,1,10] [--lissa-damping 10] [--lissa-depth 1000]
+                                     [--kronfluence] [--only exact,projected,lissa,paper,kfac,agreement]
+
+Every phase runs in a fresh process (its peak resident memory is its own, read with
+resource.getrusage) on the same seeded sample: ``--n-test`` test rows against ``--n-train``
+training rows (all training rows enter every Hessian). It prints
+
+- exact ``gd-top`` (unprojected per-example gradients, torch.func) and the Spearman agreement of
+  projected ``gd-top`` with it for each projection size ``k`` (the projection alone);
+- projected ``if-top`` (Gauss-Newton in the projected space) for each ``k`` and damping: fit time on
+  the whole training set, time per test example, extrapolated total for the whole test split;
+- LiSSA with exact Hessian-vector products (the paper's algorithm) run to convergence at
+  ``--lissa-damping`` (LiSSA needs H + damping I positive definite; the exact Hessian of the top
+  layers of a frozen encoder is indefinite), tracked every ``--check-every`` steps, and the
+  Spearman of projected if-top at the same damping against it;
+- LiSSA as the paper's code ran it (damping 3e-3, scale 1e4, depth 0.25 n / batch): its time and
+  what it agrees with;
+- kronfluence's EK-FAC on the same Linear modules (``--kronfluence``; LayerNorm parameters are not
+  supported there), if installed;
+- on the stored score matrices of the run: if-top vs last-layer if and tracin vs gd (mean per-row
+  Spearman over a sample of 100 test rows, and the common top-10 of Figure 4).
+
+The machine is shared: seconds are wall-clock under whatever else runs; compare within a run.
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_process(fn, *args, **kwargs):
+    """Run ``fn`` in a fresh (spawned) process; returns its result dict plus its peak memory."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as ex:
+        return ex.submit(_wrapped, fn, args, kwargs).result()
+
+
+def _wrapped(fn, args, kwargs):
+    out = fn(*args, **kwargs)
+    out["peak_mb"] = peak_mb()
+    return out
+
+
+def spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.mean([spearmanr(x, y)[0] for x, y in zip(a, b)]))
+
+
+def topk_overlap(a, b, k=10) -> float:
+    ia = np.argsort(-np.asarray(a), axis=1)[:, :k]
+    ib = np.argsort(-np.asarray(b), axis=1)[:, :k]
+    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(ia, ib)]))
+
+
+# ------------------------------------------------------------------ shared setup (inside a phase)
+def setup(run_path, split, test_rows, train_rows, layers):
+    import torch
+    from instattr.store import Run
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
+    run = Run.load(run_path)
+    test = run.features(split).subset(np.asarray(test_rows))
+    train = run.features("train")
+    return run, test, train, train.subset(np.asarray(train_rows))
+
+
+def exact_gradients(run, fs, labels, model, flat, layers, batch_size=16):
+    """Yield (positions, exact per-example gradients) via torch.func, length-sorted batches."""
+    import torch
+    from instattr.layers.cache import Examples
+    from instattr.layers.grads import per_example_flat_grads
+    labels = torch.as_tensor(np.asarray(labels))
+    for pos, b in Examples(run, fs, layers).batches(batch_size, torch.float32):
+        yield pos, per_example_flat_grads(model, flat, b, labels[pos])
+
+
+# ------------------------------------------------------------------ phases
+def phase_cache(run_path, layers):
+    from instattr.layers.cache import cache_path, load_cache
+    from instattr.layers.network import first_tracked_layer, run_encoder_for
+    from instattr.store import Run
+    run = Run.load(run_path)
+    start = first_tracked_layer(run_encoder_for(run), layers)
+    out = {}
+    for split in ("train", run.eval_split):
+        existed = cache_path(run, split, start).exists()
+        t = time.perf_counter()
+        c = load_cache(run, split, start)
+        out[split] = {"seconds": time.perf_counter() - t, "built": not existed, "tokens": int(len(c.states)),
+                      "mb": c.states.nbytes / 2**20}
+    return out
+
+
+def phase_exact(run_path, split, test_rows, train_rows, layers):
+    import torch
+    from instattr.layers.grads import FlatParameters
+    from instattr.layers.network import tracked_model
+    run, test, _, train_s = setup(run_path, split, test_rows, train_rows, layers)
+    model, _ = tracked_model(run, layers)
+    flat = FlatParameters(model)
+    t = time.perf_counter()
+    g_t = torch.zeros(len(test), flat.dim)
+    for pos, g in exact_gradients(run, test, test.pred, model, flat, layers):
+        g_t[pos] = g
+    gd = np.zeros((len(test), len(train_s)), np.float32)
+    for pos, g in exact_gradients(run, train_s, train_s.label, model, flat, layers):
+        gd[:, pos] = (g_t @ g.T).numpy()
+    return {"gd": gd, "seconds": time.perf_counter() - t, "dim": flat.dim,
+            "per_example_s": (time.perf_counter() - t) / (len(test) + len(train_s))}
+
+
+def phase_projected(run_path, split, test_rows, train_rows, layers, k, dampings, n_split, hessian="auto"):
+    import torch
+    from instattr.layers.attributors import gauss_newton_curvature, projected_gradients
+    from instattr.layers.ihvp import GaussNewton
+    from instattr.layers.network import tracked_model
+    from instattr.layers.projection import GradientProjector
+    run, test, train, _ = setup(run_path, split, test_rows, train_rows, layers)
+    model, _ = tracked_model(run, layers)
+    proj = GradientProjector(model, k)
+    t = time.perf_counter()
+    g_tr, factors = projected_gradients(run, train, train.label, proj, layers, factors=True)
+    t_train = time.perf_counter() - t
+    t = time.perf_counter()
+    g_te, _ = projected_gradients(run, test, test.pred, proj, layers)
+    t_test = (time.perf_counter() - t) / len(test)
+    cols = torch.as_tensor(np.asarray(train_rows))
+    out = {"k": k, "dim": proj.dim, "train_s": t_train, "test_s_per_example": t_test,
+           "gd": (g_te @ g_tr[cols].T).numpy(), "if": {}, "solve_s": {}}
+    for lam in dampings:
+        t = time.perf_counter()
+        solver = GaussNewton(lam, hessian).fit(gauss_newton_curvature(proj, factors, len(train), run.head().l2))
+        whitened_train = solver.whiten(g_tr)            # what fit stores: L^-1 g_i for every i
+        out["solve_s"][lam] = time.perf_counter() - t
+        out["if"][lam] = (solver.whiten(g_te) @ whitened_train[cols].T).numpy()
+        out["structure"] = "full" if solver.full_ else "block"
+    out["total_s"] = t_train + out["solve_s"][dampings[0]] + n_split * t_test
+    return out
+
+
+def phase_lissa(run_path, split, test_rows, train_rows, layers, damping, scale, depth, batch_size,
+                check_every, paper=False):
+    """LiSSA with exact HVPs over the whole training set; scores on the sample every check_every steps."""
+    import torch
+    from instattr.layers.cache import Examples
+    from instattr.layers.grads import FlatParameters, hvp
+    from instattr.layers.ihvp import Curvature, LiSSA
+    from instattr.layers.network import tracked_model
+    run, test, train, train_s = setup(run_path, split, test_rows, train_rows, layers)
+    model, _ = tracked_model(run, layers)
+    flat = FlatParameters(model)
+    l2 = run.head().l2
+    examples = Examples(run, train, layers)
+    labels = torch.as_tensor(train.label)
+    curv = Curvature(dim=flat.dim, n=len(train),
+                     hvp=lambda v, rows: hvp(model, flat, l2, examples.batch(rows, torch.float32), labels[rows], v))
+    g_t = torch.zeros(len(test), flat.dim)
+    for pos, g in exact_gradients(run, test, test.pred, model, flat, layers):
+        g_t[pos] = g
+    snaps = {}
+
+    def keep(r, step, est):
+        if step % check_every == 0 and step != depth:
+            snaps[step] = est.clone()
+    step_damping = damping if paper else damping / scale
+    solver = LiSSA(step_damping, scale, depth, 1, batch_size, 0, callback=keep)
+    t = time.perf_counter()
+    try:
+        ihvp = solver.solve(g_t)
+    except ValueError as e:
+        return {"error": str(e), "seconds": time.perf_counter() - t}
+    t_solve = time.perf_counter() - t
+    snaps[depth] = ihvp
+    t = time.perf_counter()
+    scores = {s: np.zeros((len(test), len(train_s)), np.float32) for s in snaps}
+    for pos, g in exact_gradients(run, train_s, train_s.label, model, flat, layers):
+        for s, v in snaps.items():
+            scores[s][:, pos] = (v @ g.T).numpy()
+    t_dot = time.perf_counter() - t
+    n_train_full_s = t_dot / len(train_s) * len(train)      # one exact pass over every training row
+    return {"scores": scores[depth], "trace": scores, "seconds": t_solve, "steps": depth,
+            "per_test_s": t_solve / len(test) + n_train_full_s / len(test),
+            "train_pass_s": n_train_full_s, "damping_effective": step_damping * scale}
+
+
+def phase_kfac(run_path, split, test_rows, train_rows, layers, damping, n_fit):
+    """kronfluence EK-FAC on the tracked Linear modules; factors from n_fit training rows."""
+    import torch
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+    from kronfluence.utils.dataset import DataLoaderKwargs
+    from instattr.layers.cache import Examples
+    from instattr.layers.network import tracked_model
+    run, test, train, train_s = setup(run_path, split, test_rows, train_rows, layers)
+    model, _ = tracked_model(run, layers)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+    datasets = {}
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self, key, fs, labels):
+            self.key, self.ex, self.labels = key, Examples(run, fs, layers), np.asarray(labels)
+            datasets[key] = self
+
+        def __len__(self):
+            return len(self.labels)
+
+        def __getitem__(self, i):
+            return self.key, i
+
+    def collate(items):                  # one collate for every loader: items name their dataset
+        ds = datasets[items[0][0]]
+        pos = np.asarray([i for _, i in items])
+        b = ds.ex.batch(pos, torch.float32)
+        b["y"] = torch.as_tensor(ds.labels[pos])
+        return b
+
+    class Top(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            logits = model(**{k: v for k, v in batch.items() if k != "y"})
+            if sample:
+                with torch.no_grad():
+                    y = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
+                return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+            return torch.nn.functional.cross_entropy(logits, batch["y"], reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            return self.compute_train_loss(batch, model)
+
+        def get_influence_tracked_modules(self):
+            return names
+
+        def get_attention_mask(self, batch):   # token masks for the modules inside the layers
+            if "h2" in batch:
+                return None
+            return {n: batch["m"].long() for n in names if n.startswith("layers.")}
+
+    rng = np.random.default_rng(1)
+    fit_rows = np.sort(rng.choice(len(train), min(n_fit, len(train)), replace=False))
+    fit_ds = Rows("fit", train.subset(fit_rows), train.label[fit_rows])
+    query_ds, train_ds = Rows("query", test, test.pred), Rows("train", train_s, train_s.label)
+    task = Top()
+    model = prepare_model(model, task)
+    import tempfile
+    out_dir = tempfile.mkdtemp(prefix="kfac-")
+    analyzer = Analyzer("bench", model, task, cpu=True, output_dir=out_dir, disable_tqdm=True)
+    t = time.perf_counter()
+    analyzer.fit_all_factors("ekfac", fit_ds, per_device_batch_size=32,
+                             factor_args=FactorArguments(strategy="ekfac"),
+                             dataloader_kwargs=DataLoaderKwargs(collate_fn=collate), overwrite_output_dir=True)
+    t_fit = time.perf_counter() - t
+    t = time.perf_counter()
+    analyzer.compute_pairwise_scores("s", "ekfac", query_ds, train_ds, per_device_query_batch_size=len(test),
+                                     per_device_train_batch_size=32,
+                                     score_args=ScoreArguments(damping_factor=damping),
+                                     dataloader_kwargs=DataLoaderKwargs(collate_fn=collate), overwrite_output_dir=True)
+    t_score = time.perf_counter() - t
+    scores = analyzer.load_pairwise_scores("s")["all_modules"].numpy()
+    return {"scores": scores, "fit_s": t_fit, "fit_rows": len(fit_rows), "score_s": t_score,
+            "per_test_s": t_score / len(test) * len(train) / len(train_s), "modules": len(names)}
+
+
+def phase_agreement(run_path, split, n_rows=100, seed=0):
+    """Stored score matrices: if-top vs last-layer if, tracin vs gd (and a few more pairs)."""
+    from instattr.store import Run
+    run = Run.load(run_path)
+    pairs = [("if-top", "if"), ("if-top", "gd-top"), ("gd-top", "gd"), ("tracin", "gd"), ("tracin-top", "gd-top")]
+    n = len(run.features(split))
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(n_rows, n), replace=False))
+    out = {}
+    for a, b in pairs:
+        if run.has_scores(a, split) and run.has_scores(b, split):
+            sa, sb = np.asarray(run.scores(a, split)[rows]), np.asarray(run.scores(b, split)[rows])
+            out[f"{a} vs {b}"] = {"spearman": spearman(sa, sb), "top10_common": topk_overlap(sa, sb)}
+    return out
+
+
+# ------------------------------------------------------------------ main
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run")
+    ap.add_argument("--split", default=None)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--n-test", type=int, default=6)
+    ap.add_argument("--n-train", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ks", default="4,8,16,32")
+    ap.add_argument("--dampings", default="0.01,0.1,1,10")
+    ap.add_argument("--hessian", default="auto", choices=["auto", "full", "block"],
+                    help="projected Hessian structure (auto: full up to 8192 dimensions)")
+    ap.add_argument("--lissa-damping", type=float, default=10.0)
+    ap.add_argument("--lissa-scale", type=float, default=1000.0)
+    ap.add_argument("--lissa-depth", type=int, default=1000)
+    ap.add_argument("--lissa-batch-size", type=int, default=8)
+    ap.add_argument("--check-every", type=int, default=250)
+    ap.add_argument("--kronfluence", action="store_true", help="also run kronfluence EK-FAC (bench extra)")
+    ap.add_argument("--kfac-fit-rows", type=int, default=2000)
+    ap.add_argument("--only", default="cache,exact,projected,lissa,paper,kfac,agreement")
+    ap.add_argument("--json", help="write every number here as well")
+    a = ap.parse_args()
+    from instattr.store import Run
+    run = Run.load(a.run)
+    split = a.split or run.eval_split
+    n_split, n_train = len(run.features(split)), len(run.features("train"))
+    rng = np.random.default_rng(a.seed)
+    test_rows = np.sort(rng.choice(n_split, a.n_test, replace=False)).tolist()
+    train_rows = np.sort(rng.choice(n_train, a.n_train, replace=False)).tolist()
+    only = set(a.only.split(","))
+    ks = [int(k) for k in a.ks.split(",")]
+    dampings = sorted({float(x) for x in a.dampings.split(",")} | {a.lissa_damping})
+    common = (a.run, split, test_rows, train_rows, a.layers)
+    res = {"sample": {"n_test": a.n_test, "n_train": a.n_train, "seed": a.seed}, "split_size": n_split}
+    print(f"{a.run}: top {a.layers} layers; sample {a.n_test} test x {a.n_train} train rows; "
+          f"Hessians over all {n_train} training rows; {os.cpu_count()} CPUs (shared)")
+
+    if "cache" in only:
+        res["cache"] = in_process(phase_cache, a.run, a.layers)
+        for s, c in res["cache"].items():
+            if s != "peak_mb":
+                print(f"cache {s}: {c['tokens']} tokens, {c['mb']:.0f} MB, "
+                      f"{'built' if c['built'] else 'read'} in {c['seconds']:.1f} s")
+    if "exact" in only:
+        ex = res["exact"] = in_process(phase_exact, *common)
+        print(f"\nexact gd-top (torch.func, {ex['dim']:,} parameters): {ex['per_example_s'] * 1e3:.0f} ms per "
+              f"example gradient, peak {ex['peak_mb']:.0f} MB")
+    if "lissa" in only:
+        li = res["lissa"] = in_process(phase_lissa, *common, a.lissa_damping, a.lissa_scale, a.lissa_depth,
+                                       a.lissa_batch_size, a.check_every)
+        if "error" in li:
+            print(f"\nLiSSA (damping {a.lissa_damping}, scale {a.lissa_scale}): {li['error']}")
+        else:
+            final = li["scores"]
+            conv = ", ".join(f"{s}: {spearman(v, final):.3f}" for s, v in sorted(li["trace"].items()) if s != li["steps"])
+            print(f"\nLiSSA, exact HVPs, damping {a.lissa_damping} (scale {a.lissa_scale}, batch {a.lissa_batch_size}, "
+                  f"{li['steps']} steps): {li['seconds']:.0f} s for {a.n_test} test vectors; per test example "
+                  f"{li['per_test_s']:.0f} s incl. one exact pass over the training set; 1,821-example total "
+                  f"{li['per_test_s'] * n_split / 3600:.1f} h; peak {li['peak_mb']:.0f} MB")
+            print(f"  convergence: Spearman of the iterate at step s with the final one: {conv}")
+            if "exact" in res:
+                print(f"  converged LiSSA vs exact gd-top: {spearman(final, res['exact']['gd']):.3f}")
+    if "paper" in only:
+        depth = math.ceil(0.25 * n_train / a.lissa_batch_size)
+        pa = res["paper"] = in_process(phase_lissa, *common, 3e-3, 1e4, depth, a.lissa_batch_size, depth, True)
+        if "error" in pa:
+            print(f"\npaper-style LiSSA: {pa['error']}")
+        else:
+            line = f"\npaper-style LiSSA (damping 3e-3, scale 1e4, depth {depth}): {pa['per_test_s']:.0f} s per test example"
+            if "exact" in res:
+                line += f"; Spearman vs exact gd-top {spearman(pa['scores'], res['exact']['gd']):.3f}"
+            if "lissa" in res and "scores" in res["lissa"]:
+                line += f", vs converged LiSSA {spearman(pa['scores'], res['lissa']['scores']):.3f}"
+            print(line)
+    if "projected" in only:
+        res["projected"] = {}
+        print(f"\nprojected (orthogonal LoGra projections, Gauss-Newton); agreement = mean per-row Spearman")
+        print(f"{'k':>4} {'dim':>7} {'train s':>8} {'ms/test':>8} {'total s':>8} {'peak MB':>8} "
+              f"{'gd-top~exact':>13} " + " ".join(f"{'if@' + format(d, 'g'):>9}" for d in dampings))
+        for k in ks:
+            pr = res["projected"][k] = in_process(phase_projected, *common, k, dampings, n_split, a.hessian)
+            gd_agree = spearman(pr["gd"], res["exact"]["gd"]) if "exact" in res else float("nan")
+            ref = res.get("lissa", {}).get("scores")
+            cells = []
+            for d in dampings:
+                if ref is not None and d == a.lissa_damping:
+                    cells.append(f"{spearman(pr['if'][d], ref):9.3f}")
+                else:
+                    cells.append(f"{'-':>9}")
+            print(f"{k:>4} {pr['dim']:>7,}{pr['structure'][0]} {pr['train_s']:>7.0f} {pr['test_s_per_example'] * 1e3:>8.0f} "
+                  f"{pr['total_s']:>8.0f} {pr['peak_mb']:>8.0f} {gd_agree:>13.3f} " + " ".join(cells))
+        big = max(ks)
+        print(f"\nself-agreement of if-top with the largest projection (k={big}) per damping:")
+        for k in ks:
+            if k != big:
+                print(f"  k={k:<3} " + "  ".join(f"{d:g}: {spearman(res['projected'][k]['if'][d], res['projected'][big]['if'][d]):.3f}"
+                                              for d in dampings))
+        print(f"  k={big} if-top vs its gd-top: " + "  ".join(
+            f"{d:g}: {spearman(res['projected'][big]['if'][d], res['projected'][big]['gd']):.3f}" for d in dampings))
+    if "kfac" in only and a.kronfluence:
+        try:
+            import kronfluence  # noqa: F401
+        except ImportError:
+            print("\nkronfluence: not installed (pip install 'instattr[bench]' with torch pinned)")
+        else:
+            kf = res["kfac"] = in_process(phase_kfac, *common, a.lissa_damping, a.kfac_fit_rows)
+            line = (f"\nkronfluence EK-FAC ({kf['modules']} Linear modules, factors from {kf['fit_rows']} rows, "
+                    f"damping {a.lissa_damping}): fit {kf['fit_s']:.0f} s, {kf['per_test_s']:.1f} s per test example "
+                    f"against all training rows, peak {kf['peak_mb']:.0f} MB")
+            if "lissa" in res and "scores" in res["lissa"]:
+                line += f"; vs converged LiSSA {spearman(kf['scores'], res['lissa']['scores']):.3f}"
+            if "exact" in res:
+                line += f"; vs exact gd-top {spearman(kf['scores'], res['exact']['gd']):.3f}"
+            print(line)
+    if "agreement" in only:
+        ag = res["agreement"] = in_process(phase_agreement, a.run, split)
+        print("\nstored scores, 100 test rows x all training rows:")
+        for pair, v in ag.items():
+            if pair != "peak_mb":
+                print(f"  {pair:<22} Spearman {v['spearman']:.3f}   common top-10 {v['top10_common']:.2f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
