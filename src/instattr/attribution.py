@@ -122,9 +122,11 @@ def format_explanation(result: dict, width: Optional[int] = None) -> str:
         lines.append(f"query:      {result['query']}")
     lines += [f"prediction: {result['prediction']}   ({probs})", ""]
 
+    label_width = max(len(n) for n in result["probs"])
+
     def cell(r):
         text = r["text"] + (f" || {r['query']}" if "query" in r else "")
-        head = f"{r['score']:+.3g} {r['label'][:8]:<8} "
+        head = f"{r['score']:+.3g} {r['label']:<{label_width}} "
         room = col - len(head)
         return head + (text if len(text) <= room else text[:room - 1] + "…")
 
