@@ -179,7 +179,7 @@ def phase_lissa(run_path, split, test_rows, train_rows, layers, damping, scale, 
         if step % check_every == 0 and step != depth:
             snaps[step] = est.clone()
     step_damping = damping if paper else damping / scale
-    solver = LiSSA(step_damping, scale, depth, 1, batch_size, 0, callback=keep)
+    solver = LiSSA(step_damping, scale, depth, 1, batch_size, 0, callback=keep).fit(curv)
     t = time.perf_counter()
     try:
         ihvp = solver.solve(g_t)
