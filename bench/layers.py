@@ -199,6 +199,83 @@ def phase_lissa(run_path, split, test_rows, train_rows, layers, damping, scale, 
             "train_pass_s": n_train_full_s, "damping_effective": step_damping * scale}
 
 
+def phase_exact_ggn(run_path, split, test_rows, layers, n_hessian, ks, dampings, seed=0, block=64,
+                    hessian="auto"):
+    """The exact Gauss-Newton influence on a training subset, brute force, against projected if-top.
+
+    On ``n_hessian`` training rows (the Hessian's training set *and* the scored columns) the exact
+    unprojected answer g_t^T (Lambda + F^T F / n)^-1 g_i follows by Woodbury from the Gram matrix of
+    exact per-example gradients (Lambda = damping, plus 2 l2 on the last weight; binary tasks, where
+    each Gauss-Newton factor F_i is a multiple of g_i). The Gram matrix is accumulated from streamed
+    torch.func gradients, ``block`` rows at a time. Projected if-top and gd-top are fitted on the
+    same subset, for every k.
+    """
+    import torch
+    from instattr.layers.attributors import gauss_newton_curvature, projected_gradients
+    from instattr.layers.grads import FlatParameters
+    from instattr.layers.ihvp import GaussNewton
+    from instattr.layers.network import tracked_model
+    from instattr.layers.projection import GradientProjector
+    from instattr.store import FeatureSet
+    from instattr.methods.lastlayer import sum_zero_basis
+    run, test, train, _ = setup(run_path, split, test_rows, [0], layers)
+    if train.n_classes != 2:
+        raise ValueError("the Woodbury reference assumes a binary task")
+    rows = np.sort(np.random.default_rng(seed + 7).choice(len(train), min(n_hessian, len(train)), replace=False))
+    sub = train.subset(rows)
+    model, _ = tracked_model(run, layers)
+    flat = FlatParameters(model)
+    w = flat.slices["classifier.weight"]
+    l2 = run.head().l2
+    both = FeatureSet(**{k: np.concatenate([getattr(test, k), getattr(sub, k)]) for k in
+                         ("idx", "label", "pred", "probs", "features", "encoder")})
+    labels = np.concatenate([test.pred, sub.label])
+    m, n, total = len(test), len(sub), len(test) + len(sub)
+    t0 = time.perf_counter()
+    gram, gram_w = np.zeros((total, total)), np.zeros((total, total))
+    for a in range(0, total, block):
+        keep = np.arange(a, min(a + block, total))
+        held = torch.zeros(len(keep), flat.dim, dtype=torch.float64)   # float64 sums, converted once
+        for pos, g in exact_gradients(run, both.subset(keep), labels[keep], model, flat, layers):
+            held[pos] = g.double()
+        rest = np.arange(a, total)
+        for pos, g in exact_gradients(run, both.subset(rest), labels[rest], model, flat, layers):
+            cols, g = rest[pos], g.double()
+            gram[np.ix_(keep, cols)] = (held @ g.T).numpy()
+            gram_w[np.ix_(keep, cols)] = (held[:, w] @ g[:, w].T).numpy()
+        del held
+    gram = np.triu(gram) + np.triu(gram, 1).T
+    gram_w = np.triu(gram_w) + np.triu(gram_w, 1).T
+    t_gram = time.perf_counter() - t0
+    # Gauss-Newton factor of a training row: F_i = sqrt(q^T A_i q) / (q^T e_i) * g_i (binary, q = Q[:, 0])
+    with torch.no_grad():
+        p = np.zeros((n, 2))
+        from instattr.layers.cache import Examples
+        for pos, b in Examples(run, sub, layers).batches(64, torch.float32):
+            p[pos] = torch.softmax(model(**b).double(), -1).numpy()
+    q = sum_zero_basis(2)[:, 0]
+    e = p.copy()
+    e[np.arange(n), sub.label] -= 1.0
+    r = np.sqrt(2 * p[:, 0] * p[:, 1]) / (e @ q)
+    out = {"gram_s": t_gram, "n_hessian": n, "exact_gd": gram[:m, m:], "exact_if": {}, "projected": {}}
+    for lam in dampings:
+        k_lam = (gram - gram_w) / lam + gram_w / (lam + 2 * l2)      # g^T Lambda^-1 g'
+        kf = k_lam[m:, m:] * r[:, None] * r[None, :]
+        inner = np.linalg.solve(n * np.eye(n) + kf, (k_lam[m:, m:] * r[:, None]))
+        out["exact_if"][lam] = k_lam[:m, m:] - (k_lam[:m, m:] * r[None, :]) @ inner
+    for k in ks:
+        proj = GradientProjector(model, k)
+        t = time.perf_counter()
+        g_tr, factors = projected_gradients(run, sub, sub.label, proj, layers, factors=True)
+        g_te, _ = projected_gradients(run, test, test.pred, proj, layers)
+        res = {"dim": proj.dim, "seconds": time.perf_counter() - t, "gd": (g_te @ g_tr.T).numpy(), "if": {}}
+        for lam in dampings:
+            solver = GaussNewton(lam, hessian).fit(gauss_newton_curvature(proj, factors, n, l2))
+            res["if"][lam] = (solver.whiten(g_te) @ solver.whiten(g_tr).T).numpy()
+        out["projected"][k] = res
+    return out
+
+
 def phase_kfac(run_path, split, test_rows, train_rows, layers, damping, n_fit):
     """kronfluence EK-FAC on the tracked Linear modules; factors from n_fit training rows."""
     import torch
@@ -312,9 +389,11 @@ def main():
     ap.add_argument("--lissa-depth", type=int, default=1000)
     ap.add_argument("--lissa-batch-size", type=int, default=8)
     ap.add_argument("--check-every", type=int, default=250)
-    ap.add_argument("--kronfluence", action="store_true", help="also run kronfluence EK-FAC (bench extra)")
+    ap.add_argument("--kronfluence", action="store_true", help="also run kronfluence EK-FAC (installed with --no-deps, see README)")
     ap.add_argument("--kfac-fit-rows", type=int, default=2000)
-    ap.add_argument("--only", default="cache,exact,projected,lissa,paper,kfac,agreement")
+    ap.add_argument("--n-hessian", type=int, default=1000,
+                    help="training rows of the exact (Woodbury) Gauss-Newton reference")
+    ap.add_argument("--only", default="cache,exact,ggn,projected,lissa,paper,kfac,agreement")
     ap.add_argument("--json", help="write every number here as well")
     a = ap.parse_args()
     from instattr.store import Run
@@ -342,6 +421,18 @@ def main():
         ex = res["exact"] = in_process(phase_exact, *common)
         print(f"\nexact gd-top (torch.func, {ex['dim']:,} parameters): {ex['per_example_s'] * 1e3:.0f} ms per "
               f"example gradient, peak {ex['peak_mb']:.0f} MB")
+    if "ggn" in only:
+        gg = res["ggn"] = in_process(phase_exact_ggn, a.run, split, test_rows, a.layers, a.n_hessian, ks, dampings,
+                                     a.seed, hessian=a.hessian)
+        print(f"\nexact Gauss-Newton influence on {gg['n_hessian']} training rows (Hessian and scored columns), "
+              f"by Woodbury from exact gradients: {gg['gram_s']:.0f} s, peak {gg['peak_mb']:.0f} MB")
+        print(f"  agreement with it (mean per-row Spearman over {gg['n_hessian']} columns):")
+        print(f"  {'k':>4} {'dim':>7} {'s':>5} {'gd-top':>7} " + " ".join(f"{'if@' + format(d, 'g'):>8}" for d in dampings))
+        for k, pr in gg["projected"].items():
+            print(f"  {k:>4} {pr['dim']:>7,} {pr['seconds']:>5.0f} {spearman(pr['gd'], gg['exact_gd']):>7.3f} " +
+                  " ".join(f"{spearman(pr['if'][d], gg['exact_if'][d]):>8.3f}" for d in dampings))
+        print("  exact if vs exact gd-top: " + "  ".join(
+            f"{d:g}: {spearman(gg['exact_if'][d], gg['exact_gd']):.3f}" for d in dampings))
     if "lissa" in only:
         li = res["lissa"] = in_process(phase_lissa, *common, a.lissa_damping, a.lissa_scale, a.lissa_depth,
                                        a.lissa_batch_size, a.check_every)
@@ -398,7 +489,8 @@ def main():
         try:
             import kronfluence  # noqa: F401
         except ImportError:
-            print("\nkronfluence: not installed (pip install 'instattr[bench]' with torch pinned)")
+            print("\nkronfluence: not installed (pip install --no-deps kronfluence==1.0.1 einops einconv "
+                  "opt_einsum accelerate psutil; with its dependencies it pulls a CUDA torch)")
         else:
             kf = res["kfac"] = in_process(phase_kfac, *common, a.lissa_damping, a.kfac_fit_rows)
             line = (f"\nkronfluence EK-FAC ({kf['modules']} Linear modules, factors from {kf['fit_rows']} rows, "

@@ -90,3 +90,29 @@ def test_stored_scores_are_used(run):
         assert res["spearman"][0][1] == pytest.approx(1.0)
     finally:
         run.score_path("nn-dot", "test").with_suffix(".json").unlink()
+
+
+def test_stored_layered_scores_join_by_default(run):
+    """Scores of a method beyond the paper's (here gd's saved as gd-top) that cover the whole test
+    split join the default method list, the Figure-4 curve and its markdown section; scores of a
+    part of the split do not (they would be recomputed, minutes for a real if-top)."""
+    from instattr.evaluate.common import stored_extras
+    from instattr.methods import METHOD_NAMES, get_method
+    train, test = run.features("train"), run.features("test")
+    gd = get_method("gd").fit(train, run.head()).score(test)
+    run.save_scores("gd-top", "test", gd, test.idx, train.idx, {}, 2.0)
+    run.save_scores("if-top", "test", gd[:3], test.idx[:3], train.idx, {}, 1.0)
+    try:
+        assert stored_extras(run) == ["gd-top"]
+        res = run_correlation(run, n_test=10, n_train=40, ks=(5,))
+        assert res["methods"] == list(METHOD_NAMES) + ["gd-top"]
+        names = res["methods"]
+        assert res["spearman"][names.index("gd-top")][names.index("gd")] == pytest.approx(1.0)
+        assert res["top_k_curve"]["pairs"]["gd-top vs gd"] == [1.0] * len(res["top_k_curve"]["ks"])
+        assert "if-top vs if" not in res["top_k_curve"]["pairs"]
+        assert "Figure 4" in (run.path / "results" / "correlation.md").read_text()
+        assert (run.path / "figures" / "correlation_topk_curve_layers.png").exists()
+    finally:
+        for m in ("gd-top", "if-top"):
+            for suffix in (".json", ".npy"):
+                run.score_path(m, "test").with_suffix(suffix).unlink()

@@ -26,6 +26,20 @@ def test_run_timing(run):
     assert (run.path / "figures" / "timing.png").exists()
 
 
+def test_stored_layered_methods_report_their_attribute_time(run):
+    """if-top is not refitted by timing (minutes on real data): its stored attribute time is read."""
+    train, test = run.features("train"), run.features("test")
+    run.save_scores("if-top", "test", np.zeros((len(test), len(train))), test.idx, train.idx, {}, 24.0)
+    try:
+        res = run_timing(run, n_test=3, min_seconds=0.0)
+        assert "if-top" not in res["methods"] and res["stored_only"] == ["if-top"]
+        assert res["stored_seconds_per_example"]["if-top"] == pytest.approx(24.0 / len(test))
+        assert "| if-top | — | — | 2.00e+00 |" in (run.path / "results" / "timing.md").read_text()
+    finally:
+        for suffix in (".json", ".npy"):
+            run.score_path("if-top", "test").with_suffix(suffix).unlink()
+
+
 def test_registry_and_applicability(run, tmp_path):
     assert list(EVALUATIONS) == ["correlation", "retrain", "randomized", "artifacts", "near-train", "timing"]
     assert evaluations_for(run) == ["correlation", "retrain", "randomized", "near-train", "timing"]

@@ -14,12 +14,12 @@ from safetensors.torch import save_file
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from conftest import WORDS, make_dataset
-from instattr.attribution import attribute_run, explain, fit_method
+from instattr.attribution import attribute_run, attribute_texts, explain, fit_method
 from instattr.methods import get_method
 from instattr.methods.lastlayer import sum_zero_basis
 from instattr.model import HeadConfig, pair_input
 from instattr.pipeline import TrainConfig, run_encoder, train_run
-from instattr.store import Run, RunError
+from instattr.store import Run
 from instattr.layers import Curvature, GaussNewton, LiSSA
 from instattr.layers import cache as cache_mod
 from instattr.layers.cache import Examples, cache_path
@@ -406,7 +406,62 @@ def test_attribute_explain_and_errors(cross):
     assert info["config"]["ihvp"] == "projected" and info["config"]["tracked_layers"] == 2
     with pytest.raises(ValueError, match="needs the run"):
         get_method("if-top").fit(cross.features("train"), cross.head())
-    with pytest.raises(RunError, match="not rows of the run"):
-        explain(cross, "the dog saw the cat", "the cat saw the dog", methods="gd-top")
+    # new texts run through the encoder bottom in memory: a test row's own text scores like the row
+    e = cross.dataset().splits["test"].examples[1]
+    fitted = fit_method(cross, "gd-top", dtype="float64", progress=False)
+    row = fitted.score(cross.features("test").subset([1]))
+    new = attribute_texts(cross, "gd-top", [e.document], [e.query], dtype="float64", progress=False)
+    np.testing.assert_allclose(new, row, rtol=1e-5, atol=1e-8)
+    out = explain(cross, e.document, e.query, methods="if-top,gd-top", k=2)
+    assert out["methods"]["gd-top"]["supporting"][0]["idx"] == \
+        str(cross.features("train").idx[int(np.argmax(row[0]))])
     with pytest.raises(ValueError, match="layers must be"):
         fit_method(cross, "gd-top", layers=5)
+
+
+def test_cli_method_options_reach_the_layered_methods(single, capsys):
+    from instattr.cli import main
+    path = str(single.path)
+    assert main(["--quiet", "attribute", "--run", path, "--methods", "gd-top,nn-cos", "--layers", "1",
+                 "--proj-dim", "0", "--overwrite"]) == 0
+    cfg = single.score_info("gd-top")["config"]
+    assert cfg["layers"] == 1 and cfg["proj_dim"] is None
+    exact = get_method("gd-top", run=single, layers=1, proj_dim=None, dtype="float64", progress=False)
+    want = exact.fit(single.features("train"), single.head()).score(single.features("test"))
+    np.testing.assert_allclose(single.scores("gd-top"), want, rtol=1e-4, atol=1e-6)
+    capsys.readouterr()
+    assert main(["--quiet", "attribute", "--run", path, "--methods", "nn-cos", "--layers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--layers applies to none of nn-cos" in err and "if-top" in err
+    assert main(["--quiet", "attribute", "--run", path, "--methods", "gd-top", "--layers", "-1",
+                 "--overwrite"]) == 2
+    assert "layers must be" in capsys.readouterr().err
+
+
+def test_training_gradients_cached_on_disk(single, monkeypatch):
+    """One pass over the training set serves every layered method and every later process; a
+    different projection seed is a different cache entry; an unreadable entry is recomputed."""
+    import instattr.layers.attributors as attributors
+    fresh = Run.load(single.path)
+    for f in (fresh.path / "cache").glob("grads-*.npz"):
+        f.unlink()
+    want = fit_method(fresh, "if-top", progress=False).score(fresh.features("test"))
+    files = sorted((fresh.path / "cache").glob("grads-*.npz"))
+    assert len(files) == 1
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+    monkeypatch.setattr(attributors, "projected_gradients", boom)
+    other = Run.load(single.path)                         # new process, in effect: no in-memory memo
+    got = fit_method(other, "if-top", progress=False)
+    train_only = got.train_embedding_                      # the test side still needs projected_gradients
+    monkeypatch.undo()
+    np.testing.assert_array_equal(got.score(other.features("test")), want)
+    gd = fit_method(other, "gd-top", progress=False)       # same arrays, whitened or not
+    assert train_only.shape == gd.train_embedding_.shape
+    fit_method(other, "gd-top", seed=1, progress=False)
+    assert len(list((fresh.path / "cache").glob("grads-*.npz"))) == 2
+    files[0].write_bytes(b"not an npz")
+    again = Run.load(single.path)
+    np.testing.assert_allclose(fit_method(again, "if-top", progress=False).score(again.features("test")), want,
+                               rtol=1e-5, atol=1e-7)

@@ -88,6 +88,7 @@ def test_siamese_pairs(tmp_path, tiny_encoder, toy_pairs):
     assert m["pair_mode"] == "siamese" and m["head"]["d_in"] == 128 and m["data"]["is_pair"]
     fs = run.features("train")
     assert fs.encoder.shape == (40, 64)
+    assert m["head"]["hidden"] == 32 and fs.features.shape == (40, 32)  # pooler as wide as the encoder
     feats, _ = predict(run.head_params(), pair_input(fs.encoder, "siamese"))
     np.testing.assert_allclose(feats, fs.features, atol=1e-5)
     with pytest.raises(InstattrError, match="--query"):

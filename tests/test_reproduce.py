@@ -51,6 +51,19 @@ def test_explain_json_and_table(tiny_run, capsys):
     assert "prediction:" in table and "── gd" in table and sup[0]["text"][:20] in table
 
 
+def test_evaluate_sample_options(tiny_run, capsys):
+    path = str(tiny_run.path)
+    assert main(["--quiet", "evaluate", "retrain", "--run", path, "--methods", "gd,nn-cos", "--n-test", "3",
+                 "--n-random", "2"]) == 0
+    res = tiny_run.result("retrain")
+    assert res["n_test"] == 3 and res["n_random"] == 2 and len(res["per_example"]["gd"]["20"]) == 3
+    capsys.readouterr()
+    assert main(["--quiet", "evaluate", "near-train", "--run", path, "--n-test", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--n-test does not apply to near-train" in err
+    assert main(["--quiet", "evaluate", "timing", "--run", path, "--n-test", "0"]) == 2
+
+
 def test_reproduce_resumes_and_reports(tmp_path, tiny_encoder, toy_data, monkeypatch, capsys):
     import instattr.reproduce as rp
     monkeypatch.setattr(rp, "QUICK_LIMITS", {"limit_train": 30, "limit_eval": 10})
@@ -58,9 +71,11 @@ def test_reproduce_resumes_and_reports(tmp_path, tiny_encoder, toy_data, monkeyp
     monkeypatch.setitem(rp.QUICK_OPTIONS, "correlation", {"n_test": 5, "n_train": 20})
     monkeypatch.setitem(rp.QUICK_OPTIONS, "near-train", {"n": 5})
     out = tmp_path / "rep"
-    args = ["--quiet", "reproduce", "--data", str(toy_data), "--encoder", tiny_encoder, "--out", str(out), "--quick"]
+    args = ["--quiet", "reproduce", "--data", str(toy_data), "--encoder", tiny_encoder, "--out", str(out),
+            "--retrain-examples", "1", "--quick"]
     assert main(args) == 0
     run = Run.load(out)
+    assert run.result("retrain")["n_test"] == 1  # --retrain-examples wins over --quick's 2
     state = json.loads((out / "reproduce.json").read_text())
     assert {"train", "attribute", "correlation", "retrain", "randomized", "near-train", "timing"} <= set(state["done"])
     assert "artifacts" not in state["done"]  # HANS only

@@ -33,16 +33,39 @@ def fit_method(run: Run, name: str, train: Optional[FeatureSet] = None, **option
     return method.fit(run.features("train") if train is None else train, run.head())
 
 
+def method_options(names: Sequence[str], options: Optional[dict]) -> Dict[str, dict]:
+    """Per method, the subset of ``options`` its constructor takes (``layers`` goes to if-top, not
+    to nn-euc). An option no chosen method takes is an error naming the methods that do."""
+    import inspect
+
+    from .methods import get_method
+    from .methods.registry import registered
+    options = dict(options or {})
+
+    def takes(name):
+        return set(inspect.signature(type(get_method(name))).parameters)
+
+    per = {n: {k: v for k, v in options.items() if k in takes(n)} for n in names}
+    for key in options:
+        if not any(key in per[n] for n in names):
+            users = [n for n in registered() if key in takes(n)]
+            raise InstattrError(f"--{key.replace('_', '-')} applies to none of {', '.join(names)}"
+                                + (f" (it applies to {', '.join(users)})" if users else ""))
+    return per
+
+
 def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_test: Optional[int] = None,
                   limit_train: Optional[int] = None, overwrite: bool = False, progress: bool = True,
-                  log=print) -> Dict[str, float]:
+                  log=print, options: Optional[dict] = None) -> Dict[str, float]:
     """Score ``split`` (default: the run's eval split) against the training set with each method.
 
     Writes ``scores/{method}-{split}.npy`` and ``.json``; existing scores are kept unless
-    ``overwrite``. Returns the compute seconds of each method that ran.
+    ``overwrite``. ``options`` (e.g. ``{"layers": 5}``) go to the methods that take them. Returns
+    the compute seconds of each method that ran.
     """
     from tqdm.auto import tqdm
     names = resolve_methods(methods)
+    per_method = method_options(names, options)
     split = split or run.eval_split
     if split not in run.splits:
         raise RunError(f"{run.path}: no features for split {split!r} (has {', '.join(run.splits)})")
@@ -61,7 +84,7 @@ def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_
             log(f"{name}: scores/{name}-{split}.npy exists, kept (use --overwrite to recompute)")
             continue
         t = time.perf_counter()
-        method = fit_method(run, name, train)
+        method = fit_method(run, name, train, **per_method[name])
         scores = method.score(test)
         seconds[name] = time.perf_counter() - t
         run.save_scores(name, split, scores, test.idx, train.idx, method.config(), seconds[name],
@@ -78,13 +101,15 @@ def attribute_texts(run: Run, method: str, texts: Sequence[str], queries: Option
     return fit_method(run, method, **options).score(test)
 
 
-def explain(run: Run, text: str, query: Optional[str] = None, methods="all", k: int = 5) -> dict:
+def explain(run: Run, text: str, query: Optional[str] = None, methods="all", k: int = 5,
+            options: Optional[dict] = None) -> dict:
     """The prediction for one text, then per method its top-k supporting and opposing examples."""
     from .methods import bottom_k, top_k
     from .pipeline import featurize
     if k <= 0:
         raise InstattrError(f"--k must be positive, got {k}")
     names = resolve_methods(methods)
+    per_method = method_options(names, options)
     test = featurize(run, [text], [query] if query is not None else None)
     train_examples = run.dataset().splits["train"].examples
     train_fs = run.features("train")
@@ -105,7 +130,7 @@ def explain(run: Run, text: str, query: Optional[str] = None, methods="all", k: 
               "prediction": labels[int(test.pred[0])],
               "probs": {n: float(p) for n, p in zip(labels, test.probs[0])}, "methods": {}}
     for name in names:
-        scores = fit_method(run, name, train_fs).score(test)
+        scores = fit_method(run, name, train_fs, **per_method[name]).score(test)
         result["methods"][name] = {"supporting": rows(*(a[0] for a in top_k(scores, k))),
                                    "opposing": rows(*(a[0] for a in bottom_k(scores, k)))}
     return result

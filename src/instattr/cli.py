@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -78,24 +79,44 @@ def cmd_predict(a) -> int:
     return 0
 
 
+def _method_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("options of the methods beyond the last layer (if-top, gd-top, gc-top, rif-top)")
+    g.add_argument("--layers", type=int, metavar="K", help="transformer layers tracked below the head (default 3)")
+    g.add_argument("--proj-dim", type=int, metavar="K", help="LoGra projection size per side of each linear layer "
+                   "(default 16; 0 = no projection, exact but slow)")
+    g.add_argument("--damping", type=float, help="damping added to the Gauss-Newton Hessian (default 0.1)")
+    g.add_argument("--ihvp", choices=["projected", "lissa", "explicit"],
+                   help="inverse-Hessian-vector products: projected Gauss-Newton (default), LiSSA as the "
+                        "paper ran it, or the explicit Hessian (tiny models)")
+
+
+def _method_options(a) -> dict:
+    """The method options given on the command line (only those given)."""
+    opts = {k: getattr(a, k) for k in ("layers", "damping", "ihvp") if getattr(a, k) is not None}
+    if a.proj_dim is not None:
+        opts["proj_dim"] = a.proj_dim or None   # 0: unprojected
+    return opts
+
+
 def cmd_attribute(a) -> int:
     from .attribution import attribute_run
     from .store import Run
     run = Run.load(a.run)
-    attribute_run(run, a.methods, a.split, a.limit_test, a.limit_train, a.overwrite, progress=not a.quiet)
+    attribute_run(run, a.methods, a.split, a.limit_test, a.limit_train, a.overwrite, progress=not a.quiet,
+                  options=_method_options(a))
     return 0
 
 
 def cmd_explain(a) -> int:
     from .attribution import explain, format_explanation
     from .store import Run
-    result = explain(Run.load(a.run), a.text, a.query, a.methods, a.k)
+    result = explain(Run.load(a.run), a.text, a.query, a.methods, a.k, options=_method_options(a))
     print(json.dumps(result, indent=2) if a.json else format_explanation(result), end="" if not a.json else "\n")
     return 0
 
 
 def cmd_evaluate(a) -> int:
-    from .evaluate import run_evaluation
+    from .evaluate import EVALUATIONS, run_evaluation
     from .store import Run
     run = Run.load(a.run)
     opts = {"seed": a.seed}
@@ -105,6 +126,16 @@ def cmd_evaluate(a) -> int:
         if a.name != "near-train":
             raise InstattrError("--all applies to near-train only")
         opts["all"] = True
+    accepts = inspect.signature(EVALUATIONS[a.name]).parameters
+    for flag, key in (("--n-test", "n_test"), ("--n-random", "n_random")):
+        value = getattr(a, key)
+        if value is None:
+            continue
+        if key not in accepts:
+            raise InstattrError(f"{flag} does not apply to {a.name}")
+        if value < 1:
+            raise InstattrError(f"{flag} must be at least 1, not {value}")
+        opts[key] = value
     try:
         run_evaluation(a.name, run, **opts)
     except ValueError as e:
@@ -124,7 +155,10 @@ def cmd_report(a) -> int:
 
 def cmd_reproduce(a) -> int:
     from .reproduce import ReproduceConfig, reproduce
-    run = reproduce(train_config(a), a.out, ReproduceConfig(quick=a.quick, methods=a.methods, seed=a.seed),
+    if a.retrain_examples is not None and a.retrain_examples < 1:
+        raise InstattrError(f"--retrain-examples must be at least 1, not {a.retrain_examples}")
+    run = reproduce(train_config(a), a.out, ReproduceConfig(quick=a.quick, methods=a.methods, seed=a.seed,
+                                                            retrain_examples=a.retrain_examples),
                     progress=not a.quiet)
     print(f"open {run.path / 'report.html'}")
     return 0
@@ -156,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--limit-test", type=int)
     at.add_argument("--limit-train", type=int)
     at.add_argument("--overwrite", action="store_true", help="recompute scores that exist")
+    _method_args(at)
     at.set_defaults(func=cmd_attribute)
 
     ex = sub.add_parser("explain", help="the training examples behind one prediction, per method")
@@ -165,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--methods", default="nn-cos,gc,if,rep")
     ex.add_argument("--k", type=int, default=5)
     ex.add_argument("--json", action="store_true")
+    _method_args(ex)
     ex.set_defaults(func=cmd_explain)
 
     from .evaluate import EVALUATIONS
@@ -174,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", help="'all' or a comma-separated list (default: the paper's methods)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--all", action="store_true", help="near-train: every training example, not a sample")
+    ev.add_argument("--n-test", type=int, metavar="N", help="sampled test examples (correlation, retrain, "
+                    "randomized, timing; default 100, retrain 50)")
+    ev.add_argument("--n-random", type=int, metavar="N", help="retrain: random removals per k (default 50)")
     ev.set_defaults(func=cmd_evaluate)
 
     rp = sub.add_parser("report", help="(re)build RUN/report.html")
@@ -185,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("--out", required=True)
     rr.add_argument("--quick", action="store_true", help="a slice of the data and smaller samples (minutes)")
     rr.add_argument("--methods", default="paper", help="methods to attribute with (default: the paper's eleven)")
+    rr.add_argument("--retrain-examples", type=int, metavar="N",
+                    help="test examples of remove-and-retrain (default 50, --quick 5); its time grows linearly "
+                         "with N, and about 6x per example on mnli/hans (wider pair input, more training data)")
     rr.set_defaults(func=cmd_reproduce)
     return p
 
@@ -192,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    if a.quiet:   # transformers' own "Loading weights" bar too
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     try:
         return a.func(a)
     except InstattrError as e:

@@ -155,6 +155,8 @@ def train_run(config: TrainConfig, out, overwrite: bool = False, progress: bool 
         timings["encode_s"] = time.perf_counter() - t
         t = time.perf_counter()
         head_cfg, extra = config.head, {}
+        if head_cfg.hidden is None:  # the pooler is as wide as the encoder (384 for MiniLM), pairs too
+            head_cfg = replace(head_cfg, hidden=encoder.hidden_size)
         if config.mode == "head":
             inputs = {name: pair_input(e, pair_mode) for name, e in encoded.items()}
             labels = {name: np.asarray(s.labels) for name, s in splits.items()}
@@ -163,7 +165,7 @@ def train_run(config: TrainConfig, out, overwrite: bool = False, progress: bool 
                 if dev is None:
                     raise InstattrError(f"{ds.root}: --tune needs a dev split")
                 head_cfg, trials = tune_head(inputs["train"], labels["train"], inputs[dev], labels[dev],
-                                             len(ds.label_names), config.head, progress)
+                                             len(ds.label_names), head_cfg, progress)
                 extra["tune"] = {"chosen": head_cfg.to_dict(), "trials": trials}
             result = train_heads(inputs["train"], labels["train"], len(ds.label_names), head_cfg,
                                  checkpoints=True, progress=progress)
@@ -288,4 +290,5 @@ def featurize(run: Run, documents: Sequence[str], queries: Optional[Sequence[str
     pred = probs.argmax(1).astype(np.int64)
     label = pred if labels is None else np.asarray(labels, dtype=np.int64)
     return FeatureSet(idx=np.asarray(split.idx), label=label, pred=pred, probs=probs, features=feats,
-                      encoder=encoded.astype(np.float32))
+                      encoder=encoded.astype(np.float32),
+                      texts=(list(documents), None if queries is None else list(queries)))

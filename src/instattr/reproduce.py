@@ -27,6 +27,7 @@ class ReproduceConfig:
     quick: bool = False
     methods: str = "paper"
     seed: int = 0
+    retrain_examples: Optional[int] = None  # test examples of remove-and-retrain (None: 50, --quick 5)
 
 
 def _log(message: str) -> None:
@@ -44,6 +45,8 @@ def reproduce(train_config, out, config: ReproduceConfig = ReproduceConfig(), pr
     out = Path(out)
     state_path = out / "reproduce.json"
     wanted = {"quick": config.quick, "methods": config.methods, "seed": config.seed, "data": train_config.data}
+    if config.retrain_examples is not None:
+        wanted["retrain_examples"] = config.retrain_examples
     if (out / "run.json").exists():
         state = read_json(state_path) if state_path.exists() else {"config": None, "done": {}}
         if state["config"] not in (None, wanted):
@@ -75,6 +78,8 @@ def reproduce(train_config, out, config: ReproduceConfig = ReproduceConfig(), pr
     step("attribute", lambda: attribute_run(run, config.methods, progress=progress, log=lambda s: None))
     for name in evaluations_for(run):
         opts = dict(QUICK_OPTIONS.get(name, {})) if config.quick else {}
+        if name == "retrain" and config.retrain_examples is not None:
+            opts["n_test"] = config.retrain_examples
         if "progress" in inspect.signature(EVALUATIONS[name]).parameters:
             opts["progress"] = progress
         step(name, lambda name=name, opts=opts: run_evaluation(name, run, seed=config.seed, **opts))

@@ -12,9 +12,9 @@ from .errors import InstattrError
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -104,6 +104,8 @@ class FeatureSet:
     probs: np.ndarray
     features: np.ndarray
     encoder: np.ndarray
+    # new texts only (``featurize``): (documents, queries or None), for methods that rerun the encoder
+    texts: Optional[Tuple[List[str], Optional[List[str]]]] = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.idx)
@@ -113,8 +115,12 @@ class FeatureSet:
         return self.probs.shape[1]
 
     def subset(self, rows) -> "FeatureSet":
-        """Rows ``rows`` (indices or a boolean mask) of every array."""
-        return FeatureSet(**{k: getattr(self, k)[rows] for k in FEATURE_KEYS})
+        """Rows ``rows`` (indices or a boolean mask) of every array (and of ``texts``)."""
+        fs = FeatureSet(**{k: getattr(self, k)[rows] for k in FEATURE_KEYS})
+        if self.texts is not None:
+            pick = [list(np.asarray(t, dtype=object)[rows]) if t is not None else None for t in self.texts]
+            fs.texts = (pick[0], pick[1])
+        return fs
 
     def to_npz(self) -> dict:
         return {k: getattr(self, k) for k in FEATURE_KEYS}

@@ -78,8 +78,8 @@ def markdown(result: dict) -> str:
 
 def run_artifacts(run: Run, methods=None, seed: int = 0, split: Optional[str] = None) -> dict:
     """Lexical overlap of the top training examples for mispredicted HANS examples; writes results/artifacts.*."""
-    names = method_list(methods)
     scorer = Scorer(run, split)
+    names = method_list(methods, run, scorer.split)
     test = run.features(scorer.split)
     non_ent, ent = label_ids(run.label_names)
     ds = run.dataset()

@@ -15,12 +15,24 @@ from ..model import HeadConfig, pair_input
 from ..store import FeatureSet, HeadState, Run, RunError, write_bytes
 
 
-def method_list(methods=None) -> List[str]:
-    """Method names: None = the paper's methods; else ``expand_methods`` ("all", "a,b" or a list)."""
+def method_list(methods=None, run: Optional[Run] = None, split: Optional[str] = None) -> List[str]:
+    """Method names: ``expand_methods`` of ``methods`` ("all", "a,b" or a list); None = the paper's
+    methods, plus, when ``run`` is given, every other method whose scores it stores for ``split``."""
     from ..methods import METHOD_NAMES, expand_methods
     if methods is None:
-        return list(METHOD_NAMES)
+        return list(METHOD_NAMES) + (stored_extras(run, split) if run is not None else [])
     return list(expand_methods(methods))
+
+
+def stored_extras(run: Run, split: Optional[str] = None) -> List[str]:
+    """Registered methods beyond the paper's (if-top, tracin, ...) whose stored scores cover every
+    example of ``split``: evaluations that read scores include them without recomputing anything."""
+    from ..methods import METHOD_NAMES
+    from ..methods.registry import registered
+    split = split or run.eval_split
+    n = len(run.features(split))
+    return [m for m in registered() if m not in METHOD_NAMES and run.has_scores(m, split)
+            and len(run.score_info(m, split).get("test_idx", ())) == n]
 
 
 def head_config(run: Run) -> HeadConfig:
@@ -82,8 +94,13 @@ class Scorer:
     def attributor(self, method: str):
         """The registry's ``method`` fitted on the full training set (cached)."""
         if method not in self._fitted:
+            import inspect
+
             from ..methods import get_method
-            self._fitted[method] = get_method(method).fit(self.train, self.head)
+            att = get_method(method)
+            if "run" in inspect.signature(type(att)).parameters:  # methods that read the run's texts
+                att = get_method(method, run=self.run)
+            self._fitted[method] = att.fit(self.train, self.head)
         return self._fitted[method]
 
     def _stored(self, method: str, rows: np.ndarray) -> Optional[np.ndarray]:

@@ -15,7 +15,8 @@ from ..store import Run
 from .common import (Scorer, fmt, md_table, method_list, new_figure, sample_rows, save, save_figure,
                      top_k_mask)
 
-CURVE_PAIRS = (("if", "gd"), ("rif", "gc"), ("nn-euc", "nn-cos"), ("if", "rif"), ("gd", "nn-dot"),
+CURVE_PAIRS = (("if-top", "if"), ("gd-top", "gd"), ("rif-top", "rif"), ("tracin", "gd"),   # when stored
+               ("if", "gd"), ("rif", "gc"), ("nn-euc", "nn-cos"), ("if", "rif"), ("gd", "nn-dot"),
                ("if", "nn-euc"))
 
 
@@ -93,12 +94,21 @@ def heatmap(run: Run, name: str, methods: List[str], matrix, title: str, vmin: f
     return save_figure(run, name, fig)
 
 
-def curve_figure(run: Run, curve: dict) -> Optional[str]:
-    if not curve["pairs"]:
+def is_layered(pair: str) -> bool:
+    """A curve pair that involves a method beyond the paper's last-layer ones (if-top, tracin, ...)."""
+    return "-top" in pair or "tracin" in pair
+
+
+def curve_figure(run: Run, curve: dict, layered: bool = False) -> Optional[str]:
+    """Common top-k against k: the last-layer pairs, or (``layered``) paper Figure 4's pairs."""
+    pairs = {p: ys for p, ys in curve["pairs"].items() if is_layered(p) == layered}
+    if not pairs:
         return None
     fig = new_figure(6, 4)
     ax = fig.subplots()
-    for label, ys in curve["pairs"].items():
+    if layered:
+        ax.set_title("top layers vs last layer (paper Figure 4), TracIn vs GD")
+    for label, ys in pairs.items():
         ax.plot(curve["ks"], ys, marker="o", label=label)
     ax.set_xscale("log")
     ax.set_ylim(0, 1.02)
@@ -106,7 +116,7 @@ def curve_figure(run: Run, curve: dict) -> Optional[str]:
     ax.set_ylabel("proportion of common top-k")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return save_figure(run, "correlation_topk_curve", fig)
+    return save_figure(run, "correlation_topk_curve" + ("_layers" if layered else ""), fig)
 
 
 def markdown(result: dict) -> str:
@@ -122,15 +132,35 @@ def markdown(result: dict) -> str:
     out.append("\nPaper's findings to compare with: IF ~ GD and RIF ~ GC; nearest-neighbour methods only "
                "modestly correlated with gradient methods; sentence-BERT similarity barely correlated "
                "with anything.\n")
+    curve = result.get("top_k_curve", {})
+    layered = {p: ys for p, ys in curve.get("pairs", {}).items() if is_layered(p)}
+    if layered:
+        ks = curve["ks"]
+        out.append("\n## Top layers and checkpoints (paper Figure 4, Figure 2's layered rows)\n\nMean Spearman and "
+                   "proportion of common top-k between each method over the head plus the top transformer "
+                   "layers and its last-layer version (the paper: IF over BERT's top five layers against "
+                   "linear IF, 'a very high correlation ... in top samples'), and between TracIn (summed "
+                   "over training checkpoints) and GD:\n\n")
+        names = result["methods"]
+        rows = []
+        for p, ys in layered.items():
+            a, b = p.split(" vs ")
+            rho = result["spearman"][names.index(a)][names.index(b)]
+            rows.append([p, fmt(rho, 2)] + [fmt(y, 2) for y in ys])
+        out.append(md_table(["pair", "Spearman"] + [f"top-{k}" for k in ks], rows))
     return "".join(out)
 
 
 def run_correlation(run: Run, methods=None, seed: int = 0, n_test: int = 100, n_train: int = 500,
                     ks: Sequence[int] = (10, 50), split: Optional[str] = None,
                     curve_ks: Sequence[int] = (1, 2, 5, 10, 20, 50, 100, 200, 500)) -> dict:
-    """Pairwise Spearman and top-k overlap on a seeded sample; writes results/correlation.* and heatmaps."""
-    names = method_list(methods)
+    """Pairwise Spearman and top-k overlap on a seeded sample; writes results/correlation.* and heatmaps.
+
+    ``methods`` None: the paper's methods plus every other method whose scores the run stores
+    (``instattr attribute --methods if-top`` first puts IF over the top layers in the tables).
+    """
     scorer = Scorer(run, split)
+    names = method_list(methods, run, scorer.split)
     rng = np.random.default_rng(seed)
     test_rows = sample_rows(len(run.features(scorer.split)), n_test, rng)
     train_cols = sample_rows(len(scorer.train), n_train, rng)
@@ -141,6 +171,6 @@ def run_correlation(run: Run, methods=None, seed: int = 0, n_test: int = 100, n_
     figs = [heatmap(run, "correlation_spearman", names, result["spearman"], "mean Spearman", -1.0)]
     figs += [heatmap(run, f"correlation_top{k}", names, mat, f"common top-{k}", 0.0)
              for k, mat in result["top_k_overlap"].items()]
-    curve = curve_figure(run, result["top_k_curve"])
-    result["figures"] = figs + ([curve] if curve else [])
+    curves = [curve_figure(run, result["top_k_curve"], layered) for layered in (False, True)]
+    result["figures"] = figs + [c for c in curves if c]
     return save(run, "correlation", result, markdown(result))

@@ -174,8 +174,8 @@ def run_retrain(run: Run, methods=None, seed: int = 0, n_test: int = 50, ks: Seq
     "before" head included), trading fidelity to the trained model for time.
     """
     require_head_mode(run, "remove-and-retrain")
-    names = method_list(methods)
     scorer = Scorer(run, split)
+    names = method_list(methods, run, scorer.split)
     test = run.features(scorer.split)
     rows = sample_rows(len(test), n_test, np.random.default_rng(seed))
     score_rows = {m: scorer.rows(m, rows) for m in names}

@@ -44,6 +44,8 @@ def markdown(result: dict) -> str:
     rows = [[m, _sci(s), _sci(result["fit_seconds"][m]), _sci(result["stored_seconds_per_example"].get(m)),
              ("< " + f"{timing_bound(m):g}") if timing_bound(m) is not None else "—"]
             for m, s in result["methods"].items()]
+    rows += [[m, "—", "—", _sci(result["stored_seconds_per_example"].get(m)), "—"]
+             for m in result.get("stored_only", [])]
     rows.append(["if, top-5 BERT layers (paper only)", "—", "—", "—", f"~{TIMING_IF_TOP5_SECONDS:g} (GPU)"])
     return ("# Time per test example (paper section 4)\n\nScoring one test example against all "
             f"{result['n_train']} training examples, averaged over {result['n_test']} test examples on "
@@ -55,9 +57,14 @@ def markdown(result: dict) -> str:
 
 def figure(run: Run, result: dict) -> str:
     names = list(result["methods"])
-    fig = new_figure(1.5 + 0.5 * len(names), 3.5)
+    extra = result.get("stored_only", [])
+    fig = new_figure(1.5 + 0.5 * (len(names) + len(extra)), 3.5)
     ax = fig.subplots()
     ax.bar(names, [max(result["methods"][m], 1e-9) for m in names])
+    if extra:
+        ax.bar(extra, [result["stored_seconds_per_example"][m] for m in extra], color="C3",
+               label="attribute step (layered methods)")
+        ax.axhline(TIMING_IF_TOP5_SECONDS, ls="-.", color="C3", label="paper: IF top-5 layers, GPU")
     ax.axhline(1e-2, ls="--", color="C1", label="paper: linear IF < 0.01 s")
     ax.axhline(1e-4, ls=":", color="C2", label="paper: similarity < 0.0001 s")
     ax.set_yscale("log")
@@ -72,18 +79,21 @@ def run_timing(run: Run, methods=None, seed: int = 0, n_test: int = 100, split: 
     """Seconds per test example per method; writes results/timing.* and a log-scale bar chart."""
     names = method_list(methods)
     scorer = Scorer(run, split, use_stored=False)
+    # layered methods (if-top, ...) are not refitted here (minutes each): their attribute-step time is read
+    extras = [m for m in method_list(methods, run, scorer.split) if m not in names]
     test = run.features(scorer.split)
     sub = test.subset(sample_rows(len(test), n_test, np.random.default_rng(seed)))
     times = {m: time_method(scorer, m, sub, min_seconds) for m in names}
     stored = {}
-    for m in names:
+    for m in names + extras:
         if run.has_scores(m, scorer.split):
             info = run.score_info(m, scorer.split)
             if info.get("seconds") is not None and info.get("test_idx"):
                 stored[m] = float(info["seconds"]) / len(info["test_idx"])
     result = {"methods": {m: t["per_example"] for m, t in times.items()},
               "fit_seconds": {m: t["fit"] for m, t in times.items()},
-              "stored_seconds_per_example": stored, "n_test": len(sub), "n_train": len(scorer.train),
+              "stored_seconds_per_example": stored, "stored_only": [m for m in extras if m in stored],
+              "n_test": len(sub), "n_train": len(scorer.train),
               "seed": seed, "split": scorer.split,
               "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                         f"{os.cpu_count()} CPUs",

@@ -37,6 +37,7 @@ from ..methods.registry import register
 from ..methods.similarity import unit_rows
 from ..store import FeatureSet, HeadState, RunError
 from .cache import Examples
+from .gradcache import cached_train_gradients
 from .grads import FlatParameters, batch_hessian, hvp, per_example_flat_grads
 from .ihvp import HESSIAN_STRUCTURES, Curvature, ExplicitHessian, GaussNewton, LiSSA
 from .network import resolve_dtype, tracked_model
@@ -183,7 +184,10 @@ class _TopLayers(Attributor):
         self.model_, self.l2_ = model, float(head.l2)
         self.projector_ = self._projector(model)
         self.dim_ = self.projector_.dim
-        grads, factors = self._projected(self.projector_, train, train.label, self.whitened, f"{self.name} train")
+        grads, factors = cached_train_gradients(
+            self.run, model, train, self.dtype,
+            {"layers": len(model.layers), "proj_dim": self.proj_dim, "seed": self.seed, "projection": self.projection},
+            lambda: self._projected(self.projector_, train, train.label, True, f"{self.name} train"))
         if self.whitened:
             self.solver_ = self._gauss_newton(self.projector_, factors, len(train))
             grads = self.solver_.whiten(grads)

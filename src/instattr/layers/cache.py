@@ -23,6 +23,7 @@ from ..store import FeatureSet, Run, RunError, write_npz
 from .network import encoder_key, encoder_layers, first_tracked_layer, run_encoder_for
 
 CACHE_FORMAT = 1
+NEW = "<new texts>"  # the in-memory "split" of texts that are not rows of the run
 Batch = Dict[str, torch.Tensor]  # h, m (and h2, m2 for siamese pairs), padded, in model dtype
 
 
@@ -123,6 +124,14 @@ def build_cache(run: Run, split: str, start: int, progress: Optional[bool] = Fal
     """Run the encoder bottom over a split and return its cache (not saved)."""
     idx = [str(i) for i in run.features(split).idx]
     docs, queries = _split_texts(run, split, idx)
+    return cache_of_texts(run, idx, docs, queries, start, progress, f"cache {split} (layers < {start})")
+
+
+def cache_of_texts(run: Run, idx: Sequence[str], docs: Sequence[str], queries: Optional[Sequence[str]],
+                   start: int, progress: Optional[bool] = False, desc: str = "encode") -> HiddenCache:
+    """The cache (in memory) of any texts, e.g. new ones to explain, under the run's pair mode."""
+    docs = list(docs)
+    queries = None if queries is None else list(queries)
     pair_mode = run.manifest.get("pair_mode")
     if queries is None:
         keys = [(d,) for d in docs]
@@ -137,8 +146,7 @@ def build_cache(run: Run, split: str, start: int, progress: Optional[bool] = Fal
     position = {k: i for i, k in enumerate(unique)}
     first = [k[0] for k in unique]
     second = [k[1] for k in unique] if pair_mode == "cross" and queries is not None else None
-    states, offsets = _encode_states(run_encoder_for(run), start, first, second, progress,
-                                     f"cache {split} (layers < {start})")
+    states, offsets = _encode_states(run_encoder_for(run), start, first, second, progress, desc)
     sequences = np.array([[position[k] for k in r] for r in rows], dtype=np.int64).reshape(len(idx), -1)
     return HiddenCache(states=states, offsets=offsets, sequences=sequences, idx=np.asarray(idx))
 
@@ -169,10 +177,19 @@ def load_cache(run: Run, split: str, start: int, progress: Optional[bool] = Fals
 
 
 class Examples:
-    """The rows of a FeatureSet located in the run's split caches, batched by length."""
+    """The rows of a FeatureSet located in the run's split caches, batched by length. New texts
+    (a FeatureSet from ``featurize``, which carries its ``texts``) are run through the encoder
+    bottom once, in memory."""
 
     def __init__(self, run: Run, fs: FeatureSet, layers: Optional[int], progress: Optional[bool] = False):
         self.start = first_tracked_layer(run_encoder_for(run), layers)
+        if fs.texts is not None:
+            idx = [str(i) for i in fs.idx]
+            self.split = np.array([NEW] * len(fs))
+            self.row = np.arange(len(fs), dtype=np.int64)
+            self.caches = {NEW: cache_of_texts(run, idx, fs.texts[0], fs.texts[1], self.start, progress,
+                                               f"encode {len(fs)} new texts (layers < {self.start})")}
+            return
         where: Dict[str, Tuple[str, int]] = {}
         for split in run.splits:
             for row, i in enumerate(run.features(split).idx):
