@@ -2,7 +2,8 @@
 
     python bench/layers.py runs/sst2 [--n-test 6] [--n-train 500] [--ks 4,8,16,32]
                                      [--dampings 0.1,1,10] [--lissa-damping 10] [--lissa-depth 1000]
-                                     [--kronfluence] [--only exact,projected,lissa,paper,kfac,agreement]
+                                     [--n-hessian 1000] [--kronfluence]
+                                     [--only cache,exact,ggn,projected,lissa,paper,kfac,agreement]
 
 Every phase runs in a fresh process (its peak resident memory is its own, read with
 resource.getrusage) on the same seeded sample: ``--n-test`` test rows against ``--n-train``
@@ -10,6 +11,9 @@ training rows (all training rows enter every Hessian). It prints
 
 - exact ``gd-top`` (unprojected per-example gradients, torch.func) and the Spearman agreement of
   projected ``gd-top`` with it for each projection size ``k`` (the projection alone);
+- the exact Gauss-Newton influence with the Hessian of ``--n-hessian`` training rows (Woodbury over
+  exact gradients), against projected ``if-top``/``gd-top`` fitted on the same rows, for each ``k``
+  and damping (the Hessian structure each ``k`` resolved to is printed: full or block-diagonal);
 - projected ``if-top`` (Gauss-Newton in the projected space) for each ``k`` and damping: fit time on
   the whole training set, time per test example, extrapolated total for the whole test split;
 - LiSSA with exact Hessian-vector products (the paper's algorithm) run to convergence at
@@ -272,6 +276,7 @@ def phase_exact_ggn(run_path, split, test_rows, layers, n_hessian, ks, dampings,
         for lam in dampings:
             solver = GaussNewton(lam, hessian).fit(gauss_newton_curvature(proj, factors, n, l2))
             res["if"][lam] = (solver.whiten(g_te) @ solver.whiten(g_tr).T).numpy()
+            res["structure"] = "full" if solver.full_ else "block"
         out["projected"][k] = res
     return out
 
@@ -427,9 +432,10 @@ def main():
         print(f"\nexact Gauss-Newton influence on {gg['n_hessian']} training rows (Hessian and scored columns), "
               f"by Woodbury from exact gradients: {gg['gram_s']:.0f} s, peak {gg['peak_mb']:.0f} MB")
         print(f"  agreement with it (mean per-row Spearman over {gg['n_hessian']} columns):")
-        print(f"  {'k':>4} {'dim':>7} {'s':>5} {'gd-top':>7} " + " ".join(f"{'if@' + format(d, 'g'):>8}" for d in dampings))
+        print(f"  {'k':>4} {'dim':>8} {'s':>5} {'gd-top':>7} " + " ".join(f"{'if@' + format(d, 'g'):>8}" for d in dampings))
         for k, pr in gg["projected"].items():
-            print(f"  {k:>4} {pr['dim']:>7,} {pr['seconds']:>5.0f} {spearman(pr['gd'], gg['exact_gd']):>7.3f} " +
+            print(f"  {k:>4} {pr['dim']:>7,}{pr['structure'][0]} {pr['seconds']:>5.0f} "
+                  f"{spearman(pr['gd'], gg['exact_gd']):>7.3f} " +
                   " ".join(f"{spearman(pr['if'][d], gg['exact_if'][d]):>8.3f}" for d in dampings))
         print("  exact if vs exact gd-top: " + "  ".join(
             f"{d:g}: {spearman(gg['exact_if'][d], gg['exact_gd']):.3f}" for d in dampings))

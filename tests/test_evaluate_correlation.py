@@ -102,6 +102,7 @@ def test_stored_layered_scores_join_by_default(run):
     gd = get_method("gd").fit(train, run.head()).score(test)
     run.save_scores("gd-top", "test", gd, test.idx, train.idx, {}, 2.0)
     run.save_scores("if-top", "test", gd[:3], test.idx[:3], train.idx, {}, 1.0)
+    run.save_scores("rif-top", "test", gd[:, 1:], test.idx, train.idx[1:], {}, 1.0)   # a --limit-train run
     try:
         assert stored_extras(run) == ["gd-top"]
         res = run_correlation(run, n_test=10, n_train=40, ks=(5,))
@@ -113,6 +114,6 @@ def test_stored_layered_scores_join_by_default(run):
         assert "Figure 4" in (run.path / "results" / "correlation.md").read_text()
         assert (run.path / "figures" / "correlation_topk_curve_layers.png").exists()
     finally:
-        for m in ("gd-top", "if-top"):
+        for m in ("gd-top", "if-top", "rif-top"):
             for suffix in (".json", ".npy"):
                 run.score_path(m, "test").with_suffix(suffix).unlink()

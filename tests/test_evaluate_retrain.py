@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from _synthetic import make_run
-from instattr.evaluate.retrain import (effective_ks, random_masks, removal_deltas, removal_masks, retrain_probs,
-                                       run_retrain)
+from instattr.evaluate.retrain import (effective_ks, random_masks, removal_deltas, removal_masks, removed_support,
+                                       retrain_probs, run_retrain)
 from instattr.model import HeadConfig, init_params, logits, train_heads
 
 CFG = HeadConfig(l2=0.05, lr=0.05, epochs=3, batch_size=4, hidden=3, seed=7)
@@ -114,7 +114,8 @@ def test_removing_real_supporters_moves_prediction_more_than_random(run):
     assert json.loads((run.path / "results" / "retrain.json").read_text()) == res
     assert res["n_test"] == 8 and res["ks"] == [20] and len(res["test_idx"]) == 8
     md = (run.path / "results" / "retrain.md").read_text()
-    assert "random (mean ± std)" in md and "paper SST k=500" in md
+    assert "random (mean ± std)" in md and "paper SST k=500" in md and "removed support k=20" in md
+    assert all(res["removed_support"][m]["20"] > 0 for m in ("gd", "nn-cos"))   # real supporters pull
     assert (run.path / "figures" / "retrain.png").exists()
 
 
@@ -123,3 +124,16 @@ def test_retrain_refuses_finetune_runs(tmp_path):
     ft = make_run(tmp_path, n_train=20, n_test=4, epochs=1, mode="finetune")
     with pytest.raises(RunError, match="head-mode"):
         run_retrain(ft, methods=["gd"], n_test=2, ks=(2,), n_random=2, progress=False)
+
+
+def test_removed_support_by_hand():
+    """Row 0 predicts class 1 and removes train 0 (label 1, p_gold 0.9) and 1 (label 0, p_gold 0.2):
+    (+0.1 - 0.8) / 2; row 1 predicts 0 and removes train 2 and 3 (both label 0): (0.5 + 0.3) / 2."""
+    scores = np.array([[5.0, 4.0, 0.0, 1.0], [0.0, 1.0, 3.0, 2.0]])
+    label = np.array([1, 0, 0, 0])
+    probs = np.array([[0.1, 0.9], [0.2, 0.8], [0.5, 0.5], [0.7, 0.3]])
+    got = removed_support(scores, 2, np.array([1, 0]), label, probs)
+    assert got == pytest.approx(((0.1 - 0.8) / 2 + (0.5 + 0.3) / 2) / 2)
+    # k = n_train: a random set's expectation, every training example once per row
+    every = removed_support(scores, 4, np.array([1, 0]), label, probs)
+    assert every == pytest.approx(((0.1 - 0.8 - 0.5 - 0.3) + (-0.1 + 0.8 + 0.5 + 0.3)) / 8)

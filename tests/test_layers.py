@@ -436,6 +436,19 @@ def test_cli_method_options_reach_the_layered_methods(single, capsys):
     assert main(["--quiet", "attribute", "--run", path, "--methods", "gd-top", "--layers", "-1",
                  "--overwrite"]) == 2
     assert "layers must be" in capsys.readouterr().err
+    stamp = single.score_path("gd-top", "test").stat().st_mtime_ns
+    assert main(["--quiet", "attribute", "--run", path, "--methods", "gd-top", "--layers", "2"]) == 2
+    assert "was made with layers=1; add --overwrite" in capsys.readouterr().err
+    assert single.score_path("gd-top", "test").stat().st_mtime_ns == stamp
+
+
+def test_method_flags_never_reach_the_paper_methods():
+    from instattr.attribution import method_options
+    from instattr.errors import InstattrError
+    per = method_options(["if", "rif", "if-top", "tracin-top"], {"damping": 1.0, "layers": 2})
+    assert per == {"if": {}, "rif": {}, "if-top": {"damping": 1.0, "layers": 2}, "tracin-top": {"layers": 2}}
+    with pytest.raises(InstattrError, match=r"--damping applies to none of if, rif \(it applies to .*if-top"):
+        method_options(["if", "rif"], {"damping": 1.0})
 
 
 def test_training_gradients_cached_on_disk(single, monkeypatch):

@@ -34,16 +34,17 @@ def fit_method(run: Run, name: str, train: Optional[FeatureSet] = None, **option
 
 
 def method_options(names: Sequence[str], options: Optional[dict]) -> Dict[str, dict]:
-    """Per method, the subset of ``options`` its constructor takes (``layers`` goes to if-top, not
-    to nn-euc). An option no chosen method takes is an error naming the methods that do."""
+    """Per method, the subset of ``options`` it declares in ``command_line_options`` and its
+    constructor takes (``layers`` goes to if-top, never to nn-euc; ``damping`` to if-top, not to the
+    paper's ``if``). An option no chosen method takes is an error naming the methods that do."""
     import inspect
 
-    from .methods import get_method
-    from .methods.registry import registered
+    from .methods.registry import method_class, registered
     options = dict(options or {})
 
     def takes(name):
-        return set(inspect.signature(type(get_method(name))).parameters)
+        cls = method_class(name)
+        return set(cls.command_line_options) & set(inspect.signature(cls).parameters)
 
     per = {n: {k: v for k, v in options.items() if k in takes(n)} for n in names}
     for key in options:
@@ -54,18 +55,40 @@ def method_options(names: Sequence[str], options: Optional[dict]) -> Dict[str, d
     return per
 
 
+def _check_kept_options(run: Run, name: str, split: str, options: dict, overwrite: bool) -> None:
+    """Stored scores are kept, so asking for other options without --overwrite is an error."""
+    if overwrite or not run.has_scores(name, split):
+        return
+    made = run.score_info(name, split).get("config", {})
+    differ = {k: v for k, v in options.items() if k in made and made[k] != v
+              and not (k == "layers" and made.get("tracked_layers") == v)}
+    if differ:
+        was = ", ".join(f"{k}={made[k]}" for k in differ)
+        raise InstattrError(f"{run.path}/scores/{name}-{split}.npy was made with {was}; add --overwrite to "
+                            "recompute it with " + ", ".join(f"{k}={v}" for k, v in differ.items()))
+
+
 def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_test: Optional[int] = None,
                   limit_train: Optional[int] = None, overwrite: bool = False, progress: bool = True,
                   log=print, options: Optional[dict] = None) -> Dict[str, float]:
     """Score ``split`` (default: the run's eval split) against the training set with each method.
 
     Writes ``scores/{method}-{split}.npy`` and ``.json``; existing scores are kept unless
-    ``overwrite``. ``options`` (e.g. ``{"layers": 5}``) go to the methods that take them. Returns
-    the compute seconds of each method that ran.
+    ``overwrite`` (and refused when they were made with options other than those asked for).
+    ``options`` (e.g. ``{"layers": 5}``) go to the methods that take them (see ``method_options``).
+    Returns the compute seconds of each method that ran.
     """
     from tqdm.auto import tqdm
+
+    from .methods import get_method
     names = resolve_methods(methods)
     per_method = method_options(names, options)
+    for name in names:                      # bad or conflicting options fail before any score is written
+        try:
+            get_method(name, **per_method[name])
+        except ValueError as e:
+            raise InstattrError(str(e)) from None
+        _check_kept_options(run, name, split or run.eval_split, per_method[name], overwrite)
     split = split or run.eval_split
     if split not in run.splits:
         raise RunError(f"{run.path}: no features for split {split!r} (has {', '.join(run.splits)})")

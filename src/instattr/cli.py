@@ -80,11 +80,12 @@ def cmd_predict(a) -> int:
 
 
 def _method_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("options of the methods beyond the last layer (if-top, gd-top, gc-top, rif-top)")
+    g = p.add_argument_group("options of the methods beyond the last layer (if-top, gd-top, gc-top, rif-top, "
+                             "tracin-top); the paper's eleven take none")
     g.add_argument("--layers", type=int, metavar="K", help="transformer layers tracked below the head (default 3)")
     g.add_argument("--proj-dim", type=int, metavar="K", help="LoGra projection size per side of each linear layer "
-                   "(default 16; 0 = no projection, exact but slow)")
-    g.add_argument("--damping", type=float, help="damping added to the Gauss-Newton Hessian (default 0.1)")
+                   "(default 16; 0 = exact gradients, tiny models only)")
+    g.add_argument("--damping", type=float, help="if-top/rif-top: damping added to the Hessian (default 0.1)")
     g.add_argument("--ihvp", choices=["projected", "lissa", "explicit"],
                    help="inverse-Hessian-vector products: projected Gauss-Newton (default), LiSSA as the "
                         "paper ran it, or the explicit Hessian (tiny models)")

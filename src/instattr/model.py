@@ -22,7 +22,7 @@ class HeadConfig:
     lr: float = 2e-4
     epochs: int = 3
     batch_size: int = 16
-    hidden: Optional[int] = None  # pooler width; None = the encoder's hidden size
+    hidden: Optional[int] = None  # pooler width; None: train_run uses the encoder's width, train_heads d_in
     seed: int = 0
 
     def to_dict(self) -> dict:

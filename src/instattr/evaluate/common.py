@@ -30,9 +30,13 @@ def stored_extras(run: Run, split: Optional[str] = None) -> List[str]:
     from ..methods import METHOD_NAMES
     from ..methods.registry import registered
     split = split or run.eval_split
-    n = len(run.features(split))
-    return [m for m in registered() if m not in METHOD_NAMES and run.has_scores(m, split)
-            and len(run.score_info(m, split).get("test_idx", ())) == n]
+    test_idx = [str(i) for i in run.features(split).idx]
+    train_idx = [str(i) for i in run.features("train").idx]
+
+    def covers(m):
+        info = run.score_info(m, split)
+        return info.get("test_idx") == test_idx and info.get("train_idx") == train_idx
+    return [m for m in registered() if m not in METHOD_NAMES and run.has_scores(m, split) and covers(m)]
 
 
 def head_config(run: Run) -> HeadConfig:

@@ -44,7 +44,9 @@ def markdown(result: dict) -> str:
     rows = [[m, _sci(s), _sci(result["fit_seconds"][m]), _sci(result["stored_seconds_per_example"].get(m)),
              ("< " + f"{timing_bound(m):g}") if timing_bound(m) is not None else "—"]
             for m, s in result["methods"].items()]
-    rows += [[m, "—", "—", _sci(result["stored_seconds_per_example"].get(m)), "—"]
+    reused = set(result.get("stored_reused", []))
+    rows += [[m, "—", "—", _sci(result["stored_seconds_per_example"].get(m))
+              + (" (training gradients reused from another method)" if m in reused else ""), "—"]
              for m in result.get("stored_only", [])]
     rows.append(["if, top-5 BERT layers (paper only)", "—", "—", "—", f"~{TIMING_IF_TOP5_SECONDS:g} (GPU)"])
     return ("# Time per test example (paper section 4)\n\nScoring one test example against all "
@@ -79,20 +81,24 @@ def run_timing(run: Run, methods=None, seed: int = 0, n_test: int = 100, split: 
     """Seconds per test example per method; writes results/timing.* and a log-scale bar chart."""
     names = method_list(methods)
     scorer = Scorer(run, split, use_stored=False)
-    # layered methods (if-top, ...) are not refitted here (minutes each): their attribute-step time is read
+    # without --methods, stored layered methods (if-top, ...) are not refitted here (minutes each):
+    # their attribute-step time is read
     extras = [m for m in method_list(methods, run, scorer.split) if m not in names]
     test = run.features(scorer.split)
     sub = test.subset(sample_rows(len(test), n_test, np.random.default_rng(seed)))
     times = {m: time_method(scorer, m, sub, min_seconds) for m in names}
-    stored = {}
+    stored, reused = {}, []
     for m in names + extras:
         if run.has_scores(m, scorer.split):
             info = run.score_info(m, scorer.split)
             if info.get("seconds") is not None and info.get("test_idx"):
                 stored[m] = float(info["seconds"]) / len(info["test_idx"])
+                if info.get("diagnostics", {}).get("train_gradients_reused"):
+                    reused.append(m)
     result = {"methods": {m: t["per_example"] for m, t in times.items()},
               "fit_seconds": {m: t["fit"] for m, t in times.items()},
               "stored_seconds_per_example": stored, "stored_only": [m for m in extras if m in stored],
+              "stored_reused": reused,
               "n_test": len(sub), "n_train": len(scorer.train),
               "seed": seed, "split": scorer.split,
               "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "

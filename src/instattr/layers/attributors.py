@@ -123,6 +123,7 @@ class _TopLayers(Attributor):
 
     whitened = False
     normalized = False
+    command_line_options = ("layers", "proj_dim", "damping", "ihvp")
 
     def __init__(self, run=None, layers: Optional[int] = None, proj_dim: Optional[int] = DEFAULT_PROJ_DIM,
                  projection: str = "orthogonal", seed: int = 0, batch_size: int = 32, dtype: str = "float32",
@@ -184,10 +185,12 @@ class _TopLayers(Attributor):
         self.model_, self.l2_ = model, float(head.l2)
         self.projector_ = self._projector(model)
         self.dim_ = self.projector_.dim
-        grads, factors = cached_train_gradients(
+        cacheable = self.proj_dim is not None   # the factors are cached too, for the whitened methods
+        grads, factors, self.train_gradients_reused_ = cached_train_gradients(
             self.run, model, train, self.dtype,
             {"layers": len(model.layers), "proj_dim": self.proj_dim, "seed": self.seed, "projection": self.projection},
-            lambda: self._projected(self.projector_, train, train.label, True, f"{self.name} train"))
+            lambda: self._projected(self.projector_, train, train.label, self.whitened or cacheable,
+                                    f"{self.name} train"))
         if self.whitened:
             self.solver_ = self._gauss_newton(self.projector_, factors, len(train))
             grads = self.solver_.whiten(grads)

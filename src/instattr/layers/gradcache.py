@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
@@ -36,24 +37,26 @@ def cache_key(model: torch.nn.Module, train: FeatureSet, dtype: str, options: di
 
 def cached_train_gradients(run: Optional[Run], model: torch.nn.Module, train: FeatureSet, dtype: str,
                            options: dict, compute: Callable[[], Tuple[torch.Tensor, torch.Tensor]]):
-    """``compute()`` -> (gradients, factors), read from / written to ``RUN/cache`` when possible."""
+    """(gradients, factors, reused): ``compute()``'s pair, read from / written to ``RUN/cache`` when
+    possible; ``reused`` says it was not computed now (so a fit's seconds leave that cost out)."""
     if run is None or options.get("proj_dim") is None:
-        return compute()
+        return (*compute(), False)
     memo = run.__dict__.setdefault("_grad_caches", {})
     key = cache_key(model, train, dtype, options)
     if key in memo:
-        return memo[key]
+        return (*memo[key], True)
     path = Path(run.path) / "cache" / f"grads-{key}.npz"
     out = None
     if path.exists():
         try:
             with np.load(path, allow_pickle=False) as z:
                 out = (torch.from_numpy(z["grads"]), torch.from_numpy(z["factors"]))
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             out = None   # unreadable: recompute and rewrite
+    reused = out is not None
     if out is None:
         out = compute()
         if sum(t.numel() * t.element_size() for t in out) <= MAX_CACHE_BYTES:
             write_npz(path, grads=out[0].numpy(), factors=out[1].numpy())
     memo[key] = out
-    return out
+    return (*out, reused)

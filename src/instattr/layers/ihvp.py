@@ -20,6 +20,7 @@ with ``H = L L^T`` (so ``whiten(a) . whiten(b) = a^T H^-1 b``, which ``rif`` nee
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -60,16 +61,18 @@ def _cholesky(h: torch.Tensor, what: str) -> torch.Tensor:
     return chol
 
 
-class InverseHVP:
+class InverseHVP(ABC):
     """Base: ``fit(curvature) -> self``; ``solve(V)``; ``whiten(V)`` where the solver can."""
 
     name = ""
 
-    def fit(self, curvature: Curvature) -> "InverseHVP":  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def fit(self, curvature: Curvature) -> "InverseHVP":
+        """Prepare to solve against ``curvature``."""
 
-    def solve(self, vectors: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def solve(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The damped inverse Hessian (each solver's damping, see its docstring) applied to each row."""
 
     def whiten(self, vectors: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{self.name} gives H^-1 v only, not H^-1/2 v; use the explicit or "

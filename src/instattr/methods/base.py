@@ -10,6 +10,7 @@ about ``BLOCK_ELEMENTS`` scores), so memory stays bounded however many training 
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
@@ -23,7 +24,7 @@ class NotFittedError(RuntimeError):
     """``score`` was called before ``fit``."""
 
 
-class Attributor:
+class Attributor(ABC):
     """Base class: subclasses set ``name`` and implement ``_fit`` and ``_score``.
 
     ``_score(test, out)`` writes the float32 scores of the rows of ``test`` into ``out``
@@ -32,6 +33,9 @@ class Attributor:
 
     name: str = ""
     needs_head: bool = True
+    # constructor options that the command line's method flags (--layers, --proj-dim, --damping,
+    # --ihvp) may set; the paper's methods take none, so those flags never change them
+    command_line_options: tuple = ()
 
     def __init__(self, chunk_size: Optional[int] = None):
         if chunk_size is not None and int(chunk_size) < 1:
@@ -91,11 +95,13 @@ class Attributor:
             self._score(test.subset(rows), block)
             yield rows, block
 
-    def _fit(self, train: FeatureSet, head: Optional[HeadState]) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _fit(self, train: FeatureSet, head: Optional[HeadState]) -> None:
+        """Compute everything ``score`` needs from the training set."""
 
-    def _score(self, test: FeatureSet, out: np.ndarray) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _score(self, test: FeatureSet, out: np.ndarray) -> None:
+        """Write the (len(test), n_train) scores of ``test`` into ``out``."""
 
 
 def check_width(name: str, what: str, expected: int, got: np.ndarray) -> None:

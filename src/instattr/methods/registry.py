@@ -36,6 +36,13 @@ def _unknown(name: str) -> ValueError:
     return ValueError(f"unknown method {name!r}; known: {', '.join(registered())}")
 
 
+def method_class(name: str) -> Type[Attributor]:
+    """The class registered as ``name``."""
+    if name not in _REGISTRY:
+        raise _unknown(name)
+    return _REGISTRY[name]
+
+
 def get_method(name: str, **options) -> Attributor:
     """A new, unfitted attributor ``name`` constructed with ``options``."""
     if name not in _REGISTRY:
