@@ -15,7 +15,8 @@ from ..store import Run
 from .common import (Scorer, fmt, md_table, method_list, new_figure, sample_rows, save, save_figure,
                      top_k_mask)
 
-CURVE_PAIRS = (("if-top", "if"), ("gd-top", "gd"), ("rif-top", "rif"), ("tracin", "gd"),   # when stored
+CURVE_PAIRS = (("if-top", "if"), ("gd-top", "gd"), ("gc-top", "gc"), ("rif-top", "rif"),     # when stored
+               ("tracin", "gd"), ("tracin-top", "gd-top"),
                ("if", "gd"), ("rif", "gc"), ("nn-euc", "nn-cos"), ("if", "rif"), ("gd", "nn-dot"),
                ("if", "nn-euc"))
 
