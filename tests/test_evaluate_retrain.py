@@ -137,3 +137,36 @@ def test_removed_support_by_hand():
     # k = n_train: a random set's expectation, every training example once per row
     every = removed_support(scores, 4, np.array([1, 0]), label, probs)
     assert every == pytest.approx(((0.1 - 0.8 - 0.5 - 0.3) + (-0.1 + 0.8 + 0.5 + 0.3)) / 8)
+
+
+def test_interrupted_retrain_continues_from_saved_chunks(tmp_path, monkeypatch):
+    """Chunks finished before an interruption are not retrained, and the result is unchanged; a
+    different job (other masks) does not pick up the saved chunks."""
+    import instattr.evaluate.retrain as rt
+    x, y = tiny_problem(n=12)
+    x_test = x[:3]
+    masks = np.random.default_rng(1).random((7, 12)) > 0.3
+    want_after, want_before = retrain_probs(x, y, x_test, 3, CFG, masks, chunk_size=3)
+    calls, fail_at = [], [3]
+    real = rt.train_heads
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == fail_at[0]:
+            raise RuntimeError("interrupted")
+        return real(*a, **k)
+    monkeypatch.setattr(rt, "train_heads", flaky)
+    partial = tmp_path / "partial.npz"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        retrain_probs(x, y, x_test, 3, CFG, masks, chunk_size=3, partial=partial)
+    assert int(np.load(partial)["done"]) == 4        # two chunks of two heads
+    calls.clear()
+    fail_at[0] = 0
+    after, before = retrain_probs(x, y, x_test, 3, CFG, masks, chunk_size=3, partial=partial)
+    n_unique = len(np.unique(masks, axis=0))
+    assert len(calls) == -(-(n_unique - 4) // 2)      # only the chunks left
+    np.testing.assert_array_equal(after, want_after)
+    np.testing.assert_array_equal(before, want_before)
+    calls.clear()
+    retrain_probs(x, y, x_test, 3, CFG, ~masks, chunk_size=3, partial=partial)
+    assert len(calls) == -(-len(np.unique(~masks, axis=0)) // 2)   # another job: from scratch

@@ -9,14 +9,18 @@ the "before" of the heads in that call, so before and after share exactly the sa
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import zipfile
 from dataclasses import replace
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..model import HeadConfig, Params, logits, train_heads
-from ..store import Run
+from ..store import Run, write_npz
 from .common import (Scorer, data_name, fmt, head_config, head_input, md_table, method_list,
                      new_figure, require_head_mode, sample_rows, save, save_figure, top_k_mask)
 from .paper import TABLE1_RANDOM_STD, TABLE1_RETRAIN, paper_columns
@@ -63,24 +67,48 @@ def batched_probs(params: Params, x: torch.Tensor) -> np.ndarray:
         return torch.softmax(logits(params, x), -1).double().numpy()
 
 
+def _job_digest(x_train, y_train, x_test, config: HeadConfig, uniq: np.ndarray, step: int) -> str:
+    """What a partial retrain depends on: inputs, labels, head config, masks, chunking."""
+    h = hashlib.sha1(json.dumps({"config": config.to_dict(), "step": step}, sort_keys=True).encode())
+    for a in (x_train, y_train, x_test):
+        h.update(np.ascontiguousarray(a).tobytes())
+    h.update(np.packbits(uniq, axis=1).tobytes())
+    return h.hexdigest()
+
+
 def retrain_probs(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int,
                   config: HeadConfig, masks: np.ndarray, chunk_size: int = 64,
-                  progress: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+                  progress: bool = False, partial: Optional[Path] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Train one head per keep-mask; return (after, before), each (m, n_test, C).
 
     Identical masks are trained once. Masks go in chunks of ``chunk_size - 1`` plus one all-kept
     head per chunk; ``before[j]`` is that chunk's all-kept head, so deltas are numerically exact.
+    With ``partial``, finished chunks are saved there after each chunk, and a rerun of the same job
+    (same inputs, config and masks) continues after the last saved chunk.
     """
     from tqdm.auto import tqdm
     masks = np.asarray(masks, dtype=bool)
     uniq, inverse = np.unique(masks, axis=0, return_inverse=True)
     inverse = np.asarray(inverse).reshape(-1)
     step = max(1, chunk_size - 1)
-    x_test_t = torch.as_tensor(np.asarray(x_test), dtype=torch.float32)
+    x_train, y_train = np.asarray(x_train, dtype=np.float32), np.asarray(y_train)
+    x_test = np.asarray(x_test, dtype=np.float32)
+    x_test_t = torch.as_tensor(x_test)
     after_u = np.empty((len(uniq), len(x_test), n_classes))
     before_u = np.empty_like(after_u)
-    starts = range(0, len(uniq), step)
-    for s in tqdm(starts, desc=f"retrain {len(uniq)} heads", disable=not progress, unit="chunk"):
+    done, digest = 0, None
+    if partial is not None:
+        digest = _job_digest(x_train, y_train, x_test, config, uniq, step)
+        try:
+            with np.load(partial, allow_pickle=False) as z:
+                if str(z["digest"]) == digest:
+                    done = int(z["done"])
+                    after_u[:done], before_u[:done] = z["after"][:done], z["before"][:done]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            done = 0   # none, another job's, or unreadable: start over
+    starts = range(done, len(uniq), step)
+    for s in tqdm(starts, desc=f"retrain {len(uniq)} heads" + (f" ({done} done earlier)" if done else ""),
+                  disable=not progress, unit="chunk"):
         block = uniq[s:s + step]
         full = np.ones((1, masks.shape[1]), dtype=bool)
         res = train_heads(x_train, y_train, n_classes, config, masks=np.vstack([full, block]), progress=progress,
@@ -88,13 +116,16 @@ def retrain_probs(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, 
         probs = batched_probs(res.params, x_test_t)
         after_u[s:s + len(block)] = probs[1:]
         before_u[s:s + len(block)] = probs[0]
+        if partial is not None:
+            write_npz(partial, digest=np.array(digest), done=np.array(s + len(block)),
+                      after=after_u[:s + len(block)], before=before_u[:s + len(block)])
     return after_u[inverse], before_u[inverse]
 
 
 def removal_deltas(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, pred: np.ndarray,
                    n_classes: int, config: HeadConfig, score_rows: Dict[str, np.ndarray],
                    ks: Sequence[int], n_random: int = 50, seed: int = 0, chunk_size: int = 64,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, partial: Optional[Path] = None) -> dict:
     """The whole experiment over arrays.
 
     ``score_rows[m]`` is (n_test, n_train) for the rows of ``x_test``; ``pred`` their originally
@@ -116,7 +147,7 @@ def removal_deltas(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
         masks.append(random_masks(n_train, k, n_random, rng))
         owners += [(None, k, r % n_test) for r in range(n_random)]
     after, before = retrain_probs(x_train, y_train, x_test, n_classes, config, np.vstack(masks),
-                                  chunk_size, progress)
+                                  chunk_size, progress, partial)
     pred = np.asarray(pred, dtype=int)
     per = {m: {str(k): [None] * n_test for k in ks} for m in score_rows}
     rand = {str(k): [] for k in ks}
@@ -204,8 +235,9 @@ def run_retrain(run: Run, methods=None, seed: int = 0, n_test: int = 50, ks: Seq
     x_test = head_input(run, scorer.split, test)[rows]
     config = head_config(run)
     config = replace(config, epochs=epochs or config.epochs, batch_size=batch_size or config.batch_size)
+    partial = run.path / "cache" / "retrain-partial.npz"     # an interrupted run continues from here
     out = removal_deltas(x_train, scorer.train.label, x_test, test.pred[rows], test.n_classes,
-                         config, score_rows, ks, n_random, seed + 1, chunk_size, progress)
+                         config, score_rows, ks, n_random, seed + 1, chunk_size, progress, partial)
     support = {m: {str(k): removed_support(score_rows[m], k, test.pred[rows], scorer.train.label,
                                            scorer.train.probs) for k in out["ks"]} for m in names}
     everything = removed_support(np.zeros((len(rows), len(x_train))), len(x_train), test.pred[rows],
@@ -218,4 +250,6 @@ def run_retrain(run: Run, methods=None, seed: int = 0, n_test: int = 50, ks: Seq
               "before_agrees": out["before_agrees"], "removed_support": support,
               "per_example": out["per_example"]}
     result["figures"] = [figure(run, result)]
-    return save(run, "retrain", result, markdown(result, paper_columns(data_name(run))))
+    saved = save(run, "retrain", result, markdown(result, paper_columns(data_name(run))))
+    partial.unlink(missing_ok=True)
+    return saved
