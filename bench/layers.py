@@ -204,7 +204,7 @@ def phase_lissa(run_path, split, test_rows, train_rows, layers, damping, scale, 
 
 
 def phase_exact_ggn(run_path, split, test_rows, layers, n_hessian, ks, dampings, seed=0, block=64,
-                    hessian="auto"):
+                    hessian="auto", reference=None):
     """The exact Gauss-Newton influence on a training subset, brute force, against projected if-top.
 
     On ``n_hessian`` training rows (the Hessian's training set *and* the scored columns) the exact
@@ -212,14 +212,12 @@ def phase_exact_ggn(run_path, split, test_rows, layers, n_hessian, ks, dampings,
     exact per-example gradients (Lambda = damping, plus 2 l2 on the last weight; binary tasks, where
     each Gauss-Newton factor F_i is a multiple of g_i). The Gram matrix is accumulated from streamed
     torch.func gradients, ``block`` rows at a time. Projected if-top and gd-top are fitted on the
-    same subset, for every k.
+    same subset, for every k. ``reference``: the exact part of an earlier run's ``--json`` (same
+    run, sample and dampings), reused instead of recomputing it (about half an hour on 2 cores).
     """
     import torch
-    from instattr.layers.attributors import gauss_newton_curvature, projected_gradients
     from instattr.layers.grads import FlatParameters
-    from instattr.layers.ihvp import GaussNewton
     from instattr.layers.network import tracked_model
-    from instattr.layers.projection import GradientProjector
     from instattr.store import FeatureSet
     from instattr.methods.lastlayer import sum_zero_basis
     run, test, train, _ = setup(run_path, split, test_rows, [0], layers)
@@ -235,6 +233,14 @@ def phase_exact_ggn(run_path, split, test_rows, layers, n_hessian, ks, dampings,
                          ("idx", "label", "pred", "probs", "features", "encoder")})
     labels = np.concatenate([test.pred, sub.label])
     m, n, total = len(test), len(sub), len(test) + len(sub)
+    if reference is not None:
+        out = {"gram_s": reference["gram_s"], "n_hessian": n, "exact_gd": np.asarray(reference["exact_gd"]),
+               "exact_if": {float(k): np.asarray(v) for k, v in reference["exact_if"].items()}, "projected": {}}
+        missing = [d for d in dampings if d not in out["exact_if"]]
+        if out["exact_gd"].shape != (m, n) or missing:
+            raise ValueError(f"--ggn-reference: shape {out['exact_gd'].shape} != {(m, n)} or dampings {missing} "
+                             "missing; rerun without it")
+        return _projected_against(run, test, sub, layers, ks, dampings, run.head().l2, hessian, out)
     t0 = time.perf_counter()
     gram, gram_w = np.zeros((total, total)), np.zeros((total, total))
     for a in range(0, total, block):
@@ -267,6 +273,16 @@ def phase_exact_ggn(run_path, split, test_rows, layers, n_hessian, ks, dampings,
         kf = k_lam[m:, m:] * r[:, None] * r[None, :]
         inner = np.linalg.solve(n * np.eye(n) + kf, (k_lam[m:, m:] * r[:, None]))
         out["exact_if"][lam] = k_lam[:m, m:] - (k_lam[:m, m:] * r[None, :]) @ inner
+    return _projected_against(run, test, sub, layers, ks, dampings, l2, hessian, out)
+
+
+def _projected_against(run, test, sub, layers, ks, dampings, l2, hessian, out):
+    """Projected gd-top and if-top on the Hessian subset ``sub``, for each k and damping, into ``out``."""
+    from instattr.layers.attributors import gauss_newton_curvature, projected_gradients
+    from instattr.layers.ihvp import GaussNewton
+    from instattr.layers.network import tracked_model
+    from instattr.layers.projection import GradientProjector
+    model, _ = tracked_model(run, layers)
     for k in ks:
         proj = GradientProjector(model, k)
         t = time.perf_counter()
@@ -274,7 +290,7 @@ def phase_exact_ggn(run_path, split, test_rows, layers, n_hessian, ks, dampings,
         g_te, _ = projected_gradients(run, test, test.pred, proj, layers)
         res = {"dim": proj.dim, "seconds": time.perf_counter() - t, "gd": (g_te @ g_tr.T).numpy(), "if": {}}
         for lam in dampings:
-            solver = GaussNewton(lam, hessian).fit(gauss_newton_curvature(proj, factors, n, l2))
+            solver = GaussNewton(lam, hessian).fit(gauss_newton_curvature(proj, factors, len(sub), l2))
             res["if"][lam] = (solver.whiten(g_te) @ solver.whiten(g_tr).T).numpy()
             res["structure"] = "full" if solver.full_ else "block"
         out["projected"][k] = res
@@ -398,6 +414,7 @@ def main():
     ap.add_argument("--kfac-fit-rows", type=int, default=2000)
     ap.add_argument("--n-hessian", type=int, default=1000,
                     help="training rows of the exact (Woodbury) Gauss-Newton reference")
+    ap.add_argument("--ggn-reference", help="an earlier --json of the same command: reuse its exact reference")
     ap.add_argument("--only", default="cache,exact,ggn,projected,lissa,paper,kfac,agreement")
     ap.add_argument("--json", help="write every number here as well")
     a = ap.parse_args()
@@ -427,8 +444,12 @@ def main():
         print(f"\nexact gd-top (torch.func, {ex['dim']:,} parameters): {ex['per_example_s'] * 1e3:.0f} ms per "
               f"example gradient, peak {ex['peak_mb']:.0f} MB")
     if "ggn" in only:
+        ref = None
+        if a.ggn_reference:
+            with open(a.ggn_reference) as f:
+                ref = json.load(f)["ggn"]
         gg = res["ggn"] = in_process(phase_exact_ggn, a.run, split, test_rows, a.layers, a.n_hessian, ks, dampings,
-                                     a.seed, hessian=a.hessian)
+                                     a.seed, hessian=a.hessian, reference=ref)
         print(f"\nexact Gauss-Newton influence on {gg['n_hessian']} training rows (Hessian and scored columns), "
               f"by Woodbury from exact gradients: {gg['gram_s']:.0f} s, peak {gg['peak_mb']:.0f} MB")
         print(f"  agreement with it (mean per-row Spearman over {gg['n_hessian']} columns):")

@@ -110,12 +110,12 @@ def projected_gradients(run, fs: FeatureSet, labels: np.ndarray, projector: Grad
 
 def gauss_newton_curvature(projector: GradientProjector, factors: torch.Tensor, n: int, l2: float) -> Curvature:
     """The projected problem for :class:`GaussNewton`: factors, the L2 term (2 l2 I on the exact
-    last-layer block), the damping metric per module, one Hessian block per tracked layer + head."""
+    last-layer block), one Hessian block per tracked layer + head."""
     blocks = [slice(int(a), int(z)) for a, z in zip(projector.offsets[:-1], projector.offsets[1:])]
     reg = [2.0 * l2 * torch.eye(b.dim, dtype=torch.float64) if b.name == "classifier" else None
            for b in projector.blocks]
     return Curvature(dim=projector.dim, n=n, factors=factors, blocks=blocks, regulariser=reg,
-                     metric=projector.metrics(), groups=list(projector.groups().values()))
+                     groups=list(projector.groups().values()))
 
 
 class _TopLayers(Attributor):

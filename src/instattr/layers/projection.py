@@ -16,9 +16,8 @@ exact in the sum-zero class basis Q (its gradients ``e (x) f`` have ``e`` summin
 Projections: ``orthogonal`` (default: orthonormal rows of a random subspace scaled by sqrt(d/k),
 so E[P^T P] = I and inner products are unbiased; at k = d an exact rotation) or ``gaussian``
 (entries N(0, 1/k), as TRAK and LoGra; same expectation, a little more distortion). ``dim=None``
-keeps every block exact. The damping ``lambda I`` of the full space becomes ``lambda (d/k) I`` in a
-block's projected coordinates (``P P^T = (d/k) I`` for orthogonal rows), so a full-size orthogonal
-projection reproduces the unprojected influence exactly. Only the (C-1) reduced logit directions are back-propagated; the
+keeps every block exact, and a full-size orthogonal projection is a rotation, which reproduces the
+unprojected influence exactly. Only the (C-1) reduced logit directions are back-propagated; the
 parameters' own gradients are never computed (the backward pass runs to the inputs only).
 """
 from __future__ import annotations
@@ -62,15 +61,6 @@ class Block:
     p: Optional[torch.Tensor] = None       # layernorm: (k, n_params); None = identity
     inputs: list = field(default_factory=list, repr=False)
     acc: Optional[torch.Tensor] = field(default=None, repr=False)
-
-    def metric(self) -> torch.Tensor:
-        """What the identity (damping) becomes in this block's coordinates: ``c I`` with c the mean
-        eigenvalue of ``P P^T`` (= d/k for every kind: exact for orthogonal rows, where
-        ``P P^T = (d/k) I``, and the expectation for Gaussian ones; 1 for exact blocks)."""
-        def mean_eig(m):
-            return 1.0 if m is None else float((m.double() ** 2).sum() / m.shape[0])
-        c = mean_eig(self.p_out) * mean_eig(self.p_in) if self.kind == "linear" else mean_eig(self.p)
-        return c * torch.eye(self.dim, dtype=torch.float64)
 
 
 class GradientProjector:
@@ -133,9 +123,6 @@ class GradientProjector:
         for b, a, z in zip(self.blocks, self.offsets[:-1], self.offsets[1:]):
             out.setdefault(b.group, []).extend([int(a), int(z)])
         return {g: slice(min(v), max(v)) for g, v in out.items()}
-
-    def metrics(self) -> List[torch.Tensor]:
-        return [b.metric() for b in self.blocks]
 
     # ------------------------------------------------------------------ hooks
     def _forward_hook(self, block: Block):
