@@ -174,7 +174,7 @@ def format_explanation(result: dict, width: Optional[int] = None) -> str:
 
     def cell(r):
         text = r["text"] + (f" || {r['query']}" if "query" in r else "")
-        head = f"{r['score']:+.3g} {r['label']:<{label_width}} "
+        head = f"{r['score']:+#.3g} {r['label']:<{label_width}} "
         room = col - len(head)
         return head + (text if len(text) <= room else text[:room - 1] + "…")
 
