@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .errors import InstattrError
-from .store import FeatureSet, Run, RunError
+from .store import FeatureSet, HeadState, Run, RunError
 
 
 def resolve_methods(spec) -> List[str]:
@@ -19,8 +19,10 @@ def resolve_methods(spec) -> List[str]:
         raise InstattrError(str(e)) from None
 
 
-def fit_method(run: Run, name: str, train: Optional[FeatureSet] = None, **options):
-    """A fitted attributor ``name`` on the run's training features (all rows unless ``train``)."""
+def fit_method(run: Run, name: str, train: Optional[FeatureSet] = None, head: Optional[HeadState] = None,
+               **options):
+    """A fitted attributor ``name`` on the run's training features (all rows unless ``train``) and
+    the run's head (unless ``head``, e.g. a re-initialised one)."""
     import inspect
 
     from .methods import get_method
@@ -30,7 +32,7 @@ def fit_method(run: Run, name: str, train: Optional[FeatureSet] = None, **option
             method = get_method(name, run=run, **options)   # methods that read the run's texts
     except ValueError as e:
         raise InstattrError(str(e)) from None
-    return method.fit(run.features("train") if train is None else train, run.head())
+    return method.fit(run.features("train") if train is None else train, run.head() if head is None else head)
 
 
 def method_options(names: Sequence[str], options: Optional[dict]) -> Dict[str, dict]:

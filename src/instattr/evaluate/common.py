@@ -98,13 +98,8 @@ class Scorer:
     def attributor(self, method: str):
         """The registry's ``method`` fitted on the full training set (cached)."""
         if method not in self._fitted:
-            import inspect
-
-            from ..methods import get_method
-            att = get_method(method)
-            if "run" in inspect.signature(type(att)).parameters:  # methods that read the run's texts
-                att = get_method(method, run=self.run)
-            self._fitted[method] = att.fit(self.train, self.head)
+            from ..attribution import fit_method
+            self._fitted[method] = fit_method(self.run, method, self.train, self.head)
         return self._fitted[method]
 
     def _stored(self, method: str, rows: np.ndarray) -> Optional[np.ndarray]:
