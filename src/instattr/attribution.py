@@ -85,15 +85,15 @@ def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_
     from .methods import get_method
     names = resolve_methods(methods)
     per_method = method_options(names, options)
+    split = split or run.eval_split
+    if split not in run.splits:
+        raise RunError(f"{run.path}: no features for split {split!r} (has {', '.join(run.splits)})")
     for name in names:                      # bad or conflicting options fail before any score is written
         try:
             get_method(name, **per_method[name])
         except ValueError as e:
             raise InstattrError(str(e)) from None
-        _check_kept_options(run, name, split or run.eval_split, per_method[name], overwrite)
-    split = split or run.eval_split
-    if split not in run.splits:
-        raise RunError(f"{run.path}: no features for split {split!r} (has {', '.join(run.splits)})")
+        _check_kept_options(run, name, split, per_method[name], overwrite)
     for flag, v in (("--limit-test", limit_test), ("--limit-train", limit_train)):
         if v is not None and v <= 0:
             raise InstattrError(f"{flag} must be positive, got {v}")

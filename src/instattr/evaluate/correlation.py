@@ -15,10 +15,11 @@ from ..store import Run
 from .common import (Scorer, fmt, md_table, method_list, new_figure, sample_rows, save, save_figure,
                      top_k_mask)
 
-CURVE_PAIRS = (("if-top", "if"), ("gd-top", "gd"), ("gc-top", "gc"), ("rif-top", "rif"),     # when stored
-               ("tracin", "gd"), ("tracin-top", "gd-top"),
-               ("if", "gd"), ("rif", "gc"), ("nn-euc", "nn-cos"), ("if", "rif"), ("gd", "nn-dot"),
-               ("if", "nn-euc"))
+# paper Figure 4 and beyond: layered methods against their last-layer versions, TracIn against GD
+LAYERED_PAIRS = (("if-top", "if"), ("gd-top", "gd"), ("gc-top", "gc"), ("rif-top", "rif"),
+                 ("tracin", "gd"), ("tracin-top", "gd-top"))
+CURVE_PAIRS = LAYERED_PAIRS + (("if", "gd"), ("rif", "gc"), ("nn-euc", "nn-cos"), ("if", "rif"),
+                               ("gd", "nn-dot"), ("if", "nn-euc"))
 
 
 def standardized_ranks(scores: np.ndarray) -> np.ndarray:
@@ -96,8 +97,8 @@ def heatmap(run: Run, name: str, methods: List[str], matrix, title: str, vmin: f
 
 
 def is_layered(pair: str) -> bool:
-    """A curve pair that involves a method beyond the paper's last-layer ones (if-top, tracin, ...)."""
-    return "-top" in pair or "tracin" in pair
+    """A curve pair ("a vs b") of ``LAYERED_PAIRS``."""
+    return tuple(pair.split(" vs ")) in LAYERED_PAIRS
 
 
 def curve_figure(run: Run, curve: dict, layered: bool = False) -> Optional[str]:
