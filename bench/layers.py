@@ -1,6 +1,6 @@
 """Influence over the top encoder layers on a real run: projected if-top vs the paper's LiSSA vs EK-FAC.
 
-    python bench/layers.py runs/sst2 [--n-test 6] [--n-train 500] [--ks 4,8,16,32]
+    python bench/layers.py runs/sst2 [--n-test 6] [--n-train 500] [--ks 4,8,16,32] [--projections khatri-rao]
                                      [--dampings 0.1,1,10] [--lissa-damping 10] [--lissa-depth 1000]
                                      [--n-hessian 1000] [--kronfluence]
                                      [--only cache,exact,ggn,projected,lissa,paper,kfac,agreement]
@@ -13,7 +13,8 @@ training rows (all training rows enter every Hessian). It prints
   projected ``gd-top`` with it for each projection size ``k`` (the projection alone);
 - the exact Gauss-Newton influence with the Hessian of ``--n-hessian`` training rows (Woodbury over
   exact gradients), against projected ``if-top``/``gd-top`` fitted on the same rows, for each ``k``
-  and damping (the Hessian structure each ``k`` resolved to is printed: full or block-diagonal);
+  and damping, for each ``--projections`` kind (khatri-rao, orthogonal, gaussian; the Hessian
+  structure each resolved to is printed: f(ull), d(ual, full by Woodbury) or b(lock-diagonal));
 - projected ``if-top`` (Gauss-Newton in the projected space) for each ``k`` and damping: fit time on
   the whole training set, time per test example, extrapolated total for the whole test split;
 - LiSSA with exact Hessian-vector products (the paper's algorithm) run to convergence at
@@ -129,7 +130,8 @@ def phase_exact(run_path, split, test_rows, train_rows, layers):
             "per_example_s": (time.perf_counter() - t) / (len(test) + len(train_s))}
 
 
-def phase_projected(run_path, split, test_rows, train_rows, layers, k, dampings, n_split, hessian="auto"):
+def phase_projected(run_path, split, test_rows, train_rows, layers, k, dampings, n_split, hessian="auto",
+                    kind="khatri-rao"):
     import torch
     from instattr.layers.attributors import gauss_newton_curvature, projected_gradients
     from instattr.layers.ihvp import GaussNewton
@@ -137,7 +139,7 @@ def phase_projected(run_path, split, test_rows, train_rows, layers, k, dampings,
     from instattr.layers.projection import GradientProjector
     run, test, train, _ = setup(run_path, split, test_rows, train_rows, layers)
     model, _ = tracked_model(run, layers)
-    proj = GradientProjector(model, k)
+    proj = GradientProjector(model, k, kind=kind)
     t = time.perf_counter()
     g_tr, factors = projected_gradients(run, train, train.label, proj, layers, factors=True)
     t_train = time.perf_counter() - t
@@ -150,10 +152,10 @@ def phase_projected(run_path, split, test_rows, train_rows, layers, k, dampings,
     for lam in dampings:
         t = time.perf_counter()
         solver = GaussNewton(lam, hessian).fit(gauss_newton_curvature(proj, factors, len(train), run.head().l2))
-        whitened_train = solver.whiten(g_tr)            # what fit stores: L^-1 g_i for every i
+        solved = solver.solve(g_te.double())            # if-top scores H^-1 g_t . g_i
         out["solve_s"][lam] = time.perf_counter() - t
-        out["if"][lam] = (solver.whiten(g_te) @ whitened_train[cols].T).numpy()
-        out["structure"] = "full" if solver.full_ else "block"
+        out["if"][lam] = (solved @ g_tr[cols].double().T).numpy()
+        out["structure"] = _structure(solver)
     out["total_s"] = t_train + out["solve_s"][dampings[0]] + n_split * t_test
     return out
 
@@ -204,7 +206,7 @@ def phase_lissa(run_path, split, test_rows, train_rows, layers, damping, scale, 
 
 
 def phase_exact_ggn(run_path, split, test_rows, layers, n_hessian, ks, dampings, seed=0, block=64,
-                    hessian="auto", reference=None):
+                    hessian="auto", reference=None, kinds=("khatri-rao",)):
     """The exact Gauss-Newton influence on a training subset, brute force, against projected if-top.
 
     On ``n_hessian`` training rows (the Hessian's training set *and* the scored columns) the exact
@@ -240,7 +242,7 @@ def phase_exact_ggn(run_path, split, test_rows, layers, n_hessian, ks, dampings,
         if out["exact_gd"].shape != (m, n) or missing:
             raise ValueError(f"--ggn-reference: shape {out['exact_gd'].shape} != {(m, n)} or dampings {missing} "
                              "missing; rerun without it")
-        return _projected_against(run, test, sub, layers, ks, dampings, run.head().l2, hessian, out)
+        return _projected_against(run, test, sub, layers, ks, dampings, run.head().l2, hessian, out, kinds)
     t0 = time.perf_counter()
     gram, gram_w = np.zeros((total, total)), np.zeros((total, total))
     for a in range(0, total, block):
@@ -273,27 +275,33 @@ def phase_exact_ggn(run_path, split, test_rows, layers, n_hessian, ks, dampings,
         kf = k_lam[m:, m:] * r[:, None] * r[None, :]
         inner = np.linalg.solve(n * np.eye(n) + kf, (k_lam[m:, m:] * r[:, None]))
         out["exact_if"][lam] = k_lam[:m, m:] - (k_lam[:m, m:] * r[None, :]) @ inner
-    return _projected_against(run, test, sub, layers, ks, dampings, l2, hessian, out)
+    return _projected_against(run, test, sub, layers, ks, dampings, l2, hessian, out, kinds)
 
 
-def _projected_against(run, test, sub, layers, ks, dampings, l2, hessian, out):
-    """Projected gd-top and if-top on the Hessian subset ``sub``, for each k and damping, into ``out``."""
+def _structure(solver) -> str:
+    return ("dual" if solver.dual_ else "full") if solver.full_ else "block"
+
+
+def _projected_against(run, test, sub, layers, ks, dampings, l2, hessian, out, kinds=("khatri-rao",)):
+    """Projected gd-top and if-top on the Hessian subset ``sub``, for each kind, k and damping, into ``out``."""
     from instattr.layers.attributors import gauss_newton_curvature, projected_gradients
     from instattr.layers.ihvp import GaussNewton
     from instattr.layers.network import tracked_model
     from instattr.layers.projection import GradientProjector
     model, _ = tracked_model(run, layers)
-    for k in ks:
-        proj = GradientProjector(model, k)
-        t = time.perf_counter()
-        g_tr, factors = projected_gradients(run, sub, sub.label, proj, layers, factors=True)
-        g_te, _ = projected_gradients(run, test, test.pred, proj, layers)
-        res = {"dim": proj.dim, "seconds": time.perf_counter() - t, "gd": (g_te @ g_tr.T).numpy(), "if": {}}
-        for lam in dampings:
-            solver = GaussNewton(lam, hessian).fit(gauss_newton_curvature(proj, factors, len(sub), l2))
-            res["if"][lam] = (solver.whiten(g_te) @ solver.whiten(g_tr).T).numpy()
-            res["structure"] = "full" if solver.full_ else "block"
-        out["projected"][k] = res
+    for kind in kinds:
+        for k in ks:
+            proj = GradientProjector(model, k, kind=kind)
+            t = time.perf_counter()
+            g_tr, factors = projected_gradients(run, sub, sub.label, proj, layers, factors=True)
+            g_te, _ = projected_gradients(run, test, test.pred, proj, layers)
+            res = {"kind": kind, "k": k, "dim": proj.dim, "seconds": time.perf_counter() - t,
+                   "gd": (g_te @ g_tr.T).numpy(), "if": {}}
+            for lam in dampings:
+                solver = GaussNewton(lam, hessian).fit(gauss_newton_curvature(proj, factors, len(sub), l2))
+                res["if"][lam] = (solver.solve(g_te.double()) @ g_tr.double().T).numpy()
+                res["structure"] = _structure(solver)
+            out["projected"][f"{kind}:{k}"] = res
     return out
 
 
@@ -402,9 +410,11 @@ def main():
     ap.add_argument("--n-train", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ks", default="4,8,16,32")
+    ap.add_argument("--projections", default="khatri-rao",
+                    help="projection kinds for the ggn phase (the projected phase times the first)")
     ap.add_argument("--dampings", default="0.01,0.1,1,10")
     ap.add_argument("--hessian", default="auto", choices=["auto", "full", "block"],
-                    help="projected Hessian structure (auto: full up to 8192 dimensions)")
+                    help="projected Hessian structure (auto: full while min(dim, factor rows) <= 20480)")
     ap.add_argument("--lissa-damping", type=float, default=10.0)
     ap.add_argument("--lissa-scale", type=float, default=1000.0)
     ap.add_argument("--lissa-depth", type=int, default=1000)
@@ -427,6 +437,7 @@ def main():
     train_rows = np.sort(rng.choice(n_train, a.n_train, replace=False)).tolist()
     only = set(a.only.split(","))
     ks = [int(k) for k in a.ks.split(",")]
+    kinds = a.projections.split(",")
     dampings = sorted({float(x) for x in a.dampings.split(",")} | {a.lissa_damping})
     common = (a.run, split, test_rows, train_rows, a.layers)
     res = {"sample": {"n_test": a.n_test, "n_train": a.n_train, "seed": a.seed}, "split_size": n_split}
@@ -449,13 +460,14 @@ def main():
             with open(a.ggn_reference) as f:
                 ref = json.load(f)["ggn"]
         gg = res["ggn"] = in_process(phase_exact_ggn, a.run, split, test_rows, a.layers, a.n_hessian, ks, dampings,
-                                     a.seed, hessian=a.hessian, reference=ref)
+                                     a.seed, hessian=a.hessian, reference=ref, kinds=kinds)
         print(f"\nexact Gauss-Newton influence on {gg['n_hessian']} training rows (Hessian and scored columns), "
               f"by Woodbury from exact gradients: {gg['gram_s']:.0f} s, peak {gg['peak_mb']:.0f} MB")
         print(f"  agreement with it (mean per-row Spearman over {gg['n_hessian']} columns):")
-        print(f"  {'k':>4} {'dim':>8} {'s':>5} {'gd-top':>7} " + " ".join(f"{'if@' + format(d, 'g'):>8}" for d in dampings))
-        for k, pr in gg["projected"].items():
-            print(f"  {k:>4} {pr['dim']:>7,}{pr['structure'][0]} {pr['seconds']:>5.0f} "
+        print(f"  {'projection':>10} {'k':>4} {'dim':>8} {'s':>5} {'gd-top':>7} "
+              + " ".join(f"{'if@' + format(d, 'g'):>8}" for d in dampings))
+        for pr in gg["projected"].values():
+            print(f"  {pr['kind']:>10} {pr['k']:>4} {pr['dim']:>7,}{pr['structure'][0]} {pr['seconds']:>5.0f} "
                   f"{spearman(pr['gd'], gg['exact_gd']):>7.3f} " +
                   " ".join(f"{spearman(pr['if'][d], gg['exact_if'][d]):>8.3f}" for d in dampings))
         print("  exact if vs exact gd-top: " + "  ".join(
@@ -493,7 +505,8 @@ def main():
         print(f"{'k':>4} {'dim':>7} {'train s':>8} {'ms/test':>8} {'total s':>8} {'peak MB':>8} "
               f"{'gd-top~exact':>13} " + " ".join(f"{'if@' + format(d, 'g'):>9}" for d in dampings))
         for k in ks:
-            pr = res["projected"][k] = in_process(phase_projected, *common, k, dampings, n_split, a.hessian)
+            pr = res["projected"][k] = in_process(phase_projected, *common, k, dampings, n_split, a.hessian,
+                                                  kinds[0])
             gd_agree = spearman(pr["gd"], res["exact"]["gd"]) if "exact" in res else float("nan")
             ref = res.get("lissa", {}).get("scores")
             cells = []

@@ -257,6 +257,78 @@ def test_projection_is_p_out_g_p_in_transposed(single):
     assert checked == 7                                  # 6 per BERT layer + the pooler
 
 
+def test_khatri_rao_blocks_are_rank_one_sketches(single):
+    """Each entry r of a khatri-rao linear block is p_r^T G q_r of the exact weight|bias gradient G."""
+    fs = single.features("train")
+    model = model_of(single, 1)
+    exact = loop_grads(model, example_batches(single, fs, 1), fs.label)
+    flat = FlatParameters(model)
+    proj = GradientProjector(model, 3, seed=2, kind="khatri-rao")
+    b = Examples(single, fs, 1).batch(np.arange(len(fs)), torch.float64)
+    logits, _, jac = proj.project(b)
+    e = torch.softmax(logits, -1)
+    e[torch.arange(len(fs)), torch.as_tensor(fs.label)] -= 1
+    got = torch.einsum("br,brd->bd", e @ proj.basis, jac)
+    checked = 0
+    for blk, a, z in zip(proj.blocks, proj.offsets[:-1], proj.offsets[1:]):
+        if blk.kind != "linear" or blk.name == "classifier":
+            continue
+        assert blk.rank_one and blk.dim == 9 and set(np.unique(blk.p_out.abs().numpy())) == {9 ** -0.25}
+        w = exact[:, flat.slices[blk.name + ".weight"]].reshape(len(fs), *blk.module.weight.shape)
+        g = torch.cat([w, exact[:, flat.slices[blk.name + ".bias"]][:, :, None]], dim=2)
+        want = torch.einsum("ro,boi,ri->br", blk.p_out, g, blk.p_in)
+        torch.testing.assert_close(got[:, a:z], want, rtol=1e-9, atol=1e-12)
+        checked += 1
+    assert checked == 7
+
+
+def test_khatri_rao_inner_products_are_unbiased(single):
+    """Averaged over seeds, projected inner products converge to the exact ones (E[P^T P] = I)."""
+    fs = single.features("train")
+    model = model_of(single, 1)
+    exact = loop_grads(model, example_batches(single, fs, 1), fs.label)
+    b = Examples(single, fs, 1).batch(np.arange(len(fs)), torch.float64)
+    mean = torch.zeros(len(fs), len(fs), dtype=torch.float64)
+    seeds = 200
+    for seed in range(seeds):
+        proj = GradientProjector(model, 2, seed=seed, kind="khatri-rao")
+        logits, _, jac = proj.project(b)
+        e = torch.softmax(logits, -1)
+        e[torch.arange(len(fs)), torch.as_tensor(fs.label)] -= 1
+        g = torch.einsum("br,brd->bd", e @ proj.basis, jac)
+        mean += g @ g.T / seeds
+    want = exact @ exact.T
+    rel = (mean - want).norm() / want.norm()
+    assert rel < 0.1, rel          # one seed alone is far off, a wrong scale is off by a factor
+
+
+def test_gauss_newton_dual_equals_primal():
+    """Woodbury over the factor rows = the dim x dim Cholesky, regulariser blocks included."""
+    rng = np.random.default_rng(3)
+    dim, rows = 12, 5
+    f = torch.as_tensor(rng.standard_normal((rows, dim)))
+    blocks = [slice(0, 4), slice(4, 9), slice(9, 12)]
+    a = rng.standard_normal((3, 3))
+    reg = [None, None, torch.as_tensor(a @ a.T)]
+    curv = Curvature(dim=dim, n=7, factors=f, blocks=blocks, regulariser=reg)
+    v = torch.as_tensor(rng.standard_normal((4, dim)))
+    primal = GaussNewton(damping=0.3, structure="full", form="primal").fit(curv)
+    dual = GaussNewton(damping=0.3, structure="full", chunk=2).fit(curv)
+    assert dual.dual_ and not primal.dual_
+    h = f.T @ f / 7 + 0.3 * torch.eye(dim, dtype=f.dtype)
+    h[9:, 9:] += reg[2]
+    want = torch.linalg.solve(h, v.T).T
+    torch.testing.assert_close(primal.solve(v), want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(dual.solve(v), want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(dual.quadratic(v, chunk=3), (want * v).sum(1), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="dual form"):
+        dual.whiten(v)
+    with pytest.raises(ValueError, match="damping > 0"):
+        GaussNewton(damping=0.0, structure="full", form="dual").fit(curv)
+    with pytest.raises(ValueError, match="not positive definite"):   # auto falls back to the primal
+        GaussNewton(damping=0.0, structure="full").fit(curv)
+
+
 def test_large_damping_turns_projected_if_top_into_gd_top_over_damping(single):
     """The damping is lambda I in the projected coordinates (E[P^T P] = I), as in the full space,
     so as lambda grows lambda * if-top tends to gd-top in every block at once -- a per-block
@@ -437,6 +509,13 @@ def test_cli_method_options_reach_the_layered_methods(single, capsys):
     assert main(["--quiet", "attribute", "--run", path, "--methods", "gd-top", "--layers", "2"]) == 2
     assert "was made with layers=1; add --overwrite" in capsys.readouterr().err
     assert single.score_path("gd-top", "test").stat().st_mtime_ns == stamp
+    assert main(["--quiet", "attribute", "--run", path, "--methods", "gd-top", "--layers", "1", "--proj-dim", "2",
+                 "--projection", "gaussian", "--overwrite"]) == 0
+    cfg = single.score_info("gd-top")["config"]
+    assert cfg["projection"] == "gaussian" and cfg["proj_dim"] == 2
+    kron = get_method("gd-top", run=single, layers=1, proj_dim=2, projection="gaussian", progress=False)
+    np.testing.assert_allclose(single.scores("gd-top"), kron.fit(single.features("train"), single.head())
+                               .score(single.features("test")), rtol=1e-5, atol=1e-7)
 
 
 def test_method_flags_never_reach_the_paper_methods():

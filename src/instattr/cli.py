@@ -83,8 +83,11 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("options of the methods beyond the last layer (if-top, gd-top, gc-top, rif-top, "
                              "tracin-top); the paper's eleven take none")
     g.add_argument("--layers", type=int, metavar="K", help="transformer layers tracked below the head (default 3)")
-    g.add_argument("--proj-dim", type=int, metavar="K", help="LoGra projection size per side of each linear layer "
-                   "(default 16; 0 = exact gradients, tiny models only)")
+    g.add_argument("--proj-dim", type=int, metavar="K", help="projection size: K*K numbers per linear layer "
+                   "(default 32; 0 = exact gradients, tiny models only)")
+    g.add_argument("--projection", choices=["khatri-rao", "orthogonal", "gaussian"],
+                   help="how each layer's gradient is sketched: khatri-rao rank-one sketches (default), or "
+                        "LoGra's Kronecker product of orthogonal or gaussian side projections")
     g.add_argument("--damping", type=float, help="if-top/rif-top: damping added to the Hessian (default 0.1)")
     g.add_argument("--ihvp", choices=["projected", "lissa", "explicit"],
                    help="inverse-Hessian-vector products: projected Gauss-Newton (default), LiSSA as the "
@@ -93,7 +96,7 @@ def _method_args(p: argparse.ArgumentParser) -> None:
 
 def _method_options(a) -> dict:
     """The method options given on the command line (only those given)."""
-    opts = {k: getattr(a, k) for k in ("layers", "damping", "ihvp") if getattr(a, k) is not None}
+    opts = {k: getattr(a, k) for k in ("layers", "projection", "damping", "ihvp") if getattr(a, k) is not None}
     if a.proj_dim is not None:
         opts["proj_dim"] = a.proj_dim or None   # 0: unprojected
     return opts

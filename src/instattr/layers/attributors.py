@@ -8,10 +8,12 @@ the test-side gradient at the model's predicted label, the training side at the 
 
 over every parameter of the tracked model (``layers`` top transformer layers, the pooler and the
 last linear layer), H the Hessian of the regularised training loss (L2 on the last linear weight
-only) plus ``damping``. Gradients are LoGra projections (:mod:`.projection`, ``proj_dim`` per
-side; ``None`` = exact); ``ihvp`` picks the inverse Hessian:
+only) plus ``damping``. Gradients are projected layer by layer without being formed
+(:mod:`.projection`: ``proj_dim`` k gives k^2 numbers per linear layer, ``None`` = exact;
+``projection`` khatri-rao by default, or LoGra's Kronecker); ``ihvp`` picks the inverse Hessian:
 
-- ``projected`` (default): the Gauss-Newton Hessian in the projected space (:class:`GaussNewton`).
+- ``projected`` (default): the Gauss-Newton Hessian in the projected space (:class:`GaussNewton`,
+  solved in its dual form when there are fewer training rows than projected dimensions).
   This is the GGN ``(1/n) sum_i J_i^T (diag p_i - p_i p_i^T) J_i`` -- for softmax cross-entropy the
   *true* Fisher, i.e. the expectation over labels drawn from the model, not the empirical Fisher at
   the gold labels. On the last linear layer it equals the exact Hessian used by ``if``.
@@ -43,7 +45,7 @@ from .ihvp import HESSIAN_STRUCTURES, Curvature, ExplicitHessian, GaussNewton, L
 from .network import resolve_dtype, tracked_model
 from .projection import KINDS, GradientProjector
 
-DEFAULT_PROJ_DIM = 16
+DEFAULT_PROJ_DIM = 32
 DEFAULT_DAMPING = 0.1
 IHVPS = ("projected", "lissa", "explicit")
 FEATURE_TOLERANCE = 1e-3      # recomputed pooler features vs the run's stored ones
@@ -118,15 +120,21 @@ def gauss_newton_curvature(projector: GradientProjector, factors: torch.Tensor, 
                      groups=list(projector.groups().values()))
 
 
+def _over_root(rows: torch.Tensor, quad: torch.Tensor) -> torch.Tensor:
+    """rows / sqrt(quad), row by row; rows whose quadratic form is 0 stay 0."""
+    root = quad.clamp_min(0).sqrt()
+    return rows / torch.where(root > 0, root, torch.ones_like(root)).to(rows.dtype)[:, None]
+
+
 class _TopLayers(Attributor):
     """Shared machinery; subclasses set ``whitened`` and ``normalized`` (as the last-layer family)."""
 
     whitened = False
     normalized = False
-    command_line_options = ("layers", "proj_dim", "damping", "ihvp")
+    command_line_options = ("layers", "proj_dim", "projection", "damping", "ihvp")
 
     def __init__(self, run=None, layers: Optional[int] = None, proj_dim: Optional[int] = DEFAULT_PROJ_DIM,
-                 projection: str = "orthogonal", seed: int = 0, batch_size: int = 32, dtype: str = "float32",
+                 projection: str = "khatri-rao", seed: int = 0, batch_size: int = 32, dtype: str = "float32",
                  progress: Optional[bool] = None, chunk_size: Optional[int] = None):
         super().__init__(chunk_size)
         if layers is not None and int(layers) < 0:
@@ -191,16 +199,22 @@ class _TopLayers(Attributor):
             {"layers": len(model.layers), "proj_dim": self.proj_dim, "seed": self.seed, "projection": self.projection},
             lambda: self._projected(self.projector_, train, train.label, self.whitened or cacheable,
                                     f"{self.name} train"))
-        if self.whitened:
+        if self.whitened:   # if: H^-1 g_t . g_i; rif: the same over sqrt(g_t^T H^-1 g_t g_i^T H^-1 g_i)
             self.solver_ = self._gauss_newton(self.projector_, factors, len(train))
-            grads = self.solver_.whiten(grads)
-        self.train_embedding_ = self._finish(grads)
+            if self.normalized:
+                grads = _over_root(grads, self.solver_.quadratic(grads))
+            self.train_embedding_ = np.ascontiguousarray(grads.float().numpy())
+        else:
+            self.train_embedding_ = self._finish(grads)
 
     def _embed_test(self, test: FeatureSet) -> np.ndarray:
         grads, _ = self._projected(self.projector_, test, test.pred, False, f"{self.name} test")
-        if self.whitened:
-            grads = self.solver_.whiten(grads)
-        return self._finish(grads)
+        if not self.whitened:
+            return self._finish(grads)
+        solved = self.solver_.solve(grads.double())
+        if self.normalized:
+            solved = _over_root(solved, (solved * grads.double()).sum(1))
+        return np.ascontiguousarray(solved.float().numpy())
 
     def _score(self, test: FeatureSet, out: np.ndarray) -> None:
         np.matmul(self._embed_test(test), self.train_embedding_.T, out=out)
@@ -221,7 +235,7 @@ class _TopInfluence(_TopLayers):
     whitened = True
 
     def __init__(self, run=None, layers: Optional[int] = None, proj_dim: Optional[int] = DEFAULT_PROJ_DIM,
-                 projection: str = "orthogonal", seed: int = 0, ihvp: str = "projected",
+                 projection: str = "khatri-rao", seed: int = 0, ihvp: str = "projected",
                  damping: float = DEFAULT_DAMPING, hessian: str = "auto", lissa_scale: float = 1e4,
                  lissa_depth: int = 1000, lissa_repeats: int = 1, lissa_batch_size: int = 8,
                  batch_size: int = 32, dtype: str = "float32", progress: Optional[bool] = None,
@@ -305,6 +319,8 @@ class _TopInfluence(_TopLayers):
         cfg = super().config()
         if getattr(self, "solver_", None) is not None and hasattr(self.solver_, "full_"):
             cfg["hessian_resolved"] = "full" if self.solver_.full_ else "block"
+            if self.solver_.full_:
+                cfg["hessian_form"] = "dual" if self.solver_.dual_ else "primal"
         unused = () if self.ihvp == "lissa" else ("lissa_scale", "lissa_depth", "lissa_repeats", "lissa_batch_size")
         unused += ("proj_dim", "projection", "hessian") if self.ihvp != "projected" else ()
         return {k: v for k, v in cfg.items() if k not in unused}

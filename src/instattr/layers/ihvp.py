@@ -1,8 +1,9 @@
 """Inverse-Hessian-vector products, three ways behind one interface.
 
 Every solver is ``Solver(options).fit(curvature) -> self`` and then ``solve(V) -> (H + damping M)^-1 V``
-for rows V (m, dim); :class:`ExplicitHessian` and :class:`GaussNewton` also ``whiten(V) = L^-1 V``
-with ``H = L L^T`` (so ``whiten(a) . whiten(b) = a^T H^-1 b``, which ``rif`` needs). A
+for rows V (m, dim) and ``quadratic(V)``, the row-wise ``v^T H^-1 v`` (``rif`` divides by its square
+root); :class:`ExplicitHessian` and the primal :class:`GaussNewton` also ``whiten(V) = L^-1 V`` with
+``H = L L^T`` (so ``whiten(a) . whiten(b) = a^T H^-1 b``). A
 :class:`Curvature` says what a problem offers; each solver takes what it needs:
 
 - :class:`LiSSA` (Agarwal et al. 2017, as Koh & Liang's and the paper's code run it): minibatch
@@ -19,6 +20,11 @@ with ``H = L L^T`` (so ``whiten(a) . whiten(b) = a^T H^-1 b``, which ``rif`` nee
   the full space's damping (measured in bench/layers.py: against the exact unprojected influence
   it agrees better than the subspace metric ``P P^T = (d/k) I``, which inflates the damping d/k-fold).
   Full, or block-diagonal over the curvature's groups (one per tracked layer, one for the head).
+  The full matrix is solved in whichever form is smaller: the primal (dim x dim Cholesky) or, when
+  there are fewer factor rows r than dimensions, the dual by Woodbury,
+  ``(Lambda + F^T F / n)^-1 = Lambda^-1 - Lambda^-1 F^T (n I + F Lambda^-1 F^T)^-1 F Lambda^-1``
+  (r x r Cholesky; Lambda = damping + regulariser, block-diagonal), so a projection can be as large
+  as memory for the factors allows.
 """
 from __future__ import annotations
 
@@ -30,7 +36,8 @@ import numpy as np
 import torch
 
 HESSIAN_STRUCTURES = ("auto", "full", "block")
-MAX_FULL_DIM = 8192   # "auto" uses one full matrix up to this size, per-block matrices above
+FORMS = ("auto", "primal", "dual")
+MAX_FULL_DIM = 20480  # "auto": one full matrix while min(dim, factor rows) is at most this, blocks above
 
 
 @dataclass
@@ -74,6 +81,15 @@ class InverseHVP(ABC):
     @abstractmethod
     def solve(self, vectors: torch.Tensor) -> torch.Tensor:
         """The damped inverse Hessian (each solver's damping, see its docstring) applied to each row."""
+
+    def quadratic(self, vectors: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+        """Row-wise ``v^T H^-1 v`` (float64), ``chunk`` rows at a time."""
+        v = torch.as_tensor(vectors)
+        out = torch.empty(len(v), dtype=torch.float64)
+        for a in range(0, len(v), chunk):
+            part = v[a:a + chunk]
+            out[a:a + chunk] = (self.solve(part).double() * part.double()).sum(1)
+        return out
 
     def whiten(self, vectors: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{self.name} gives H^-1 v only, not H^-1/2 v; use the explicit or "
@@ -129,24 +145,40 @@ class ExplicitHessian(_Factored):
 
 
 class GaussNewton(_Factored):
-    """Gauss-Newton (from per-example factors) + regulariser + damping, full or block-diagonal."""
+    """Gauss-Newton (from per-example factors) + regulariser + damping, full or block-diagonal.
+
+    ``form`` picks how the full matrix is solved: ``primal`` (dim x dim), ``dual`` (Woodbury over
+    the factor rows; needs damping > 0 or a regulariser on every block, and gives no ``whiten``) or
+    ``auto`` (the smaller of the two)."""
 
     name = "gauss-newton"
 
     def __init__(self, damping: float = 0.0, structure: str = "auto", max_full_dim: int = MAX_FULL_DIM,
-                 chunk: int = 1024):
+                 chunk: int = 1024, form: str = "auto"):
         if not damping >= 0:
             raise ValueError(f"damping must be >= 0, got {damping}")
         if structure not in HESSIAN_STRUCTURES:
             raise ValueError(f"hessian must be one of {', '.join(HESSIAN_STRUCTURES)}, got {structure!r}")
-        self.damping, self.structure = float(damping), structure
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+        self.damping, self.structure, self.form = float(damping), structure, form
         self.max_full_dim, self.chunk = int(max_full_dim), int(chunk)
 
     def fit(self, curvature: Curvature) -> "GaussNewton":
         f = _need(curvature, "factors", self.name)
         blocks = curvature.blocks or [slice(0, curvature.dim)]
         reg = curvature.regulariser or [None] * len(blocks)
-        full = self.structure == "full" or (self.structure == "auto" and curvature.dim <= self.max_full_dim)
+        rows = len(f)
+        full = self.structure == "full" or (self.structure == "auto"
+                                            and min(curvature.dim, rows) <= self.max_full_dim)
+        dual = full and (self.form == "dual" or (self.form == "auto" and rows < curvature.dim))
+        if dual and self.damping == 0 and any(r is None for r in reg):
+            if self.form == "dual":
+                raise ValueError(f"{self.name}: the dual form needs damping > 0")
+            dual = False
+        self.full_, self.dual_ = full, dual
+        if dual:
+            return self._fit_dual(curvature, f, blocks, reg)
         groups = [slice(0, curvature.dim)] if full else (curvature.groups or blocks)
         chols = []
         for g in groups:
@@ -162,9 +194,72 @@ class GaussNewton(_Factored):
             h += self.damping * torch.eye(len(h), dtype=torch.float64)
             h = (h + h.T) / 2
             chols.append(_cholesky(h, self.name))
-        self.full_ = full
         self._set(groups, chols, curvature.dim)
         return self
+
+    # ------------------------------------------------------------------ dual (Woodbury) form
+    def _fit_dual(self, curvature: Curvature, f: torch.Tensor, blocks, reg) -> "GaussNewton":
+        self.dim_, self.n_ = curvature.dim, curvature.n
+        self.factors_ = f
+        self.lambda_inv_ = []             # (slice, None: 1/damping | dense inverse of damping I + R)
+        for s, r in zip(blocks, reg):
+            if r is not None:
+                lam = r.double() + self.damping * torch.eye(s.stop - s.start, dtype=torch.float64)
+                self.lambda_inv_.append((s, torch.cholesky_inverse(_cholesky((lam + lam.T) / 2, self.name))))
+        rows = len(f)
+        k = torch.zeros(rows, rows, dtype=torch.float64)
+        c = self.chunk
+        for a in range(0, rows, c):                       # F Lambda^-1 F^T in float64, upper blocks
+            left = self._lambda_inv(f[a:a + c].double())
+            for b in range(a, rows, c):
+                k[a:a + c, b:b + c] = left @ f[b:b + c].double().T
+                if b > a:
+                    k[b:b + c, a:a + c] = k[a:a + c, b:b + c].T
+        k = (k + k.T) / 2
+        k.diagonal().add_(float(curvature.n))
+        self.inner_ = _cholesky(k, self.name)
+        return self
+
+    def _lambda_inv(self, v: torch.Tensor) -> torch.Tensor:
+        """Lambda^-1 v for rows v (float64): 1/damping, dense on the regularised blocks."""
+        out = v / self.damping if self.damping > 0 else v.clone()
+        for s, inv in self.lambda_inv_:
+            out[:, s] = v[:, s] @ inv
+        return out
+
+    def solve(self, vectors):
+        if not getattr(self, "dual_", False):
+            return super().solve(vectors)
+        v = torch.as_tensor(vectors)
+        if v.dim() != 2 or v.shape[1] != self.dim_:
+            raise ValueError(f"{self.name}: vectors must be (m, {self.dim_}), got {tuple(v.shape)}")
+        w = self._lambda_inv(v.double())
+        f, c = self.factors_, self.chunk
+        u = torch.cat([f[a:a + c].double() @ w.T for a in range(0, len(f), c)])     # F Lambda^-1 v
+        coef = torch.cholesky_solve(u, self.inner_)
+        back = torch.zeros_like(w)
+        for a in range(0, len(f), c):
+            back += coef[a:a + c].T @ f[a:a + c].double()
+        return (w - self._lambda_inv(back)).to(v.dtype)
+
+    def quadratic(self, vectors, chunk: int = 2048):
+        """Row-wise v^T H^-1 v; the dual form needs only u = F Lambda^-1 v, not H^-1 v itself."""
+        if not getattr(self, "dual_", False):
+            return super().quadratic(vectors, chunk)
+        v = torch.as_tensor(vectors)
+        f, c = self.factors_, self.chunk
+        out = torch.empty(len(v), dtype=torch.float64)
+        for a in range(0, len(v), chunk):
+            part = v[a:a + chunk].double()
+            w = self._lambda_inv(part)
+            u = torch.cat([f[b:b + c].double() @ w.T for b in range(0, len(f), c)])
+            out[a:a + chunk] = (w * part).sum(1) - (u * torch.cholesky_solve(u, self.inner_)).sum(0)
+        return out
+
+    def whiten(self, vectors):
+        if getattr(self, "dual_", False):
+            raise ValueError(f"{self.name}: the dual form gives H^-1 v, not H^-1/2 v; use solve and quadratic")
+        return super().whiten(vectors)
 
 
 class LiSSA(InverseHVP):

@@ -6,19 +6,32 @@ sides separately with seeded matrices ``P_out`` (k_out x d_out) and ``P_in`` (k_
 
     P_out G P_in^T = sum_t (P_out delta_t)(P_in x~_t)^T        (k_out x k_in per example)
 
-which is ``(P_out (x) P_in) vec(G)`` computed without ever forming G. Forward hooks store
+which is ``(P_out (x) P_in) vec(G)`` computed without ever forming G (LoGra's Kronecker sketch;
+the default ``khatri-rao`` sketch below keeps the same two side projections and combines them
+row by row). Forward hooks store
 ``P_in x~_t``, tensor hooks on the module outputs receive ``delta_t``. A LayerNorm's gradient
 (``sum_t delta_t * xhat_t`` for the scale, ``sum_t delta_t`` for the shift) is formed exactly
 (2 x hidden numbers) and projected by one dense matrix. The head's last linear layer is kept
 exact in the sum-zero class basis Q (its gradients ``e (x) f`` have ``e`` summing to zero, so
 ``Q^T e (x) f`` has the same inner products, and the L2 term acts on it as ``2 lambda I``).
 
-Projections: ``orthogonal`` (default: orthonormal rows of a random subspace scaled by sqrt(d/k),
-so E[P^T P] = I and inner products are unbiased; at k = d an exact rotation) or ``gaussian``
-(entries N(0, 1/k), as TRAK and LoGra; same expectation, a little more distortion). ``dim=None``
-keeps every block exact, and a full-size orthogonal projection is a rotation, which reproduces the
-unprojected influence exactly. Only the (C-1) reduced logit directions are back-propagated; the
-parameters' own gradients are never computed (the backward pass runs to the inputs only).
+Projections (``kind``), all scaled so that E[P^T P] = I (inner products are unbiased):
+
+- ``khatri-rao`` (default): k^2 independent rank-one sketches per linear layer, entry r being
+  ``sum_t (p_r . delta_t)(q_r . x~_t) / k`` with Rademacher vectors p_r, q_r: the row-wise
+  (Khatri-Rao) product of the two side projections instead of their Kronecker product. It still
+  projects the two sides separately and never forms G, costs k^2 (not k) multiply-adds per side
+  and token, and estimates inner products far better for the same k^2 numbers: each Kronecker
+  entry shares its noise with 2k - 1 others, so LoGra's k x k estimate is about as noisy as a dense
+  sketch of k numbers (measured against the exact influence in bench/layers.py).
+- ``orthogonal``: LoGra's Kronecker ``P_out G P_in^T``, each side orthonormal rows of a random
+  subspace scaled by sqrt(d/k); at k = d an exact rotation, which reproduces the unprojected
+  influence exactly.
+- ``gaussian``: the same Kronecker with N(0, 1/k) entries, as TRAK and LoGra.
+
+``dim=None`` keeps every block exact. LayerNorm gradients get one dense sketch of k^2 numbers.
+Only the (C-1) reduced logit directions are back-propagated; the parameters' own gradients are
+never computed (the backward pass runs to the inputs only).
 """
 from __future__ import annotations
 
@@ -33,18 +46,25 @@ from torch import nn
 from ..methods.lastlayer import sum_zero_basis
 from .network import TrackedModel
 
-KINDS = ("orthogonal", "gaussian")
+KINDS = ("khatri-rao", "orthogonal", "gaussian")
 
 
 def projection_matrix(k: int, d: int, kind: str, seed: int, tag: str, dtype: torch.dtype) -> torch.Tensor:
     """A seeded (k, d) projection; the stream depends only on (seed, tag, k, d, kind)."""
     g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{tag}:{k}:{d}:{kind}".encode()))
+    if kind == "rademacher":
+        return (torch.randint(0, 2, (k, d), generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
     if kind == "gaussian":
         return (torch.randn(k, d, generator=g, dtype=torch.float64) / np.sqrt(k)).to(dtype)
     if kind == "orthogonal":
         q, _ = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))
         return (q.T * np.sqrt(d / k)).to(dtype)
     raise ValueError(f"projection must be one of {', '.join(KINDS)}, got {kind!r}")
+
+
+def _dense_kind(kind: str) -> str:
+    """The distribution of the dense (LayerNorm) sketches for a projection kind."""
+    return "gaussian" if kind == "gaussian" else "orthogonal"
 
 
 @dataclass
@@ -59,6 +79,7 @@ class Block:
     p_out: Optional[torch.Tensor] = None   # linear: (k_out, d_out); None = identity
     p_in: Optional[torch.Tensor] = None    # linear: (k_in, d_in [+1]); None = identity
     p: Optional[torch.Tensor] = None       # layernorm: (k, n_params); None = identity
+    rank_one: bool = False                 # linear: p_out, p_in (R, d) give R entries p_r G q_r
     inputs: list = field(default_factory=list, repr=False)
     acc: Optional[torch.Tensor] = field(default=None, repr=False)
 
@@ -70,7 +91,7 @@ class GradientProjector:
     is the projected gradient of ``Q[:, k] . logits_i``. Blocks are laid out in module order.
     """
 
-    def __init__(self, model: TrackedModel, dim: Optional[int], seed: int = 0, kind: str = "orthogonal"):
+    def __init__(self, model: TrackedModel, dim: Optional[int], seed: int = 0, kind: str = "khatri-rao"):
         if dim is not None and int(dim) < 1:
             raise ValueError(f"proj_dim must be a positive integer or None, got {dim}")
         if kind not in KINDS:
@@ -92,7 +113,7 @@ class GradientProjector:
             elif isinstance(mod, nn.LayerNorm):
                 n = sum(p.numel() for p in mod.parameters(recurse=False))
                 k = n if self.k is None else min(self.k ** 2, n)
-                p = None if self.k is None else projection_matrix(k, n, kind, seed, name, dtype)
+                p = None if self.k is None else projection_matrix(k, n, _dense_kind(kind), seed, name, dtype)
                 self.blocks.append(Block(name, "layernorm", mod, group, full, k, p=p))
             else:
                 raise ValueError(f"layered methods project nn.Linear and nn.LayerNorm parameters; "
@@ -108,6 +129,12 @@ class GradientProjector:
             return Block(name, "linear", mod, group, params, (d_out - 1) * d_in, p_out=self.basis.T.contiguous())
         if self.k is None:
             return Block(name, "linear", mod, group, params, d_out * d_in)
+        if self.kind == "khatri-rao":    # R rank-one sketches, each side scaled by R^-1/4
+            r = min(self.k ** 2, d_out * d_in)
+            scale = r ** -0.25
+            return Block(name, "linear", mod, group, params, r, rank_one=True,
+                         p_out=projection_matrix(r, d_out, "rademacher", self.seed, name + ":out", dtype) * scale,
+                         p_in=projection_matrix(r, d_in, "rademacher", self.seed, name + ":in", dtype) * scale)
         k_out, k_in = min(self.k, d_out), min(self.k, d_in)
         return Block(name, "linear", mod, group, params, k_out * k_in,
                      p_out=projection_matrix(k_out, d_out, self.kind, self.seed, name + ":out", dtype),
@@ -149,7 +176,10 @@ class GradientProjector:
         x = block.inputs[call]
         if block.kind == "linear":
             gp = g if block.p_out is None else g @ block.p_out.T
-            contrib = torch.einsum("bto,bti->boi", gp, x).reshape(len(g), -1)
+            if block.rank_one:
+                contrib = (gp * x).sum(1)
+            else:
+                contrib = torch.einsum("bto,bti->boi", gp, x).reshape(len(g), -1)
         else:
             parts = [(g * x).sum(1)] if block.module.weight is not None else []
             if block.module.bias is not None:
