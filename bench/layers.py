@@ -24,7 +24,8 @@ training rows (all training rows enter every Hessian). It prints
 - LiSSA as the paper's code ran it (damping 3e-3, scale 1e4, depth 0.25 n / batch): its time and
   what it agrees with;
 - kronfluence's EK-FAC on the same Linear modules (``--kronfluence``; LayerNorm parameters are not
-  supported there), if installed;
+  supported there), if installed; with ``ggn`` also fitted on the reference's rows and compared
+  with the exact influence at each damping;
 - on the stored score matrices of the run: if-top vs last-layer if and tracin vs gd (mean per-row
   Spearman over a sample of 100 test rows, and the common top-10 of Figure 4).
 
@@ -225,7 +226,7 @@ def phase_exact_ggn(run_path, split, test_rows, layers, n_hessian, ks, dampings,
     run, test, train, _ = setup(run_path, split, test_rows, [0], layers)
     if train.n_classes != 2:
         raise ValueError("the Woodbury reference assumes a binary task")
-    rows = np.sort(np.random.default_rng(seed + 7).choice(len(train), min(n_hessian, len(train)), replace=False))
+    rows = hessian_rows(len(train), n_hessian, seed)
     sub = train.subset(rows)
     model, _ = tracked_model(run, layers)
     flat = FlatParameters(model)
@@ -305,8 +306,14 @@ def _projected_against(run, test, sub, layers, ks, dampings, l2, hessian, out, k
     return out
 
 
-def phase_kfac(run_path, split, test_rows, train_rows, layers, damping, n_fit):
-    """kronfluence EK-FAC on the tracked Linear modules; factors from n_fit training rows."""
+def hessian_rows(n_train, n_hessian, seed):
+    """The training rows of the exact Gauss-Newton reference (its Hessian and its scored columns)."""
+    return np.sort(np.random.default_rng(seed + 7).choice(n_train, min(n_hessian, n_train), replace=False))
+
+
+def phase_kfac(run_path, split, test_rows, train_rows, layers, dampings, n_fit, fit_rows=None):
+    """kronfluence EK-FAC on the tracked Linear modules, scored at each damping; factors from
+    ``fit_rows`` (default: ``n_fit`` random training rows)."""
     import torch
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -360,8 +367,9 @@ def phase_kfac(run_path, split, test_rows, train_rows, layers, damping, n_fit):
                 return None
             return {n: batch["m"].long() for n in names if n.startswith("layers.")}
 
-    rng = np.random.default_rng(1)
-    fit_rows = np.sort(rng.choice(len(train), min(n_fit, len(train)), replace=False))
+    if fit_rows is None:
+        fit_rows = np.sort(np.random.default_rng(1).choice(len(train), min(n_fit, len(train)), replace=False))
+    fit_rows = np.asarray(fit_rows)
     fit_ds = Rows("fit", train.subset(fit_rows), train.label[fit_rows])
     query_ds, train_ds = Rows("query", test, test.pred), Rows("train", train_s, train_s.label)
     task = Top()
@@ -374,13 +382,16 @@ def phase_kfac(run_path, split, test_rows, train_rows, layers, damping, n_fit):
                              factor_args=FactorArguments(strategy="ekfac"),
                              dataloader_kwargs=DataLoaderKwargs(collate_fn=collate), overwrite_output_dir=True)
     t_fit = time.perf_counter() - t
-    t = time.perf_counter()
-    analyzer.compute_pairwise_scores("s", "ekfac", query_ds, train_ds, per_device_query_batch_size=len(test),
-                                     per_device_train_batch_size=32,
-                                     score_args=ScoreArguments(damping_factor=damping),
-                                     dataloader_kwargs=DataLoaderKwargs(collate_fn=collate), overwrite_output_dir=True)
-    t_score = time.perf_counter() - t
-    scores = analyzer.load_pairwise_scores("s")["all_modules"].numpy()
+    scores, t_score = {}, None
+    for i, damping in enumerate(dampings):
+        t = time.perf_counter()
+        analyzer.compute_pairwise_scores(f"s{i}", "ekfac", query_ds, train_ds, per_device_query_batch_size=len(test),
+                                         per_device_train_batch_size=32,
+                                         score_args=ScoreArguments(damping_factor=damping),
+                                         dataloader_kwargs=DataLoaderKwargs(collate_fn=collate),
+                                         overwrite_output_dir=True)
+        t_score = t_score or time.perf_counter() - t
+        scores[damping] = analyzer.load_pairwise_scores(f"s{i}")["all_modules"].numpy()
     return {"scores": scores, "fit_s": t_fit, "fit_rows": len(fit_rows), "score_s": t_score,
             "per_test_s": t_score / len(test) * len(train) / len(train_s), "modules": len(names)}
 
@@ -501,7 +512,7 @@ def main():
             print(line)
     if "projected" in only:
         res["projected"] = {}
-        print(f"\nprojected (orthogonal LoGra projections, Gauss-Newton); agreement = mean per-row Spearman")
+        print(f"\nprojected ({kinds[0]} projections, Gauss-Newton on the whole training set); agreement = mean per-row Spearman")
         print(f"{'k':>4} {'dim':>7} {'train s':>8} {'ms/test':>8} {'total s':>8} {'peak MB':>8} "
               f"{'gd-top~exact':>13} " + " ".join(f"{'if@' + format(d, 'g'):>9}" for d in dampings))
         for k in ks:
@@ -532,15 +543,25 @@ def main():
             print("\nkronfluence: not installed (pip install --no-deps kronfluence==1.0.1 einops einconv "
                   "opt_einsum accelerate psutil; with its dependencies it pulls a CUDA torch)")
         else:
-            kf = res["kfac"] = in_process(phase_kfac, *common, a.lissa_damping, a.kfac_fit_rows)
+            kf = res["kfac"] = in_process(phase_kfac, *common, [a.lissa_damping], a.kfac_fit_rows)
+            ks_ = kf["scores"][a.lissa_damping]
             line = (f"\nkronfluence EK-FAC ({kf['modules']} Linear modules, factors from {kf['fit_rows']} rows, "
                     f"damping {a.lissa_damping}): fit {kf['fit_s']:.0f} s, {kf['per_test_s']:.1f} s per test example "
                     f"against all training rows, peak {kf['peak_mb']:.0f} MB")
             if "lissa" in res and "scores" in res["lissa"]:
-                line += f"; vs converged LiSSA {spearman(kf['scores'], res['lissa']['scores']):.3f}"
+                line += f"; vs converged LiSSA {spearman(ks_, res['lissa']['scores']):.3f}"
             if "exact" in res:
-                line += f"; vs exact gd-top {spearman(kf['scores'], res['exact']['gd']):.3f}"
+                line += f"; vs exact gd-top {spearman(ks_, res['exact']['gd']):.3f}"
             print(line)
+            if "ggn" in res:   # EK-FAC fitted on the reference's own rows, against the exact influence
+                gg = res["ggn"]
+                rows = hessian_rows(n_train, a.n_hessian, a.seed).tolist()
+                kg = res["kfac_ggn"] = in_process(phase_kfac, a.run, split, test_rows, rows, a.layers, dampings,
+                                                  len(rows), rows)
+                print(f"kronfluence EK-FAC fitted on the {len(rows)} reference rows (Linear modules only; no "
+                      f"LayerNorm, no L2 term; fit {kg['fit_s']:.0f} s, scores {kg['score_s']:.0f} s per damping): "
+                      "Spearman vs the exact Gauss-Newton influence " + "  ".join(
+                          f"{d:g}: {spearman(kg['scores'][d], gg['exact_if'][d]):.3f}" for d in dampings))
     if "agreement" in only:
         ag = res["agreement"] = in_process(phase_agreement, a.run, split)
         print("\nstored scores, 100 test rows x all training rows:")

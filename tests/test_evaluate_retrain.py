@@ -119,6 +119,15 @@ def test_removing_real_supporters_moves_prediction_more_than_random(run):
     assert (run.path / "figures" / "retrain.png").exists()
 
 
+def test_quiet_cli_retrain_shows_no_progress_bars(run, capsys):
+    from instattr.cli import main
+    args = ["evaluate", "retrain", "--run", str(run.path), "--methods", "gd", "--n-test", "2", "--n-random", "2"]
+    assert main(["--quiet", *args]) == 0
+    assert "heads" not in capsys.readouterr().err
+    assert main(args) == 0
+    assert "heads" in capsys.readouterr().err
+
+
 def test_retrain_refuses_finetune_runs(tmp_path):
     from instattr.store import RunError
     ft = make_run(tmp_path, n_train=20, n_test=4, epochs=1, mode="finetune")

@@ -140,6 +140,8 @@ def cmd_evaluate(a) -> int:
         if value < 1:
             raise InstattrError(f"{flag} must be at least 1, not {value}")
         opts[key] = value
+    if "progress" in accepts:
+        opts["progress"] = not a.quiet
     try:
         run_evaluation(a.name, run, **opts)
     except ValueError as e:

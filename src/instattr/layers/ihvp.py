@@ -201,7 +201,7 @@ class GaussNewton(_Factored):
     def _fit_dual(self, curvature: Curvature, f: torch.Tensor, blocks, reg) -> "GaussNewton":
         self.dim_, self.n_ = curvature.dim, curvature.n
         self.factors_ = f
-        self.lambda_inv_ = []             # (slice, None: 1/damping | dense inverse of damping I + R)
+        self.lambda_inv_ = []             # (slice, inverse of damping I + R) per regularised block
         for s, r in zip(blocks, reg):
             if r is not None:
                 lam = r.double() + self.damping * torch.eye(s.stop - s.start, dtype=torch.float64)
@@ -214,8 +214,7 @@ class GaussNewton(_Factored):
             for b in range(a, rows, c):
                 k[a:a + c, b:b + c] = left @ f[b:b + c].double().T
                 if b > a:
-                    k[b:b + c, a:a + c] = k[a:a + c, b:b + c].T
-        k = (k + k.T) / 2
+                    k[b:b + c, a:a + c] = k[a:a + c, b:b + c].T   # exactly symmetric: no copy to symmetrise
         k.diagonal().add_(float(curvature.n))
         self.inner_ = _cholesky(k, self.name)
         return self

@@ -20,10 +20,10 @@ Projections (``kind``), all scaled so that E[P^T P] = I (inner products are unbi
 - ``khatri-rao`` (default): k^2 independent rank-one sketches per linear layer, entry r being
   ``sum_t (p_r . delta_t)(q_r . x~_t) / k`` with Rademacher vectors p_r, q_r: the row-wise
   (Khatri-Rao) product of the two side projections instead of their Kronecker product. It still
-  projects the two sides separately and never forms G, costs k^2 (not k) multiply-adds per side
-  and token, and estimates inner products far better for the same k^2 numbers: each Kronecker
-  entry shares its noise with 2k - 1 others, so LoGra's k x k estimate is about as noisy as a dense
-  sketch of k numbers (measured against the exact influence in bench/layers.py).
+  projects the two sides separately and never forms G, and costs k^2 d (not k d) multiply-adds per
+  side of width d and token. Its entries carry independent noise, while the k^2 entries of a
+  Kronecker block share 2k random vectors: against the exact influence (bench/layers.py ``ggn``)
+  a Kronecker sketch agrees about as well as a Khatri-Rao one with 4x fewer numbers.
 - ``orthogonal``: LoGra's Kronecker ``P_out G P_in^T``, each side orthonormal rows of a random
   subspace scaled by sqrt(d/k); at k = d an exact rotation, which reproduces the unprojected
   influence exactly.
