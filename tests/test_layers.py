@@ -231,55 +231,39 @@ def test_hooks_without_projection_equal_exact_gradients(kind, request):
     torch.testing.assert_close(got @ got.T, exact @ exact.T, rtol=1e-9, atol=1e-12)
 
 
-def test_projection_is_p_out_g_p_in_transposed(single):
-    """Each linear block holds P_out G P_in^T of the exact per-example weight|bias gradient G."""
-    fs = single.features("train")
-    model = model_of(single, 1)
-    batches = example_batches(single, fs, 1)
-    exact = loop_grads(model, batches, fs.label)
-    flat = FlatParameters(model)
-    proj = GradientProjector(model, 3, seed=5, kind="gaussian")
-    b = Examples(single, fs, 1).batch(np.arange(len(fs)), torch.float64)
+def projected_loss_grads(run, fs, proj, layers=1):
+    """Projected per-example loss gradients of ``fs`` at its gold labels, in one float64 batch."""
+    b = Examples(run, fs, layers).batch(np.arange(len(fs)), torch.float64)
     logits, _, jac = proj.project(b)
     e = torch.softmax(logits, -1)
     e[torch.arange(len(fs)), torch.as_tensor(fs.label)] -= 1
-    got = torch.einsum("br,brd->bd", e @ proj.basis, jac)
-    checked = 0
-    for blk, a, z in zip(proj.blocks, proj.offsets[:-1], proj.offsets[1:]):
-        if blk.kind != "linear" or blk.name == "classifier":
-            continue
-        w = exact[:, flat.slices[blk.name + ".weight"]].reshape(len(fs), *blk.module.weight.shape)
-        bias = exact[:, flat.slices[blk.name + ".bias"]][:, :, None]
-        g = torch.cat([w, bias], dim=2)
-        want = torch.einsum("ko,bor,lr->bkl", blk.p_out, g, blk.p_in).reshape(len(fs), -1)
-        torch.testing.assert_close(got[:, a:z], want, rtol=1e-9, atol=1e-12)
-        checked += 1
-    assert checked == 7                                  # 6 per BERT layer + the pooler
+    return torch.einsum("br,brd->bd", e @ proj.basis, jac)
 
 
-def test_khatri_rao_blocks_are_rank_one_sketches(single):
-    """Each entry r of a khatri-rao linear block is p_r^T G q_r of the exact weight|bias gradient G."""
+@pytest.mark.parametrize("kind", ["gaussian", "khatri-rao"])
+def test_linear_blocks_sketch_the_exact_gradient(single, kind):
+    """Each linear block holds P_out G P_in^T (Kronecker) or the entries p_r^T G q_r (khatri-rao, with
+    Rademacher p_r, q_r scaled by R^-1/4) of the exact per-example weight|bias gradient G."""
     fs = single.features("train")
     model = model_of(single, 1)
     exact = loop_grads(model, example_batches(single, fs, 1), fs.label)
     flat = FlatParameters(model)
-    proj = GradientProjector(model, 3, seed=2, kind="khatri-rao")
-    b = Examples(single, fs, 1).batch(np.arange(len(fs)), torch.float64)
-    logits, _, jac = proj.project(b)
-    e = torch.softmax(logits, -1)
-    e[torch.arange(len(fs)), torch.as_tensor(fs.label)] -= 1
-    got = torch.einsum("br,brd->bd", e @ proj.basis, jac)
+    proj = GradientProjector(model, 3, seed=5, kind=kind)
+    got = projected_loss_grads(single, fs, proj)
     checked = 0
     for blk, a, z in zip(proj.blocks, proj.offsets[:-1], proj.offsets[1:]):
         if blk.kind != "linear" or blk.name == "classifier":
             continue
-        assert blk.rank_one and blk.dim == 9 and set(np.unique(blk.p_out.abs().numpy())) == {9 ** -0.25}
         w = exact[:, flat.slices[blk.name + ".weight"]].reshape(len(fs), *blk.module.weight.shape)
         g = torch.cat([w, exact[:, flat.slices[blk.name + ".bias"]][:, :, None]], dim=2)
-        want = torch.einsum("ro,boi,ri->br", blk.p_out, g, blk.p_in)
+        if kind == "khatri-rao":
+            assert blk.rank_one and blk.dim == 9 and set(np.unique(blk.p_out.abs().numpy())) == {9 ** -0.25}
+            want = torch.einsum("ro,boi,ri->br", blk.p_out, g, blk.p_in)
+        else:
+            want = torch.einsum("ko,bor,lr->bkl", blk.p_out, g, blk.p_in).reshape(len(fs), -1)
         torch.testing.assert_close(got[:, a:z], want, rtol=1e-9, atol=1e-12)
         checked += 1
-    assert checked == 7
+    assert checked == 7                                  # 6 per BERT layer + the pooler
 
 
 def test_khatri_rao_inner_products_are_unbiased(single):
@@ -287,15 +271,10 @@ def test_khatri_rao_inner_products_are_unbiased(single):
     fs = single.features("train")
     model = model_of(single, 1)
     exact = loop_grads(model, example_batches(single, fs, 1), fs.label)
-    b = Examples(single, fs, 1).batch(np.arange(len(fs)), torch.float64)
     mean = torch.zeros(len(fs), len(fs), dtype=torch.float64)
     seeds = 200
     for seed in range(seeds):
-        proj = GradientProjector(model, 2, seed=seed, kind="khatri-rao")
-        logits, _, jac = proj.project(b)
-        e = torch.softmax(logits, -1)
-        e[torch.arange(len(fs)), torch.as_tensor(fs.label)] -= 1
-        g = torch.einsum("br,brd->bd", e @ proj.basis, jac)
+        g = projected_loss_grads(single, fs, GradientProjector(model, 2, seed=seed, kind="khatri-rao"))
         mean += g @ g.T / seeds
     want = exact @ exact.T
     rel = (mean - want).norm() / want.norm()

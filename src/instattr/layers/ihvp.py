@@ -199,8 +199,7 @@ class GaussNewton(_Factored):
 
     # ------------------------------------------------------------------ dual (Woodbury) form
     def _fit_dual(self, curvature: Curvature, f: torch.Tensor, blocks, reg) -> "GaussNewton":
-        self.dim_, self.n_ = curvature.dim, curvature.n
-        self.factors_ = f
+        self.dim_, self.factors_ = curvature.dim, f
         self.lambda_inv_ = []             # (slice, inverse of damping I + R) per regularised block
         for s, r in zip(blocks, reg):
             if r is not None:
