@@ -225,6 +225,11 @@ class GaussNewton(_Factored):
             out[:, s] = v[:, s] @ inv
         return out
 
+    def _factors_times(self, w: torch.Tensor) -> torch.Tensor:
+        """F w^T (rows, m) in float64, the factors converted ``chunk`` rows at a time."""
+        f, c = self.factors_, self.chunk
+        return torch.cat([f[a:a + c].double() @ w.T for a in range(0, len(f), c)])
+
     def solve(self, vectors):
         if not getattr(self, "dual_", False):
             return super().solve(vectors)
@@ -233,8 +238,7 @@ class GaussNewton(_Factored):
             raise ValueError(f"{self.name}: vectors must be (m, {self.dim_}), got {tuple(v.shape)}")
         w = self._lambda_inv(v.double())
         f, c = self.factors_, self.chunk
-        u = torch.cat([f[a:a + c].double() @ w.T for a in range(0, len(f), c)])     # F Lambda^-1 v
-        coef = torch.cholesky_solve(u, self.inner_)
+        coef = torch.cholesky_solve(self._factors_times(w), self.inner_)   # M^-1 F Lambda^-1 v
         back = torch.zeros_like(w)
         for a in range(0, len(f), c):
             back += coef[a:a + c].T @ f[a:a + c].double()
@@ -245,12 +249,11 @@ class GaussNewton(_Factored):
         if not getattr(self, "dual_", False):
             return super().quadratic(vectors, chunk)
         v = torch.as_tensor(vectors)
-        f, c = self.factors_, self.chunk
         out = torch.empty(len(v), dtype=torch.float64)
         for a in range(0, len(v), chunk):
             part = v[a:a + chunk].double()
             w = self._lambda_inv(part)
-            u = torch.cat([f[b:b + c].double() @ w.T for b in range(0, len(f), c)])
+            u = self._factors_times(w)
             out[a:a + chunk] = (w * part).sum(1) - (u * torch.cholesky_solve(u, self.inner_)).sum(0)
         return out
 
