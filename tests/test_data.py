@@ -1,11 +1,20 @@
 """Datasets: resolution, formats, and every bad input gets one line naming file and line."""
+import gzip
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
+import instattr.data
 from instattr.cli import main
 from instattr.data import DataError, data_root, load_dataset, resolve
 from conftest import make_dataset, write_jsonl
+
+PACKAGED = Path(instattr.data.__file__).parent / "datasets"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SIZES = {"sst2": {"train": 6920, "dev": 872, "test": 1821}, "mnli": {"train": 10000, "dev": 9815},
+         "hans": {"train": 10000, "dev": 9815, "test": 1000}}
 
 
 def test_named_dataset_resolves_under_root(tmp_path, monkeypatch):
@@ -100,3 +109,83 @@ def test_label_names_accepted_as_strings(tmp_path):
     (tmp_path / "labels.json").write_text(json.dumps(["neg", "pos"]))
     write_jsonl(tmp_path / "train.jsonl", [{"document": "a", "label": "pos"}, {"document": "b", "label": "neg"}])
     assert load_dataset(str(tmp_path)).splits["train"].labels == [1, 0]
+
+
+@pytest.fixture
+def only_packaged(tmp_path, monkeypatch):
+    """No folder root holds the named datasets: no $INSTATTR_DATA, no ./data, no ../shared/data."""
+    monkeypatch.delenv("INSTATTR_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(instattr.data, "SHARED_DATA", str(tmp_path / "no-shared-data"))
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_named_datasets_load_from_the_package(name, only_packaged):
+    ds = load_dataset(name)
+    assert Path(ds.root) == PACKAGED / name and ds.name == name
+    assert {s: len(split) for s, split in ds.splits.items()} == SIZES[name]
+    assert ds.is_pair == (name != "sst2")
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="no shared data folder to compare with")
+def test_packaged_datasets_equal_the_shared_ones():
+    shared = sorted(p.relative_to(SHARED) for p in SHARED.glob("*/*") if p.is_file())
+    assert sorted(str(p.relative_to(PACKAGED)) for p in PACKAGED.glob("*/*")) == \
+        sorted(str(p) + (".gz" if p.suffix == ".jsonl" else "") for p in shared)
+    for rel in shared:
+        packaged = PACKAGED / rel
+        data = gzip.decompress((packaged.parent / (packaged.name + ".gz")).read_bytes()) \
+            if rel.suffix == ".jsonl" else packaged.read_bytes()
+        assert data == (SHARED / rel).read_bytes(), rel
+
+
+def test_folder_roots_before_the_package(tmp_path, monkeypatch, only_packaged):
+    make_dataset(tmp_path / "data" / "sst2")
+    assert load_dataset("sst2").root == str(Path("data") / "sst2")
+    # a root that lacks the dataset is passed over
+    (tmp_path / "env").mkdir()
+    monkeypatch.setenv("INSTATTR_DATA", str(tmp_path / "env"))
+    assert resolve("sst2") == Path("data") / "sst2"
+    assert resolve("mnli") == PACKAGED / "mnli"
+
+
+def test_explicit_root_must_hold_the_dataset(tmp_path, only_packaged):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="not found under the data root"):
+        resolve("sst2", str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="data root is not a folder"):
+        resolve("sst2", str(tmp_path / "missing"))
+
+
+def test_gzipped_splits(tmp_path):
+    (tmp_path / "train.jsonl.gz").write_bytes(gzip.compress(b'{"document": "a", "label": 0}\n{"document": "b", "label": 1}\n'))
+    (tmp_path / "test.csv.gz").write_bytes(gzip.compress(b"document,label\nc,1\n"))
+    ds = load_dataset(str(tmp_path))
+    assert ds.splits["train"].labels == [0, 1] and ds.splits["test"].examples[0].document == "c"
+    (tmp_path / "train.jsonl.gz").write_bytes(gzip.compress(b'{"document": "a", "label": 0}\n{"document": "\xe9", "label": 1}\n'))
+    with pytest.raises(DataError, match=r"train\.jsonl\.gz:2: .*UTF-8"):
+        load_dataset(str(tmp_path))
+    (tmp_path / "train.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(DataError, match=r"train\.jsonl\.gz: .*gzip"):
+        load_dataset(str(tmp_path))
+
+
+@pytest.mark.parametrize("arg", ["some/missing/folder", "./missing", "/no/such/instattr/data", "~/no-such-instattr-data",
+                                 "here/missing"])
+def test_missing_local_path_is_not_a_hub_name(arg, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here").mkdir()
+    with pytest.raises(DataError, match="no such dataset folder"):
+        resolve(arg)
+    assert main(["--quiet", "train", "--data", arg, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert f"{arg}: no such dataset folder" in err and "datasets" not in err
+
+
+def test_hub_name_without_datasets_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)   # import datasets raises ImportError
+    assert resolve("owner/name") == "owner/name"
+    with pytest.raises(DataError) as e:
+        load_dataset("owner/name")
+    assert str(e.value) == ("owner/name: not a local folder; as a Hugging Face dataset name it needs "
+                            "`pip install 'instattr[hf]'`")

@@ -15,7 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="sst2", help="sst2|mnli|hans, a dataset folder, or a HF dataset name")
-    p.add_argument("--data-root", help="folder holding named datasets (default: $INSTATTR_DATA, ./data, ../shared/data)")
+    p.add_argument("--data-root", help="folder holding named datasets (default: $INSTATTR_DATA, ./data, ../shared/data, "
+                   "then the packaged copy)")
     p.add_argument("--encoder", help="HF name or local path (default: packaged all-MiniLM-L6-v2)")
     p.add_argument("--pooling", choices=["mean", "cls"])
     p.add_argument("--pairs", dest="pair_mode", choices=["siamese", "cross"],

@@ -2,7 +2,10 @@
 
 A dataset is a folder with ``train.jsonl`` and optional ``dev.jsonl``, ``test.jsonl`` and
 ``labels.json`` (the schema of the shared data README), or CSV/TSV files with named text and
-label columns, or a Hugging Face dataset name when ``datasets`` is installed.
+label columns, any of them optionally gzipped (``train.jsonl.gz``), or a Hugging Face
+``owner/name`` when ``datasets`` is installed. The named datasets ``sst2``, ``mnli`` and ``hans``
+are looked up under ``--data-root``, else $INSTATTR_DATA, ./data and ../shared/data, else read
+from the copy packaged in ``instattr/datasets``.
 Every validation failure raises :class:`DataError` with a message naming file and line.
 """
 from __future__ import annotations
@@ -10,14 +13,19 @@ from __future__ import annotations
 from .errors import InstattrError
 
 import csv
+import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 NAMED = ("sst2", "mnli", "hans")
 SPLITS = ("train", "dev", "test")
+FORMATS = ("jsonl", "csv", "tsv")
+SHARED_DATA = os.path.join("..", "shared", "data")
+PACKAGED = Path(__file__).resolve().parent / "datasets"
 
 
 class DataError(InstattrError):
@@ -88,10 +96,14 @@ class Dataset:
         raise DataError(f"{self.root}: no test.jsonl or dev.jsonl to evaluate on")
 
 
+def _folder_roots() -> List[str]:
+    """The folders searched for named datasets when no root is given, in order."""
+    return [r for r in (os.environ.get("INSTATTR_DATA"), "data", SHARED_DATA) if r]
+
+
 def data_root(explicit: Optional[str] = None) -> Path:
-    """Where named datasets live: ``explicit``, $INSTATTR_DATA, ./data, then ../shared/data."""
-    candidates = [explicit, os.environ.get("INSTATTR_DATA"), "data", os.path.join("..", "shared", "data")]
-    for c in candidates:
+    """The first folder of: ``explicit``, $INSTATTR_DATA, ./data, ../shared/data."""
+    for c in [explicit, *_folder_roots()]:
         if c and Path(c).is_dir():
             return Path(c)
     if explicit:
@@ -100,18 +112,40 @@ def data_root(explicit: Optional[str] = None) -> Path:
 
 
 def resolve(data: str, root: Optional[str] = None) -> Path | str:
-    """A folder for ``data`` (a path, or a name under the data root), or a HF dataset name."""
-    p = Path(data)
+    """A folder for ``data`` (a path, or a named dataset), or a Hugging Face dataset name."""
+    p = Path(data).expanduser()
     if p.is_dir():
         return p
     if data in NAMED:
-        folder = data_root(root) / data
-        if not folder.is_dir():
-            raise DataError(f"{folder}: dataset {data!r} not found under the data root")
-        return folder
-    if "/" in data and not p.exists():
+        return _named_folder(data, root)
+    if p.exists():
+        raise DataError(f"{data}: not a folder; a dataset is a folder holding train.jsonl (or .csv, .tsv)")
+    if _looks_local(data):
+        raise DataError(f"{data}: no such dataset folder")
+    if data.count("/") == 1:
         return data  # a Hugging Face dataset name
     raise DataError(f"{data}: not a dataset folder nor one of {', '.join(NAMED)}")
+
+
+def _named_folder(name: str, root: Optional[str]) -> Path:
+    """``root/name`` when a root is given; else the first folder root holding ``name``, else the packaged copy."""
+    if root:
+        folder = Path(root).expanduser() / name
+        if not folder.parent.is_dir():
+            raise DataError(f"{root}: data root is not a folder")
+        if not folder.is_dir():
+            raise DataError(f"{folder}: dataset {name!r} not found under the data root")
+        return folder
+    for r in _folder_roots():
+        if (Path(r) / name).is_dir():
+            return Path(r) / name
+    return PACKAGED / name
+
+
+def _looks_local(data: str) -> bool:
+    """Whether a missing ``data`` is meant as a local path rather than a hub ``owner/name``."""
+    return (data.startswith((".", "/", "~")) or data.count("/") > 1 or "\\" in data
+            or Path(data.split("/")[0]).exists())
 
 
 def load_dataset(data: str, root: Optional[str] = None, text_column: str = "document",
@@ -129,7 +163,7 @@ def load_dataset(data: str, root: Optional[str] = None, text_column: str = "docu
             continue
         splits[name] = read_split(path, name, label_names, text_column, query_column, label_column)
     if "train" not in splits:
-        raise DataError(f"{where}: no train.jsonl (or train.csv/train.tsv)")
+        raise DataError(f"{where}: no train.jsonl (or train.csv, train.tsv, optionally .gz)")
     if label_names is None:
         n = 1 + max(max(s.labels) for s in splits.values())
         label_names = [str(i) for i in range(max(n, 2))]
@@ -141,11 +175,16 @@ def load_dataset(data: str, root: Optional[str] = None, text_column: str = "docu
 
 
 def _split_file(folder: Path, name: str) -> Optional[Path]:
-    for ext in ("jsonl", "csv", "tsv"):
-        p = folder / f"{name}.{ext}"
-        if p.exists():
-            return p
+    for ext in FORMATS:
+        for p in (folder / f"{name}.{ext}", folder / f"{name}.{ext}.gz"):
+            if p.exists():
+                return p
     return None
+
+
+def _format(path: Path) -> str:
+    """``jsonl``, ``csv`` or ``tsv``: the suffix before any ``.gz``."""
+    return Path(path.name[:-3] if path.name.endswith(".gz") else path.name).suffix[1:]
 
 
 def _read_labels(path: Path) -> List[str]:
@@ -161,24 +200,31 @@ def _read_labels(path: Path) -> List[str]:
 
 
 def _read_text(path: Path) -> str:
+    """The UTF-8 text of ``path``, gunzipped when it ends in ``.gz``."""
+    data = path.read_bytes()
+    if path.name.endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: not a readable gzip file ({e})") from None
     try:
-        return path.read_bytes().decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        line = data[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: bytes that are not UTF-8 (offset {e.start})") from None
 
 
 def read_split(path: Path, name: str, label_names: Optional[Sequence[str]] = None,
                text_column: str = "document", query_column: Optional[str] = None,
                label_column: str = "label") -> Split:
-    """Read one split file (jsonl, csv or tsv) and validate every row."""
+    """Read one split file (jsonl, csv or tsv, optionally gzipped) and validate every row."""
     path = Path(path)
     text = _read_text(path)
-    if path.suffix == ".jsonl":
+    if _format(path) == "jsonl":
         rows = list(_jsonl_rows(path, text))
         tcol, qcol, lcol = "document", "query", "label"
     else:
-        rows = list(_table_rows(path, text, "\t" if path.suffix == ".tsv" else ","))
+        rows = list(_table_rows(path, text, "\t" if _format(path) == "tsv" else ","))
         tcol, qcol, lcol = text_column, query_column, label_column
     if not rows:
         raise DataError(f"{path}: empty file, no examples")

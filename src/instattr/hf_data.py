@@ -14,8 +14,8 @@ def load_hf(name: str, text_column: str = "document", query_column: Optional[str
     try:
         import datasets  # noqa: F401
     except ImportError:
-        raise DataError(f"{name}: not a local folder, and `datasets` is not installed "
-                        "(pip install 'instattr[hf]')") from None
+        raise DataError(f"{name}: not a local folder; as a Hugging Face dataset name it needs "
+                        "`pip install 'instattr[hf]'`") from None
     try:
         ds = datasets.load_dataset(name)
     except Exception as e:  # network or name errors, reported in one line
