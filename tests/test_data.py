@@ -189,3 +189,18 @@ def test_hub_name_without_datasets_installed(monkeypatch):
         load_dataset("owner/name")
     assert str(e.value) == ("owner/name: not a local folder; as a Hugging Face dataset name it needs "
                             "`pip install 'instattr[hf]'`")
+
+
+@pytest.mark.parametrize("sep", ["\u2028", "\u2029", "\u0085"])
+def test_jsonl_unicode_line_separators_inside_strings(sep, tmp_path):
+    rows = [{"document": f"one{sep}two", "label": 0}, {"document": "three", "label": 1}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                          encoding="utf-8")
+    assert [e.document for e in load_dataset(str(tmp_path)).splits["train"].examples] == [f"one{sep}two", "three"]
+
+
+def test_jsonl_crlf_lines(tmp_path):
+    (tmp_path / "train.jsonl").write_bytes(b'{"document": "a", "label": 0}\r\n{"document": "b", "label": 1}\r\n\r\n'
+                                           b'{"document": "c", "label": 7\r\n')
+    with pytest.raises(DataError, match=r"train\.jsonl:4: malformed JSON"):
+        load_dataset(str(tmp_path))

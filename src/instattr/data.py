@@ -259,8 +259,14 @@ def read_split(path: Path, name: str, label_names: Optional[Sequence[str]] = Non
     return Split(name, examples, str(path))
 
 
+def _lines(text: str):
+    """Lines split on ``\\n`` only (U+2028 and friends may sit inside JSON strings), less a CR."""
+    for line in text.split("\n"):
+        yield line[:-1] if line.endswith("\r") else line
+
+
 def _jsonl_rows(path: Path, text: str):
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(_lines(text), 1):
         if not line.strip():
             continue
         try:
