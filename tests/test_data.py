@@ -204,3 +204,18 @@ def test_jsonl_crlf_lines(tmp_path):
                                            b'{"document": "c", "label": 7\r\n')
     with pytest.raises(DataError, match=r"train\.jsonl:4: malformed JSON"):
         load_dataset(str(tmp_path))
+
+
+def test_csv_quoted_newlines_kept_and_lines_counted(tmp_path):
+    (tmp_path / "labels.json").write_text('["negative", "positive"]')
+    csv_text = b'document,label\r\n"line one\nline two\r\nline three",positive\r\n\r\n"fine",negative\r\n'
+    (tmp_path / "train.csv").write_bytes(csv_text)
+    docs = [e.document for e in load_dataset(str(tmp_path)).splits["train"].examples]
+    assert docs == ["line one\nline two\r\nline three", "fine"]
+    # errors name the line a record starts on: the record after the multi-line one, then the multi-line one
+    (tmp_path / "train.csv").write_bytes(csv_text + b'bad,7\n')
+    with pytest.raises(DataError, match=r"train\.csv:7: label 7 outside"):
+        load_dataset(str(tmp_path))
+    (tmp_path / "train.csv").write_bytes(b'document,label\nok,0\n"two\nlines",7\n')
+    with pytest.raises(DataError, match=r"train\.csv:3: label 7 outside"):
+        load_dataset(str(tmp_path))

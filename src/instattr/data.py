@@ -14,6 +14,7 @@ from .errors import InstattrError
 
 import csv
 import gzip
+import io
 import json
 import os
 import zlib
@@ -276,11 +277,24 @@ def _jsonl_rows(path: Path, text: str):
 
 
 def _table_rows(path: Path, text: str, delimiter: str):
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
-    if reader.fieldnames is None:
-        return
-    for row in reader:
-        yield reader.line_num, row
+    """(line a record starts on, {column: value}) for each record; quoted fields may span lines."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    kind, header, end = "TSV" if delimiter == "\t" else "CSV", None, 0
+    while True:
+        start = end + 1
+        try:
+            row = next(reader, None)
+        except csv.Error as e:
+            raise DataError(f"{path}:{start}: unreadable {kind} ({e})") from None
+        end = reader.line_num
+        if row is None:
+            return
+        if not row:
+            continue  # a blank line
+        if header is None:
+            header = row
+            continue
+        yield start, dict(zip(header, row + [None] * (len(header) - len(row))))
 
 
 def _parse_label(value, label_names: Optional[Sequence[str]], where: str) -> int:
