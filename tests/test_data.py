@@ -40,7 +40,7 @@ def test_pairs_and_label_names(toy_pairs):
 def test_csv_with_named_columns(tmp_path):
     (tmp_path / "train.csv").write_text("sentence,sentiment\nnice film,positive\nawful plot,negative\n")
     (tmp_path / "labels.json").write_text('["negative", "positive"]')
-    ds = load_dataset(str(tmp_path), text_column="sentence", label_column="sentiment")
+    ds = load_dataset(str(tmp_path), text_field="sentence", label_field="sentiment")
     assert [e.label for e in ds.splits["train"].examples] == [1, 0]
     assert ds.splits["train"].examples[0].document == "nice film"
 
@@ -219,3 +219,89 @@ def test_csv_quoted_newlines_kept_and_lines_counted(tmp_path):
     (tmp_path / "train.csv").write_bytes(b'document,label\nok,0\n"two\nlines",7\n')
     with pytest.raises(DataError, match=r"train\.csv:3: label 7 outside"):
         load_dataset(str(tmp_path))
+
+
+def test_byte_order_mark(tmp_path):
+    (tmp_path / "train.csv").write_bytes(b"\xef\xbb\xbfdocument,label\nnice,1\nawful,0\n")
+    assert load_dataset(str(tmp_path)).splits["train"].labels == [1, 0]
+    (tmp_path / "train.csv").unlink()
+    (tmp_path / "train.jsonl").write_bytes(b'\xef\xbb\xbf{"document": "a", "label": 0}\n{"document": "b", "label": 1}\n')
+    (tmp_path / "labels.json").write_bytes(b'\xef\xbb\xbf["negative", "positive"]')
+    assert load_dataset(str(tmp_path)).splits["train"].labels == [0, 1]
+
+
+@pytest.mark.parametrize("header", ["text,label", "sentence,label", "premise,labels", "extra,text,labels"])
+def test_default_columns_fall_back(header, tmp_path):
+    rows = ["nice,1", "awful,0"] if header.count(",") == 1 else ["x,nice,1", "y,awful,0"]
+    (tmp_path / "train.csv").write_text("\n".join([header, *rows]) + "\n")
+    ds = load_dataset(str(tmp_path))
+    assert [e.document for e in ds.splits["train"].examples] == ["nice", "awful"] and ds.splits["train"].labels == [1, 0]
+
+
+def test_pairs_by_fallback_columns(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"premise": "p", "hypothesis": "h", "labels": 0},
+                                           {"premise": "q", "hypothesis": "i", "labels": 1}])
+    (tmp_path / "test.tsv").write_text("sentence\tquery\tlabel\np\th\t1\n")
+    ds = load_dataset(str(tmp_path))
+    assert ds.is_pair and [e.query for e in ds.splits["train"].examples] == ["h", "i"]
+    assert ds.splits["test"].examples[0].query == "h"
+
+
+def test_named_fields(tmp_path):
+    (tmp_path / "train.csv").write_text("id,review,stars,title\n1,great,1,t\n2,dull,0,u\n")
+    ds = load_dataset(str(tmp_path), text_field="review", label_field="stars", query_field="title")
+    assert [(e.document, e.query, e.label) for e in ds.splits["train"].examples] == [("great", "t", 1), ("dull", "u", 0)]
+    write_jsonl(tmp_path / "train.jsonl", [{"body": "great", "y": 1}, {"body": "dull", "y": 0}])
+    (tmp_path / "train.csv").unlink()
+    assert load_dataset(str(tmp_path), text_field="body", label_field="y").splits["train"].labels == [1, 0]
+
+
+def test_missing_columns_listed(tmp_path):
+    (tmp_path / "train.csv").write_text("id,review,stars\n1,great,1\n2,dull,0\n")
+    with pytest.raises(DataError) as e:
+        load_dataset(str(tmp_path))
+    assert str(e.value) == (f"{tmp_path / 'train.csv'}:1: no text column (tried 'document', 'text', 'sentence', "
+                            "'premise'); columns are: id, review, stars; name it with --text-field")
+    with pytest.raises(DataError) as e:
+        load_dataset(str(tmp_path), text_field="review")
+    assert str(e.value) == (f"{tmp_path / 'train.csv'}:1: no label column (tried 'label', 'labels'); "
+                            "columns are: id, review, stars; name it with --label-field")
+    with pytest.raises(DataError, match=r"train\.csv:1: no query column 'hyp'; columns are: id, review, stars"):
+        load_dataset(str(tmp_path), text_field="review", label_field="stars", query_field="hyp")
+    write_jsonl(tmp_path / "train.jsonl", [{"body": "great", "y": 1}])
+    (tmp_path / "train.csv").unlink()
+    with pytest.raises(DataError, match=r"train\.jsonl:1: no text column 'text'; columns are: body, y"):
+        load_dataset(str(tmp_path), text_field="text")
+
+
+def test_field_flags_through_the_cli(tmp_path, tiny_encoder, capsys):
+    data = tmp_path / "reviews"
+    data.mkdir()
+    rows = "".join(f"{i},the film was {'good' if i % 2 else 'bad'},{i % 2}\n" for i in range(12))
+    (data / "train.csv").write_text("id,review,stars\n" + rows)
+    base = ["--quiet", "train", "--data", str(data), "--encoder", tiny_encoder, "--epochs", "1"]
+    assert main(base + ["--out", str(tmp_path / "bad"), "--text-field", "body"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no text column 'body'; columns are: id, review, stars" in err
+    assert not (tmp_path / "bad").exists()
+    assert main(base + ["--out", str(tmp_path / "run"), "--text-field", "review", "--label-field", "stars"]) == 0
+    from instattr.store import Run
+    run = Run.load(tmp_path / "run")
+    assert run.manifest["config"]["text_field"] == "review"
+    assert run.dataset().splits["train"].examples[1].document == "the film was good"   # reopened with the same fields
+
+
+def test_hub_dataset_columns_picked_like_files(monkeypatch):
+    import types
+
+    class Part(list):
+        column_names = ["sentence", "labels"]
+        features = {}
+
+    fake = types.SimpleNamespace(load_dataset=lambda name: {"train": Part([{"sentence": "a", "labels": 0},
+                                                                            {"sentence": "b", "labels": 1}])})
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    ds = load_dataset("owner/name")
+    assert [e.document for e in ds.splits["train"].examples] == ["a", "b"] and ds.splits["train"].labels == [0, 1]
+    with pytest.raises(DataError, match=r"owner/name\[train\]: no text column 'review'; columns are: sentence, labels"):
+        load_dataset("owner/name", text_field="review")

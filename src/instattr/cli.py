@@ -17,6 +17,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="sst2", help="sst2|mnli|hans, a dataset folder, or a HF dataset name")
     p.add_argument("--data-root", help="folder holding named datasets (default: $INSTATTR_DATA, ./data, ../shared/data, "
                    "then the packaged copy)")
+    p.add_argument("--text-field", help="column or key of the text (default: document, text, sentence, premise)")
+    p.add_argument("--query-field", help="column or key of a pair's second text (default: query, hypothesis)")
+    p.add_argument("--label-field", help="column or key of the label (default: label, labels)")
     p.add_argument("--encoder", help="HF name or local path (default: packaged all-MiniLM-L6-v2)")
     p.add_argument("--pooling", choices=["mean", "cls"])
     p.add_argument("--pairs", dest="pair_mode", choices=["siamese", "cross"],
@@ -48,7 +51,8 @@ def train_config(a):
         v = getattr(a, k)
         if v is not None and v <= 0:
             raise InstattrError(f"--{k.replace('_', '-')} must be positive, got {v}")
-    return TrainConfig(data=a.data, data_root=a.data_root, encoder=a.encoder, pooling=a.pooling,
+    return TrainConfig(data=a.data, data_root=a.data_root, text_field=a.text_field, query_field=a.query_field,
+                       label_field=a.label_field, encoder=a.encoder, pooling=a.pooling,
                        pair_mode=a.pair_mode, mode=a.mode, max_length=a.max_length, head=head,
                        limit_train=a.limit_train, limit_eval=a.limit_eval, tune=a.tune,
                        finetune_lr=a.finetune_lr, finetune_epochs=a.finetune_epochs)

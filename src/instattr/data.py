@@ -1,11 +1,13 @@
 """Datasets: resolve a name or folder, read and validate examples.
 
 A dataset is a folder with ``train.jsonl`` and optional ``dev.jsonl``, ``test.jsonl`` and
-``labels.json`` (the schema of the shared data README), or CSV/TSV files with named text and
-label columns, any of them optionally gzipped (``train.jsonl.gz``), or a Hugging Face
-``owner/name`` when ``datasets`` is installed. The named datasets ``sst2``, ``mnli`` and ``hans``
-are looked up under ``--data-root``, else $INSTATTR_DATA, ./data and ../shared/data, else read
-from the copy packaged in ``instattr/datasets``.
+``labels.json`` (the schema of the shared data README), or CSV/TSV files instead, any of them
+optionally gzipped (``train.jsonl.gz``), or a Hugging Face ``owner/name`` when ``datasets`` is
+installed. The text, query and label columns (JSONL keys) are the first present of
+:data:`TEXT_FIELDS`, :data:`QUERY_FIELDS` and :data:`LABEL_FIELDS`, unless named. The named
+datasets ``sst2``, ``mnli`` and ``hans`` are looked up under ``--data-root``, else
+$INSTATTR_DATA, ./data and ../shared/data, else read from the copy packaged in
+``instattr/datasets``.
 Every validation failure raises :class:`DataError` with a message naming file and line.
 """
 from __future__ import annotations
@@ -25,6 +27,9 @@ from typing import List, Optional, Sequence
 NAMED = ("sst2", "mnli", "hans")
 SPLITS = ("train", "dev", "test")
 FORMATS = ("jsonl", "csv", "tsv")
+TEXT_FIELDS = ("document", "text", "sentence", "premise")   # the defaults, first present wins
+QUERY_FIELDS = ("query", "hypothesis")
+LABEL_FIELDS = ("label", "labels")
 SHARED_DATA = os.path.join("..", "shared", "data")
 PACKAGED = Path(__file__).resolve().parent / "datasets"
 
@@ -149,20 +154,24 @@ def _looks_local(data: str) -> bool:
             or Path(data.split("/")[0]).exists())
 
 
-def load_dataset(data: str, root: Optional[str] = None, text_column: str = "document",
-                 query_column: Optional[str] = None, label_column: str = "label") -> Dataset:
-    """Load and validate a dataset by name, folder or Hugging Face name."""
+def load_dataset(data: str, root: Optional[str] = None, text_field: Optional[str] = None,
+                 query_field: Optional[str] = None, label_field: Optional[str] = None) -> Dataset:
+    """Load and validate a dataset by name, folder or Hugging Face name.
+
+    The ``*_field`` arguments name the columns (CSV, TSV, HF) or keys (JSONL) to read; None takes
+    the first present of :data:`TEXT_FIELDS`, :data:`QUERY_FIELDS` and :data:`LABEL_FIELDS`."""
     where = resolve(data, root)
+    fields = (text_field, query_field, label_field)
     if isinstance(where, str):
         from .hf_data import load_hf
-        return load_hf(where, text_column, query_column, label_column)
+        return load_hf(where, *fields)
     label_names = _read_labels(where / "labels.json") if (where / "labels.json").exists() else None
     splits = {}
     for name in SPLITS:
         path = _split_file(where, name)
         if path is None:
             continue
-        splits[name] = read_split(path, name, label_names, text_column, query_column, label_column)
+        splits[name] = read_split(path, name, label_names, *fields)
     if "train" not in splits:
         raise DataError(f"{where}: no train.jsonl (or train.csv, train.tsv, optionally .gz)")
     if label_names is None:
@@ -188,6 +197,28 @@ def _format(path: Path) -> str:
     return Path(path.name[:-3] if path.name.endswith(".gz") else path.name).suffix[1:]
 
 
+def pick_fields(where: str, columns: Sequence[str], text_field: Optional[str] = None,
+                query_field: Optional[str] = None, label_field: Optional[str] = None):
+    """The (text, query, label) columns among ``columns``: those named, else the first default
+    present; the query column is None when none is named nor present."""
+    return (_pick(where, columns, "text", text_field, TEXT_FIELDS, True),
+            _pick(where, columns, "query", query_field, QUERY_FIELDS, False),
+            _pick(where, columns, "label", label_field, LABEL_FIELDS, True))
+
+
+def _pick(where: str, columns: Sequence[str], kind: str, named: Optional[str], defaults: Sequence[str],
+          required: bool) -> Optional[str]:
+    if named is None:
+        found = next((c for c in defaults if c in columns), None)
+        if found is not None or not required:
+            return found
+    elif named in columns:
+        return named
+    tried = repr(named) if named is not None else f"(tried {', '.join(map(repr, defaults))})"
+    have = ", ".join(map(str, columns)) or "none"
+    raise DataError(f"{where}: no {kind} column {tried}; columns are: {have}; name it with --{kind}-field")
+
+
 def _read_labels(path: Path) -> List[str]:
     try:
         names = json.loads(_read_text(path))
@@ -201,7 +232,7 @@ def _read_labels(path: Path) -> List[str]:
 
 
 def _read_text(path: Path) -> str:
-    """The UTF-8 text of ``path``, gunzipped when it ends in ``.gz``."""
+    """The UTF-8 text of ``path``, gunzipped when it ends in ``.gz``, less a leading byte order mark."""
     data = path.read_bytes()
     if path.name.endswith(".gz"):
         try:
@@ -209,55 +240,64 @@ def _read_text(path: Path) -> str:
         except (OSError, EOFError, zlib.error) as e:
             raise DataError(f"{path}: not a readable gzip file ({e})") from None
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: bytes that are not UTF-8 (offset {e.start})") from None
+    return text[1:] if text.startswith("\ufeff") else text
 
 
 def read_split(path: Path, name: str, label_names: Optional[Sequence[str]] = None,
-               text_column: str = "document", query_column: Optional[str] = None,
-               label_column: str = "label") -> Split:
-    """Read one split file (jsonl, csv or tsv, optionally gzipped) and validate every row."""
+               text_field: Optional[str] = None, query_field: Optional[str] = None,
+               label_field: Optional[str] = None) -> Split:
+    """Read one split file (jsonl, csv or tsv, optionally gzipped) and validate every row.
+
+    The columns are picked (:func:`pick_fields`) from a CSV's header or a JSONL file's first object."""
     path = Path(path)
     text = _read_text(path)
-    if _format(path) == "jsonl":
+    fmt = _format(path)
+    if fmt == "jsonl":
         rows = list(_jsonl_rows(path, text))
-        tcol, qcol, lcol = "document", "query", "label"
+        head = rows[0][0] if rows else 1
     else:
-        rows = list(_table_rows(path, text, "\t" if _format(path) == "tsv" else ","))
-        tcol, qcol, lcol = text_column, query_column, label_column
+        head, rows = _table_rows(path, text, "\t" if fmt == "tsv" else ",")
     if not rows:
         raise DataError(f"{path}: empty file, no examples")
-    examples, seen = [], {}
-    has_query = None
+    examples, seen, cols = [], {}, None
     for lineno, row in rows:
         where = f"{path}:{lineno}"
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        doc = row.get(tcol)
-        if doc is None:
-            raise DataError(f"{where}: missing {tcol!r}")
-        if not isinstance(doc, str):
-            raise DataError(f"{where}: {tcol!r} must be a string")
-        if lcol not in row or row[lcol] is None or row[lcol] == "":
-            raise DataError(f"{where}: missing {lcol!r}")
-        label = _parse_label(row[lcol], label_names, where)
-        query = row.get(qcol) if qcol else None
-        if query is not None and not isinstance(query, str):
-            raise DataError(f"{where}: 'query' must be a string")
-        if has_query is None:
-            has_query = query is not None
-        elif has_query != (query is not None):
-            raise DataError(f"{where}: 'query' {'missing' if has_query else 'present'} here but "
-                            f"{'present' if has_query else 'absent'} on earlier lines; pairs need it on every line")
-        idx = row.get("idx", f"{name}_{len(examples)}")
-        idx = str(idx)
-        if idx in seen:
-            raise DataError(f"{where}: duplicate idx {idx!r} (first on line {seen[idx]})")
-        seen[idx] = lineno
-        examples.append(Example(idx=idx, document=doc, label=label, query=query))
+        if cols is None:
+            tcol, qcol, lcol = pick_fields(f"{path}:{head}", list(row), text_field, query_field, label_field)
+            cols = (tcol, qcol or QUERY_FIELDS[0], lcol)   # a query first seen on a later line is an error
+        ex = _example(row, *cols, label_names, where, f"{name}_{len(examples)}")
+        if examples and (ex.query is None) != (examples[0].query is None):
+            has = examples[0].query is not None
+            raise DataError(f"{where}: {cols[1]!r} {'missing' if has else 'present'} here but "
+                            f"{'present' if has else 'absent'} on earlier lines; pairs need it on every line")
+        if ex.idx in seen:
+            raise DataError(f"{where}: duplicate idx {ex.idx!r} (first on line {seen[ex.idx]})")
+        seen[ex.idx] = lineno
+        examples.append(ex)
     return Split(name, examples, str(path))
+
+
+def _example(row: dict, tcol: str, qcol: str, lcol: str, label_names: Optional[Sequence[str]], where: str,
+             default_idx: str) -> Example:
+    """One validated example from a row."""
+    doc = row.get(tcol)
+    if doc is None:
+        raise DataError(f"{where}: missing {tcol!r}")
+    if not isinstance(doc, str):
+        raise DataError(f"{where}: {tcol!r} must be a string")
+    if row.get(lcol) is None or row[lcol] == "":
+        raise DataError(f"{where}: missing {lcol!r}")
+    label = _parse_label(row[lcol], label_names, where)
+    query = row.get(qcol)
+    if query is not None and not isinstance(query, str):
+        raise DataError(f"{where}: {qcol!r} must be a string")
+    return Example(idx=str(row.get("idx", default_idx)), document=doc, label=label, query=query)
 
 
 def _lines(text: str):
@@ -277,9 +317,9 @@ def _jsonl_rows(path: Path, text: str):
 
 
 def _table_rows(path: Path, text: str, delimiter: str):
-    """(line a record starts on, {column: value}) for each record; quoted fields may span lines."""
+    """(the header's line, [(line a record starts on, {column: value})]); quoted fields may span lines."""
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    kind, header, end = "TSV" if delimiter == "\t" else "CSV", None, 0
+    kind, header, head, end, rows = "TSV" if delimiter == "\t" else "CSV", None, 1, 0, []
     while True:
         start = end + 1
         try:
@@ -288,13 +328,13 @@ def _table_rows(path: Path, text: str, delimiter: str):
             raise DataError(f"{path}:{start}: unreadable {kind} ({e})") from None
         end = reader.line_num
         if row is None:
-            return
+            return head, rows
         if not row:
             continue  # a blank line
         if header is None:
-            header = row
+            header, head = row, start
             continue
-        yield start, dict(zip(header, row + [None] * (len(header) - len(row))))
+        rows.append((start, dict(zip(header, row + [None] * (len(header) - len(row))))))
 
 
 def _parse_label(value, label_names: Optional[Sequence[str]], where: str) -> int:

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .data import DataError, Dataset, Example, Split
+from .data import DataError, Dataset, Example, Split, pick_fields
 
 _SPLIT_NAMES = {"train": ("train",), "dev": ("validation", "dev"), "test": ("test",)}
 
 
-def load_hf(name: str, text_column: str = "document", query_column: Optional[str] = None,
-            label_column: str = "label") -> Dataset:
-    """Load a Hugging Face dataset; text column falls back to ``text`` or ``sentence``."""
+def load_hf(name: str, text_field: Optional[str] = None, query_field: Optional[str] = None,
+            label_field: Optional[str] = None) -> Dataset:
+    """Load a Hugging Face dataset; columns are picked as for files (:func:`instattr.data.pick_fields`)."""
     try:
         import datasets  # noqa: F401
     except ImportError:
@@ -28,14 +28,11 @@ def load_hf(name: str, text_column: str = "document", query_column: Optional[str
             continue
         part = ds[key]
         cols = part.column_names
-        tcol = next((c for c in (text_column, "text", "sentence", "premise") if c in cols), None)
-        if tcol is None or label_column not in cols:
-            raise DataError(f"{name}[{key}]: needs a text column and {label_column!r}; has {cols}")
-        qcol = query_column or ("hypothesis" if "hypothesis" in cols else None)
-        feat = part.features.get(label_column)
+        tcol, qcol, lcol = pick_fields(f"{name}[{key}]", cols, text_field, query_field, label_field)
+        feat = part.features.get(lcol)
         if label_names is None and getattr(feat, "names", None):
             label_names = list(feat.names)
-        examples = [Example(idx=f"{ours}_{i}", document=r[tcol], label=int(r[label_column]),
+        examples = [Example(idx=f"{ours}_{i}", document=r[tcol], label=int(r[lcol]),
                             query=r[qcol] if qcol else None) for i, r in enumerate(part)]
         examples = [e for e in examples if e.label >= 0]
         if not examples:

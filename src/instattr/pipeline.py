@@ -29,6 +29,9 @@ class TrainConfig:
     """Everything `instattr train` needs; saved into run.json."""
     data: str = "sst2"
     data_root: Optional[str] = None
+    text_field: Optional[str] = None     # None: the first of document, text, sentence, premise
+    query_field: Optional[str] = None    # None: query or hypothesis when present
+    label_field: Optional[str] = None    # None: label or labels
     encoder: Optional[str] = None        # None: the packaged all-MiniLM-L6-v2
     pooling: Optional[str] = None        # None: mean for sentence-transformers, else cls
     pair_mode: Optional[str] = None      # None: siamese in head mode, cross in finetune mode
@@ -135,7 +138,7 @@ def train_run(config: TrainConfig, out, overwrite: bool = False, progress: bool 
     if config.mode not in ("head", "finetune"):
         raise InstattrError(f"--mode must be head or finetune, got {config.mode!r}")
     t0 = time.perf_counter()
-    ds = load_dataset(config.data, config.data_root)
+    ds = load_dataset(config.data, config.data_root, config.text_field, config.query_field, config.label_field)
     seed = config.head.seed
     splits = {"train": ds.splits["train"].limit(config.limit_train, seed)}
     for name in ("dev", "test"):

@@ -252,7 +252,8 @@ class Run:
         """Re-open the dataset this run was trained on (texts for explanations and evaluations)."""
         from .data import load_dataset
         m = self.manifest
-        return load_dataset(m["data"]["root"])
+        fields = {k: m.get("config", {}).get(k) for k in ("text_field", "query_field", "label_field")}
+        return load_dataset(m["data"]["root"], **fields)
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
