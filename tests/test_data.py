@@ -61,6 +61,9 @@ BAD = {
     "query on some lines": ('{"document": "a", "query": "q", "label": 0}\n{"document": "b", "label": 1}\n',
                             "train.jsonl:2", "query"),
     "not an object": ('[1, 2]\n', "train.jsonl:1", "JSON object"),
+    "empty text": ('{"document": "a", "label": 0}\n{"document": " \\t ", "label": 1}\n', "train.jsonl:2", "empty text"),
+    "one class": ('{"document": "a", "label": 1}\n{"document": "b", "label": "positive"}\n', "train.jsonl",
+                  "train has only one class (label 'positive'); a classifier needs at least two"),
 }
 
 
@@ -305,3 +308,9 @@ def test_hub_dataset_columns_picked_like_files(monkeypatch):
     assert [e.document for e in ds.splits["train"].examples] == ["a", "b"] and ds.splits["train"].labels == [0, 1]
     with pytest.raises(DataError, match=r"owner/name\[train\]: no text column 'review'; columns are: sentence, labels"):
         load_dataset("owner/name", text_field="review")
+
+
+def test_empty_csv_cell(tmp_path):
+    (tmp_path / "train.csv").write_text('document,label\na,0\n"\n",1\n')
+    with pytest.raises(DataError, match=r"train\.csv:3: empty text"):
+        load_dataset(str(tmp_path))

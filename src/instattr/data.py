@@ -164,7 +164,15 @@ def load_dataset(data: str, root: Optional[str] = None, text_field: Optional[str
     fields = (text_field, query_field, label_field)
     if isinstance(where, str):
         from .hf_data import load_hf
-        return load_hf(where, *fields)
+        ds = load_hf(where, *fields)
+    else:
+        ds = _load_folder(where, fields)
+    _check_classes(ds)
+    return ds
+
+
+def _load_folder(where: Path, fields: tuple) -> Dataset:
+    """A dataset from a folder of split files."""
     label_names = _read_labels(where / "labels.json") if (where / "labels.json").exists() else None
     splits = {}
     for name in SPLITS:
@@ -182,6 +190,14 @@ def load_dataset(data: str, root: Optional[str] = None, text_field: Optional[str
             raise DataError(f"{s.source}: has {'pairs' if s.is_pair else 'single texts'} but "
                             f"train has {'pairs' if splits['train'].is_pair else 'single texts'}")
     return Dataset(name=where.name, root=str(where), label_names=label_names, splits=splits)
+
+
+def _check_classes(ds: Dataset) -> None:
+    """A classifier needs at least two classes among its training labels."""
+    train = ds.splits["train"]
+    if len(set(train.labels)) < 2:
+        name = ds.label_names[train.labels[0]]
+        raise DataError(f"{train.source}: train has only one class (label {name!r}); a classifier needs at least two")
 
 
 def _split_file(folder: Path, name: str) -> Optional[Path]:
@@ -291,6 +307,8 @@ def _example(row: dict, tcol: str, qcol: str, lcol: str, label_names: Optional[S
         raise DataError(f"{where}: missing {tcol!r}")
     if not isinstance(doc, str):
         raise DataError(f"{where}: {tcol!r} must be a string")
+    if not doc.strip():
+        raise DataError(f"{where}: empty text in {tcol!r}")
     if row.get(lcol) is None or row[lcol] == "":
         raise DataError(f"{where}: missing {lcol!r}")
     label = _parse_label(row[lcol], label_names, where)
