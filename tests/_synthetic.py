@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 import numpy as np
 from safetensors.torch import save_file
 
-from instattr.model import HeadConfig, pair_input, predict, train_heads
+from instattr.manifest import FORMAT, DataInfo, EncoderInfo, HeadInfo, HFInfo, Manifest
+from instattr.models.head import HeadConfig, pair_input, predict, train_heads
 from instattr.store import FeatureSet, Run, write_json, write_npz
 
 POSITIVE = ["good", "great", "superb", "lovely", "fine", "brilliant"]
@@ -106,17 +107,26 @@ def make_run(root: Path, kind: str = "sst2", n_train: int = 80, n_test: int = 30
     run_dir = root / "run"
     (run_dir / "model").mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in params.items()}, str(run_dir / "model" / "head.safetensors"))
+    save_file({"weight": params["w"].contiguous()}, str(run_dir / "model" / "final_layer.safetensors"))
     for split, (idx, d, q, y) in splits.items():
         write_npz(run_dir / "features" / f"{split}.npz", **feature_set(params, idx, d, q, y, pair_mode).to_npz())
-    write_json(run_dir / "run.json", {
-        "label_names": label_names, "eval_split": "test", "mode": mode, "pair_mode": pair_mode,
-        "head": {**cfg.to_dict(), "d_in": int(x.shape[1])},
-        "data": {"name": kind, "root": str(data_dir), "is_pair": is_pair}})
+    head = HeadInfo(l2=cfg.l2, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, hidden=hidden, seed=seed,
+                    d_in=int(x.shape[1]))
+    manifest = Manifest(
+        format=FORMAT, mode=mode, label_names=tuple(label_names), eval_split="test", pair_mode=pair_mode, l2=cfg.l2,
+        seed=seed, head=head if mode == "head" else None,
+        hf=None if mode == "head" else HFInfo(path="model/hf", family="bert", final_layer="classifier", max_length=128,
+                                              n_layers=0, fingerprint="", origin=mode),
+        data=DataInfo(name=kind, root=str(data_dir), arg=kind, is_pair=is_pair, n={"train": n_train, "test": n_test}),
+        encoder=EncoderInfo(name="bag-of-words", path="", pooling="mean", max_length=128, hidden_size=DIM))
+    write_json(run_dir / "run.json", manifest.to_dict())
     return Run.load(run_dir)
 
 
 def featurize(run: Run, documents, queries: Optional[Sequence[str]] = None, labels=None) -> FeatureSet:
     """The toy runs' stand-in for instattr.pipeline.featurize."""
     labels = np.zeros(len(documents), dtype=np.int64) if labels is None else labels
-    return feature_set(run.head_params(), [f"new_{i}" for i in range(len(documents))], documents, queries,
-                       labels, run.manifest["pair_mode"])
+    from safetensors.torch import load_file
+    params = load_file(str(run.path / "model" / "head.safetensors"))
+    return feature_set(params, [f"new_{i}" for i in range(len(documents))], documents, queries,
+                       labels, run.manifest.pair_mode)

@@ -24,7 +24,7 @@ def tiny_encoder(tmp_path_factory) -> str:
     tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
+                     intermediate_size=64, max_position_embeddings=128)
     BertModel(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
@@ -75,7 +75,7 @@ def toy_pairs(tmp_path) -> Path:
 @pytest.fixture
 def tiny_run(tmp_path, tiny_encoder, toy_data):
     """A trained run on the toy dataset with the tiny encoder (seconds)."""
-    from instattr.model import HeadConfig
+    from instattr.models.head import HeadConfig
     from instattr.pipeline import TrainConfig, train_run
     cfg = TrainConfig(data=str(toy_data), encoder=tiny_encoder, head=HeadConfig(epochs=5, lr=1e-2, batch_size=8))
     return train_run(cfg, tmp_path / "run", progress=False)

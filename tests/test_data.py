@@ -290,7 +290,7 @@ def test_field_flags_through_the_cli(tmp_path, tiny_encoder, capsys):
     assert main(base + ["--out", str(tmp_path / "run"), "--text-field", "review", "--label-field", "stars"]) == 0
     from instattr.store import Run
     run = Run.load(tmp_path / "run")
-    assert run.manifest["config"]["text_field"] == "review"
+    assert run.manifest.config["text_field"] == "review" and run.manifest.data.fields == {"text": "review", "label": "stars"}
     assert run.dataset().splits["train"].examples[1].document == "the film was good"   # reopened with the same fields
 
 

@@ -83,7 +83,7 @@ def test_stored_scores_are_used(run):
     """A stored matrix for one method (here gd's scores saved under nn-dot) replaces computing it."""
     from instattr.methods import get_method
     train, test = run.features("train"), run.features("test")
-    gd = get_method("gd").fit(train, run.head()).score(test)
+    gd = get_method("gd").fit(train, run.final_layer()).score(test)
     run.save_scores("nn-dot", "test", gd, test.idx, train.idx, {}, 0.0)
     try:
         res = run_correlation(run, methods=["nn-dot", "gd"], n_test=10, n_train=40, ks=(5,))
@@ -99,7 +99,7 @@ def test_stored_layered_scores_join_by_default(run):
     from instattr.evaluate.common import stored_extras
     from instattr.methods import METHOD_NAMES, get_method
     train, test = run.features("train"), run.features("test")
-    gd = get_method("gd").fit(train, run.head()).score(test)
+    gd = get_method("gd").fit(train, run.final_layer()).score(test)
     run.save_scores("gd-top", "test", gd, test.idx, train.idx, {}, 2.0)
     run.save_scores("if-top", "test", gd[:3], test.idx[:3], train.idx, {}, 1.0)
     run.save_scores("rif-top", "test", gd[:, 1:], test.idx, train.idx[1:], {}, 1.0)   # a --limit-train run

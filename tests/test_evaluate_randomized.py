@@ -21,7 +21,7 @@ def test_random_model_recomputes_features_but_keeps_encoder(run):
     r_train, r_test, r_head = random_model(x_tr, x_te, train, test, 8, 0.01, seed=123)
     again = random_model(x_tr, x_te, train, test, 8, 0.01, seed=123)[0]
     other = random_model(x_tr, x_te, train, test, 8, 0.01, seed=124)[0]
-    assert r_train.features.shape == train.features.shape and r_head.w.shape == run.head().w.shape
+    assert r_train.features.shape == train.features.shape and r_head.w.shape == run.final_layer().w.shape
     np.testing.assert_array_equal(r_train.encoder, train.encoder)
     np.testing.assert_array_equal(r_train.features, again.features)
     assert not np.allclose(r_train.features, train.features)
@@ -42,7 +42,18 @@ def test_run_randomized(run):
     assert "Spearman 1.0" in md and "paper SST" in md and "-0.29" in md
 
 
-def test_randomized_refuses_finetune_runs(tmp_path):
+def test_non_head_runs_reinitialise_the_final_layer(tmp_path):
     ft = make_run(tmp_path, n_train=20, n_test=4, epochs=1, mode="finetune")
     with pytest.raises(RunError, match="head-mode"):
-        run_randomized(ft, methods=["gd"], n_test=2)
+        run_randomized(ft, methods=["gd"], n_test=2, scope="head")
+    res = run_randomized(ft, methods=["nn-cos", "rep", "gd"], n_test=4)
+    assert res["scope"] == "final"
+    assert res["methods"]["nn-cos"] == pytest.approx(1.0)       # features are untouched by construction
+    assert res["methods"]["rep"] == pytest.approx(1.0)          # refit to the same optimum from any start
+    assert res["methods"]["gd"] < 1.0 - 1e-6                    # probabilities changed
+    assert "final linear layer" in (ft.path / "results" / "randomized.md").read_text()
+
+
+def test_randomized_refuses_methods_that_need_the_whole_classifier(run):
+    with pytest.raises(RunError, match="if-top"):
+        run_randomized(run, methods=["gd", "if-top"], n_test=2)

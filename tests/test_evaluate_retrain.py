@@ -8,7 +8,7 @@ import torch
 from _synthetic import make_run
 from instattr.evaluate.retrain import (effective_ks, random_masks, removal_deltas, removal_masks, removed_support,
                                        retrain_probs, run_retrain)
-from instattr.model import HeadConfig, init_params, logits, train_heads
+from instattr.models.head import HeadConfig, init_params, logits, train_heads
 
 CFG = HeadConfig(l2=0.05, lr=0.05, epochs=3, batch_size=4, hidden=3, seed=7)
 
@@ -93,7 +93,8 @@ def test_masks_and_k_clipping():
 def test_removal_deltas_shapes_and_random_baseline():
     x, y = tiny_problem(n=24, c=2, seed=3)
     rows = np.random.default_rng(0).normal(size=(3, 24))
-    out = removal_deltas(x, y, x[:3], np.array([0, 1, 1]), 2, CFG, {"m": rows}, ks=(4, 100), n_random=5, seed=1)
+    out = removal_deltas(lambda masks: retrain_probs(x, y, x[:3], 2, CFG, masks), np.array([0, 1, 1]), {"m": rows},
+                         24, ks=(4, 100), n_random=5, seed=1)
     assert out["ks"] == [4, 12]
     assert set(out["methods"]["m"]) == {"4", "12"} and len(out["per_example"]["m"]["4"]) == 3
     assert out["methods"]["m"]["4"] == pytest.approx(np.mean(out["per_example"]["m"]["4"]))
@@ -128,11 +129,51 @@ def test_quiet_cli_retrain_shows_no_progress_bars(run, capsys):
     assert "heads" in capsys.readouterr().err
 
 
-def test_retrain_refuses_finetune_runs(tmp_path):
+def test_non_head_runs_retrain_the_final_layer(tmp_path):
     from instattr.store import RunError
-    ft = make_run(tmp_path, n_train=20, n_test=4, epochs=1, mode="finetune")
+    ft = make_run(tmp_path, n_train=30, n_test=6, epochs=2, mode="finetune")
     with pytest.raises(RunError, match="head-mode"):
-        run_retrain(ft, methods=["gd"], n_test=2, ks=(2,), n_random=2, progress=False)
+        run_retrain(ft, methods=["gd"], n_test=2, ks=(2,), n_random=2, progress=False, scope="head")
+    res = run_retrain(ft, methods=["if"], n_test=3, ks=(5,), n_random=3, progress=False)
+    assert res["scope"] == "final" and res["l2"] == pytest.approx(0.01)
+    assert "final linear layer" in (ft.path / "results" / "retrain.md").read_text()
+
+
+def lbfgs_refit(x, y, l2, c):
+    """Independent reference: the final layer fit from zero by torch's L-BFGS in float64."""
+    import torch
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    w = torch.zeros(c, x.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xt @ w.T, yt) + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+    for _ in range(5):
+        opt.step(closure)
+    return w.detach().numpy()
+
+
+@pytest.mark.parametrize("c", [2, 3])
+def test_final_layer_refit_equals_retraining_from_scratch(c):
+    """scope final: the refit on each mask's rows is the minimiser an optimiser reaches from zero."""
+    from instattr.evaluate.retrain import refit_probs
+    from instattr.methods.lastlayer import softmax
+    rng = np.random.default_rng(c)
+    x = np.concatenate([rng.normal(size=(40, 5)), np.ones((40, 1))], axis=1)     # [f, 1]: a bias
+    y = (x[:, :c] @ rng.normal(size=c) > 0).astype(int) + (c == 3) * (rng.random(40) > 0.7)
+    masks = np.ones((3, 40), dtype=bool)
+    masks[0, :10] = False
+    masks[1, rng.choice(40, 15, replace=False)] = False
+    w0 = rng.normal(size=(c, 6))
+    after, before = refit_probs(x, y, x[:7], w0, 0.05, masks)
+    for j, keep in enumerate(masks):
+        want = softmax(x[:7] @ lbfgs_refit(x[keep], y[keep], 0.05, c).T)
+        np.testing.assert_allclose(after[j], want, atol=1e-7)
+    np.testing.assert_allclose(before[0], softmax(x[:7] @ lbfgs_refit(x, y, 0.05, c).T), atol=1e-7)
 
 
 def test_removed_support_by_hand():

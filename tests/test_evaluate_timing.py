@@ -46,7 +46,7 @@ def test_registry_and_applicability(run, tmp_path):
     hans = make_run(tmp_path / "h", kind="hans", n_train=20, n_test=4, epochs=1)
     assert "artifacts" in evaluations_for(hans)
     ft = make_run(tmp_path / "f", n_train=20, n_test=4, epochs=1, mode="finetune")
-    assert evaluations_for(ft) == ["correlation", "near-train", "timing"]
+    assert evaluations_for(ft) == ["correlation", "retrain", "randomized", "near-train", "timing"]
     with pytest.raises(ValueError, match="unknown evaluation"):
         run_evaluation("nope", run)
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from instattr.data import DataError, resolve
-from instattr.model import HeadConfig
+from instattr.models.head import HeadConfig
 from instattr.pipeline import TrainConfig, featurize, train_run
 
 
@@ -20,7 +20,7 @@ def test_default_encoder_on_sst2_slice(tmp_path):
     run = train_run(TrainConfig(data="sst2", limit_train=600, limit_eval=200,
                                     head=HeadConfig(lr=2e-3, epochs=5)), tmp_path / "sst2", progress=False)
     m = run.manifest
-    assert m["encoder"]["pooling"] == "mean" and m["encoder"]["hidden_size"] == 384
+    assert m.encoder.pooling == "mean" and m.encoder.hidden_size == 384
     assert run.features("train").encoder.shape == (600, 384)
     # a frozen sentence encoder separates sentiment well above chance even from 600 examples
     assert run.metrics["test_accuracy"] > 0.7

@@ -17,15 +17,16 @@ from conftest import WORDS, make_dataset
 from instattr.attribution import attribute_run, attribute_texts, explain, fit_method
 from instattr.methods import get_method
 from instattr.methods.lastlayer import sum_zero_basis
-from instattr.model import HeadConfig, pair_input
-from instattr.pipeline import TrainConfig, run_encoder, train_run
-from instattr.store import Run
 from instattr.layers import Curvature, GaussNewton, LiSSA
 from instattr.layers import cache as cache_mod
 from instattr.layers.cache import Examples, cache_path
 from instattr.layers.grads import FlatParameters, per_example_grads
-from instattr.layers.network import tracked_model
 from instattr.layers.projection import GradientProjector
+from instattr.models import classifier_for
+from instattr.models.head import HeadConfig, pair_input
+from instattr.models.tracked import first_tracked_layer
+from instattr.pipeline import TrainConfig, train_run
+from instattr.store import Run
 
 F64 = dict(dtype="float64", progress=False)
 
@@ -48,7 +49,7 @@ def micro_encoder(tmp_path_factory) -> str:
     assert len(tok.get_vocab()) == len(vocab)          # words are real tokens, not [UNK]
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=16, max_position_embeddings=32, initializer_range=0.3)
+                     intermediate_size=16, max_position_embeddings=128, initializer_range=0.3)
     BertModel(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
@@ -76,13 +77,26 @@ def cross(tmp_path_factory, micro_encoder):
 
 
 # ---------------------------------------------------------------- brute force
+def start_of(run, layers):
+    return first_tracked_layer(classifier_for(run).n_layers, layers)
+
+
 def model_of(run, layers=1):
-    return tracked_model(run, layers, dtype="float64")[0]
+    return classifier_for(run).tracked(start_of(run, layers), "float64")
+
+
+def examples(run, fs, layers):
+    return Examples(classifier_for(run), fs, start_of(run, layers))
+
+
+def head_params(run):
+    from safetensors.torch import load_file
+    return load_file(str(run.path / "model" / "head.safetensors"))
 
 
 def example_batches(run, fs, layers):
     """One unpadded batch per example (nothing shared, no padding)."""
-    ex = Examples(run, fs, layers)
+    ex = examples(run, fs, layers)
     return [ex.batch([i], torch.float64) for i in range(len(fs))]
 
 
@@ -117,7 +131,7 @@ def probs_of(model, batches):
 
 
 def w_mask(model):
-    return torch.cat([torch.full((p.numel(),), n == "classifier.weight") for n, p in model.named_parameters()])
+    return torch.cat([torch.full((p.numel(),), n in model.penalized()) for n, p in model.named_parameters()])
 
 
 def brute_ggn(model, batches, l2, damping):
@@ -137,7 +151,7 @@ def brute_hessian(model, batches, labels, l2):
         params = flat.unflatten(theta)
         ce = sum(torch.nn.functional.cross_entropy(functional_call(model, params, kwargs=b), torch.tensor([int(y)]))
                  for b, y in zip(batches, labels)) / len(batches)
-        return ce + l2 * (params["classifier.weight"] ** 2).sum()
+        return ce + l2 * sum((params[n] ** 2).sum() for n in model.penalized())
     return torch.autograd.functional.hessian(loss, flat.theta0)
 
 
@@ -148,8 +162,8 @@ def gold_not_pred(fs):
 
 
 def scores(name, run, **options):
-    m = get_method(name, run=run, **{**F64, **options})
-    return m.fit(run.features("train"), run.head()).score(gold_not_pred(run.features("test"))), m
+    m = get_method(name, **{**F64, **options})
+    return m.fit(run.features("train"), classifier_for(run)).score(gold_not_pred(run.features("test"))), m
 
 
 def spearman_rows(a, b):
@@ -162,8 +176,8 @@ def spearman_rows(a, b):
 def test_tracked_forward_from_cache_equals_full_encoder(kind, request, monkeypatch):
     run = request.getfixturevalue(kind)
     test = run.features("test")
-    ds = run.dataset().splits["test"].examples
-    enc = run_encoder(run)
+    ds = run.examples("test")
+    enc = classifier_for(run).encoder()
     docs, queries = [e.document for e in ds], [e.query for e in ds]
     if kind == "single":
         full = enc.encode(docs, progress=False)
@@ -171,31 +185,31 @@ def test_tracked_forward_from_cache_equals_full_encoder(kind, request, monkeypat
         full = enc.encode(docs, queries, progress=False)
     else:
         full = np.concatenate([enc.encode(docs, progress=False), enc.encode(queries, progress=False)], 1)
-    head = {k: v.double() for k, v in run.head_params().items()}
-    x = torch.as_tensor(pair_input(full, run.manifest["pair_mode"])).double()
+    head = {k: v.double() for k, v in head_params(run).items()}
+    x = torch.as_tensor(pair_input(full, run.manifest.pair_mode)).double()
     want = torch.tanh(x @ head["dense_w"].T + head["dense_b"]).numpy()      # full encoder, then head
     for layers in (0, 1, 2):
         model = model_of(run, layers)
-        ex = Examples(run, test, layers)
+        ex = examples(run, test, layers)
         got = np.zeros_like(want)
         with torch.no_grad():
             for pos, b in ex.batches(3, torch.float64):
                 got[pos] = model.features(**b).numpy()
         np.testing.assert_allclose(got, want, atol=1e-5)
-        assert cache_path(run, "test", 2 - layers).exists()
+        assert cache_path(classifier_for(run), "test", 2 - layers).exists()
     # the cache is read back, never rebuilt: the encoder bottom does not run again
     monkeypatch.setattr(cache_mod, "_encode_states", lambda *a, **k: pytest.fail("encoder re-run"))
     fresh = Run.load(run.path)
-    c = cache_mod.load_cache(fresh, "test", 1)
+    c = cache_mod.load_cache(classifier_for(fresh), "test", 1)
     assert c.sequences.shape == (len(test), 2 if kind == "siamese" else 1)
 
 
 def test_stale_cache_is_rebuilt(single):
-    path = cache_path(single, "train", 1)
+    path = cache_path(classifier_for(single), "train", 1)
     fresh = Run.load(single.path)
-    cache_mod.load_cache(fresh, "train", 1)
+    cache_mod.load_cache(classifier_for(fresh), "train", 1)
     path.write_bytes(b"not an npz")                        # a damaged file is rebuilt, atomically
-    again = cache_mod.load_cache(Run.load(single.path), "train", 1)
+    again = cache_mod.load_cache(classifier_for(Run.load(single.path)), "train", 1)
     assert len(again.idx) == len(single.features("train")) and path.stat().st_size > 100
 
 
@@ -208,7 +222,7 @@ def test_vmap_per_example_grads_equal_backward_loop(kind, request):
     want = loop_grads(model, example_batches(run, fs, 2), fs.label)
     flat = FlatParameters(model)
     got = torch.zeros_like(want)
-    for pos, b in Examples(run, fs, 2).batches(5, torch.float64):     # padded batches
+    for pos, b in examples(run, fs, 2).batches(5, torch.float64):     # padded batches
         got[pos] = flat.flatten(per_example_grads(model, b, torch.as_tensor(fs.label[pos])))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
@@ -223,7 +237,7 @@ def test_hooks_without_projection_equal_exact_gradients(kind, request):
     proj = GradientProjector(model, None)
     basis = proj.basis
     got = torch.zeros(len(fs), proj.dim, dtype=torch.float64)
-    for pos, b in Examples(run, fs, 2).batches(4, torch.float64):
+    for pos, b in examples(run, fs, 2).batches(4, torch.float64):
         logits, _, jac = proj.project(b)
         e = torch.softmax(logits, -1)
         e[torch.arange(len(pos)), torch.as_tensor(fs.label[pos])] -= 1
@@ -233,7 +247,7 @@ def test_hooks_without_projection_equal_exact_gradients(kind, request):
 
 def projected_loss_grads(run, fs, proj, layers=1):
     """Projected per-example loss gradients of ``fs`` at its gold labels, in one float64 batch."""
-    b = Examples(run, fs, layers).batch(np.arange(len(fs)), torch.float64)
+    b = examples(run, fs, layers).batch(np.arange(len(fs)), torch.float64)
     logits, _, jac = proj.project(b)
     e = torch.softmax(logits, -1)
     e[torch.arange(len(fs)), torch.as_tensor(fs.label)] -= 1
@@ -252,7 +266,7 @@ def test_linear_blocks_sketch_the_exact_gradient(single, kind):
     got = projected_loss_grads(single, fs, proj)
     checked = 0
     for blk, a, z in zip(proj.blocks, proj.offsets[:-1], proj.offsets[1:]):
-        if blk.kind != "linear" or blk.name == "classifier":
+        if blk.kind != "linear" or blk.module is model.final:
             continue
         w = exact[:, flat.slices[blk.name + ".weight"]].reshape(len(fs), *blk.module.weight.shape)
         g = torch.cat([w, exact[:, flat.slices[blk.name + ".bias"]][:, :, None]], dim=2)
@@ -314,9 +328,9 @@ def test_large_damping_turns_projected_if_top_into_gd_top_over_damping(single):
     (d/k) damping metric would weight the projected layers k/d times less than the head."""
     fs, te = single.features("train"), single.features("test")
     opts = dict(layers=1, proj_dim=2, projection="orthogonal", **F64)
-    gd = get_method("gd-top", run=single, **opts).fit(fs, single.head()).score(te)
+    gd = get_method("gd-top", **opts).fit(fs, classifier_for(single)).score(te)
     lam = 1e7
-    inf = get_method("if-top", run=single, damping=lam, hessian="full", **opts).fit(fs, single.head()).score(te)
+    inf = get_method("if-top", damping=lam, hessian="full", **opts).fit(fs, classifier_for(single)).score(te)
     np.testing.assert_allclose(inf * lam, gd, rtol=1e-4, atol=1e-6 * np.abs(gd).max())
 
 
@@ -351,7 +365,7 @@ def test_if_rif_top_full_rank_projection_equal_explicit_gauss_newton(single, hes
     batches = example_batches(single, fs, 1)
     g_tr = loop_grads(model, batches, fs.label)
     g_te = loop_grads(model, example_batches(single, te, 1), te.pred)
-    l2, damping = single.head().l2, 0.01
+    l2, damping = single.final_layer().l2, 0.01
     h = brute_ggn(model, batches, l2, damping)
     if hessian == "block":                    # one block per tracked layer, one for the head
         group = torch.tensor([0 if n.startswith("layers.") else 1 for n, p in model.named_parameters()
@@ -379,7 +393,7 @@ def test_explicit_equals_brute_force_and_converged_lissa(single):
     fs = single.features("train")
     model = model_of(single, 1)
     batches = example_batches(single, fs, 1)
-    h = brute_hessian(model, batches, fs.label, single.head().l2)
+    h = brute_hessian(model, batches, fs.label, single.final_layer().l2)
     ev = torch.linalg.eigvalsh(h)
     damping = 1.5 * max(0.0, -float(ev[0])) + 0.05          # the exact Hessian is indefinite here
     lo, hi = float(ev[0]) + damping, float(ev[-1]) + damping
@@ -399,7 +413,7 @@ def test_explicit_equals_brute_force_and_converged_lissa(single):
     with pytest.raises(ValueError, match="not positive definite"):
         scores("if-top", single, layers=1, ihvp="explicit", damping=0.0)
     with pytest.raises(ValueError, match="LiSSA"):
-        get_method("rif-top", run=single, ihvp="lissa")
+        get_method("rif-top", ihvp="lissa")
 
 
 def test_lissa_fixed_point_is_damping_times_scale():
@@ -427,10 +441,10 @@ def _checkpoints(run, heads, lrs):
 def test_tracin_one_checkpoint_lr1_equals_gd(single, tmp_path):
     shutil.copytree(single.path, tmp_path / "run")
     run = Run.load(tmp_path / "run")
-    final = run.head_params()
+    final = head_params(run)
     _checkpoints(run, [final], [1.0])
     tr, te = run.features("train"), run.features("test")
-    gd = get_method("gd").fit(tr, run.head()).score(te)
+    gd = get_method("gd").fit(tr, run.final_layer()).score(te)
     tracin = fit_method(run, "tracin").score(te)
     np.testing.assert_allclose(tracin, gd, rtol=1e-4, atol=1e-6)
     top = fit_method(run, "tracin-top", layers=1, proj_dim=3, **F64).score(te)
@@ -438,6 +452,7 @@ def test_tracin_one_checkpoint_lr1_equals_gd(single, tmp_path):
     np.testing.assert_allclose(top, gd_top, rtol=1e-6, atol=1e-9)
     # the sum over checkpoints, weighted by learning rate
     _checkpoints(run, [final, final], [0.5, 0.25])
+    run = Run.load(run.path)
     np.testing.assert_allclose(fit_method(run, "tracin").score(te), 0.75 * gd, rtol=1e-4, atol=1e-6)
     # the real trajectory differs from the final head, and ranks like gd
     real = fit_method(single, "tracin").score(te)
@@ -452,10 +467,10 @@ def test_attribute_explain_and_errors(cross):
     assert s.shape == (len(cross.features("test")), len(cross.features("train")))
     info = cross.score_info("if-top")
     assert info["config"]["ihvp"] == "projected" and info["config"]["tracked_layers"] == 2
-    with pytest.raises(ValueError, match="needs the run"):
-        get_method("if-top").fit(cross.features("train"), cross.head())
+    with pytest.raises(ValueError, match="needs the whole classifier"):
+        get_method("if-top").fit(cross.features("train"), cross.final_layer())
     # new texts run through the encoder bottom in memory: a test row's own text scores like the row
-    e = cross.dataset().splits["test"].examples[1]
+    e = cross.examples("test")[1]
     fitted = fit_method(cross, "gd-top", dtype="float64", progress=False)
     row = fitted.score(cross.features("test").subset([1]))
     new = attribute_texts(cross, "gd-top", [e.document], [e.query], dtype="float64", progress=False)
@@ -474,8 +489,8 @@ def test_cli_method_options_reach_the_layered_methods(single, capsys):
                  "--proj-dim", "0", "--overwrite"]) == 0
     cfg = single.score_info("gd-top")["config"]
     assert cfg["layers"] == 1 and cfg["proj_dim"] is None
-    exact = get_method("gd-top", run=single, layers=1, proj_dim=None, dtype="float64", progress=False)
-    want = exact.fit(single.features("train"), single.head()).score(single.features("test"))
+    exact = get_method("gd-top", layers=1, proj_dim=None, dtype="float64", progress=False)
+    want = exact.fit(single.features("train"), classifier_for(single)).score(single.features("test"))
     np.testing.assert_allclose(single.scores("gd-top"), want, rtol=1e-4, atol=1e-6)
     capsys.readouterr()
     assert main(["--quiet", "attribute", "--run", path, "--methods", "nn-cos", "--layers", "2"]) == 2
@@ -492,18 +507,19 @@ def test_cli_method_options_reach_the_layered_methods(single, capsys):
                  "--projection", "gaussian", "--overwrite"]) == 0
     cfg = single.score_info("gd-top")["config"]
     assert cfg["projection"] == "gaussian" and cfg["proj_dim"] == 2
-    kron = get_method("gd-top", run=single, layers=1, proj_dim=2, projection="gaussian", progress=False)
-    np.testing.assert_allclose(single.scores("gd-top"), kron.fit(single.features("train"), single.head())
+    kron = get_method("gd-top", layers=1, proj_dim=2, projection="gaussian", progress=False)
+    np.testing.assert_allclose(single.scores("gd-top"), kron.fit(single.features("train"), classifier_for(single))
                                .score(single.features("test")), rtol=1e-5, atol=1e-7)
 
 
 def test_method_flags_never_reach_the_paper_methods():
     from instattr.attribution import method_options
     from instattr.errors import InstattrError
-    per = method_options(["if", "rif", "if-top", "tracin-top"], {"damping": 1.0, "layers": 2})
-    assert per == {"if": {}, "rif": {}, "if-top": {"damping": 1.0, "layers": 2}, "tracin-top": {"layers": 2}}
-    with pytest.raises(InstattrError, match=r"--damping applies to none of if, rif \(it applies to .*if-top"):
-        method_options(["if", "rif"], {"damping": 1.0})
+    per = method_options(["if", "rif", "nn-cos", "if-top", "tracin-top"], {"damping": 1.0, "layers": 2})
+    assert per == {"if": {"damping": 1.0}, "rif": {"damping": 1.0}, "nn-cos": {},
+                   "if-top": {"damping": 1.0, "layers": 2}, "tracin-top": {"layers": 2}}
+    with pytest.raises(InstattrError, match=r"--damping applies to none of nn-cos, gd \(it applies to if, rif.*if-top"):
+        method_options(["nn-cos", "gd"], {"damping": 1.0})
 
 
 def test_training_gradients_cached_on_disk(single, monkeypatch):

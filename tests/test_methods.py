@@ -11,7 +11,7 @@ from scipy.stats import spearmanr
 
 from instattr.methods import METHOD_NAMES, NotFittedError, get_method, registered
 from instattr.methods.lastlayer import reduced_hessian, sum_zero_basis
-from instattr.store import FeatureSet, HeadState
+from instattr.store import FeatureSet, FinalLayer
 
 
 
@@ -42,7 +42,7 @@ def problem(n_train=30, n_test=6, d=4, c=2, l2=0.05, seed=0, w=None):
     w = rng.standard_normal((c, d)) * 0.5 if w is None else w
     train = feature_set(f_tr, rng.standard_normal((n_train, d + 2)), w, y, "tr")
     test = feature_set(f_te, rng.standard_normal((n_test, d + 2)), w, np.zeros(n_test, int), "te")
-    return train, test, HeadState(w=w, l2=l2)
+    return train, test, FinalLayer(w=w, l2=l2)
 
 
 # ---------------------------------------------------------------- brute force
@@ -201,7 +201,7 @@ def test_representer_refits_to_stationarity_and_decomposes_exactly(c):
 def test_representer_refuses_an_unregularised_head():
     train, _, head = problem()
     with pytest.raises(ValueError, match="l2"):
-        get_method("rep").fit(train, HeadState(w=head.w, l2=0.0))
+        get_method("rep").fit(train, FinalLayer(w=head.w, l2=0.0))
 
 
 # ---------------------------------------------------------------- one contract, every method
@@ -262,10 +262,10 @@ def test_contract(name, contract):
     assert isinstance(method.config(), dict) and not any(k.endswith("_") for k in method.config())
 
 
-@pytest.mark.parametrize("name", [n for n in METHOD_NAMES if get_method(n).needs_head])
-def test_methods_that_need_the_head_say_so(name, contract):
+@pytest.mark.parametrize("name", [n for n in METHOD_NAMES if get_method(n).needs_model])
+def test_methods_that_need_the_model_say_so(name, contract):
     train, _, _ = contract
-    with pytest.raises(ValueError, match="head"):
+    with pytest.raises(ValueError, match="needs the classifier"):
         get_method(name).fit(train)
 
 

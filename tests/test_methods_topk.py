@@ -9,7 +9,7 @@ from instattr.methods import (METHOD_NAMES, bottom_k, expand_methods, get_method
                               registered, stream_top_k, top_k)
 from instattr.methods.base import Attributor
 from instattr.methods.registry import _REGISTRY
-from instattr.store import FeatureSet, HeadState
+from instattr.store import FeatureSet, FinalLayer
 
 
 def brute(scores, k, largest):
@@ -74,7 +74,7 @@ def test_stream_top_k_consumes_score_chunks_of_a_method():
                           probs=p, features=f, encoder=f)
 
     train, test = features(40), features(9)
-    method = get_method("if").fit(train, HeadState(w=w, l2=0.1))
+    method = get_method("if").fit(train, FinalLayer(w=w, l2=0.1))
     idx, vals = stream_top_k(method.score_chunks(test, chunk_size=4), 5, largest=False)
     want = bottom_k(method.score(test), 5)
     np.testing.assert_array_equal(idx, want[0])

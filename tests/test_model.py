@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from instattr.model import HeadConfig, init_params, loss, pair_input, predict, train_heads
+from instattr.models.head import HeadConfig, init_params, loss, pair_input, predict, train_heads
 
 
 def _problem(n=30, d=5, c=3, seed=0):

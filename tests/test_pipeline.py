@@ -8,17 +8,22 @@ import torch
 from instattr import Run
 from instattr.cli import main
 from instattr.encoders import Encoder
-from instattr.model import HeadConfig, pair_input, predict
+from instattr.models.head import HeadConfig, pair_input, predict
 from instattr.pipeline import TrainConfig, featurize, train_run
 from instattr.errors import InstattrError
 
 HEAD = HeadConfig(epochs=5, lr=1e-2, batch_size=8)
 
 
+def head_params(run):
+    from safetensors.torch import load_file
+    return load_file(str(run.path / "model" / "head.safetensors"))
+
+
 def test_run_directory_holds_every_array(tiny_run):
     run = Run.load(tiny_run.path)
     m = run.manifest
-    assert m["eval_split"] == "test" and m["mode"] == "head" and m["l2"] == 0.01
+    assert m.eval_split == "test" and m.mode == "head" and m.l2 == 0.01
     assert set(run.splits) == {"train", "dev", "test"}
     for split, n in (("train", 40), ("dev", 10), ("test", 12)):
         fs = run.features(split)
@@ -28,12 +33,12 @@ def test_run_directory_holds_every_array(tiny_run):
         np.testing.assert_array_equal(fs.pred, fs.probs.argmax(1))
         assert list(fs.idx) == [f"{split}_{i}" for i in range(n)]
         # features and probs are the stored head applied to the stored encoder output
-        feats, probs = predict(run.head_params(), fs.encoder)
+        feats, probs = predict(head_params(run), fs.encoder)
         np.testing.assert_allclose(feats, fs.features, atol=1e-5)
         np.testing.assert_allclose(probs, fs.probs, atol=1e-5)
     metrics = run.metrics
     assert 0 <= metrics["test_accuracy"] <= 1 and metrics["timings"]["total_s"] > 0
-    assert run.head().w.shape == (2, 32)
+    assert run.final_layer().w.shape == (2, 32) and run.final_layer().b is None
 
 
 def test_length_sorted_encoding_equals_unsorted(tiny_encoder):
@@ -68,7 +73,7 @@ def test_refuses_existing_run_and_overwrite_replaces(tmp_path, tiny_encoder, toy
     assert main(["--quiet", "train", "--data", str(bad), "--out", str(out), "--overwrite"]) == 2
     assert (out / "features" / "train.npz").read_bytes() == before and Run.load(out).manifest
     assert main(args + ["--overwrite", "--seed", "3"]) == 0
-    assert Run.load(out).manifest["seed"] == 3
+    assert Run.load(out).manifest.seed == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
 
 
@@ -85,11 +90,11 @@ def test_siamese_pairs(tmp_path, tiny_encoder, toy_pairs):
     run = train_run(TrainConfig(data=str(toy_pairs), encoder=tiny_encoder, head=HEAD), tmp_path / "p",
                     progress=False)
     m = run.manifest
-    assert m["pair_mode"] == "siamese" and m["head"]["d_in"] == 128 and m["data"]["is_pair"]
+    assert m.pair_mode == "siamese" and m.head.d_in == 128 and m.is_pair
     fs = run.features("train")
     assert fs.encoder.shape == (40, 64)
-    assert m["head"]["hidden"] == 32 and fs.features.shape == (40, 32)  # pooler as wide as the encoder
-    feats, _ = predict(run.head_params(), pair_input(fs.encoder, "siamese"))
+    assert m.head.hidden == 32 and fs.features.shape == (40, 32)  # pooler as wide as the encoder
+    feats, _ = predict(head_params(run), pair_input(fs.encoder, "siamese"))
     np.testing.assert_allclose(feats, fs.features, atol=1e-5)
     with pytest.raises(InstattrError, match="--query"):
         featurize(run, ["the dog saw the cat"])
@@ -100,24 +105,32 @@ def test_cross_pairs_and_finetune(tmp_path, tiny_encoder, toy_pairs):
                       limit_train=16, limit_eval=4, finetune_epochs=1)
     run = train_run(cfg, tmp_path / "ft", progress=False)
     m = run.manifest
-    assert m["pair_mode"] == "cross" and m["data"]["n"] == {"train": 16, "dev": 4, "test": 4}
-    assert (run.path / "model" / "encoder" / "config.json").exists()
-    ex = run.dataset().splits["test"].examples[:2]
+    assert m.pair_mode == "cross" and m.data.n == {"train": 16, "dev": 4, "test": 4}
+    assert m.mode == "finetune" and m.hf.path == "model/hf" and m.hf.family == "bert"
+    ex = run.examples("test")[:2]
     fs = featurize(run, [e.document for e in ex], [e.query for e in ex])
-    np.testing.assert_allclose(fs.probs, run.features("test").probs[:2], atol=1e-4)
+    np.testing.assert_allclose(fs.probs, run.features("test").probs[:2], atol=1e-5)
+    # a standard checkpoint: transformers alone loads it to the run's own predictions
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    hf = run.path / "model" / "hf"
+    tok, model = AutoTokenizer.from_pretrained(hf), AutoModelForSequenceClassification.from_pretrained(hf).eval()
+    with torch.no_grad():
+        logits = model(**tok([e.document for e in ex], [e.query for e in ex], padding=True, return_tensors="pt")).logits
+    np.testing.assert_allclose(torch.softmax(logits, -1).numpy(), run.features("test").probs[:2], atol=1e-5)
+    assert model.config.id2label == {0: "non-entailment", 1: "entailment"}
 
 
 def test_tune_records_choice(tmp_path, tiny_encoder, toy_data, monkeypatch):
     import instattr.pipeline as p
     monkeypatch.setattr(p, "TUNE_GRID", {"l2": (0.1, 0.01), "lr": (1e-2, 1e-5), "epochs": (1, 3), "batch_size": (8,)})
     run = train_run(TrainConfig(data=str(toy_data), encoder=tiny_encoder, tune=True), tmp_path / "t", progress=False)
-    tune = run.manifest["tune"]
+    tune = run.manifest.extra["tune"]
     assert len(tune["trials"]) == 8
     best = max(t["dev_accuracy"] for t in tune["trials"])
     chosen = tune["chosen"]
     assert any(t["dev_accuracy"] == best and t["lr"] == chosen["lr"] and t["epochs"] == chosen["epochs"]
                for t in tune["trials"])
-    assert run.manifest["head"]["lr"] == chosen["lr"]
+    assert run.manifest.head.lr == chosen["lr"]
 
 
 def test_predict_cli_json(tiny_run, capsys):

@@ -79,7 +79,7 @@ def test_reproduce_resumes_and_reports(tmp_path, tiny_encoder, toy_data, monkeyp
     state = json.loads((out / "reproduce.json").read_text())
     assert {"train", "attribute", "correlation", "retrain", "randomized", "near-train", "timing"} <= set(state["done"])
     assert "artifacts" not in state["done"]  # HANS only
-    assert run.manifest["data"]["n"]["train"] == 30
+    assert run.manifest.data.n["train"] == 30
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "Remove the top-k" in html and "Explained test examples" in html
     stamp = (out / "results" / "retrain.json").stat().st_mtime_ns

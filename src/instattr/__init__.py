@@ -6,6 +6,6 @@
 """
 __version__ = "0.1.0"
 
-from .store import FeatureSet, HeadState, Run  # noqa: E402
+from .store import FeatureSet, FinalLayer, Run  # noqa: E402
 
-__all__ = ["Run", "FeatureSet", "HeadState", "__version__"]
+__all__ = ["Run", "FeatureSet", "FinalLayer", "__version__"]

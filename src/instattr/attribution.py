@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .errors import InstattrError
-from .store import FeatureSet, HeadState, Run, RunError
+from .store import FeatureSet, Run, RunError
 
 
 def resolve_methods(spec) -> List[str]:
@@ -19,20 +19,26 @@ def resolve_methods(spec) -> List[str]:
         raise InstattrError(str(e)) from None
 
 
-def fit_method(run: Run, name: str, train: Optional[FeatureSet] = None, head: Optional[HeadState] = None,
-               **options):
-    """A fitted attributor ``name`` on the run's training features (all rows unless ``train``) and
-    the run's head (unless ``head``, e.g. a re-initialised one)."""
-    import inspect
+def run_model(run: Run, method, device=None):
+    """What ``method`` is fitted with: the run's whole classifier for the methods that need one
+    (layered, TracIn), else just its final layer (no torch, no encoder)."""
+    if getattr(method, "needs_classifier", False):
+        from .models import classifier_for
+        return classifier_for(run, device)
+    return run.final_layer()
 
+
+def fit_method(run: Run, name: str, train: Optional[FeatureSet] = None, model=None, device=None, **options):
+    """A fitted attributor ``name`` on the run's training features (all rows unless ``train``) and
+    the run's classifier (unless ``model``, e.g. a re-initialised one); the one place that wires a
+    run to a method."""
     from .methods import get_method
     try:
         method = get_method(name, **options)
-        if "run" in inspect.signature(type(method)).parameters and "run" not in options:
-            method = get_method(name, run=run, **options)   # methods that read the run's texts
     except ValueError as e:
         raise InstattrError(str(e)) from None
-    return method.fit(run.features("train") if train is None else train, run.head() if head is None else head)
+    return method.fit(run.features("train") if train is None else train,
+                      run_model(run, method, device) if model is None else model)
 
 
 def method_options(names: Sequence[str], options: Optional[dict]) -> Dict[str, dict]:
@@ -72,7 +78,7 @@ def _check_kept_options(run: Run, name: str, split: str, options: dict, overwrit
 
 def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_test: Optional[int] = None,
                   limit_train: Optional[int] = None, overwrite: bool = False, progress: bool = True,
-                  log=print, options: Optional[dict] = None) -> Dict[str, float]:
+                  log=print, options: Optional[dict] = None, device=None) -> Dict[str, float]:
     """Score ``split`` (default: the run's eval split) against the training set with each method.
 
     Writes ``scores/{method}-{split}.npy`` and ``.json``; existing scores are kept unless
@@ -109,7 +115,7 @@ def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_
             log(f"{name}: scores/{name}-{split}.npy exists, kept (use --overwrite to recompute)")
             continue
         t = time.perf_counter()
-        method = fit_method(run, name, train, **per_method[name])
+        method = fit_method(run, name, train, device=device, **per_method[name])
         scores = method.score(test)
         seconds[name] = time.perf_counter() - t
         run.save_scores(name, split, scores, test.idx, train.idx, method.config(), seconds[name],
@@ -119,15 +125,15 @@ def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_
 
 
 def attribute_texts(run: Run, method: str, texts: Sequence[str], queries: Optional[Sequence[str]] = None,
-                    **options) -> np.ndarray:
+                    device=None, **options) -> np.ndarray:
     """Scores (len(texts), n_train) of new texts against the run's training set."""
     from .pipeline import featurize
-    test = featurize(run, list(texts), list(queries) if queries is not None else None)
-    return fit_method(run, method, **options).score(test)
+    test = featurize(run, list(texts), list(queries) if queries is not None else None, device=device)
+    return fit_method(run, method, device=device, **options).score(test)
 
 
 def explain(run: Run, text: str, query: Optional[str] = None, methods="all", k: int = 5,
-            options: Optional[dict] = None) -> dict:
+            options: Optional[dict] = None, device=None) -> dict:
     """The prediction for one text, then per method its top-k supporting and opposing examples."""
     from .methods import bottom_k, top_k
     from .pipeline import featurize
@@ -135,12 +141,9 @@ def explain(run: Run, text: str, query: Optional[str] = None, methods="all", k: 
         raise InstattrError(f"--k must be positive, got {k}")
     names = resolve_methods(methods)
     per_method = method_options(names, options)
-    test = featurize(run, [text], [query] if query is not None else None)
-    train_examples = run.dataset().splits["train"].examples
+    test = featurize(run, [text], [query] if query is not None else None, device=device)
+    train_examples = run.examples("train")          # by idx, in the stored row order of the scores
     train_fs = run.features("train")
-    if len(train_examples) < len(train_fs) or any(train_examples[i].idx != str(x) for i, x in
-                                                   ((0, train_fs.idx[0]), (len(train_fs) - 1, train_fs.idx[-1]))):
-        raise RunError(f"{run.path}: the dataset on disk no longer matches the run's training rows")
     labels = run.label_names
 
     def rows(idx, vals):
@@ -155,7 +158,7 @@ def explain(run: Run, text: str, query: Optional[str] = None, methods="all", k: 
               "prediction": labels[int(test.pred[0])],
               "probs": {n: float(p) for n, p in zip(labels, test.probs[0])}, "methods": {}}
     for name in names:
-        scores = fit_method(run, name, train_fs, **per_method[name]).score(test)
+        scores = fit_method(run, name, train_fs, device=device, **per_method[name]).score(test)
         result["methods"][name] = {"supporting": rows(*(a[0] for a in top_k(scores, k))),
                                    "opposing": rows(*(a[0] for a in bottom_k(scores, k)))}
     return result

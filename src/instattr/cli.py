@@ -25,7 +25,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", dest="pair_mode", choices=["siamese", "cross"],
                    help="how sentence pairs are encoded (default: siamese in head mode, cross in finetune)")
     p.add_argument("--mode", choices=["head", "finetune"], default="head")
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int, help="tokens per example (default 128; an imported model: its "
+                   "tokenizer's maximum)")
     p.add_argument("--l2", type=float, help="L2 coefficient on the linear weight (default 0.01)")
     p.add_argument("--lr", type=float, help="head learning rate (default 2e-4)")
     p.add_argument("--epochs", type=int, help="head epochs (default 3)")
@@ -34,15 +35,22 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit-train", type=int)
     p.add_argument("--limit-eval", type=int)
     p.add_argument("--tune", action="store_true", help="grid-search l2, lr, epochs, batch size on dev")
-    p.add_argument("--finetune-lr", type=float, default=2e-5)
+    p.add_argument("--finetune-lr", type=float, default=2e-5, help="finetune mode: the encoder's learning rate "
+                   "(the layers above it take --lr)")
     p.add_argument("--finetune-epochs", type=int, default=1)
+    _device_arg(p)
+
+
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda: where encoding, training, "
+                   "fine-tuning, layered gradients and retraining run")
 
 
 def train_config(a):
     """TrainConfig from parsed arguments."""
     from dataclasses import replace
 
-    from .model import HeadConfig
+    from .models.head import HeadConfig
     from .pipeline import TrainConfig
     head = HeadConfig(seed=a.seed)
     overrides = {k: getattr(a, k) for k in ("l2", "lr", "epochs", "batch_size") if getattr(a, k) is not None}
@@ -53,9 +61,9 @@ def train_config(a):
             raise InstattrError(f"--{k.replace('_', '-')} must be positive, got {v}")
     return TrainConfig(data=a.data, data_root=a.data_root, text_field=a.text_field, query_field=a.query_field,
                        label_field=a.label_field, encoder=a.encoder, pooling=a.pooling,
-                       pair_mode=a.pair_mode, mode=a.mode, max_length=a.max_length, head=head,
+                       pair_mode=a.pair_mode, mode=a.mode, max_length=a.max_length or 128, head=head,
                        limit_train=a.limit_train, limit_eval=a.limit_eval, tune=a.tune,
-                       finetune_lr=a.finetune_lr, finetune_epochs=a.finetune_epochs)
+                       finetune_lr=a.finetune_lr, finetune_epochs=a.finetune_epochs, device=a.device)
 
 
 def cmd_train(a) -> int:
@@ -67,11 +75,51 @@ def cmd_train(a) -> int:
     return 0
 
 
+def _import_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, metavar="CKPT", help="an AutoModelForSequenceClassification "
+                   "checkpoint folder (save_pretrained)" + ("" if required else "; import it instead of training"))
+    p.add_argument("--damping", type=float, default=0.01, help="stands in for the L2 penalty the model was not "
+                   "trained with: the 2*damping*I of the closed forms' Hessian and representer points' refit "
+                   "(default 0.01, the L2 instattr trains heads with); recorded in run.json")
+    p.add_argument("--sbert", help="untuned sentence encoder of the sbert-* baselines (default: packaged "
+                   "all-MiniLM-L6-v2)")
+    p.add_argument("--final-layer", help="module name of the final nn.Linear (default: the last one with "
+                   "num_labels outputs)")
+    p.add_argument("--checkpoints", nargs="+", metavar="CKPT", help="earlier checkpoints of the same model, "
+                   "oldest first, for TracIn")
+    p.add_argument("--checkpoint-lrs", type=float, nargs="+", metavar="LR",
+                   help="learning rate after each checkpoint (default: from their trainer_state.json)")
+
+
+def import_config(a):
+    """ImportConfig from parsed arguments."""
+    from .pipeline import ImportConfig
+    for k in ("limit_train", "limit_eval", "max_length"):
+        v = getattr(a, k)
+        if v is not None and v <= 0:
+            raise InstattrError(f"--{k.replace('_', '-')} must be positive, got {v}")
+    return ImportConfig(model=a.model, data=a.data, damping=a.damping, data_root=a.data_root, max_length=a.max_length,
+                        limit_train=a.limit_train, limit_eval=a.limit_eval, sbert=a.sbert, final_layer=a.final_layer,
+                        checkpoints=tuple(a.checkpoints or ()),
+                        checkpoint_lrs=tuple(a.checkpoint_lrs) if a.checkpoint_lrs else None,
+                        text_field=a.text_field, query_field=a.query_field, label_field=a.label_field, seed=a.seed,
+                        device=a.device)
+
+
+def cmd_import(a) -> int:
+    from .pipeline import import_run
+    run = import_run(import_config(a), a.out, overwrite=a.overwrite, progress=not a.quiet)
+    m = run.metrics
+    acc = ", ".join(f"{s} accuracy {m[f'{s}_accuracy']:.3f}" for s in ("dev", "test") if m.get(f"{s}_accuracy") is not None)
+    print(f"imported {a.model} into {run.path}: {acc} ({m['timings']['total_s']:.0f} s)")
+    return 0
+
+
 def cmd_predict(a) -> int:
     from .store import Run
     from .pipeline import featurize
     run = Run.load(a.run)
-    fs = featurize(run, a.text, [a.query] * len(a.text) if a.query is not None else None)
+    fs = featurize(run, a.text, [a.query] * len(a.text) if a.query is not None else None, device=a.device)
     names = run.label_names
     rows = [{"text": t, **({"query": a.query} if a.query is not None else {}), "label": names[int(p)],
              "probs": {n: round(float(x), 6) for n, x in zip(names, pr)}} for t, p, pr in zip(a.text, fs.pred, fs.probs)]
@@ -93,15 +141,21 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--projection", choices=["khatri-rao", "orthogonal", "gaussian"],
                    help="how each layer's gradient is sketched: khatri-rao rank-one sketches (default), or "
                         "LoGra's Kronecker product of orthogonal or gaussian side projections")
-    g.add_argument("--damping", type=float, help="if-top/rif-top: damping added to the Hessian (default 0.1)")
+    g.add_argument("--damping", type=float, help="damping added to the Hessian: if, rif (default 0, the run's own "
+                   "L2 alone), if-top, rif-top (default 0.1)")
     g.add_argument("--ihvp", choices=["projected", "lissa", "explicit"],
                    help="inverse-Hessian-vector products: projected Gauss-Newton (default), LiSSA as the "
                         "paper ran it, or the explicit Hessian (tiny models)")
+    g.add_argument("--checkpoints", nargs="+", metavar="CKPT", help="tracin, tracin-top on a Hugging Face model: "
+                   "its training checkpoints (save_pretrained folders), oldest first")
+    g.add_argument("--checkpoint-lrs", type=float, nargs="+", metavar="LR",
+                   help="learning rate after each of --checkpoints (default: their trainer_state.json)")
 
 
 def _method_options(a) -> dict:
     """The method options given on the command line (only those given)."""
-    opts = {k: getattr(a, k) for k in ("layers", "projection", "damping", "ihvp") if getattr(a, k) is not None}
+    opts = {k: getattr(a, k) for k in ("layers", "projection", "damping", "ihvp", "checkpoints", "checkpoint_lrs")
+            if getattr(a, k) is not None}
     if a.proj_dim is not None:
         opts["proj_dim"] = a.proj_dim or None   # 0: unprojected
     return opts
@@ -112,14 +166,14 @@ def cmd_attribute(a) -> int:
     from .store import Run
     run = Run.load(a.run)
     attribute_run(run, a.methods, a.split, a.limit_test, a.limit_train, a.overwrite, progress=not a.quiet,
-                  options=_method_options(a))
+                  options=_method_options(a), device=a.device)
     return 0
 
 
 def cmd_explain(a) -> int:
     from .attribution import explain, format_explanation
     from .store import Run
-    result = explain(Run.load(a.run), a.text, a.query, a.methods, a.k, options=_method_options(a))
+    result = explain(Run.load(a.run), a.text, a.query, a.methods, a.k, options=_method_options(a), device=a.device)
     print(json.dumps(result, indent=2) if a.json else format_explanation(result), end="" if not a.json else "\n")
     return 0
 
@@ -136,13 +190,13 @@ def cmd_evaluate(a) -> int:
             raise InstattrError("--all applies to near-train only")
         opts["all"] = True
     accepts = inspect.signature(EVALUATIONS[a.name]).parameters
-    for flag, key in (("--n-test", "n_test"), ("--n-random", "n_random")):
+    for flag, key in (("--n-test", "n_test"), ("--n-random", "n_random"), ("--scope", "scope"), ("--device", "device")):
         value = getattr(a, key)
-        if value is None:
+        if value is None or (key == "device" and value == "auto" and key not in accepts):
             continue
         if key not in accepts:
             raise InstattrError(f"{flag} does not apply to {a.name}")
-        if value < 1:
+        if isinstance(value, int) and value < 1:
             raise InstattrError(f"{flag} must be at least 1, not {value}")
         opts[key] = value
     if "progress" in accepts:
@@ -168,8 +222,9 @@ def cmd_reproduce(a) -> int:
     from .reproduce import ReproduceConfig, reproduce
     if a.retrain_examples is not None and a.retrain_examples < 1:
         raise InstattrError(f"--retrain-examples must be at least 1, not {a.retrain_examples}")
-    run = reproduce(train_config(a), a.out, ReproduceConfig(quick=a.quick, methods=a.methods, seed=a.seed,
-                                                            retrain_examples=a.retrain_examples),
+    source = import_config(a) if a.model else train_config(a)
+    run = reproduce(source, a.out, ReproduceConfig(quick=a.quick, methods=a.methods, seed=a.seed,
+                                                   retrain_examples=a.retrain_examples),
                     progress=not a.quiet)
     print(f"open {run.path / 'report.html'}")
     return 0
@@ -186,11 +241,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an existing run")
     t.set_defaults(func=cmd_train)
 
+    im = sub.add_parser("import", help="make a run from a Hugging Face sequence classifier trained elsewhere")
+    _import_args(im)
+    im.add_argument("--data", default="sst2", help="sst2|mnli|hans, a dataset folder, or a HF dataset name")
+    im.add_argument("--data-root", help="folder holding named datasets")
+    im.add_argument("--text-field")
+    im.add_argument("--query-field")
+    im.add_argument("--label-field")
+    im.add_argument("--max-length", type=int, help="tokens per example (default: the checkpoint tokenizer's maximum)")
+    im.add_argument("--limit-train", type=int)
+    im.add_argument("--limit-eval", type=int)
+    im.add_argument("--seed", type=int, default=0, help="seed of the --limit-* samples")
+    im.add_argument("--out", required=True, help="run directory to create")
+    im.add_argument("--overwrite", action="store_true", help="replace an existing run")
+    _device_arg(im)
+    im.set_defaults(func=cmd_import)
+
     pr = sub.add_parser("predict", help="label and probabilities for new text")
     pr.add_argument("--run", required=True)
     pr.add_argument("text", nargs="+")
     pr.add_argument("--query", help="the hypothesis, for sentence-pair runs")
     pr.add_argument("--json", action="store_true")
+    _device_arg(pr)
     pr.set_defaults(func=cmd_predict)
 
     at = sub.add_parser("attribute", help="score the eval split against the training set, per method")
@@ -202,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--limit-train", type=int)
     at.add_argument("--overwrite", action="store_true", help="recompute scores that exist")
     _method_args(at)
+    _device_arg(at)
     at.set_defaults(func=cmd_attribute)
 
     ex = sub.add_parser("explain", help="the training examples behind one prediction, per method")
@@ -212,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--k", type=int, default=5)
     ex.add_argument("--json", action="store_true")
     _method_args(ex)
+    _device_arg(ex)
     ex.set_defaults(func=cmd_explain)
 
     from .evaluate import EVALUATIONS
@@ -224,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-test", type=int, metavar="N", help="sampled test examples (correlation, retrain, "
                     "randomized, timing; default 100, retrain 50)")
     ev.add_argument("--n-random", type=int, metavar="N", help="retrain: random removals per k (default 50)")
+    ev.add_argument("--scope", choices=["head", "final"], help="retrain, randomized: what is retrained or "
+                    "re-initialised: instattr's head on the frozen encoder output (head mode's default) or the "
+                    "final linear layer on the frozen features (every other run's default)")
+    _device_arg(ev)
     ev.set_defaults(func=cmd_evaluate)
 
     rp = sub.add_parser("report", help="(re)build RUN/report.html")
@@ -238,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("--retrain-examples", type=int, metavar="N",
                     help="test examples of remove-and-retrain (default 50, --quick 5); its time grows linearly "
                          "with N, and about 6x per example on mnli/hans (wider pair input, more training data)")
+    _import_args(rr, required=False)
     rr.set_defaults(func=cmd_reproduce)
     return p
 

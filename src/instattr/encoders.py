@@ -74,19 +74,37 @@ def length_batches(lengths: Sequence[int], batch_size: int, sort: bool = True) -
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def check_max_length(model, max_length: int, name: str) -> int:
+    """``max_length`` if the model has that many positions, else a one-line error."""
+    if int(max_length) < 2:
+        raise EncoderError(f"--max-length must be at least 2, got {max_length}")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        positions -= 2   # RoBERTa's position ids start after the padding index
+    if positions is not None and int(max_length) > int(positions):
+        raise EncoderError(f"--max-length {max_length} exceeds the {positions} positions of {name}")
+    return int(max_length)
+
+
 class Encoder:
     """A transformer with pooling. ``encode`` returns float32 (n, hidden) in input order."""
 
     def __init__(self, name: Optional[str] = None, pooling: Optional[str] = None,
-                 max_length: int = 128, batch_size: int = 64, model=None, tokenizer=None):
+                 max_length: int = 128, batch_size: int = 64, model=None, tokenizer=None,
+                 device=None, autocast: bool = False):
+        from .device import resolve_device
         self.name = name or DEFAULT_ENCODER
-        self.path = resolve_encoder(name)
+        self.path = resolve_encoder(name) if model is None else (name or "")
         if model is None:
             tokenizer, model = load_transformer(self.path)
-        self.tokenizer, self.model = tokenizer, model
+        self.device = resolve_device(device)
+        self.tokenizer, self.model = tokenizer, model.to(self.device)
         self.pooling = pooling or default_pooling(self.path)
-        self.max_length = max_length
+        self.max_length = check_max_length(model, max_length, self.name)
         self.batch_size = batch_size
+        # bf16 autocast only on CUDA, and only where asked: for untuned embeddings, never for the
+        # features whose closed forms must match the model's own float32 outputs
+        self.autocast = bool(autocast) and self.device.type == "cuda"
 
     @property
     def hidden_size(self) -> int:
@@ -100,8 +118,10 @@ class Encoder:
 
     def forward_pooled(self, batch: dict) -> torch.Tensor:
         """Pooled output for a padded batch (gradients flow when enabled)."""
-        out = self.model(**batch)
-        return pool(out.last_hidden_state, batch["attention_mask"], self.pooling)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.model(**batch)
+        return pool(out.last_hidden_state.float(), batch["attention_mask"], self.pooling)
 
     def batches(self, texts: Sequence[str], queries: Optional[Sequence[str]] = None, sort: bool = True,
                 batch_size: Optional[int] = None):
@@ -124,6 +144,71 @@ class Encoder:
         with torch.inference_mode(), tqdm(total=len(texts), desc=desc, unit="ex", disable=not progress,
                                           leave=False) as bar:
             for pos, batch in self.batches(texts, queries, sort):
-                out[pos] = self.forward_pooled(batch).float().numpy()
+                out[pos] = self.forward_pooled(batch).float().cpu().numpy()
                 bar.update(len(pos))
         return out
+
+
+# ------------------------------------------------------------------ the embedding cache
+def cache_dir() -> Optional["Path"]:
+    """Where untuned embeddings are cached: $INSTATTR_CACHE, else ~/.cache/instattr ('off' disables)."""
+    from pathlib import Path
+    where = os.environ.get("INSTATTR_CACHE", str(Path.home() / ".cache" / "instattr"))
+    return None if where == "off" else Path(where)
+
+
+def cached_encode(encoder: Encoder, texts: List[str], queries: Optional[List[str]] = None, progress: bool = True,
+                  desc: str = "encode") -> np.ndarray:
+    """``encoder.encode`` memoised on disk by encoder, pooling, length limit and the exact texts.
+
+    Only the packaged or a local encoder folder is cached (a hub name could change under us)."""
+    import hashlib
+    from pathlib import Path
+
+    from .store import write_npy
+    folder = cache_dir()
+    if folder is None or not encoder.path or not Path(encoder.path).is_dir():
+        return encoder.encode(texts, queries, progress=progress, desc=desc)
+    h = hashlib.sha256()
+    weights = sorted(Path(encoder.path).glob("*.safetensors")) + sorted(Path(encoder.path).glob("*.bin"))
+    for part in [str(Path(encoder.path).resolve()), *(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}"
+                                                      for w in weights), encoder.pooling, str(encoder.max_length)]:
+        h.update(part.encode() + b"\0")
+    for t in list(texts) + list(queries or []):
+        h.update(t.encode() + b"\0")
+    h.update(b"pairs" if queries is not None else b"single")
+    path = folder / f"{h.hexdigest()[:32]}.npy"
+    if path.exists():
+        try:
+            vecs = np.load(path)
+            if vecs.shape == (len(texts), encoder.hidden_size):
+                return vecs
+        except (OSError, ValueError, EOFError):
+            pass  # a damaged cache entry is recomputed
+    vecs = encoder.encode(texts, queries, progress=progress, desc=desc)
+    try:
+        write_npy(path, vecs)
+    except OSError:
+        pass  # a read-only cache never stops training
+    return vecs
+
+
+def encode_texts(encoder: Encoder, documents: Sequence[str], queries: Optional[Sequence[str]],
+                 pair_mode: Optional[str], progress: bool = True, cache: bool = True,
+                 desc: str = "encode") -> np.ndarray:
+    """Pooled vectors of examples: u (single texts), [u, v] (``siamese`` pairs, each sentence
+    encoded once) or the cross-encoded pair (``cross``)."""
+    def enc(texts, second=None):
+        if cache:
+            return cached_encode(encoder, texts, second, progress=progress, desc=desc)
+        return encoder.encode(texts, second, progress=progress, desc=desc)
+    docs = list(documents)
+    if pair_mode is None or queries is None:
+        return enc(docs)
+    queries = list(queries)
+    if pair_mode == "cross":
+        return enc(docs, queries)
+    unique = list(dict.fromkeys(docs + queries))       # premises repeat: encode each sentence once
+    pos = {t: i for i, t in enumerate(unique)}
+    vecs = enc(unique)
+    return np.concatenate([vecs[[pos[t] for t in docs]], vecs[[pos[t] for t in queries]]], axis=1)

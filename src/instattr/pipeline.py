@@ -1,4 +1,8 @@
-"""Train a run end to end (dataset -> encoder -> head -> run directory) and featurize new text."""
+"""Make a run directory: train one (head or finetune mode), or import a Hugging Face classifier.
+
+Every run is built in a hidden sibling folder and moved into place only when complete, so a
+failure never damages an existing run; an existing run is replaced only with ``overwrite``.
+"""
 from __future__ import annotations
 
 import os
@@ -8,17 +12,16 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from . import __version__
 from .data import Dataset, Split, load_dataset
-from .encoders import Encoder
 from .errors import InstattrError
-from .model import HeadConfig, pair_input, predict, train_heads
-from .store import FeatureSet, Run, RunError, _umask, write_json, write_npy, write_npz
+from .manifest import FORMAT, DataInfo, EncoderInfo, HeadInfo, HFInfo, Manifest
+from .models.head import HeadConfig
+from .store import FeatureSet, Run, RunError, _umask, write_json, write_npz
 
 TUNE_GRID = {"l2": (0.1, 0.01, 0.001), "lr": (2e-3, 2e-4, 2e-5, 2e-6), "epochs": (3, 7, 10, 15),
              "batch_size": (8, 16)}
@@ -34,7 +37,7 @@ class TrainConfig:
     label_field: Optional[str] = None    # None: label or labels
     encoder: Optional[str] = None        # None: the packaged all-MiniLM-L6-v2
     pooling: Optional[str] = None        # None: mean for sentence-transformers, else cls
-    pair_mode: Optional[str] = None      # None: siamese in head mode, cross in finetune mode
+    pair_mode: Optional[str] = None      # None: siamese in head mode; finetune mode is always cross
     mode: str = "head"
     max_length: int = 128
     encode_batch_size: int = 64
@@ -44,198 +47,103 @@ class TrainConfig:
     tune: bool = False
     finetune_lr: float = 2e-5
     finetune_epochs: int = 1
+    text_field: Optional[str] = None
+    query_field: Optional[str] = None
+    label_field: Optional[str] = None
+    device: str = "auto"
 
     def resolved_pair_mode(self, is_pair: bool) -> Optional[str]:
         if not is_pair:
             return None
-        mode = self.pair_mode or ("siamese" if self.mode == "head" else "cross")
+        if self.mode == "finetune":
+            if self.pair_mode not in (None, "cross"):
+                raise InstattrError("--mode finetune reads pairs through the tokenizer's pair input; "
+                                    "--pairs siamese applies to head mode only")
+            return "cross"
+        mode = self.pair_mode or "siamese"
         if mode not in ("siamese", "cross"):
             raise InstattrError(f"--pairs must be siamese or cross, got {mode!r}")
         return mode
 
-
-# ------------------------------------------------------------------ encoding
-def cache_dir() -> Optional[Path]:
-    """Where untuned embeddings are cached: $INSTATTR_CACHE, else ~/.cache/instattr ('off' disables)."""
-    where = os.environ.get("INSTATTR_CACHE", str(Path.home() / ".cache" / "instattr"))
-    return None if where == "off" else Path(where)
+    def fields(self) -> Dict[str, Optional[str]]:
+        return {"text": self.text_field, "query": self.query_field, "label": self.label_field}
 
 
-def _cached_encode(encoder: Encoder, texts, queries=None, progress=True, desc="encode") -> np.ndarray:
-    """``encoder.encode`` memoised on disk by encoder, pooling, length limit and the exact texts.
-
-    Only the packaged or a local encoder folder is cached (a hub name could change under us)."""
-    import hashlib
-    folder = cache_dir()
-    if folder is None or not Path(encoder.path).is_dir():
-        return encoder.encode(texts, queries, progress=progress, desc=desc)
-    h = hashlib.sha256()
-    weights = sorted(Path(encoder.path).glob("*.safetensors")) + sorted(Path(encoder.path).glob("*.bin"))
-    for part in [str(Path(encoder.path).resolve()), *(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}"
-                                                      for w in weights), encoder.pooling, str(encoder.max_length)]:
-        h.update(part.encode() + b"\0")
-    for t in texts + (queries or []):
-        h.update(t.encode() + b"\0")
-    h.update(b"pairs" if queries is not None else b"single")
-    path = folder / f"{h.hexdigest()[:32]}.npy"
-    if path.exists():
-        try:
-            vecs = np.load(path)
-            if vecs.shape == (len(texts), encoder.hidden_size):
-                return vecs
-        except (OSError, ValueError):
-            pass  # a damaged cache entry is recomputed
-    vecs = encoder.encode(texts, queries, progress=progress, desc=desc)
-    try:
-        write_npy(path, vecs)
-    except OSError:
-        pass  # a read-only cache never stops training
-    return vecs
-
-
-def encode_split(encoder: Encoder, split: Split, pair_mode: Optional[str], progress: bool = True,
-                 cache: bool = True) -> np.ndarray:
-    """Untuned pooled vectors of a split: u, [u, v] (siamese) or the cross-encoded pair."""
-    enc = (lambda *a, **k: _cached_encode(encoder, *a, **k)) if cache else encoder.encode
-    docs = [e.document for e in split.examples]
-    if pair_mode is None:
-        return enc(docs, progress=progress, desc=f"encode {split.name}")
-    queries = [e.query for e in split.examples]
-    if pair_mode == "cross":
-        return enc(docs, queries, progress=progress, desc=f"encode {split.name}")
-    unique = list(dict.fromkeys(docs + queries))       # premises repeat: encode each sentence once
-    pos = {t: i for i, t in enumerate(unique)}
-    vecs = enc(unique, progress=progress, desc=f"encode {split.name}")
-    return np.concatenate([vecs[[pos[t] for t in docs]], vecs[[pos[t] for t in queries]]], axis=1)
-
-
-# ------------------------------------------------------------------ training
-def tune_head(x_train, y_train, x_dev, y_dev, n_classes: int, base: HeadConfig, progress: bool = True):
-    """The paper's grid search on dev accuracy; epochs are read off one longest run's checkpoints."""
-    from tqdm.auto import tqdm
-    trials, best = [], None
-    grid = [(l2, lr, bs) for l2 in TUNE_GRID["l2"] for lr in TUNE_GRID["lr"] for bs in TUNE_GRID["batch_size"]]
-    for l2, lr, bs in tqdm(grid, desc="tune", disable=not progress, leave=False):
-        cfg = replace(base, l2=l2, lr=lr, batch_size=bs, epochs=max(TUNE_GRID["epochs"]))
-        res = train_heads(x_train, y_train, n_classes, cfg, checkpoints=True)
-        for ep in TUNE_GRID["epochs"]:
-            acc = float((predict(res.checkpoints[ep - 1], x_dev)[1].argmax(1) == y_dev).mean())
-            trials.append({"l2": l2, "lr": lr, "batch_size": bs, "epochs": ep, "dev_accuracy": acc})
-            if best is None or acc > best[1]:
-                best = (replace(cfg, epochs=ep), acc)
-    return best[0], trials
-
-
-def train_run(config: TrainConfig, out, overwrite: bool = False, progress: bool = True) -> Run:
-    """Train and write a complete run directory at ``out``.
-
-    The run is built in a temporary sibling folder and moved into place only when complete, so a
-    failure never damages an existing run; an existing run is replaced only with ``overwrite``.
-    """
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RunError(f"{out}: already exists; pass --overwrite to replace it")
-    if config.mode not in ("head", "finetune"):
-        raise InstattrError(f"--mode must be head or finetune, got {config.mode!r}")
-    t0 = time.perf_counter()
-    ds = load_dataset(config.data, config.data_root, config.text_field, config.query_field, config.label_field)
-    seed = config.head.seed
-    splits = {"train": ds.splits["train"].limit(config.limit_train, seed)}
+# ------------------------------------------------------------------ shared steps
+def load_splits(data: str, root: Optional[str], fields: Dict[str, Optional[str]], limit_train: Optional[int],
+                limit_eval: Optional[int], seed: int):
+    """(dataset, {split: Split}) with the seeded ``--limit-*`` samples applied."""
+    for flag, v in (("--limit-train", limit_train), ("--limit-eval", limit_eval)):
+        if v is not None and v <= 0:
+            raise InstattrError(f"{flag} must be positive, got {v}")
+    ds = load_dataset(data, root, **{f"{k}_field": v for k, v in fields.items() if v})
+    splits = {"train": ds.splits["train"].limit(limit_train, seed)}
     for name in ("dev", "test"):
         if name in ds.splits:
-            splits[name] = ds.splits[name].limit(config.limit_eval, seed)
-    pair_mode = config.resolved_pair_mode(ds.is_pair)
-    torch.manual_seed(config.head.seed)
-    encoder = Encoder(config.encoder, config.pooling, config.max_length, config.encode_batch_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
+            splits[name] = ds.splits[name].limit(limit_eval, seed)
+    return ds, splits
+
+
+def _texts(split: Split):
+    return [e.document for e in split.examples], ([e.query for e in split.examples] if split.is_pair else None)
+
+
+def _data_info(ds: Dataset, data: str, splits: Dict[str, Split], fields) -> DataInfo:
+    root = str(Path(ds.root).resolve()) if Path(ds.root).exists() else ds.root
+    return DataInfo(name=ds.name, root=root, arg=data, is_pair=ds.is_pair, n={k: len(v) for k, v in splits.items()},
+                    fields={k: v for k, v in fields.items() if v})
+
+
+def _versions() -> dict:
+    import torch
+    return {"instattr": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def _encoder_info(encoder) -> EncoderInfo:
+    return EncoderInfo(name=encoder.name, path=encoder.path, pooling=encoder.pooling, max_length=encoder.max_length,
+                       hidden_size=encoder.hidden_size)
+
+
+def _write_split(folder: Path, split: Split, feats: np.ndarray, probs: np.ndarray, encoded: np.ndarray,
+                 n_classes: int, metrics: dict) -> None:
+    fs = FeatureSet(idx=np.asarray(split.idx), label=np.asarray(split.labels, dtype=np.int64),
+                    pred=probs.argmax(1).astype(np.int64), probs=probs.astype(np.float32),
+                    features=feats.astype(np.float32), encoder=encoded.astype(np.float32))
+    write_npz(folder / "features" / f"{split.name}.npz", **fs.to_npz())
+    metrics[f"{split.name}_accuracy"] = float((fs.pred == fs.label).mean())
+    metrics[f"{split.name}_confusion"] = _confusion(fs.label, fs.pred, n_classes)
+
+
+def _save_final_layer(folder: Path, w, b=None) -> None:
+    from safetensors.numpy import save_file
+    tensors = {"weight": np.ascontiguousarray(np.asarray(w, dtype=np.float32))}
+    if b is not None:
+        tensors["bias"] = np.ascontiguousarray(np.asarray(b, dtype=np.float32))
+    (folder / "model").mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model" / "final_layer.safetensors"))
+
+
+def build_atomically(out, overwrite: bool, make) -> Run:
+    """Call ``make(tmp)`` on a hidden sibling of ``out`` and rename it into place when it returns."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out}: is a file, not a run directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise RunError(f"{out}: already exists; pass --overwrite to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
+    except OSError as e:
+        raise RunError(f"{out.parent}: cannot create the run here ({e.strerror})") from None
     os.chmod(tmp, 0o777 & ~_umask())
     try:
-        run = Run(tmp)
-        timings = {}
-        t = time.perf_counter()
-        encoded = {name: encode_split(encoder, s, pair_mode, progress) for name, s in splits.items()}
-        timings["encode_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        head_cfg, extra = config.head, {}
-        if head_cfg.hidden is None:  # the pooler is as wide as the encoder (384 for MiniLM), pairs too
-            head_cfg = replace(head_cfg, hidden=encoder.hidden_size)
-        if config.mode == "head":
-            inputs = {name: pair_input(e, pair_mode) for name, e in encoded.items()}
-            labels = {name: np.asarray(s.labels) for name, s in splits.items()}
-            if config.tune:
-                dev = "dev" if "dev" in splits else None
-                if dev is None:
-                    raise InstattrError(f"{ds.root}: --tune needs a dev split")
-                head_cfg, trials = tune_head(inputs["train"], labels["train"], inputs[dev], labels[dev],
-                                             len(ds.label_names), head_cfg, progress)
-                extra["tune"] = {"chosen": head_cfg.to_dict(), "trials": trials}
-            result = train_heads(inputs["train"], labels["train"], len(ds.label_names), head_cfg,
-                                 checkpoints=True, progress=progress)
-            params = result.params
-        else:
-            from .finetune import finetune
-            params, inputs = finetune(encoder, splits, pair_mode, len(ds.label_names), head_cfg,
-                                      config.finetune_lr, config.finetune_epochs, progress)
-            encoder.model.save_pretrained(tmp / "model" / "encoder")
-            encoder.tokenizer.save_pretrained(tmp / "model" / "encoder")
-            result = None
-        timings["train_s"] = time.perf_counter() - t
-        _save_head(tmp, params, result)
-        metrics = {"timings": timings}
-        for name, s in splits.items():
-            feats, probs = predict(params, inputs[name])
-            fs = FeatureSet(idx=np.asarray(s.idx), label=np.asarray(s.labels, dtype=np.int64),
-                            pred=probs.argmax(1).astype(np.int64), probs=probs, features=feats,
-                            encoder=encoded[name].astype(np.float32))
-            arrays = fs.to_npz()
-            if config.mode == "finetune":
-                arrays["head_input"] = inputs[name].astype(np.float32)
-            write_npz(tmp / "features" / f"{name}.npz", **arrays)
-            metrics[f"{name}_accuracy"] = float((fs.pred == fs.label).mean())
-            metrics[f"{name}_confusion"] = _confusion(fs.label, fs.pred, len(ds.label_names))
-        metrics.setdefault("dev_accuracy", None)
-        metrics.setdefault("test_accuracy", None)
-        head = head_cfg.to_dict()
-        head["d_in"] = int(inputs["train"].shape[1])
-        head["hidden"] = int(params["w"].shape[1])
-        manifest = {
-            "format": 1,
-            "data": {"name": ds.name, "root": str(Path(ds.root).resolve()) if Path(ds.root).exists() else ds.root,
-                     "arg": config.data, "is_pair": ds.is_pair, "n": {k: len(v) for k, v in splits.items()}},
-            "label_names": ds.label_names,
-            "eval_split": "test" if "test" in splits else "dev",
-            "encoder": {"name": encoder.name, "path": encoder.path, "pooling": encoder.pooling,
-                        "max_length": encoder.max_length, "hidden_size": encoder.hidden_size},
-            "mode": config.mode,
-            "pair_mode": pair_mode,
-            "head": head,
-            "l2": head_cfg.l2,
-            "seed": head_cfg.seed,
-            "config": _plain(asdict(config)),
-            "versions": {"instattr": __version__, "torch": torch.__version__, "numpy": np.__version__,
-                         "python": platform.python_version()},
-            **extra,
-        }
-        timings["total_s"] = time.perf_counter() - t0
-        write_json(tmp / "metrics.json", metrics)
-        write_json(tmp / "run.json", manifest)
+        make(tmp)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Run.load(out)
-
-
-def _save_head(folder: Path, params, result) -> None:
-    from safetensors.torch import save_file
-    (folder / "model").mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().contiguous() for k, v in params.items()}
-    save_file(tensors, str(folder / "model" / "head.safetensors"))
-    if result is not None and result.checkpoints:  # TracIn needs the head along its trajectory
-        ck = {f"{k}.{i}": v.detach().float().clone() for i, c in enumerate(result.checkpoints) for k, v in c.items()}
-        save_file(ck, str(folder / "model" / "checkpoints.safetensors"),
-                  metadata={"lrs": ",".join(map(str, result.checkpoint_lrs))})
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -254,44 +162,252 @@ def _confusion(y, p, c) -> list:
     return m.tolist()
 
 
+# ------------------------------------------------------------------ head mode
+def tune_head(x_train, y_train, x_dev, y_dev, n_classes: int, base, progress: bool = True, device="cpu"):
+    """The paper's grid search on dev accuracy; epochs are read off one longest run's checkpoints."""
+    from tqdm.auto import tqdm
+
+    from .models.head import predict, train_heads
+    trials, best = [], None
+    grid = [(l2, lr, bs) for l2 in TUNE_GRID["l2"] for lr in TUNE_GRID["lr"] for bs in TUNE_GRID["batch_size"]]
+    for l2, lr, bs in tqdm(grid, desc="tune", disable=not progress, leave=False):
+        cfg = replace(base, l2=l2, lr=lr, batch_size=bs, epochs=max(TUNE_GRID["epochs"]))
+        res = train_heads(x_train, y_train, n_classes, cfg, checkpoints=True, device=device)
+        for ep in TUNE_GRID["epochs"]:
+            acc = float((predict(res.checkpoints[ep - 1], x_dev)[1].argmax(1) == y_dev).mean())
+            trials.append({"l2": l2, "lr": lr, "batch_size": bs, "epochs": ep, "dev_accuracy": acc})
+            if best is None or acc > best[1]:
+                best = (replace(cfg, epochs=ep), acc)
+    return best[0], trials
+
+
+def _train_head(tmp: Path, config: TrainConfig, ds: Dataset, splits: Dict[str, Split], encoder, pair_mode,
+                progress: bool, metrics: dict) -> dict:
+    """Encode, train the head, write its files; returns the manifest fields of head mode."""
+    from safetensors.torch import save_file
+
+    from .encoders import encode_texts
+    from .models.head import pair_input, predict, train_heads
+    t = time.perf_counter()
+    encoded = {name: encode_texts(encoder, *_texts(s), pair_mode, progress, desc=f"encode {name}")
+               for name, s in splits.items()}
+    metrics["timings"]["encode_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    head_cfg, extra = config.head, {}
+    if head_cfg.hidden is None:  # the pooler is as wide as the encoder (384 for MiniLM), pairs too
+        head_cfg = replace(head_cfg, hidden=encoder.hidden_size)
+    inputs = {name: pair_input(e, pair_mode) for name, e in encoded.items()}
+    labels = {name: np.asarray(s.labels) for name, s in splits.items()}
+    if config.tune:
+        if "dev" not in splits:
+            raise InstattrError(f"{ds.root}: --tune needs a dev split")
+        head_cfg, trials = tune_head(inputs["train"], labels["train"], inputs["dev"], labels["dev"],
+                                     len(ds.label_names), head_cfg, progress, encoder.device)
+        extra["tune"] = {"chosen": head_cfg.to_dict(), "trials": trials}
+    result = train_heads(inputs["train"], labels["train"], len(ds.label_names), head_cfg, checkpoints=True,
+                         progress=progress, device=encoder.device)
+    metrics["timings"]["train_s"] = time.perf_counter() - t
+    params = result.params
+    (tmp / "model").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().contiguous() for k, v in params.items()}, str(tmp / "model" / "head.safetensors"))
+    ck = {f"{k}.{i}": v.detach().float().clone() for i, c in enumerate(result.checkpoints) for k, v in c.items()}
+    save_file(ck, str(tmp / "model" / "checkpoints.safetensors"),   # TracIn needs the head along its trajectory
+              metadata={"lrs": ",".join(map(str, result.checkpoint_lrs))})
+    _save_final_layer(tmp, params["w"].numpy())
+    for name, s in splits.items():
+        feats, probs = predict(params, inputs[name])
+        _write_split(tmp, s, feats, probs, encoded[name], len(ds.label_names), metrics)
+    head = HeadInfo(l2=head_cfg.l2, lr=head_cfg.lr, epochs=head_cfg.epochs, batch_size=head_cfg.batch_size,
+                    hidden=int(params["w"].shape[1]), seed=head_cfg.seed, d_in=int(inputs["train"].shape[1]))
+    return {"head": head, "l2": head_cfg.l2, "extra": extra}
+
+
+# ------------------------------------------------------------------ Hugging Face classifiers
+def _featurize_hf(tmp: Path, classifier, splits: Dict[str, Split], n_classes: int, progress: bool,
+                  metrics: dict) -> None:
+    """Features, probabilities and sentence embeddings of every split through an HF classifier."""
+    t = time.perf_counter()
+    for name, s in splits.items():
+        docs, queries = _texts(s)
+        feats, probs = classifier.forward_texts(docs, queries, progress, desc=f"classify {name}")
+        encoded = classifier.sentence_embeddings(docs, queries, progress, cache=True)
+        _write_split(tmp, s, feats, probs, encoded, n_classes, metrics)
+    lin = classifier.final_layer()
+    _save_final_layer(tmp, lin.w, lin.b)
+    metrics["timings"]["featurize_s"] = time.perf_counter() - t
+
+
+def _hf_info(classifier, path: str, origin: str, checkpoints=()) -> HFInfo:
+    from .models.hf import fingerprint, hf_summary
+    summary = hf_summary(classifier.model, classifier.final_name)
+    return HFInfo(path=path, origin=origin, fingerprint=fingerprint(classifier.path), max_length=classifier.max_length,
+                  checkpoints=tuple(p for p, _ in checkpoints), checkpoint_lrs=tuple(lr for _, lr in checkpoints),
+                  **summary)
+
+
+def _finetune(tmp: Path, config: TrainConfig, ds: Dataset, splits: Dict[str, Split], sbert, progress: bool,
+              metrics: dict) -> dict:
+    """Fine-tune a sequence classifier, save it under model/hf, featurize every split through it."""
+    from .models.finetune import FinetuneConfig, finetune, new_classifier
+    from .models.hf import HFClassifier, find_final_layer
+    ft = FinetuneConfig(lr=config.finetune_lr, head_lr=config.head.lr, epochs=config.finetune_epochs,
+                        batch_size=config.head.batch_size, l2=config.head.l2, seed=config.head.seed)
+    ft.check()
+    t = time.perf_counter()
+    tok, model = new_classifier(sbert.path, ds.label_names, ft.seed)
+    final = find_final_layer(model)
+    docs, queries = _texts(splits["train"])
+    finetune(tok, model, docs, queries, splits["train"].labels, ft, config.max_length, final, sbert.device, progress)
+    folder = tmp / "model" / "hf"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    metrics["timings"]["train_s"] = time.perf_counter() - t
+    classifier = HFClassifier(str(folder), ds.label_names, ds.is_pair, ft.l2, config.max_length,
+                              asdict(_encoder_info(sbert)), final, device=sbert.device, sbert=sbert)
+    _featurize_hf(tmp, classifier, splits, len(ds.label_names), progress, metrics)
+    return {"hf": _hf_info(classifier, "model/hf", "finetune"), "l2": ft.l2, "extra": {"finetune": ft.to_dict()}}
+
+
+def train_run(config: TrainConfig, out, overwrite: bool = False, progress: bool = True) -> Run:
+    """Train and write a complete run directory at ``out`` (see the module docstring)."""
+    from .device import resolve_device
+    from .encoders import Encoder
+    if config.mode not in ("head", "finetune"):
+        raise InstattrError(f"--mode must be head or finetune, got {config.mode!r}")
+    config.head.check()
+    device = resolve_device(config.device)
+    t0 = time.perf_counter()
+    ds, splits = load_splits(config.data, config.data_root, config.fields(), config.limit_train, config.limit_eval,
+                             config.head.seed)
+    pair_mode = config.resolved_pair_mode(ds.is_pair)
+    import torch
+    torch.manual_seed(config.head.seed)
+    encoder = Encoder(config.encoder, config.pooling, config.max_length, config.encode_batch_size, device=device)
+
+    def make(tmp: Path) -> None:
+        metrics = {"timings": {}}
+        if config.mode == "head":
+            parts = _train_head(tmp, config, ds, splits, encoder, pair_mode, progress, metrics)
+        else:
+            parts = _finetune(tmp, config, ds, splits, encoder, progress, metrics)
+        metrics.setdefault("dev_accuracy", None)
+        metrics.setdefault("test_accuracy", None)
+        manifest = Manifest(format=FORMAT, mode=config.mode, data=_data_info(ds, config.data, splits, config.fields()),
+                            label_names=tuple(ds.label_names), eval_split="test" if "test" in splits else "dev",
+                            encoder=_encoder_info(encoder), pair_mode=pair_mode, l2=parts["l2"], seed=config.head.seed,
+                            head=parts.get("head"), hf=parts.get("hf"), config=_plain(asdict(config)),
+                            versions={**_versions(), "device": str(device)}, extra=parts["extra"])
+        metrics["timings"]["total_s"] = time.perf_counter() - t0
+        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "run.json", manifest.to_dict())
+
+    return build_atomically(out, overwrite, make)
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    """Everything `instattr import` needs; saved into run.json (see :func:`import_run`)."""
+    model: str
+    data: str = "sst2"
+    damping: float = 0.01
+    data_root: Optional[str] = None
+    max_length: Optional[int] = None
+    limit_train: Optional[int] = None
+    limit_eval: Optional[int] = None
+    sbert: Optional[str] = None
+    final_layer: Optional[str] = None
+    checkpoints: Tuple[str, ...] = ()
+    checkpoint_lrs: Optional[Tuple[float, ...]] = None
+    text_field: Optional[str] = None
+    query_field: Optional[str] = None
+    label_field: Optional[str] = None
+    seed: int = 0
+    device: str = "auto"
+
+    def fields(self) -> Dict[str, Optional[str]]:
+        return {"text": self.text_field, "query": self.query_field, "label": self.label_field}
+
+
+def import_run(config: ImportConfig, out, overwrite: bool = False, progress: bool = True) -> Run:
+    """A run from an existing ``AutoModelForSequenceClassification`` checkpoint folder, not trained.
+
+    Labels come from the checkpoint's ``id2label``, checked against the dataset's; the checkpoint's
+    tokenizer reads the texts (pairs through its pair input) up to ``max_length`` (default: the
+    tokenizer's ``model_max_length``, at most the model's positions). ``damping`` stands in for the
+    L2 penalty the model was not trained with (the closed forms' ``2 lambda I``, representer
+    points' refit). ``sbert`` is the untuned sentence encoder of the sbert-* baselines."""
+    from .device import resolve_device
+    from .encoders import Encoder, check_max_length
+    from .models.hf import HFClassifier, check_labels, load_hf
+    if not config.damping > 0:
+        raise InstattrError(f"--damping must be > 0 (it stands in for the L2 penalty of the final layer), "
+                            f"got {config.damping}")
+    device = resolve_device(config.device)
+    t0 = time.perf_counter()
+    ds, splits = load_splits(config.data, config.data_root, config.fields(), config.limit_train, config.limit_eval,
+                             config.seed)
+    path = str(Path(config.model).resolve())
+    tok, hf_model = load_hf(path)
+    check_labels(hf_model, ds.label_names, path)
+    length = config.max_length or _model_max_length(tok, hf_model)
+    check_max_length(hf_model, length, path)
+    sentence = Encoder(config.sbert, None, 128, device=device, autocast=True)
+    classifier = HFClassifier(path, ds.label_names, ds.is_pair, config.damping, length, asdict(_encoder_info(sentence)),
+                              config.final_layer, device=device, sbert=sentence, loaded=(tok, hf_model))
+    classifier.final_layer()   # resolves and checks the final layer before any work
+    if config.checkpoints:
+        classifier = classifier.with_checkpoints(config.checkpoints, config.checkpoint_lrs)
+
+    def make(tmp: Path) -> None:
+        metrics = {"timings": {}}
+        _featurize_hf(tmp, classifier, splits, len(ds.label_names), progress, metrics)
+        metrics.setdefault("dev_accuracy", None)
+        metrics.setdefault("test_accuracy", None)
+        recorded = {**asdict(config), "model": path, "max_length": length, "final_layer": classifier.final_name}
+        manifest = Manifest(format=FORMAT, mode="import", data=_data_info(ds, config.data, splits, config.fields()),
+                            label_names=tuple(ds.label_names), eval_split="test" if "test" in splits else "dev",
+                            encoder=_encoder_info(sentence), pair_mode="cross" if ds.is_pair else None,
+                            l2=float(config.damping), seed=config.seed,
+                            hf=_hf_info(classifier, path, "import", classifier.history),
+                            config=_plain(recorded), versions={**_versions(), "device": str(device)})
+        metrics["timings"]["total_s"] = time.perf_counter() - t0
+        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "run.json", manifest.to_dict())
+
+    return build_atomically(out, overwrite, make)
+
+
+def make_run(config, out, overwrite: bool = False, progress: bool = True) -> Run:
+    """``train_run`` for a TrainConfig, ``import_run`` for an ImportConfig."""
+    if isinstance(config, ImportConfig):
+        return import_run(config, out, overwrite, progress)
+    return train_run(config, out, overwrite, progress)
+
+
+def _model_max_length(tok, model) -> int:
+    """The tokenizer's maximum length, at most the model's position embeddings (RoBERTa: minus 2)."""
+    n = int(getattr(tok, "model_max_length", 0) or 0)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None:
+        if model.config.model_type in ("roberta", "xlm-roberta", "camembert"):
+            positions -= 2
+        n = min(n, positions) if 0 < n < 1_000_000 else positions
+    return int(n or 512)
+
+
 def _plain(d):
+    """JSON-ready copy of a config dict (tuples become lists)."""
     if isinstance(d, dict):
         return {k: _plain(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_plain(v) for v in d]
     return d
 
 
 # ------------------------------------------------------------------ new text through a run
-def run_encoder(run: Run) -> Encoder:
-    """The run's untuned encoder, loaded once per Run object."""
-    if getattr(run, "_encoder", None) is None:
-        e = run.manifest["encoder"]
-        run._encoder = Encoder(e["path"], e["pooling"], e["max_length"])
-    return run._encoder
-
-
 def featurize(run: Run, documents: Sequence[str], queries: Optional[Sequence[str]] = None,
-              labels: Optional[Sequence[int]] = None, progress: bool = False) -> FeatureSet:
-    """Encode new texts with the run's encoder and apply its head (label = prediction unless given)."""
-    m = run.manifest
-    if m["data"]["is_pair"] and queries is None:
-        raise InstattrError(f"{run.path}: this run classifies sentence pairs; give a --query")
-    if not m["data"]["is_pair"] and queries is not None:
-        raise InstattrError(f"{run.path}: this run classifies single texts; --query does not apply")
-    if queries is not None and len(queries) != len(documents):
-        raise InstattrError(f"{len(documents)} texts but {len(queries)} queries")
-    from .data import Example
-    split = Split("new", [Example(f"new_{i}", d, 0, None if queries is None else queries[i])
-                          for i, d in enumerate(documents)])
-    encoded = encode_split(run_encoder(run), split, m["pair_mode"], progress, cache=False)
-    if m["mode"] == "head":
-        x = pair_input(encoded, m["pair_mode"])
-    else:
-        from .finetune import tuned_inputs
-        x = tuned_inputs(run, split, m["pair_mode"])
-    params = {k: v for k, v in run.head_params().items()}
-    feats, probs = predict(params, x)
-    pred = probs.argmax(1).astype(np.int64)
-    label = pred if labels is None else np.asarray(labels, dtype=np.int64)
-    return FeatureSet(idx=np.asarray(split.idx), label=label, pred=pred, probs=probs, features=feats,
-                      encoder=encoded.astype(np.float32),
-                      texts=(list(documents), None if queries is None else list(queries)))
+              labels: Optional[Sequence[int]] = None, progress: bool = False, device=None) -> FeatureSet:
+    """New texts through the run's classifier (label = prediction unless given)."""
+    from .models import classifier_for
+    return classifier_for(run, device).featurize(list(documents), None if queries is None else list(queries),
+                                                 labels, progress)

@@ -34,17 +34,20 @@ def _log(message: str) -> None:
     print(message, flush=True)  # flushed: a long job's log is read while it runs
 
 
-def reproduce(train_config, out, config: ReproduceConfig = ReproduceConfig(), progress: bool = True,
+def reproduce(source, out, config: ReproduceConfig = ReproduceConfig(), progress: bool = True,
               log: Callable[[str], None] = _log) -> Run:
-    """Run every step that is not done yet; finished steps (recorded in reproduce.json) are skipped."""
+    """Make the run (``source``: a TrainConfig trains one, an ImportConfig imports a model), then
+    run every step that is not done yet; finished steps (recorded in reproduce.json) are skipped."""
     from .attribution import attribute_run
     from .evaluate import EVALUATIONS, evaluations_for, run_evaluation
-    from .pipeline import train_run
+    from .pipeline import ImportConfig, make_run
     from .report import build_report
 
     out = Path(out)
     state_path = out / "reproduce.json"
-    wanted = {"quick": config.quick, "methods": config.methods, "seed": config.seed, "data": train_config.data}
+    wanted = {"quick": config.quick, "methods": config.methods, "seed": config.seed, "data": source.data}
+    if isinstance(source, ImportConfig):
+        wanted["model"] = source.model
     if config.retrain_examples is not None:
         wanted["retrain_examples"] = config.retrain_examples
     if (out / "run.json").exists():
@@ -56,9 +59,13 @@ def reproduce(train_config, out, config: ReproduceConfig = ReproduceConfig(), pr
         log(f"resuming {out}")
     else:
         if config.quick:
-            train_config = replace(train_config, **QUICK_LIMITS)
+            given = {k: getattr(source, k) for k in QUICK_LIMITS if getattr(source, k) is not None}
+            if given:
+                raise InstattrError(f"--quick sets {', '.join('--' + k.replace('_', '-') for k in QUICK_LIMITS)} "
+                                    f"itself; drop --quick to choose them ({given})")
+            source = replace(source, **QUICK_LIMITS)
         t = time.perf_counter()
-        run = train_run(train_config, out, progress=progress)
+        run = make_run(source, out, progress=progress)
         state = {"config": wanted, "done": {"train": time.perf_counter() - t}}
         write_json(state_path, state)
         m = run.metrics

@@ -93,10 +93,12 @@ def read_json(path) -> dict:
 # ---------------------------------------------------------------- arrays
 @dataclass
 class FeatureSet:
-    """Everything the attributors need about one split, rows in dataset order.
+    """Everything the attributors need about rows of one split, in the run's stored order.
 
-    ``features``: penultimate (pooler) output (n, d); ``encoder``: untuned pooled encoder output
-    (n, h) — for siamese pairs [u, v] (n, 2h); ``probs``: softmax of the trained head (n, C).
+    ``features``: the input of the classifier's final linear layer (n, d); ``encoder``: the
+    untuned sentence encoder's pooled output (n, h) — for siamese pairs [u, v] (n, 2h);
+    ``probs``: the classifier's softmax (n, C). ``split`` names the run's split the rows come
+    from (their identity is ``(split, idx)``); new texts carry ``texts`` instead.
     """
     idx: np.ndarray
     label: np.ndarray
@@ -106,6 +108,7 @@ class FeatureSet:
     encoder: np.ndarray
     # new texts only (``featurize``): (documents, queries or None), for methods that rerun the encoder
     texts: Optional[Tuple[List[str], Optional[List[str]]]] = field(default=None, repr=False, compare=False)
+    split: Optional[str] = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return len(self.idx)
@@ -116,45 +119,89 @@ class FeatureSet:
 
     def subset(self, rows) -> "FeatureSet":
         """Rows ``rows`` (indices or a boolean mask) of every array (and of ``texts``)."""
-        fs = FeatureSet(**{k: getattr(self, k)[rows] for k in FEATURE_KEYS})
+        fs = FeatureSet(**{k: getattr(self, k)[rows] for k in FEATURE_KEYS}, split=self.split)
         if self.texts is not None:
             pick = [list(np.asarray(t, dtype=object)[rows]) if t is not None else None for t in self.texts]
             fs.texts = (pick[0], pick[1])
         return fs
 
+    def replace(self, **arrays) -> "FeatureSet":
+        """A copy with some arrays replaced (e.g. features and probs of another model)."""
+        from dataclasses import replace
+        return replace(self, **arrays)
+
     def to_npz(self) -> dict:
         return {k: getattr(self, k) for k in FEATURE_KEYS}
 
     @classmethod
-    def from_npz(cls, path) -> "FeatureSet":
+    def from_npz(cls, path, split: Optional[str] = None) -> "FeatureSet":
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as z:
                 missing = [k for k in FEATURE_KEYS if k not in z]
                 if missing:
                     raise RunError(f"{path}: missing arrays {', '.join(missing)}")
-                return cls(**{k: z[k] for k in FEATURE_KEYS})
+                fs = cls(**{k: z[k] for k in FEATURE_KEYS}, split=split)
         except FileNotFoundError:
             raise RunError(f"{path}: missing (was the run trained?)") from None
-        except (OSError, ValueError) as e:
-            if isinstance(e, RunError):
-                raise
-            raise RunError(f"{path}: unreadable ({e})") from None
+        except RunError:
+            raise
+        except Exception as e:   # truncated or damaged: zipfile.BadZipFile, EOFError, OSError, ValueError
+            raise RunError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        n = len(fs.idx)
+        bad = [k for k in FEATURE_KEYS if len(getattr(fs, k)) != n]
+        if bad or fs.probs.ndim != 2 or fs.features.ndim != 2:
+            raise RunError(f"{path}: arrays disagree in shape ({', '.join(f'{k} {getattr(fs, k).shape}' for k in FEATURE_KEYS)})")
+        return fs
 
 
 @dataclass(frozen=True)
-class HeadState:
-    """The trained last linear layer: weight ``w`` (C, d) and its L2 coefficient ``l2``."""
+class FinalLayer:
+    """The classifier's last linear layer, ``logits = w f + b``: weight ``w`` (C, d), bias ``b``
+    (C,) or None, and ``l2``, the L2 coefficient on its parameters that the closed forms use (the
+    head's training penalty, or the damping standing in for it on an imported model).
+
+    It is also the smallest model the last-layer methods accept: ``final_layer()`` returns itself,
+    as :meth:`instattr.models.Classifier.final_layer` does for a whole classifier."""
     w: np.ndarray
-    l2: float
+    b: Optional[np.ndarray] = None
+    l2: float = 0.0
+
+    def final_layer(self) -> "FinalLayer":
+        return self
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.w.shape[0])
+
+    def augment(self, features: np.ndarray) -> np.ndarray:
+        """float64 ``[f, 1]`` when the layer has a bias (so ``w~ f~ = w f + b``), else ``f``."""
+        f = np.asarray(features, dtype=np.float64)
+        return f if self.b is None else np.concatenate([f, np.ones((len(f), 1))], axis=1)
+
+    def weight(self) -> np.ndarray:
+        """float64 ``[w, b]`` (C, d + 1) with a bias, else ``w``: the weight of ``augment``'s rows."""
+        w = np.asarray(self.w, dtype=np.float64)
+        return w if self.b is None else np.concatenate([w, np.asarray(self.b, dtype=np.float64)[:, None]], axis=1)
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """float64 logits of feature rows."""
+        return self.augment(features) @ self.weight().T
 
 
 # ---------------------------------------------------------------- the run
 class Run:
-    """A run directory on disk. ``Run.load(path)`` checks it holds a trained model."""
+    """A run directory on disk. ``Run.load(path)`` checks it holds a valid manifest.
+
+    The manifest is parsed once (``manifest``); arrays are read on first use and kept; ``memo``
+    keeps objects derived from the run (its classifier, layered caches) for its lifetime."""
 
     def __init__(self, path):
         self.path = Path(path)
+        self._manifest = None
+        self._features: Dict[str, FeatureSet] = {}
+        self._examples: Dict[str, list] = {}
+        self._memo: Dict[str, object] = {}
 
     @classmethod
     def load(cls, path) -> "Run":
@@ -162,13 +209,28 @@ class Run:
         if not run.path.is_dir():
             raise RunError(f"{run.path}: no such run directory")
         if not (run.path / "run.json").exists():
-            raise RunError(f"{run.path}: not a run (no run.json); train one with `instattr train`")
+            raise RunError(f"{run.path}: not a run (no run.json); make one with `instattr train` or `instattr import`")
+        run.manifest  # noqa: B018 - validate now: a bad run.json fails here, in one line
         return run
+
+    def memo(self, key, make):
+        """``make()`` once per run object and key (a classifier, a cache); later calls reuse it."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     # manifest and metrics
     @property
-    def manifest(self) -> dict:
-        return read_json(self.path / "run.json")
+    def manifest(self):
+        """The typed, validated run.json (:class:`instattr.manifest.Manifest`), read once."""
+        if self._manifest is None:
+            from .manifest import Manifest, ManifestError
+            path = self.path / "run.json"
+            try:
+                self._manifest = Manifest.parse(read_json(path), str(path))
+            except ManifestError as e:
+                raise RunError(str(e)) from None
+        return self._manifest
 
     @property
     def metrics(self) -> dict:
@@ -177,11 +239,11 @@ class Run:
 
     @property
     def label_names(self) -> list:
-        return self.manifest["label_names"]
+        return list(self.manifest.label_names)
 
     @property
     def eval_split(self) -> str:
-        return self.manifest["eval_split"]
+        return self.manifest.eval_split
 
     @property
     def splits(self) -> list:
@@ -189,22 +251,43 @@ class Run:
 
     # arrays
     def features(self, split: str) -> FeatureSet:
-        if not hasattr(self, "_features"):
-            self._features: Dict[str, FeatureSet] = {}
         if split not in self._features:
-            self._features[split] = FeatureSet.from_npz(self.path / "features" / f"{split}.npz")
+            self._features[split] = FeatureSet.from_npz(self.path / "features" / f"{split}.npz", split)
         return self._features[split]
 
-    def head_params(self) -> dict:
-        """Head weights as float32 torch tensors (dense_w, dense_b, w)."""
-        from safetensors.torch import load_file
-        p = self.path / "model" / "head.safetensors"
+    def final_layer(self) -> FinalLayer:
+        """The last linear layer (``model/final_layer.safetensors``) and the run's ``l2``."""
+        p = self.path / "model" / "final_layer.safetensors"
         if not p.exists():
             raise RunError(f"{p}: missing (was the run trained?)")
-        return load_file(str(p))
+        try:
+            from safetensors.numpy import load_file
+            t = load_file(str(p))
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise RunError(f"{p}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        if "weight" not in t:
+            raise RunError(f"{p}: has no 'weight'")
+        w = t["weight"].astype(np.float64)
+        b = t["bias"].astype(np.float64) if "bias" in t else None
+        return FinalLayer(w=w, b=b, l2=float(self.manifest.l2))
 
-    def head(self) -> HeadState:
-        return HeadState(w=self.head_params()["w"].double().numpy(), l2=float(self.manifest["head"]["l2"]))
+    def examples(self, split: str) -> list:
+        """The dataset examples of ``split`` in the run's stored row order, looked up by ``idx``.
+
+        A run made from a sample of a dataset stores that sample's ids; this is the one place that
+        maps them back to texts. A row whose id the dataset no longer has is a one-line error."""
+        if split not in self._examples:
+            stored = [str(i) for i in self.features(split).idx]
+            ds = self.dataset()
+            if split not in ds.splits:
+                raise RunError(f"{self.path}: the dataset at {ds.root} has no {split!r} split any more")
+            by_idx = {e.idx: e for e in ds.splits[split].examples}
+            missing = [i for i in stored if i not in by_idx]
+            if missing:
+                raise RunError(f"{self.path}: {len(missing)} stored {split} rows ({', '.join(missing[:3])}"
+                               f"{' ...' if len(missing) > 3 else ''}) are not in the dataset at {ds.root}")
+            self._examples[split] = [by_idx[i] for i in stored]
+        return self._examples[split]
 
     # scores
     def score_path(self, method: str, split: str) -> Path:
@@ -249,11 +332,12 @@ class Run:
         write_json(self.result_path(name), result)
 
     def dataset(self):
-        """Re-open the dataset this run was trained on (texts for explanations and evaluations)."""
-        from .data import load_dataset
-        m = self.manifest
-        fields = {k: m.get("config", {}).get(k) for k in ("text_field", "query_field", "label_field")}
-        return load_dataset(m["data"]["root"], **fields)
+        """Re-open the dataset this run was made from (kept for the run object's lifetime)."""
+        def load():
+            from .data import load_dataset
+            fields = self.manifest.data.fields
+            return load_dataset(self.manifest.data.root, **{f"{k}_field": v for k, v in fields.items() if v})
+        return self.memo("dataset", load)
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"

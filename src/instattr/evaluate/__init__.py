@@ -2,8 +2,7 @@
 
 Each ``run_<name>(run, methods=None, seed=0, **options) -> dict`` writes ``results/<name>.json``
 and ``.md`` (and figures under ``figures/``) and returns the JSON dict. ``evaluations_for(run)``
-lists the ones that apply to a run (``artifacts`` only on hans; ``retrain`` and
-``randomized`` only in head mode).
+lists the ones that apply to a run (``artifacts`` only on hans).
 """
 from __future__ import annotations
 
@@ -27,15 +26,7 @@ EVALUATIONS: Dict[str, Callable[..., dict]] = {
     "timing": run_timing,
 }
 
-HEAD_MODE_ONLY = ("retrain", "randomized")  # they retrain or re-initialise the head on cached encoder output
-
-
-def _head_mode(run: Run) -> bool:
-    return run.manifest.get("mode", "head") == "head"
-
-
 APPLIES: Dict[str, Callable[[Run], bool]] = {name: (lambda run: True) for name in EVALUATIONS}
-APPLIES.update({name: _head_mode for name in HEAD_MODE_ONLY})
 APPLIES["artifacts"] = _artifacts_apply
 
 
@@ -51,6 +42,6 @@ def run_evaluation(name: str, run: Run, **options) -> dict:
     return EVALUATIONS[name](run, **options)
 
 
-__all__ = ["EVALUATIONS", "APPLIES", "HEAD_MODE_ONLY", "evaluations_for", "run_evaluation", "run_correlation",
+__all__ = ["EVALUATIONS", "APPLIES", "evaluations_for", "run_evaluation", "run_correlation",
            "run_retrain", "run_randomized", "run_artifacts", "run_near_train", "run_timing", "overlap_rate",
            "mean_spearman", "spearman_rows", "top_k_overlap"]

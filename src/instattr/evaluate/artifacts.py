@@ -57,7 +57,7 @@ def label_ids(label_names: Sequence[str]) -> Tuple[int, int]:
 
 def applies(run: Run) -> bool:
     """Artifacts only make sense on runs trained on the hans data."""
-    return str(run.manifest.get("data", {}).get("name", "")).lower() == "hans"
+    return run.manifest.data.name.lower() == "hans"
 
 
 def markdown(result: dict) -> str:
@@ -82,18 +82,14 @@ def run_artifacts(run: Run, methods=None, seed: int = 0, split: Optional[str] = 
     names = method_list(methods, run, scorer.split)
     test = run.features(scorer.split)
     non_ent, ent = label_ids(run.label_names)
-    ds = run.dataset()
-    if not ds.is_pair:
+    if not run.manifest.is_pair:
         raise RunError(f"{run.path}: artifacts needs sentence pairs (premise, hypothesis)")
-    by_idx = {e.idx: e for e in ds.splits["train"].examples}
-    train_overlap = np.array([overlap_rate(by_idx[str(i)].document, by_idx[str(i)].query or "")
-                              for i in scorer.train.idx])
-    test_by_idx = {e.idx: e for e in ds.splits[scorer.split].examples}
+    train_overlap = np.array([overlap_rate(e.document, e.query or "") for e in run.examples("train")])
+    test_ex = run.examples(scorer.split)
     targets = artifact_targets(test.label, test.pred, non_ent, ent)
     result = {"methods": {}, "n_targets": int(len(targets)), "seed": seed, "split": scorer.split,
               "train_overlap": float(train_overlap.mean()),
-              "targets_overlap": float(np.mean([overlap_rate(test_by_idx[str(test.idx[t])].document,
-                                                             test_by_idx[str(test.idx[t])].query or "")
+              "targets_overlap": float(np.mean([overlap_rate(test_ex[t].document, test_ex[t].query or "")
                                                 for t in targets])) if len(targets) else float("nan")}
     result["random"] = random_overlap(train_overlap, len(targets), np.random.default_rng(seed))
     for m in names:

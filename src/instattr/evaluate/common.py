@@ -11,8 +11,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from ..model import HeadConfig, pair_input
-from ..store import FeatureSet, HeadState, Run, RunError, write_bytes
+from ..store import FeatureSet, Run, RunError, write_bytes
 
 
 def method_list(methods=None, run: Optional[Run] = None, split: Optional[str] = None) -> List[str]:
@@ -39,23 +38,36 @@ def stored_extras(run: Run, split: Optional[str] = None) -> List[str]:
     return [m for m in registered() if m not in METHOD_NAMES and run.has_scores(m, split) and covers(m)]
 
 
-def head_config(run: Run) -> HeadConfig:
-    """The run's HeadConfig (run.json ``head`` without ``d_in``)."""
-    fields = HeadConfig.__dataclass_fields__
-    return HeadConfig(**{k: v for k, v in run.manifest["head"].items() if k in fields})
+SCOPES = ("head", "final")
+SCOPE_TEXT = {"head": "instattr's head (pooler and final layer) on the frozen encoder's stored output",
+              "final": "the final linear layer (weight and bias) on the stored, frozen features"}
 
 
-def require_head_mode(run: Run, what: str) -> None:
-    if run.manifest.get("mode", "head") != "head":
-        raise RunError(f"{what} retrains or re-initialises the head on the cached encoder output, "
-                       f"which only head-mode runs store; {run.path} is a {run.manifest.get('mode')} run")
+def resolve_scope(run: Run, scope: Optional[str], what: str) -> str:
+    """What ``what`` retrains or re-initialises: ``head`` (head-mode runs; their default) or
+    ``final`` (the final linear layer on frozen features; the default of every other run)."""
+    default = "head" if run.manifest.mode == "head" else "final"
+    scope = scope or default
+    if scope not in SCOPES:
+        raise RunError(f"{what}: --scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if scope == "head" and run.manifest.mode != "head":
+        raise RunError(f"{what}: --scope head needs a head-mode run (it retrains instattr's head on the stored "
+                       f"encoder output); {run.path} is a {run.manifest.mode} run: use --scope final")
+    return scope
+
+
+def head_config(run: Run):
+    """The run's HeadConfig (head mode)."""
+    from ..models.head import HeadConfig
+    h = run.manifest.head
+    return HeadConfig(l2=h.l2, lr=h.lr, epochs=h.epochs, batch_size=h.batch_size, hidden=h.hidden, seed=h.seed)
 
 
 def head_input(run: Run, split: str, fs: Optional[FeatureSet] = None) -> np.ndarray:
     """The head's input for ``split`` (head mode): the stored encoder output, pairs combined."""
-    require_head_mode(run, "this evaluation")
+    from ..models.head import pair_input
     fs = fs if fs is not None else run.features(split)
-    return pair_input(fs.encoder, run.manifest.get("pair_mode"))
+    return pair_input(fs.encoder, run.manifest.pair_mode)
 
 
 def sample_rows(n_total: int, n: Optional[int], rng: np.random.Generator) -> np.ndarray:
@@ -66,7 +78,7 @@ def sample_rows(n_total: int, n: Optional[int], rng: np.random.Generator) -> np.
 
 
 def data_name(run: Run) -> str:
-    return str(run.manifest.get("data", {}).get("name", ""))
+    return run.manifest.data.name
 
 
 def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
@@ -83,23 +95,17 @@ class Scorer:
     """Score rows of one run: stored matrices where they cover the rows, else fitted attributors."""
 
     def __init__(self, run: Run, split: Optional[str] = None, train: Optional[FeatureSet] = None,
-                 head: Optional[HeadState] = None, use_stored: bool = True):
+                 model=None, use_stored: bool = True, device=None):
         self.run, self.split = run, split or run.eval_split
         self.train = train if train is not None else run.features("train")
-        self._head, self.use_stored = head, use_stored
+        self.model, self.use_stored, self.device = model, use_stored, device
         self._fitted: Dict[str, object] = {}
-
-    @property
-    def head(self) -> HeadState:
-        if self._head is None:
-            self._head = self.run.head()
-        return self._head
 
     def attributor(self, method: str):
         """The registry's ``method`` fitted on the full training set (cached)."""
         if method not in self._fitted:
             from ..attribution import fit_method
-            self._fitted[method] = fit_method(self.run, method, self.train, self.head)
+            self._fitted[method] = fit_method(self.run, method, self.train, self.model, self.device)
         return self._fitted[method]
 
     def _stored(self, method: str, rows: np.ndarray) -> Optional[np.ndarray]:

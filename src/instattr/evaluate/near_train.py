@@ -97,11 +97,10 @@ def run_near_train(run: Run, methods=None, seed: int = 0, n: int = 1000, all: bo
     train = scorer.train
     rng = np.random.default_rng(seed)
     cols = sample_rows(len(train), None if all else n, rng)
-    examples = {e.idx: e for e in run.dataset().splits["train"].examples}
-    chosen = [examples[str(i)] for i in train.idx[cols]]
-    is_pair = chosen[0].query is not None if chosen else False
-    vocab = vocabulary([e.document for e in examples.values()] +
-                       ([e.query for e in examples.values() if e.query] if is_pair else []))
+    examples = run.examples("train")              # the run's training rows, by idx
+    chosen = [examples[i] for i in cols]
+    is_pair = run.manifest.is_pair
+    vocab = vocabulary([e.document for e in examples] + ([e.query for e in examples if e.query] if is_pair else []))
     targets: Dict[str, FeatureSet] = {}
     for kind in kinds:
         if kind == "train":

@@ -1,9 +1,17 @@
 """Randomized-model test (Hanawa et al. 2021; paper Table 1, right).
 
-Re-initialise the head (``model.init_params`` with a different seed), recompute features and
-probabilities of the train split and the sampled test rows with ``model.predict``, rescore every
-method on that random model, and report the mean per-test-row Spearman between trained and random
-scores. Near 0 is good: the ranking depends on what the model learned.
+Re-initialise part of the model (``scope``, :func:`~.common.resolve_scope`), recompute what that
+changes for the train split and the sampled test rows, rescore every method on that random model,
+and report the mean per-test-row Spearman between trained and random scores. Near 0 is good: the
+ranking depends on what the model learned.
+
+- ``head`` (head-mode runs): instattr's head (``init_params`` with another seed); features and
+  probabilities are recomputed from the stored encoder output.
+- ``final`` (every other run): the final linear layer (nn.Linear's uniform initialisation);
+  the features are unchanged, so nn-* rankings stay the same by construction, and so do rep's
+  (its refit reaches the same unique minimum of the convex final-layer loss from any start).
+
+Methods that need the whole classifier (layered, TracIn) are not re-scored here.
 """
 from __future__ import annotations
 
@@ -11,26 +19,44 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from ..model import init_params, predict
-from ..store import FeatureSet, HeadState, Run
-from .common import (Scorer, data_name, fmt, head_config, head_input, md_table, method_list,
-                     require_head_mode, sample_rows, save)
+from ..store import FeatureSet, FinalLayer, Run, RunError
+from .common import (SCOPE_TEXT, Scorer, data_name, fmt, head_config, head_input, md_table, method_list,
+                     resolve_scope, sample_rows, save)
 from .correlation import mean_spearman
 from .paper import TABLE1_RANDOMIZED, paper_columns
 
 
 def random_model(x_train: np.ndarray, x_test: np.ndarray, train: FeatureSet, test: FeatureSet,
-                 d: int, l2: float, seed: int) -> Tuple[FeatureSet, FeatureSet, HeadState]:
-    """(train, test, head) of a freshly initialised head: features/probs/pred recomputed, the
+                 d: int, l2: float, seed: int) -> Tuple[FeatureSet, FeatureSet, FinalLayer]:
+    """(train, test, final layer) of a freshly initialised head: features/probs/pred recomputed, the
     untuned encoder arrays kept (so sbert-* scores do not change)."""
+    from ..models.head import init_params, predict
     params = init_params(x_train.shape[1], d, train.n_classes, seed)
 
     def refeature(fs: FeatureSet, x: np.ndarray) -> FeatureSet:
         feats, probs = predict(params, x)
-        return FeatureSet(idx=fs.idx, label=fs.label, pred=probs.argmax(1), probs=probs, features=feats,
-                          encoder=fs.encoder)
+        return fs.replace(pred=probs.argmax(1), probs=probs, features=feats)
 
-    return refeature(train, x_train), refeature(test, x_test), HeadState(w=params["w"].double().numpy(), l2=l2)
+    return refeature(train, x_train), refeature(test, x_test), FinalLayer(w=params["w"].double().numpy(), l2=l2)
+
+
+def random_final_layer(layer: FinalLayer, train: FeatureSet, test: FeatureSet,
+                       seed: int) -> Tuple[FeatureSet, FeatureSet, FinalLayer]:
+    """(train, test, final layer) with the final layer re-initialised like ``nn.Linear``
+    (uniform in +-1/sqrt(d)); features unchanged, probabilities and predictions recomputed."""
+    from ..methods.lastlayer import softmax
+    rng = np.random.default_rng(seed)
+    c, d = layer.w.shape
+    bound = 1.0 / np.sqrt(d)
+    w = rng.uniform(-bound, bound, size=(c, d))
+    b = None if layer.b is None else rng.uniform(-bound, bound, size=c)
+    new = FinalLayer(w=w, b=b, l2=layer.l2)
+
+    def refeature(fs: FeatureSet) -> FeatureSet:
+        probs = softmax(new.logits(fs.features)).astype(np.float32)
+        return fs.replace(pred=probs.argmax(1), probs=probs)
+
+    return refeature(train), refeature(test), new
 
 
 def markdown(result: dict, columns: List[str]) -> str:
@@ -41,27 +67,41 @@ def markdown(result: dict, columns: List[str]) -> str:
     if any(m.startswith("sbert-") for m in result["methods"]):
         note = ("\nsbert-* methods use the untuned encoder embedding, which re-initialising the head does not "
                 "touch, so in head mode their rankings are unchanged (Spearman 1.0) by construction.\n")
+    if result.get("scope") == "final" and any(m.startswith("nn-") for m in result["methods"]):
+        note += ("\nRe-initialising only the final layer leaves the features unchanged, so nn-* rankings are "
+                 "unchanged (Spearman 1.0) by construction, and so is rep's: it refits the final layer to the "
+                 "same unique minimum from any start.\n")
     return ("# Randomized-model test (paper Table 1, right)\n\nMean per-test-row Spearman between each "
-            f"method's scores under the trained head and under a re-initialised head (seed "
-            f"{result['random_seed']}), over {result['n_test']} test x {result['n_train']} training examples. "
+            f"method's scores under the trained model and after re-initialising "
+            f"{SCOPE_TEXT[result.get('scope', 'head')]} (seed {result['random_seed']}), over {result['n_test']} "
+            f"test x {result['n_train']} training examples. "
             "Small magnitude is good: the ranking reflects what was learned.\n\n" + md_table(header, rows) + note)
 
 
-def run_randomized(run: Run, methods=None, seed: int = 0, n_test: int = 100, split: Optional[str] = None) -> dict:
+def run_randomized(run: Run, methods=None, seed: int = 0, n_test: int = 100, split: Optional[str] = None,
+                   scope: Optional[str] = None) -> dict:
     """Trained-vs-random Spearman per method; writes results/randomized.*."""
-    require_head_mode(run, "the randomized-model test")
+    from ..methods.registry import method_class
+    scope = resolve_scope(run, scope, "the randomized-model test")
     names = method_list(methods)
+    whole = [m for m in names if method_class(m).needs_classifier]
+    if whole:
+        raise RunError(f"the randomized-model test re-scores last-layer methods; {', '.join(whole)} need the whole "
+                       "classifier")
     scorer = Scorer(run, split)
     test = run.features(scorer.split)
     rows = sample_rows(len(test), n_test, np.random.default_rng(seed))
-    cfg = head_config(run)
-    x_train = head_input(run, "train", scorer.train)
-    x_test = head_input(run, scorer.split, test)[rows]
-    rand_seed = cfg.seed + 1000 + seed
-    d = scorer.head.w.shape[1]
-    r_train, r_test, r_head = random_model(x_train, x_test, scorer.train, test.subset(rows), d, cfg.l2, rand_seed)
-    random_scorer = Scorer(run, scorer.split, train=r_train, head=r_head, use_stored=False)
+    rand_seed = run.manifest.seed + 1000 + seed
+    if scope == "head":
+        cfg = head_config(run)
+        x_train = head_input(run, "train", scorer.train)
+        x_test = head_input(run, scorer.split, test)[rows]
+        d = run.final_layer().w.shape[1]
+        r_train, r_test, r_layer = random_model(x_train, x_test, scorer.train, test.subset(rows), d, cfg.l2, rand_seed)
+    else:
+        r_train, r_test, r_layer = random_final_layer(run.final_layer(), scorer.train, test.subset(rows), rand_seed)
+    random_scorer = Scorer(run, scorer.split, train=r_train, model=r_layer, use_stored=False)
     rho = {m: mean_spearman(scorer.rows(m, rows), random_scorer.score(m, r_test)) for m in names}
-    result = {"methods": rho, "n_test": len(rows), "n_train": len(x_train), "seed": seed,
-              "random_seed": rand_seed, "split": scorer.split}
+    result = {"methods": rho, "n_test": len(rows), "n_train": len(scorer.train), "seed": seed,
+              "random_seed": rand_seed, "split": scorer.split, "scope": scope}
     return save(run, "randomized", result, markdown(result, paper_columns(data_name(run))))

@@ -1,11 +1,18 @@
 """Remove-and-retrain (paper Table 1, left).
 
 For 50 random test examples and each method, remove that example's top-k training examples and
-retrain the head from the same initialisation and minibatch order; delta = p_after − p_before of
-the originally predicted class. Random baseline: ``n_random`` random k-subsets, removal r judged on
-test example r mod n_test. All heads are trained by :func:`instattr.model.train_heads` in batched
-calls of ``chunk_size`` heads; each call also trains a full-data head, whose probabilities are
-the "before" of the heads in that call, so before and after share exactly the same numerics.
+retrain; delta = p_after − p_before of the originally predicted class. Random baseline:
+``n_random`` random k-subsets, removal r judged on test example r mod n_test. What is retrained
+(``scope``, :func:`~.common.resolve_scope`):
+
+- ``head`` (head-mode runs): instattr's head on the stored encoder output, from the same
+  initialisation and minibatch order, by :func:`instattr.models.head.train_heads` in batched calls
+  of ``chunk_size`` heads; each call also trains a full-data head, whose probabilities are the
+  "before" of the heads in that call, so before and after share exactly the same numerics.
+- ``final`` (every other run, or asked for): the final linear layer (weight and bias) on the
+  stored features, refit exactly to the minimum of the mean cross-entropy plus the run's L2 term
+  (Newton, float64, from the full-data minimum); "before" is the full-data minimum. This is the
+  convex problem whose leave-out effect ``if`` approximates to first order.
 """
 from __future__ import annotations
 
@@ -19,10 +26,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..model import HeadConfig, Params, logits, train_heads
+from ..models.head import HeadConfig, Params, logits, train_heads
 from ..store import Run, write_npz
-from .common import (Scorer, data_name, fmt, head_config, head_input, md_table, method_list,
-                     new_figure, require_head_mode, sample_rows, save, save_figure, top_k_mask)
+from .common import (SCOPE_TEXT, Scorer, data_name, fmt, head_config, head_input, md_table, method_list,
+                     new_figure, resolve_scope, sample_rows, save, save_figure, top_k_mask)
 from .paper import TABLE1_RANDOM_STD, TABLE1_RETRAIN, paper_columns
 
 
@@ -78,7 +85,7 @@ def _job_digest(x_train, y_train, x_test, config: HeadConfig, uniq: np.ndarray, 
 
 def retrain_probs(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int,
                   config: HeadConfig, masks: np.ndarray, chunk_size: int = 64,
-                  progress: bool = False, partial: Optional[Path] = None) -> Tuple[np.ndarray, np.ndarray]:
+                  progress: bool = False, partial: Optional[Path] = None, device="cpu") -> Tuple[np.ndarray, np.ndarray]:
     """Train one head per keep-mask; return (after, before), each (m, n_test, C).
 
     Identical masks are trained once. Masks go in chunks of ``chunk_size - 1`` plus one all-kept
@@ -112,7 +119,7 @@ def retrain_probs(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, 
         block = uniq[s:s + step]
         full = np.ones((1, masks.shape[1]), dtype=bool)
         res = train_heads(x_train, y_train, n_classes, config, masks=np.vstack([full, block]), progress=progress,
-                          desc=f"heads {s + 1}-{s + len(block)}")
+                          desc=f"heads {s + 1}-{s + len(block)}", device=device)
         probs = batched_probs(res.params, x_test_t)
         after_u[s:s + len(block)] = probs[1:]
         before_u[s:s + len(block)] = probs[0]
@@ -122,18 +129,42 @@ def retrain_probs(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, 
     return after_u[inverse], before_u[inverse]
 
 
-def removal_deltas(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, pred: np.ndarray,
-                   n_classes: int, config: HeadConfig, score_rows: Dict[str, np.ndarray],
-                   ks: Sequence[int], n_random: int = 50, seed: int = 0, chunk_size: int = 64,
-                   progress: bool = False, partial: Optional[Path] = None) -> dict:
+def refit_probs(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, w0: np.ndarray, l2: float,
+                masks: np.ndarray, progress: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """The final layer refit exactly on each keep-mask's rows; (after, before), each (m, n_test, C).
+
+    ``x_*`` are the layer's input rows (``FinalLayer.augment``: [f, 1] with a bias), ``w0`` its
+    weight; the refit minimises mean CE + ``l2 * ||W||^2`` from the full-data minimum. Identical
+    masks are refit once."""
+    from tqdm.auto import tqdm
+
+    from ..methods.lastlayer import refit, softmax
+    masks = np.asarray(masks, dtype=bool)
+    uniq, inverse = np.unique(masks, axis=0, return_inverse=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    y = np.asarray(y_train)
+    full = refit(x_train, y, w0, l2).w
+    before = softmax(x_test @ full.T)
+    after_u = np.empty((len(uniq),) + before.shape)
+    for j in tqdm(range(len(uniq)), desc=f"refit {len(uniq)} final layers", disable=not progress, unit="layer"):
+        keep = uniq[j]
+        after_u[j] = softmax(x_test @ refit(x_train[keep], y[keep], full, l2).w.T)
+    return after_u[inverse], np.broadcast_to(before, after_u[inverse].shape)
+
+
+def removal_deltas(retrain, pred: np.ndarray, score_rows: Dict[str, np.ndarray], n_train: int,
+                   ks: Sequence[int], n_random: int = 50, seed: int = 0) -> dict:
     """The whole experiment over arrays.
 
-    ``score_rows[m]`` is (n_test, n_train) for the rows of ``x_test``; ``pred`` their originally
-    predicted classes. Returns ``{"methods": {m: {k: mean delta}}, "random": {k: {mean, std}},
-    "per_example": {m: {k: [delta per test row]}}, "before": [p_before per test row],
-    "before_agrees": share of test rows where the retrained full head predicts ``pred``}``.
+    ``retrain(keep_masks) -> (after, before)``, each (m, n_test, C): the probabilities of the test
+    rows after retraining on each mask's kept rows, and before. ``score_rows[m]`` is
+    (n_test, n_train); ``pred`` the originally predicted classes. Returns ``{"methods": {m: {k:
+    mean delta}}, "random": {k: {mean, std}}, "per_example": {m: {k: [delta per test row]}},
+    "before": [p_before per test row], "before_agrees": share of test rows where the retrained
+    full model predicts ``pred``}``.
     """
-    n_test, n_train = len(x_test), len(x_train)
+    pred = np.asarray(pred, dtype=int)
+    n_test = len(pred)
     ks = effective_ks(ks, n_train)
     rng = np.random.default_rng(seed)
     masks, owners = [], []  # owner: (method or None for random, k, test row)
@@ -146,9 +177,7 @@ def removal_deltas(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
     for k in ks:
         masks.append(random_masks(n_train, k, n_random, rng))
         owners += [(None, k, r % n_test) for r in range(n_random)]
-    after, before = retrain_probs(x_train, y_train, x_test, n_classes, config, np.vstack(masks),
-                                  chunk_size, progress, partial)
-    pred = np.asarray(pred, dtype=int)
+    after, before = retrain(np.vstack(masks))
     per = {m: {str(k): [None] * n_test for k in ks} for m in score_rows}
     rand = {str(k): [] for k in ks}
     for j, (m, k, t) in enumerate(owners):
@@ -186,11 +215,14 @@ def markdown(result: dict, columns: List[str]) -> str:
              + ([fmt(support[m][k]) for k in ks] if support else []) for m in result["methods"]]
     return (f"# Remove and retrain (paper Table 1, left)\n\nMean change (after − before) in the probability "
             f"of the originally predicted class over {result['n_test']} test examples, removing each "
-            f"example's top-k training examples (of {result['n_train']}) and retraining the head from the same "
-            f"initialisation and batch order. More negative = the method found real supporters. Random: "
-            f"{result['n_random']} random removals per k (paper's std ≈ {TABLE1_RANDOM_STD}). Heads retrained with "
-            f"{result['head']['epochs']} epochs, batch size {result['head']['batch_size']}; the retrained full-data "
-            f"head predicts the run's class on {fmt(result['before_agrees'], 2)} of these test examples."
+            f"example's top-k training examples (of {result['n_train']}) and retraining "
+            f"{SCOPE_TEXT[result['scope']]}"
+            + (f" from the same initialisation and batch order ({result['head']['epochs']} epochs, batch size "
+               f"{result['head']['batch_size']})" if result["scope"] == "head" else
+               ", refit exactly to the minimum of its L2-regularised loss")
+            + f". More negative = the method found real supporters. Random: "
+            f"{result['n_random']} random removals per k (paper's std ≈ {TABLE1_RANDOM_STD}). The retrained full-data "
+            f"model predicts the run's class on {fmt(result['before_agrees'], 2)} of these test examples."
             + (" *Removed support*: the mean over the removed examples of their loss-gradient weight "
                "1 − p(gold), signed + when their label is the test example's prediction and − otherwise "
                "(random row: its expectation, the mean over all training examples); a removed set whose "
@@ -219,25 +251,44 @@ def figure(run: Run, result: dict) -> str:
 
 def run_retrain(run: Run, methods=None, seed: int = 0, n_test: int = 50, ks: Sequence[int] = (50, 500),
                 n_random: int = 50, chunk_size: int = 128, split: Optional[str] = None,
-                epochs: Optional[int] = None, batch_size: Optional[int] = None, progress: bool = True) -> dict:
+                epochs: Optional[int] = None, batch_size: Optional[int] = None, scope: Optional[str] = None,
+                progress: bool = True, device=None) -> dict:
     """Remove-and-retrain on a seeded sample of test examples; writes results/retrain.* and a bar chart.
 
-    ``epochs``/``batch_size`` override the run's head config for every retrained head (the
-    "before" head included), trading fidelity to the trained model for time.
+    ``scope`` says what is retrained (see the module docstring). ``epochs``/``batch_size`` override
+    the head config of every retrained head (scope ``head``; the "before" head included), trading
+    fidelity to the trained model for time.
     """
-    require_head_mode(run, "remove-and-retrain")
+    from ..device import resolve_device
+    scope = resolve_scope(run, scope, "remove-and-retrain")
     scorer = Scorer(run, split)
     names = method_list(methods, run, scorer.split)
     test = run.features(scorer.split)
     rows = sample_rows(len(test), n_test, np.random.default_rng(seed))
     score_rows = {m: scorer.rows(m, rows) for m in names}
-    x_train = head_input(run, "train", scorer.train)
-    x_test = head_input(run, scorer.split, test)[rows]
-    config = head_config(run)
-    config = replace(config, epochs=epochs or config.epochs, batch_size=batch_size or config.batch_size)
     partial = run.path / "cache" / "retrain-partial.npz"     # an interrupted run continues from here
-    out = removal_deltas(x_train, scorer.train.label, x_test, test.pred[rows], test.n_classes,
-                         config, score_rows, ks, n_random, seed + 1, chunk_size, progress, partial)
+    extra = {}
+    if scope == "head":
+        x_train = head_input(run, "train", scorer.train)
+        x_test = head_input(run, scorer.split, test)[rows]
+        config = head_config(run)
+        config = replace(config, epochs=epochs or config.epochs, batch_size=batch_size or config.batch_size)
+        extra["head"] = config.to_dict()
+
+        def retrain(masks):
+            return retrain_probs(x_train, scorer.train.label, x_test, test.n_classes, config, masks, chunk_size,
+                                 progress, partial, resolve_device(device))
+    else:
+        if epochs or batch_size:
+            raise ValueError("--epochs/--batch-size apply to retraining the head (--scope head), not to the "
+                             "exact refit of the final layer")
+        layer = run.final_layer()
+        x_train, x_test = layer.augment(scorer.train.features), layer.augment(test.features[rows])
+        extra["l2"] = layer.l2
+
+        def retrain(masks):
+            return refit_probs(x_train, scorer.train.label, x_test, layer.weight(), layer.l2, masks, progress)
+    out = removal_deltas(retrain, test.pred[rows], score_rows, len(x_train), ks, n_random, seed + 1)
     support = {m: {str(k): removed_support(score_rows[m], k, test.pred[rows], scorer.train.label,
                                            scorer.train.probs) for k in out["ks"]} for m in names}
     everything = removed_support(np.zeros((len(rows), len(x_train))), len(x_train), test.pred[rows],
@@ -245,7 +296,7 @@ def run_retrain(run: Run, methods=None, seed: int = 0, n_test: int = 50, ks: Seq
     support["random"] = {str(k): everything for k in out["ks"]}
     result = {"methods": out["methods"], "random": out["random"], "ks": out["ks"], "n_test": len(rows),
               "n_train": len(x_train), "n_random": n_random, "seed": seed, "split": scorer.split,
-              "head": config.to_dict(),
+              "scope": scope, **extra,
               "test_idx": [str(s) for s in test.idx[rows]], "before": out["before"],
               "before_agrees": out["before_agrees"], "removed_support": support,
               "per_example": out["per_example"]}

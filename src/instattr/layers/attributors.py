@@ -25,7 +25,8 @@ only) plus ``damping``. Gradients are projected layer by layer without being for
   and only if H + damping I is positive definite (over a frozen encoder's layers it often is not).
 - ``explicit``: the autograd Hessian over exact gradients (tiny models).
 
-The run (its texts and encoder) is needed: ``attribution.fit_method`` passes it.
+``fit(train, classifier)`` needs the whole classifier (:func:`instattr.models.classifier_for`):
+its tracked blocks, and the texts and caches of the rows through the run it is bound to.
 """
 from __future__ import annotations
 
@@ -37,12 +38,12 @@ import torch
 from ..methods.base import Attributor
 from ..methods.registry import register
 from ..methods.similarity import unit_rows
-from ..store import FeatureSet, HeadState, RunError
+from ..models.tracked import first_tracked_layer, resolve_dtype
+from ..store import FeatureSet, RunError
 from .cache import Examples
 from .gradcache import cached_train_gradients
 from .grads import FlatParameters, batch_hessian, hvp, per_example_flat_grads
 from .ihvp import HESSIAN_STRUCTURES, Curvature, ExplicitHessian, GaussNewton, LiSSA
-from .network import resolve_dtype, tracked_model
 from .projection import KINDS, GradientProjector
 
 DEFAULT_PROJ_DIM = 32
@@ -78,15 +79,23 @@ def gauss_newton_roots(probs: torch.Tensor, basis: torch.Tensor) -> torch.Tensor
     return v * w.clamp_min(0).sqrt()[:, None, :]
 
 
-def projected_gradients(run, fs: FeatureSet, labels: np.ndarray, projector: GradientProjector,
-                        layers: Optional[int], batch_size: int = 32, dtype="float32", factors: bool = False,
+def classifier_of(name: str, model):
+    """``model`` if it is a whole classifier (with tracked blocks), else a one-line error."""
+    if model is None or not hasattr(model, "tracked"):
+        raise ValueError(f"{name}: needs the whole classifier (instattr.models.classifier_for(run)), "
+                         f"not {type(model).__name__}")
+    return model
+
+
+def projected_gradients(classifier, fs: FeatureSet, labels: np.ndarray, projector: GradientProjector,
+                        start: int, batch_size: int = 32, dtype="float32", factors: bool = False,
                         check: bool = True, progress: Optional[bool] = False, desc: str = "",
                         what: str = "layers"):
     """Projected per-example loss gradients of ``fs`` at ``labels`` (n, dim), in ``fs`` order, and
     with ``factors`` the Gauss-Newton factors (n * (C-1), dim): rows F with GGN = (1/n) F^T F.
-    ``check`` compares the recomputed pooler features with the run's stored ones."""
+    ``check`` compares the recomputed final-layer inputs with the run's stored features."""
     dtype = resolve_dtype(dtype)
-    examples = Examples(run, fs, layers, progress)
+    examples = Examples(classifier, fs, start, progress)
     n, r, dim = len(fs), projector.model.n_classes - 1, projector.dim
     if n * dim * (1 + r * factors) * torch.finfo(dtype).bits // 8 > MAX_EMBEDDING_BYTES:
         raise ValueError(f"{what}: {n} x {dim} gradients do not fit in memory; set proj_dim")
@@ -96,12 +105,12 @@ def projected_gradients(run, fs: FeatureSet, labels: np.ndarray, projector: Grad
     labels = torch.as_tensor(np.asarray(labels))
     with _progress(n, desc, progress) as bar:
         for pos, batch in examples.batches(batch_size, dtype):
-            logits, feats, jac = projector.project(batch)
+            logits, feats, jac = (t.cpu() for t in projector.project(batch))
             if check:
                 diff = float((feats.double() - torch.as_tensor(np.asarray(fs.features[pos])).double()).abs().max())
                 if diff > FEATURE_TOLERANCE:
                     raise RunError(f"{what}: the tracked layers do not reproduce the run's stored features "
-                                   f"(max difference {diff:.2g}); delete {run.path}/cache if the encoder changed")
+                                   f"(max difference {diff:.2g}); delete {classifier.cache_dir} if the model changed")
             p = torch.softmax(logits.double(), -1)
             grads[pos] = torch.einsum("br,brd->bd", loss_coefficients(p, labels[pos], basis).to(dtype), jac)
             if factors:
@@ -114,7 +123,7 @@ def gauss_newton_curvature(projector: GradientProjector, factors: torch.Tensor, 
     """The projected problem for :class:`GaussNewton`: factors, the L2 term (2 l2 I on the exact
     last-layer block), one Hessian block per tracked layer + head."""
     blocks = [slice(int(a), int(z)) for a, z in zip(projector.offsets[:-1], projector.offsets[1:])]
-    reg = [2.0 * l2 * torch.eye(b.dim, dtype=torch.float64) if b.name == "classifier" else None
+    reg = [2.0 * l2 * torch.eye(b.dim, dtype=torch.float64) if b.module is projector.model.final else None
            for b in projector.blocks]
     return Curvature(dim=projector.dim, n=n, factors=factors, blocks=blocks, regulariser=reg,
                      groups=list(projector.groups().values()))
@@ -131,9 +140,10 @@ class _TopLayers(Attributor):
 
     whitened = False
     normalized = False
+    needs_classifier = True
     command_line_options = ("layers", "proj_dim", "projection", "damping", "ihvp")
 
-    def __init__(self, run=None, layers: Optional[int] = None, proj_dim: Optional[int] = DEFAULT_PROJ_DIM,
+    def __init__(self, layers: Optional[int] = None, proj_dim: Optional[int] = DEFAULT_PROJ_DIM,
                  projection: str = "khatri-rao", seed: int = 0, batch_size: int = 32, dtype: str = "float32",
                  progress: Optional[bool] = None, chunk_size: Optional[int] = None):
         super().__init__(chunk_size)
@@ -146,7 +156,6 @@ class _TopLayers(Attributor):
         if int(batch_size) < 1:
             raise ValueError(f"{self.name}: batch_size must be positive, got {batch_size}")
         resolve_dtype(dtype)
-        self.run = run
         self.layers = None if layers is None else int(layers)
         self.proj_dim = None if proj_dim is None else int(proj_dim)
         self.projection = projection
@@ -154,27 +163,24 @@ class _TopLayers(Attributor):
         self.progress = None if progress is None else bool(progress)
 
     def config(self) -> dict:
-        cfg = {k: v for k, v in super().config().items() if k not in ("run", "progress")}
+        cfg = {k: v for k, v in super().config().items() if k != "progress"}
         if hasattr(self, "dim_"):
             cfg["gradient_dim"] = int(self.dim_)
             cfg["tracked_layers"] = len(self.model_.layers)
         return cfg
 
     # ------------------------------------------------------------------ shared steps
-    def _model(self, head: Optional[HeadState]):
-        if self.run is None:
-            raise ValueError(f"{self.name}: needs the run (its texts and encoder); "
-                             f"use attribution.fit_method or get_method({self.name!r}, run=run)")
-        params = dict(self.run.head_params())
-        if head is not None:
-            params["w"] = torch.as_tensor(np.asarray(head.w))
-        model, self.start_ = tracked_model(self.run, self.layers, params, self.dtype)
-        return model
+    def _model(self, model):
+        """The tracked model of the classifier ``model`` (and remember both)."""
+        self.classifier_ = classifier_of(self.name, model)
+        self.start_ = first_tracked_layer(self.classifier_.n_layers, self.layers)
+        self.l2_ = float(self.classifier_.final_layer().l2)
+        return self.classifier_.tracked(self.start_, self.dtype)
 
     def _projected(self, projector: GradientProjector, fs: FeatureSet, labels: np.ndarray, factors: bool,
-                   desc: str, check: bool = True):
-        return projected_gradients(self.run, fs, labels, projector, self.layers, self.batch_size, self.dtype,
-                                   factors, check, self.progress, desc, self.name)
+                   desc: str, check: bool = True, classifier=None):
+        return projected_gradients(classifier or self.classifier_, fs, labels, projector, self.start_,
+                                   self.batch_size, self.dtype, factors, check, self.progress, desc, self.name)
 
     def _projector(self, model) -> GradientProjector:
         return GradientProjector(model, self.proj_dim, self.seed, self.projection)
@@ -188,15 +194,14 @@ class _TopLayers(Attributor):
         return np.ascontiguousarray(self._normalize(emb).float().numpy())
 
     # ------------------------------------------------------------------ projected path
-    def _fit(self, train: FeatureSet, head: Optional[HeadState]) -> None:
-        model = self._model(head)
-        self.model_, self.l2_ = model, float(head.l2)
-        self.projector_ = self._projector(model)
+    def _fit(self, train: FeatureSet, model) -> None:
+        self.model_ = self._model(model)
+        self.projector_ = self._projector(self.model_)
         self.dim_ = self.projector_.dim
         cacheable = self.proj_dim is not None   # the factors are cached too, for the whitened methods
         grads, factors, self.train_gradients_reused_ = cached_train_gradients(
-            self.run, model, train, self.dtype,
-            {"layers": len(model.layers), "proj_dim": self.proj_dim, "seed": self.seed, "projection": self.projection},
+            self.classifier_, self.model_, train, self.dtype,
+            {"layers": len(self.model_.layers), "proj_dim": self.proj_dim, "seed": self.seed, "projection": self.projection},
             lambda: self._projected(self.projector_, train, train.label, self.whitened or cacheable,
                                     f"{self.name} train"))
         if self.whitened:   # if: H^-1 g_t . g_i; rif: the same over sqrt(g_t^T H^-1 g_t g_i^T H^-1 g_i)
@@ -234,13 +239,13 @@ class TopGradientCosine(_TopLayers):
 class _TopInfluence(_TopLayers):
     whitened = True
 
-    def __init__(self, run=None, layers: Optional[int] = None, proj_dim: Optional[int] = DEFAULT_PROJ_DIM,
+    def __init__(self, layers: Optional[int] = None, proj_dim: Optional[int] = DEFAULT_PROJ_DIM,
                  projection: str = "khatri-rao", seed: int = 0, ihvp: str = "projected",
                  damping: float = DEFAULT_DAMPING, hessian: str = "auto", lissa_scale: float = 1e4,
                  lissa_depth: int = 1000, lissa_repeats: int = 1, lissa_batch_size: int = 8,
                  batch_size: int = 32, dtype: str = "float32", progress: Optional[bool] = None,
                  chunk_size: Optional[int] = None):
-        super().__init__(run, layers, proj_dim, projection, seed, batch_size, dtype, progress, chunk_size)
+        super().__init__(layers, proj_dim, projection, seed, batch_size, dtype, progress, chunk_size)
         if ihvp not in IHVPS:
             raise ValueError(f"{self.name}: ihvp must be one of {', '.join(IHVPS)}, got {ihvp!r}")
         if not damping >= 0:
@@ -260,25 +265,24 @@ class _TopInfluence(_TopLayers):
         return GaussNewton(self.damping, self.hessian).fit(gauss_newton_curvature(projector, factors, n, self.l2_))
 
     # ------------------------------------------------------------------ exact (unprojected) path
-    def _fit(self, train: FeatureSet, head: Optional[HeadState]) -> None:
+    def _fit(self, train: FeatureSet, model) -> None:
         if self.ihvp == "projected":
-            return super()._fit(train, head)
-        model = self._model(head)
-        self.model_, self.l2_ = model, float(head.l2)
-        flat = FlatParameters(model)
+            return super()._fit(train, model)
+        tracked = self.model_ = self._model(model)
+        flat = FlatParameters(tracked)
         self.flat_, self.dim_ = flat, flat.dim
         dtype = resolve_dtype(self.dtype)
-        examples = Examples(self.run, train, self.layers, self.progress)
+        examples = Examples(self.classifier_, train, self.start_, self.progress)
         labels = torch.as_tensor(np.asarray(train.label))
         n = len(train)
 
         def batch_hvp(vectors, rows):
-            return hvp(model, flat, self.l2_, examples.batch(rows, dtype), labels[rows], vectors.to(dtype))
+            return hvp(tracked, flat, examples.batch(rows, dtype), labels[rows], vectors.to(dtype))
 
         def hessian():   # sum over batches of (batch share) x (regularised batch-loss Hessian)
             h = torch.zeros(flat.dim, flat.dim, dtype=torch.float64)
             for pos, batch in examples.batches(self.batch_size, dtype):
-                h += len(pos) / n * batch_hessian(model, flat, self.l2_, batch, labels[pos]).double()
+                h += len(pos) / n * batch_hessian(tracked, flat, batch, labels[pos]).double()
             return h
 
         curvature = Curvature(dim=flat.dim, n=n, hvp=batch_hvp, hessian=hessian)
@@ -292,10 +296,10 @@ class _TopInfluence(_TopLayers):
     def _exact_grads(self, fs: FeatureSet, labels: np.ndarray, positions=None):
         """Yield (positions, (B, dim) exact per-example gradients) with torch.func."""
         dtype = resolve_dtype(self.dtype)
-        examples = Examples(self.run, fs, self.layers, self.progress)
-        labels = torch.as_tensor(np.asarray(labels))
+        examples = Examples(self.classifier_, fs, self.start_, self.progress)
+        labels = torch.as_tensor(np.asarray(labels)).to(self.model_.device)
         for pos, batch in examples.batches(self.batch_size, dtype, positions):
-            yield pos, per_example_flat_grads(self.model_, self.flat_, batch, labels[pos])
+            yield pos, per_example_flat_grads(self.model_, self.flat_, batch, labels[pos]).cpu()
 
     def _score(self, test: FeatureSet, out: np.ndarray) -> None:
         if self.ihvp == "projected":

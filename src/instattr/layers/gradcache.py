@@ -17,7 +17,7 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import torch
 
-from ..store import FeatureSet, Run, write_npz
+from ..store import FeatureSet, write_npz
 
 GRADCACHE_FORMAT = 1
 MAX_CACHE_BYTES = 4 << 30   # larger arrays are recomputed rather than written (MNLI at k = 32: 2.9 GB)
@@ -35,23 +35,24 @@ def cache_key(model: torch.nn.Module, train: FeatureSet, dtype: str, options: di
     return h.hexdigest()[:20]
 
 
-def cached_train_gradients(run: Optional[Run], model: torch.nn.Module, train: FeatureSet, dtype: str,
+def cached_train_gradients(classifier, model: torch.nn.Module, train: FeatureSet, dtype: str,
                            options: dict, compute: Callable[[], Tuple[torch.Tensor, torch.Tensor]]):
     """(gradients, factors, reused): ``compute()``'s pair, read from / written to ``RUN/cache`` when
-    possible; ``reused`` says it was not computed now (so a fit's seconds leave that cost out)."""
-    if run is None or options.get("proj_dim") is None:
+    the classifier has a run; ``reused`` says it was not computed now (so a fit's seconds leave that
+    cost out)."""
+    if classifier.run is None or options.get("proj_dim") is None:
         return (*compute(), False)
-    memo = run.__dict__.setdefault("_grad_caches", {})
     key = cache_key(model, train, dtype, options)
+    memo = classifier.run.memo("gradient caches", dict)
     if key in memo:
         return (*memo[key], True)
-    path = Path(run.path) / "cache" / f"grads-{key}.npz"
+    path = Path(classifier.cache_dir) / f"grads-{key}.npz"
     out = None
     if path.exists():
         try:
             with np.load(path, allow_pickle=False) as z:
                 out = (torch.from_numpy(z["grads"]), torch.from_numpy(z["factors"]))
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             out = None   # unreadable: recompute and rewrite
     reused = out is not None
     if out is None:

@@ -4,7 +4,7 @@ Per-example: ``vmap`` over ``grad`` of one example's cross-entropy through
 ``functional_call(model, params, ...)``; each example keeps its padded length and mask, so padding
 never leaks into another example. The flat parameter vector orders parameters as
 ``model.named_parameters()``; :class:`FlatParameters` maps between the two. The regularised
-(mini)batch loss is ``mean CE + l2 * ||classifier.weight||^2``, the head's training loss.
+(mini)batch loss is ``mean CE + model.penalty()`` (L2 on the final layer's parameters).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 import torch
 from torch.func import functional_call, grad, jacrev, vmap
 
-from .network import L2_PARAMETER, TrackedModel
+from ..models.tracked import TrackedModel
 
 Batch = Dict[str, torch.Tensor]
 
@@ -86,7 +86,7 @@ def per_example_logit_jacobians(model: TrackedModel, flat: FlatParameters, batch
     return flat.flatten(jac, batch_dims=2)
 
 
-def hvp(model: TrackedModel, flat: FlatParameters, l2: float, batch: Batch, labels: torch.Tensor,
+def hvp(model: TrackedModel, flat: FlatParameters, batch: Batch, labels: torch.Tensor,
         vectors: torch.Tensor) -> torch.Tensor:
     """(m, dim) Hessian-vector products of the regularised batch loss at the model's parameters:
     one forward, one differentiable backward, then one double-backward per vector (Pearlmutter).
@@ -94,19 +94,18 @@ def hvp(model: TrackedModel, flat: FlatParameters, l2: float, batch: Batch, labe
     params = [p for _, p in model.named_parameters()]
     with torch.enable_grad():
         logits = model(**batch)
-        loss = torch.nn.functional.cross_entropy(logits, labels.long()) + \
-            l2 * (model.get_parameter(L2_PARAMETER) ** 2).sum()
+        loss = torch.nn.functional.cross_entropy(logits, labels.long()) + model.penalty()
         g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, params, create_graph=True)])
-        out = torch.empty(len(vectors), flat.dim, dtype=g.dtype)
+        out = torch.empty(len(vectors), flat.dim, dtype=g.dtype, device=g.device)
         for i, v in enumerate(vectors):
-            h = torch.autograd.grad(g, params, v.to(g.dtype), retain_graph=i < len(vectors) - 1)
+            h = torch.autograd.grad(g, params, v.to(g.device, g.dtype), retain_graph=i < len(vectors) - 1)
             out[i] = torch.cat([x.reshape(-1) for x in h])
-    return out
+    return out.cpu()
 
 
-def batch_hessian(model: TrackedModel, flat: FlatParameters, l2: float, batch: Batch,
+def batch_hessian(model: TrackedModel, flat: FlatParameters, batch: Batch,
                   labels: torch.Tensor) -> torch.Tensor:
     """(dim, dim) Hessian of the regularised batch loss, one double-backward row at a time (tiny
     models). Not torch.func.hessian: on torch 2.13 its second derivatives through two LayerNorm
     weights disagree with finite differences (by 2x in our tests); double backward agrees."""
-    return hvp(model, flat, l2, batch, labels, torch.eye(flat.dim, dtype=flat.theta0.dtype))
+    return hvp(model, flat, batch, labels, torch.eye(flat.dim, dtype=flat.theta0.dtype))

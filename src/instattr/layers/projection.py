@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..methods.lastlayer import sum_zero_basis
-from .network import TrackedModel
+from ..models.tracked import TrackedModel
 
 KINDS = ("khatri-rao", "orthogonal", "gaussian")
 
@@ -98,7 +98,8 @@ class GradientProjector:
             raise ValueError(f"projection must be one of {', '.join(KINDS)}, got {kind!r}")
         self.model, self.k, self.seed, self.kind = model, None if dim is None else int(dim), int(seed), kind
         dtype = model.dtype
-        self.basis = torch.as_tensor(sum_zero_basis(model.n_classes), dtype=dtype)   # (C, C-1)
+        self.device = model.device
+        self.basis = torch.as_tensor(sum_zero_basis(model.n_classes), dtype=dtype, device=self.device)   # (C, C-1)
         self.blocks: List[Block] = []
         covered = set()
         for name, mod in model.named_modules():
@@ -113,7 +114,7 @@ class GradientProjector:
             elif isinstance(mod, nn.LayerNorm):
                 n = sum(p.numel() for p in mod.parameters(recurse=False))
                 k = n if self.k is None else min(self.k ** 2, n)
-                p = None if self.k is None else projection_matrix(k, n, _dense_kind(kind), seed, name, dtype)
+                p = None if self.k is None else projection_matrix(k, n, _dense_kind(kind), seed, name, dtype).to(self.device)
                 self.blocks.append(Block(name, "layernorm", mod, group, full, k, p=p))
             else:
                 raise ValueError(f"layered methods project nn.Linear and nn.LayerNorm parameters; "
@@ -125,7 +126,7 @@ class GradientProjector:
 
     def _linear(self, name: str, mod: nn.Linear, group: str, params: List[str], dtype) -> Block:
         d_out, d_in = mod.out_features, mod.in_features + (mod.bias is not None)
-        if name == "classifier":   # exact, in the sum-zero basis of the classes
+        if mod is self.model.final:   # exact, in the sum-zero basis of the classes
             return Block(name, "linear", mod, group, params, (d_out - 1) * d_in, p_out=self.basis.T.contiguous())
         if self.k is None:
             return Block(name, "linear", mod, group, params, d_out * d_in)
@@ -133,12 +134,15 @@ class GradientProjector:
             r = min(self.k ** 2, d_out * d_in)
             scale = r ** -0.25
             return Block(name, "linear", mod, group, params, r, rank_one=True,
-                         p_out=projection_matrix(r, d_out, "rademacher", self.seed, name + ":out", dtype) * scale,
-                         p_in=projection_matrix(r, d_in, "rademacher", self.seed, name + ":in", dtype) * scale)
+                         p_out=self._matrix(r, d_out, "rademacher", name + ":out", dtype) * scale,
+                         p_in=self._matrix(r, d_in, "rademacher", name + ":in", dtype) * scale)
         k_out, k_in = min(self.k, d_out), min(self.k, d_in)
         return Block(name, "linear", mod, group, params, k_out * k_in,
-                     p_out=projection_matrix(k_out, d_out, self.kind, self.seed, name + ":out", dtype),
-                     p_in=projection_matrix(k_in, d_in, self.kind, self.seed, name + ":in", dtype))
+                     p_out=self._matrix(k_out, d_out, self.kind, name + ":out", dtype),
+                     p_in=self._matrix(k_in, d_in, self.kind, name + ":in", dtype))
+
+    def _matrix(self, k: int, d: int, kind: str, tag: str, dtype) -> torch.Tensor:
+        return projection_matrix(k, d, kind, self.seed, tag, dtype).to(self.device)
 
     @property
     def dim(self) -> int:
@@ -194,11 +198,11 @@ class GradientProjector:
         handles = [b.module.register_forward_hook(self._forward_hook(b)) for b in self.blocks]
         flags = [p.requires_grad for p in model.parameters()]
         features: List[torch.Tensor] = []
-        handles.append(model.classifier.register_forward_hook(lambda m, i, o: features.append(i[0].detach())))
+        handles.append(model.final.register_forward_hook(lambda m, i, o: features.append(i[0].detach())))
         try:
             for p in model.parameters():
                 p.requires_grad_(False)
-            inputs = [batch[k].detach().requires_grad_(True) for k in ("h", "h2") if k in batch]
+            inputs = [batch[k].detach().to(model.device).requires_grad_(True) for k in ("h", "h2") if k in batch]
             kwargs = dict(batch)
             kwargs["h"] = inputs[0]
             if len(inputs) > 1:
@@ -207,7 +211,7 @@ class GradientProjector:
                 logits = model(**kwargs)
                 reduced = logits @ self.basis
                 r = reduced.shape[1]
-                rows = torch.zeros(len(logits), r, self.dim, dtype=logits.dtype)
+                rows = torch.zeros(len(logits), r, self.dim, dtype=logits.dtype, device=logits.device)
                 for k in range(r):
                     for b in self.blocks:
                         b.acc = None

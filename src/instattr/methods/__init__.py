@@ -1,7 +1,7 @@
 """Instance-attribution methods on the last layer, by name.
 
 >>> from instattr.methods import get_method, top_k
->>> scores = get_method("if").fit(train, head).score(test)   # (n_test, n_train) float32
+>>> scores = get_method("if").fit(train, run.final_layer()).score(test)   # (n_test, n_train) float32
 >>> idx, vals = top_k(scores, 5)                              # the five strongest supporters
 
 See DESIGN.md (the score convention) and each family's module for the math.
@@ -13,4 +13,3 @@ from .topk import bottom_k, stream_top_k, top_k
 
 __all__ = ["Attributor", "NotFittedError", "METHOD_NAMES", "register", "registered", "get_method",
            "expand_methods", "top_k", "bottom_k", "stream_top_k"]
-from .. import layers  # noqa: E402,F401  (register gd-top, gc-top, if-top, rif-top, tracin, tracin-top)

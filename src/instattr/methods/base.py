@@ -1,9 +1,11 @@
 """The attributor interface shared by every method.
 
-``Attributor(**options).fit(train, head) -> self`` then ``score(test) -> (n_test, n_train)``
+``Attributor(**options).fit(train, model) -> self`` then ``score(test) -> (n_test, n_train)``
 float32, higher = the training example supports the prediction on the test example more.
-``train``/``test`` are :class:`instattr.store.FeatureSet`; ``head`` is the trained last layer
-(:class:`instattr.store.HeadState`), ignored by similarity methods.
+``train``/``test`` are :class:`instattr.store.FeatureSet`; ``model`` is the classifier, seen only
+through the model interface (:mod:`instattr.models`): the last-layer methods need just its
+``final_layer()``, so a bare :class:`instattr.store.FinalLayer` serves them; the layered methods
+and TracIn need a whole :class:`instattr.models.Classifier`; similarity methods ignore it.
 
 Scores are computed over blocks of test rows (``chunk_size`` rows; ``None`` sizes blocks to
 about ``BLOCK_ELEMENTS`` scores), so memory stays bounded however many training examples.
@@ -15,7 +17,7 @@ from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
-from ..store import FeatureSet, HeadState
+from ..store import FeatureSet, FinalLayer
 
 BLOCK_ELEMENTS = 1 << 24  # ~64 MB of float32 scores per block when chunk_size is None
 
@@ -32,7 +34,8 @@ class Attributor(ABC):
     """
 
     name: str = ""
-    needs_head: bool = True
+    needs_model: bool = True           # fit needs a model (at least its final layer)
+    needs_classifier: bool = False     # ... the whole classifier (models.Classifier), not a FinalLayer
     # constructor options that the command line's method flags (--layers, --proj-dim, --damping,
     # --ihvp) may set; the paper's methods take none, so those flags never change them
     command_line_options: tuple = ()
@@ -54,20 +57,21 @@ class Attributor(ABC):
                 out[k.rstrip("_")] = v.item() if isinstance(v, np.generic) else v
         return out
 
-    def fit(self, train: FeatureSet, head: Optional[HeadState] = None) -> "Attributor":
+    def fit(self, train: FeatureSet, model=None) -> "Attributor":
+        """Compute the training side from ``train`` and the classifier ``model``."""
         if len(train) == 0:
             raise ValueError(f"{self.name}: no training examples to fit on")
-        if self.needs_head and head is None:
-            raise ValueError(f"{self.name}: needs the trained head (HeadState)")
+        if self.needs_model and model is None:
+            raise ValueError(f"{self.name}: needs the classifier (a FinalLayer or a models.Classifier)")
         for k in [k for k in vars(self) if k.endswith("_")]:  # a refit forgets the last fit
             delattr(self, k)
-        self._fit(train, head)
+        self._fit(train, model)
         self.n_train_ = len(train)
         return self
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "n_train_"):
-            raise NotFittedError(f"{self.name}: call fit(train, head) before score(test)")
+            raise NotFittedError(f"{self.name}: call fit(train, model) before score(test)")
 
     def _rows_per_block(self) -> int:
         return int(self.chunk_size or max(1, BLOCK_ELEMENTS // self.n_train_))
@@ -96,7 +100,7 @@ class Attributor(ABC):
             yield rows, block
 
     @abstractmethod
-    def _fit(self, train: FeatureSet, head: Optional[HeadState]) -> None:
+    def _fit(self, train: FeatureSet, model) -> None:
         """Compute everything ``score`` needs from the training set."""
 
     @abstractmethod
@@ -112,3 +116,13 @@ def check_width(name: str, what: str, expected: int, got: np.ndarray) -> None:
 
 def float32_rows(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def final_layer_of(name: str, model) -> Optional[FinalLayer]:
+    """The model's final layer (None without a model), checked to be one."""
+    if model is None:
+        return None
+    lin = model.final_layer()
+    if not isinstance(lin, FinalLayer):
+        raise ValueError(f"{name}: the model's final_layer() must be a FinalLayer, got {type(lin).__name__}")
+    return lin

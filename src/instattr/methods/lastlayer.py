@@ -1,4 +1,7 @@
-"""Closed-form algebra of the last linear layer ``logits = W f`` (W: C x d, no bias).
+"""Closed-form algebra of the last linear layer ``logits = W f`` (W: C x d).
+
+A layer with a bias is the same algebra on ``f~ = [f, 1]`` and ``W~ = [W, b]``
+(:meth:`instattr.store.FinalLayer.augment`): every function here takes the rows it is given.
 
 Loss ``L(W) = (1/n) sum_i CE(W f_i, y_i) + lam * ||W||^2``. The per-example gradient is
 ``g_i = e_i (x) f_i`` with ``e_i = p_i - onehot(y_i)``, flattened row-major like ``W.ravel()``,

@@ -1,6 +1,12 @@
-"""Attributors by name: ``register`` a class, ``get_method(name, **options)`` an instance."""
+"""Attributors by name: ``register`` a class, ``get_method(name, **options)`` an instance.
+
+The built-in methods beyond the last layer live in :mod:`instattr.layers` (torch); they are known
+here by module name and imported only when asked for, so importing :mod:`instattr.methods`
+does not load torch.
+"""
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Callable, Dict, Iterable, List, Type, Union
 
@@ -9,6 +15,10 @@ from .base import Attributor
 # The paper's methods, in the order tables and reports list them.
 METHOD_NAMES = ("nn-euc", "nn-cos", "nn-dot", "sbert-euc", "sbert-cos", "sbert-dot",
                 "gd", "gc", "if", "rif", "rep")
+# Built-in methods registered by importing a module (on first use).
+LAZY = {"gd-top": "instattr.layers.attributors", "gc-top": "instattr.layers.attributors",
+        "if-top": "instattr.layers.attributors", "rif-top": "instattr.layers.attributors",
+        "tracin": "instattr.layers.tracin", "tracin-top": "instattr.layers.tracin"}
 
 _REGISTRY: Dict[str, Type[Attributor]] = {}
 
@@ -27,9 +37,18 @@ def register(name: str) -> Callable[[Type[Attributor]], Type[Attributor]]:
 
 
 def registered() -> tuple:
-    """Every registered name: the paper's methods first, then any added by users."""
-    return tuple(n for n in METHOD_NAMES if n in _REGISTRY) + \
-        tuple(n for n in _REGISTRY if n not in METHOD_NAMES)
+    """Every registered name: the paper's methods first, the built-in layered ones, then any
+    added by users."""
+    names = [n for n in METHOD_NAMES if n in _REGISTRY] + [n for n in LAZY]
+    return tuple(names + [n for n in _REGISTRY if n not in names])
+
+
+def _lookup(name: str) -> Type[Attributor]:
+    if name not in _REGISTRY and name in LAZY:
+        importlib.import_module(LAZY[name])
+    if name not in _REGISTRY:
+        raise _unknown(name)
+    return _REGISTRY[name]
 
 
 def _unknown(name: str) -> ValueError:
@@ -38,16 +57,12 @@ def _unknown(name: str) -> ValueError:
 
 def method_class(name: str) -> Type[Attributor]:
     """The class registered as ``name``."""
-    if name not in _REGISTRY:
-        raise _unknown(name)
-    return _REGISTRY[name]
+    return _lookup(name)
 
 
 def get_method(name: str, **options) -> Attributor:
     """A new, unfitted attributor ``name`` constructed with ``options``."""
-    if name not in _REGISTRY:
-        raise _unknown(name)
-    cls = _REGISTRY[name]
+    cls = _lookup(name)
     try:
         inspect.signature(cls).bind(**options)
     except TypeError:
@@ -67,7 +82,7 @@ def expand_methods(spec: Union[str, Iterable[str]]) -> List[str]:
             continue
         group = {"all": registered(), "paper": METHOD_NAMES}.get(part, (part,))
         for name in group:
-            if name not in _REGISTRY:
+            if name not in _REGISTRY and name not in LAZY:
                 raise _unknown(name)
             if name not in names:
                 names.append(name)

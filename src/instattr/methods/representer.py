@@ -7,8 +7,10 @@ training example i for test t is its share of the predicted class's logit,
 ``alpha_{i,c} <f_i, f_t>`` with c = the model's prediction for t.
 
 The trained head is only near stationarity, so ``fit`` refits W by Newton's method on the fixed
-training features (float64, from the head's weights) and records how exactly the decomposition
-reconstructs the refit logits (``reconstruction_``).
+training features (float64, from the final layer's weights) and records how exactly the
+decomposition reconstructs the refit logits (``reconstruction_``). A final layer with a bias is
+refit as ``[W, b]`` on ``f~ = [f, 1]`` with the L2 term on both (an imported model's ``l2`` is the
+damping that stands in for the penalty it was not trained with), so ``f~`` replaces ``f`` above.
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..store import FeatureSet, HeadState
-from .base import Attributor, check_width, float32_rows
+from ..store import FeatureSet
+from .base import Attributor, check_width, final_layer_of, float32_rows
 from .lastlayer import error_features, kron_rows, logits_of, loss_errors, refit, softmax, sum_zero_basis
 from .registry import register
 
@@ -33,15 +35,18 @@ class Representer(Attributor):
         self.tol = float(tol)
         self.max_iter = int(max_iter)
 
-    def _fit(self, train: FeatureSet, head: Optional[HeadState]) -> None:
-        f = np.asarray(train.features, dtype=np.float64)
-        n, d = f.shape
-        w0 = np.asarray(head.w, dtype=np.float64)
-        if w0.shape[1] != d:
-            raise ValueError(f"rep: head weight {w0.shape} does not match {d} features")
-        lam = float(head.l2)
+    def _fit(self, train: FeatureSet, model) -> None:
+        layer = final_layer_of(self.name, model)
+        self.layer_ = layer
+        d = train.features.shape[1]
+        f = layer.augment(train.features)
+        n = len(f)
+        w0 = layer.weight()
+        if layer.w.shape[1] != d:
+            raise ValueError(f"rep: final layer weight {layer.w.shape} does not match {d} features")
+        lam = float(layer.l2)
         if lam <= 0:
-            raise ValueError("rep: the head has l2 = 0; representer points need an L2-regularised head")
+            raise ValueError("rep: the final layer has l2 = 0; representer points need an L2-regularised layer")
         fit = refit(f, train.label, w0, lam, self.tol, self.max_iter)
         logits = logits_of(f, fit.w)
         p = softmax(logits)
@@ -69,5 +74,5 @@ class Representer(Attributor):
         c = len(self.basis_)
         if len(pred) and (pred.min() < 0 or pred.max() >= c):
             raise ValueError(f"rep: test predictions must lie in [0, {c})")
-        emb = kron_rows(self.basis_[pred], np.asarray(x, dtype=np.float64))
+        emb = kron_rows(self.basis_[pred], self.layer_.augment(x))
         np.matmul(float32_rows(emb), self.train_embedding_.T, out=out)

@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..store import FeatureSet, HeadState
+from ..store import FeatureSet
 from .base import Attributor, check_width, float32_rows
 from .lastlayer import ROW_BLOCK
 from .registry import register
@@ -30,7 +30,7 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 class Similarity(Attributor):
     """Similarity of ``space`` vectors under ``metric``; set by the registered subclasses."""
 
-    needs_head = False
+    needs_model = False
     space: str = "features"
     metric: str = "cos"
 
@@ -42,7 +42,7 @@ class Similarity(Attributor):
             return x - self.center_
         return x
 
-    def _fit(self, train: FeatureSet, head: Optional[HeadState]) -> None:
+    def _fit(self, train: FeatureSet, model) -> None:
         x = np.asarray(getattr(train, self.space))
         if x.ndim != 2:
             raise ValueError(f"{self.name}: train {self.space} must be 2-D, got shape {x.shape}")

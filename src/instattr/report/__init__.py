@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from ..errors import InstattrError
 from ..store import Run, write_text
 from .markdown import markdown_to_html
 
@@ -62,22 +63,31 @@ def _figures(run: Run, name: str) -> List[Path]:
     return sorted(p for p in folder.glob("*.png") if p.stem.startswith(name) or p.stem.startswith(key))
 
 
+def model_description(run: Run) -> str:
+    """One sentence on what the run's model is (plain text)."""
+    m = run.manifest
+    pairs = f", {m.pair_mode} pairs" if m.pair_mode else ""
+    if m.mode == "head":
+        h = m.head
+        return (f"Dataset {m.data.name}; frozen encoder {m.encoder.name} ({m.encoder.pooling} pooling{pairs}) with "
+                f"instattr's head: λ = {h.l2}, lr = {h.lr}, {h.epochs} epochs, batch {h.batch_size}, seed {m.seed}.")
+    origin = "fine-tuned by instattr from " + m.encoder.name if m.mode == "finetune" else "imported from " + m.hf.path
+    return (f"Dataset {m.data.name}; a Hugging Face {m.hf.family} sequence classifier {origin}{pairs}; final layer "
+            f"{m.hf.final_layer}, λ = {m.l2}" + (" (damping standing in for its L2)" if m.mode == "import" else "")
+            + f"; sbert-* use {m.encoder.name}.")
+
+
 def _overview(run: Run) -> str:
     m, met = run.manifest, run.metrics
     cards = []
     for split in ("dev", "test"):
         if met.get(f"{split}_accuracy") is not None:
             cards.append((f"{split} accuracy", f"{met[f'{split}_accuracy']:.3f}"))
-    n = m["data"].get("n", {})
-    cards += [("training examples", f"{n.get('train', '?'):,}"), (f"{m['eval_split']} examples", f"{n.get(m['eval_split'], '?'):,}")]
-    cards.append(("train time", f"{met.get('timings', {}).get('total_s', 0):.0f} s"))
+    n = m.data.n
+    cards += [("training examples", f"{n.get('train', 0):,}"), (f"{m.eval_split} examples", f"{n.get(m.eval_split, 0):,}")]
+    cards.append(("build time", f"{met.get('timings', {}).get('total_s', 0):.0f} s"))
     card_html = "".join(f'<div class="card"><b>{html.escape(v)}</b>{html.escape(k)}</div>' for k, v in cards)
-    enc = m["encoder"]
-    desc = (f"Dataset <code>{html.escape(m['data']['name'])}</code>, encoder <code>{html.escape(enc['name'])}</code> "
-            f"({enc['pooling']} pooling{', ' + m['pair_mode'] + ' pairs' if m.get('pair_mode') else ''}), "
-            f"mode <code>{m['mode']}</code>, head λ = {m['head']['l2']}, lr = {m['head']['lr']}, "
-            f"{m['head']['epochs']} epochs, batch {m['head']['batch_size']}, seed {m['seed']}.")
-    return f"<p class='sub'>{desc}</p>{card_html}"
+    return f"<p class='sub'>{html.escape(model_description(run))}</p>{card_html}"
 
 
 def _scores_table(run: Run) -> str:
@@ -102,16 +112,16 @@ def _examples(run: Run, n: int = 3, k: int = 3, seed: int = 0) -> str:
     if not methods:
         return ""
     try:
-        ds = run.dataset()
-    except Exception:  # the dataset moved: the report still renders without texts
+        test_ex, train_ex = run.examples(split), run.examples("train")
+    except InstattrError:  # the dataset moved: the report still renders without texts
         return ""
-    test_ex = ds.splits[split].examples
-    train_ex = ds.splits["train"].examples
     info = run.score_info(methods[0], split)
+    fs = run.features(split)
+    if info["test_idx"] != [str(i) for i in fs.idx] or info["train_idx"] != [str(i) for i in run.features("train").idx]:
+        return ""     # scores of a subset (--limit-test/--limit-train): their rows are not the split's rows
     n_rows = len(info["test_idx"])
     rows = np.random.default_rng(seed).choice(n_rows, size=min(n, n_rows), replace=False)
     labels = run.label_names
-    fs = run.features(split)
     out = ["<h2>Explained test examples</h2><p class='sub'>The three training examples each method "
            "ranks as most supporting for a few random test predictions (label of the training example in "
            "colour).</p>"]
@@ -121,8 +131,8 @@ def _examples(run: Run, n: int = 3, k: int = 3, seed: int = 0) -> str:
 
     for r in rows:
         e = test_ex[int(r)]
-        out.append(f"<div class='ex'><b>{text(e)}</b><br><span class='sub'>gold {labels[e.label]}, "
-                   f"predicted {labels[int(fs.pred[r])]} ({float(fs.probs[r].max()):.2f})</span><table>")
+        out.append(f"<div class='ex'><b>{text(e)}</b><br><span class='sub'>gold {html.escape(labels[e.label])}, "
+                   f"predicted {html.escape(labels[int(fs.pred[r])])} ({float(fs.probs[r].max()):.2f})</span><table>")
         for mname in methods:
             idx, vals = top_k(np.asarray(run.scores(mname, split)[r:r + 1]), k)
             cells = []
@@ -138,7 +148,7 @@ def _examples(run: Run, n: int = 3, k: int = 3, seed: int = 0) -> str:
 def build_report(run: Run, path: Optional[Path] = None) -> Path:
     """Write ``report.html`` (self-contained) from whatever the run holds; returns its path."""
     m = run.manifest
-    parts = [f"<h1>instattr report: {html.escape(m['data']['name'])}</h1>", _overview(run)]
+    parts = [f"<h1>instattr report: {html.escape(m.data.name)}</h1>", _overview(run)]
     for name, title, intro in SECTIONS:
         md = run.path / "results" / f"{name}.md"
         figs = _figures(run, name)
@@ -150,8 +160,8 @@ def build_report(run: Run, path: Optional[Path] = None) -> Path:
         parts += [_img(f) for f in figs]
     parts.append(_examples(run))
     parts.append(_scores_table(run))
-    parts.append(f"<p class='muted'>instattr {html.escape(m['versions']['instattr'])} · torch "
-                 f"{html.escape(m['versions']['torch'])} · run directory <code>{html.escape(str(run.path))}</code></p>")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>instattr: {html.escape(m['data']['name'])}"
+    parts.append(f"<p class='muted'>instattr {html.escape(m.versions.get('instattr', '?'))} · torch "
+                 f"{html.escape(m.versions.get('torch', '?'))} · run directory <code>{html.escape(str(run.path))}</code></p>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>instattr: {html.escape(m.data.name)}"
             f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
     return write_text(path or run.path / "report.html", page)

@@ -1,10 +1,18 @@
-"""The classifier head and its trainer.
+"""instattr's classifier head, defined once, and its trainer of many heads at once.
 
 Head: pooler (dense d_in -> d, tanh) -> linear d -> C without bias. Loss: mean cross-entropy plus
-``l2 * ||W||^2`` on the linear weight only. The trainer trains *many* heads at once — a batched
-weight tensor, one head per row of a mask over the training set — so remove-and-retrain and
-random baselines cost one pass instead of hundreds. All heads share the initialisation and the
-order of minibatches; a masked-out example simply contributes nothing.
+``l2 * ||W||^2`` on the linear weight only. Siamese sentence pairs enter as ``[u, v, |u-v|, u*v]``
+(:func:`pair_input` on stored arrays, :func:`pair_combine` on tensors).
+
+The head exists in two equal forms, one per use, both here and tested equal: the functional
+:func:`features`/:func:`logits` over a parameter dict (with an optional leading axis of m heads,
+which the batched trainer needs), and :class:`HeadModule`, an ``nn.Module`` with ``pooler`` and
+``classifier`` linears (which the layered methods hook).
+
+The trainer trains *many* heads at once — a batched weight tensor, one head per row of a mask
+over the training set — so remove-and-retrain and random baselines cost one pass instead of
+hundreds. All heads share the initialisation and the order of minibatches; a masked-out example
+simply contributes nothing.
 """
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -28,8 +37,22 @@ class HeadConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def check(self) -> None:
+        """One-line errors for values no head can be trained with."""
+        from ..errors import InstattrError
+        if not self.l2 > 0:
+            raise InstattrError(f"--l2 must be > 0 (the closed forms invert the L2-regularised Hessian), got {self.l2}")
+        if not self.lr > 0:
+            raise InstattrError(f"--lr must be > 0, got {self.lr}")
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise InstattrError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.hidden is not None and int(self.hidden) < 1:
+            raise InstattrError(f"hidden must be at least 1, got {self.hidden}")
+
 
 Params = Dict[str, torch.Tensor]  # "dense_w" (d, d_in), "dense_b" (d,), "w" (C, d); batched: leading m
+PARAM_NAMES = ("dense_w", "dense_b", "w")
 
 
 def init_params(d_in: int, d: int, n_classes: int, seed: int, dtype=torch.float32) -> Params:
@@ -66,6 +89,32 @@ def loss(params: Params, x: torch.Tensor, y: torch.Tensor, l2: float) -> torch.T
     return torch.nn.functional.cross_entropy(logits(params, x), y) + l2 * (params["w"] ** 2).sum()
 
 
+class HeadModule(nn.Module):
+    """The head as a module: ``classifier(tanh(pooler(x)))``, parameters named for hooks."""
+
+    def __init__(self, params: Params):
+        super().__init__()
+        d, d_in = params["dense_w"].shape
+        self.pooler = nn.Linear(d_in, d)
+        self.classifier = nn.Linear(d, params["w"].shape[0], bias=False)
+        self.load(params)
+
+    def load(self, params: Params) -> None:
+        """Copy head weights (``dense_w``, ``dense_b``, ``w``) in place."""
+        with torch.no_grad():
+            for p, key in ((self.pooler.weight, "dense_w"), (self.pooler.bias, "dense_b"), (self.classifier.weight, "w")):
+                src = torch.as_tensor(params[key])
+                if src.shape != p.shape:
+                    raise ValueError(f"head {key} has shape {tuple(src.shape)}, expected {tuple(p.shape)}")
+                p.copy_(src.to(p.dtype))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.pooler(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 @dataclass
 class TrainResult:
     params: Params                      # batched (m, ...) when trained with masks, else unbatched
@@ -77,27 +126,30 @@ class TrainResult:
 def train_heads(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, n_classes: int,
                 config: HeadConfig, masks: Optional[np.ndarray | torch.Tensor] = None,
                 init: Optional[Params] = None, dtype=torch.float32, checkpoints: bool = False,
-                progress: bool = False, desc: str = "train") -> TrainResult:
+                progress: bool = False, desc: str = "train", device="cpu") -> TrainResult:
     """Train one head (``masks`` None) or one head per mask row, all in one batched pass.
 
     Every head starts from ``init`` (default: ``init_params`` with ``config.seed``) and sees the
     same seeded minibatch order; a head's loss in a batch is the mean over its kept examples.
+    Returned parameters are on the CPU whatever ``device`` trained them.
     """
     import time
 
     from tqdm.auto import tqdm
     t0 = time.perf_counter()
-    x = torch.as_tensor(x, dtype=dtype)
-    y = torch.as_tensor(np.asarray(y), dtype=torch.long)
+    device = torch.device(device)
+    x = torch.as_tensor(x, dtype=dtype).to(device)
+    y = torch.as_tensor(np.asarray(y), dtype=torch.long).to(device)
     n, d_in = x.shape
     if n == 0:
         raise ValueError("no training examples")
     d = config.hidden or d_in
     single = masks is None
     m = torch.ones(1, n, dtype=dtype) if single else torch.as_tensor(masks, dtype=dtype)
+    m = m.to(device)
     heads = m.shape[0]
     base = init or init_params(d_in, d, n_classes, config.seed, dtype)
-    params = {k: v.detach().to(dtype).unsqueeze(0).repeat(heads, *[1] * v.dim()).requires_grad_(True)
+    params = {k: v.detach().to(device, dtype).unsqueeze(0).repeat(heads, *[1] * v.dim()).requires_grad_(True)
               for k, v in base.items()}
     opt = _adam(list(params.values()), config.lr)
     g = torch.Generator().manual_seed(config.seed + 1)
@@ -105,7 +157,7 @@ def train_heads(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, n_cl
     steps = config.epochs * ((n + config.batch_size - 1) // config.batch_size)
     with tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
         for _ in range(config.epochs):
-            perm = torch.randperm(n, generator=g)
+            perm = torch.randperm(n, generator=g).to(device)
             for s in range(0, n, config.batch_size):
                 b = perm[s:s + config.batch_size]
                 mb = m[:, b]                                      # (m, B)
@@ -119,9 +171,9 @@ def train_heads(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, n_cl
                 opt.step()
                 bar.update(1)
             if checkpoints and single:
-                snaps.append({k: v.detach()[0].clone() for k, v in params.items()})
+                snaps.append({k: v.detach()[0].cpu().clone() for k, v in params.items()})
                 lrs.append(config.lr)
-    out = {k: v.detach() for k, v in params.items()}
+    out = {k: v.detach().cpu() for k, v in params.items()}
     if single:
         out = {k: v[0] for k, v in out.items()}
     return TrainResult(out, snaps, lrs, time.perf_counter() - t0)
@@ -157,3 +209,8 @@ def pair_input(encoded: np.ndarray, pair_mode: Optional[str]) -> np.ndarray:
     h = encoded.shape[1] // 2
     u, v = encoded[:, :h], encoded[:, h:]
     return np.concatenate([u, v, np.abs(u - v), u * v], axis=1)
+
+
+def pair_combine(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``[u, v, |u-v|, u*v]`` of two pooled tensors (the torch twin of :func:`pair_input`)."""
+    return torch.cat([u, v, (u - v).abs(), u * v], dim=-1)

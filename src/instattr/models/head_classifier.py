@@ -1,0 +1,127 @@
+"""Head mode: a frozen sentence encoder, pooling, and instattr's head (:mod:`.head`) on top.
+
+The encoder's pooled output is stored for every row (``FeatureSet.encoder``), so the head's input
+is derived from it (:func:`~.head.pair_input`) and nothing is re-encoded to retrain or re-initialise
+the head. Siamese pairs run each sentence through the encoder on its own.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..encoders import Encoder, encode_texts, pool
+from ..store import FeatureSet, FinalLayer, Run, RunError
+from .base import Classifier
+from .head import HeadModule, Params, pair_combine, pair_input, predict
+from .tracked import TrackedModel, eager_copy, finish, transformer_blocks
+
+
+class HeadTop(nn.Module):
+    """Pooling, the siamese combination of a pair, and the head."""
+
+    def __init__(self, pooling: str, head: HeadModule, siamese: bool):
+        super().__init__()
+        self.pooling, self.head, self.siamese = pooling, head, siamese
+
+    def forward(self, h, m, h2=None, m2=None):
+        x = pool(h, m, self.pooling)
+        if self.siamese:
+            x = pair_combine(x, pool(h2, m2, self.pooling))
+        return self.head(x)
+
+
+class HeadClassifier(Classifier):
+    """A frozen encoder (loaded on first use) plus a head with parameters ``params``."""
+
+    kind = "head"
+
+    def __init__(self, encoder_spec: dict, params: Params, l2: float, label_names, pair_mode: Optional[str],
+                 run: Optional[Run] = None, device=None, history: Optional[List[Tuple[Params, float]]] = None,
+                 encoder: Optional[Encoder] = None):
+        super().__init__(label_names, pair_mode, run, device)
+        self.encoder_spec = dict(encoder_spec)     # name, path, pooling, max_length
+        self.params = {k: torch.as_tensor(v).float() for k, v in params.items()}
+        self.l2 = float(l2)
+        self.history = history
+        self._encoder = encoder
+
+    def final_layer(self) -> FinalLayer:
+        return FinalLayer(w=self.params["w"].double().numpy(), b=None, l2=self.l2)
+
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            e = self.encoder_spec
+            self._encoder = Encoder(e["path"], e["pooling"], e["max_length"], device=self.device)
+        return self._encoder
+
+    # ------------------------------------------------------------------ texts -> arrays
+    def featurize(self, documents, queries=None, labels=None, progress: bool = False) -> FeatureSet:
+        documents = list(documents)
+        queries = self.check_texts(documents, queries)
+        enc = self.sentence_embeddings(documents, queries, progress)       # encoded once, head input too
+        feats, probs = predict(self.params, pair_input(enc, self.pair_mode))
+        pred = probs.argmax(1).astype(np.int64)
+        return FeatureSet(idx=np.array([f"new_{i}" for i in range(len(documents))]),
+                          label=pred if labels is None else np.asarray(labels, dtype=np.int64), pred=pred,
+                          probs=probs, features=feats, encoder=enc, texts=(documents, queries))
+
+    def forward_texts(self, documents, queries, progress: bool = False):
+        return predict(self.params, pair_input(self.sentence_embeddings(documents, queries, progress), self.pair_mode))
+
+    def sentence_embeddings(self, documents, queries, progress: bool = False) -> np.ndarray:
+        return encode_texts(self.encoder(), documents, queries, self.pair_mode, progress, cache=False)
+
+    def recompute(self, fs: FeatureSet, progress: bool = False):
+        return predict(self.params, pair_input(fs.encoder, self.pair_mode))
+
+    # ------------------------------------------------------------------ the top layers
+    @property
+    def n_layers(self) -> int:
+        return len(transformer_blocks(self.encoder().model))
+
+    def tracked(self, start: int, dtype="float32") -> TrackedModel:
+        blocks = [eager_copy(b) for b in transformer_blocks(self.encoder().model)[start:]]
+        top = HeadTop(self.encoder().pooling, HeadModule(self.params), self.pair_mode == "siamese")
+        return finish(TrackedModel(blocks, top, "head.classifier", self.l2, self.pair_mode), dtype)
+
+    def fingerprint(self) -> str:
+        return str(self.encoder_spec["path"])
+
+    # ------------------------------------------------------------------ history, retraining
+    def checkpoints(self) -> List[Tuple[Classifier, float]]:
+        if not self.history:
+            where = self.run.path / "model" / "checkpoints.safetensors" if self.run is not None else "the head"
+            raise RunError(f"{where}: missing; TracIn needs the head checkpoints that `instattr train` saves "
+                           "in head mode (train the run again)")
+        return [(HeadClassifier(self.encoder_spec, p, self.l2, self.label_names, self.pair_mode, self.run,
+                                self.device, encoder=self._encoder), lr) for p, lr in self.history]
+
+    def retrain_scopes(self):
+        return ("head", "final")
+
+
+def read_checkpoints(path) -> List[Tuple[Dict[str, torch.Tensor], float]]:
+    """The per-epoch head snapshots ``model/checkpoints.safetensors`` and their learning rates."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise RunError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    lrs = [float(x) for x in meta.get("lrs", "").split(",") if x.strip()]
+    snaps: Dict[int, Dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, epoch = key.rpartition(".")
+        if not epoch.isdigit():
+            raise RunError(f"{path}: unexpected key {key!r} (want param.epoch)")
+        snaps.setdefault(int(epoch), {})[name] = value
+    heads = [snaps[i] for i in sorted(snaps)]
+    if not heads or len(lrs) != len(heads) or any(set(h) != {"dense_w", "dense_b", "w"} for h in heads):
+        raise RunError(f"{path}: {len(heads)} checkpoints but {len(lrs)} learning rates, or incomplete heads")
+    if any(not np.isfinite(lr) or lr < 0 for lr in lrs):
+        raise RunError(f"{path}: checkpoint learning rates must be finite and >= 0, got {lrs}")
+    return list(zip(heads, lrs))
