@@ -78,6 +78,7 @@ def topk_overlap(a, b, k=10) -> float:
 # ------------------------------------------------------------------ shared setup (inside a phase)
 def setup(run_path, split, test_rows, train_rows, layers):
     import torch
+
     from instattr.store import Run
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     run = Run.load(run_path)
@@ -89,6 +90,7 @@ def setup(run_path, split, test_rows, train_rows, layers):
 def exact_gradients(run, fs, labels, model, flat, layers, batch_size=16):
     """Yield (positions, exact per-example gradients) via torch.func, length-sorted batches."""
     import torch
+
     from instattr.layers.cache import Examples
     from instattr.layers.grads import per_example_flat_grads
     labels = torch.as_tensor(np.asarray(labels))
@@ -115,6 +117,7 @@ def phase_cache(run_path, layers):
 
 def phase_exact(run_path, split, test_rows, train_rows, layers):
     import torch
+
     from instattr.layers.grads import FlatParameters
     from instattr.layers.network import tracked_model
     run, test, _, train_s = setup(run_path, split, test_rows, train_rows, layers)
@@ -134,6 +137,7 @@ def phase_exact(run_path, split, test_rows, train_rows, layers):
 def phase_projected(run_path, split, test_rows, train_rows, layers, k, dampings, n_split, hessian="auto",
                     kind="khatri-rao"):
     import torch
+
     from instattr.layers.attributors import gauss_newton_curvature, projected_gradients
     from instattr.layers.ihvp import GaussNewton
     from instattr.layers.network import tracked_model
@@ -165,6 +169,7 @@ def phase_lissa(run_path, split, test_rows, train_rows, layers, damping, scale, 
                 check_every, paper=False):
     """LiSSA with exact HVPs over the whole training set; scores on the sample every check_every steps."""
     import torch
+
     from instattr.layers.cache import Examples
     from instattr.layers.grads import FlatParameters, hvp
     from instattr.layers.ihvp import Curvature, LiSSA
@@ -219,10 +224,11 @@ def phase_exact_ggn(run_path, split, test_rows, layers, n_hessian, ks, dampings,
     run, sample and dampings), reused instead of recomputing it (about half an hour on 2 cores).
     """
     import torch
+
     from instattr.layers.grads import FlatParameters
     from instattr.layers.network import tracked_model
-    from instattr.store import FeatureSet
     from instattr.methods.lastlayer import sum_zero_basis
+    from instattr.store import FeatureSet
     run, test, train, _ = setup(run_path, split, test_rows, [0], layers)
     if train.n_classes != 2:
         raise ValueError("the Woodbury reference assumes a binary task")
@@ -319,6 +325,7 @@ def phase_kfac(run_path, split, test_rows, train_rows, layers, dampings, n_fit, 
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
     from kronfluence.utils.dataset import DataLoaderKwargs
+
     from instattr.layers.cache import Examples
     from instattr.layers.network import tracked_model
     run, test, train, train_s = setup(run_path, split, test_rows, train_rows, layers)

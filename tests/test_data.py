@@ -9,6 +9,7 @@ import pytest
 import instattr.data
 from instattr.cli import main
 from instattr.data import DataError, data_root, load_dataset, resolve
+
 from conftest import make_dataset, write_jsonl
 
 PACKAGED = Path(instattr.data.__file__).parent / "datasets"

@@ -4,10 +4,18 @@ import json
 import numpy as np
 import pytest
 
-from _synthetic import make_run
-from instattr.evaluate.artifacts import (applies, artifact_targets, label_ids, overlap_rate, random_overlap,
-                                         run_artifacts, top_overlap)
+from instattr.evaluate.artifacts import (
+    applies,
+    artifact_targets,
+    label_ids,
+    overlap_rate,
+    random_overlap,
+    run_artifacts,
+    top_overlap,
+)
 from instattr.store import RunError
+
+from _synthetic import make_run
 
 
 @pytest.mark.parametrize("premise, hypothesis, rate", [

@@ -5,9 +5,16 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
+from instattr.evaluate.correlation import (
+    correlation_tables,
+    mean_spearman,
+    run_correlation,
+    spearman_rows,
+    top_k_curve,
+    top_k_overlap,
+)
+
 from _synthetic import make_run
-from instattr.evaluate.correlation import (correlation_tables, mean_spearman, run_correlation, spearman_rows,
-                                           top_k_curve, top_k_overlap)
 
 
 @pytest.fixture(scope="module")

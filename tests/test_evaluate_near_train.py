@@ -4,9 +4,16 @@ import json
 import numpy as np
 import pytest
 
+from instattr.evaluate.near_train import (
+    hit_rates,
+    original_ranks,
+    perturb,
+    perturb_examples,
+    run_near_train,
+    vocabulary,
+)
+
 from _synthetic import featurize, make_run
-from instattr.evaluate.near_train import (hit_rates, original_ranks, perturb, perturb_examples, run_near_train,
-                                          vocabulary)
 
 VOCAB = ["zz1", "zz2", "zz3"]
 

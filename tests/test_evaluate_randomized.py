@@ -4,10 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from _synthetic import make_run
 from instattr.evaluate.common import head_input
 from instattr.evaluate.randomized import random_model, run_randomized
 from instattr.store import RunError
+
+from _synthetic import make_run
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,18 @@ import numpy as np
 import pytest
 import torch
 
-from _synthetic import make_run
-from instattr.evaluate.retrain import (effective_ks, random_masks, removal_deltas, removal_masks, removed_support,
-                                       retrain_probs, run_retrain)
+from instattr.evaluate.retrain import (
+    effective_ks,
+    random_masks,
+    removal_deltas,
+    removal_masks,
+    removed_support,
+    retrain_probs,
+    run_retrain,
+)
 from instattr.models.head import HeadConfig, init_params, logits, train_heads
+
+from _synthetic import make_run
 
 CFG = HeadConfig(l2=0.05, lr=0.05, epochs=3, batch_size=4, hidden=3, seed=7)
 

@@ -4,11 +4,12 @@ import json
 import numpy as np
 import pytest
 
-from _synthetic import make_run
 from instattr.evaluate import EVALUATIONS, evaluations_for, run_evaluation
 from instattr.evaluate.common import Scorer, clean, method_list, sample_rows
 from instattr.evaluate.paper import TABLE1_RETRAIN, TABLE3_4_NEAR_TRAIN, paper_columns, timing_bound
 from instattr.evaluate.timing import run_timing
+
+from _synthetic import make_run
 
 
 @pytest.fixture(scope="module")

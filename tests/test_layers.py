@@ -13,20 +13,20 @@ import torch
 from safetensors.torch import save_file
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
-from conftest import WORDS, make_dataset
 from instattr.attribution import attribute_run, attribute_texts, explain, fit_method
-from instattr.methods import get_method
-from instattr.methods.lastlayer import sum_zero_basis
 from instattr.layers import Curvature, GaussNewton, LiSSA
 from instattr.layers import cache as cache_mod
 from instattr.layers.cache import Examples, cache_path
 from instattr.layers.grads import FlatParameters, per_example_grads
 from instattr.layers.projection import GradientProjector
+from instattr.methods import get_method
 from instattr.models import classifier_for
 from instattr.models.head import HeadConfig, pair_input
 from instattr.models.tracked import first_tracked_layer
 from instattr.pipeline import TrainConfig, train_run
 from instattr.store import Run
+
+from conftest import WORDS, make_dataset
 
 F64 = dict(dtype="float64", progress=False)
 

@@ -14,7 +14,6 @@ from instattr.methods.lastlayer import reduced_hessian, sum_zero_basis
 from instattr.store import FeatureSet, FinalLayer
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def float64_single_thread():
     """float64 brute force; one thread, since tiny autograd calls crawl when threads contend."""

@@ -5,8 +5,16 @@ import weakref
 import numpy as np
 import pytest
 
-from instattr.methods import (METHOD_NAMES, bottom_k, expand_methods, get_method, register,
-                              registered, stream_top_k, top_k)
+from instattr.methods import (
+    METHOD_NAMES,
+    bottom_k,
+    expand_methods,
+    get_method,
+    register,
+    registered,
+    stream_top_k,
+    top_k,
+)
 from instattr.methods.base import Attributor
 from instattr.methods.registry import _REGISTRY
 from instattr.store import FeatureSet, FinalLayer

@@ -8,9 +8,9 @@ import torch
 from instattr import Run
 from instattr.cli import main
 from instattr.encoders import Encoder
+from instattr.errors import InstattrError
 from instattr.models.head import HeadConfig, pair_input, predict
 from instattr.pipeline import TrainConfig, featurize, train_run
-from instattr.errors import InstattrError
 
 HEAD = HeadConfig(epochs=5, lr=1e-2, batch_size=8)
 

@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from instattr import Run
 from instattr.cli import main

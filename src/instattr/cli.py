@@ -15,7 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="sst2", help="sst2|mnli|hans, a dataset folder, or a HF dataset name")
-    p.add_argument("--data-root", help="folder holding named datasets (default: $INSTATTR_DATA, ./data, ../shared/data, "
+    p.add_argument("--data-root", help="folder holding named datasets (default: $INSTATTR_DATA, ./data, "
+                   "../shared/data, "
                    "then the packaged copy)")
     p.add_argument("--text-field", help="column or key of the text (default: document, text, sentence, premise)")
     p.add_argument("--query-field", help="column or key of a pair's second text (default: query, hypothesis)")
@@ -66,11 +67,16 @@ def train_config(a):
                        finetune_lr=a.finetune_lr, finetune_epochs=a.finetune_epochs, device=a.device)
 
 
+def _accuracies(metrics: dict) -> str:
+    return ", ".join(f"{s} accuracy {metrics[f'{s}_accuracy']:.3f}" for s in ("dev", "test")
+                     if metrics.get(f"{s}_accuracy") is not None)
+
+
 def cmd_train(a) -> int:
     from .pipeline import train_run
     run = train_run(train_config(a), a.out, overwrite=a.overwrite, progress=not a.quiet)
     m = run.metrics
-    acc = ", ".join(f"{s} accuracy {m[f'{s}_accuracy']:.3f}" for s in ("dev", "test") if m.get(f"{s}_accuracy") is not None)
+    acc = _accuracies(m)
     print(f"trained {run.path}: {acc} ({m['timings']['total_s']:.0f} s)")
     return 0
 
@@ -110,19 +116,20 @@ def cmd_import(a) -> int:
     from .pipeline import import_run
     run = import_run(import_config(a), a.out, overwrite=a.overwrite, progress=not a.quiet)
     m = run.metrics
-    acc = ", ".join(f"{s} accuracy {m[f'{s}_accuracy']:.3f}" for s in ("dev", "test") if m.get(f"{s}_accuracy") is not None)
+    acc = _accuracies(m)
     print(f"imported {a.model} into {run.path}: {acc} ({m['timings']['total_s']:.0f} s)")
     return 0
 
 
 def cmd_predict(a) -> int:
-    from .store import Run
     from .pipeline import featurize
+    from .store import Run
     run = Run.load(a.run)
     fs = featurize(run, a.text, [a.query] * len(a.text) if a.query is not None else None, device=a.device)
     names = run.label_names
     rows = [{"text": t, **({"query": a.query} if a.query is not None else {}), "label": names[int(p)],
-             "probs": {n: round(float(x), 6) for n, x in zip(names, pr)}} for t, p, pr in zip(a.text, fs.pred, fs.probs)]
+             "probs": {n: round(float(x), 6) for n, x in zip(names, pr)}}
+            for t, p, pr in zip(a.text, fs.pred, fs.probs)]
     if a.json:
         print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
     else:

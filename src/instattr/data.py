@@ -12,8 +12,6 @@ Every validation failure raises :class:`DataError` with a message naming file an
 """
 from __future__ import annotations
 
-from .errors import InstattrError
-
 import csv
 import gzip
 import io
@@ -23,6 +21,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
+
+from .errors import InstattrError
 
 NAMED = ("sst2", "mnli", "hans")
 SPLITS = ("train", "dev", "test")

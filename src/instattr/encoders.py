@@ -5,13 +5,14 @@ The default encoder is sentence-transformers all-MiniLM-L6-v2, shipped inside th
 """
 from __future__ import annotations
 
-from .errors import InstattrError
-
 import os
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from .errors import InstattrError
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 
@@ -150,9 +151,8 @@ class Encoder:
 
 
 # ------------------------------------------------------------------ the embedding cache
-def cache_dir() -> Optional["Path"]:
+def cache_dir() -> Optional[Path]:
     """Where untuned embeddings are cached: $INSTATTR_CACHE, else ~/.cache/instattr ('off' disables)."""
-    from pathlib import Path
     where = os.environ.get("INSTATTR_CACHE", str(Path.home() / ".cache" / "instattr"))
     return None if where == "off" else Path(where)
 
@@ -163,7 +163,6 @@ def cached_encode(encoder: Encoder, texts: List[str], queries: Optional[List[str
 
     Only the packaged or a local encoder folder is cached (a hub name could change under us)."""
     import hashlib
-    from pathlib import Path
 
     from .store import write_npy
     folder = cache_dir()

@@ -7,8 +7,6 @@ Layout (see docs/ARCHITECTURE.md)::
 """
 from __future__ import annotations
 
-from .errors import InstattrError
-
 import json
 import os
 import tempfile
@@ -17,6 +15,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .errors import InstattrError
 
 FEATURE_KEYS = ("idx", "label", "pred", "probs", "features", "encoder")
 
@@ -147,11 +147,13 @@ class FeatureSet:
         except RunError:
             raise
         except Exception as e:   # truncated or damaged: zipfile.BadZipFile, EOFError, OSError, ValueError
-            raise RunError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise RunError(f"{path}: unreadable ({type(e).__name__}: {first})") from None
         n = len(fs.idx)
         bad = [k for k in FEATURE_KEYS if len(getattr(fs, k)) != n]
         if bad or fs.probs.ndim != 2 or fs.features.ndim != 2:
-            raise RunError(f"{path}: arrays disagree in shape ({', '.join(f'{k} {getattr(fs, k).shape}' for k in FEATURE_KEYS)})")
+            shapes = ", ".join(f"{k} {getattr(fs, k).shape}" for k in FEATURE_KEYS)
+            raise RunError(f"{path}: arrays disagree in shape ({shapes})")
         return fs
 
 

@@ -12,8 +12,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from ..store import Run
-from .common import (Scorer, fmt, md_table, method_list, new_figure, sample_rows, save, save_figure,
-                     top_k_mask)
+from .common import Scorer, fmt, md_table, method_list, new_figure, sample_rows, save, save_figure, top_k_mask
 
 # paper Figure 4 and beyond: layered methods against their last-layer versions, TracIn against GD
 LAYERED_PAIRS = (("if-top", "if"), ("gd-top", "gd"), ("gc-top", "gc"), ("rif-top", "rif"),

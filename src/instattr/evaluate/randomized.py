@@ -20,8 +20,19 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from ..store import FeatureSet, FinalLayer, Run, RunError
-from .common import (SCOPE_TEXT, Scorer, data_name, fmt, head_config, head_input, md_table, method_list,
-                     resolve_scope, sample_rows, save)
+from .common import (
+    SCOPE_TEXT,
+    Scorer,
+    data_name,
+    fmt,
+    head_config,
+    head_input,
+    md_table,
+    method_list,
+    resolve_scope,
+    sample_rows,
+    save,
+)
 from .correlation import mean_spearman
 from .paper import TABLE1_RANDOMIZED, paper_columns
 

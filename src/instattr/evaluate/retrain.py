@@ -28,8 +28,22 @@ import torch
 
 from ..models.head import HeadConfig, Params, logits, train_heads
 from ..store import Run, write_npz
-from .common import (SCOPE_TEXT, Scorer, data_name, fmt, head_config, head_input, md_table, method_list,
-                     new_figure, resolve_scope, sample_rows, save, save_figure, top_k_mask)
+from .common import (
+    SCOPE_TEXT,
+    Scorer,
+    data_name,
+    fmt,
+    head_config,
+    head_input,
+    md_table,
+    method_list,
+    new_figure,
+    resolve_scope,
+    sample_rows,
+    save,
+    save_figure,
+    top_k_mask,
+)
 from .paper import TABLE1_RANDOM_STD, TABLE1_RETRAIN, paper_columns
 
 
@@ -85,7 +99,8 @@ def _job_digest(x_train, y_train, x_test, config: HeadConfig, uniq: np.ndarray, 
 
 def retrain_probs(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int,
                   config: HeadConfig, masks: np.ndarray, chunk_size: int = 64,
-                  progress: bool = False, partial: Optional[Path] = None, device="cpu") -> Tuple[np.ndarray, np.ndarray]:
+                  progress: bool = False, partial: Optional[Path] = None,
+                  device="cpu") -> Tuple[np.ndarray, np.ndarray]:
     """Train one head per keep-mask; return (after, before), each (m, n_test, C).
 
     Identical masks are trained once. Masks go in chunks of ``chunk_size - 1`` plus one all-kept

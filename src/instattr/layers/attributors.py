@@ -201,7 +201,8 @@ class _TopLayers(Attributor):
         cacheable = self.proj_dim is not None   # the factors are cached too, for the whitened methods
         grads, factors, self.train_gradients_reused_ = cached_train_gradients(
             self.classifier_, self.model_, train, self.dtype,
-            {"layers": len(self.model_.layers), "proj_dim": self.proj_dim, "seed": self.seed, "projection": self.projection},
+            {"layers": len(self.model_.layers), "proj_dim": self.proj_dim, "seed": self.seed,
+             "projection": self.projection},
             lambda: self._projected(self.projector_, train, train.label, self.whitened or cacheable,
                                     f"{self.name} train"))
         if self.whitened:   # if: H^-1 g_t . g_i; rif: the same over sqrt(g_t^T H^-1 g_t g_i^T H^-1 g_i)

@@ -15,14 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-
-from ..models.tracked import transformer_blocks
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from ..models.tracked import transformer_blocks
 from ..store import FeatureSet, RunError, write_npz
 
 CACHE_FORMAT = 2

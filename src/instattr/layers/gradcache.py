@@ -12,7 +12,7 @@ import hashlib
 import json
 import zipfile
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, Tuple
 
 import numpy as np
 import torch

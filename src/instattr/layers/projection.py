@@ -114,7 +114,7 @@ class GradientProjector:
             elif isinstance(mod, nn.LayerNorm):
                 n = sum(p.numel() for p in mod.parameters(recurse=False))
                 k = n if self.k is None else min(self.k ** 2, n)
-                p = None if self.k is None else projection_matrix(k, n, _dense_kind(kind), seed, name, dtype).to(self.device)
+                p = None if self.k is None else self._matrix(k, n, _dense_kind(kind), name, dtype)
                 self.blocks.append(Block(name, "layernorm", mod, group, full, k, p=p))
             else:
                 raise ValueError(f"layered methods project nn.Linear and nn.LayerNorm parameters; "

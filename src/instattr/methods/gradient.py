@@ -7,7 +7,9 @@ training side at the gold label:
 - ``if``  = g_t^T H^-1 g_i              ``rif`` = cos(L^-1 g_t, L^-1 g_i), H = L L^T
 
 When the final layer has a bias, ``f~ = [f, 1]`` replaces ``f`` throughout (the bias is a
-parameter like the weight, and the L2 term covers both). ``if`` is -I_up,loss of Koh & Liang: positive means up-weighting the training example lowers the
+parameter like the weight, and the L2 term covers both).
+
+``if`` is -I_up,loss of Koh & Liang: positive means up-weighting the training example lowers the
 test loss. ``rif`` (Barshan et al.) normalises by sqrt(g_t^T H^-1 g_t * g_i^T H^-1 g_i); since
 (L^-1 a).(L^-1 b) = a^T H^-1 b this equals cos(H^-1/2 g_t, H^-1/2 g_i). Every method maps each
 example to one vector (train side precomputed in ``fit``; ``if`` applies H^-1 to the test side
@@ -21,8 +23,15 @@ import numpy as np
 
 from ..store import FeatureSet
 from .base import Attributor, check_width, final_layer_of
-from .lastlayer import (ROW_BLOCK, class_probs, inverse_cholesky, loss_errors, reduced_gradients,
-                        reduced_hessian, sum_zero_basis)
+from .lastlayer import (
+    ROW_BLOCK,
+    class_probs,
+    inverse_cholesky,
+    loss_errors,
+    reduced_gradients,
+    reduced_hessian,
+    sum_zero_basis,
+)
 from .registry import register
 from .similarity import unit_rows
 

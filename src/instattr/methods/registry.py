@@ -68,7 +68,8 @@ def get_method(name: str, **options) -> Attributor:
     except TypeError:
         allowed = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
         bad = sorted(set(options) - set(allowed)) or sorted(options)
-        raise ValueError(f"{name}: unknown option(s) {', '.join(bad)}; options: {', '.join(allowed) or 'none'}") from None
+        raise ValueError(f"{name}: unknown option(s) {', '.join(bad)}; "
+                         f"options: {', '.join(allowed) or 'none'}") from None
     return cls(**options)
 
 

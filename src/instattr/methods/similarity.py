@@ -8,8 +8,6 @@ but keeps the float32 expansion ||a||^2 + ||b||^2 - 2<a, b> from cancelling.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 from ..store import FeatureSet

@@ -102,7 +102,8 @@ class HeadModule(nn.Module):
     def load(self, params: Params) -> None:
         """Copy head weights (``dense_w``, ``dense_b``, ``w``) in place."""
         with torch.no_grad():
-            for p, key in ((self.pooler.weight, "dense_w"), (self.pooler.bias, "dense_b"), (self.classifier.weight, "w")):
+            pairs = ((self.pooler.weight, "dense_w"), (self.pooler.bias, "dense_b"), (self.classifier.weight, "w"))
+            for p, key in pairs:
                 src = torch.as_tensor(params[key])
                 if src.shape != p.shape:
                     raise ValueError(f"head {key} has shape {tuple(src.shape)}, expected {tuple(p.shape)}")

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..encoders import Encoder, EncoderError, encode_texts
 from ..errors import InstattrError
-from ..store import FeatureSet, FinalLayer, Run, RunError
+from ..store import FeatureSet, FinalLayer, Run
 from .base import Classifier
 from .tracked import TrackedModel, eager_copy, finish, transformer_blocks
 
@@ -286,6 +286,7 @@ def check_labels(model, label_names: Sequence[str], where: str) -> None:
     id2label = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
     theirs = [id2label.get(i, f"LABEL_{i}") for i in range(int(model.config.num_labels))]
     generic = all(t == f"LABEL_{i}" for i, t in enumerate(theirs))
-    if len(theirs) != len(label_names) or (not generic and [t.lower() for t in theirs] != [n.lower() for n in label_names]):
+    same = [t.lower() for t in theirs] == [n.lower() for n in label_names]
+    if len(theirs) != len(label_names) or not (generic or same):
         raise InstattrError(f"{where}: the model's labels {theirs} do not match the dataset's labels.json "
                             f"{list(label_names)}")

@@ -84,7 +84,8 @@ def _overview(run: Run) -> str:
         if met.get(f"{split}_accuracy") is not None:
             cards.append((f"{split} accuracy", f"{met[f'{split}_accuracy']:.3f}"))
     n = m.data.n
-    cards += [("training examples", f"{n.get('train', 0):,}"), (f"{m.eval_split} examples", f"{n.get(m.eval_split, 0):,}")]
+    cards += [("training examples", f"{n.get('train', 0):,}"),
+              (f"{m.eval_split} examples", f"{n.get(m.eval_split, 0):,}")]
     cards.append(("build time", f"{met.get('timings', {}).get('total_s', 0):.0f} s"))
     card_html = "".join(f'<div class="card"><b>{html.escape(v)}</b>{html.escape(k)}</div>' for k, v in cards)
     return f"<p class='sub'>{html.escape(model_description(run))}</p>{card_html}"
@@ -96,7 +97,8 @@ def _scores_table(run: Run) -> str:
     for side in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         info = json.loads(side.read_text())
         rows.append(f"<tr><td>{html.escape(info['method'])}</td><td>{info['split']}</td>"
-                    f"<td>{len(info['test_idx']):,} × {len(info['train_idx']):,}</td><td>{info['seconds']:.3f}</td></tr>")
+                    f"<td>{len(info['test_idx']):,} × {len(info['train_idx']):,}</td>"
+                    f"<td>{info['seconds']:.3f}</td></tr>")
     if not rows:
         return ""
     return ("<h2>Score matrices</h2><table><tr><th>method</th><th>split</th><th>shape</th><th>seconds</th></tr>"
@@ -161,7 +163,8 @@ def build_report(run: Run, path: Optional[Path] = None) -> Path:
     parts.append(_examples(run))
     parts.append(_scores_table(run))
     parts.append(f"<p class='muted'>instattr {html.escape(m.versions.get('instattr', '?'))} · torch "
-                 f"{html.escape(m.versions.get('torch', '?'))} · run directory <code>{html.escape(str(run.path))}</code></p>")
+                 f"{html.escape(m.versions.get('torch', '?'))} · run directory "
+                 f"<code>{html.escape(str(run.path))}</code></p>")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>instattr: {html.escape(m.data.name)}"
             f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
     return write_text(path or run.path / "report.html", page)
