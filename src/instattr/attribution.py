@@ -65,7 +65,7 @@ def method_options(names: Sequence[str], options: Optional[dict]) -> Dict[str, d
 
 def _check_kept_options(run: Run, name: str, split: str, options: dict, overwrite: bool) -> None:
     """Stored scores are kept, so asking for other options without --overwrite is an error."""
-    if overwrite or not run.has_scores(name, split):
+    if overwrite or run.score_problem(name, split) is not None:
         return
     made = run.score_info(name, split).get("config", {})
     differ = {k: v for k, v in options.items() if k in made and made[k] != v
@@ -105,22 +105,28 @@ def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_
             raise InstattrError(f"{flag} must be positive, got {v}")
     test = run.features(split)
     train = run.features("train")
+    if any(get_method(n).needs_model for n in names):
+        run.final_layer()                   # a damaged model file fails here, before any score is written
     if limit_test:
         test = test.subset(slice(0, limit_test))
     if limit_train:
         train = train.subset(slice(0, limit_train))
     seconds = {}
-    for name in tqdm(names, desc="attribute", disable=not progress, leave=False):
-        if run.has_scores(name, split) and not overwrite:
-            log(f"{name}: scores/{name}-{split}.npy exists, kept (use --overwrite to recompute)")
-            continue
-        t = time.perf_counter()
-        method = fit_method(run, name, train, device=device, **per_method[name])
-        scores = method.score(test)
-        seconds[name] = time.perf_counter() - t
-        run.save_scores(name, split, scores, test.idx, train.idx, method.config(), seconds[name],
-                        diagnostics=method.diagnostics())
-        log(f"{name}: {scores.shape[0]} x {scores.shape[1]} scores in {seconds[name]:.3f} s")
+    with run.writing("attribute"):
+        for name in tqdm(names, desc="attribute", disable=not progress, leave=False):
+            problem = run.score_problem(name, split)
+            if problem is None and not overwrite:
+                log(f"{name}: scores/{name}-{split}.npy exists, kept (use --overwrite to recompute)")
+                continue
+            if problem not in (None, "missing"):
+                log(f"{name}: scores/{name}-{split}.npy: {problem}; recomputing")
+            t = time.perf_counter()
+            method = fit_method(run, name, train, device=device, **per_method[name])
+            scores = method.score(test)
+            seconds[name] = time.perf_counter() - t
+            run.save_scores(name, split, scores, test.idx, train.idx, method.config(), seconds[name],
+                            diagnostics=method.diagnostics())
+            log(f"{name}: {scores.shape[0]} x {scores.shape[1]} scores in {seconds[name]:.3f} s")
     return seconds
 
 

@@ -339,6 +339,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except InstattrError as e:
         print(f"instattr: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:   # the environment, not a bug: a read-only folder, a full disk
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"instattr: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("instattr: interrupted", file=sys.stderr)
         return 130

@@ -52,6 +52,9 @@ def reproduce(source, out, config: ReproduceConfig = ReproduceConfig(), progress
         wanted["retrain_examples"] = config.retrain_examples
     if (out / "run.json").exists():
         state = read_json(state_path) if state_path.exists() else {"config": None, "done": {}}
+        if not isinstance(state, dict) or not isinstance(state.get("done", {}), dict):
+            raise InstattrError(f"{state_path}: not a reproduce state file; delete it to start the steps over")
+        state = {"config": state.get("config"), "done": dict(state.get("done", {}))}
         if state["config"] not in (None, wanted):
             raise InstattrError(f"{out}: made by reproduce with {state['config']}, not {wanted}; "
                                 "use another --out or delete it")
@@ -82,14 +85,15 @@ def reproduce(source, out, config: ReproduceConfig = ReproduceConfig(), progress
         write_json(state_path, state)
         log(f"{name}: {state['done'][name]:.1f} s")
 
-    step("attribute", lambda: attribute_run(run, config.methods, progress=progress, log=lambda s: None))
-    for name in evaluations_for(run):
-        opts = dict(QUICK_OPTIONS.get(name, {})) if config.quick else {}
-        if name == "retrain" and config.retrain_examples is not None:
-            opts["n_test"] = config.retrain_examples
-        if "progress" in inspect.signature(EVALUATIONS[name]).parameters:
-            opts["progress"] = progress
-        step(name, lambda name=name, opts=opts: run_evaluation(name, run, seed=config.seed, **opts))
-    build_report(run)
+    with run.writing("reproduce"):
+        step("attribute", lambda: attribute_run(run, config.methods, progress=progress, log=lambda s: None))
+        for name in evaluations_for(run):
+            opts = dict(QUICK_OPTIONS.get(name, {})) if config.quick else {}
+            if name == "retrain" and config.retrain_examples is not None:
+                opts["n_test"] = config.retrain_examples
+            if "progress" in inspect.signature(EVALUATIONS[name]).parameters:
+                opts["progress"] = progress
+            step(name, lambda name=name, opts=opts: run_evaluation(name, run, seed=config.seed, **opts))
+        build_report(run)
     log(f"report: {run.path / 'report.html'}")
     return run

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -88,6 +89,51 @@ def read_json(path) -> dict:
         raise RunError(f"{path}: missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunError(f"{path}: not valid JSON ({e})") from None
+
+
+def file_digest(path) -> str:
+    """sha256 of a file's bytes."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def npy_shape(path) -> Optional[Tuple[int, ...]]:
+    """The shape in a .npy file's header, or None if the header is unreadable."""
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, _ = read(f)
+        return tuple(shape)
+    except Exception:
+        return None
+
+
+def _score_pair_problem(npy: Path, side: Path) -> Optional[str]:
+    """Why a score matrix and its sidecar do not belong together (None when they do)."""
+    try:
+        info = read_json(side)
+    except RunError:
+        return f"its sidecar {side.name} is unreadable"
+    if not isinstance(info, dict) or not isinstance(info.get("test_idx"), list) \
+            or not isinstance(info.get("train_idx"), list):
+        return f"its sidecar {side.name} lacks test_idx/train_idx"
+    want = (len(info["test_idx"]), len(info["train_idx"]))
+    shape = npy_shape(npy)
+    if shape is None:
+        return "its header is unreadable (a truncated or damaged file)"
+    if shape != want:
+        return (f"it holds {' x '.join(map(str, shape))} scores but {side.name} names {want[0]} x {want[1]} "
+                "(an interrupted or concurrent write)")
+    if "bytes" in info and npy.stat().st_size != info["bytes"]:
+        return f"it has {npy.stat().st_size} bytes, {side.name} recorded {info['bytes']} (a truncated file)"
+    if "sha256" in info and file_digest(npy) != info["sha256"]:
+        return f"its contents are not those {side.name} recorded (an interrupted or concurrent write)"
+    return None
 
 
 # ---------------------------------------------------------------- arrays
@@ -191,6 +237,46 @@ class FinalLayer:
         return self.augment(features) @ self.weight().T
 
 
+# ---------------------------------------------------------------- one writer per run
+_HELD: Dict[str, list] = {}   # resolved run path -> [fd, depth]: the locks this process holds
+
+
+@contextmanager
+def writing(path, what: str = "instattr"):
+    """Hold ``RUN/.lock`` while writing into a run: a second process gets a one-line error naming
+    the holder instead of interleaving its files with ours. Re-entrant within a process."""
+    key = str(Path(path).resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    lock = Path(path) / ".lock"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    except OSError as e:
+        raise RunError(f"{path}: cannot write into this run ({e.strerror})") from None
+    try:
+        import fcntl
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 400, 0).decode("utf-8", "replace").strip() or "another process"
+            raise RunError(f"{path}: busy: {holder} is writing this run; try again when it has finished") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"instattr {what} (pid {os.getpid()})".encode(), 0)
+        _HELD[key] = [fd, 1]
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 # ---------------------------------------------------------------- the run
 class Run:
     """A run directory on disk. ``Run.load(path)`` checks it holds a valid manifest.
@@ -214,6 +300,10 @@ class Run:
             raise RunError(f"{run.path}: not a run (no run.json); make one with `instattr train` or `instattr import`")
         run.manifest  # noqa: B018 - validate now: a bad run.json fails here, in one line
         return run
+
+    def writing(self, what: str = "instattr"):
+        """A context holding this run's write lock (see :func:`writing`)."""
+        return writing(self.path, what)
 
     def memo(self, key, make):
         """``make()`` once per run object and key (a classifier, a cache); later calls reuse it."""
@@ -296,13 +386,32 @@ class Run:
         return self.path / "scores" / f"{method}-{split}.npy"
 
     def has_scores(self, method: str, split: str) -> bool:
-        return self.score_path(method, split).exists() and self.score_path(method, split).with_suffix(".json").exists()
+        """Whether complete scores are stored: the .npy and its .json sidecar both present and matching."""
+        return self.score_problem(method, split) is None
+
+    def score_problem(self, method: str, split: str) -> Optional[str]:
+        """None when ``method``'s scores on ``split`` are stored whole, else why not ("missing", or how the
+        .npy and its sidecar disagree: an interrupted or concurrent write)."""
+        npy = self.score_path(method, split)
+        side = npy.with_suffix(".json")
+        if not (npy.exists() and side.exists()):
+            return "missing"
+        key = (npy.stat().st_mtime_ns, npy.stat().st_size, side.stat().st_mtime_ns, side.stat().st_size)
+        memo = self._memo.setdefault("checked scores", {})
+        if memo.get((method, split), (None,))[0] != key:
+            memo[(method, split)] = (key, _score_pair_problem(npy, side))
+        return memo[(method, split)][1]
 
     def scores(self, method: str, split: Optional[str] = None, mmap: bool = True) -> np.ndarray:
         """The stored (n_test, n_train) float32 score matrix of ``method`` on ``split``."""
-        p = self.score_path(method, split or self.eval_split)
-        if not p.exists():
+        split = split or self.eval_split
+        p = self.score_path(method, split)
+        problem = self.score_problem(method, split)
+        if problem == "missing":
             raise RunError(f"{p}: missing; run `instattr attribute --run {self.path} --methods {method}`")
+        if problem is not None:
+            raise RunError(f"{p}: {problem}; recompute it with `instattr attribute --run {self.path} "
+                           f"--methods {method} --overwrite`")
         return np.load(p, mmap_mode="r" if mmap else None)
 
     def score_info(self, method: str, split: Optional[str] = None) -> dict:
@@ -311,15 +420,19 @@ class Run:
     def save_scores(self, method: str, split: str, scores: np.ndarray, test_idx: Sequence[str],
                     train_idx: Sequence[str], config: dict, seconds: float,
                     diagnostics: Optional[dict] = None) -> None:
-        """Write scores and their sidecar; the .json lands last so a present .json means complete."""
-        scores = np.asarray(scores, dtype=np.float32)
+        """Write scores, then their sidecar: the sidecar is the commit point. It records the matrix's
+        shape, size and sha256, so a .npy from another write (a kill between the two, or a concurrent
+        writer) is detected on load (:meth:`score_problem`) and treated as missing."""
+        scores = np.ascontiguousarray(scores, dtype=np.float32)
         if scores.shape != (len(test_idx), len(train_idx)):
             raise RunError(f"{method}: scores shape {scores.shape} != ({len(test_idx)}, {len(train_idx)})")
         p = self.score_path(method, split)
         write_npy(p, scores)
         write_json(p.with_suffix(".json"), {"method": method, "split": split, "test_idx": list(map(str, test_idx)),
                                             "train_idx": list(map(str, train_idx)), "config": config,
-                                            "seconds": seconds, "diagnostics": diagnostics or {}})
+                                            "seconds": seconds, "diagnostics": diagnostics or {},
+                                            "shape": list(scores.shape), "bytes": p.stat().st_size,
+                                            "sha256": file_digest(p)})
 
     # results
     def result_path(self, name: str) -> Path:

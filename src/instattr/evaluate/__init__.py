@@ -39,7 +39,8 @@ def run_evaluation(name: str, run: Run, **options) -> dict:
     """Run one evaluation by name (the CLI's entry point)."""
     if name not in EVALUATIONS:
         raise ValueError(f"unknown evaluation {name!r}; choose from {', '.join(EVALUATIONS)}")
-    return EVALUATIONS[name](run, **options)
+    with run.writing(f"evaluate {name}"):
+        return EVALUATIONS[name](run, **options)
 
 
 __all__ = ["EVALUATIONS", "APPLIES", "evaluations_for", "run_evaluation", "run_correlation",

@@ -149,6 +149,11 @@ def _examples(run: Run, n: int = 3, k: int = 3, seed: int = 0) -> str:
 
 def build_report(run: Run, path: Optional[Path] = None) -> Path:
     """Write ``report.html`` (self-contained) from whatever the run holds; returns its path."""
+    with run.writing("report"):
+        return _build(run, path)
+
+
+def _build(run: Run, path: Optional[Path]) -> Path:
     m = run.manifest
     parts = [f"<h1>instattr report: {html.escape(m.data.name)}</h1>", _overview(run)]
     for name, title, intro in SECTIONS:
