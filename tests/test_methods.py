@@ -69,8 +69,9 @@ def hessian(w, feats, labels, l2):
     return h.reshape(w.size, w.size).numpy()
 
 
-def newton_optimum(feats, labels, l2, w0, iters=40):
-    """argmin of the regularised mean loss, by plain Newton with autograd derivatives."""
+def newton_optimum(feats, labels, l2, w0, iters=60):
+    """argmin of the regularised mean loss, by Newton with autograd derivatives (steps halved until
+    the loss decreases: a full Newton step can overshoot from a far start)."""
     fn = mean_loss(feats, labels, l2)
     w = torch.tensor(w0)
     for _ in range(iters):
@@ -78,7 +79,11 @@ def newton_optimum(feats, labels, l2, w0, iters=40):
         if g.norm() < 1e-12:
             break
         h = torch.autograd.functional.hessian(fn, w).reshape(w.numel(), w.numel())
-        w = w - torch.linalg.solve(h, g).reshape(w.shape)
+        step, t = torch.linalg.solve(h, g).reshape(w.shape), 1.0
+        while fn(w - t * step) > fn(w) and t > 1e-8:
+            t /= 2
+        w = w - t * step
+    assert torch.autograd.functional.jacobian(fn, w).norm() < 1e-9
     return w.numpy()
 
 
@@ -274,3 +279,37 @@ def test_scoring_rejects_test_features_of_another_width(contract):
     for name in ("nn-cos", "gd", "if", "rep"):
         with pytest.raises(ValueError, match="shape"):
             get_method(name).fit(train, head).score(other)
+
+
+# ---------------------------------------------------------------- a final layer with a bias
+@pytest.mark.parametrize("c", [2, 3])
+def test_gradient_methods_and_rep_cover_the_bias(c):
+    """logits = W f + b = [W, b] [f, 1]: with a bias every gradient method equals brute force over the
+    augmented weight, and the L2 term covers the bias too (an imported model's damping)."""
+    train, test, layer = problem(c=c, seed=50 + c)
+    b = np.random.default_rng(c).standard_normal(c)
+    biased = FinalLayer(w=layer.w, b=b, l2=layer.l2)
+
+    def with_bias(fs):
+        probs = torch.softmax(torch.as_tensor(fs.features @ layer.w.T + b), -1).numpy()
+        return fs.replace(probs=probs, pred=probs.argmax(1))
+    train, test = with_bias(train), with_bias(test)
+    aug = lambda f: np.concatenate([f, np.ones((len(f), 1))], 1)   # noqa: E731
+    wb = np.concatenate([layer.w, b[:, None]], 1)
+    g_te = per_example_grads(wb, aug(test.features), test.pred)
+    g_tr = per_example_grads(wb, aug(train.features), train.label)
+    close(get_method("gd").fit(train, biased).score(test), g_te @ g_tr.T)
+    close(get_method("gc").fit(train, biased).score(test),
+          np.array([[cos(a, z) for z in g_tr] for a in g_te]))
+    h = hessian(wb, aug(train.features), train.label, layer.l2)
+    close(get_method("if").fit(train, biased).score(test), g_te @ np.linalg.solve(h, g_tr.T))
+    ev, vec = np.linalg.eigh(h)
+    root = vec @ np.diag(ev ** -0.5) @ vec.T
+    close(get_method("rif").fit(train, biased).score(test),
+          np.array([[cos(root @ a, root @ z) for z in g_tr] for a in g_te]), rtol=1e-4)
+    # rep: alpha from the brute-force optimum of [W, b]; score = alpha_{i,c} <f~_i, f~_t>
+    opt = newton_optimum(aug(train.features), train.label, layer.l2, wb)
+    p = torch.softmax(torch.as_tensor(aug(train.features) @ opt.T), -1).numpy()
+    alpha = -(p - np.eye(c)[train.label]) / (2 * layer.l2 * len(train))
+    want = alpha[:, test.pred].T * (aug(test.features) @ aug(train.features).T)
+    close(get_method("rep").fit(train, biased).score(test), want, rtol=1e-4)

@@ -12,6 +12,8 @@ from instattr.errors import InstattrError
 from instattr.models.head import HeadConfig, pair_input, predict
 from instattr.pipeline import TrainConfig, featurize, train_run
 
+from conftest import make_dataset
+
 HEAD = HeadConfig(epochs=5, lr=1e-2, batch_size=8)
 
 
@@ -155,3 +157,74 @@ def test_embedding_cache_reused_and_keyed_by_text(tmp_path, tiny_encoder, toy_da
     with pytest.raises(AssertionError, match="encoded again"):  # other texts miss the cache
         train_run(TrainConfig(data=str(toy_data), encoder=tiny_encoder, head=HEAD, limit_train=7),
                   tmp_path / "c", progress=False)
+
+
+def test_a_sampled_run_finds_its_texts_by_idx(tmp_path, tiny_encoder):
+    """--limit-train/--limit-eval keep a seeded random sample: explain, if-top and the report must show
+    each row's own text (they matched rows by position before)."""
+    import html
+
+    from instattr.attribution import attribute_run, explain, fit_method
+    from instattr.report import build_report
+    data = make_dataset(tmp_path / "data", n_train=60, n_test=20, n_dev=0)
+    for split in ("train", "test"):                 # every text unique, so a text identifies its row
+        rows = [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines()]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps({**r, "document": f"{r['document']} {r['idx']}"})
+                                                     + "\n" for r in rows))
+    run = train_run(TrainConfig(data=str(data), encoder=tiny_encoder, head=HEAD, limit_train=25, limit_eval=8),
+                    tmp_path / "run", progress=False)
+    by_idx = {json.loads(line)["idx"]: json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()}
+    stored = [str(i) for i in run.features("train").idx]
+    assert stored != [f"train_{i}" for i in range(25)]              # a sample, not the first rows
+    assert [e.document for e in run.examples("train")] == [by_idx[i]["document"] for i in stored]
+    out = explain(run, "the movie was good", methods="gd,if", k=3)
+    for row in out["methods"]["gd"]["supporting"] + out["methods"]["if"]["opposing"]:
+        assert by_idx[row["idx"]]["document"] == row["text"]
+    scores = fit_method(run, "if-top", layers=1, proj_dim=3, progress=False).score(run.features("test"))
+    assert scores.shape == (8, 25) and np.isfinite(scores).all()
+    attribute_run(run, "gd,nn-cos", progress=False, log=lambda *_: None)
+    page = (build_report(run)).read_text()
+    test_ex, train_ex = run.examples("test"), run.examples("train")
+    from instattr.methods import top_k
+    for r in np.random.default_rng(0).choice(8, size=3, replace=False):
+        assert html.escape(test_ex[r].document) in page
+        idx, _ = top_k(np.asarray(run.scores("gd")[r:r + 1]), 3)
+        block = page.split(html.escape(test_ex[r].document), 1)[1]
+        for i in idx[0]:
+            assert html.escape(train_ex[i].document) in block
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: {**m, "format": 1}, "format 1 is not 2"),
+    (lambda m: {**m, "format": 3}, "newer instattr"),
+    (lambda m: {}, "format None is not 2"),
+    (lambda m: {k: v for k, v in m.items() if k != "label_names"}, "missing 'label_names'"),
+    (lambda m: {**m, "l2": "high"}, "'l2' must be float"),
+    (lambda m: {**m, "mode": "magic"}, "mode 'magic'"),
+])
+def test_run_json_is_validated_once_with_a_one_line_error(tiny_run, tmp_path, capsys, edit, message):
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.path, run)
+    manifest = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps(edit(manifest)))
+    with pytest.raises(InstattrError, match=message):
+        Run.load(run)
+    assert main(["--quiet", "predict", "--run", str(run), "good"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run.json" in err and message.split("'")[0] in err
+
+
+def test_devices(tiny_run, capsys, monkeypatch):
+    from instattr.device import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu" and resolve_device(None).type == "cpu"
+    with pytest.raises(InstattrError, match="no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(InstattrError, match="--device must be one of"):
+        resolve_device("tpu")
+    assert main(["--quiet", "predict", "--run", str(tiny_run.path), "good", "--device", "cuda"]) == 2
+    assert "--device cuda" in capsys.readouterr().err
+    a = featurize(tiny_run, ["the movie was good"], device="cpu")
+    b = featurize(tiny_run, ["the movie was good"], device="auto")
+    np.testing.assert_array_equal(a.probs, b.probs)

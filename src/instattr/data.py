@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .errors import InstattrError
+from .errors import DataError, InstattrError  # noqa: F401  (DataError is part of this module's API)
 
 NAMED = ("sst2", "mnli", "hans")
 SPLITS = ("train", "dev", "test")
@@ -32,10 +32,6 @@ QUERY_FIELDS = ("query", "hypothesis")
 LABEL_FIELDS = ("label", "labels")
 SHARED_DATA = os.path.join("..", "shared", "data")
 PACKAGED = Path(__file__).resolve().parent / "datasets"
-
-
-class DataError(InstattrError):
-    """Bad input data; the message is one line naming the file and line."""
 
 
 @dataclass(frozen=True)
@@ -163,12 +159,31 @@ def load_dataset(data: str, root: Optional[str] = None, text_field: Optional[str
     where = resolve(data, root)
     fields = (text_field, query_field, label_field)
     if isinstance(where, str):
-        from .hf_data import load_hf
-        ds = load_hf(where, *fields)
+        ds = _load_hub(where, fields)
     else:
         ds = _load_folder(where, fields)
     _check_classes(ds)
     return ds
+
+
+def _load_hub(name: str, fields: tuple) -> Dataset:
+    """A Hugging Face hub dataset (:mod:`.hf_data` reads its rows), columns picked as for files."""
+    from .hf_data import hub_splits
+    splits, label_names = {}, None
+    for ours, part in hub_splits(name).items():
+        tcol, qcol, lcol = pick_fields(part.source, part.columns, *fields)
+        label_names = label_names or part.class_names.get(lcol)
+        examples = [Example(idx=f"{ours}_{i}", document=r[tcol], label=int(r[lcol]),
+                            query=r[qcol] if qcol else None) for i, r in enumerate(part.rows)]
+        examples = [e for e in examples if e.label >= 0]
+        if not examples:
+            raise DataError(f"{part.source}: no labelled examples")
+        splits[ours] = Split(ours, examples, part.source)
+    if "train" not in splits:
+        raise DataError(f"{name}: has no train split")
+    if label_names is None:
+        label_names = [str(i) for i in range(1 + max(max(s.labels) for s in splits.values()))]
+    return Dataset(name=name.replace("/", "_"), root=name, label_names=list(label_names), splits=splits)
 
 
 def _load_folder(where: Path, fields: tuple) -> Dataset:

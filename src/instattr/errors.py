@@ -3,3 +3,7 @@
 
 class InstattrError(ValueError):
     """Base of every user-facing error (bad data, bad run, bad option)."""
+
+
+class DataError(InstattrError):
+    """Bad input data; the message is one line naming the file and line."""
