@@ -352,3 +352,28 @@ def test_finetune_checkpoint_imports_to_the_same_run(tmp_path, tiny_encoder, toy
     np.testing.assert_allclose(ft.final_layer().w, again.final_layer().w)
     np.testing.assert_allclose(ft.final_layer().b, again.final_layer().b)
     assert ft.final_layer().l2 == again.final_layer().l2
+
+
+def test_the_example_script_needs_no_instattr_and_imports(tmp_path, tiny_encoder, toy_data):
+    """examples/finetune_sst2.py (plain transformers) -> instattr import -> the model's own probabilities."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).parents[1] / "examples" / "finetune_sst2.py"
+    tree = ast.parse(script.read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not any(m and m.startswith("instattr") for m in imported)
+    out = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "m"), "--data", str(toy_data),
+                          "--encoder", tiny_encoder, "--limit", "24", "--epochs", "2", "--batch-size", "8"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "m" / "checkpoint-3" / "trainer_state.json").exists()
+    run = import_run(ImportConfig(model=str(tmp_path / "m"), data=str(toy_data), sbert=tiny_encoder,
+                                  checkpoints=(str(tmp_path / "m" / "checkpoint-3"), str(tmp_path / "m" / "checkpoint-6"))),
+                     tmp_path / "run", progress=False)
+    ref = Reference(tmp_path / "m")
+    probs, _ = ref.probs_and_features([e.__dict__ for e in run.examples("test")])
+    np.testing.assert_allclose(run.features("test").probs, probs, atol=1e-5)
+    assert run.manifest.hf.checkpoint_lrs == (2e-5, 2e-5)      # read from trainer_state.json
