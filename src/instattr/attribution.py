@@ -93,7 +93,8 @@ def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_
     per_method = method_options(names, options)
     split = split or run.eval_split
     if split not in run.splits:
-        raise RunError(f"{run.path}: no features for split {split!r} (has {', '.join(run.splits)})")
+        raise RunError(f"{run.path / 'features' / (split + '.npz')}: missing; the run has features for "
+                       f"{', '.join(run.splits) or 'no split'}")
     for name in names:                      # bad or conflicting options fail before any score is written
         try:
             get_method(name, **per_method[name])

@@ -221,7 +221,7 @@ def cmd_evaluate(a) -> int:
 def cmd_report(a) -> int:
     from .report import build_report
     from .store import Run
-    print(build_report(Run.load(a.run)))
+    print(build_report(Run.load(a.run), log=lambda note: print(f"instattr: note: {note}", file=sys.stderr)))
     return 0
 
 

@@ -21,7 +21,7 @@ from .data import Dataset, Split, load_dataset
 from .errors import InstattrError
 from .manifest import FORMAT, DataInfo, EncoderInfo, HeadInfo, HFInfo, Manifest
 from .models.head import HeadConfig
-from .store import FeatureSet, Run, RunError, _umask, write_json, write_npz
+from .store import FeatureSet, Run, RunError, _umask, recover_run_folder, write_json, write_npz
 
 TUNE_GRID = {"l2": (0.1, 0.01, 0.001), "lr": (2e-3, 2e-4, 2e-5, 2e-6), "epochs": (3, 7, 10, 15),
              "batch_size": (8, 16)}
@@ -127,13 +127,14 @@ def _save_final_layer(folder: Path, w, b=None) -> None:
 def build_atomically(out, overwrite: bool, make) -> Run:
     """Call ``make(tmp)`` on a hidden sibling of ``out`` and rename it into place when it returns."""
     out = Path(out)
+    recover_run_folder(out)
     if out.exists() and not out.is_dir():
         raise RunError(f"{out}: is a file, not a run directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise RunError(f"{out}: already exists; pass --overwrite to replace it")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building.pid{os.getpid()}-"))
     except OSError as e:
         raise RunError(f"{out.parent}: cannot create the run here ({e.strerror})") from None
     os.chmod(tmp, 0o777 & ~_umask())
@@ -148,7 +149,7 @@ def build_atomically(out, overwrite: bool, make) -> Run:
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = out.with_name(f".{out.name}.old-pid{os.getpid()}.")
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)

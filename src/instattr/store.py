@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ def _umask() -> int:
 def _atomic(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -237,6 +238,59 @@ class FinalLayer:
         return self.augment(features) @ self.weight().T
 
 
+# ---------------------------------------------------------------- leftovers of killed processes
+_PID = re.compile(r"[.-]pid(\d+)[.-]")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _dead_owner(name: str) -> bool:
+    """Whether a temporary's name carries the pid of a process that no longer runs."""
+    m = _PID.search(name)
+    return m is not None and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1)))
+
+
+def remove_stale_temporaries(folder) -> List[Path]:
+    """Delete the half-written ``.*.pidN.*.tmp`` files of dead processes under ``folder``."""
+    removed = []
+    for p in Path(folder).rglob(".*.tmp"):
+        if p.is_file() and _dead_owner(p.name):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
+def recover_run_folder(path) -> None:
+    """Finish what a killed ``train``/``import`` left next to ``path``: restore a run that an
+    interrupted overwrite had moved aside (``.NAME.old-pidN`` with no ``NAME``), and delete the
+    build folders and replaced runs of dead processes."""
+    import shutil
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for p in sorted(path.parent.glob(f".{path.name}.*")):
+        if not p.is_dir() or not _dead_owner(p.name):
+            continue
+        try:
+            if ".old-pid" in p.name and not path.exists():
+                os.replace(p, path)            # the swap was interrupted between its two renames
+            else:
+                shutil.rmtree(p)
+        except OSError:
+            pass
+
+
 # ---------------------------------------------------------------- one writer per run
 _HELD: Dict[str, list] = {}   # resolved run path -> [fd, depth]: the locks this process holds
 
@@ -267,6 +321,7 @@ def writing(path, what: str = "instattr"):
             raise RunError(f"{path}: busy: {holder} is writing this run; try again when it has finished") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"instattr {what} (pid {os.getpid()})".encode(), 0)
+        remove_stale_temporaries(path)     # only the lock holder writes here: what is half-written is dead
         _HELD[key] = [fd, 1]
         try:
             yield
@@ -294,6 +349,7 @@ class Run:
     @classmethod
     def load(cls, path) -> "Run":
         run = cls(path)
+        recover_run_folder(run.path)
         if not run.path.is_dir():
             raise RunError(f"{run.path}: no such run directory")
         if not (run.path / "run.json").exists():
@@ -326,8 +382,15 @@ class Run:
 
     @property
     def metrics(self) -> dict:
+        """metrics.json (accuracies, timings), or {} when there is none."""
         p = self.path / "metrics.json"
-        return read_json(p) if p.exists() else {}
+        metrics = read_json(p) if p.exists() else {}
+        numbers = (int, float, type(None))
+        if not isinstance(metrics, dict) or not isinstance(metrics.get("timings", {}), dict) or not all(
+                isinstance(v, numbers) for k, v in metrics.items() if k.endswith("_accuracy")) or not all(
+                isinstance(v, numbers) for v in metrics.get("timings", {}).values()):
+            raise RunError(f"{p}: not a metrics file (a JSON object with accuracies and timings)")
+        return metrics
 
     @property
     def label_names(self) -> list:

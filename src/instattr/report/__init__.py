@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -91,12 +90,27 @@ def _overview(run: Run) -> str:
     return f"<p class='sub'>{html.escape(model_description(run))}</p>{card_html}"
 
 
-def _scores_table(run: Run) -> str:
-    rows = []
+def _stored_scores(run: Run) -> Tuple[List[Tuple[str, str]], List[str]]:
+    """((method, split) of every score matrix stored whole, why each other one is left out)."""
     folder = run.path / "scores"
+    whole, skipped = [], []
     for side in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        info = json.loads(side.read_text())
-        rows.append(f"<tr><td>{html.escape(info['method'])}</td><td>{info['split']}</td>"
+        method, _, split = side.stem.rpartition("-")
+        if not method or not side.with_suffix(".npy").exists():
+            continue
+        problem = run.score_problem(method, split)
+        if problem is None:
+            whole.append((method, split))
+        else:
+            skipped.append(f"scores/{side.with_suffix('.npy').name} left out: {problem}")
+    return whole, skipped
+
+
+def _scores_table(run: Run, stored: List[Tuple[str, str]]) -> str:
+    rows = []
+    for method, split in stored:
+        info = run.score_info(method, split)
+        rows.append(f"<tr><td>{html.escape(info['method'])}</td><td>{html.escape(info['split'])}</td>"
                     f"<td>{len(info['test_idx']):,} × {len(info['train_idx']):,}</td>"
                     f"<td>{info['seconds']:.3f}</td></tr>")
     if not rows:
@@ -105,12 +119,11 @@ def _scores_table(run: Run) -> str:
             + "".join(rows) + "</table>")
 
 
-def _examples(run: Run, n: int = 3, k: int = 3, seed: int = 0) -> str:
+def _examples(run: Run, stored: List[Tuple[str, str]], n: int = 3, k: int = 3, seed: int = 0) -> str:
     """A few test examples, the top-k supporting training examples of every method side by side."""
     from ..methods import top_k
     split = run.eval_split
-    folder = run.path / "scores"
-    methods = [p.stem[: -len(split) - 1] for p in sorted(folder.glob(f"*-{split}.json"))] if folder.is_dir() else []
+    methods = [m for m, sp in stored if sp == split]
     if not methods:
         return ""
     try:
@@ -147,26 +160,40 @@ def _examples(run: Run, n: int = 3, k: int = 3, seed: int = 0) -> str:
     return "".join(out)
 
 
-def build_report(run: Run, path: Optional[Path] = None) -> Path:
-    """Write ``report.html`` (self-contained) from whatever the run holds; returns its path."""
+def build_report(run: Run, path: Optional[Path] = None, log: Optional[Callable[[str], None]] = None) -> Path:
+    """Write ``report.html`` (self-contained) from whatever the run holds; returns its path.
+    ``log`` hears what the page leaves out and why (damaged scores, no results yet)."""
     with run.writing("report"):
-        return _build(run, path)
+        return _build(run, path, log or (lambda message: None))
 
 
-def _build(run: Run, path: Optional[Path]) -> Path:
+def _build(run: Run, path: Optional[Path], log: Callable[[str], None]) -> Path:
     m = run.manifest
+    stored, skipped = _stored_scores(run)
     parts = [f"<h1>instattr report: {html.escape(m.data.name)}</h1>", _overview(run)]
+    shown = 0
     for name, title, intro in SECTIONS:
         md = run.path / "results" / f"{name}.md"
         figs = _figures(run, name)
         if not md.exists() and not figs:
             continue
+        shown += 1
         parts.append(f"<h2>{html.escape(title)}</h2><p class='sub'>{html.escape(intro)}</p>")
         if md.exists():
             parts.append(markdown_to_html(md.read_text(encoding="utf-8")))
         parts += [_img(f) for f in figs]
-    parts.append(_examples(run))
-    parts.append(_scores_table(run))
+    notes = list(skipped)
+    if not shown:
+        notes.append(f"no evaluation results in {run.path / 'results'} yet: run `instattr evaluate NAME --run "
+                     f"{run.path}` or `instattr reproduce`")
+    if not stored:
+        notes.append(f"no stored scores: run `instattr attribute --run {run.path}`")
+    if notes:
+        parts.append("<h2>Not shown</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    for note in notes:
+        log(note)
+    parts.append(_examples(run, stored))
+    parts.append(_scores_table(run, stored))
     parts.append(f"<p class='muted'>instattr {html.escape(m.versions.get('instattr', '?'))} · torch "
                  f"{html.escape(m.versions.get('torch', '?'))} · run directory "
                  f"<code>{html.escape(str(run.path))}</code></p>")
