@@ -87,6 +87,23 @@ def setup(run_path, split, test_rows, train_rows, layers):
     return run, test, train, train.subset(np.asarray(train_rows))
 
 
+def _start(run, layers):
+    from instattr.models import classifier_for
+    from instattr.models.tracked import first_tracked_layer
+    return first_tracked_layer(classifier_for(run).n_layers, layers)
+
+
+def classifier_for(run):
+    from instattr.models import classifier_for as build
+    return build(run)
+
+
+def tracked_model(run, layers, dtype="float32"):
+    """(the run's tracked model over its top ``layers`` blocks, the first tracked block)."""
+    start = _start(run, layers)
+    return classifier_for(run).tracked(start, dtype), start
+
+
 def exact_gradients(run, fs, labels, model, flat, layers, batch_size=16):
     """Yield (positions, exact per-example gradients) via torch.func, length-sorted batches."""
     import torch
@@ -94,22 +111,21 @@ def exact_gradients(run, fs, labels, model, flat, layers, batch_size=16):
     from instattr.layers.cache import Examples
     from instattr.layers.grads import per_example_flat_grads
     labels = torch.as_tensor(np.asarray(labels))
-    for pos, b in Examples(run, fs, layers).batches(batch_size, torch.float32):
+    for pos, b in Examples(classifier_for(run), fs, _start(run, layers)).batches(batch_size, torch.float32):
         yield pos, per_example_flat_grads(model, flat, b, labels[pos])
 
 
 # ------------------------------------------------------------------ phases
 def phase_cache(run_path, layers):
     from instattr.layers.cache import cache_path, load_cache
-    from instattr.layers.network import first_tracked_layer, run_encoder_for
     from instattr.store import Run
     run = Run.load(run_path)
-    start = first_tracked_layer(run_encoder_for(run), layers)
+    start = _start(run, layers)
     out = {}
     for split in ("train", run.eval_split):
-        existed = cache_path(run, split, start).exists()
+        existed = cache_path(classifier_for(run), split, start).exists()
         t = time.perf_counter()
-        c = load_cache(run, split, start)
+        c = load_cache(classifier_for(run), split, start)
         out[split] = {"seconds": time.perf_counter() - t, "built": not existed, "tokens": int(len(c.states)),
                       "mb": c.states.nbytes / 2**20}
     return out
@@ -119,7 +135,6 @@ def phase_exact(run_path, split, test_rows, train_rows, layers):
     import torch
 
     from instattr.layers.grads import FlatParameters
-    from instattr.layers.network import tracked_model
     run, test, _, train_s = setup(run_path, split, test_rows, train_rows, layers)
     model, _ = tracked_model(run, layers)
     flat = FlatParameters(model)
@@ -140,23 +155,22 @@ def phase_projected(run_path, split, test_rows, train_rows, layers, k, dampings,
 
     from instattr.layers.attributors import gauss_newton_curvature, projected_gradients
     from instattr.layers.ihvp import GaussNewton
-    from instattr.layers.network import tracked_model
     from instattr.layers.projection import GradientProjector
     run, test, train, _ = setup(run_path, split, test_rows, train_rows, layers)
     model, _ = tracked_model(run, layers)
     proj = GradientProjector(model, k, kind=kind)
     t = time.perf_counter()
-    g_tr, factors = projected_gradients(run, train, train.label, proj, layers, factors=True)
+    g_tr, factors = projected_gradients(classifier_for(run), train, train.label, proj, _start(run, layers), factors=True)
     t_train = time.perf_counter() - t
     t = time.perf_counter()
-    g_te, _ = projected_gradients(run, test, test.pred, proj, layers)
+    g_te, _ = projected_gradients(classifier_for(run), test, test.pred, proj, _start(run, layers))
     t_test = (time.perf_counter() - t) / len(test)
     cols = torch.as_tensor(np.asarray(train_rows))
     out = {"k": k, "dim": proj.dim, "train_s": t_train, "test_s_per_example": t_test,
            "gd": (g_te @ g_tr[cols].T).numpy(), "if": {}, "solve_s": {}}
     for lam in dampings:
         t = time.perf_counter()
-        solver = GaussNewton(lam, hessian).fit(gauss_newton_curvature(proj, factors, len(train), run.head().l2))
+        solver = GaussNewton(lam, hessian).fit(gauss_newton_curvature(proj, factors, len(train), run.final_layer().l2))
         solved = solver.solve(g_te.double())            # if-top scores H^-1 g_t . g_i
         out["solve_s"][lam] = time.perf_counter() - t
         out["if"][lam] = (solved @ g_tr[cols].double().T).numpy()
@@ -173,15 +187,13 @@ def phase_lissa(run_path, split, test_rows, train_rows, layers, damping, scale, 
     from instattr.layers.cache import Examples
     from instattr.layers.grads import FlatParameters, hvp
     from instattr.layers.ihvp import Curvature, LiSSA
-    from instattr.layers.network import tracked_model
     run, test, train, train_s = setup(run_path, split, test_rows, train_rows, layers)
     model, _ = tracked_model(run, layers)
     flat = FlatParameters(model)
-    l2 = run.head().l2
-    examples = Examples(run, train, layers)
+    examples = Examples(classifier_for(run), train, _start(run, layers))
     labels = torch.as_tensor(train.label)
     curv = Curvature(dim=flat.dim, n=len(train),
-                     hvp=lambda v, rows: hvp(model, flat, l2, examples.batch(rows, torch.float32), labels[rows], v))
+                     hvp=lambda v, rows: hvp(model, flat, examples.batch(rows, torch.float32), labels[rows], v))
     g_t = torch.zeros(len(test), flat.dim)
     for pos, g in exact_gradients(run, test, test.pred, model, flat, layers):
         g_t[pos] = g
@@ -226,9 +238,7 @@ def phase_exact_ggn(run_path, split, test_rows, layers, n_hessian, ks, dampings,
     import torch
 
     from instattr.layers.grads import FlatParameters
-    from instattr.layers.network import tracked_model
     from instattr.methods.lastlayer import sum_zero_basis
-    from instattr.store import FeatureSet
     run, test, train, _ = setup(run_path, split, test_rows, [0], layers)
     if train.n_classes != 2:
         raise ValueError("the Woodbury reference assumes a binary task")
@@ -236,12 +246,19 @@ def phase_exact_ggn(run_path, split, test_rows, layers, n_hessian, ks, dampings,
     sub = train.subset(rows)
     model, _ = tracked_model(run, layers)
     flat = FlatParameters(model)
-    w = flat.slices["classifier.weight"]
-    l2 = run.head().l2
-    both = FeatureSet(**{k: np.concatenate([getattr(test, k), getattr(sub, k)]) for k in
-                         ("idx", "label", "pred", "probs", "features", "encoder")})
-    labels = np.concatenate([test.pred, sub.label])
+    w = np.concatenate([np.arange(flat.slices[name].start, flat.slices[name].stop) for name in model.penalized()])
+    l2 = run.final_layer().l2
     m, n, total = len(test), len(sub), len(test) + len(sub)
+
+    def both(rows):
+        """(positions in rows, gradients) of rows of [test at pred; sub at gold] (one split at a time)."""
+        rows = np.asarray(rows)
+        for fs, labels, offset in ((test, test.pred, 0), (sub, sub.label, m)):
+            mine = np.flatnonzero((rows >= offset) & (rows < offset + len(fs)))
+            if len(mine):
+                for pos, g in exact_gradients(run, fs.subset(rows[mine] - offset), labels[rows[mine] - offset],
+                                              model, flat, layers):
+                    yield mine[pos], g
     if reference is not None:
         out = {"gram_s": reference["gram_s"], "n_hessian": n, "exact_gd": np.asarray(reference["exact_gd"]),
                "exact_if": {float(k): np.asarray(v) for k, v in reference["exact_if"].items()}, "projected": {}}
@@ -249,16 +266,16 @@ def phase_exact_ggn(run_path, split, test_rows, layers, n_hessian, ks, dampings,
         if out["exact_gd"].shape != (m, n) or missing:
             raise ValueError(f"--ggn-reference: shape {out['exact_gd'].shape} != {(m, n)} or dampings {missing} "
                              "missing; rerun without it")
-        return _projected_against(run, test, sub, layers, ks, dampings, run.head().l2, hessian, out, kinds)
+        return _projected_against(run, test, sub, layers, ks, dampings, run.final_layer().l2, hessian, out, kinds)
     t0 = time.perf_counter()
     gram, gram_w = np.zeros((total, total)), np.zeros((total, total))
     for a in range(0, total, block):
         keep = np.arange(a, min(a + block, total))
         held = torch.zeros(len(keep), flat.dim, dtype=torch.float64)   # float64 sums, converted once
-        for pos, g in exact_gradients(run, both.subset(keep), labels[keep], model, flat, layers):
+        for pos, g in both(keep):
             held[pos] = g.double()
         rest = np.arange(a, total)
-        for pos, g in exact_gradients(run, both.subset(rest), labels[rest], model, flat, layers):
+        for pos, g in both(rest):
             cols, g = rest[pos], g.double()
             gram[np.ix_(keep, cols)] = (held @ g.T).numpy()
             gram_w[np.ix_(keep, cols)] = (held[:, w] @ g[:, w].T).numpy()
@@ -270,7 +287,7 @@ def phase_exact_ggn(run_path, split, test_rows, layers, n_hessian, ks, dampings,
     with torch.no_grad():
         p = np.zeros((n, 2))
         from instattr.layers.cache import Examples
-        for pos, b in Examples(run, sub, layers).batches(64, torch.float32):
+        for pos, b in Examples(classifier_for(run), sub, _start(run, layers)).batches(64, torch.float32):
             p[pos] = torch.softmax(model(**b).double(), -1).numpy()
     q = sum_zero_basis(2)[:, 0]
     e = p.copy()
@@ -293,15 +310,14 @@ def _projected_against(run, test, sub, layers, ks, dampings, l2, hessian, out, k
     """Projected gd-top and if-top on the Hessian subset ``sub``, for each kind, k and damping, into ``out``."""
     from instattr.layers.attributors import gauss_newton_curvature, projected_gradients
     from instattr.layers.ihvp import GaussNewton
-    from instattr.layers.network import tracked_model
     from instattr.layers.projection import GradientProjector
     model, _ = tracked_model(run, layers)
     for kind in kinds:
         for k in ks:
             proj = GradientProjector(model, k, kind=kind)
             t = time.perf_counter()
-            g_tr, factors = projected_gradients(run, sub, sub.label, proj, layers, factors=True)
-            g_te, _ = projected_gradients(run, test, test.pred, proj, layers)
+            g_tr, factors = projected_gradients(classifier_for(run), sub, sub.label, proj, _start(run, layers), factors=True)
+            g_te, _ = projected_gradients(classifier_for(run), test, test.pred, proj, _start(run, layers))
             res = {"kind": kind, "k": k, "dim": proj.dim, "seconds": time.perf_counter() - t,
                    "gd": (g_te @ g_tr.T).numpy(), "if": {}}
             for lam in dampings:
@@ -327,7 +343,6 @@ def phase_kfac(run_path, split, test_rows, train_rows, layers, dampings, n_fit, 
     from kronfluence.utils.dataset import DataLoaderKwargs
 
     from instattr.layers.cache import Examples
-    from instattr.layers.network import tracked_model
     run, test, train, train_s = setup(run_path, split, test_rows, train_rows, layers)
     model, _ = tracked_model(run, layers)
     for p in model.parameters():
@@ -338,7 +353,7 @@ def phase_kfac(run_path, split, test_rows, train_rows, layers, dampings, n_fit, 
 
     class Rows(torch.utils.data.Dataset):
         def __init__(self, key, fs, labels):
-            self.key, self.ex, self.labels = key, Examples(run, fs, layers), np.asarray(labels)
+            self.key, self.ex, self.labels = key, Examples(classifier_for(run), fs, _start(run, layers)), np.asarray(labels)
             datasets[key] = self
 
         def __len__(self):
