@@ -50,7 +50,7 @@ def roberta_tokenizer(folder):
 
 
 def build(family, folder, n_labels):
-    small = dict(num_hidden_layers=2, num_attention_heads=2, num_labels=n_labels)
+    small = dict(num_hidden_layers=2, num_attention_heads=2, num_labels=n_labels, initializer_range=0.3)
     if family == "bert":
         tok, v = bert_tokenizer(folder)
         cfg = T.BertConfig(vocab_size=v, hidden_size=16, intermediate_size=32, max_position_embeddings=128, **small)
@@ -62,7 +62,7 @@ def build(family, folder, n_labels):
         return tok, T.RobertaForSequenceClassification(cfg)
     tok, v = bert_tokenizer(folder, T.DistilBertTokenizerFast)
     cfg = T.DistilBertConfig(vocab_size=v, dim=16, n_layers=2, n_heads=2, hidden_dim=32, max_position_embeddings=128,
-                             num_labels=n_labels)
+                             num_labels=n_labels, initializer_range=0.3)
     return tok, T.DistilBertForSequenceClassification(cfg)
 
 
@@ -377,3 +377,29 @@ def test_the_example_script_needs_no_instattr_and_imports(tmp_path, tiny_encoder
     probs, _ = ref.probs_and_features([e.__dict__ for e in run.examples("test")])
     np.testing.assert_allclose(run.features("test").probs, probs, atol=1e-5)
     assert run.manifest.hf.checkpoint_lrs == (2e-5, 2e-5)      # read from trainer_state.json
+
+
+def test_top_block_scopes_retrain_and_reinitialise_from_cached_states(imported):
+    """--scope top-1: the randomized test changes the features (so nn-* rankings move), and
+    retraining is deterministic: an all-kept mask gives exactly the "before" probabilities."""
+    from instattr.evaluate.randomized import run_randomized
+    from instattr.evaluate.retrain import run_retrain
+    from instattr.evaluate.top_layers import random_top, retrain_top
+    _, _, run, _ = imported
+    clf = classifier_for(run)
+    train, test = run.features("train"), run.features("test").subset([0, 1])
+    r_train, r_test, layer = random_top(clf, 1, train, test, seed=3)
+    assert np.abs(r_train.features - train.features).max() > 1e-2          # the features themselves change
+    np.testing.assert_allclose(r_test.probs, torch.softmax(torch.as_tensor(layer.logits(r_test.features)), -1).numpy(),
+                               atol=1e-5)
+    res = run_randomized(run, methods=["nn-cos", "gd"], n_test=4, scope="top-1")
+    assert res["scope"] == "top-1" and "top 1 transformer block" in (run.path / "results" / "randomized.md").read_text()
+    masks = np.ones((2, len(train)), dtype=bool)
+    masks[1, :8] = False
+    after, before = retrain_top(clf, 1, train, test, masks, epochs=1, batch_size=8)
+    np.testing.assert_array_equal(after[0], before[0])
+    assert not np.allclose(after[1], before[1])
+    out = run_retrain(run, methods=["gd"], n_test=2, ks=(3,), n_random=1, scope="top-1", progress=False)
+    assert out["scope"] == "top-1" and "top 1 transformer block" in (run.path / "results" / "retrain.md").read_text()
+    with pytest.raises(Exception, match="top-1 .. top-2"):
+        run_randomized(run, methods=["gd"], n_test=2, scope="top-5")

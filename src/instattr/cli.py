@@ -305,9 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-test", type=int, metavar="N", help="sampled test examples (correlation, retrain, "
                     "randomized, timing; default 100, retrain 50)")
     ev.add_argument("--n-random", type=int, metavar="N", help="retrain: random removals per k (default 50)")
-    ev.add_argument("--scope", choices=["head", "final"], help="retrain, randomized: what is retrained or "
-                    "re-initialised: instattr's head on the frozen encoder output (head mode's default) or the "
-                    "final linear layer on the frozen features (every other run's default)")
+    ev.add_argument("--scope", metavar="head|final|top-K", help="retrain, randomized: what is retrained or "
+                    "re-initialised: instattr's head on the frozen encoder output (head mode's default), the "
+                    "final linear layer on the frozen features (every other run's default), or the top K "
+                    "transformer blocks and everything above them")
     _device_arg(ev)
     ev.set_defaults(func=cmd_evaluate)
 

@@ -38,18 +38,29 @@ def stored_extras(run: Run, split: Optional[str] = None) -> List[str]:
     return [m for m in registered() if m not in METHOD_NAMES and run.has_scores(m, split) and covers(m)]
 
 
-SCOPES = ("head", "final")
-SCOPE_TEXT = {"head": "instattr's head (pooler and final layer) on the frozen encoder's stored output",
-              "final": "the final linear layer (weight and bias) on the stored, frozen features"}
+SCOPES = ("head", "final", "top-K")
+
+
+def scope_text(scope: str) -> str:
+    """What a scope retrains or re-initialises, in words."""
+    from .top_layers import blocks_of
+    k = blocks_of(scope)
+    if k is not None:
+        return (f"the top {k} transformer block{'s' if k > 1 else ''} and everything above them (from the hidden "
+                "states cached below them)")
+    return {"head": "instattr's head (pooler and final layer) on the frozen encoder's stored output",
+            "final": "the final linear layer (weight and bias) on the stored, frozen features"}[scope]
 
 
 def resolve_scope(run: Run, scope: Optional[str], what: str) -> str:
-    """What ``what`` retrains or re-initialises: ``head`` (head-mode runs; their default) or
-    ``final`` (the final linear layer on frozen features; the default of every other run)."""
+    """What ``what`` retrains or re-initialises: ``head`` (head-mode runs; their default),
+    ``final`` (the final linear layer on frozen features; the default of every other run) or
+    ``top-K`` (the top K transformer blocks and everything above them)."""
+    from .top_layers import blocks_of
     default = "head" if run.manifest.mode == "head" else "final"
     scope = scope or default
-    if scope not in SCOPES:
-        raise RunError(f"{what}: --scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if scope not in SCOPES[:2] and blocks_of(scope) is None:
+        raise RunError(f"{what}: --scope must be head, final or top-K (K transformer blocks), got {scope!r}")
     if scope == "head" and run.manifest.mode != "head":
         raise RunError(f"{what}: --scope head needs a head-mode run (it retrains instattr's head on the stored "
                        f"encoder output); {run.path} is a {run.manifest.mode} run: use --scope final")

@@ -7,6 +7,8 @@ ranking depends on what the model learned.
 
 - ``head`` (head-mode runs): instattr's head (``init_params`` with another seed); features and
   probabilities are recomputed from the stored encoder output.
+- ``top-K``: the top K transformer blocks and everything above them (:mod:`.top_layers`); the
+  features change, so every method's ranking can.
 - ``final`` (every other run): the final linear layer (nn.Linear's uniform initialisation);
   the features are unchanged, so nn-* rankings stay the same by construction, and so do rep's
   (its refit reaches the same unique minimum of the convex final-layer loss from any start).
@@ -21,7 +23,6 @@ import numpy as np
 
 from ..store import FeatureSet, FinalLayer, Run, RunError
 from .common import (
-    SCOPE_TEXT,
     Scorer,
     data_name,
     fmt,
@@ -32,6 +33,7 @@ from .common import (
     resolve_scope,
     sample_rows,
     save,
+    scope_text,
 )
 from .correlation import mean_spearman
 from .paper import TABLE1_RANDOMIZED, paper_columns
@@ -84,7 +86,7 @@ def markdown(result: dict, columns: List[str]) -> str:
                  "same unique minimum from any start.\n")
     return ("# Randomized-model test (paper Table 1, right)\n\nMean per-test-row Spearman between each "
             f"method's scores under the trained model and after re-initialising "
-            f"{SCOPE_TEXT[result.get('scope', 'head')]} (seed {result['random_seed']}), over {result['n_test']} "
+            f"{scope_text(result.get('scope', 'head'))} (seed {result['random_seed']}), over {result['n_test']} "
             f"test x {result['n_train']} training examples. "
             "Small magnitude is good: the ranking reflects what was learned.\n\n" + md_table(header, rows) + note)
 
@@ -109,8 +111,13 @@ def run_randomized(run: Run, methods=None, seed: int = 0, n_test: int = 100, spl
         x_test = head_input(run, scorer.split, test)[rows]
         d = run.final_layer().w.shape[1]
         r_train, r_test, r_layer = random_model(x_train, x_test, scorer.train, test.subset(rows), d, cfg.l2, rand_seed)
-    else:
+    elif scope == "final":
         r_train, r_test, r_layer = random_final_layer(run.final_layer(), scorer.train, test.subset(rows), rand_seed)
+    else:
+        from ..models import classifier_for
+        from .top_layers import blocks_of, random_top
+        r_train, r_test, r_layer = random_top(classifier_for(run), blocks_of(scope), scorer.train, test.subset(rows),
+                                              rand_seed)
     random_scorer = Scorer(run, scorer.split, train=r_train, model=r_layer, use_stored=False)
     rho = {m: mean_spearman(scorer.rows(m, rows), random_scorer.score(m, r_test)) for m in names}
     result = {"methods": rho, "n_test": len(rows), "n_train": len(scorer.train), "seed": seed,

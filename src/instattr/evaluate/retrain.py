@@ -29,7 +29,6 @@ import torch
 from ..models.head import HeadConfig, Params, logits, train_heads
 from ..store import Run, write_npz
 from .common import (
-    SCOPE_TEXT,
     Scorer,
     data_name,
     fmt,
@@ -42,6 +41,7 @@ from .common import (
     sample_rows,
     save,
     save_figure,
+    scope_text,
     top_k_mask,
 )
 from .paper import TABLE1_RANDOM_STD, TABLE1_RETRAIN, paper_columns
@@ -231,10 +231,12 @@ def markdown(result: dict, columns: List[str]) -> str:
     return (f"# Remove and retrain (paper Table 1, left)\n\nMean change (after − before) in the probability "
             f"of the originally predicted class over {result['n_test']} test examples, removing each "
             f"example's top-k training examples (of {result['n_train']}) and retraining "
-            f"{SCOPE_TEXT[result['scope']]}"
+            f"{scope_text(result['scope'])}"
             + (f" from the same initialisation and batch order ({result['head']['epochs']} epochs, batch size "
                f"{result['head']['batch_size']})" if result["scope"] == "head" else
-               ", refit exactly to the minimum of its L2-regularised loss")
+               ", refit exactly to the minimum of its L2-regularised loss" if result["scope"] == "final" else
+               f", continued from the model's weights on the kept rows ({result['top']['epochs']} epoch(s), "
+               f"lr {result['top']['lr']}, batch size {result['top']['batch_size']})")
             + f". More negative = the method found real supporters. Random: "
             f"{result['n_random']} random removals per k (paper's std ≈ {TABLE1_RANDOM_STD}). The retrained full-data "
             f"model predicts the run's class on {fmt(result['before_agrees'], 2)} of these test examples."
@@ -293,6 +295,17 @@ def run_retrain(run: Run, methods=None, seed: int = 0, n_test: int = 50, ks: Seq
         def retrain(masks):
             return retrain_probs(x_train, scorer.train.label, x_test, test.n_classes, config, masks, chunk_size,
                                  progress, partial, resolve_device(device))
+    elif scope.startswith("top-"):
+        from ..models import classifier_for
+        from .top_layers import blocks_of, retrain_top
+        classifier = classifier_for(run, device)
+        top = {"epochs": epochs or 1, "lr": 1e-4, "batch_size": batch_size or 32}
+        extra["top"] = top
+        x_train = scorer.train.features
+
+        def retrain(masks):
+            return retrain_top(classifier, blocks_of(scope), scorer.train, test.subset(rows), masks,
+                               top["epochs"], top["lr"], top["batch_size"], seed, progress)
     else:
         if epochs or batch_size:
             raise ValueError("--epochs/--batch-size apply to retraining the head (--scope head), not to the "
