@@ -1,6 +1,7 @@
 """The web app's JSON API and pages (in-process, no browser), against brute force on the run's own files."""
 import html
 import json
+import shutil
 import socket
 import threading
 
@@ -270,6 +271,13 @@ def test_cli_refuses_bad_ports_and_runs_with_one_line(serve_run, tmp_path, capsy
         taken.close()
     assert main(["serve", "--run", str(tmp_path / "none"), "--port", "0"]) == 2
     assert "no such run directory" in capsys.readouterr().err
+    moved = tmp_path / "moved"                      # its dataset is gone: no texts to show
+    shutil.copytree(serve_run.path, moved)
+    manifest = json.loads((moved / "run.json").read_text())
+    manifest["data"]["root"] = str(tmp_path / "gone")
+    (moved / "run.json").write_text(json.dumps(manifest))
+    assert main(["serve", "--run", str(moved), "--port", "0"]) == 2
+    assert capsys.readouterr().err == f"instattr: error: {tmp_path / 'gone'}: no such dataset folder\n"
 
 
 def test_served_from_a_thread_prints_nothing_opens_nothing(serve_run, capsys):

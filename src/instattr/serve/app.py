@@ -84,16 +84,15 @@ def _api_docs(app: FastAPI) -> None:
 
 def create_app(run_dir, live_methods: Optional[List[str]] = None, device: str = "cpu",
                on_ready: Optional[Callable[[], None]] = None) -> FastAPI:
-    """The web app over the run at ``run_dir``. On start-up it reads the run's texts and
-    predictions and fits ``live_methods`` (default: the paper's eleven last-layer methods) for
-    live explanation, then calls ``on_ready``."""
+    """The web app over the run at ``run_dir``. It reads the run's texts and predictions and fits
+    ``live_methods`` (default: the paper's eleven last-layer methods) for live explanation here,
+    before it serves anything; ``on_ready`` is called when the server starts."""
     run = Run.load(run_dir)
-    explorer = Explorer(run, live_methods, device=device)
+    explorer = Explorer(run, live_methods, device=device).start()   # a broken run fails here, in one line
     templates = _templates()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await run_in_threadpool(explorer.start)
         if on_ready is not None:
             on_ready()
         yield
