@@ -19,6 +19,12 @@ from urllib.parse import quote
 from instattr.serve.load import format_stats, percentile, run_load
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of a process and its threads (Linux /proc), in seconds."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def fetch(url, data=None):
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
     t = time.perf_counter()
@@ -71,9 +77,15 @@ def main():
         times = [fetch(base + "/api/explain", json.dumps(body).encode())[0] for _ in range(20)]
         print(f"\none client: POST /api/explain, {len(run['live_methods'])} methods: p50 "
               f"{1000 * percentile(times, 50):.1f} ms, p95 {1000 * percentile(times, 95):.1f} ms")
-        print()
+        print(f"\nmachine load average before the load: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
+              "(above about 0.5 the machine is shared and every latency here is inflated)")
+        cpu = cpu_seconds(server.pid)
         stats = run_load(base, a.seconds, a.clients)
+        cpu = cpu_seconds(server.pid) - cpu
         print(format_stats(stats, a.clients, a.seconds))
+        n = sum(s["n"] for s in stats.values())
+        print(f"server CPU time: {cpu:.1f} s for {n} requests = {1000 * cpu / max(n, 1):.1f} ms per request "
+              f"(half example, half explain); load average after: {os.getloadavg()[0]:.1f}")
         bad = {e: s["error_examples"] for e, s in stats.items() if s["errors"]}
         if bad:
             sys.exit(f"errors: {bad}")

@@ -260,6 +260,8 @@ def test_pair_runs_take_a_hypothesis(tmp_path, tiny_encoder, toy_pairs):
 def test_cli_refuses_bad_ports_and_runs_with_one_line(serve_run, tmp_path, capsys):
     assert main(["serve", "--run", str(serve_run.path), "--port", "70000"]) == 2
     assert "--port must lie in 0..65535" in capsys.readouterr().err
+    assert main(["serve", "--run", str(serve_run.path), "--threads", "0"]) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen(1)
@@ -280,12 +282,20 @@ def test_cli_refuses_bad_ports_and_runs_with_one_line(serve_run, tmp_path, capsy
     assert capsys.readouterr().err == f"instattr: error: {tmp_path / 'gone'}: no such dataset folder\n"
 
 
-def test_served_from_a_thread_prints_nothing_opens_nothing(serve_run, capsys):
+def test_served_from_a_thread_prints_nothing_and_leaves_torch_as_it_was(serve_run, capsys, monkeypatch):
     from urllib.request import urlopen
 
+    import torch
+
     from instattr.serve import running
+    from instattr.serve.explorer import Explorer
+    made = []
+    monkeypatch.setattr(Explorer, "start", lambda self, start=Explorer.start: made.append(self) or start(self))
+    before = torch.get_num_threads()
     with running(serve_run.path, live_methods=["if"]) as url:
         assert url.startswith("http://127.0.0.1:")
         body = json.loads(urlopen(url + "api/run", timeout=30).read())
         assert body["live_methods"] == ["if"]
-    assert not [t for t in threading.enumerate() if t.name == "instattr-serve"]
+        assert made[0].live.worker_threads == 1 and torch.get_num_threads() == before   # the worker's alone
+    assert not [t for t in threading.enumerate() if t.name in ("instattr-serve", "instattr-live")]
+    assert capsys.readouterr().out == ""

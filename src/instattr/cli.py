@@ -227,7 +227,9 @@ def cmd_report(a) -> int:
 
 def cmd_serve(a) -> int:
     from .serve import serve
-    serve(a.run, a.host, a.port, device=a.device)
+    if a.threads < 1:
+        raise InstattrError(f"--threads must be at least 1, got {a.threads}")
+    serve(a.run, a.host, a.port, device=a.device, threads=a.threads)
     return 0
 
 
@@ -237,6 +239,8 @@ def _serve_parser(sub) -> None:
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                     "only; 0.0.0.0 exposes the run to the network)")
     sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--threads", type=int, default=1, help="torch and BLAS threads that explain new text (default "
+                    "1: one core explains, the others serve pages; more helps on a big machine)")
     _device_arg(sv)
     sv.set_defaults(func=cmd_serve)
 

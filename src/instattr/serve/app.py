@@ -82,13 +82,14 @@ def _api_docs(app: FastAPI) -> None:
                                    swagger_favicon_url="/docs-assets/favicon-32x32.png")
 
 
-def create_app(run_dir, live_methods: Optional[List[str]] = None, device: str = "cpu",
+def create_app(run_dir, live_methods: Optional[List[str]] = None, device: str = "cpu", threads: Optional[int] = 1,
                on_ready: Optional[Callable[[], None]] = None) -> FastAPI:
     """The web app over the run at ``run_dir``. It reads the run's texts and predictions and fits
     ``live_methods`` (default: the paper's eleven last-layer methods) for live explanation here,
-    before it serves anything; ``on_ready`` is called when the server starts."""
+    before it serves anything; ``on_ready`` is called when the server starts. ``threads``: torch
+    and BLAS threads of the live explanation worker (None leaves the process's settings)."""
     run = Run.load(run_dir)
-    explorer = Explorer(run, live_methods, device=device).start()   # a broken run fails here, in one line
+    explorer = Explorer(run, live_methods, device=device, threads=threads).start()   # a broken run fails here
     templates = _templates()
 
     @asynccontextmanager

@@ -50,13 +50,15 @@ class Explorer:
     """A run as the web app sees it. ``start()`` reads texts and predictions and fits the live
     attributors; every other call is cheap."""
 
-    def __init__(self, run: Run, live_methods: Optional[Sequence[str]] = None, device: str = "cpu"):
+    def __init__(self, run: Run, live_methods: Optional[Sequence[str]] = None, device: str = "cpu",
+                 threads: Optional[int] = 1):
         from ..methods import METHOD_NAMES
         self.run = run
         self.labels = run.label_names
         self.is_pair = run.manifest.is_pair
         self.rankings = Rankings(run)
-        self.live = LiveExplainer(run, METHOD_NAMES if live_methods is None else live_methods, device=device)
+        self.live = LiveExplainer(run, METHOD_NAMES if live_methods is None else live_methods, device=device,
+                                  threads=threads)
         self._rows: Dict[str, List[dict]] = {}
         self._pos: Dict[str, Dict[str, int]] = {}
         self._suspects: Optional[tuple] = None
