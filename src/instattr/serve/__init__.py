@@ -76,22 +76,21 @@ def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, log: Callable[[str
     sock = listen(host, port)
     url = url_of(sock)
     try:
+        log(f"instattr serve: {run_dir}: loading the model and fitting the live attributors ...")
         srv = server(run_dir, sock, on_ready=lambda: log(f"instattr serve: open {url}  (Ctrl+C stops it)"),
                      **options)
-        log(f"instattr serve: {run_dir}: loading the model and fitting the live attributors ...")
         srv.run(sockets=[sock])
     finally:
         sock.close()
 
 
 @contextmanager
-def running(run_dir, host: str = "127.0.0.1", port: int = 0, timeout: float = 300.0, **options) -> Iterator[str]:
+def running(run_dir, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0, **options) -> Iterator[str]:
     """Serve the run from a background thread of this process (tests, notebooks); yields the base
-    URL once the app is ready and stops the server on exit."""
+    URL once the server accepts connections and stops it on exit."""
     sock = listen(host, port)
-    ready = threading.Event()
     try:
-        srv = server(run_dir, sock, on_ready=ready.set, **options)
+        srv = server(run_dir, sock, **options)      # the run is read and the attributors fitted here
     except BaseException:
         sock.close()
         raise
@@ -102,17 +101,14 @@ def running(run_dir, host: str = "127.0.0.1", port: int = 0, timeout: float = 30
             srv.run(sockets=[sock])
         except BaseException as e:  # noqa: BLE001 - reported to the caller below
             failed.append(e)
-        finally:
-            ready.set()
 
     thread = threading.Thread(target=target, name="instattr-serve", daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + timeout
-        ready.wait(timeout)
         while not srv.started and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.01)           # on_ready runs in the lifespan, just before uvicorn's "started"
-        if failed or not srv.started:
+            time.sleep(0.01)
+        if not srv.started:
             raise InstattrError(f"instattr serve did not start within {timeout:g} s"
                                 + (f": {failed[0]!r}" if failed else ""))
         yield url_of(sock)

@@ -255,9 +255,9 @@ class Explorer:
     def live_explanation(self, answer: Answer, text: str, query: Optional[str], methods: Sequence[str],
                          k: int) -> dict:
         """A live :class:`Answer` in the shape of :meth:`explanation`."""
-        train_idx = [r["idx"] for r in self.rows("train")]
+        train = self.rows("train")        # the training features' row order: the attributors' columns
         ranked = {m: {"source": "live", "depth": None,
-                      **{side: [(train_idx[p], s) for p, s in answer.methods[m][side]]
+                      **{side: [(train[p]["idx"], s) for p, s in answer.methods[m][side]]
                          for side in ("supporting", "opposing")}} for m in methods}
         example = {"text": text, "pred": self.labels[answer.pred], "confidence": float(answer.probs.max()),
                    "probs": dict(zip(self.labels, map(float, answer.probs)))}
