@@ -185,8 +185,8 @@ def test_errors_are_404_for_what_is_missing_and_422_for_bad_input(client):
     for url, status, message in cases:
         r = client.get(url)
         assert r.status_code == status and message in r.text, (url, r.status_code, r.text)
-    for body, message in [({"text": "  "}, "text 1 is empty"), ({"text": "good", "k": 500}, "less than or equal"),
-                          ({"text": "good", "query": "a pair"}, "reads single texts; a hypothesis does not apply"),
+    for body, message in [({"text": "  "}, "the text is empty"), ({"text": "good", "k": 500}, "less than or equal"),
+                          ({"text": "good", "query": "a pair"}, "reads single texts: a hypothesis (query) does not apply"),
                           ({"text": "good", "methods": ["tracin"]}, "no method 'tracin' for live explanation"),
                           ({}, "Field required")]:
         r = client.post("/api/explain", json=body)
@@ -251,7 +251,9 @@ def test_pair_runs_take_a_hypothesis(tmp_path, tiny_encoder, toy_pairs):
         assert r.status_code == 200 and r.json()["example"]["query"] == "the cat saw the dog"
         assert set(r.json()["methods"]) == {"if", "gc"}
         r = c.post("/api/explain", json={"text": "the dog saw the cat"})
-        assert r.status_code == 422 and "sentence pairs; give a hypothesis" in r.json()["detail"]
+        assert r.status_code == 422 and "sentence pairs: give a hypothesis (query) too" in r.json()["detail"]
+        r = c.post("/api/explain", json={"text": "the dog saw the cat", "query": " "})
+        assert r.status_code == 422 and r.json()["detail"] == "the hypothesis is empty"
         page = c.get("/explain").text
         assert 'name="query"' in page and "Hypothesis" in page
         assert "give a hypothesis too" in c.get("/explain", params={"text": "the dog"}).text

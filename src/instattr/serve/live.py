@@ -22,7 +22,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import InstattrError
 from ..store import Run
 from .errors import BadInput, NotFound, Unavailable
 
@@ -90,14 +89,15 @@ class LiveExplainer:
         return tuple(self.fitted)
 
     def check(self, text: str, query: Optional[str]) -> None:
-        """The classifier's own checks (a query on pair runs only, no empty text)."""
+        """A hypothesis (``query``) on pair runs only, and no empty text."""
         if self.error:
             raise Unavailable(self.error)
-        try:
-            self.classifier.check_texts([text], None if query is None else [query])
-        except InstattrError as e:
-            raise BadInput(str(e).replace("give a --query", "give a hypothesis").replace(
-                "--query does not apply", "a hypothesis does not apply")) from None
+        if self.classifier.is_pair and query is None:
+            raise BadInput("this run reads sentence pairs: give a hypothesis (query) too")
+        if not self.classifier.is_pair and query is not None:
+            raise BadInput("this run reads single texts: a hypothesis (query) does not apply")
+        if not text.strip() or (query is not None and not query.strip()):
+            raise BadInput("the text is empty" if not text.strip() else "the hypothesis is empty")
 
     def submit(self, text: str, query: Optional[str], methods: Sequence[str], k: int) -> Future:
         self.check(text, query)
