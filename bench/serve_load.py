@@ -9,14 +9,14 @@ the closed-loop load of `instattr.serve.load` against the example and explain en
 prints p50/p95 latencies.
 """
 import argparse
+import json
 import os
-import subprocess
 import sys
 import time
 import urllib.request
 from urllib.parse import quote
 
-from instattr.serve.load import format_stats, percentile, run_load
+from instattr.serve.load import format_stats, percentile, run_load, served
 
 
 def cpu_seconds(pid):
@@ -44,17 +44,8 @@ def main():
     a = ap.parse_args()
     base = f"http://127.0.0.1:{a.port}"
     t0 = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "instattr", "--quiet", "serve", "--run", a.run, "--port",
-                               str(a.port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    try:
-        for line in server.stdout:
-            if "open http" in line:
-                break
-        else:
-            sys.exit(f"the server stopped before it was ready (exit {server.wait()})")
+    with served(a.run, a.port) as server:
         print(f"server ready in {time.perf_counter() - t0:.1f} s (model loaded, eleven attributors fitted)")
-        import json
         run = json.loads(fetch(base + "/api/run")[1])
         split = run["eval_split"]
         rows = json.loads(fetch(f"{base}/api/examples/{split}?correct=no&limit=1")[1])["rows"] or \
@@ -89,9 +80,6 @@ def main():
         bad = {e: s["error_examples"] for e, s in stats.items() if s["errors"]}
         if bad:
             sys.exit(f"errors: {bad}")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 from urllib.parse import quote
+
+from instattr.serve.load import served
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -33,16 +33,7 @@ def main():
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     base = f"http://127.0.0.1:{a.port}/"
-    server = subprocess.Popen([sys.executable, "-m", "instattr", "--quiet", "serve", "--run", a.run, "--port",
-                               str(a.port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    try:
-        for line in server.stdout:
-            if "open http" in line:
-                break
-        else:
-            sys.exit(f"the server stopped before it was ready (exit {server.wait()})")
-
+    with served(a.run, a.port):
         def api(path):
             with urllib.request.urlopen(base + path, timeout=60) as r:
                 return json.loads(r.read())
@@ -88,9 +79,6 @@ def main():
                   f"{statistics.median(in_page):.0f} ms, worst {max(in_page):.0f} ms")
             browser.close()
         print(f"screenshots: {out}")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 if __name__ == "__main__":

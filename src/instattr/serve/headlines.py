@@ -5,9 +5,9 @@ at first. A result whose layout a function does not know gets no headline rows, 
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, List, Optional
 
+from ..evaluate.common import fmt
 from ..evaluate.paper import (
     TABLE1_RANDOMIZED,
     TABLE1_RETRAIN,
@@ -18,12 +18,6 @@ from ..evaluate.paper import (
 )
 
 Row = Dict[str, str]   # {"measure", "ours", "paper"}
-
-
-def _f(v, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "—"
-    return f"{v:.{digits}f}"
 
 
 def _sci(v) -> str:
@@ -40,7 +34,7 @@ def _correlation(r: dict, col: str) -> List[Row]:
         for a, b in pairs:
             if a in names and b in names:
                 rows.append({"measure": f"mean Spearman, {a} ~ {b}",
-                             "ours": _f(r["spearman"][names.index(a)][names.index(b)], 2), "paper": paper})
+                             "ours": fmt(r["spearman"][names.index(a)][names.index(b)], 2), "paper": paper})
     return rows
 
 
@@ -50,23 +44,23 @@ def _retrain(r: dict, col: str) -> List[Row]:
     for k in map(str, r["ks"]):
         best = min(r["methods"], key=lambda m: r["methods"][m][k])
         rows.append({"measure": f"Δ prob. after removing top-{k}: strongest, {best}",
-                     "ours": _f(r["methods"][best][k]), "paper": _f(paper.get(best, {}).get(k))})
+                     "ours": fmt(r["methods"][best][k]), "paper": fmt(paper.get(best, {}).get(k))})
         rows.append({"measure": f"Δ prob. after removing {k} at random",
-                     "ours": _f(r["random"][k]["mean"]), "paper": _f(paper.get("random", {}).get(k))})
+                     "ours": fmt(r["random"][k]["mean"]), "paper": fmt(paper.get("random", {}).get(k))})
     return rows
 
 
 def _randomized(r: dict, col: str) -> List[Row]:
     paper = TABLE1_RANDOMIZED.get(col, {})
-    return [{"measure": f"Spearman, trained vs random model: {m}", "ours": _f(r["methods"][m]),
-             "paper": _f(paper.get(m))} for m in ("if", "gd", "rep", "nn-cos") if m in r["methods"]]
+    return [{"measure": f"Spearman, trained vs random model: {m}", "ours": fmt(r["methods"][m]),
+             "paper": fmt(paper.get(m))} for m in ("if", "gd", "rep", "nn-cos") if m in r["methods"]]
 
 
 def _artifacts(r: dict, col: str) -> List[Row]:
-    rows = [{"measure": "lexical overlap of top-1: random", "ours": _f(r["random"]["top1"], 2),
-             "paper": _f(TABLE2_ARTIFACTS["random"]["top1"], 2)}]
-    return rows + [{"measure": f"lexical overlap of top-1: {m}", "ours": _f(r["methods"][m]["top1"], 2),
-                    "paper": _f(TABLE2_ARTIFACTS.get(m, {}).get("top1"), 2)}
+    rows = [{"measure": "lexical overlap of top-1: random", "ours": fmt(r["random"]["top1"], 2),
+             "paper": fmt(TABLE2_ARTIFACTS["random"]["top1"], 2)}]
+    return rows + [{"measure": f"lexical overlap of top-1: {m}", "ours": fmt(r["methods"][m]["top1"], 2),
+                    "paper": fmt(TABLE2_ARTIFACTS.get(m, {}).get("top1"), 2)}
                    for m in ("nn-cos", "gc", "if") if m in r["methods"]]
 
 
@@ -76,8 +70,8 @@ def _near_train(r: dict, col: str) -> List[Row]:
     for m in ("nn-cos", "rif", "if"):
         for kind in ("train", "remove"):
             if m in r["methods"] and kind in r["methods"][m]:
-                rows.append({"measure": f"HIT@1, {kind} targets: {m}", "ours": _f(r["methods"][m][kind]["hit1"]),
-                             "paper": _f(paper.get(m, {}).get(kind, {}).get("hit1"))})
+                rows.append({"measure": f"HIT@1, {kind} targets: {m}", "ours": fmt(r["methods"][m][kind]["hit1"]),
+                             "paper": fmt(paper.get(m, {}).get(kind, {}).get("hit1"))})
     return rows
 
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
-from typing import Dict, List, Optional, Sequence
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Sequence
 from urllib.parse import quote, urlsplit
 
 ENDPOINTS = ("example", "explain")
@@ -28,6 +32,25 @@ def percentile(values: Sequence[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@contextmanager
+def served(run_dir, port: int, *options: str) -> Iterator[subprocess.Popen]:
+    """``instattr serve`` on ``run_dir`` in its own process (benchmarks: the server's cores are
+    not shared with the clients' Python); yields the process once the app is ready."""
+    server = subprocess.Popen([sys.executable, "-m", "instattr", "--quiet", "serve", "--run", str(run_dir), "--port",
+                               str(port), *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        for line in server.stdout:
+            if "open http" in line:
+                break
+        else:
+            raise RuntimeError(f"instattr serve stopped before it was ready (exit {server.wait()})")
+        yield server
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def _get_json(base: str, path: str):
