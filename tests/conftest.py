@@ -79,3 +79,51 @@ def tiny_run(tmp_path, tiny_encoder, toy_data):
     from instattr.pipeline import TrainConfig, train_run
     cfg = TrainConfig(data=str(toy_data), encoder=tiny_encoder, head=HeadConfig(epochs=5, lr=1e-2, batch_size=8))
     return train_run(cfg, tmp_path / "run", progress=False)
+
+
+# ---------------------------------------------------------------- instattr serve
+# Texts and label names that are markup: every page must show them as text, never run them.
+XSS_TEXTS = ('<script>window.__xss = "script"</script> the film was great',
+             '<img src="x" onerror="window.__xss = \'img\'"> the plot was awful')
+XSS_LABELS = ['negative <b onmouseover="window.__xss=1">', 'positive <img src=x onerror="window.__xss=2">']
+
+
+def make_serve_data(folder: Path, seed: int = 0) -> Path:
+    """Single texts for the web app: a toy sentiment set whose label names and some texts are
+    markup, and two identical test texts with opposite labels (one of them is misclassified,
+    whatever the model learns)."""
+    make_dataset(folder, n_train=40, n_test=12, n_dev=0, seed=seed)
+    train = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    train[3]["document"], train[3]["label"] = XSS_TEXTS[0], 1
+    train[4]["document"], train[4]["label"] = XSS_TEXTS[1], 0
+    test = [json.loads(line) for line in (folder / "test.jsonl").read_text().splitlines()]
+    test[0]["document"] = XSS_TEXTS[1]
+    test += [{"idx": "test_twin_a", "document": "the movie was good", "label": 1},
+             {"idx": "test_twin_b", "document": "the movie was good", "label": 0}]
+    write_jsonl(folder / "train.jsonl", train)
+    write_jsonl(folder / "test.jsonl", test)
+    (folder / "labels.json").write_text(json.dumps(XSS_LABELS))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def serve_run(tmp_path_factory, tiny_encoder):
+    """A trained tiny run for the web app with four methods' stored scores, a correlation result
+    with its figures, and a suspects.json."""
+    from instattr.attribution import attribute_run
+    from instattr.evaluate import run_correlation
+    from instattr.models.head import HeadConfig
+    from instattr.pipeline import TrainConfig, train_run
+    from instattr.store import write_json
+    root = tmp_path_factory.mktemp("serve")
+    data = make_serve_data(root / "toy")
+    run = train_run(TrainConfig(data=str(data), encoder=tiny_encoder, head=HeadConfig(epochs=5, lr=1e-2,
+                                                                                      batch_size=8)),
+                    root / "run", progress=False)
+    attribute_run(run, "nn-cos,gc,if,rep", progress=False, log=lambda *a: None)
+    run_correlation(run, methods="nn-cos,gc,if,rep", n_test=8, n_train=30, ks=(5,), curve_ks=(1, 5))
+    order = [str(i) for i in run.features("train").idx][::-1]
+    write_json(run.path / "results" / "suspects.json",
+               {"method": "if", "order": order, "scores": [float(len(order) - r) for r in range(len(order))],
+                "gold": [0] * len(order), "pred": [0] * len(order)})
+    return run

@@ -225,6 +225,26 @@ def cmd_report(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    from .serve import serve
+    if a.threads < 1:
+        raise InstattrError(f"--threads must be at least 1, got {a.threads}")
+    serve(a.run, a.host, a.port, device=a.device, threads=a.threads)
+    return 0
+
+
+def _serve_parser(sub) -> None:
+    sv = sub.add_parser("serve", help="explore a run in the browser (needs the serve extra)")
+    sv.add_argument("--run", required=True)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                    "only; 0.0.0.0 exposes the run to the network)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--threads", type=int, default=1, help="torch and BLAS threads that explain new text (default "
+                    "1: one core explains, the others serve pages; more helps on a big machine)")
+    _device_arg(sv)
+    sv.set_defaults(func=cmd_serve)
+
+
 def cmd_reproduce(a) -> int:
     from .reproduce import ReproduceConfig, reproduce
     if a.retrain_examples is not None and a.retrain_examples < 1:
@@ -326,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "with N, and about 6x per example on mnli/hans (wider pair input, more training data)")
     _import_args(rr, required=False)
     rr.set_defaults(func=cmd_reproduce)
+    _serve_parser(sub)
     return p
 
 

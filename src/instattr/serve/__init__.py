@@ -1,0 +1,118 @@
+"""``instattr serve``: explore a run in the browser (FastAPI + uvicorn, the ``serve`` extra).
+
+>>> from instattr.serve import create_app       # an ASGI app over one run directory
+>>> app = create_app("runs/sst2")
+
+The pages and the JSON API under ``/api`` (documented at ``/docs``) read the run directory;
+only live explanations of new text compute, with attributors fitted once at start-up. Nothing
+here reaches outside the machine: every asset ships in this package. :mod:`.rankings` (stored
+scores or top-k results, by row) needs no web framework.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
+
+from ..errors import InstattrError
+
+
+def _needs_extra(e: ImportError) -> InstattrError:
+    return InstattrError(f"instattr serve needs FastAPI, uvicorn and Jinja2 ({e.name} is missing): "
+                         "pip install 'instattr[serve]'")
+
+
+def create_app(run_dir, **options):
+    """The FastAPI app over the run at ``run_dir`` (see :func:`instattr.serve.app.create_app`)."""
+    try:
+        from .app import create_app as make
+    except ImportError as e:
+        raise _needs_extra(e) from None
+    return make(run_dir, **options)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: any free port); a one-line error when the
+    address is taken or not this machine's."""
+    if not 0 <= port <= 65535:
+        raise InstattrError(f"--port must lie in 0..65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise InstattrError(f"--host {host!r}: cannot resolve ({e.strerror})") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise InstattrError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+
+
+def server(run_dir, sock: socket.socket, on_ready: Optional[Callable[[], None]] = None, log_level: str = "warning",
+           **options):
+    """A ``uvicorn.Server`` for the app over ``run_dir``, to run on the listening ``sock``
+    (``server.run(sockets=[sock])``; ``server.should_exit = True`` stops it)."""
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise _needs_extra(e) from None
+    app = create_app(run_dir, on_ready=on_ready, **options)
+    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on"))
+
+
+def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, log: Callable[[str], None] = print, **options) -> None:
+    """Serve the run until interrupted; prints the URL once the app is ready (opens nothing)."""
+    sock = listen(host, port)
+    url = url_of(sock)
+    try:
+        log(f"instattr serve: {run_dir}: loading the model and fitting the live attributors ...")
+        srv = server(run_dir, sock, on_ready=lambda: log(f"instattr serve: open {url}  (Ctrl+C stops it)"),
+                     **options)
+        srv.run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+@contextmanager
+def running(run_dir, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0, **options) -> Iterator[str]:
+    """Serve the run from a background thread of this process (tests, notebooks); yields the base
+    URL once the server accepts connections and stops it on exit."""
+    sock = listen(host, port)
+    try:
+        srv = server(run_dir, sock, **options)      # the run is read and the attributors fitted here
+    except BaseException:
+        sock.close()
+        raise
+    failed = []
+
+    def target():
+        try:
+            srv.run(sockets=[sock])
+        except BaseException as e:  # noqa: BLE001 - reported to the caller below
+            failed.append(e)
+
+    thread = threading.Thread(target=target, name="instattr-serve", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not srv.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not srv.started:
+            raise InstattrError(f"instattr serve did not start within {timeout:g} s"
+                                + (f": {failed[0]!r}" if failed else ""))
+        yield url_of(sock)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

@@ -1,0 +1,174 @@
+"""Explaining new text live: the run's classifier and the last-layer attributors, fitted once.
+
+One worker thread owns all torch and numpy work of live explanations. Requests queue up; the
+worker takes every request waiting (up to ``max_batch``), featurizes their texts in one batch,
+scores the batch with each method any of them asked for, and answers each with its own top-k.
+So concurrent clients share forward passes and matrix products instead of competing for the
+machine's cores with as many threads, the tokenizer is never used from two threads at once, and
+the web server's event loop never runs model code (it awaits a future).
+
+The worker runs torch and BLAS with ``threads`` threads (default 1). On a small machine the rest
+of the server needs a core too: on 2 cores shared with other jobs, one thread each explained ten SST-2
+texts in 26 ms per text against 224 ms with two (threads that spin and wait for each other).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..store import Run
+from .errors import BadInput, NotFound, Unavailable
+
+
+@dataclass
+class Request:
+    text: str
+    query: Optional[str]
+    methods: Tuple[str, ...]
+    k: int
+    future: Future
+
+
+@dataclass
+class Answer:
+    """One new text: its probabilities, and per method the training rows (positions in the
+    run's training features) that support / oppose the prediction most, with their scores."""
+    probs: np.ndarray
+    pred: int
+    methods: Dict[str, Dict[str, List[Tuple[int, float]]]]
+    seconds: float
+
+
+class LiveExplainer:
+    """``start()`` loads the classifier and fits ``methods`` on the run's training set (once);
+    ``submit(text, query, methods, k)`` returns a Future of an :class:`Answer`."""
+
+    def __init__(self, run: Run, methods: Sequence[str], max_batch: int = 32, device: str = "cpu",
+                 threads: Optional[int] = 1):
+        if threads is not None and threads < 1:
+            raise BadInput(f"threads must be at least 1, got {threads}")
+        self.run, self.names, self.max_batch, self.device = run, tuple(methods), int(max_batch), device
+        self.threads = threads
+        self.worker_threads: Optional[int] = None     # torch's threads as the worker thread sees them
+        self.fitted: Dict[str, object] = {}
+        self.fit_seconds: Dict[str, float] = {}
+        self.error: Optional[str] = None
+        self.largest_batch = 0          # the most requests answered by one forward pass so far
+        self._queue: "queue.Queue[Optional[Request]]" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> "LiveExplainer":
+        """Load the classifier (a warm-up text runs through it) and fit every method; a run whose
+        model cannot be loaded here leaves live explanation off, with ``error`` saying why."""
+        from ..attribution import fit_method
+        from ..models import classifier_for
+        try:
+            self.classifier = classifier_for(self.run, self.device)
+            self.classifier.featurize(["warm up"], ["warm up"] if self.classifier.is_pair else None)
+        except Exception as e:   # noqa: BLE001 - a probe: a missing model folder, an encoder that does not fit
+            first = str(e).splitlines()[0] if str(e) else ""
+            self.error = f"live explanation is off: the run's classifier cannot run here ({type(e).__name__}: {first})"
+            return self
+        train = self.run.features("train")
+        for name in self.names:
+            t = time.perf_counter()
+            self.fitted[name] = fit_method(self.run, name, train, device=self.device)
+            self.fit_seconds[name] = time.perf_counter() - t
+        self._thread = threading.Thread(target=self._loop, name="instattr-live", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def methods(self) -> Tuple[str, ...]:
+        return tuple(self.fitted)
+
+    def check(self, text: str, query: Optional[str]) -> None:
+        """A hypothesis (``query``) on pair runs only, and no empty text."""
+        if self.error:
+            raise Unavailable(self.error)
+        if self.classifier.is_pair and query is None:
+            raise BadInput("this run reads sentence pairs: give a hypothesis (query) too")
+        if not self.classifier.is_pair and query is not None:
+            raise BadInput("this run reads single texts: a hypothesis (query) does not apply")
+        if not text.strip() or (query is not None and not query.strip()):
+            raise BadInput("the text is empty" if not text.strip() else "the hypothesis is empty")
+
+    def submit(self, text: str, query: Optional[str], methods: Sequence[str], k: int) -> Future:
+        self.check(text, query)
+        unknown = [m for m in methods if m not in self.fitted]
+        if unknown:
+            raise NotFound(f"live explanation has no method {', '.join(map(repr, unknown))}; it offers "
+                           f"{', '.join(self.fitted)}")
+        fut: Future = Future()
+        self._queue.put(Request(text, query, tuple(methods), int(k), fut))
+        return fut
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    # ------------------------------------------------------------------ the worker
+    def _loop(self) -> None:
+        import torch
+        if self.threads is None:
+            self.worker_threads = torch.get_num_threads()
+            return self._serve()
+        from threadpoolctl import threadpool_limits
+        torch.set_num_threads(self.threads)      # OpenMP's setting is per thread: this worker's alone
+        self.worker_threads = torch.get_num_threads()
+        with threadpool_limits(limits=self.threads):   # BLAS's is per process, until the worker stops
+            self._serve()
+
+    def _serve(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)       # stop after this batch
+                    break
+                batch.append(nxt)
+            batch = [r for r in batch if r.future.set_running_or_notify_cancel()]
+            self.largest_batch = max(self.largest_batch, len(batch))
+            if batch:
+                try:
+                    self._answer(batch)
+                except Exception as e:           # noqa: BLE001 - handed to the waiting requests
+                    for r in batch:
+                        if not r.future.done():
+                            r.future.set_exception(e)
+
+    def _answer(self, batch: List[Request]) -> None:
+        from ..methods.topk import bottom_k, top_k
+        t = time.perf_counter()
+        pair = self.classifier.is_pair
+        fs = self.classifier.featurize([r.text for r in batch], [r.query for r in batch] if pair else None)
+        k = max(r.k for r in batch)
+        ranked = {}
+        for m in self.fitted:
+            if any(m in r.methods for r in batch):
+                scores = self.fitted[m].score(fs)                 # (batch, n_train)
+                ranked[m] = (top_k(scores, k), bottom_k(scores, k))
+        seconds = time.perf_counter() - t
+        for i, r in enumerate(batch):
+            out = {}
+            for m in r.methods:
+                (si, sv), (oi, ov) = ranked[m]
+                out[m] = {"supporting": [(int(j), float(v)) for j, v in zip(si[i, :r.k], sv[i, :r.k])],
+                          "opposing": [(int(j), float(v)) for j, v in zip(oi[i, :r.k], ov[i, :r.k])]}
+            r.future.set_result(Answer(probs=fs.probs[i].astype(np.float64), pred=int(fs.pred[i]), methods=out,
+                                       seconds=seconds))
