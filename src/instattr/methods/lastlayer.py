@@ -150,14 +150,14 @@ def objective(logits: np.ndarray, labels: np.ndarray, v: np.ndarray, lam: float)
 
 
 def refit(features: np.ndarray, labels: np.ndarray, w0: np.ndarray, lam: float,
-          tol: float = 1e-10, max_iter: int = 100) -> Refit:
+          tol: float = 1e-10, max_iter: int = 100, whitener0: Optional[np.ndarray] = None) -> Refit:
     """Damped Newton on the regularised mean loss in float64, from ``w0``, until ||grad|| <= tol.
 
     Works in the sum-zero coordinates V = Q^T W: the class-mean row of W changes no probability
     and its optimum is 0, so W = Q V throughout and the Newton system is ((C-1)d)^2. A Hessian
     is rebuilt only when the last step cut the gradient norm by less than 4x or needed a line
     search; steps in between are cheap (two thin products), so a head trained near the optimum
-    converges after one or two Hessians.
+    converges after one or two Hessians. ``whitener0``: L^-1 of the Hessian at ``w0``, when known.
     """
     if lam <= 0:
         raise ValueError("refitting to stationarity needs l2 > 0 (the loss has no minimiser otherwise)")
@@ -169,7 +169,7 @@ def refit(features: np.ndarray, labels: np.ndarray, w0: np.ndarray, lam: float,
     z = logits_of(f, q @ v)
     obj = objective(z, y, v, lam)
     eps = np.finfo(np.float64).eps
-    whitener, last, n_hess, grad_norm, it = None, np.inf, 0, np.inf, 0
+    whitener, last, n_hess, grad_norm, it = whitener0, np.inf, 0, np.inf, 0
     for it in range(max_iter + 1):
         p = softmax(z)
         grad = error_features(loss_errors(p, y) @ q, f) / n + 2.0 * lam * v   # = Q^T dL/dW, same norm
@@ -196,3 +196,21 @@ def refit(features: np.ndarray, labels: np.ndarray, w0: np.ndarray, lam: float,
         warnings.warn(f"refit stopped after {it} steps at gradient norm {grad_norm:.2e} "
                       f"(tol {tol:.0e})", RuntimeWarning, stacklevel=3)
     return Refit(w=q @ v, grad_norm=grad_norm, n_iter=it, n_hessians=n_hess, converged=converged)
+
+
+# ---------------------------------------------------------------- one Hessian for if, rif and rep
+_WHITENERS: list = []     # [(features array, weight bytes, l2 + damping, L^-1)], the last one kept
+
+
+def hessian_whitener(features: np.ndarray, inputs: np.ndarray, probs: np.ndarray, weight: Optional[np.ndarray],
+                     lam: float, basis: np.ndarray, damping: float, what: str) -> np.ndarray:
+    """L^-1 of the reduced Hessian at the layer's weights, for the rows whose stored ``features``
+    array is given (``inputs`` its [f, 1] rows); the last one is kept, so if, rif and rep on the
+    same training set build it once."""
+    key = (None if weight is None else np.asarray(weight).tobytes(), float(lam), float(damping), len(basis))
+    for feats, k, w in _WHITENERS:
+        if feats is features and k == key:
+            return w
+    w = inverse_cholesky(reduced_hessian(inputs, probs, lam, basis, damping), what)
+    _WHITENERS[:] = [(features, key, w)]
+    return w
