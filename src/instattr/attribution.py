@@ -145,10 +145,14 @@ def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_
             todo.append(name)
     if not todo:
         return {}
+    from .methods.scoring import Grid
+    grid = grid or Grid()
     fitted, seconds = {}, {}
     for name in todo:
         t = time.perf_counter()
-        fitted[name] = fit_method(run, name, train, device=device, embed=backend == "local", **per_method[name])
+        method = fitted[name] = fit_method(run, name, train, device=device, embed=False, **per_method[name])
+        if backend == "local" and method.streams_train:   # in the blocks an index (and Ray) would use
+            method.embed_all(train, grid.train_rows)
         seconds[name] = time.perf_counter() - t
     if top_k is not None:
         _attribute_top_k(run, fitted, seconds, split, test, train, top_k, bottom_k, backend, address, grid,

@@ -33,12 +33,21 @@ def faiss_module():
     return faiss
 
 
-def train_vectors(side, finish) -> np.ndarray:
-    return np.ascontiguousarray(finish.ann_train(plain_vectors(side, test=False)), dtype=np.float32)
+def train_vectors(side, finish, max_norm: Optional[float] = None) -> np.ndarray:
+    """Plain inner-product vectors of training rows; with ``max_norm`` M, ``[x, sqrt(M^2 - |x|^2)]``:
+    every row then has norm M, so the largest inner product is the nearest neighbour (the
+    maximum-inner-product to nearest-neighbour reduction), which IVF and HNSW search well."""
+    x = np.ascontiguousarray(finish.ann_train(plain_vectors(side, test=False)), dtype=np.float32)
+    if max_norm is None:
+        return x
+    extra = np.sqrt(np.maximum(max_norm ** 2 - (x.astype(np.float64) ** 2).sum(1), 0.0))
+    return np.ascontiguousarray(np.concatenate([x, extra[:, None].astype(np.float32)], axis=1))
 
 
 def query_vectors(side, finish, largest: bool = True) -> np.ndarray:
-    return np.ascontiguousarray(finish.ann_query(plain_vectors(side, test=True), largest), dtype=np.float32)
+    """Plain inner-product query vectors (``-a`` for the bottom), with the reduction's 0 appended."""
+    q = finish.ann_query(plain_vectors(side, test=True), largest)
+    return np.ascontiguousarray(np.concatenate([q, np.zeros((len(q), 1), dtype=np.float32)], axis=1))
 
 
 def _breadths(kind: str, nlist: int):
@@ -71,19 +80,21 @@ def build_ann(root: Path, manifest: dict, name: str, method, train, queries, kin
     n, train_rows = int(manifest["n"]), int(manifest["train_rows"])
     src = ShardSource(Path(root), entry, n, int(manifest["shard_rows"]), getattr(method, "key_", ()))
     blocks = Grid(1, train_rows).train_blocks(n)
-    dim = train_vectors(src.rows(slice(0, 1)), finish).shape[1]
+    norm = max(float(np.sqrt((train_vectors(src.rows(b), finish).astype(np.float64) ** 2).sum(1).max()))
+               for b in blocks)
+    dim = train_vectors(src.rows(slice(0, 1)), finish, norm).shape[1]
     rng = np.random.default_rng(0)
     if kind == "ivf":
         nlist = int(max(1, min(4 * np.sqrt(n), n // 39)))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
         sample = np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))
-        index.train(train_vectors(src.take(sample), finish))
+        index.train(train_vectors(src.take(sample), finish, norm))
     else:
         nlist = 0
         index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 80
     for rows in blocks:
-        index.add(train_vectors(src.rows(rows), finish))
+        index.add(train_vectors(src.rows(rows), finish, norm))
     if queries is None:       # no held-out rows given: the test side of sampled training rows
         queries = train.subset(np.sort(rng.choice(n, size=min(n, 200), replace=False)))
     member = Member(name, test=lambda rows: method.test_side(queries.subset(rows)), train=src, finish=finish)
@@ -106,7 +117,7 @@ def build_ann(root: Path, manifest: dict, name: str, method, train, queries, kin
         if os.path.exists(tmp):
             os.unlink(tmp)
     return {"kind": kind, **file_entry(root, rel), "k": k, "recall": recall, "target": target,
-            "breadth": breadth, "nlist": nlist, "n_queries": len(queries), "dim": dim}
+            "breadth": breadth, "nlist": nlist, "n_queries": len(queries), "dim": dim, "max_norm": norm}
 
 
 _OPEN: dict = {}

@@ -76,7 +76,7 @@ class Attributor(ABC):
         self._fit(train, model)
         self.n_train_ = len(train)
         if embed and self.streams_train and not hasattr(self, "train_embedding_"):
-            self.train_side_ = self._embed_all(train)
+            self.embed_all(train)
         return self
 
     # ------------------------------------------------------------------ the two sides
@@ -111,7 +111,11 @@ class Attributor(ABC):
             return _as_side(self.train_embedding_)
         return None
 
-    def _embed_all(self, train: FeatureSet) -> Side:
+    def embed_all(self, train: FeatureSet, train_rows: Optional[int] = None) -> Side:
+        """Compute and keep the training side of every row of ``train`` (the training set fitted on),
+        in blocks of ``train_rows`` (the scoring grid's; an index's shards use the same blocks)."""
+        if train_rows:
+            self._train_rows = int(train_rows)
         n, parts, out = len(train), None, None
         for rows in Grid(1, self._train_rows).train_blocks(n):
             part = self.train_side(train.subset(rows))
@@ -125,6 +129,7 @@ class Attributor(ABC):
                 out.offset[rows] = part.offset
             if parts[1]:
                 out.scale[rows] = part.scale
+        self.train_side_ = out
         return out
 
     # ------------------------------------------------------------------ scoring
