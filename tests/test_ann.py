@@ -6,7 +6,7 @@ from instattr.index import Index, build_index
 from instattr.methods import get_method
 from instattr.store import FeatureSet, FinalLayer
 
-N, D, PLANTED = 3000, 16, 40
+N, D, PLANTED = 2000, 16, 40
 
 
 def clustered(rng, n, centers):
@@ -30,7 +30,7 @@ def data():
         return FeatureSet(idx=np.array([f"{prefix}{i}" for i in range(len(x))]), label=rng.integers(0, 2, len(x)),
                           pred=p.argmax(1), probs=p, features=x, encoder=x)
 
-    planted = np.arange(PLANTED) * 71 + 7
+    planted = np.arange(PLANTED) * 47 + 7
     q = np.concatenate([f[planted] + 1e-3 * rng.standard_normal((PLANTED, D)), clustered(rng, 60, centers)])
     return fs(f, "tr"), fs(q, "q"), FinalLayer(w=w, l2=0.01), planted
 

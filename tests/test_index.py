@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 
 import instattr.index.build as build_mod
-from _synthetic import make_run
 from instattr.attribution import attribute_run
 from instattr.cli import main
 from instattr.index import Index, IndexStoreError, build_run_index, verify
 from instattr.methods import bottom_k, top_k
 from instattr.methods.scoring import Grid
+
+from _synthetic import make_run
 
 GRID = Grid(4, 8)
 METHODS = "nn-euc,nn-cos,gd,if,rif,rep"
@@ -149,3 +150,24 @@ def test_cli_verify_reports_a_bad_checksum(run, tmp_path, capsys):
     (out / "labels.npy").write_bytes(bytes(data))
     assert main(["--quiet", "index", "verify", str(out)]) == 2
     assert "labels.npy: checksum mismatch" in capsys.readouterr().err
+
+
+def test_evaluations_read_top_k_files_when_there_are_no_dense_scores(tmp_path, monkeypatch):
+    from instattr.evaluate import common, run_artifacts, run_retrain
+    run = make_run(tmp_path, "hans", n_train=60, n_test=40)
+    names = "nn-cos,gd,if"
+    quiet = {"progress": False, "log": lambda *a: None}
+    opts = {"methods": names, "n_test": 4, "ks": (5,), "n_random": 2, "scope": "final", "progress": False}
+    attribute_run(run, names, **quiet)                      # dense scores first: the reference
+    want = run_artifacts(run, methods=names), run_retrain(run, **opts)
+    attribute_run(run, names, top_k=10, **quiet)
+    for p in (run.path / "scores").glob("*.npy"):
+        p.unlink()
+
+    def no_refit(self, method):
+        raise AssertionError(f"{method} was refitted instead of read from its top-k file")
+
+    monkeypatch.setattr(common.Scorer, "attributor", no_refit)
+    got = run_artifacts(run, methods=names), run_retrain(run, **opts)
+    assert got[0]["methods"] == want[0]["methods"]
+    assert got[1]["methods"] == want[1]["methods"] and got[1]["removed_support"] == want[1]["removed_support"]

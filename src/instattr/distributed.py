@@ -38,9 +38,19 @@ def connect(address: Optional[str] = None, workers: Optional[int] = None):
     """The Ray module, initialised: joins ``address`` or starts a local Ray (``workers`` CPUs)."""
     ray = ray_module()
     if not ray.is_initialized():
-        kwargs = {"address": address} if address else {"num_cpus": workers or None}
+        kwargs = {"address": address} if address else {"num_cpus": workers or None, "runtime_env": local_env()}
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
     return ray
+
+
+def local_env() -> dict:
+    """A local Ray's workers import the instattr this driver runs (a checkout on PYTHONPATH too)."""
+    import os
+
+    import instattr
+    src = str(Path(instattr.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
+    return {"env_vars": {"PYTHONPATH": path}}
 
 
 def _pool_size(ray, workers: Optional[int]) -> int:
