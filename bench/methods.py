@@ -148,7 +148,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     run = Run.load(args.run)
-    train, test, head = run.features("train"), run.features(run.eval_split), run.head()
+    train, test, head = run.features("train"), run.features(run.eval_split), run.final_layer()
     n_tr, n_te, d = len(train), len(test), train.features.shape[1]
     print(f"run {run.path}: train {n_tr} x {run.eval_split} {n_te}, d = {d}, "
           f"{train.n_classes} classes, encoder width {train.encoder.shape[1]}, l2 = {head.l2}")

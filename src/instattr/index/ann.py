@@ -85,9 +85,9 @@ def build_ann(root: Path, manifest: dict, name: str, method, train, queries, kin
     dim = train_vectors(src.rows(slice(0, 1)), finish, norm).shape[1]
     rng = np.random.default_rng(0)
     if kind == "ivf":
-        nlist = int(max(1, min(4 * np.sqrt(n), n // 39)))
+        nlist = int(max(1, min(np.sqrt(n), n // 40)))          # 2,000 lists for 4M rows
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))
+        sample = np.sort(rng.choice(n, size=min(n, 40 * nlist), replace=False))
         index.train(train_vectors(src.take(sample), finish, norm))
     else:
         nlist = 0

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..store import FeatureSet
 from .base import Attributor, check_width, final_layer_of
-from .lastlayer import class_probs, hessian_whitener, loss_errors, reduced_gradients, sum_zero_basis
+from .lastlayer import ROW_BLOCK, class_probs, hessian_whitener, loss_errors, reduced_gradients, sum_zero_basis
 from .registry import register
 from .sides import Side, digest, side
 from .similarity import inverse_norms
@@ -51,7 +51,7 @@ class LastLayerGradient(Attributor):
         return 1.0 if self.layer_ is not None and self.layer_.b is not None else 0.0
 
     def _fit(self, train: FeatureSet, model) -> None:
-        d = train.features.shape[1]
+        n, d = train.features.shape
         c = train.probs.shape[1]
         self.layer_ = final_layer_of(self.name, model)
         self.weight_ = None if self.layer_ is None else self.layer_.weight()
@@ -65,9 +65,12 @@ class LastLayerGradient(Attributor):
             if self.layer_.l2 + self.damping <= 0:
                 raise ValueError(f"{self.name}: the final layer has l2 = 0 and no damping was given; the Hessian "
                                  "may be singular, pass --damping > 0")
-            x = self._inputs(train)
-            p = class_probs(x, train.probs, self.weight_)
-            self.whitener_ = hessian_whitener(train.features, x, p, self.weight_, self.layer_.l2, self.basis_,
+            def blocks():         # (inputs, probabilities) a block of rows at a time
+                for s in range(0, n, ROW_BLOCK):
+                    part = train.subset(slice(s, s + ROW_BLOCK))
+                    x = self._inputs(part)
+                    yield x, class_probs(x, part.probs, self.weight_)
+            self.whitener_ = hessian_whitener(train.features, blocks, self.weight_, self.layer_.l2, self.basis_,
                                               self.damping, self.name)  # L^-1, H = L L^T
             self.inverse_ = self.whitener_.T @ self.whitener_          # H^-1
             self.key_ = ("inverse-hessian", digest(self.inverse_, *state))

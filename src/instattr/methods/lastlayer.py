@@ -90,14 +90,21 @@ def reduced_gradients(errors: np.ndarray, features: np.ndarray, basis: np.ndarra
 
 
 def reduced_hessian(features: np.ndarray, probs: np.ndarray, lam: float, basis: np.ndarray,
-                    damping: float = 0.0) -> np.ndarray:
-    """H~ (float64, ((C-1)d)^2) of the regularised mean loss at probabilities ``probs``."""
-    n, d = features.shape
+                    damping: float = 0.0, blocks=None) -> np.ndarray:
+    """H~ (float64, ((C-1)d)^2) of the regularised mean loss at probabilities ``probs``.
+    ``blocks``: an iterable of (features, probs) row blocks used instead of the two arrays, so a
+    training set that does not fit in memory as float64 streams through."""
+    if blocks is None:
+        blocks = ((features[s:s + ROW_BLOCK], probs[s:s + ROW_BLOCK]) for s in range(0, len(features), ROW_BLOCK))
     k = basis.shape[1]
-    h = np.zeros((k, d, k, d))
-    for s in range(0, n, ROW_BLOCK):
-        f = np.asarray(features[s:s + ROW_BLOCK], dtype=np.float64)
-        p = np.asarray(probs[s:s + ROW_BLOCK], dtype=np.float64)
+    h, n = None, 0
+    for f, p in blocks:
+        f = np.asarray(f, dtype=np.float64)
+        p = np.asarray(p, dtype=np.float64)
+        if h is None:
+            d = f.shape[1]
+            h = np.zeros((k, d, k, d))
+        n += len(f)
         r = p @ basis                                                  # Q^T p_i
         b = np.einsum("ca,ic,cb->iab", basis, p, basis) - r[:, :, None] * r[:, None, :]
         for a in range(k):
@@ -202,15 +209,15 @@ def refit(features: np.ndarray, labels: np.ndarray, w0: np.ndarray, lam: float,
 _WHITENERS: list = []     # [(features array, weight bytes, l2 + damping, L^-1)], the last one kept
 
 
-def hessian_whitener(features: np.ndarray, inputs: np.ndarray, probs: np.ndarray, weight: Optional[np.ndarray],
-                     lam: float, basis: np.ndarray, damping: float, what: str) -> np.ndarray:
+def hessian_whitener(features: np.ndarray, blocks, weight: Optional[np.ndarray], lam: float, basis: np.ndarray,
+                     damping: float, what: str) -> np.ndarray:
     """L^-1 of the reduced Hessian at the layer's weights, for the rows whose stored ``features``
-    array is given (``inputs`` its [f, 1] rows); the last one is kept, so if, rif and rep on the
-    same training set build it once."""
+    array is given; ``blocks()`` yields their (inputs, probabilities) row blocks. The last one is
+    kept, so if, rif and rep on the same training set build it once."""
     key = (None if weight is None else np.asarray(weight).tobytes(), float(lam), float(damping), len(basis))
     for feats, k, w in _WHITENERS:
         if feats is features and k == key:
             return w
-    w = inverse_cholesky(reduced_hessian(inputs, probs, lam, basis, damping), what)
+    w = inverse_cholesky(reduced_hessian(None, None, lam, basis, damping, blocks=blocks()), what)
     _WHITENERS[:] = [(features, key, w)]
     return w

@@ -57,8 +57,8 @@ class Representer(Attributor):
         lam = float(layer.l2)
         if lam <= 0:
             raise ValueError("rep: the final layer has l2 = 0; representer points need an L2-regularised layer")
-        first = hessian_whitener(train.features, f, softmax(logits_of(f, w0)), w0, lam, sum_zero_basis(len(w0)),
-                                 0.0, "rep")      # the Hessian at w0, shared with if and rif
+        first = hessian_whitener(train.features, lambda: [(f, softmax(logits_of(f, w0)))], w0, lam,
+                                 sum_zero_basis(len(w0)), 0.0, "rep")      # the Hessian at w0, shared with if and rif
         fit = refit(f, train.label, w0, lam, self.tol, self.max_iter, whitener0=first)
         logits = logits_of(f, fit.w)
         p = softmax(logits)

@@ -51,13 +51,14 @@ class Similarity(Attributor):
             raise ValueError(f"{self.name}: train {self.space} must be 2-D, got shape {x.shape}")
         self.width_ = x.shape[1]
         self.center_ = x.mean(axis=0, dtype=np.float64)
+        self.key_ = ("centered", self.space, digest(self.center_))
 
     def _side(self, fs: FeatureSet, test: bool) -> Side:
         x = np.asarray(getattr(fs, self.space))
         if test:
             check_width(self.name, self.space, self.width_, x)
         u = side(np.asarray(x, dtype=np.float64) - self.center_).vectors
-        key = ("centered", self.space, digest(self.center_))
+        key = self.key_
         if self.metric == "euc":
             return Side(u, key=key)
         offset = u.astype(np.float64) @ self.center_ + (self.center_ @ self.center_ if test else 0.0)
