@@ -58,34 +58,71 @@ class Member:
             self.n_train = len(self.train)
 
 
-def finished(product: np.ndarray, test: Side, train: Side, finish: Finish, out: np.ndarray) -> np.ndarray:
-    """``out`` = finish(r c (P + x + y)), always with the same operations in the same order."""
-    src = product
-    for op, arr in ((np.add, test.offset), (np.add, train.offset), (np.multiply, test.scale),
-                    (np.multiply, train.scale)):
-        if arr is not None:
-            op(src, arr[:, None] if arr is test.offset or arr is test.scale else arr[None, :], out=out)
-            src = out
-    if src is product:
-        np.copyto(out, product)
-    finish(out, test, train)
+TILE_BYTES = 1 << 20    # rows of a block finished together: the passes below then stay in cache
+
+
+def finished(product: np.ndarray, test: Side, train: Side, finish: Finish, out: np.ndarray,
+             memo: Optional[list] = None) -> np.ndarray:
+    """``out`` = finish(r c ((P + x) + y)), always with the same operations in the same order
+    (elementwise, so tiling rows or reusing another member's ``(P + x) + y`` from ``memo``, a list
+    kept per product, changes no bit)."""
+    if test.offset is not None or train.offset is not None:
+        product = _offset_product(product, test.offset, train.offset, memo)
+    rows = max(1, TILE_BYTES // (4 * max(1, product.shape[1])))
+    if finish is not INNER_PRODUCT:        # norms once per block, sliced by the tiles
+        test.sq_norms()
+        train.sq_norms()
+    for s in range(0, len(product), rows):
+        t = slice(s, s + rows)
+        ts = test.rows(t) if rows < len(product) else test
+        o, wrote = out[t], False
+        for arr, axis in ((ts.scale, 1), (train.scale, 0)):
+            if arr is not None:
+                np.multiply(o if wrote else product[t], arr[:, None] if axis else arr[None, :], out=o)
+                wrote = True
+        if not wrote:
+            np.copyto(o, product[t])
+        finish(o, ts, train)
     return out
+
+
+def _same(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+
+
+def _offset_product(product: np.ndarray, x: Optional[np.ndarray], y: Optional[np.ndarray], memo) -> np.ndarray:
+    """``(P + x) + y`` for one block, shared by the members with the same offsets."""
+    for mx, my, summed in memo or ():
+        if _same(mx, x) and _same(my, y):
+            return summed
+    summed = np.empty_like(product)
+    rows = max(1, TILE_BYTES // (4 * max(1, product.shape[1])))
+    for s in range(0, len(product), rows):
+        t = slice(s, s + rows)
+        src = product[t]
+        for arr, axis in ((x, 1), (y, 0)):
+            if arr is not None:
+                np.add(src, arr[t, None] if axis else arr[None, :], out=summed[t])
+                src = summed[t]
+    if memo is not None:
+        memo.append((x, y, summed))
+    return summed
 
 
 def _pair_blocks(members: Sequence[Member], tests: Dict[str, Side], cols: slice, trains=None):
     """Yield (member, test side, train side, product) for one block of training rows; members
     whose sides share a key share one product. ``trains`` maps names to train sides already cut."""
-    products: Dict[tuple, np.ndarray] = {}
+    products: Dict[tuple, tuple] = {}
     for m in members:
         ts = tests[m.name]
         tr = trains[m.name] if trains is not None else m.train.rows(cols)
         key = (ts.key, tr.key) if ts.key and tr.key else None
-        p = products.get(key) if key is not None else None
+        p, memo = products.get(key, (None, None)) if key is not None else (None, None)
         if p is None:
-            p = ts.vectors @ tr.vectors.T
+            p, memo = ts.vectors @ tr.vectors.T, []
             if key is not None:
-                products[key] = p
-        yield m, ts, tr, p
+                products[key] = p, memo
+        yield m, ts, tr, p, memo
 
 
 def dense_row_blocks(members: Sequence[Member], n_test: int, grid: Grid = Grid(),
@@ -105,8 +142,8 @@ def dense_row_blocks(members: Sequence[Member], n_test: int, grid: Grid = Grid()
         tests = {m.name: m.test(rows) for m in inner}
         n_train = inner[0].n_train if inner else 0
         for cols in grid.train_blocks(n_train):
-            for m, ts, tr, p in _pair_blocks(inner, tests, cols):
-                finished(p, ts, tr, m.finish, out[m.name][:, cols])
+            for m, ts, tr, p, memo in _pair_blocks(inner, tests, cols):
+                finished(p, ts, tr, m.finish, out[m.name][:, cols], memo)
         yield rows, out
 
 
@@ -202,10 +239,10 @@ def score_top_k(members: Sequence[Member], n_test: int, k: int, bottom_k: int = 
         start, stop = train_range or (0, n_train)
         buf = None
         for cols in grid.train_blocks(n_train, start, stop):
-            for m, ts, tr, p in _pair_blocks(inner, tests, cols):
+            for m, ts, tr, p, memo in _pair_blocks(inner, tests, cols):
                 if buf is None or buf.shape != p.shape:
                     buf = np.empty(p.shape, dtype=np.float32)
-                finished(p, ts, tr, m.finish, buf)
+                finished(p, ts, tr, m.finish, buf, memo)
                 for acc in run[m.name].values():
                     acc.update(buf, cols.start)
             if progress is not None:
