@@ -91,6 +91,9 @@ def ray_build_shards(root: Path, train, methods: Dict[str, object], shards: List
                             "index them with the local backend")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(progress)
+    if not progress:                      # --quiet: no Ray Data progress lines either
+        import logging
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     size = max(1, min(_pool_size(ray, workers), len(todo)))
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= size else 0
     ds = ray.data.from_items([{"shard": int(i)} for i in todo])
