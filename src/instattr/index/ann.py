@@ -60,17 +60,31 @@ def _breadths(kind: str, nlist: int):
     return [16, 32, 64, 128, 256, 512, 1024]
 
 
-def _set_breadth(index, kind: str, breadth: int) -> None:
-    if kind == "ivf":
-        index.nprobe = int(breadth)
-    else:
-        index.hnsw.efSearch = int(breadth)
+PART_ROWS = 12500       # rows per norm range (at most MAX_PARTS ranges)
+MAX_PARTS = 8
+
+
+def _write(index, path: Path) -> None:
+    faiss = faiss_module()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        faiss.write_index(index, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def build_ann(root: Path, manifest: dict, name: str, method, train, queries, kind: str, k: int, target: float,
               progress: bool = False) -> dict:
     """Build ``kind`` over method ``name``'s shards, tune its breadth to ``target`` recall@k; the
-    manifest entry."""
+    manifest entry.
+
+    Rows are split into up to ``MAX_PARTS`` ranges of the plain vectors' norm, each indexed with
+    its own maximum norm in the reduction (norm-ranged search): with one global maximum, the many
+    small gradients of gd or if would all sit near the added axis and IVF could not tell them
+    apart. A query searches every range; the candidates are rescored exactly."""
     from .search import ShardSource
     faiss = faiss_module()
     if kind not in KINDS:
@@ -79,72 +93,80 @@ def build_ann(root: Path, manifest: dict, name: str, method, train, queries, kin
     finish = FINISHES[entry["finish"]]
     n, train_rows = int(manifest["n"]), int(manifest["train_rows"])
     src = ShardSource(Path(root), entry, n, int(manifest["shard_rows"]), getattr(method, "key_", ()))
-    blocks = Grid(1, train_rows).train_blocks(n)
-    norm = max(float(np.sqrt((train_vectors(src.rows(b), finish).astype(np.float64) ** 2).sum(1).max()))
-               for b in blocks)
-    dim = train_vectors(src.rows(slice(0, 1)), finish, norm).shape[1]
+    norms = np.concatenate([np.sqrt((train_vectors(src.rows(b), finish).astype(np.float64) ** 2).sum(1))
+                            for b in Grid(1, train_rows).train_blocks(n)])
+    order = np.argsort(norms, kind="stable")
+    n_parts = int(np.clip(round(n / PART_ROWS), 1, MAX_PARTS))
     rng = np.random.default_rng(0)
-    if kind == "ivf":
-        nlist = int(max(1, min(np.sqrt(n), n // 40)))          # 2,000 lists for 4M rows
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = np.sort(rng.choice(n, size=min(n, 40 * nlist), replace=False))
-        index.train(train_vectors(src.take(sample), finish, norm))
-    else:
-        nlist = 0
-        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = 80
-    for rows in blocks:
-        index.add(train_vectors(src.rows(rows), finish, norm))
+    indexes, parts = [], []
+    for j, rows in enumerate(np.array_split(order, n_parts)):
+        rows = np.sort(rows)
+        top = float(norms[rows].max())
+        dim = train_vectors(src.take(rows[:1]), finish, top).shape[1]
+        if kind == "ivf":
+            nlist = int(max(1, min(np.sqrt(len(rows)), len(rows) // 40)))
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            sample = np.sort(rng.choice(rows, size=min(len(rows), 40 * nlist), replace=False))
+            index.train(train_vectors(src.take(sample), finish, top))
+        else:
+            nlist = 0
+            index = faiss.IndexIDMap(faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT))
+            faiss.downcast_index(index.index).hnsw.efConstruction = 80
+        for s in range(0, len(rows), train_rows):
+            ids = rows[s:s + train_rows]
+            index.add_with_ids(train_vectors(src.take(ids), finish, top), ids.astype(np.int64))
+        indexes.append(index)
+        parts.append({"rows": int(len(rows)), "nlist": nlist, "max_norm": top})
     if queries is None:       # no held-out rows given: the test side of sampled training rows
         queries = train.subset(np.sort(rng.choice(n, size=min(n, 200), replace=False)))
     member = Member(name, test=lambda rows: method.test_side(queries.subset(rows)), train=src, finish=finish)
     exact, _ = score_top_k([member], len(queries), k, 0, Grid(Grid().test_rows, train_rows))[name]["top"]
-    q = query_vectors(method.test_side(queries), finish)
     recall, breadth = 0.0, None
-    for breadth in _breadths(kind, nlist):
-        _set_breadth(index, kind, breadth)
-        _, found = index.search(q, min(k, n))
+    for breadth in _breadths(kind, max(p["nlist"] for p in parts)):
+        found, _ = _candidates(indexes, kind, breadth, member, len(queries), k, True)
         recall = float(np.mean([len(set(a[a >= 0]) & set(b)) / max(1, len(b)) for a, b in zip(found, exact)]))
         if recall >= target:
             break
-    rel = f"{name}/ann-{kind}.faiss"
-    fd, tmp = tempfile.mkstemp(dir=Path(root) / name, suffix=".tmp")
-    os.close(fd)
-    try:
-        faiss.write_index(index, tmp)
-        os.replace(tmp, Path(root) / rel)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return {"kind": kind, **file_entry(root, rel), "k": k, "recall": recall, "target": target,
-            "breadth": breadth, "nlist": nlist, "n_queries": len(queries), "dim": dim, "max_norm": norm}
+    for j, (index, part) in enumerate(zip(indexes, parts)):
+        rel = f"{name}/ann-{kind}-{j}.faiss"
+        _write(index, Path(root) / rel)
+        part.update(file_entry(root, rel))
+    return {"kind": kind, "parts": parts, "k": k, "recall": recall, "target": target, "breadth": breadth,
+            "n_queries": len(queries)}
 
 
 _OPEN: dict = {}
 
 
-def _open(root: Path, entry: dict):
-    path = str(Path(root) / entry["file"])
-    if path not in _OPEN:
+def _open(root: Path, entry: dict) -> list:
+    key = tuple(str(Path(root) / p["file"]) for p in entry["parts"])
+    if key not in _OPEN:
         faiss = faiss_module()
-        index = faiss.read_index(path)
+        indexes = [faiss.read_index(path) for path in key]
         if entry["kind"] == "ivf" and getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
-            index = faiss.index_cpu_to_all_gpus(index)       # faiss-gpu on a GPU machine
+            indexes = [faiss.index_cpu_to_all_gpus(i) for i in indexes]       # faiss-gpu on a GPU machine
         _OPEN.clear()
-        _OPEN[path] = index
-    return _OPEN[path]
+        _OPEN[key] = indexes
+    return _OPEN[key]
 
 
-def ann_top_k(root: Path, entry: dict, member: Member, n_test: int, k: int, largest: bool = True,
-              breadth: Optional[int] = None):
-    """(rows, scores), each (n_test, k): the ANN candidates of every test row, rescored exactly."""
-    index = _open(root, entry)
-    _set_breadth(index, entry["kind"], breadth or entry["breadth"])
+def _search(index, kind: str, breadth: int, q: np.ndarray, k: int) -> np.ndarray:
+    if kind == "ivf":
+        index.nprobe = int(breadth)
+    else:
+        faiss_module().downcast_index(index.index).hnsw.efSearch = int(breadth)
+    return index.search(q, k)[1]
+
+
+def _candidates(indexes, kind: str, breadth: int, member: Member, n_test: int, k: int, largest: bool):
+    """(rows, scores) (n_test, k): every range's candidates, rescored exactly, merged; a row with
+    fewer than k candidates ends in position -1, score NaN."""
     k = min(k, member.n_train)
     pos_out, val_out = [], []
     for rows in Grid(ANN_TEST_ROWS).test_blocks(n_test):
         ts = member.test(rows)
-        _, cand = index.search(query_vectors(ts, member.finish, largest), k)
+        q = query_vectors(ts, member.finish, largest)
+        cand = np.concatenate([_search(ix, kind, breadth, q, min(k, ix.ntotal)) for ix in indexes], axis=1)
         uniq = np.unique(cand[cand >= 0])
         if len(uniq) == 0:
             raise IndexStoreError("the ANN index returned no candidates")
@@ -152,8 +174,16 @@ def ann_top_k(root: Path, entry: dict, member: Member, n_test: int, k: int, larg
         block = finished(ts.vectors @ tr.vectors.T, ts, tr, member.finish,
                          np.empty((len(ts), len(uniq)), dtype=np.float32))
         r, c = np.nonzero(cand >= 0)
+        _, first = np.unique(r.astype(np.int64) * (member.n_train + 1) + cand[r, c], return_index=True)
+        r, c = r[first], c[first]                    # a row found twice counts once
         col = np.searchsorted(uniq, cand[r, c])
-        pos, vals = merge_top_k(r, cand[r, c].astype(np.int64), block[r, col], len(ts), k, largest)
+        pos, vals = merge_top_k(r, cand[r, c].astype(np.int64), block[r, col], len(ts), k, largest, pad=True)
         pos_out.append(pos)
         val_out.append(vals)
     return np.concatenate(pos_out), np.concatenate(val_out)
+
+
+def ann_top_k(root: Path, entry: dict, member: Member, n_test: int, k: int, largest: bool = True,
+              breadth: Optional[int] = None):
+    """(rows, scores), each (n_test, k): the ANN candidates of every test row, rescored exactly."""
+    return _candidates(_open(root, entry), entry["kind"], breadth or entry["breadth"], member, n_test, k, largest)

@@ -69,7 +69,7 @@ def method_files(entry: dict) -> List[dict]:
         if shard.get("aux"):
             out.append(shard["aux"])
     if entry.get("ann"):
-        out.append(entry["ann"])
+        out += entry["ann"]["parts"]
     return out
 
 

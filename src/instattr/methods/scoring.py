@@ -157,17 +157,25 @@ def score_dense(members: Sequence[Member], n_test: int, grid: Grid = Grid()) -> 
 
 # ---------------------------------------------------------------- top-k
 def merge_top_k(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int, k: int,
-                largest: bool = True) -> TopK:
+                largest: bool = True, pad: bool = False) -> TopK:
     """From candidate (row, column, value) triples, each row's k best by (value, then lower
-    column): ``(columns, values)``, each (n_rows, k'), k' = min(k, candidates per row)."""
+    column): ``(columns, values)``, each (n_rows, k'), k' = min(k, candidates per row); with
+    ``pad``, k' = k and rows with fewer candidates end in column -1, value NaN."""
     order = np.lexsort((cols, -vals if largest else vals, rows))
     rows, cols, vals = rows[order], cols[order], vals[order]
     if n_rows == 0:
         return np.zeros((0, max(k, 0)), dtype=np.int64), np.zeros((0, max(k, 0)), dtype=np.float32)
     counts = np.bincount(rows, minlength=n_rows)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(len(rows)) - starts[rows]
+    if pad:
+        keep = rank < k
+        out_c, out_v = np.full((n_rows, k), -1, dtype=np.int64), np.full((n_rows, k), np.nan, dtype=np.float32)
+        out_c[rows[keep], rank[keep]] = cols[keep]
+        out_v[rows[keep], rank[keep]] = vals[keep]
+        return out_c, out_v
     width = int(min(k, counts.min()))
-    keep = (np.arange(len(rows)) - starts[rows]) < width
+    keep = rank < width
     return cols[keep].reshape(n_rows, width), vals[keep].reshape(n_rows, width)
 
 
