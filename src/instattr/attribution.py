@@ -28,17 +28,18 @@ def run_model(run: Run, method, device=None):
     return run.final_layer()
 
 
-def fit_method(run: Run, name: str, train: Optional[FeatureSet] = None, model=None, device=None, **options):
+def fit_method(run: Run, name: str, train: Optional[FeatureSet] = None, model=None, device=None,
+               embed: bool = True, **options):
     """A fitted attributor ``name`` on the run's training features (all rows unless ``train``) and
     the run's classifier (unless ``model``, e.g. a re-initialised one); the one place that wires a
-    run to a method."""
+    run to a method. ``embed=False`` leaves the training side to be computed in blocks later."""
     from .methods import get_method
     try:
         method = get_method(name, **options)
     except ValueError as e:
         raise InstattrError(str(e)) from None
     return method.fit(run.features("train") if train is None else train,
-                      run_model(run, method, device) if model is None else model)
+                      run_model(run, method, device) if model is None else model, embed=embed)
 
 
 def method_options(names: Sequence[str], options: Optional[dict]) -> Dict[str, dict]:
@@ -63,32 +64,52 @@ def method_options(names: Sequence[str], options: Optional[dict]) -> Dict[str, d
     return per
 
 
-def _check_kept_options(run: Run, name: str, split: str, options: dict, overwrite: bool) -> None:
+def _check_kept_options(run: Run, name: str, split: str, options: dict, overwrite: bool, top: bool = False) -> None:
     """Stored scores are kept, so asking for other options without --overwrite is an error."""
-    if overwrite or run.score_problem(name, split) is not None:
+    if overwrite or not (run.has_top_k(name, split) if top else run.score_problem(name, split) is None):
         return
-    made = run.score_info(name, split).get("config", {})
+    from .store import read_json
+    made = (read_json(run.top_k_path(name, split).with_suffix(".json")) if top
+            else run.score_info(name, split)).get("config", {})
     differ = {k: v for k, v in options.items() if k in made and made[k] != v
               and not (k == "layers" and made.get("tracked_layers") == v)}
     if differ:
         was = ", ".join(f"{k}={made[k]}" for k in differ)
-        raise InstattrError(f"{run.path}/scores/{name}-{split}.npy was made with {was}; add --overwrite to "
+        what = f"{name}-{split}.topk.npz" if top else f"{name}-{split}.npy"
+        raise InstattrError(f"{run.path}/scores/{what} was made with {was}; add --overwrite to "
                             "recompute it with " + ", ".join(f"{k}={v}" for k, v in differ.items()))
+
+
+def _check_top_k(top_k: Optional[int], bottom_k: Optional[int], backend: str) -> None:
+    if bottom_k is not None and top_k is None:
+        raise InstattrError("--bottom-k needs --top-k (dense scores hold every column already)")
+    for flag, v in (("--top-k", top_k), ("--bottom-k", bottom_k)):
+        if v is not None and v <= 0:
+            raise InstattrError(f"{flag} must be positive, got {v}")
+    if backend not in ("local", "ray"):
+        raise InstattrError(f"--backend must be local or ray, got {backend!r}")
+    if backend == "ray" and top_k is None:
+        raise InstattrError("--backend ray writes top-k results; add --top-k K")
 
 
 def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_test: Optional[int] = None,
                   limit_train: Optional[int] = None, overwrite: bool = False, progress: bool = True,
-                  log=print, options: Optional[dict] = None, device=None) -> Dict[str, float]:
+                  log=print, options: Optional[dict] = None, device=None, top_k: Optional[int] = None,
+                  bottom_k: Optional[int] = None, backend: str = "local", address: Optional[str] = None,
+                  grid=None, workers: Optional[int] = None) -> Dict[str, float]:
     """Score ``split`` (default: the run's eval split) against the training set with each method.
 
-    Writes ``scores/{method}-{split}.npy`` and ``.json``; existing scores are kept unless
-    ``overwrite`` (and refused when they were made with options other than those asked for).
-    ``options`` (e.g. ``{"layers": 5}``) go to the methods that take them (see ``method_options``).
+    Writes ``scores/{method}-{split}.npy`` and ``.json``, or with ``top_k`` only each test row's best
+    ``top_k`` (and with ``bottom_k`` most opposing) training rows, ``scores/{method}-{split}.topk.npz``
+    (``.bottomk.npz``), never forming the dense matrix. Methods whose sides share a product share it
+    (:mod:`instattr.methods.scoring`). Existing results are kept unless ``overwrite`` (and refused
+    when they were made with options other than those asked for). ``options`` (e.g. ``{"layers":
+    5}``) go to the methods that take them (see ``method_options``). ``backend="ray"`` computes the
+    training sides and the score blocks on a Ray cluster (``address``; default: a local one).
     Returns the compute seconds of each method that ran.
     """
-    from tqdm.auto import tqdm
-
     from .methods import get_method
+    _check_top_k(top_k, bottom_k, backend)
     names = resolve_methods(methods)
     per_method = method_options(names, options)
     split = split or run.eval_split
@@ -100,7 +121,7 @@ def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_
             get_method(name, **per_method[name])
         except ValueError as e:
             raise InstattrError(str(e)) from None
-        _check_kept_options(run, name, split, per_method[name], overwrite)
+        _check_kept_options(run, name, split, per_method[name], overwrite, top=top_k is not None)
     for flag, v in (("--limit-test", limit_test), ("--limit-train", limit_train)):
         if v is not None and v <= 0:
             raise InstattrError(f"{flag} must be positive, got {v}")
@@ -112,23 +133,117 @@ def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_
         test = test.subset(slice(0, limit_test))
     if limit_train:
         train = train.subset(slice(0, limit_train))
-    seconds = {}
-    with run.writing("attribute"):
-        for name in tqdm(names, desc="attribute", disable=not progress, leave=False):
+
+    def exists(name):
+        if top_k is None:
             problem = run.score_problem(name, split)
-            if problem is None and not overwrite:
-                log(f"{name}: scores/{name}-{split}.npy exists, kept (use --overwrite to recompute)")
-                continue
             if problem not in (None, "missing"):
                 log(f"{name}: scores/{name}-{split}.npy: {problem}; recomputing")
+            return problem is None
+        return run.has_top_k(name, split) and (not bottom_k or run.has_top_k(name, split, bottom=True))
+
+    todo = []
+    for name in names:
+        if exists(name) and not overwrite:
+            what = f"{name}-{split}.topk.npz" if top_k else f"{name}-{split}.npy"
+            log(f"{name}: scores/{what} exists, kept (use --overwrite to recompute)")
+        else:
+            todo.append(name)
+    if not todo:
+        return {}
+    from .methods.scoring import Grid
+    grid = grid or Grid()
+    fitted, seconds = {}, {}
+    with run.writing("attribute"):
+        for name in todo:
             t = time.perf_counter()
-            method = fit_method(run, name, train, device=device, **per_method[name])
-            scores = method.score(test)
+            method = fitted[name] = fit_method(run, name, train, device=device, embed=False, **per_method[name])
+            if backend == "local" and method.streams_train:   # in the blocks an index (and Ray) would use
+                method.embed_all(train, grid.train_rows)
             seconds[name] = time.perf_counter() - t
-            run.save_scores(name, split, scores, test.idx, train.idx, method.config(), seconds[name],
-                            diagnostics=method.diagnostics())
-            log(f"{name}: {scores.shape[0]} x {scores.shape[1]} scores in {seconds[name]:.3f} s")
+        if top_k is not None:
+            _attribute_top_k(run, fitted, seconds, split, test, train, top_k, bottom_k, backend, address, grid,
+                             workers, progress, log)
+        else:
+            _attribute_dense(run, fitted, seconds, split, test, train, grid, progress, log)
     return seconds
+
+
+DENSE_GROUP_BYTES = 4 << 30   # a group sharing one product keeps its members' matrices at once up to this
+
+
+def _groups(members, n_test: int) -> List[list]:
+    """Members that share a product, grouped (each group's matrices fit in DENSE_GROUP_BYTES)."""
+    groups: Dict[object, list] = {}
+    for m in members:
+        key = m.train.key if m.dense is None and m.train.key else ("alone", m.name)
+        groups.setdefault(key, []).append(m)
+    out = []
+    for g in groups.values():
+        if len(g) > 1 and sum(4 * n_test * m.n_train for m in g) > DENSE_GROUP_BYTES:
+            out += [[m] for m in g]
+        else:
+            out.append(g)
+    return out
+
+
+def score_together(methods: Dict[str, object], test: FeatureSet, grid=None) -> Dict[str, np.ndarray]:
+    """Dense (n_test, n_train) scores of several fitted methods, each product shared by the
+    methods whose sides share it (nn-*, gd, gc and rep on binary tasks; if and rif)."""
+    from .methods.scoring import Grid, score_dense
+    out = {}
+    for group in _groups([m.member(test) for m in methods.values()], len(test)):
+        out.update(score_dense(group, len(test), grid or Grid()))
+    return {name: out[name] for name in methods}
+
+
+def _attribute_dense(run, fitted, seconds, split, test, train, grid, progress, log) -> None:
+    from tqdm.auto import tqdm
+
+    from .methods.scoring import Grid, score_dense
+    members = [fitted[n].member(test) for n in fitted]
+    for group in tqdm(_groups(members, len(test)), desc="attribute", disable=not progress, leave=False):
+        t = time.perf_counter()
+        scores = score_dense(group, len(test), grid or Grid())
+        share = (time.perf_counter() - t) / len(group)
+        together = [m.name for m in group]
+        for m in group:
+            method = fitted[m.name]
+            seconds[m.name] += share
+            diagnostics = dict(method.diagnostics(), **({"shared_product": together} if len(group) > 1 else {}))
+            run.save_scores(m.name, split, scores[m.name], test.idx, train.idx, method.config(), seconds[m.name],
+                            diagnostics=diagnostics)
+            log(f"{m.name}: {len(test)} x {len(train)} scores in {seconds[m.name]:.3f} s")
+        del scores
+
+
+def _attribute_top_k(run, fitted, seconds, split, test, train, k, bottom_k, backend, address, grid, workers,
+                     progress, log) -> None:
+    from tqdm.auto import tqdm
+
+    from .methods.scoring import Grid, score_top_k
+    t = time.perf_counter()
+    grid = grid or Grid()
+    if backend == "ray":
+        from .distributed import ray_top_k
+        results = ray_top_k(run, fitted, test, train, k, bottom_k or 0, grid, address=address, workers=workers,
+                            progress=progress)
+    else:
+        members = [fitted[n].member(test) for n in fitted]
+        blocks = len(grid.test_blocks(len(test))) * len(train)
+        with tqdm(total=blocks, desc=f"top-{k}", unit="row", disable=not progress, leave=False) as bar:
+            results = score_top_k(members, len(test), k, bottom_k or 0, grid, progress=bar.update)
+    share = (time.perf_counter() - t) / len(fitted)
+    for name, method in fitted.items():
+        seconds[name] += share
+        cfg = dict(method.config())
+        diagnostics = dict(method.diagnostics(), backend=backend, grid=[grid.test_rows, grid.train_rows])
+        for bottom in (False, True) if bottom_k else (False,):
+            pos, vals = results[name]["bottom" if bottom else "top"]
+            run.save_top_k(name, split, test.idx, train.idx, pos, vals, cfg, seconds[name], bottom=bottom,
+                           diagnostics=diagnostics)
+        log(f"{name}: top-{k}{f' and bottom-{bottom_k}' if bottom_k else ''} of {len(train)} training rows "
+            f"for {len(test)} test rows in {seconds[name]:.3f} s")
 
 
 def attribute_texts(run: Run, method: str, texts: Sequence[str], queries: Optional[Sequence[str]] = None,

@@ -170,10 +170,11 @@ def _method_options(a) -> dict:
 
 def cmd_attribute(a) -> int:
     from .attribution import attribute_run
+    from .cli_index import scale_options
     from .store import Run
     run = Run.load(a.run)
     attribute_run(run, a.methods, a.split, a.limit_test, a.limit_train, a.overwrite, progress=not a.quiet,
-                  options=_method_options(a), device=a.device)
+                  options=_method_options(a), device=a.device, **scale_options(a))
     return 0
 
 
@@ -302,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--overwrite", action="store_true", help="recompute scores that exist")
     _method_args(at)
     _device_arg(at)
+    from .cli_index import add_commands, scale_args
+    scale_args(at)
     at.set_defaults(func=cmd_attribute)
 
     ex = sub.add_parser("explain", help="the training examples behind one prediction, per method")
@@ -331,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "transformer blocks and everything above them")
     _device_arg(ev)
     ev.set_defaults(func=cmd_evaluate)
+
+    add_commands(sub)   # index build|verify, query
 
     rp = sub.add_parser("report", help="(re)build RUN/report.html")
     rp.add_argument("--run", required=True)

@@ -4,6 +4,7 @@ Layout (see docs/ARCHITECTURE.md)::
 
     RUN/run.json  metrics.json  model/head.safetensors  features/{split}.npz
         scores/{method}-{split}.npy + .json  results/{name}.json + .md  figures/*.png  report.html
+        scores/{method}-{split}.topk.npz (.bottomk.npz) + .json: only each test row's best K (attribute --top-k)
 """
 from __future__ import annotations
 
@@ -519,3 +520,52 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
+
+    # top-k results: scores/{method}-{split}.topk.npz (and .bottomk.npz) + .json, for large training sets
+    def top_k_path(self, method: str, split: str, bottom: bool = False) -> Path:
+        return self.path / "scores" / f"{method}-{split}.{'bottomk' if bottom else 'topk'}.npz"
+
+    def has_top_k(self, method: str, split: str, bottom: bool = False) -> bool:
+        p = self.top_k_path(method, split, bottom)
+        return p.exists() and p.with_suffix(".json").exists()
+
+    def save_top_k(self, method: str, split: str, test_idx: Sequence[str], train_idx: Sequence[str],
+                   train_pos: np.ndarray, score: np.ndarray, config: dict, seconds: float, bottom: bool = False,
+                   diagnostics: Optional[dict] = None) -> Path:
+        """Write each test row's best (``bottom``: most opposing) training rows, best first:
+        ``test_idx`` (n_test,), ``train_idx``/``train_pos``/``score``/``rank`` (n_test, K); the .json
+        sidecar lands last. ``train_pos`` are rows of the run's stored training order (``train_idx``
+        its ids)."""
+        pos = np.asarray(train_pos, dtype=np.int64)
+        score = np.asarray(score, dtype=np.float32)
+        ids = np.asarray([str(i) for i in train_idx])
+        if pos.ndim != 2 or pos.shape != score.shape or len(pos) != len(test_idx):
+            raise RunError(f"{method}: top-k positions {pos.shape} and scores {score.shape} do not match "
+                           f"{len(test_idx)} test rows")
+        if pos.size and (pos.min() < 0 or pos.max() >= len(ids)):
+            raise RunError(f"{method}: top-k positions outside the {len(ids)} training rows")
+        p = self.top_k_path(method, split, bottom)
+        k = pos.shape[1]
+        write_npz(p, test_idx=np.asarray([str(i) for i in test_idx]), train_idx=ids[pos] if pos.size else
+                  np.zeros(pos.shape, dtype=ids.dtype), train_pos=pos, score=score,
+                  rank=np.broadcast_to(np.arange(k, dtype=np.int32), pos.shape).copy())
+        write_json(p.with_suffix(".json"), {"method": method, "split": split, "kind": "bottom" if bottom else "top",
+                                            "k": k, "n_test": len(test_idx), "n_train": len(ids), "config": config,
+                                            "seconds": seconds, "diagnostics": diagnostics or {}})
+        return p
+
+    def top_k(self, method: str, split: Optional[str] = None, bottom: bool = False) -> dict:
+        """A stored top-k (``bottom``: bottom-k) file: arrays test_idx, train_idx, train_pos, score,
+        rank, and ``info`` (its sidecar)."""
+        p = self.top_k_path(method, split or self.eval_split, bottom)
+        if not self.has_top_k(method, split or self.eval_split, bottom):
+            raise RunError(f"{p}: missing; run `instattr attribute --run {self.path} --methods {method} "
+                           f"--top-k K{' --bottom-k K' if bottom else ''}`")
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                out = {k: z[k] for k in ("test_idx", "train_idx", "train_pos", "score", "rank")}
+        except Exception as e:   # damaged: zipfile.BadZipFile, KeyError, OSError, ValueError
+            raise RunError(f"{p}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") \
+                from None
+        out["info"] = read_json(p.with_suffix(".json"))
+        return out

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from ..store import Run, RunError
-from .common import Scorer, fmt, md_table, method_list, save
+from .common import Scorer, TopRows, fmt, md_table, method_list, save
 from .paper import TABLE2_ARTIFACTS
 
 
@@ -29,12 +29,16 @@ def artifact_targets(label: np.ndarray, pred: np.ndarray, non_entailment: int, e
     return np.flatnonzero((np.asarray(label) == non_entailment) & (np.asarray(pred) == entailment))
 
 
-def top_overlap(score_rows: np.ndarray, train_overlap: np.ndarray, ks: Sequence[int] = (1, 10)) -> Dict[str, float]:
-    """Mean over rows of the mean overlap rate of each row's top-k training examples."""
+def top_overlap(score_rows, train_overlap: np.ndarray, ks: Sequence[int] = (1, 10)) -> Dict[str, float]:
+    """Mean over rows of the mean overlap rate of each row's top-k training examples
+    (``score_rows``: a score matrix or :class:`~.common.TopRows`)."""
     from ..methods.topk import top_k
     out = {}
     for k in ks:
-        idx, _ = top_k(np.asarray(score_rows), min(k, score_rows.shape[1]))
+        if isinstance(score_rows, TopRows):
+            idx = score_rows.first(k)
+        else:
+            idx, _ = top_k(np.asarray(score_rows), min(k, score_rows.shape[1]))
         out[f"top{k}"] = float(train_overlap[np.asarray(idx)].mean()) if len(score_rows) else float("nan")
     return out
 
@@ -93,6 +97,6 @@ def run_artifacts(run: Run, methods=None, seed: int = 0, split: Optional[str] = 
                                                 for t in targets])) if len(targets) else float("nan")}
     result["random"] = random_overlap(train_overlap, len(targets), np.random.default_rng(seed))
     for m in names:
-        result["methods"][m] = (top_overlap(scorer.rows(m, targets), train_overlap) if len(targets)
+        result["methods"][m] = (top_overlap(scorer.top(m, targets, 10), train_overlap) if len(targets)
                                 else {"top1": float("nan"), "top10": float("nan")})
     return save(run, "artifacts", result, markdown(result))

@@ -282,7 +282,8 @@ def run_retrain(run: Run, methods=None, seed: int = 0, n_test: int = 50, ks: Seq
     names = method_list(methods, run, scorer.split)
     test = run.features(scorer.split)
     rows = sample_rows(len(test), n_test, np.random.default_rng(seed))
-    score_rows = {m: scorer.rows(m, rows) for m in names}
+    ks_needed = max(effective_ks(ks, len(scorer.train)))   # only the top of each ranking is needed
+    score_rows = {m: scorer.top(m, rows, ks_needed) for m in names}
     partial = run.path / "cache" / "retrain-partial.npz"     # an interrupted run continues from here
     extra = {}
     if scope == "head":

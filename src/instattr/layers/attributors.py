@@ -222,9 +222,6 @@ class _TopLayers(Attributor):
             solved = _over_root(solved, (solved * grads.double()).sum(1))
         return np.ascontiguousarray(solved.float().numpy())
 
-    def _score(self, test: FeatureSet, out: np.ndarray) -> None:
-        np.matmul(self._embed_test(test), self.train_embedding_.T, out=out)
-
 
 @register("gd-top")
 class TopGradientDot(_TopLayers):

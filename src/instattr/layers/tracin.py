@@ -82,8 +82,8 @@ class TracIn(_History, Attributor):
         self.basis_ = sum_zero_basis(self.layers_[0].n_classes)
         self.train_embedding_ = self._embed(train, train.label)
 
-    def _score(self, test: FeatureSet, out: np.ndarray) -> None:
-        np.matmul(self._embed(test, test.pred), self.train_embedding_.T, out=out)
+    def _embed_test(self, test: FeatureSet) -> np.ndarray:
+        return self._embed(test, test.pred)
 
 
 @register("tracin-top")

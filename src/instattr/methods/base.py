@@ -7,19 +7,20 @@ through the model interface (:mod:`instattr.models`): the last-layer methods nee
 ``final_layer()``, so a bare :class:`instattr.store.FinalLayer` serves them; the layered methods
 and TracIn need a whole :class:`instattr.models.Classifier`; similarity methods ignore it.
 
-Scores are computed over blocks of test rows (``chunk_size`` rows; ``None`` sizes blocks to
-about ``BLOCK_ELEMENTS`` scores), so memory stays bounded however many training examples.
+Scores are computed by :mod:`.scoring` over blocks of ``chunk_size`` test rows (default
+``TEST_BLOCK``) and ``TRAIN_BLOCK`` training rows; each method is an inner product of a training
+side, computed once in ``fit``, and a test side per block (:mod:`.sides`).
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
 from ..store import FeatureSet, FinalLayer
-
-BLOCK_ELEMENTS = 1 << 24  # ~64 MB of float32 scores per block when chunk_size is None
+from .scoring import TEST_BLOCK, TRAIN_BLOCK, Grid, Member, dense_row_blocks, finished, score_dense
+from .sides import INNER_PRODUCT, Finish, Side, side
 
 
 class NotFittedError(RuntimeError):
@@ -27,10 +28,14 @@ class NotFittedError(RuntimeError):
 
 
 class Attributor(ABC):
-    """Base class: subclasses set ``name`` and implement ``_fit`` and ``_score``.
+    """Base class: subclasses set ``name`` and implement ``_fit`` plus either the two sides of
+    the inner product -- ``_embed_train(rows)`` and ``_embed_test(rows)`` returning a
+    :class:`~.sides.Side` (or a plain float32 array) -- with ``finish``, or ``_score(test, out)``
+    writing whole rows of scores (methods with no stored training side).
 
-    ``_score(test, out)`` writes the float32 scores of the rows of ``test`` into ``out``
-    (shape (len(test), n_train), C-contiguous), so ``score`` fills its result in place.
+    ``fit`` computes the training side once (in blocks of training rows) unless ``embed=False``;
+    then :meth:`train_side` gives it for any rows of the training set (an index writes it in
+    shards). All scoring goes through :mod:`.scoring`.
     """
 
     name: str = ""
@@ -39,6 +44,8 @@ class Attributor(ABC):
     # constructor options that the command line's method flags (--layers, --proj-dim, --damping,
     # --ihvp) may set; the paper's methods take none, so those flags never change them
     command_line_options: tuple = ()
+    finish: Finish = INNER_PRODUCT     # per-pair step after the inner product (nn-euc: a distance)
+    _train_rows: int = TRAIN_BLOCK     # training rows per block (embedding and scoring)
 
     def __init__(self, chunk_size: Optional[int] = None):
         if chunk_size is not None and int(chunk_size) < 1:
@@ -57,8 +64,9 @@ class Attributor(ABC):
                 out[k.rstrip("_")] = v.item() if isinstance(v, np.generic) else v
         return out
 
-    def fit(self, train: FeatureSet, model=None) -> "Attributor":
-        """Compute the training side from ``train`` and the classifier ``model``."""
+    def fit(self, train: FeatureSet, model=None, embed: bool = True) -> "Attributor":
+        """Compute the fitted state from ``train`` and the classifier ``model``, and (``embed``)
+        the training side of every row."""
         if len(train) == 0:
             raise ValueError(f"{self.name}: no training examples to fit on")
         if self.needs_model and model is None:
@@ -67,45 +75,110 @@ class Attributor(ABC):
             delattr(self, k)
         self._fit(train, model)
         self.n_train_ = len(train)
+        if embed and self.streams_train and not hasattr(self, "train_embedding_"):
+            self.embed_all(train)
         return self
 
+    # ------------------------------------------------------------------ the two sides
+    @property
+    def streams_train(self) -> bool:
+        """Whether the training side can be computed for any block of rows after fit."""
+        return type(self)._embed_train is not Attributor._embed_train
+
+    def _embed_train(self, rows: FeatureSet):
+        raise NotImplementedError
+
+    def _embed_test(self, rows: FeatureSet):
+        raise NotImplementedError
+
+    def train_side(self, rows: FeatureSet) -> Side:
+        """The training side of ``rows`` (rows of the training set, at their gold labels)."""
+        self._check_fitted()
+        if not self.streams_train:
+            raise ValueError(f"{self.name}: computes its training side in fit only")
+        return _as_side(self._embed_train(rows))
+
+    def test_side(self, rows: FeatureSet) -> Side:
+        """The test side of ``rows`` (at the model's predicted labels)."""
+        self._check_fitted()
+        return _as_side(self._embed_test(rows))
+
+    def fitted_train_side(self) -> Optional[Side]:
+        """The training side computed in fit (None when the method keeps none)."""
+        if hasattr(self, "train_side_"):
+            return self.train_side_
+        if hasattr(self, "train_embedding_"):
+            return _as_side(self.train_embedding_)
+        return None
+
+    def embed_all(self, train: FeatureSet, train_rows: Optional[int] = None) -> Side:
+        """Compute and keep the training side of every row of ``train`` (the training set fitted on),
+        in blocks of ``train_rows`` (the scoring grid's; an index's shards use the same blocks)."""
+        if train_rows:
+            self._train_rows = int(train_rows)
+        n, parts, out = len(train), None, None
+        for rows in Grid(1, self._train_rows).train_blocks(n):
+            part = self.train_side(train.subset(rows))
+            if out is None:
+                parts = [part.offset is not None, part.scale is not None]
+                out = Side(np.empty((n, part.dim), dtype=np.float32),
+                           np.empty(n, dtype=np.float32) if parts[0] else None,
+                           np.empty(n, dtype=np.float32) if parts[1] else None, part.key)
+            out.vectors[rows] = part.vectors
+            if parts[0]:
+                out.offset[rows] = part.offset
+            if parts[1]:
+                out.scale[rows] = part.scale
+        self.train_side_ = out
+        return out
+
+    # ------------------------------------------------------------------ scoring
     def _check_fitted(self) -> None:
         if not hasattr(self, "n_train_"):
             raise NotFittedError(f"{self.name}: call fit(train, model) before score(test)")
 
     def _rows_per_block(self) -> int:
-        return int(self.chunk_size or max(1, BLOCK_ELEMENTS // self.n_train_))
+        return int(self.chunk_size or TEST_BLOCK)
+
+    def grid(self, test_rows: Optional[int] = None) -> Grid:
+        """The blocks this method scores in (``test_rows`` overrides the test block)."""
+        return Grid(int(test_rows or self._rows_per_block()), self._train_rows)
+
+    def member(self, test: FeatureSet) -> Member:
+        """This method's part in a scoring pass over ``test`` (:mod:`.scoring`)."""
+        self._check_fitted()
+        train = self.fitted_train_side()
+        if train is None:
+            def dense(rows):
+                out = np.empty((rows.stop - rows.start, self.n_train_), dtype=np.float32)
+                self._score(test.subset(rows), out)
+                return out
+            return Member(self.name, dense=dense, n_train=self.n_train_)
+        return Member(self.name, test=lambda rows: self.test_side(test.subset(rows)), train=train,
+                      finish=self.finish)
 
     def score(self, test: FeatureSet) -> np.ndarray:
         """The full (n_test, n_train) float32 score matrix."""
-        self._check_fitted()
-        out = np.empty((len(test), self.n_train_), dtype=np.float32)
-        step = self._rows_per_block()
-        for s in range(0, len(test), step):
-            rows = slice(s, min(s + step, len(test)))
-            self._score(test.subset(rows), out[rows])
-        return out
+        return score_dense([self.member(test)], len(test), self.grid())[self.name]
 
     def score_chunks(self, test: FeatureSet, chunk_size: Optional[int] = None) -> Iterator[Tuple[slice, np.ndarray]]:
         """Yield (row slice, float32 block) over test rows, so memory stays bounded."""
-        self._check_fitted()  # here, not lazily on the first block
-        step = int(chunk_size or self._rows_per_block())
-        return self._blocks(test, step)
+        member = self.member(test)  # checks fitted here, not lazily on the first block
+        return ((rows, blocks[self.name]) for rows, blocks in dense_row_blocks([member], len(test),
+                                                                                self.grid(chunk_size)))
 
-    def _blocks(self, test: FeatureSet, step: int) -> Iterator[Tuple[slice, np.ndarray]]:
-        for s in range(0, len(test), step):
-            rows = slice(s, min(s + step, len(test)))
-            block = np.empty((rows.stop - rows.start, self.n_train_), dtype=np.float32)
-            self._score(test.subset(rows), block)
-            yield rows, block
-
-    @abstractmethod
     def _fit(self, train: FeatureSet, model) -> None:
-        """Compute everything ``score`` needs from the training set."""
+        """Compute everything the two sides need from the training set."""
 
-    @abstractmethod
     def _score(self, test: FeatureSet, out: np.ndarray) -> None:
-        """Write the (len(test), n_train) scores of ``test`` into ``out``."""
+        """Write the (len(test), n_train) scores of ``test`` into ``out`` (default: the inner product)."""
+        tr = self.fitted_train_side()
+        ts = self.test_side(test)
+        finished(ts.vectors @ tr.vectors.T, ts, tr, self.finish, out)
+
+
+def _as_side(x) -> Side:
+    return x if isinstance(x, Side) else side(x)
 
 
 def check_width(name: str, what: str, expected: int, got: np.ndarray) -> None:

@@ -13,7 +13,9 @@ parameter like the weight, and the L2 term covers both).
 test loss. ``rif`` (Barshan et al.) normalises by sqrt(g_t^T H^-1 g_t * g_i^T H^-1 g_i); since
 (L^-1 a).(L^-1 b) = a^T H^-1 b this equals cos(H^-1/2 g_t, H^-1/2 g_i). Every method maps each
 example to one vector (train side precomputed in ``fit``; ``if`` applies H^-1 to the test side
-only) and scores a block with one product.
+only) and scores a block with one product. On binary tasks ``g~ = s f~`` (s = Q^T e a scalar),
+so gd, gc (and rep) are the centred-feature product of nn-* with per-row offsets and scales;
+if and rif share the product ``(H^-1 g_t) . g_i``, rif scaling it by both self-influences.
 """
 from __future__ import annotations
 
@@ -23,17 +25,10 @@ import numpy as np
 
 from ..store import FeatureSet
 from .base import Attributor, check_width, final_layer_of
-from .lastlayer import (
-    ROW_BLOCK,
-    class_probs,
-    inverse_cholesky,
-    loss_errors,
-    reduced_gradients,
-    reduced_hessian,
-    sum_zero_basis,
-)
+from .lastlayer import ROW_BLOCK, class_probs, hessian_whitener, loss_errors, reduced_gradients, sum_zero_basis
 from .registry import register
-from .similarity import unit_rows
+from .sides import Side, digest, side
+from .similarity import inverse_norms
 
 
 class LastLayerGradient(Attributor):
@@ -51,14 +46,9 @@ class LastLayerGradient(Attributor):
         """The final layer's input rows: f, or [f, 1] when it has a bias."""
         return np.asarray(fs.features, dtype=np.float64) if self.layer_ is None else self.layer_.augment(fs.features)
 
-    def _embed(self, g: np.ndarray, test: bool) -> np.ndarray:
-        if self.inverse_hessian and self.normalized:    # cosines of L^-1 g on both sides
-            g = unit_rows(g @ self.whitener_.T)
-        elif self.inverse_hessian and test:             # H^-1 on the (smaller) test side only
-            g = g @ self.inverse_
-        elif self.normalized:
-            g = unit_rows(g)
-        return g.astype(np.float32)
+    @property
+    def _bias(self) -> float:
+        return 1.0 if self.layer_ is not None and self.layer_.b is not None else 0.0
 
     def _fit(self, train: FeatureSet, model) -> None:
         n, d = train.features.shape
@@ -70,27 +60,62 @@ class LastLayerGradient(Attributor):
                              f"{c} classes x {d} features")
         self.width_ = d
         self.basis_ = sum_zero_basis(c)
-        d1 = d + (self.layer_ is not None and self.layer_.b is not None)
+        state = [self.basis_] + ([] if self.weight_ is None else [self.weight_])
         if self.inverse_hessian:
             if self.layer_.l2 + self.damping <= 0:
                 raise ValueError(f"{self.name}: the final layer has l2 = 0 and no damping was given; the Hessian "
                                  "may be singular, pass --damping > 0")
-            x = self._inputs(train)
-            p = class_probs(x, train.probs, self.weight_)
-            h = reduced_hessian(x, p, self.layer_.l2, self.basis_, self.damping)
-            self.whitener_ = inverse_cholesky(h, self.name)            # L^-1, H = L L^T
-            if not self.normalized:
-                self.inverse_ = self.whitener_.T @ self.whitener_      # H^-1
-        emb = np.empty((n, (c - 1) * d1), dtype=np.float32)
-        for s in range(0, n, ROW_BLOCK):
-            rows = slice(s, min(s + ROW_BLOCK, n))
-            emb[rows] = self._embed(self._gradients(train.subset(rows), train.label[rows]), test=False)
-        self.train_embedding_ = emb
+            def blocks():         # (inputs, probabilities) a block of rows at a time
+                for s in range(0, n, ROW_BLOCK):
+                    part = train.subset(slice(s, s + ROW_BLOCK))
+                    x = self._inputs(part)
+                    yield x, class_probs(x, part.probs, self.weight_)
+            self.whitener_ = hessian_whitener(train.features, blocks, self.weight_, self.layer_.l2, self.basis_,
+                                              self.damping, self.name)  # L^-1, H = L L^T
+            self.inverse_ = self.whitener_.T @ self.whitener_          # H^-1
+            self.key_ = ("inverse-hessian", digest(self.inverse_, *state))
+        elif c == 2:     # g = s f~: a scaled, offset product of the centred features (shared with nn-*)
+            self.center_ = np.asarray(train.features).mean(axis=0, dtype=np.float64)
+            self.key_ = ("centered", "features", digest(self.center_))
+        else:
+            self.key_ = ("gradients", digest(*state), self._bias)
 
-    def _score(self, test: FeatureSet, out: np.ndarray) -> None:
-        check_width(self.name, "features", self.width_, np.asarray(test.features))
-        emb = self._embed(self._gradients(test, test.pred), test=True)
-        np.matmul(emb, self.train_embedding_.T, out=out)
+    def _side(self, fs: FeatureSet, labels: np.ndarray, test: bool) -> Side:
+        if test:
+            check_width(self.name, "features", self.width_, np.asarray(fs.features))
+        if hasattr(self, "center_"):
+            return self._centered_side(fs, labels, test)
+        g = self._gradients(fs, labels)
+        if not self.inverse_hessian:
+            return side(g, scale=inverse_norms(g) if self.normalized else None, key=self.key_)
+        if test:                                       # H^-1 on the (smaller) test side only
+            a = g @ self.inverse_
+            scale = inverse_sqrt((a * g).sum(axis=1)) if self.normalized else None
+            return side(a, scale=scale, key=self.key_)
+        return side(g, scale=inverse_norms(g @ self.whitener_.T) if self.normalized else None, key=self.key_)
+
+    def _centered_side(self, fs: FeatureSet, labels: np.ndarray, test: bool) -> Side:
+        """Binary tasks: g~ = s f~ with s = Q^T e, so <g_t, g_i> = s_t s_i (<u_t, u_i> + offsets)."""
+        x = self._inputs(fs)
+        s = loss_errors(class_probs(x, fs.probs, self.weight_), labels) @ self.basis_[:, 0]
+        if self.normalized:
+            s = np.sign(s) * inverse_norms(x)
+        u = side(np.asarray(fs.features, dtype=np.float64) - self.center_).vectors
+        c = self.center_
+        offset = u.astype(np.float64) @ c + ((c @ c + self._bias) if test else 0.0)
+        return side(u, offset, s, self.key_)
+
+    def _embed_train(self, rows: FeatureSet) -> Side:
+        return self._side(rows, rows.label, test=False)
+
+    def _embed_test(self, rows: FeatureSet) -> Side:
+        return self._side(rows, rows.pred, test=True)
+
+
+def inverse_sqrt(q: np.ndarray) -> np.ndarray:
+    """1 / sqrt(q) where q > 0, else 0."""
+    q = np.asarray(q, dtype=np.float64)
+    return np.divide(1.0, np.sqrt(np.maximum(q, 0.0)), out=np.zeros_like(q), where=q > 0)
 
 
 @register("gd")

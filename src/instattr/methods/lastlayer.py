@@ -90,14 +90,21 @@ def reduced_gradients(errors: np.ndarray, features: np.ndarray, basis: np.ndarra
 
 
 def reduced_hessian(features: np.ndarray, probs: np.ndarray, lam: float, basis: np.ndarray,
-                    damping: float = 0.0) -> np.ndarray:
-    """H~ (float64, ((C-1)d)^2) of the regularised mean loss at probabilities ``probs``."""
-    n, d = features.shape
+                    damping: float = 0.0, blocks=None) -> np.ndarray:
+    """H~ (float64, ((C-1)d)^2) of the regularised mean loss at probabilities ``probs``.
+    ``blocks``: an iterable of (features, probs) row blocks used instead of the two arrays, so a
+    training set that does not fit in memory as float64 streams through."""
+    if blocks is None:
+        blocks = ((features[s:s + ROW_BLOCK], probs[s:s + ROW_BLOCK]) for s in range(0, len(features), ROW_BLOCK))
     k = basis.shape[1]
-    h = np.zeros((k, d, k, d))
-    for s in range(0, n, ROW_BLOCK):
-        f = np.asarray(features[s:s + ROW_BLOCK], dtype=np.float64)
-        p = np.asarray(probs[s:s + ROW_BLOCK], dtype=np.float64)
+    h, n = None, 0
+    for f, p in blocks:
+        f = np.asarray(f, dtype=np.float64)
+        p = np.asarray(p, dtype=np.float64)
+        if h is None:
+            d = f.shape[1]
+            h = np.zeros((k, d, k, d))
+        n += len(f)
         r = p @ basis                                                  # Q^T p_i
         b = np.einsum("ca,ic,cb->iab", basis, p, basis) - r[:, :, None] * r[:, None, :]
         for a in range(k):
@@ -150,14 +157,14 @@ def objective(logits: np.ndarray, labels: np.ndarray, v: np.ndarray, lam: float)
 
 
 def refit(features: np.ndarray, labels: np.ndarray, w0: np.ndarray, lam: float,
-          tol: float = 1e-10, max_iter: int = 100) -> Refit:
+          tol: float = 1e-10, max_iter: int = 100, whitener0: Optional[np.ndarray] = None) -> Refit:
     """Damped Newton on the regularised mean loss in float64, from ``w0``, until ||grad|| <= tol.
 
     Works in the sum-zero coordinates V = Q^T W: the class-mean row of W changes no probability
     and its optimum is 0, so W = Q V throughout and the Newton system is ((C-1)d)^2. A Hessian
     is rebuilt only when the last step cut the gradient norm by less than 4x or needed a line
     search; steps in between are cheap (two thin products), so a head trained near the optimum
-    converges after one or two Hessians.
+    converges after one or two Hessians. ``whitener0``: L^-1 of the Hessian at ``w0``, when known.
     """
     if lam <= 0:
         raise ValueError("refitting to stationarity needs l2 > 0 (the loss has no minimiser otherwise)")
@@ -169,7 +176,7 @@ def refit(features: np.ndarray, labels: np.ndarray, w0: np.ndarray, lam: float,
     z = logits_of(f, q @ v)
     obj = objective(z, y, v, lam)
     eps = np.finfo(np.float64).eps
-    whitener, last, n_hess, grad_norm, it = None, np.inf, 0, np.inf, 0
+    whitener, last, n_hess, grad_norm, it = whitener0, np.inf, 0, np.inf, 0
     for it in range(max_iter + 1):
         p = softmax(z)
         grad = error_features(loss_errors(p, y) @ q, f) / n + 2.0 * lam * v   # = Q^T dL/dW, same norm
@@ -196,3 +203,21 @@ def refit(features: np.ndarray, labels: np.ndarray, w0: np.ndarray, lam: float,
         warnings.warn(f"refit stopped after {it} steps at gradient norm {grad_norm:.2e} "
                       f"(tol {tol:.0e})", RuntimeWarning, stacklevel=3)
     return Refit(w=q @ v, grad_norm=grad_norm, n_iter=it, n_hessians=n_hess, converged=converged)
+
+
+# ---------------------------------------------------------------- one Hessian for if, rif and rep
+_WHITENERS: list = []     # [(features array, weight bytes, l2 + damping, L^-1)], the last one kept
+
+
+def hessian_whitener(features: np.ndarray, blocks, weight: Optional[np.ndarray], lam: float, basis: np.ndarray,
+                     damping: float, what: str) -> np.ndarray:
+    """L^-1 of the reduced Hessian at the layer's weights, for the rows whose stored ``features``
+    array is given; ``blocks()`` yields their (inputs, probabilities) row blocks. The last one is
+    kept, so if, rif and rep on the same training set build it once."""
+    key = (None if weight is None else np.asarray(weight).tobytes(), float(lam), float(damping), len(basis))
+    for feats, k, w in _WHITENERS:
+        if feats is features and k == key:
+            return w
+    w = inverse_cholesky(reduced_hessian(None, None, lam, basis, damping, blocks=blocks()), what)
+    _WHITENERS[:] = [(features, key, w)]
+    return w

@@ -19,9 +19,19 @@ from typing import Optional
 import numpy as np
 
 from ..store import FeatureSet
-from .base import Attributor, check_width, final_layer_of, float32_rows
-from .lastlayer import error_features, kron_rows, logits_of, loss_errors, refit, softmax, sum_zero_basis
+from .base import Attributor, check_width, final_layer_of
+from .lastlayer import (
+    error_features,
+    hessian_whitener,
+    kron_rows,
+    logits_of,
+    loss_errors,
+    refit,
+    softmax,
+    sum_zero_basis,
+)
 from .registry import register
+from .sides import Side, digest, side
 
 
 @register("rep")
@@ -47,7 +57,9 @@ class Representer(Attributor):
         lam = float(layer.l2)
         if lam <= 0:
             raise ValueError("rep: the final layer has l2 = 0; representer points need an L2-regularised layer")
-        fit = refit(f, train.label, w0, lam, self.tol, self.max_iter)
+        first = hessian_whitener(train.features, lambda: [(f, softmax(logits_of(f, w0)))], w0, lam,
+                                 sum_zero_basis(len(w0)), 0.0, "rep")      # the Hessian at w0, shared with if and rif
+        fit = refit(f, train.label, w0, lam, self.tol, self.max_iter, whitener0=first)
         logits = logits_of(f, fit.w)
         p = softmax(logits)
         alpha = -loss_errors(p, train.label) / (2.0 * lam * n)             # (n, C)
@@ -65,14 +77,35 @@ class Representer(Attributor):
         self.width_ = d
         # alpha_{i,c} <f_i, f_t> = (Q^T onehot(c) (x) f_t) . (Q^T alpha_i (x) f_i): alpha_i sums to 0
         self.basis_ = sum_zero_basis(alpha.shape[1])
-        self.train_embedding_ = float32_rows(kron_rows(alpha @ self.basis_, f))
+        self.lam_, self.n_fit_ = lam, n
+        if len(self.basis_) == 2:  # binary: q_c (Q^T alpha_i) <f~_t, f~_i>, the centred-feature product of nn-*
+            self.center_ = np.asarray(train.features).mean(axis=0, dtype=np.float64)
+            self.key_ = ("centered", "features", digest(self.center_))
+        else:
+            self.key_ = ("representer", digest(self.weight_))
 
-    def _score(self, test: FeatureSet, out: np.ndarray) -> None:
-        x = np.asarray(test.features)
+    def _alpha(self, fs: FeatureSet) -> np.ndarray:
+        """alpha_i = -(p*_i - onehot(y_i)) / (2 lam n) at the refit weight, (rows, C)."""
+        p = softmax(logits_of(self.layer_.augment(fs.features), self.weight_))
+        return -loss_errors(p, fs.label) / (2.0 * self.lam_ * self.n_fit_)
+
+    def _side(self, fs: FeatureSet, coef: np.ndarray, test: bool) -> Side:
+        f = self.layer_.augment(fs.features)
+        if not hasattr(self, "center_"):
+            return side(kron_rows(coef, f), key=self.key_)
+        u = side(np.asarray(fs.features, dtype=np.float64) - self.center_).vectors
+        c, bias = self.center_, float(self.layer_.b is not None)
+        offset = u.astype(np.float64) @ c + ((c @ c + bias) if test else 0.0)
+        return side(u, offset, coef[:, 0], self.key_)
+
+    def _embed_train(self, rows: FeatureSet) -> Side:
+        return self._side(rows, self._alpha(rows) @ self.basis_, test=False)
+
+    def _embed_test(self, rows: FeatureSet) -> Side:
+        x = np.asarray(rows.features)
         check_width(self.name, "features", self.width_, x)
-        pred = np.asarray(test.pred)
+        pred = np.asarray(rows.pred)
         c = len(self.basis_)
         if len(pred) and (pred.min() < 0 or pred.max() >= c):
             raise ValueError(f"rep: test predictions must lie in [0, {c})")
-        emb = kron_rows(self.basis_[pred], self.layer_.augment(x))
-        np.matmul(float32_rows(emb), self.train_embedding_.T, out=out)
+        return self._side(rows, self.basis_[pred], test=True)

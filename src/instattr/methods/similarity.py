@@ -2,18 +2,21 @@
 
 ``nn-*`` compare the head's penultimate features (``FeatureSet.features``), ``sbert-*`` the
 untuned encoder embedding (``FeatureSet.encoder``). Scores: ``euc`` = -||a - b||, ``cos`` =
-cosine (0 against a zero vector), ``dot`` = <a, b>. Each is one matrix product per block;
-Euclidean distances are taken after centring on the training mean, which leaves them unchanged
-but keeps the float32 expansion ||a||^2 + ||b||^2 - 2<a, b> from cancelling.
+cosine (0 against a zero vector), ``dot`` = <a, b>.
+
+All three share one product: the vectors centred on the training mean ``m``, ``u = a - m``.
+Centring leaves distances unchanged and keeps the float32 expansion ||u||^2 + ||v||^2 - 2<u, v>
+from cancelling; the dot product is recovered exactly as ``<u, v> + <u, m> + |m|^2 + <v, m>``
+(per-row offsets), the cosine by scaling that with 1/(||a|| ||b||).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..store import FeatureSet
-from .base import Attributor, check_width, float32_rows
-from .lastlayer import ROW_BLOCK
+from .base import Attributor, check_width
 from .registry import register
+from .sides import INNER_PRODUCT, NEGATIVE_DISTANCE, Side, digest, side
 
 METRICS = ("euc", "cos", "dot")
 
@@ -25,6 +28,12 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.where(norm > 0, norm, 1.0)
 
 
+def inverse_norms(x: np.ndarray) -> np.ndarray:
+    """1 / ||x_i|| (0 for a zero row), float64."""
+    norm = np.linalg.norm(np.asarray(x, dtype=np.float64), axis=1)
+    return np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 0)
+
+
 class Similarity(Attributor):
     """Similarity of ``space`` vectors under ``metric``; set by the registered subclasses."""
 
@@ -32,40 +41,34 @@ class Similarity(Attributor):
     space: str = "features"
     metric: str = "cos"
 
-    def _prepare(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64)
-        if self.metric == "cos":
-            return unit_rows(x)
-        if self.metric == "euc":
-            return x - self.center_
-        return x
+    @property
+    def finish(self):
+        return NEGATIVE_DISTANCE if self.metric == "euc" else INNER_PRODUCT
 
     def _fit(self, train: FeatureSet, model) -> None:
         x = np.asarray(getattr(train, self.space))
         if x.ndim != 2:
             raise ValueError(f"{self.name}: train {self.space} must be 2-D, got shape {x.shape}")
         self.width_ = x.shape[1]
-        if self.metric == "euc":
-            self.center_ = x.mean(axis=0, dtype=np.float64)
-        self.train_vectors_ = np.empty(x.shape, dtype=np.float32)
-        self.train_sq_norms_ = np.empty(len(x), dtype=np.float32)
-        for s in range(0, len(x), ROW_BLOCK):                 # float64 temporaries stay small
-            z = self._prepare(x[s:s + ROW_BLOCK])
-            self.train_vectors_[s:s + ROW_BLOCK] = z
-            self.train_sq_norms_[s:s + ROW_BLOCK] = (z ** 2).sum(axis=1)
+        self.center_ = x.mean(axis=0, dtype=np.float64)
+        self.key_ = ("centered", self.space, digest(self.center_))
 
-    def _score(self, test: FeatureSet, out: np.ndarray) -> None:
-        x = np.asarray(getattr(test, self.space))
-        check_width(self.name, self.space, self.width_, x)
-        z = self._prepare(x)
-        np.matmul(float32_rows(z), self.train_vectors_.T, out=out)
+    def _side(self, fs: FeatureSet, test: bool) -> Side:
+        x = np.asarray(getattr(fs, self.space))
+        if test:
+            check_width(self.name, self.space, self.width_, x)
+        u = side(np.asarray(x, dtype=np.float64) - self.center_).vectors
+        key = self.key_
         if self.metric == "euc":
-            out *= -2.0
-            out += self.train_sq_norms_[None, :]
-            out += (z ** 2).sum(axis=1).astype(np.float32)[:, None]
-            np.maximum(out, 0.0, out=out)
-            np.sqrt(out, out=out)
-            np.negative(out, out=out)
+            return Side(u, key=key)
+        offset = u.astype(np.float64) @ self.center_ + (self.center_ @ self.center_ if test else 0.0)
+        return side(u, offset, inverse_norms(x) if self.metric == "cos" else None, key)
+
+    def _embed_train(self, rows: FeatureSet) -> Side:
+        return self._side(rows, test=False)
+
+    def _embed_test(self, rows: FeatureSet) -> Side:
+        return self._side(rows, test=True)
 
 
 @register("nn-euc")

@@ -1,0 +1,215 @@
+"""Scale: exact top-k from an index over 100k-4M synthetic training rows, FAISS, and Ray against local.
+
+    python bench/scale.py --rows 100000 [1000000 4000000] [--classes 2 3] [--queries 1000] [--k 100]
+                          [--dir /tmp/instattr-scale] [--hans RUN] [--workers 2] [--no-ann] [--no-ray]
+
+Synthetic training sets: d = 384 features drawn around 256 cluster centres (as sentence
+embeddings are), stored as float16 memory-mapped .npy files; gold labels from a noisy linear
+teacher, probabilities from a random final layer with a bias. For each size and class count:
+
+1. fit gd, if and nn-cos (``embed=False``: their training sides are streamed), build a float16
+   index (``build_index``; shards of 262,144 rows) with FAISS IVF;
+2. exact top-k of ``--queries`` queries per method (``Index.search``), timed against the GEMM floor
+   of the same shape measured in the same run (the product of the float32 query sides with every
+   block of float32 training-side vectors, conversion excluded), with the peak anonymous memory
+   (RssAnon, sampled every 20 ms; the memory-mapped vectors are file-backed and not in it);
+3. on a 20k-row sample: a float32 index's exact search against top_k of the dense scores (must
+   be bit-identical);
+4. FAISS recall@10 against exact over the queries, and seconds per query, ANN against exact.
+
+With ``--hans RUN`` (a trained hans run): ``attribute --top-k`` of gd, if and nn-cos, local
+against Ray with ``--workers`` local workers; bit-identical results and both times.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from instattr.index import Index, build_index
+from instattr.methods import get_method, top_k
+from instattr.methods.scoring import TRAIN_BLOCK, Grid
+from instattr.store import FeatureSet, FinalLayer
+
+D, CENTRES = 384, 256
+METHODS = ("gd", "if", "nn-cos")
+
+
+class PeakAnon:
+    """Peak RssAnon (anonymous resident memory, MB) while the block runs."""
+
+    def __enter__(self):
+        self.peak, self.stop = self.now(), False
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
+        return self
+
+    @staticmethod
+    def now() -> float:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def watch(self):
+        while not self.stop:
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.thread.join()
+
+
+def synthetic(folder: Path, n: int, c: int, seed: int = 0):
+    """(train FeatureSet with float16 memmapped features, final layer, query FeatureSet)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((CENTRES, D)).astype(np.float32)
+    w = (rng.standard_normal((c, D)) / np.sqrt(D)).astype(np.float64) * 4
+    b = rng.standard_normal(c) * 0.1
+    teacher = w + 0.5 * rng.standard_normal(w.shape) / np.sqrt(D)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"features-{n}-{c}.npy"
+    labels, probs = np.empty(n, dtype=np.int64), np.empty((n, c), dtype=np.float32)
+    if not path.exists():
+        mm = np.lib.format.open_memmap(str(path) + ".tmp.npy", mode="w+", dtype=np.float16, shape=(n, D))
+        for s in range(0, n, 1 << 16):
+            m = min(1 << 16, n - s)
+            mm[s:s + m] = (0.6 * centres[rng.integers(CENTRES, size=m)]
+                           + 0.8 * rng.standard_normal((m, D)).astype(np.float32)).astype(np.float16)
+        mm.flush()
+        del mm
+        os.replace(str(path) + ".tmp.npy", path)
+    feats = np.load(path, mmap_mode="r")
+    for s in range(0, n, 1 << 16):
+        f = np.asarray(feats[s:s + (1 << 16)], dtype=np.float64)
+        z = f @ w.T + b
+        p = np.exp(z - z.max(1, keepdims=True))
+        probs[s:s + len(f)] = p / p.sum(1, keepdims=True)
+        t = f @ teacher.T + rng.gumbel(size=(len(f), c))
+        labels[s:s + len(f)] = t.argmax(1)
+    train = FeatureSet(idx=np.arange(n).astype(str), label=labels, pred=probs.argmax(1), probs=probs,
+                       features=feats, encoder=feats)
+    q = (0.6 * centres[rng.integers(CENTRES, size=1000)] + 0.8 * rng.standard_normal((1000, D))).astype(np.float32)
+    zq = q @ w.T + b
+    pq = np.exp(zq - zq.max(1, keepdims=True))
+    pq /= pq.sum(1, keepdims=True)
+    queries = FeatureSet(idx=np.array([f"q{i}" for i in range(1000)]), label=pq.argmax(1), pred=pq.argmax(1),
+                         probs=pq.astype(np.float32), features=q, encoder=q)
+    return train, FinalLayer(w=w, b=b, l2=0.01), queries
+
+
+def gemm_floor(index: Index, name: str, test_vectors: np.ndarray) -> float:
+    """Seconds of the products alone: float32 queries x every float32 block of the training side."""
+    src = index.source(name)
+    total = 0.0
+    for s in range(0, index.n, TRAIN_BLOCK):
+        v = src.rows(slice(s, min(s + TRAIN_BLOCK, index.n))).vectors
+        t0 = time.perf_counter()
+        test_vectors @ v.T
+        total += time.perf_counter() - t0
+    return total
+
+
+def bench_size(folder: Path, n: int, c: int, n_queries: int, k: int, ann: bool) -> None:
+    t0 = time.perf_counter()
+    train, layer, queries = synthetic(folder, n, c)
+    queries = queries.subset(slice(0, n_queries))
+    print(f"\n== {n:,} training rows, {c} classes, d = {D} (data {time.perf_counter() - t0:.1f} s)")
+    t0 = time.perf_counter()
+    methods = {m: get_method(m).fit(train, layer, embed=False) for m in METHODS}
+    fit_s = time.perf_counter() - t0
+    out = folder / f"index-{n}-{c}"
+    t0 = time.perf_counter()
+    with PeakAnon() as mem:
+        build_index(out, train, methods, {"synthetic": f"{n}x{D}, {c} classes"}, dtype="float16",
+                    ann="ivf" if ann else None, ann_k=10, queries=queries.subset(slice(0, 200)), progress=False)
+    print(f"fit {fit_s:.1f} s; index build (float16{', IVF' if ann else ''}) {time.perf_counter() - t0:.1f} s, "
+          f"peak RssAnon {mem.peak:.0f} MB")
+    index = Index(out)
+    mapped = sum((out / s["file"]).stat().st_size for e in index.manifest["methods"].values() for s in e["shards"])
+    print(f"memory-mapped training sides: {mapped / 2 ** 20:.0f} MB")
+    print(f"{'method':8s} {'dim':>5s} {'exact s':>8s} {'floor s':>8s} {'x floor':>8s} {'peak MB':>8s}"
+          + (f" {'recall@10':>10s} {'ANN s/q':>9s} {'exact s/q':>9s} {'speed-up':>8s}" if ann else ""))
+    for name in METHODS:
+        m = index.method(name)
+        floor = gemm_floor(index, name, m.test_side(queries).vectors)
+        with PeakAnon() as mem:
+            t0 = time.perf_counter()
+            exact = index.search([name], queries, k)[name]["top"]
+            exact_s = time.perf_counter() - t0
+        row = (f"{name:8s} {index.manifest['methods'][name]['shards'][0]['dim']:5d} {exact_s:8.2f} {floor:8.2f} "
+               f"{exact_s / floor:8.2f} {mem.peak:8.0f}")
+        if ann:
+            t0 = time.perf_counter()
+            approx = index.ann_search([name], queries, 10)[name]["top"]
+            ann_s = (time.perf_counter() - t0) / len(queries)
+            recall = np.mean([len(set(a) & set(b[:10])) / 10 for a, b in zip(approx[0], exact[0])])
+            per_q = exact_s / len(queries)
+            row += f" {recall:10.3f} {ann_s:9.5f} {per_q:9.5f} {per_q / ann_s:8.1f}"
+        print(row)
+    sample = train.subset(slice(0, min(n, 20000)))
+    same = folder / f"sample-{n}-{c}"
+    fitted = {m: get_method(m).fit(sample, layer, embed=False) for m in METHODS}
+    build_index(same, sample, fitted, {"synthetic": "sample"}, dtype="float32", progress=False, overwrite=True)
+    got = Index(same).search(list(METHODS), queries, k)
+    for name, m in fitted.items():
+        m.embed_all(sample)
+        dense = m.score(queries)
+        want = top_k(dense, k)
+        ok = np.array_equal(got[name]["top"][0], want[0]) and np.array_equal(got[name]["top"][1], want[1])
+        print(f"{name}: exact top-{k} from a float32 index of {len(sample):,} rows == top_k(dense scores): {ok}")
+    shutil.rmtree(same)
+
+
+def bench_ray(run_path: str, workers: int, k: int) -> None:
+    from instattr.attribution import attribute_run
+    from instattr.store import Run
+    print(f"\n== Ray ({workers} local workers) against local: attribute --top-k {k} on {run_path}")
+    times, results = {}, {}
+    for backend in ("local", "ray"):
+        copy = Path(f"/tmp/instattr-scale-{backend}")
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(run_path, copy, ignore=shutil.ignore_patterns("scores", "cache", "results"))
+        run = Run.load(copy)
+        t0 = time.perf_counter()
+        attribute_run(run, ",".join(METHODS), top_k=k, bottom_k=k, backend=backend, workers=workers,
+                      progress=False, log=lambda *a: None)
+        times[backend] = time.perf_counter() - t0
+        results[backend] = {(m, b): run.top_k(m, None, b) for m in METHODS for b in (False, True)}
+    same = all(np.array_equal(results["local"][key][f], results["ray"][key][f])
+               for key in results["local"] for f in ("train_pos", "score"))
+    n = len(Run.load(run_path).features("train"))
+    print(f"{n:,} training rows: local {times['local']:.1f} s, ray {times['ray']:.1f} s "
+          f"(incl. Ray start); bit-identical top-k and bottom-k: {same}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[100000])
+    ap.add_argument("--classes", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--dir", default="/tmp/instattr-scale")
+    ap.add_argument("--hans", help="a trained hans run, for Ray against local")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--no-ann", action="store_true")
+    args = ap.parse_args(argv)
+    print(f"scale bench: block {Grid().test_rows} x {Grid().train_rows}; {os.cpu_count()} CPUs")
+    for n in args.rows:
+        for c in args.classes:
+            bench_size(Path(args.dir), n, c, args.queries, args.k, not args.no_ann)
+    if args.hans:
+        bench_ray(args.hans, args.workers, args.k)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The Ray backend (optional: ``pip install 'instattr[ray]'``): training sides and score blocks on a cluster.
+
+- Training sides: a Ray Data ``map_batches`` over the shards of an index, run by a pool of actors
+  (:class:`ShardWriter`), each holding the fitted methods and the training rows once (a GPU each
+  where the cluster has them); each actor writes its shards into the index folder, which must be
+  on storage every node sees (a shared filesystem), and returns their checksums.
+- Scores: one Ray task per shard computes the exact top-k of every test row against that shard
+  with the one scorer (:func:`instattr.methods.scoring.score_top_k`); the driver merges the
+  per-shard results (:func:`~instattr.methods.scoring.merge_shards`).
+
+Blocks, arithmetic and tie-breaking are those of the local backend, so results are bit-identical.
+``attribute --backend ray`` first writes a float32 index of the run's training sides under
+``RUN/cache/`` (resumable), then scores from it. ``address``: a running cluster (``ray start
+--head`` on one machine, ``ray start --address HEAD:6379`` on the others, then ``--address
+HEAD:6379`` or ``auto``); without it a local Ray with ``workers`` CPUs is started.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .errors import InstattrError
+from .methods.scoring import Grid, Member, merge_shards, score_top_k
+
+
+def ray_module():
+    try:
+        import ray
+    except ImportError:
+        raise InstattrError("--backend ray needs Ray: pip install 'instattr[ray]'") from None
+    return ray
+
+
+def connect(address: Optional[str] = None, workers: Optional[int] = None):
+    """The Ray module, initialised: joins ``address`` or starts a local Ray (``workers`` CPUs)."""
+    ray = ray_module()
+    if not ray.is_initialized():
+        kwargs = {"address": address} if address else {"num_cpus": workers or None, "runtime_env": local_env()}
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
+    return ray
+
+
+def local_env() -> dict:
+    """A local Ray's workers import the instattr this driver runs (a checkout on PYTHONPATH too)."""
+    import os
+
+    import instattr
+    src = str(Path(instattr.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
+    return {"env_vars": {"PYTHONPATH": path}}
+
+
+def _pool_size(ray, workers: Optional[int]) -> int:
+    return int(workers or max(1, int(ray.cluster_resources().get("CPU", 1))))
+
+
+class ShardWriter:
+    """A Ray Data actor: writes the shards of the index at ``root`` for the batches it is given."""
+
+    def __init__(self, root: str, train, methods, shards, dtype: str, train_rows: int):
+        ray = ray_module()
+        def get(x):
+            return (ray.get(x) if isinstance(x, ray.ObjectRef) else x)
+        self.root, self.train, self.methods = Path(root), get(train), get(methods)
+        self.shards, self.dtype, self.train_rows = shards, dtype, train_rows
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        from .index.build import shard_side, write_shard
+        out = []
+        for i in batch["shard"]:
+            rows = slice(*self.shards[int(i)])
+            entries = {name: write_shard(self.root, name, int(i), shard_side(m, self.train, rows, self.train_rows),
+                                         self.dtype) for name, m in self.methods.items()}
+            out.append(json.dumps(entries))
+        return {"shard": np.asarray(batch["shard"]), "entries": np.asarray(out)}
+
+
+def ray_build_shards(root: Path, train, methods: Dict[str, object], shards: List[slice], todo: Sequence[int],
+                     dtype: str, train_rows: int, address: Optional[str] = None, workers: Optional[int] = None,
+                     progress: bool = False) -> Dict[int, Dict[str, dict]]:
+    """Write shards ``todo`` of every method with a pool of Ray actors; their manifest entries."""
+    connect(address, workers)
+    import ray
+    import ray.data
+    not_streaming = [n for n, m in methods.items() if not m.streams_train]
+    if not_streaming:
+        raise InstattrError(f"--backend ray: {', '.join(not_streaming)} compute their training side in fit; "
+                            "index them with the local backend")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = bool(progress)
+    if not progress:                      # --quiet: no Ray Data progress lines either
+        import logging
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    size = max(1, min(_pool_size(ray, workers), len(todo)))
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= size else 0
+    ds = ray.data.from_items([{"shard": int(i)} for i in todo])
+    out = ds.map_batches(ShardWriter, batch_size=1, batch_format="numpy", num_gpus=gpus,
+                         compute=ray.data.ActorPoolStrategy(size=size),
+                         fn_constructor_kwargs={"root": str(root), "train": ray.put(train),
+                                                "methods": ray.put(methods), "dtype": dtype,
+                                                "train_rows": train_rows,
+                                                "shards": [(s.start, s.stop) for s in shards]})
+    return {int(r["shard"]): json.loads(str(r["entries"])) for r in out.take_all()}
+
+
+def _shard_top_k(root: str, names: List[str], sides, rows_of, test_rows: int, n_test: int, k: int, bottom_k: int,
+                 train_range):
+    """A Ray task: the exact top-k of every test row against one shard (columns stay global)."""
+    from .index.search import Index
+    from .methods.sides import FINISHES
+    index = Index(root)
+    members = [Member(n, test=lambda rows, n=n: sides[n][rows_of[rows.start]], train=index.source(n),
+                      finish=FINISHES[index.manifest["methods"][n]["finish"]]) for n in names]
+    return score_top_k(members, n_test, k, bottom_k, Grid(test_rows, index.train_rows), train_range=train_range)
+
+
+def ray_search(root, names: Sequence[str], methods: Dict[str, object], test, k: int, bottom_k: int = 0,
+               grid: Optional[Grid] = None, address: Optional[str] = None, workers: Optional[int] = None):
+    """Exact top-k of ``test`` from the index at ``root``: one Ray task per shard, merged here."""
+    from .index.search import Index
+    ray = connect(address, workers)
+    index = Index(root)
+    grid = Grid((grid or Grid()).test_rows, index.train_rows)
+    blocks = grid.test_blocks(len(test))
+    sides = {n: [methods[n].test_side(test.subset(b)) for b in blocks] for n in names}
+    rows_of = {b.start: j for j, b in enumerate(blocks)}
+    task = ray.remote(_shard_top_k)
+    sides_ref = ray.put(sides)
+    ranges = [(s, min(s + index.shard_rows, index.n)) for s in range(0, index.n, index.shard_rows)]
+    parts = ray.get([task.remote(str(root), list(names), sides_ref, rows_of, grid.test_rows, len(test), k,
+                                 bottom_k, r) for r in ranges])
+    out = {}
+    for n in names:
+        out[n] = {"top": merge_shards([p[n]["top"] for p in parts], k, True)}
+        if bottom_k:
+            out[n]["bottom"] = merge_shards([p[n]["bottom"] for p in parts], bottom_k, False)
+    return out
+
+
+def ray_top_k(run, fitted: Dict[str, object], test, train, k: int, bottom_k: int, grid: Grid,
+              address: Optional[str] = None, workers: Optional[int] = None, progress: bool = False):
+    """``attribute --top-k --backend ray``: a float32 index of the training sides under RUN/cache
+    (built by actors, resumable), then per-shard top-k tasks."""
+    from .index.build import build_index, run_digest
+    from .methods.sides import digest
+    source = {"run": str(run.path.resolve()), "run_sha256": run_digest(run), "split": "train",
+              "rows": digest(np.asarray([str(i) for i in train.idx]))}
+    spec = {"methods": {n: m.config() for n, m in fitted.items()}, "source": source, "rows": grid.train_rows}
+    key = digest(np.frombuffer(json.dumps(spec, sort_keys=True, default=str).encode(), dtype=np.uint8))
+    root = run.path / "cache" / f"ray-index-{key}"
+    build_index(root, train, fitted, source, dtype="float32", train_rows=grid.train_rows, progress=progress,
+                backend="ray", address=address, workers=workers, overwrite=False)
+    return ray_search(root, list(fitted), fitted, test, k, bottom_k, grid, address, workers)

@@ -1,0 +1,173 @@
+"""Top-k files, the index (build, resume after a failure, verify, query) and their command lines."""
+import json
+
+import numpy as np
+import pytest
+
+import instattr.index.build as build_mod
+from instattr.attribution import attribute_run
+from instattr.cli import main
+from instattr.index import Index, IndexStoreError, build_run_index, verify
+from instattr.methods import bottom_k, top_k
+from instattr.methods.scoring import Grid
+
+from _synthetic import make_run
+
+GRID = Grid(4, 8)
+METHODS = "nn-euc,nn-cos,gd,if,rif,rep"
+SMALL = {"train_rows": 8, "shard_rows": 16}      # 80 training rows: 5 shards of 2 blocks
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("idx"), "sst2", n_train=80, n_test=30)
+
+
+@pytest.fixture(scope="module")
+def index(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("index") / "idx"
+    build_run_index(run, METHODS, out, dtype="float32", progress=False, **SMALL)
+    return Index(out)
+
+
+def test_top_k_files_equal_the_dense_top_k(run):
+    attribute_run(run, METHODS, top_k=6, bottom_k=4, progress=False, log=lambda *a: None, grid=GRID)
+    attribute_run(run, METHODS, progress=False, log=lambda *a: None, grid=GRID)
+    test_idx = [str(i) for i in run.features("test").idx]
+    train_idx = run.features("train").idx
+    for m in METHODS.split(","):
+        dense = np.asarray(run.scores(m, "test"))
+        for bottom, (pos, vals) in ((False, top_k(dense, 6)), (True, bottom_k(dense, 4))):
+            got = run.top_k(m, "test", bottom=bottom)
+            np.testing.assert_array_equal(got["train_pos"], pos)
+            np.testing.assert_array_equal(got["score"], vals)
+            np.testing.assert_array_equal(got["train_idx"], train_idx[pos])
+            assert list(got["test_idx"]) == test_idx and got["rank"][0].tolist() == list(range(pos.shape[1]))
+            assert got["info"]["k"] == pos.shape[1] and got["info"]["n_train"] == len(train_idx)
+
+
+def test_exact_search_of_a_float32_index_is_bit_identical(run, index):
+    test = run.features("test")
+    got = index.search(METHODS.split(","), test, 6, 4, test_rows=GRID.test_rows)
+    for m in METHODS.split(","):
+        for which, bottom in (("top", False), ("bottom", True)):
+            stored = run.top_k(m, "test", bottom=bottom)
+            np.testing.assert_array_equal(got[m][which][0], stored["train_pos"])
+            np.testing.assert_array_equal(got[m][which][1], stored["score"])
+    assert verify(index.root)["shards"] == 5 * len(METHODS.split(","))
+
+
+def test_float16_index_is_close(run, index, tmp_path):
+    build_run_index(run, "gd,nn-cos", tmp_path / "h", dtype="float16", progress=False, **SMALL)
+    half = Index(tmp_path / "h").search(["gd", "nn-cos"], run.features("test"), 3)
+    full = index.search(["gd", "nn-cos"], run.features("test"), 3)
+    for m in ("gd", "nn-cos"):
+        np.testing.assert_allclose(half[m]["top"][1], full[m]["top"][1], rtol=2e-3, atol=2e-3)
+
+
+def test_a_killed_build_resumes_at_the_next_unfinished_shard(run, index, tmp_path, monkeypatch):
+    real, calls, kill = build_mod.write_shard, [], [True]
+
+    def dies_on_the_seventh(root, name, s, side, dtype):
+        calls.append((name, s))
+        if len(calls) == 7 and kill[0]:
+            raise RuntimeError("killed")
+        return real(root, name, s, side, dtype)
+
+    monkeypatch.setattr(build_mod, "write_shard", dies_on_the_seventh)
+    out = tmp_path / "idx"
+    with pytest.raises(RuntimeError, match="killed"):
+        build_run_index(run, METHODS, out, dtype="float32", progress=False, **SMALL)
+    with pytest.raises(IndexStoreError, match="did not finish"):
+        verify(out)
+    with pytest.raises(IndexStoreError, match="did not finish"):
+        Index(out)
+    calls.clear()
+    kill[0] = False
+    build_run_index(run, METHODS, out, dtype="float32", progress=False, **SMALL)
+    assert len(calls) == 5 * 6 - 6           # the six shards written before the kill are kept
+    assert calls[0] == ("nn-euc", 1)
+    a = json.loads((out / "index.json").read_text())["methods"]
+    b = index.manifest["methods"]
+    assert [s["sha256"] for m in a.values() for s in m["shards"]] == \
+        [s["sha256"] for m in b.values() for s in m["shards"]]
+
+
+def test_verify_finds_a_damaged_shard_and_other_arguments_are_refused(run, tmp_path):
+    out = tmp_path / "idx"
+    build_run_index(run, "gd", out, dtype="float32", progress=False, **SMALL)
+    with pytest.raises(IndexStoreError, match="other arguments"):
+        build_run_index(run, "gd", out, dtype="float16", progress=False, **SMALL)
+    shard = out / "gd" / "shard-00002.npy"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(IndexStoreError, match="shard-00002.npy: checksum mismatch"):
+        verify(out)
+    build_run_index(run, "gd", out, dtype="float32", progress=False, **SMALL)   # a damaged shard is rewritten
+    verify(out)
+
+
+def test_shard_rows_must_follow_the_blocks(run, tmp_path):
+    with pytest.raises(IndexStoreError, match="multiple of 8"):
+        build_run_index(run, "gd", tmp_path / "x", progress=False, train_rows=8, shard_rows=12)
+
+
+def test_cli_index_and_query(run, index, tmp_path, capsys):
+    assert main(["--quiet", "index", "verify", str(index.root)]) == 0
+    assert "match their checksums" in capsys.readouterr().out
+    out = tmp_path / "q"
+    assert main(["--quiet", "query", "--index", str(index.root), "--split", "test", "--top-k", "6",
+                 "--methods", "gd,rep", "--out", str(out)]) == 0
+    for m in ("gd", "rep"):
+        with np.load(out / f"{m}-test.topk.npz") as z:
+            stored = run.top_k(m, "test")
+            np.testing.assert_array_equal(z["train_pos"], stored["train_pos"])
+            np.testing.assert_array_equal(z["score"], stored["score"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["index", "verify", "{tmp}/nowhere"], "no such index"),
+    (["query", "--index", "{tmp}/nowhere", "--split", "test", "--out", "{tmp}/o"], "no such index"),
+    (["query", "--index", "{idx}", "--split", "test", "--out", "{tmp}/o", "--ann"], "has no ANN index"),
+    (["query", "--index", "{idx}", "--split", "test", "--out", "{tmp}/o", "--methods", "gc"], "has no method 'gc'"),
+    (["query", "--index", "{idx}", "--split", "test"], "give --out"),
+    (["attribute", "--run", "{run}", "--bottom-k", "3"], "--bottom-k needs --top-k"),
+    (["attribute", "--run", "{run}", "--top-k", "0"], "--top-k must be positive"),
+])
+def test_cli_errors_are_one_line(argv, message, run, index, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path, idx=index.root, run=run.path) for a in argv]
+    assert main(["--quiet"] + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_cli_verify_reports_a_bad_checksum(run, tmp_path, capsys):
+    out = tmp_path / "idx"
+    build_run_index(run, "nn-cos", out, progress=False, **SMALL)
+    data = bytearray((out / "labels.npy").read_bytes())
+    data[-8] ^= 0x07
+    (out / "labels.npy").write_bytes(bytes(data))
+    assert main(["--quiet", "index", "verify", str(out)]) == 2
+    assert "labels.npy: checksum mismatch" in capsys.readouterr().err
+
+
+def test_evaluations_read_top_k_files_when_there_are_no_dense_scores(tmp_path, monkeypatch):
+    from instattr.evaluate import common, run_artifacts, run_retrain
+    run = make_run(tmp_path, "hans", n_train=60, n_test=40)
+    names = "nn-cos,gd,if"
+    quiet = {"progress": False, "log": lambda *a: None}
+    opts = {"methods": names, "n_test": 4, "ks": (5,), "n_random": 2, "scope": "final", "progress": False}
+    attribute_run(run, names, **quiet)                      # dense scores first: the reference
+    want = run_artifacts(run, methods=names), run_retrain(run, **opts)
+    attribute_run(run, names, top_k=10, **quiet)
+    for p in (run.path / "scores").glob("*.npy"):
+        p.unlink()
+
+    def no_refit(self, method):
+        raise AssertionError(f"{method} was refitted instead of read from its top-k file")
+
+    monkeypatch.setattr(common.Scorer, "attributor", no_refit)
+    got = run_artifacts(run, methods=names), run_retrain(run, **opts)
+    assert got[0]["methods"] == want[0]["methods"]
+    assert got[1]["methods"] == want[1]["methods"] and got[1]["removed_support"] == want[1]["removed_support"]
