@@ -29,11 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from instattr.models.head import HeadConfig, group_size, train_heads
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 from _reference_trainer import old_train_heads  # noqa: E402
-
-from instattr.models.head import HeadConfig, group_size, train_heads  # noqa: E402
 
 
 def gemm_gflops(b: int, d_in: int, width: int, repeat: int = 5) -> float:

@@ -66,9 +66,12 @@ def test_evaluate_sample_options(tiny_run, capsys):
 def test_reproduce_resumes_and_reports(tmp_path, tiny_encoder, toy_data, monkeypatch, capsys):
     import instattr.reproduce as rp
     monkeypatch.setattr(rp, "QUICK_LIMITS", {"limit_train": 30, "limit_eval": 10})
-    monkeypatch.setitem(rp.QUICK_OPTIONS, "retrain", {"n_test": 2, "n_random": 2, "ks": (3, 6)})
-    monkeypatch.setitem(rp.QUICK_OPTIONS, "correlation", {"n_test": 5, "n_train": 20})
-    monkeypatch.setitem(rp.QUICK_OPTIONS, "near-train", {"n": 5})
+    from instattr.evaluate import get_evaluation
+    for name, quick in (("retrain", {"n_test": 2, "n_random": 2, "ks": (3, 6)}),
+                        ("correlation", {"n_test": 5, "n_train": 20}), ("near-train", {"n": 5}),
+                        ("mislabel", {"relabel": (0.1,)}), ("lds", {"subsets": 6, "n_test": 5})):
+        for key, value in quick.items():
+            monkeypatch.setitem(get_evaluation(name).quick, key, value)
     out = tmp_path / "rep"
     args = ["--quiet", "reproduce", "--data", str(toy_data), "--encoder", tiny_encoder, "--out", str(out),
             "--retrain-examples", "1", "--quick"]

@@ -186,26 +186,26 @@ def cmd_explain(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from .evaluate import EVALUATIONS, run_evaluation
+    from .evaluate import get_evaluation, run_evaluation
+    from .evaluate.registry import all_flags
     from .store import Run
+    ev = get_evaluation(a.name)
     run = Run.load(a.run)
     opts = {"seed": a.seed}
     if a.methods:
         opts["methods"] = a.methods
-    if a.all:
-        if a.name != "near-train":
-            raise InstattrError("--all applies to near-train only")
-        opts["all"] = True
-    accepts = inspect.signature(EVALUATIONS[a.name]).parameters
-    for flag, key in (("--n-test", "n_test"), ("--n-random", "n_random"), ("--scope", "scope"), ("--device", "device")):
-        value = getattr(a, key)
-        if value is None or (key == "device" and value == "auto" and key not in accepts):
+    accepts = inspect.signature(ev.run).parameters
+    own = {f.name for f in ev.flags}
+    for flag, users in all_flags():
+        value = getattr(a, flag.key)
+        if value is None or value is False or (value == flag.default and flag.name not in own):
             continue
-        if key not in accepts:
-            raise InstattrError(f"{flag} does not apply to {a.name}")
-        if isinstance(value, int) and value < 1:
-            raise InstattrError(f"{flag} must be at least 1, not {value}")
-        opts[key] = value
+        if flag.name not in own:
+            raise InstattrError(f"{flag.name} applies to {users[0]} only" if len(users) == 1 else
+                                f"{flag.name} does not apply to {a.name}")
+        if flag.type is int and value < 1:
+            raise InstattrError(f"{flag.name} must be at least 1, not {value}")
+        opts[flag.key] = value
     if "progress" in accepts:
         opts["progress"] = not a.quiet
     try:
@@ -216,6 +216,45 @@ def cmd_evaluate(a) -> int:
         raise InstattrError(str(e)) from None
     print((run.path / "results" / f"{a.name}.md").read_text(encoding="utf-8"), end="")
     return 0
+
+
+def cmd_suspects(a) -> int:
+    from .store import Run
+    from .suspects import find_suspects, format_suspects, top_rows
+    run = Run.load(a.run)
+    if a.top < 1:
+        raise InstattrError(f"--top must be at least 1, not {a.top}")
+    extra = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None
+    try:
+        result = find_suspects(run, a.method, a.k, extra, _method_options(a), a.device, progress=not a.quiet)
+    except ValueError as e:
+        if isinstance(e, InstattrError):
+            raise
+        raise InstattrError(str(e)) from None
+    rows = top_rows(run, result, a.top)
+    if a.json:
+        print(json.dumps({"method": result["method"], "k_neighbours": result["k_neighbours"],
+                          "n_train": result["n_train"], "suspects": rows}, indent=2))
+    else:
+        print(format_suspects(result, rows), end="")
+    return 0
+
+
+def _suspects_parser(sub) -> None:
+    from .suspects import RANKINGS
+    su = sub.add_parser("suspects", help="the training examples whose labels to check first (self-influence, "
+                        "neighbour disagreement, loss); writes RUN/results/suspects.json")
+    su.add_argument("--run", required=True)
+    su.add_argument("--method", default="if", choices=RANKINGS, help="the ranking shown (default if: self-influence "
+                    "g_i^T H^-1 g_i)")
+    su.add_argument("--methods", help="comma-separated rankings computed too (default: if, gd, rif, knn-nn, knn-sbert, "
+                    "loss, margin, and tracin in head mode); the layered ones (if-top, ...) cost minutes")
+    su.add_argument("--k", type=int, default=50, help="neighbours of knn-nn and knn-sbert (default 50)")
+    su.add_argument("--top", type=int, default=20, help="rows shown (default 20; the JSON file holds all)")
+    su.add_argument("--json", action="store_true", help="print the top rows as JSON")
+    _method_args(su)
+    _device_arg(su)
+    su.set_defaults(func=cmd_suspects)
 
 
 def cmd_report(a) -> int:
@@ -255,6 +294,24 @@ def cmd_reproduce(a) -> int:
                     progress=not a.quiet)
     print(f"open {run.path / 'report.html'}")
     return 0
+
+
+def _evaluate_parser(sub) -> None:
+    """``instattr evaluate NAME``: names and flags from the evaluation registry."""
+    from .evaluate import evaluations
+    from .evaluate.registry import all_flags
+    ev = sub.add_parser("evaluate", help="run one evaluation (the paper's, mislabel, lds) on a run")
+    ev.add_argument("name", choices=[e.name for e in evaluations()])
+    ev.add_argument("--run", required=True)
+    ev.add_argument("--methods", help="'all' or a comma-separated list (default: the paper's methods; mislabel: "
+                    "the rankings of `instattr suspects`)")
+    ev.add_argument("--seed", type=int, default=0)
+    for flag, users in all_flags():
+        extra = {"action": "store_true"} if flag.type is None else {"type": flag.type, "choices": flag.choices,
+                                                                  "metavar": flag.metavar}
+        ev.add_argument(flag.name, dest=flag.key, default=flag.default, help=f"{', '.join(users)}: {flag.help}",
+                        **extra)
+    ev.set_defaults(func=cmd_evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,22 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     _device_arg(ex)
     ex.set_defaults(func=cmd_explain)
 
-    from .evaluate import EVALUATIONS
-    ev = sub.add_parser("evaluate", help="run one of the paper's evaluations on a run")
-    ev.add_argument("name", choices=list(EVALUATIONS))
-    ev.add_argument("--run", required=True)
-    ev.add_argument("--methods", help="'all' or a comma-separated list (default: the paper's methods)")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--all", action="store_true", help="near-train: every training example, not a sample")
-    ev.add_argument("--n-test", type=int, metavar="N", help="sampled test examples (correlation, retrain, "
-                    "randomized, timing; default 100, retrain 50)")
-    ev.add_argument("--n-random", type=int, metavar="N", help="retrain: random removals per k (default 50)")
-    ev.add_argument("--scope", metavar="head|final|top-K", help="retrain, randomized: what is retrained or "
-                    "re-initialised: instattr's head on the frozen encoder output (head mode's default), the "
-                    "final linear layer on the frozen features (every other run's default), or the top K "
-                    "transformer blocks and everything above them")
-    _device_arg(ev)
-    ev.set_defaults(func=cmd_evaluate)
+    _evaluate_parser(sub)
+    _suspects_parser(sub)
 
     rp = sub.add_parser("report", help="(re)build RUN/report.html")
     rp.add_argument("--run", required=True)

@@ -16,6 +16,7 @@ import numpy as np
 from ..store import FeatureSet, Run
 from .common import Scorer, data_name, fmt, fmt_paper, md_table, method_list, sample_rows, save
 from .paper import TABLE3_4_NEAR_TRAIN, paper_columns
+from .registry import evaluation
 
 KINDS = ("train", "add", "remove", "replace")
 
@@ -82,6 +83,9 @@ def markdown(result: dict, columns: List[str]) -> str:
     return "".join(out)
 
 
+@evaluation("near-train", 50, "Recovering near-copies of training examples",
+            "Targets are training examples and perturbed copies; HIT@1/HIT@10 is how often the original "
+            "ranks first / in the top 10 (paper Tables 3-4).", quick={"n": 200}, flags=("--all",))
 def run_near_train(run: Run, methods=None, seed: int = 0, n: int = 1000, all: bool = False,
                    kinds: Sequence[str] = KINDS, featurize: Optional[Callable] = None,
                    chunk_size: int = 256) -> dict:

@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 
 from ..store import FeatureSet
-from .base import Attributor, check_width, final_layer_of
+from .base import Attributor, check_width, final_layer_of, mean_against_others
 from .lastlayer import (
     ROW_BLOCK,
     class_probs,
@@ -86,6 +86,19 @@ class LastLayerGradient(Attributor):
             rows = slice(s, min(s + ROW_BLOCK, n))
             emb[rows] = self._embed(self._gradients(train.subset(rows), train.label[rows]), test=False)
         self.train_embedding_ = emb
+
+    def self_scores(self) -> np.ndarray:
+        """Self-influence, both sides at the gold label: ``gd`` ||g_i||^2, ``if`` g_i^T H^-1 g_i. The
+        cosines (``gc``, ``rif``) score every example 1 against itself, so they give instead minus
+        the mean of score(j, i) over the other training examples j (each at its gold label, as a
+        test side): an example whose gradient points against the rest of the training set's."""
+        self._check_fitted()
+        emb = np.asarray(self.train_embedding_, dtype=np.float64)
+        if self.normalized:
+            return mean_against_others(emb, emb)
+        if self.inverse_hessian:
+            emb = emb @ self.whitener_.T                   # |L^-1 g|^2 = g^T H^-1 g
+        return np.einsum("ij,ij->i", emb, emb)
 
     def _score(self, test: FeatureSet, out: np.ndarray) -> None:
         check_width(self.name, "features", self.width_, np.asarray(test.features))

@@ -221,21 +221,25 @@ def train_heads(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, n_cl
 
 
 def _run_groups(train_group, groups: List[slice], device: torch.device) -> None:
-    """Train the groups, on the CPU by as many threads as torch would use (each running its
-    groups on one core: the small products of a step gain nothing from splitting across cores,
-    and on a busy machine each split waits for the slowest core), restoring torch's setting."""
-    workers = min(torch.get_num_threads(), len(groups)) if device.type == "cpu" else 1
-    if workers <= 1:
+    """Train the groups; on the CPU each on one core, by as many threads as torch would use (a
+    step's products are small: split across cores they gain little and, on a busy machine, every
+    one waits for the slowest core), restoring torch's thread setting after."""
+    if device.type != "cpu":
         for rows in groups:
             train_group(rows)
         return
     from concurrent.futures import ThreadPoolExecutor
     threads = torch.get_num_threads()
+    workers = min(threads, len(groups))
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(workers) as pool:
-            for done in [pool.submit(train_group, rows) for rows in groups]:
-                done.result()
+        if workers == 1:
+            for rows in groups:
+                train_group(rows)
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                for done in [pool.submit(train_group, rows) for rows in groups]:
+                    done.result()
     finally:
         torch.set_num_threads(threads)
 
