@@ -79,11 +79,14 @@ def test_reproduce_resumes_and_reports(tmp_path, tiny_encoder, toy_data, monkeyp
     run = Run.load(out)
     assert run.result("retrain")["n_test"] == 1  # --retrain-examples wins over --quick's 2
     state = json.loads((out / "reproduce.json").read_text())
-    assert {"train", "attribute", "correlation", "retrain", "randomized", "near-train", "timing"} <= set(state["done"])
+    assert {"train", "attribute", "correlation", "retrain", "randomized", "near-train", "mislabel", "lds",
+            "timing"} <= set(state["done"])
+    assert run.result("lds")["subsets"] == 6 and run.result("mislabel")["relabel_shares"] == [0.1]
     assert "artifacts" not in state["done"]  # HANS only
     assert run.manifest.data.n["train"] == 30
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "Remove the top-k" in html and "Explained test examples" in html
+    assert "Finding flipped labels" in html and "Linear datamodeling score" in html
     stamp = (out / "results" / "retrain.json").stat().st_mtime_ns
     capsys.readouterr()
     assert main(args) == 0
