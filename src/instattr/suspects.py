@@ -169,7 +169,8 @@ def find_suspects(run: Run, method: str = "if", k: int = 50, methods: Optional[S
               "methods": {n: {"order": [idx[i] for i in o], "scores": [float(x) for x in scores[n][o]]}
                           for n, o in orders.items()},
               "about": {n: ABOUT[n] for n in orders}}
-    write_json(run.result_path("suspects"), result)
+    with run.writing("suspects"):
+        write_json(run.result_path("suspects"), result)
     return result
 
 

@@ -2,8 +2,9 @@
 
 Targets are training examples themselves (their stored features) and three perturbations of
 their text: insert a random vocabulary token at a random position (``add``), delete a random
-token (``remove``), replace a random token with a random vocabulary token (``replace``); pairs
-are perturbed on both sides. Tokens are whitespace tokens; the vocabulary is the training set's.
+token (``remove``; a one-word text keeps its word), replace a random token with a random
+vocabulary token (``replace``); pairs are perturbed on both sides. Tokens are whitespace
+tokens; the vocabulary is the training set's.
 HIT@k = share of targets whose original training example ranks in the top k of the method's
 scores; ties count in the original's favour (rank = number of strictly higher scores).
 """
@@ -34,7 +35,7 @@ def perturb(text: str, kind: str, vocab: Sequence[str], rng: np.random.Generator
     if kind == "add":
         tokens.insert(int(rng.integers(len(tokens) + 1)), vocab[int(rng.integers(len(vocab)))])
     elif kind == "remove":
-        if tokens:
+        if len(tokens) > 1:       # a one-word text keeps its word: removing it leaves nothing to classify
             del tokens[int(rng.integers(len(tokens)))]
     elif kind == "replace":
         if tokens:
