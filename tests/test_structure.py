@@ -21,6 +21,7 @@ LAYERS = {
     "layers": 6,
     "pipeline": 7,
     "attribution": 8,
+    "suspects": 8.5,
     "evaluate": 9,
     "report": 10,
     "reproduce": 11,
