@@ -10,7 +10,7 @@ from instattr.evaluate.mislabel import found_curve
 from instattr.methods import get_method
 from instattr.methods.lastlayer import softmax
 from instattr.store import FinalLayer
-from instattr.suspects import loss_and_margin, neighbour_disagreement, ranking, suspicion_scores
+from instattr.suspects import loss_and_margin, neighbour_disagreement, ranking, suspicion_scores, training_loss
 
 from _synthetic import logistic_problem, make_run
 
@@ -70,7 +70,8 @@ def test_self_scores_agree_with_the_dense_scores_and_a_convex_model_finds_plante
         att = get_method(name).fit(fs, layer)
         np.testing.assert_allclose(att.self_scores(), self_consistent(att, fs), rtol=1e-4, atol=1e-6, err_msg=name)
     scores = suspicion_scores(fs, layer, ["if", "loss"], k=10)
-    order = ranking(scores["if"], scores["_loss"])
+    np.testing.assert_allclose(scores["loss"], training_loss(fs, layer))
+    order = ranking(scores["if"], scores["loss"])
     found = found_curve(order, flipped, [0.05, 0.1, 0.2])
     assert found[1] > 0.6 and found[2] > 0.85, found            # random finds 0.1 and 0.2
     shuffled = found_curve(np.random.default_rng(0).permutation(len(fs)), flipped, [0.1])
@@ -98,8 +99,9 @@ def test_tracin_self_scores_sum_lr_weighted_squared_gradient_norms(tmp_path):
 def test_neighbour_disagreement_equals_brute_force():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(37, 6))
-    x[5] = x[4] * 3                      # same direction: each other's nearest neighbour
+    x[5] = x[4] * 3                      # same direction: each other's nearest neighbour, and a tie
     y = rng.integers(0, 3, 37)
+    y[5] = y[4]                          # (whichever of the tied pair is taken, the answer is the same)
     got = neighbour_disagreement(x, y, k=4, block=8)
     u = x / np.linalg.norm(x, axis=1, keepdims=True)
     sims = u @ u.T

@@ -58,12 +58,14 @@ def check_rankings(names: Sequence[str]) -> List[str]:
     return out
 
 
-def neighbour_disagreement(vectors: np.ndarray, labels: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
-    """Share of each row's ``k`` nearest other rows (cosine) with another label, a block of rows at a time."""
+def neighbour_disagreement(vectors: np.ndarray, labels: np.ndarray, k: int, block: int = 2048) -> np.ndarray:
+    """Share of each row's ``k`` nearest other rows (cosine) with another label, a block of rows at a
+    time (one product and one top-k per block; a tie at the k-th neighbour is broken arbitrarily)."""
+    import torch
+
     from .methods.similarity import unit_rows
-    from .methods.topk import top_k
-    z = unit_rows(vectors).astype(np.float32)
-    labels = np.asarray(labels)
+    z = torch.from_numpy(unit_rows(vectors).astype(np.float32))
+    labels = torch.as_tensor(np.asarray(labels))
     n = len(z)
     k = min(int(k), n - 1)
     out = np.zeros(n)
@@ -71,10 +73,10 @@ def neighbour_disagreement(vectors: np.ndarray, labels: np.ndarray, k: int, bloc
         return out
     for s in range(0, n, block):
         sims = z[s:s + block] @ z.T
-        rows = np.arange(len(sims))
-        sims[rows, s + rows] = -np.inf                      # not its own neighbour
-        idx, _ = top_k(sims, k)
-        out[s:s + len(sims)] = (labels[idx] != labels[s:s + len(sims), None]).mean(1)
+        rows = torch.arange(len(sims))
+        sims[rows, s + rows] = -torch.inf                    # not its own neighbour
+        idx = torch.topk(sims, k, dim=1).indices
+        out[s:s + len(sims)] = (labels[idx] != labels[s:s + len(sims), None]).double().mean(1).numpy()
     return out
 
 
@@ -121,8 +123,12 @@ def suspicion_scores(train: FeatureSet, model, names: Sequence[str], k: int = 50
             out[name] = neighbour_disagreement(getattr(train, NEIGHBOURS[name]), train.label, k)
         else:
             out[name] = loss if name == "loss" else margin
-    out["_loss"] = loss
     return out
+
+
+def training_loss(train: FeatureSet, model) -> np.ndarray:
+    """-log p_gold of each training row under ``model`` (float64): the tie-break of :func:`ranking`."""
+    return loss_and_margin(gold_logits(train, model.final_layer() if model is not None else None), train.label)[0]
 
 
 def ranking(scores: np.ndarray, loss: np.ndarray) -> np.ndarray:
@@ -157,7 +163,7 @@ def find_suspects(run: Run, method: str = "if", k: int = 50, methods: Optional[S
         model = run.final_layer()
     scores = suspicion_scores(train, model, names, k, progress=progress,
                               fit=lambda name: fit_method(run, name, train, model, device, **per_method[name]))
-    loss = scores.pop("_loss")
+    loss = training_loss(train, model)
     labels = run.label_names
     orders = {n: ranking(s, loss) for n, s in scores.items()}
     idx = [str(i) for i in train.idx]

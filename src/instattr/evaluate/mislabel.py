@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import InstattrError
 from ..store import FeatureSet, FinalLayer, Run
-from ..suspects import DEFAULT, RANKINGS, check_rankings, ranking, suspicion_scores
+from ..suspects import DEFAULT, RANKINGS, check_rankings, ranking, suspicion_scores, training_loss
 from .common import (
     fmt,
     head_config,
@@ -85,13 +85,9 @@ def noisy_model(run: Run, scope: str, labels: np.ndarray, want_history: bool, de
     if scope == "head":
         from ..models import classifier_for
         from ..models.head import predict, train_heads
-        from ..models.head_classifier import HeadClassifier
         res = train_heads(head_input(run, "train", train), labels, train.n_classes, head_config(run),
                           checkpoints=want_history, device=device or "cpu")
-        base = classifier_for(run, device)
-        model = HeadClassifier(base.encoder_spec, res.params, base.l2, base.label_names, base.pair_mode, run,
-                               base.device, list(zip(res.checkpoints, res.checkpoint_lrs)) or None,
-                               encoder=base._encoder)
+        model = classifier_for(run, device).with_params(res.params, list(zip(res.checkpoints, res.checkpoint_lrs)))
 
         def redo(fs: FeatureSet, split: str) -> FeatureSet:
             feats, probs = predict(res.params, head_input(run, split, fs))
@@ -243,7 +239,7 @@ def run_mislabel(run: Run, methods=None, seed: int = 0, flip: float = 0.1, k: in
         t = time.perf_counter()
         scores[name] = suspicion_scores(n_train, model, [name], k, fit=fit)[name]
         rank_seconds[name] = time.perf_counter() - t
-    loss = suspicion_scores(n_train, model, ["loss"], k)["loss"]
+    loss = training_loss(n_train, model)
     orders = {n: ranking(s, loss) for n, s in scores.items()}
     orders["random"] = np.random.default_rng(seed + 1).permutation(len(clean))
     orders["oracle"] = np.lexsort((np.arange(len(clean)), ~flipped))
