@@ -1,7 +1,7 @@
 """The linear datamodeling score (LDS; Park et al. 2023, TRAK).
 
 Draw ``subsets`` random subsets of the training set, each of ``fraction`` of it, and retrain the
-run's model on each (``scope``, :func:`~.common.resolve_scope`: ``head`` trains one head per subset
+run's model on each (``scope``, :func:`~.common.retrain_scope`: ``head`` trains one head per subset
 from the same initialisation and batch order, all in batched calls of the head trainer; ``final``
 refits the final layer exactly). For each test example t record its margin under each subset S --
 the log-odds of the class the run's model predicts for t -- and the method's prediction of it,

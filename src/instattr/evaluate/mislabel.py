@@ -1,7 +1,7 @@
 """Mislabel detection: flip a seeded share of the training labels, retrain, and see who finds them.
 
 Each flipped label moves to another class, uniformly. The run's model is retrained on the noisy
-labels with its own configuration (``scope``, :func:`~.common.resolve_scope`: ``head`` retrains
+labels with its own configuration (``scope``, :func:`~.common.retrain_scope`: ``head`` retrains
 instattr's head from the same initialisation and batch order, ``final`` refits the final layer
 exactly); every ranking of :mod:`instattr.suspects` (self-influence, neighbour disagreement, loss,
 margin) and a random one then ranks the noisy training set, computed on the noisy model. Reported:
