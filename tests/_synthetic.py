@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from instattr.manifest import FORMAT, DataInfo, EncoderInfo, HeadInfo, HFInfo, Manifest
 from instattr.models.head import HeadConfig, pair_input, predict, train_heads
-from instattr.store import FeatureSet, Run, write_json, write_npz
+from instattr.store import FeatureSet, FinalLayer, Run, write_json, write_npz
 
 POSITIVE = ["good", "great", "superb", "lovely", "fine", "brilliant"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "weak"]
@@ -130,3 +130,31 @@ def featurize(run: Run, documents, queries: Optional[Sequence[str]] = None, labe
     params = load_file(str(run.path / "model" / "head.safetensors"))
     return feature_set(params, [f"new_{i}" for i in range(len(documents))], documents, queries,
                        labels, run.manifest.pair_mode)
+
+
+def logistic_problem(n=40, d=4, c=3, seed=0, bias=True, l2=0.02, flip=0.0, n_test=0):
+    """A convex problem: Gaussian features, labels from a linear rule (a share ``flip`` moved to
+    another class), the final layer refit to the exact minimum of the regularised loss on those
+    labels. (train FeatureSet, FinalLayer, flipped row mask), plus a test FeatureSet of ``n_test``
+    rows of the same distribution when asked."""
+    from instattr.evaluate.mislabel import flip_labels
+    from instattr.methods.lastlayer import refit, softmax
+    rng = np.random.default_rng(seed)
+    rule = rng.normal(size=(d, c)) * 3
+    f = rng.normal(size=(n, d))
+    y = (f @ rule).argmax(1)
+    y, flipped = flip_labels(y, c, flip, rng) if flip else (y, np.zeros(n, bool))
+    x = np.concatenate([f, np.ones((n, 1))], 1) if bias else f
+    w = refit(x, y, np.zeros((c, x.shape[1])), l2).w
+    layer = FinalLayer(w=w[:, :d], b=w[:, d] if bias else None, l2=l2)
+    probs = softmax(layer.logits(f))
+    fs = FeatureSet(idx=np.array([f"r{i}" for i in range(n)]), label=y, pred=probs.argmax(1),
+                    probs=probs.astype(np.float32), features=f.astype(np.float32), encoder=f.astype(np.float32))
+    if not n_test:
+        return fs, layer, flipped
+    ft = rng.normal(size=(n_test, d))
+    pt = softmax(layer.logits(ft))
+    test = FeatureSet(idx=np.array([f"t{i}" for i in range(n_test)]), label=(ft @ rule).argmax(1),
+                      pred=pt.argmax(1), probs=pt.astype(np.float32), features=ft.astype(np.float32),
+                      encoder=ft.astype(np.float32))
+    return fs, layer, flipped, test

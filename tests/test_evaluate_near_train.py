@@ -31,6 +31,7 @@ def test_perturbations():
         assert len(replaced) == 5 and sum(a != b for a, b in zip(replaced, text.split())) == 1
     assert perturb(text, "train", VOCAB, rng) == text
     assert perturb("", "remove", VOCAB, rng) == "" and perturb("", "add", VOCAB, rng) in VOCAB
+    assert perturb("alone", "remove", VOCAB, rng) == "alone"     # never an empty text to classify
     with pytest.raises(ValueError, match="unknown perturbation"):
         perturb(text, "shuffle", VOCAB, rng)
     assert vocabulary(["b a", "a c"]) == ["a", "b", "c"]

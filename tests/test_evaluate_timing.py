@@ -42,14 +42,47 @@ def test_stored_layered_methods_report_their_attribute_time(run):
 
 
 def test_registry_and_applicability(run, tmp_path):
-    assert list(EVALUATIONS) == ["correlation", "retrain", "randomized", "artifacts", "near-train", "timing"]
-    assert evaluations_for(run) == ["correlation", "retrain", "randomized", "near-train", "timing"]
+    assert list(EVALUATIONS) == ["correlation", "retrain", "randomized", "artifacts", "near-train", "mislabel", "lds",
+                                 "timing"]
+    assert evaluations_for(run) == ["correlation", "retrain", "randomized", "near-train", "mislabel", "lds", "timing"]
     hans = make_run(tmp_path / "h", kind="hans", n_train=20, n_test=4, epochs=1)
     assert "artifacts" in evaluations_for(hans)
     ft = make_run(tmp_path / "f", n_train=20, n_test=4, epochs=1, mode="finetune")
-    assert evaluations_for(ft) == ["correlation", "retrain", "randomized", "near-train", "timing"]
+    assert evaluations_for(ft) == ["correlation", "retrain", "randomized", "near-train", "mislabel", "lds", "timing"]
     with pytest.raises(ValueError, match="unknown evaluation"):
         run_evaluation("nope", run)
+
+
+def test_a_new_evaluation_is_one_registration(run, capsys):
+    """Registering a function is all it takes: the CLI runs it with its own flag, reproduce lists
+    it, the report shows its section, the timing table its recorded seconds."""
+    from instattr.cli import main
+    from instattr.evaluate import registry
+    from instattr.evaluate.registry import Flag, evaluation
+    from instattr.evaluate.timing import evaluation_seconds
+    from instattr.report import build_report
+    calls = []
+
+    @evaluation("toy-eval", 65, "A toy evaluation", "What the toy measures.", quick={"size": 2},
+                flags=(Flag("--size", "size", "how many", metavar="N"), "--n-test"))
+    def run_toy(run, methods=None, seed=0, size=3, n_test=None):
+        calls.append((size, n_test))
+        run.save_result("toy-eval", {"seconds": {"total": 1.5}}, "# Toy\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n")
+        return {}
+    try:
+        assert evaluations_for(run).index("toy-eval") == evaluations_for(run).index("mislabel") + 1
+        assert registry.get_evaluation("toy-eval").quick == {"size": 2}
+        assert main(["--quiet", "evaluate", "toy-eval", "--run", str(run.path), "--size", "4", "--n-test", "2"]) == 0
+        assert calls == [(4, 2)] and "| a | b |" in capsys.readouterr().out
+        assert main(["--quiet", "evaluate", "retrain", "--run", str(run.path), "--size", "4"]) == 2
+        assert "--size applies to toy-eval only" in capsys.readouterr().err
+        assert evaluation_seconds(run)["toy-eval"] == {"total": 1.5, "retrain": None}
+        page = build_report(run).read_text()
+        assert "A toy evaluation" in page and "What the toy measures." in page and "<td>2</td>" in page
+    finally:
+        registry._REGISTRY.pop("toy-eval", None)
+        for suffix in (".json", ".md"):
+            (run.path / "results" / f"toy-eval{suffix}").unlink(missing_ok=True)
 
 
 def test_scorer_reads_stored_rows_and_falls_back(run):

@@ -549,3 +549,21 @@ def test_training_gradients_cached_on_disk(single, monkeypatch):
     again = Run.load(single.path)
     np.testing.assert_allclose(fit_method(again, "if-top", progress=False).score(again.features("test")), want,
                                rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name, opts", [("gd-top", {"proj_dim": 3}), ("gc-top", {"proj_dim": 3}),
+                                        ("if-top", {"proj_dim": 3}), ("rif-top", {"proj_dim": 3}),
+                                        ("tracin-top", {"proj_dim": 3}),
+                                        ("if-top", {"proj_dim": None, "ihvp": "explicit", "damping": 0.5}),
+                                        ("rif-top", {"proj_dim": None, "ihvp": "explicit", "damping": 0.5})])
+def test_layered_self_scores_equal_the_dense_scores_of_training_rows_at_gold_labels(single, name, opts):
+    """self_scores() (suspects) from the training side alone = the diagonal of the score matrix of the
+    training rows scored as test rows at their gold labels; for the cosines, minus its column means
+    without the diagonal."""
+    train = single.features("train")
+    att = get_method(name, layers=1, **F64, **opts).fit(train, classifier_for(single))
+    dense = att.score(train.replace(pred=train.label)).astype(np.float64)
+    n = len(train)
+    want = -(dense.sum(0) - dense.diagonal()) / (n - 1) if att.normalized else dense.diagonal()
+    np.testing.assert_allclose(att.self_scores(), want, rtol=1e-5, atol=1e-8)
+    assert np.ptp(want) > 0

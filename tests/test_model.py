@@ -78,3 +78,41 @@ def test_siamese_pair_input():
     out = pair_input(np.concatenate([u, v], 1), "siamese")
     np.testing.assert_allclose(out, [[1, -2, 3, 0.5, 2, 2.5, 3, -1]])
     assert pair_input(u, None) is u
+
+
+def test_trainer_equals_the_old_autograd_trainer():
+    """The hand-written trainer trains what the old one (autograd, torch's Adam) trained: float64
+    to rounding, in groups of any size, with and without masks, empty batches included."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _reference_trainer import old_train_heads
+    x, y = _problem(n=23)
+    masks = np.random.default_rng(1).random((5, len(x))) > 0.4
+    masks[1] = True
+    masks[2, :15] = False                      # some batches keep nothing
+    old = old_train_heads(x, y, 3, CFG, masks, dtype=torch.float64)
+    for group in (1, 2, 5):
+        new = train_heads(x, y, 3, CFG, masks=masks, dtype=torch.float64, group=group).params
+        for k in old:
+            torch.testing.assert_close(new[k], old[k], rtol=0, atol=1e-12)
+    single_old = old_train_heads(x, y, 3, CFG, dtype=torch.float64)
+    single_new = train_heads(x, y, 3, CFG, dtype=torch.float64).params
+    for k in single_old:
+        torch.testing.assert_close(single_new[k], single_old[k], rtol=0, atol=1e-12)
+    f32 = train_heads(x, y, 3, CFG, masks=masks).params      # float32, Adam steps of lr = 0.05
+    assert max(float((f32[k].double() - old[k]).abs().max()) for k in old) < 1e-3
+
+
+def test_heads_with_their_own_labels_equal_heads_trained_alone():
+    x, y = _problem()
+    labels = np.stack([y.numpy(), (y.numpy() + 1) % 3, y.numpy()])
+    labels[2, :10] = 0
+    masks = np.ones((3, len(x)), dtype=bool)
+    masks[1, ::3] = False
+    both = train_heads(x, labels, 3, CFG, masks=masks, dtype=torch.float64, group=2).params
+    for j in range(3):
+        alone = train_heads(x, labels[j], 3, CFG, masks=masks[j:j + 1], dtype=torch.float64).params
+        for k in alone:
+            torch.testing.assert_close(both[k][j], alone[k][0], rtol=0, atol=1e-12)
+    assert not torch.allclose(both["w"][0], both["w"][2])

@@ -28,7 +28,8 @@ def test_ray_equals_local_bit_for_bit(local_ray, tmp_path, monkeypatch):
     quiet = {"progress": False, "log": lambda *a: None, "grid": grid}
     attribute_run(run, METHODS, top_k=7, bottom_k=3, **quiet)
     local = {(m, bottom): run.top_k(m, "test", bottom) for m in METHODS.split(",") for bottom in (False, True)}
-    attribute_run(run, METHODS, top_k=7, bottom_k=3, backend="ray", overwrite=True, **quiet)
+    from instattr.distributed import RayBackend
+    attribute_run(run, METHODS, top_k=7, bottom_k=3, backend=RayBackend(), overwrite=True, **quiet)
     for m in METHODS.split(","):
         for bottom in (False, True):
             a, b = local[m, bottom], run.top_k(m, "test", bottom)

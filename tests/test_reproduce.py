@@ -66,9 +66,12 @@ def test_evaluate_sample_options(tiny_run, capsys):
 def test_reproduce_resumes_and_reports(tmp_path, tiny_encoder, toy_data, monkeypatch, capsys):
     import instattr.reproduce as rp
     monkeypatch.setattr(rp, "QUICK_LIMITS", {"limit_train": 30, "limit_eval": 10})
-    monkeypatch.setitem(rp.QUICK_OPTIONS, "retrain", {"n_test": 2, "n_random": 2, "ks": (3, 6)})
-    monkeypatch.setitem(rp.QUICK_OPTIONS, "correlation", {"n_test": 5, "n_train": 20})
-    monkeypatch.setitem(rp.QUICK_OPTIONS, "near-train", {"n": 5})
+    from instattr.evaluate import get_evaluation
+    for name, quick in (("retrain", {"n_test": 2, "n_random": 2, "ks": (3, 6)}),
+                        ("correlation", {"n_test": 5, "n_train": 20}), ("near-train", {"n": 5}),
+                        ("mislabel", {"relabel": (0.1,)}), ("lds", {"subsets": 6, "n_test": 5})):
+        for key, value in quick.items():
+            monkeypatch.setitem(get_evaluation(name).quick, key, value)
     out = tmp_path / "rep"
     args = ["--quiet", "reproduce", "--data", str(toy_data), "--encoder", tiny_encoder, "--out", str(out),
             "--retrain-examples", "1", "--quick"]
@@ -76,11 +79,14 @@ def test_reproduce_resumes_and_reports(tmp_path, tiny_encoder, toy_data, monkeyp
     run = Run.load(out)
     assert run.result("retrain")["n_test"] == 1  # --retrain-examples wins over --quick's 2
     state = json.loads((out / "reproduce.json").read_text())
-    assert {"train", "attribute", "correlation", "retrain", "randomized", "near-train", "timing"} <= set(state["done"])
+    assert {"train", "attribute", "correlation", "retrain", "randomized", "near-train", "mislabel", "lds",
+            "timing"} <= set(state["done"])
+    assert run.result("lds")["subsets"] == 6 and run.result("mislabel")["relabel_shares"] == [0.1]
     assert "artifacts" not in state["done"]  # HANS only
     assert run.manifest.data.n["train"] == 30
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "Remove the top-k" in html and "Explained test examples" in html
+    assert "Finding flipped labels" in html and "Linear datamodeling score" in html
     stamp = (out / "results" / "retrain.json").stat().st_mtime_ns
     capsys.readouterr()
     assert main(args) == 0

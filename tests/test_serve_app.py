@@ -299,5 +299,7 @@ def test_served_from_a_thread_prints_nothing_and_leaves_torch_as_it_was(serve_ru
         body = json.loads(urlopen(url + "api/run", timeout=30).read())
         assert body["live_methods"] == ["if"]
         assert made[0].live.worker_threads == 1 and torch.get_num_threads() == before   # the worker's alone
-    assert set(threading.enumerate()) <= threads                  # the server's and the worker's threads ended
+    # the server's and the worker's threads ended (anyio's idle pool threads linger ~10 s on their own)
+    left = {t for t in set(threading.enumerate()) - threads if not t.name.startswith("AnyIO worker thread")}
+    assert left == set(), left
     assert capsys.readouterr().out == ""

@@ -21,11 +21,15 @@ LAYERS = {
     "layers": 6,
     "pipeline": 7,
     "attribution": 8,
-    "evaluate": 9,
-    "report": 10,
-    "reproduce": 11,
-    "cli": 12, "serve": 12,
-    "__main__": 13,
+    "index": 9, "suspects": 9,
+    "distributed": 10,
+    "evaluate": 11,
+    "report": 12,
+    "reproduce": 13, "serve": 13,
+    "cli_args": 14,
+    "cli_index": 15,
+    "cli": 16,
+    "__main__": 17,
 }
 
 

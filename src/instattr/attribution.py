@@ -80,23 +80,20 @@ def _check_kept_options(run: Run, name: str, split: str, options: dict, overwrit
                             "recompute it with " + ", ".join(f"{k}={v}" for k, v in differ.items()))
 
 
-def _check_top_k(top_k: Optional[int], bottom_k: Optional[int], backend: str) -> None:
+def _check_top_k(top_k: Optional[int], bottom_k: Optional[int], backend) -> None:
     if bottom_k is not None and top_k is None:
         raise InstattrError("--bottom-k needs --top-k (dense scores hold every column already)")
     for flag, v in (("--top-k", top_k), ("--bottom-k", bottom_k)):
         if v is not None and v <= 0:
             raise InstattrError(f"{flag} must be positive, got {v}")
-    if backend not in ("local", "ray"):
-        raise InstattrError(f"--backend must be local or ray, got {backend!r}")
-    if backend == "ray" and top_k is None:
-        raise InstattrError("--backend ray writes top-k results; add --top-k K")
+    if backend is not None and top_k is None:
+        raise InstattrError(f"--backend {backend.name} writes top-k results; add --top-k K")
 
 
 def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_test: Optional[int] = None,
                   limit_train: Optional[int] = None, overwrite: bool = False, progress: bool = True,
                   log=print, options: Optional[dict] = None, device=None, top_k: Optional[int] = None,
-                  bottom_k: Optional[int] = None, backend: str = "local", address: Optional[str] = None,
-                  grid=None, workers: Optional[int] = None) -> Dict[str, float]:
+                  bottom_k: Optional[int] = None, backend=None, grid=None) -> Dict[str, float]:
     """Score ``split`` (default: the run's eval split) against the training set with each method.
 
     Writes ``scores/{method}-{split}.npy`` and ``.json``, or with ``top_k`` only each test row's best
@@ -104,8 +101,9 @@ def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_
     (``.bottomk.npz``), never forming the dense matrix. Methods whose sides share a product share it
     (:mod:`instattr.methods.scoring`). Existing results are kept unless ``overwrite`` (and refused
     when they were made with options other than those asked for). ``options`` (e.g. ``{"layers":
-    5}``) go to the methods that take them (see ``method_options``). ``backend="ray"`` computes the
-    training sides and the score blocks on a Ray cluster (``address``; default: a local one).
+    5}``) go to the methods that take them (see ``method_options``). ``backend`` (None: here) computes
+    the training sides and the top-k blocks elsewhere: ``distributed.RayBackend(address)`` on a Ray
+    cluster.
     Returns the compute seconds of each method that ran.
     """
     from .methods import get_method
@@ -158,12 +156,11 @@ def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_
         for name in todo:
             t = time.perf_counter()
             method = fitted[name] = fit_method(run, name, train, device=device, embed=False, **per_method[name])
-            if backend == "local" and method.streams_train:   # in the blocks an index (and Ray) would use
+            if backend is None and method.streams_train:   # in the blocks an index (and Ray) would use
                 method.embed_all(train, grid.train_rows)
             seconds[name] = time.perf_counter() - t
         if top_k is not None:
-            _attribute_top_k(run, fitted, seconds, split, test, train, top_k, bottom_k, backend, address, grid,
-                             workers, progress, log)
+            _attribute_top_k(run, fitted, seconds, split, test, train, top_k, bottom_k, backend, grid, progress, log)
         else:
             _attribute_dense(run, fitted, seconds, split, test, train, grid, progress, log)
     return seconds
@@ -217,17 +214,14 @@ def _attribute_dense(run, fitted, seconds, split, test, train, grid, progress, l
         del scores
 
 
-def _attribute_top_k(run, fitted, seconds, split, test, train, k, bottom_k, backend, address, grid, workers,
-                     progress, log) -> None:
+def _attribute_top_k(run, fitted, seconds, split, test, train, k, bottom_k, backend, grid, progress, log) -> None:
     from tqdm.auto import tqdm
 
     from .methods.scoring import Grid, score_top_k
     t = time.perf_counter()
     grid = grid or Grid()
-    if backend == "ray":
-        from .distributed import ray_top_k
-        results = ray_top_k(run, fitted, test, train, k, bottom_k or 0, grid, address=address, workers=workers,
-                            progress=progress)
+    if backend is not None:
+        results = backend.top_k(run, fitted, test, train, k, bottom_k or 0, grid, progress)
     else:
         members = [fitted[n].member(test) for n in fitted]
         blocks = len(grid.test_blocks(len(test))) * len(train)
@@ -237,7 +231,8 @@ def _attribute_top_k(run, fitted, seconds, split, test, train, k, bottom_k, back
     for name, method in fitted.items():
         seconds[name] += share
         cfg = dict(method.config())
-        diagnostics = dict(method.diagnostics(), backend=backend, grid=[grid.test_rows, grid.train_rows])
+        diagnostics = dict(method.diagnostics(), backend=getattr(backend, "name", "local"),
+                           grid=[grid.test_rows, grid.train_rows])
         for bottom in (False, True) if bottom_k else (False,):
             pos, vals = results[name]["bottom" if bottom else "top"]
             run.save_top_k(name, split, test.idx, train.idx, pos, vals, cfg, seconds[name], bottom=bottom,

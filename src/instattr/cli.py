@@ -8,63 +8,18 @@ import os
 import sys
 from typing import List, Optional
 
+from .cli_args import (
+    device_arg,
+    import_args,
+    import_config,
+    method_args,
+    method_options,
+    train_args,
+    train_config,
+)
 from .errors import InstattrError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="sst2", help="sst2|mnli|hans, a dataset folder, or a HF dataset name")
-    p.add_argument("--data-root", help="folder holding named datasets (default: $INSTATTR_DATA, ./data, "
-                   "../shared/data, "
-                   "then the packaged copy)")
-    p.add_argument("--text-field", help="column or key of the text (default: document, text, sentence, premise)")
-    p.add_argument("--query-field", help="column or key of a pair's second text (default: query, hypothesis)")
-    p.add_argument("--label-field", help="column or key of the label (default: label, labels)")
-    p.add_argument("--encoder", help="HF name or local path (default: packaged all-MiniLM-L6-v2)")
-    p.add_argument("--pooling", choices=["mean", "cls"])
-    p.add_argument("--pairs", dest="pair_mode", choices=["siamese", "cross"],
-                   help="how sentence pairs are encoded (default: siamese in head mode, cross in finetune)")
-    p.add_argument("--mode", choices=["head", "finetune"], default="head")
-    p.add_argument("--max-length", type=int, help="tokens per example (default 128; an imported model: its "
-                   "tokenizer's maximum)")
-    p.add_argument("--l2", type=float, help="L2 coefficient on the linear weight (default 0.01)")
-    p.add_argument("--lr", type=float, help="head learning rate (default 2e-4)")
-    p.add_argument("--epochs", type=int, help="head epochs (default 3)")
-    p.add_argument("--batch-size", type=int, help="head batch size (default 16)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit-train", type=int)
-    p.add_argument("--limit-eval", type=int)
-    p.add_argument("--tune", action="store_true", help="grid-search l2, lr, epochs, batch size on dev")
-    p.add_argument("--finetune-lr", type=float, default=2e-5, help="finetune mode: the encoder's learning rate "
-                   "(the layers above it take --lr)")
-    p.add_argument("--finetune-epochs", type=int, default=1)
-    _device_arg(p)
-
-
-def _device_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda: where encoding, training, "
-                   "fine-tuning, layered gradients and retraining run")
-
-
-def train_config(a):
-    """TrainConfig from parsed arguments."""
-    from dataclasses import replace
-
-    from .models.head import HeadConfig
-    from .pipeline import TrainConfig
-    head = HeadConfig(seed=a.seed)
-    overrides = {k: getattr(a, k) for k in ("l2", "lr", "epochs", "batch_size") if getattr(a, k) is not None}
-    head = replace(head, **overrides)
-    for k in ("limit_train", "limit_eval", "max_length", "epochs", "batch_size"):
-        v = getattr(a, k)
-        if v is not None and v <= 0:
-            raise InstattrError(f"--{k.replace('_', '-')} must be positive, got {v}")
-    return TrainConfig(data=a.data, data_root=a.data_root, text_field=a.text_field, query_field=a.query_field,
-                       label_field=a.label_field, encoder=a.encoder, pooling=a.pooling,
-                       pair_mode=a.pair_mode, mode=a.mode, max_length=a.max_length or 128, head=head,
-                       limit_train=a.limit_train, limit_eval=a.limit_eval, tune=a.tune,
-                       finetune_lr=a.finetune_lr, finetune_epochs=a.finetune_epochs, device=a.device)
 
 
 def _accuracies(metrics: dict) -> str:
@@ -79,37 +34,6 @@ def cmd_train(a) -> int:
     acc = _accuracies(m)
     print(f"trained {run.path}: {acc} ({m['timings']['total_s']:.0f} s)")
     return 0
-
-
-def _import_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", required=required, metavar="CKPT", help="an AutoModelForSequenceClassification "
-                   "checkpoint folder (save_pretrained)" + ("" if required else "; import it instead of training"))
-    p.add_argument("--damping", type=float, default=0.01, help="stands in for the L2 penalty the model was not "
-                   "trained with: the 2*damping*I of the closed forms' Hessian and representer points' refit "
-                   "(default 0.01, the L2 instattr trains heads with); recorded in run.json")
-    p.add_argument("--sbert", help="untuned sentence encoder of the sbert-* baselines (default: packaged "
-                   "all-MiniLM-L6-v2)")
-    p.add_argument("--final-layer", help="module name of the final nn.Linear (default: the last one with "
-                   "num_labels outputs)")
-    p.add_argument("--checkpoints", nargs="+", metavar="CKPT", help="earlier checkpoints of the same model, "
-                   "oldest first, for TracIn")
-    p.add_argument("--checkpoint-lrs", type=float, nargs="+", metavar="LR",
-                   help="learning rate after each checkpoint (default: from their trainer_state.json)")
-
-
-def import_config(a):
-    """ImportConfig from parsed arguments."""
-    from .pipeline import ImportConfig
-    for k in ("limit_train", "limit_eval", "max_length"):
-        v = getattr(a, k)
-        if v is not None and v <= 0:
-            raise InstattrError(f"--{k.replace('_', '-')} must be positive, got {v}")
-    return ImportConfig(model=a.model, data=a.data, damping=a.damping, data_root=a.data_root, max_length=a.max_length,
-                        limit_train=a.limit_train, limit_eval=a.limit_eval, sbert=a.sbert, final_layer=a.final_layer,
-                        checkpoints=tuple(a.checkpoints or ()),
-                        checkpoint_lrs=tuple(a.checkpoint_lrs) if a.checkpoint_lrs else None,
-                        text_field=a.text_field, query_field=a.query_field, label_field=a.label_field, seed=a.seed,
-                        device=a.device)
 
 
 def cmd_import(a) -> int:
@@ -139,74 +63,45 @@ def cmd_predict(a) -> int:
     return 0
 
 
-def _method_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("options of the methods beyond the last layer (if-top, gd-top, gc-top, rif-top, "
-                             "tracin-top); the paper's eleven take none")
-    g.add_argument("--layers", type=int, metavar="K", help="transformer layers tracked below the head (default 3)")
-    g.add_argument("--proj-dim", type=int, metavar="K", help="projection size: K*K numbers per linear layer "
-                   "(default 32; 0 = exact gradients, tiny models only)")
-    g.add_argument("--projection", choices=["khatri-rao", "orthogonal", "gaussian"],
-                   help="how each layer's gradient is sketched: khatri-rao rank-one sketches (default), or "
-                        "LoGra's Kronecker product of orthogonal or gaussian side projections")
-    g.add_argument("--damping", type=float, help="damping added to the Hessian: if, rif (default 0, the run's own "
-                   "L2 alone), if-top, rif-top (default 0.1)")
-    g.add_argument("--ihvp", choices=["projected", "lissa", "explicit"],
-                   help="inverse-Hessian-vector products: projected Gauss-Newton (default), LiSSA as the "
-                        "paper ran it, or the explicit Hessian (tiny models)")
-    g.add_argument("--checkpoints", nargs="+", metavar="CKPT", help="tracin, tracin-top on a Hugging Face model: "
-                   "its training checkpoints (save_pretrained folders), oldest first")
-    g.add_argument("--checkpoint-lrs", type=float, nargs="+", metavar="LR",
-                   help="learning rate after each of --checkpoints (default: their trainer_state.json)")
-
-
-def _method_options(a) -> dict:
-    """The method options given on the command line (only those given)."""
-    opts = {k: getattr(a, k) for k in ("layers", "projection", "damping", "ihvp", "checkpoints", "checkpoint_lrs")
-            if getattr(a, k) is not None}
-    if a.proj_dim is not None:
-        opts["proj_dim"] = a.proj_dim or None   # 0: unprojected
-    return opts
-
-
 def cmd_attribute(a) -> int:
     from .attribution import attribute_run
     from .cli_index import scale_options
     from .store import Run
     run = Run.load(a.run)
     attribute_run(run, a.methods, a.split, a.limit_test, a.limit_train, a.overwrite, progress=not a.quiet,
-                  options=_method_options(a), device=a.device, **scale_options(a))
+                  options=method_options(a), device=a.device, **scale_options(a))
     return 0
 
 
 def cmd_explain(a) -> int:
     from .attribution import explain, format_explanation
     from .store import Run
-    result = explain(Run.load(a.run), a.text, a.query, a.methods, a.k, options=_method_options(a), device=a.device)
+    result = explain(Run.load(a.run), a.text, a.query, a.methods, a.k, options=method_options(a), device=a.device)
     print(json.dumps(result, indent=2) if a.json else format_explanation(result), end="" if not a.json else "\n")
     return 0
 
 
 def cmd_evaluate(a) -> int:
-    from .evaluate import EVALUATIONS, run_evaluation
+    from .evaluate import get_evaluation, run_evaluation
+    from .evaluate.registry import all_flags
     from .store import Run
+    ev = get_evaluation(a.name)
     run = Run.load(a.run)
     opts = {"seed": a.seed}
     if a.methods:
         opts["methods"] = a.methods
-    if a.all:
-        if a.name != "near-train":
-            raise InstattrError("--all applies to near-train only")
-        opts["all"] = True
-    accepts = inspect.signature(EVALUATIONS[a.name]).parameters
-    for flag, key in (("--n-test", "n_test"), ("--n-random", "n_random"), ("--scope", "scope"), ("--device", "device")):
-        value = getattr(a, key)
-        if value is None or (key == "device" and value == "auto" and key not in accepts):
+    accepts = inspect.signature(ev.run).parameters
+    own = {f.name for f in ev.flags}
+    for flag, users in all_flags():
+        value = getattr(a, flag.key)
+        if value is None or value is False or (value == flag.default and flag.name not in own):
             continue
-        if key not in accepts:
-            raise InstattrError(f"{flag} does not apply to {a.name}")
-        if isinstance(value, int) and value < 1:
-            raise InstattrError(f"{flag} must be at least 1, not {value}")
-        opts[key] = value
+        if flag.name not in own:
+            raise InstattrError(f"{flag.name} applies to {users[0]} only" if len(users) == 1 else
+                                f"{flag.name} does not apply to {a.name}")
+        if flag.type is int and value < 1:
+            raise InstattrError(f"{flag.name} must be at least 1, not {value}")
+        opts[flag.key] = value
     if "progress" in accepts:
         opts["progress"] = not a.quiet
     try:
@@ -217,6 +112,45 @@ def cmd_evaluate(a) -> int:
         raise InstattrError(str(e)) from None
     print((run.path / "results" / f"{a.name}.md").read_text(encoding="utf-8"), end="")
     return 0
+
+
+def cmd_suspects(a) -> int:
+    from .store import Run
+    from .suspects import find_suspects, format_suspects, top_rows
+    run = Run.load(a.run)
+    if a.top < 1:
+        raise InstattrError(f"--top must be at least 1, not {a.top}")
+    extra = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None
+    try:
+        result = find_suspects(run, a.method, a.k, extra, method_options(a), a.device, progress=not a.quiet)
+    except ValueError as e:
+        if isinstance(e, InstattrError):
+            raise
+        raise InstattrError(str(e)) from None
+    rows = top_rows(run, result, a.top)
+    if a.json:
+        print(json.dumps({"method": result["method"], "k_neighbours": result["k_neighbours"],
+                          "n_train": result["n_train"], "suspects": rows}, indent=2))
+    else:
+        print(format_suspects(result, rows), end="")
+    return 0
+
+
+def _suspects_parser(sub) -> None:
+    from .suspects import RANKINGS
+    su = sub.add_parser("suspects", help="the training examples whose labels to check first (self-influence, "
+                        "neighbour disagreement, loss); writes RUN/results/suspects.json")
+    su.add_argument("--run", required=True)
+    su.add_argument("--method", default="if", choices=RANKINGS, help="the ranking shown (default if: self-influence "
+                    "g_i^T H^-1 g_i)")
+    su.add_argument("--methods", help="comma-separated rankings computed too (default: if, gd, rif, knn-nn, knn-sbert, "
+                    "loss, margin, and tracin in head mode); the layered ones (if-top, ...) cost minutes")
+    su.add_argument("--k", type=int, default=50, help="neighbours of knn-nn and knn-sbert (default 50)")
+    su.add_argument("--top", type=int, default=20, help="rows shown (default 20; the JSON file holds all)")
+    su.add_argument("--json", action="store_true", help="print the top rows as JSON")
+    method_args(su)
+    device_arg(su)
+    su.set_defaults(func=cmd_suspects)
 
 
 def cmd_report(a) -> int:
@@ -242,7 +176,7 @@ def _serve_parser(sub) -> None:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--threads", type=int, default=1, help="torch and BLAS threads that explain new text (default "
                     "1: one core explains, the others serve pages; more helps on a big machine)")
-    _device_arg(sv)
+    device_arg(sv)
     sv.set_defaults(func=cmd_serve)
 
 
@@ -258,19 +192,37 @@ def cmd_reproduce(a) -> int:
     return 0
 
 
+def _evaluate_parser(sub) -> None:
+    """``instattr evaluate NAME``: names and flags from the evaluation registry."""
+    from .evaluate import evaluations
+    from .evaluate.registry import all_flags
+    ev = sub.add_parser("evaluate", help="run one evaluation (the paper's, mislabel, lds) on a run")
+    ev.add_argument("name", choices=[e.name for e in evaluations()])
+    ev.add_argument("--run", required=True)
+    ev.add_argument("--methods", help="'all' or a comma-separated list (default: the paper's methods; mislabel: "
+                    "the rankings of `instattr suspects`)")
+    ev.add_argument("--seed", type=int, default=0)
+    for flag, users in all_flags():
+        extra = {"action": "store_true"} if flag.type is None else {"type": flag.type, "choices": flag.choices,
+                                                                  "metavar": flag.metavar}
+        ev.add_argument(flag.name, dest=flag.key, default=flag.default, help=f"{', '.join(users)}: {flag.help}",
+                        **extra)
+    ev.set_defaults(func=cmd_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="instattr", description="Which training examples made my model predict this?")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a classifier and write a run directory")
-    _train_args(t)
+    train_args(t)
     t.add_argument("--out", required=True, help="run directory to create")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run")
     t.set_defaults(func=cmd_train)
 
     im = sub.add_parser("import", help="make a run from a Hugging Face sequence classifier trained elsewhere")
-    _import_args(im)
+    import_args(im)
     im.add_argument("--data", default="sst2", help="sst2|mnli|hans, a dataset folder, or a HF dataset name")
     im.add_argument("--data-root", help="folder holding named datasets")
     im.add_argument("--text-field")
@@ -282,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--seed", type=int, default=0, help="seed of the --limit-* samples")
     im.add_argument("--out", required=True, help="run directory to create")
     im.add_argument("--overwrite", action="store_true", help="replace an existing run")
-    _device_arg(im)
+    device_arg(im)
     im.set_defaults(func=cmd_import)
 
     pr = sub.add_parser("predict", help="label and probabilities for new text")
@@ -290,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("text", nargs="+")
     pr.add_argument("--query", help="the hypothesis, for sentence-pair runs")
     pr.add_argument("--json", action="store_true")
-    _device_arg(pr)
+    device_arg(pr)
     pr.set_defaults(func=cmd_predict)
 
     at = sub.add_parser("attribute", help="score the eval split against the training set, per method")
@@ -301,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--limit-test", type=int)
     at.add_argument("--limit-train", type=int)
     at.add_argument("--overwrite", action="store_true", help="recompute scores that exist")
-    _method_args(at)
-    _device_arg(at)
+    method_args(at)
+    device_arg(at)
     from .cli_index import add_commands, scale_args
     scale_args(at)
     at.set_defaults(func=cmd_attribute)
@@ -314,26 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--methods", default="nn-cos,gc,if,rep")
     ex.add_argument("--k", type=int, default=5)
     ex.add_argument("--json", action="store_true")
-    _method_args(ex)
-    _device_arg(ex)
+    method_args(ex)
+    device_arg(ex)
     ex.set_defaults(func=cmd_explain)
 
-    from .evaluate import EVALUATIONS
-    ev = sub.add_parser("evaluate", help="run one of the paper's evaluations on a run")
-    ev.add_argument("name", choices=list(EVALUATIONS))
-    ev.add_argument("--run", required=True)
-    ev.add_argument("--methods", help="'all' or a comma-separated list (default: the paper's methods)")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--all", action="store_true", help="near-train: every training example, not a sample")
-    ev.add_argument("--n-test", type=int, metavar="N", help="sampled test examples (correlation, retrain, "
-                    "randomized, timing; default 100, retrain 50)")
-    ev.add_argument("--n-random", type=int, metavar="N", help="retrain: random removals per k (default 50)")
-    ev.add_argument("--scope", metavar="head|final|top-K", help="retrain, randomized: what is retrained or "
-                    "re-initialised: instattr's head on the frozen encoder output (head mode's default), the "
-                    "final linear layer on the frozen features (every other run's default), or the top K "
-                    "transformer blocks and everything above them")
-    _device_arg(ev)
-    ev.set_defaults(func=cmd_evaluate)
+    _evaluate_parser(sub)
+    _suspects_parser(sub)
 
     add_commands(sub)   # index build|verify, query
 
@@ -342,14 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=cmd_report)
 
     rr = sub.add_parser("reproduce", help="train, attribute, evaluate and report; resumes where it stopped")
-    _train_args(rr)
+    train_args(rr)
     rr.add_argument("--out", required=True)
     rr.add_argument("--quick", action="store_true", help="a slice of the data and smaller samples (minutes)")
     rr.add_argument("--methods", default="paper", help="methods to attribute with (default: the paper's eleven)")
     rr.add_argument("--retrain-examples", type=int, metavar="N",
                     help="test examples of remove-and-retrain (default 50, --quick 5); its time grows linearly "
                          "with N, and about 6x per example on mnli/hans (wider pair input, more training data)")
-    _import_args(rr, required=False)
+    import_args(rr, required=False)
     rr.set_defaults(func=cmd_reproduce)
     _serve_parser(sub)
     return p

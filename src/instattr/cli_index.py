@@ -27,24 +27,32 @@ def backend_args(g) -> None:
     g.add_argument("--workers", type=int, metavar="N", help="Ray actors / local CPUs (default: the cluster's CPUs)")
 
 
-def scale_options(a) -> dict:
-    """``attribute_run`` keyword arguments from ``scale_args``."""
+def backend_of(a):
+    """The backend object ``--backend`` names (None: the local one)."""
     if a.workers is not None and a.workers < 1:
         raise InstattrError(f"--workers must be positive, got {a.workers}")
-    return {"top_k": a.top_k, "bottom_k": a.bottom_k, "backend": a.backend, "address": a.address,
-            "workers": a.workers}
+    if a.backend == "ray":
+        from .distributed import RayBackend
+        return RayBackend(a.address, a.workers)
+    if a.address or a.workers:
+        raise InstattrError("--address and --workers apply to --backend ray")
+    return None
+
+
+def scale_options(a) -> dict:
+    """``attribute_run`` keyword arguments from ``scale_args``."""
+    return {"top_k": a.top_k, "bottom_k": a.bottom_k, "backend": backend_of(a)}
 
 
 def cmd_index_build(a) -> int:
-    from .cli import _method_options
+    from .cli_args import method_options
     from .index import build_run_index
     from .store import Run
     if a.ann is not None and a.ann_k < 1:
         raise InstattrError(f"--ann-k must be positive, got {a.ann_k}")
-    m = build_run_index(Run.load(a.run), a.methods, a.out, options=_method_options(a), device=a.device,
+    m = build_run_index(Run.load(a.run), a.methods, a.out, options=method_options(a), device=a.device,
                         dtype=a.dtype, shard_rows=a.shard_rows, ann=a.ann, ann_k=a.ann_k, ann_target=a.ann_target,
-                        overwrite=a.overwrite, progress=not a.quiet, backend=a.backend, address=a.address,
-                        workers=a.workers)
+                        overwrite=a.overwrite, progress=not a.quiet, backend=backend_of(a))
     shards = sum(len(e["shards"]) for e in m["methods"].values())
     recall = {n: e["ann"]["recall"] for n, e in m["methods"].items() if e.get("ann")}
     print(f"index {a.out}: {m['n']} training rows, {', '.join(m['methods'])} ({shards} shards, {m['dtype']})"
@@ -82,10 +90,9 @@ def cmd_query(a) -> int:
         test = run.features(a.split)
     if a.ann:
         res = index.ann_search(names, test, a.top_k, a.bottom_k or 0)
-    elif a.backend == "ray":
-        from .distributed import ray_search
-        res = ray_search(index.root, names, {n: index.method(n) for n in names}, test, a.top_k, a.bottom_k or 0,
-                         address=a.address, workers=a.workers)
+    elif backend_of(a) is not None:
+        res = backend_of(a).search(index.root, names, {n: index.method(n) for n in names}, test, a.top_k,
+                                   a.bottom_k or 0)
     else:
         res = index.search(names, test, a.top_k, a.bottom_k or 0)
     if a.text is None:
@@ -141,7 +148,7 @@ def _write_split(index, res, test, a) -> int:
 
 def add_commands(sub) -> None:
     """The ``index`` and ``query`` subcommands."""
-    from .cli import _device_arg, _method_args
+    from .cli_args import device_arg, method_args
     ix = sub.add_parser("index", help="an index of training sides for large training sets (build, verify)")
     isub = ix.add_subparsers(dest="index_command", required=True)
     b = isub.add_parser("build", help="write each method's training side in shards (resumable)")
@@ -156,8 +163,8 @@ def add_commands(sub) -> None:
     b.add_argument("--ann-target", type=float, default=0.95, help="recall the search breadth is tuned to")
     b.add_argument("--overwrite", action="store_true", help="rebuild an index made with other arguments")
     backend_args(b)
-    _method_args(b)
-    _device_arg(b)
+    method_args(b)
+    device_arg(b)
     b.set_defaults(func=cmd_index_build)
     v = isub.add_parser("verify", help="check every shard's checksum; report ANN recall")
     v.add_argument("index")
@@ -175,5 +182,5 @@ def add_commands(sub) -> None:
     q.add_argument("--ann", action="store_true", help="approximate search with the index's FAISS index")
     q.add_argument("--json", action="store_true")
     backend_args(q)
-    _device_arg(q)
+    device_arg(q)
     q.set_defaults(func=cmd_query)

@@ -152,5 +152,30 @@ def ray_top_k(run, fitted: Dict[str, object], test, train, k: int, bottom_k: int
     key = digest(np.frombuffer(json.dumps(spec, sort_keys=True, default=str).encode(), dtype=np.uint8))
     root = run.path / "cache" / f"ray-index-{key}"
     build_index(root, train, fitted, source, dtype="float32", train_rows=grid.train_rows, progress=progress,
-                backend="ray", address=address, workers=workers, overwrite=False)
+                backend=RayBackend(address, workers), overwrite=False)
     return ray_search(root, list(fitted), fitted, test, k, bottom_k, grid, address, workers)
+
+
+class RayBackend:
+    """``--backend ray`` as a strategy object: ``attribution.attribute_run`` and ``index.build_index``
+    take it (or None for the local backend) and call these, never importing this module."""
+
+    name = "ray"
+
+    def __init__(self, address: Optional[str] = None, workers: Optional[int] = None):
+        if workers is not None and int(workers) < 1:
+            raise InstattrError(f"--workers must be positive, got {workers}")
+        self.address, self.workers = address, workers
+
+    def top_k(self, run, fitted, test, train, k: int, bottom_k: int, grid: Grid, progress: bool = False):
+        """Each method's top-k (and bottom-k) of ``test`` against ``train``: {name: {"top": .., "bottom": ..}}."""
+        return ray_top_k(run, fitted, test, train, k, bottom_k, grid, self.address, self.workers, progress)
+
+    def build_shards(self, root, train, methods, shards, todo, dtype: str, train_rows: int, progress: bool = False):
+        """Write the index shards ``todo`` with a pool of actors; their file entries per shard."""
+        return ray_build_shards(root, train, methods, shards, todo, dtype, train_rows, self.address, self.workers,
+                                progress)
+
+    def search(self, root, names, methods, test, k: int, bottom_k: int = 0):
+        """An index's top-k, one task per shard, merged on the driver."""
+        return ray_search(root, names, methods, test, k, bottom_k, address=self.address, workers=self.workers)

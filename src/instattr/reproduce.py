@@ -5,21 +5,14 @@ import inspect
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 from .errors import InstattrError
 from .store import Run, read_json, write_json
 
 # --quick: a slice of the data and smaller evaluation samples; a few minutes on 2 cores.
 QUICK_LIMITS = {"limit_train": 2000, "limit_eval": 300}
-QUICK_OPTIONS: Dict[str, dict] = {
-    "correlation": {"n_test": 50, "n_train": 300},
-    "retrain": {"n_test": 5, "n_random": 10},
-    "near-train": {"n": 200},
-    "timing": {},
-    "randomized": {},
-    "artifacts": {},
-}
+# (each evaluation's smaller samples are its registered ``quick`` options: instattr.evaluate.registry)
 
 
 @dataclass(frozen=True)
@@ -39,7 +32,7 @@ def reproduce(source, out, config: ReproduceConfig = ReproduceConfig(), progress
     """Make the run (``source``: a TrainConfig trains one, an ImportConfig imports a model), then
     run every step that is not done yet; finished steps (recorded in reproduce.json) are skipped."""
     from .attribution import attribute_run
-    from .evaluate import EVALUATIONS, evaluations_for, run_evaluation
+    from .evaluate import evaluations_for, get_evaluation, run_evaluation
     from .pipeline import ImportConfig, make_run
     from .report import build_report
 
@@ -88,10 +81,11 @@ def reproduce(source, out, config: ReproduceConfig = ReproduceConfig(), progress
     with run.writing("reproduce"):
         step("attribute", lambda: attribute_run(run, config.methods, progress=progress, log=lambda s: None))
         for name in evaluations_for(run):
-            opts = dict(QUICK_OPTIONS.get(name, {})) if config.quick else {}
+            ev = get_evaluation(name)
+            opts = dict(ev.quick) if config.quick else {}
             if name == "retrain" and config.retrain_examples is not None:
                 opts["n_test"] = config.retrain_examples
-            if "progress" in inspect.signature(EVALUATIONS[name]).parameters:
+            if "progress" in inspect.signature(ev.run).parameters:
                 opts["progress"] = progress
             step(name, lambda name=name, opts=opts: run_evaluation(name, run, seed=config.seed, **opts))
         build_report(run)

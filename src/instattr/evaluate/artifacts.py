@@ -14,6 +14,7 @@ import numpy as np
 from ..store import Run, RunError
 from .common import Scorer, TopRows, fmt, md_table, method_list, save
 from .paper import TABLE2_ARTIFACTS
+from .registry import evaluation
 
 
 def overlap_rate(premise: str, hypothesis: str) -> float:
@@ -80,6 +81,10 @@ def markdown(result: dict) -> str:
             "sentence-BERT rows, nn-* its Sim rows.\n\n" + md_table(header, rows))
 
 
+@evaluation("artifacts", 40, "Do the methods surface the HANS lexical-overlap artifact?",
+            "For HANS non-entailment examples predicted as entailment, the lexical overlap rate of the "
+            "top-ranked training examples (paper Table 2). Random training examples give about 0.40.",
+            applies=applies)
 def run_artifacts(run: Run, methods=None, seed: int = 0, split: Optional[str] = None) -> dict:
     """Lexical overlap of the top training examples for mispredicted HANS examples; writes results/artifacts.*."""
     scorer = Scorer(run, split)

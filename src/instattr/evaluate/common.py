@@ -67,6 +67,16 @@ def resolve_scope(run: Run, scope: Optional[str], what: str) -> str:
     return scope
 
 
+def retrain_scope(run: Run, scope: Optional[str], what: str) -> str:
+    """:func:`resolve_scope` for evaluations that retrain the model many times through the head
+    trainer or the exact refit: ``head`` or ``final`` (``top-K`` is a one-line error)."""
+    scope = resolve_scope(run, scope, what)
+    if scope not in SCOPES[:2]:
+        raise RunError(f"{what}: --scope {scope} is not supported here (it retrains the model once per subset or "
+                       "ranking); use head or final")
+    return scope
+
+
 def head_config(run: Run):
     """The run's HeadConfig (head mode)."""
     from ..models.head import HeadConfig

@@ -13,6 +13,7 @@ from scipy.stats import rankdata
 
 from ..store import Run
 from .common import Scorer, fmt, md_table, method_list, new_figure, sample_rows, save, save_figure, top_k_mask
+from .registry import evaluation
 
 # paper Figure 4 and beyond: layered methods against their last-layer versions, TracIn against GD
 LAYERED_PAIRS = (("if-top", "if"), ("gd-top", "gd"), ("gc-top", "gc"), ("rif-top", "rif"),
@@ -152,6 +153,10 @@ def markdown(result: dict) -> str:
     return "".join(out)
 
 
+@evaluation("correlation", 10, "Do the methods agree?",
+            "Mean per-test-row Spearman correlation between the methods' scores, and the share of common "
+            "top-k training examples (paper Figures 2, 5, 6).",
+            quick={"n_test": 50, "n_train": 300}, flags=("--n-test",))
 def run_correlation(run: Run, methods=None, seed: int = 0, n_test: int = 100, n_train: int = 500,
                     ks: Sequence[int] = (10, 50), split: Optional[str] = None,
                     curve_ks: Sequence[int] = (1, 2, 5, 10, 20, 50, 100, 200, 500)) -> dict:

@@ -2,8 +2,9 @@
 
 Targets are training examples themselves (their stored features) and three perturbations of
 their text: insert a random vocabulary token at a random position (``add``), delete a random
-token (``remove``), replace a random token with a random vocabulary token (``replace``); pairs
-are perturbed on both sides. Tokens are whitespace tokens; the vocabulary is the training set's.
+token (``remove``; a one-word text keeps its word), replace a random token with a random
+vocabulary token (``replace``); pairs are perturbed on both sides. Tokens are whitespace
+tokens; the vocabulary is the training set's.
 HIT@k = share of targets whose original training example ranks in the top k of the method's
 scores; ties count in the original's favour (rank = number of strictly higher scores).
 """
@@ -16,6 +17,7 @@ import numpy as np
 from ..store import FeatureSet, Run
 from .common import Scorer, data_name, fmt, fmt_paper, md_table, method_list, sample_rows, save
 from .paper import TABLE3_4_NEAR_TRAIN, paper_columns
+from .registry import evaluation
 
 KINDS = ("train", "add", "remove", "replace")
 
@@ -33,7 +35,7 @@ def perturb(text: str, kind: str, vocab: Sequence[str], rng: np.random.Generator
     if kind == "add":
         tokens.insert(int(rng.integers(len(tokens) + 1)), vocab[int(rng.integers(len(vocab)))])
     elif kind == "remove":
-        if tokens:
+        if len(tokens) > 1:       # a one-word text keeps its word: removing it leaves nothing to classify
             del tokens[int(rng.integers(len(tokens)))]
     elif kind == "replace":
         if tokens:
@@ -82,6 +84,9 @@ def markdown(result: dict, columns: List[str]) -> str:
     return "".join(out)
 
 
+@evaluation("near-train", 50, "Recovering near-copies of training examples",
+            "Targets are training examples and perturbed copies; HIT@1/HIT@10 is how often the original "
+            "ranks first / in the top 10 (paper Tables 3-4).", quick={"n": 200}, flags=("--all",))
 def run_near_train(run: Run, methods=None, seed: int = 0, n: int = 1000, all: bool = False,
                    kinds: Sequence[str] = KINDS, featurize: Optional[Callable] = None,
                    chunk_size: int = 256) -> dict:

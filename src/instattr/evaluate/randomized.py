@@ -37,6 +37,7 @@ from .common import (
 )
 from .correlation import mean_spearman
 from .paper import TABLE1_RANDOMIZED, paper_columns
+from .registry import evaluation
 
 
 def random_model(x_train: np.ndarray, x_test: np.ndarray, train: FeatureSet, test: FeatureSet,
@@ -91,6 +92,10 @@ def markdown(result: dict, columns: List[str]) -> str:
             "Small magnitude is good: the ranking reflects what was learned.\n\n" + md_table(header, rows) + note)
 
 
+@evaluation("randomized", 30, "The randomized-model test",
+            "Spearman correlation between the scores of the trained model and of a randomly re-initialised "
+            "one (Hanawa et al. 2021; paper Table 1, right). Near zero is good: the ranking depends on "
+            "what the model learned.", flags=("--n-test", "--scope"))
 def run_randomized(run: Run, methods=None, seed: int = 0, n_test: int = 100, split: Optional[str] = None,
                    scope: Optional[str] = None) -> dict:
     """Trained-vs-random Spearman per method; writes results/randomized.*."""

@@ -45,6 +45,7 @@ from .common import (
     top_k_mask,
 )
 from .paper import TABLE1_RANDOM_STD, TABLE1_RETRAIN, paper_columns
+from .registry import evaluation
 
 
 def effective_ks(ks: Sequence[int], n_train: int) -> List[int]:
@@ -82,15 +83,19 @@ def removed_support(score_rows: np.ndarray, k: int, pred: np.ndarray, train_labe
     return float((mask * sign * err[None, :]).sum() / mask.sum())
 
 
-def batched_probs(params: Params, x: torch.Tensor) -> np.ndarray:
-    """Softmax probabilities (m, n, C) of batched heads on inputs x."""
+def batched_probs(params: Params, x: torch.Tensor, heads_per_block: int = 8) -> np.ndarray:
+    """Softmax probabilities (m, n, C) of batched heads on inputs x (a few heads at a time, so the
+    (heads, n, d) features stay small)."""
+    m = params["w"].shape[0]
     with torch.no_grad():
-        return torch.softmax(logits(params, x), -1).double().numpy()
+        return np.concatenate([torch.softmax(logits({k: v[a:a + heads_per_block] for k, v in params.items()}, x), -1)
+                               .double().numpy() for a in range(0, m, heads_per_block)])
 
 
-def _job_digest(x_train, y_train, x_test, config: HeadConfig, uniq: np.ndarray, step: int) -> str:
+def _job_digest(x_train, y_train, x_test, config: HeadConfig, uniq: np.ndarray, step: int, before: bool = True) -> str:
     """What a partial retrain depends on: inputs, labels, head config, masks, chunking."""
-    h = hashlib.sha1(json.dumps({"config": config.to_dict(), "step": step}, sort_keys=True).encode())
+    h = hashlib.sha1(json.dumps({"config": config.to_dict(), "step": step, **({} if before else {"before": False})},
+                                sort_keys=True).encode())
     for a in (x_train, y_train, x_test):
         h.update(np.ascontiguousarray(a).tobytes())
     h.update(np.packbits(uniq, axis=1).tobytes())
@@ -100,11 +105,12 @@ def _job_digest(x_train, y_train, x_test, config: HeadConfig, uniq: np.ndarray, 
 def retrain_probs(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int,
                   config: HeadConfig, masks: np.ndarray, chunk_size: int = 64,
                   progress: bool = False, partial: Optional[Path] = None,
-                  device="cpu") -> Tuple[np.ndarray, np.ndarray]:
+                  device="cpu", before: bool = True) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Train one head per keep-mask; return (after, before), each (m, n_test, C).
 
     Identical masks are trained once. Masks go in chunks of ``chunk_size - 1`` plus one all-kept
     head per chunk; ``before[j]`` is that chunk's all-kept head, so deltas are numerically exact.
+    ``before=False`` trains no all-kept heads (chunks of ``chunk_size``) and returns None for it.
     With ``partial``, finished chunks are saved there after each chunk, and a rerun of the same job
     (same inputs, config and masks) continues after the last saved chunk.
     """
@@ -112,7 +118,7 @@ def retrain_probs(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, 
     masks = np.asarray(masks, dtype=bool)
     uniq, inverse = np.unique(masks, axis=0, return_inverse=True)
     inverse = np.asarray(inverse).reshape(-1)
-    step = max(1, chunk_size - 1)
+    step = max(1, chunk_size - 1) if before else max(1, chunk_size)
     x_train, y_train = np.asarray(x_train, dtype=np.float32), np.asarray(y_train)
     x_test = np.asarray(x_test, dtype=np.float32)
     x_test_t = torch.as_tensor(x_test)
@@ -120,7 +126,7 @@ def retrain_probs(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, 
     before_u = np.empty_like(after_u)
     done, digest = 0, None
     if partial is not None:
-        digest = _job_digest(x_train, y_train, x_test, config, uniq, step)
+        digest = _job_digest(x_train, y_train, x_test, config, uniq, step, before)
         try:
             with np.load(partial, allow_pickle=False) as z:
                 if str(z["digest"]) == digest:
@@ -132,16 +138,16 @@ def retrain_probs(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, 
     for s in tqdm(starts, desc=f"retrain {len(uniq)} heads" + (f" ({done} done earlier)" if done else ""),
                   disable=not progress, unit="chunk"):
         block = uniq[s:s + step]
-        full = np.ones((1, masks.shape[1]), dtype=bool)
+        full = np.ones((int(before), masks.shape[1]), dtype=bool)
         res = train_heads(x_train, y_train, n_classes, config, masks=np.vstack([full, block]), progress=progress,
                           desc=f"heads {s + 1}-{s + len(block)}", device=device)
         probs = batched_probs(res.params, x_test_t)
-        after_u[s:s + len(block)] = probs[1:]
-        before_u[s:s + len(block)] = probs[0]
+        after_u[s:s + len(block)] = probs[len(full):]
+        before_u[s:s + len(block)] = probs[0] if before else np.nan
         if partial is not None:
             write_npz(partial, digest=np.array(digest), done=np.array(s + len(block)),
                       after=after_u[:s + len(block)], before=before_u[:s + len(block)])
-    return after_u[inverse], before_u[inverse]
+    return after_u[inverse], (before_u[inverse] if before else None)
 
 
 def refit_probs(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, w0: np.ndarray, l2: float,
@@ -266,6 +272,11 @@ def figure(run: Run, result: dict) -> str:
     return save_figure(run, "retrain", fig)
 
 
+@evaluation("retrain", 20, "Remove the top-k and retrain",
+            "For random test examples, remove each method's top-k training examples, retrain the head from "
+            "the same initialisation, and record the change in the probability of the originally predicted "
+            "class (paper Table 1, left). More negative = the removed examples mattered more.",
+            quick={"n_test": 5, "n_random": 10}, flags=("--n-test", "--n-random", "--scope", "--device"))
 def run_retrain(run: Run, methods=None, seed: int = 0, n_test: int = 50, ks: Sequence[int] = (50, 500),
                 n_random: int = 50, chunk_size: int = 128, split: Optional[str] = None,
                 epochs: Optional[int] = None, batch_size: Optional[int] = None, scope: Optional[str] = None,

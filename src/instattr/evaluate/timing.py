@@ -19,6 +19,7 @@ import torch
 from ..store import Run
 from .common import Scorer, md_table, method_list, new_figure, sample_rows, save, save_figure
 from .paper import TIMING_IF_TOP5_SECONDS, timing_bound
+from .registry import evaluation
 
 
 def time_method(scorer: Scorer, method: str, test, min_seconds: float = 0.2, max_repeats: int = 20) -> Dict[str, float]:
@@ -49,12 +50,33 @@ def markdown(result: dict) -> str:
               + (" (training gradients reused from another method)" if m in reused else ""), "—"]
              for m in result.get("stored_only", [])]
     rows.append(["if, top-5 BERT layers (paper only)", "—", "—", "—", f"~{TIMING_IF_TOP5_SECONDS:g} (GPU)"])
+    steps = result.get("evaluation_seconds") or {}
     return ("# Time per test example (paper section 4)\n\nScoring one test example against all "
             f"{result['n_train']} training examples, averaged over {result['n_test']} test examples on "
             f"{result['device']}; fit = one-off cost (Hessian, refit) on the training set. The paper's bounds "
             "are for a Maxwell Titan GPU (2015) on SST-2.\n\n"
             + md_table(["method", "ours s/example", "ours fit s", "attribute step s/example", "paper s/example"],
-                       rows))
+                       rows)
+            + ("\nWall-clock seconds of the evaluations that recorded theirs (retraining included):\n\n"
+               + md_table(["evaluation", "seconds", "of which retraining"],
+                          [[n, f"{v['total']:.1f}", f"{v['retrain']:.1f}" if v.get("retrain") is not None else "—"]
+                           for n, v in steps.items()]) if steps else ""))
+
+
+def evaluation_seconds(run: Run) -> Dict[str, dict]:
+    """{evaluation: {"total", "retrain"}} from the saved results that record their ``seconds``
+    (mislabel, lds), in the report's order."""
+    from .registry import evaluations
+    out = {}
+    for e in evaluations():
+        path = run.result_path(e.name)
+        if e.name == "timing" or not path.exists():
+            continue
+        sec = run.result(e.name).get("seconds")
+        if isinstance(sec, dict) and sec.get("total") is not None:
+            retrain = sum(v for k, v in sec.items() if k.startswith("retrain") and isinstance(v, (int, float)))
+            out[e.name] = {"total": float(sec["total"]), "retrain": retrain if retrain else None}
+    return out
 
 
 def figure(run: Run, result: dict) -> str:
@@ -76,6 +98,8 @@ def figure(run: Run, result: dict) -> str:
     return save_figure(run, "timing", fig)
 
 
+@evaluation("timing", 90, "How long does it take?",
+            "Seconds per test example for each method, beside the paper's figures.", flags=("--n-test",))
 def run_timing(run: Run, methods=None, seed: int = 0, n_test: int = 100, split: Optional[str] = None,
                min_seconds: float = 0.2) -> dict:
     """Seconds per test example per method; writes results/timing.* and a log-scale bar chart."""
@@ -98,7 +122,7 @@ def run_timing(run: Run, methods=None, seed: int = 0, n_test: int = 100, split: 
     result = {"methods": {m: t["per_example"] for m, t in times.items()},
               "fit_seconds": {m: t["fit"] for m, t in times.items()},
               "stored_seconds_per_example": stored, "stored_only": [m for m in extras if m in stored],
-              "stored_reused": reused,
+              "stored_reused": reused, "evaluation_seconds": evaluation_seconds(run),
               "n_test": len(sub), "n_train": len(scorer.train),
               "seed": seed, "split": scorer.split,
               "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "

@@ -95,7 +95,7 @@ def build_index(out, train: FeatureSet, methods: Dict[str, object], source: dict
                 shard_rows: Optional[int] = None, train_rows: int = TRAIN_BLOCK, ann: Optional[str] = None,
                 ann_k: int = 10, ann_target: float = 0.95, queries: Optional[FeatureSet] = None,
                 options: Optional[Dict[str, dict]] = None, overwrite: bool = False, progress: bool = True,
-                backend: str = "local", address: Optional[str] = None, workers: Optional[int] = None,
+                backend=None,
                 labels: Optional[np.ndarray] = None) -> dict:
     """Write (or resume) the index at ``out``; returns its manifest. ``source`` records where the
     training rows came from (``{"run": path, "run_sha256": ...}``)."""
@@ -132,9 +132,8 @@ def build_index(out, train: FeatureSet, methods: Dict[str, object], source: dict
                 del done[i:]
                 todo = sorted(set(todo) | set(range(i, len(shards))))
                 break
-    if backend == "ray" and todo:
-        from ..distributed import ray_build_shards
-        results = ray_build_shards(root, train, methods, shards, todo, dtype, train_rows, address, workers, progress)
+    if backend is not None and todo:       # e.g. distributed.RayBackend: shards written by a pool of actors
+        results = backend.build_shards(root, train, methods, shards, todo, dtype, train_rows, progress)
         for i in todo:
             for name in methods:
                 _record(manifest, name, i, results[i][name])

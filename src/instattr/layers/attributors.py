@@ -35,7 +35,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..methods.base import Attributor
+from ..methods.base import Attributor, mean_against_others
 from ..methods.registry import register
 from ..methods.similarity import unit_rows
 from ..models.tracked import first_tracked_layer, resolve_dtype
@@ -222,6 +222,20 @@ class _TopLayers(Attributor):
             solved = _over_root(solved, (solved * grads.double()).sum(1))
         return np.ascontiguousarray(solved.float().numpy())
 
+    def self_scores(self) -> np.ndarray:
+        """As the last-layer methods' (:meth:`instattr.methods.gradient.LastLayerGradient.self_scores`)
+        over the tracked parameters: gd-top (and tracin-top) ||g_i||^2, if-top g_i^T H^-1 g_i; the
+        cosines gc-top and rif-top minus the mean of score(j, i) over the other training examples."""
+        self._check_fitted()
+        emb = np.asarray(self.train_embedding_, dtype=np.float64)
+        if self.whitened:
+            if self.normalized:      # rows g_i / sqrt(q_i); the test side of j is H^-1 g_j / sqrt(q_j)
+                return mean_against_others(emb, self.solver_.solve(torch.as_tensor(emb)).numpy())
+            return self.solver_.quadratic(torch.as_tensor(emb)).numpy()
+        if self.normalized:
+            return mean_against_others(emb, emb)
+        return np.einsum("ij,ij->i", emb, emb)
+
 
 @register("gd-top")
 class TopGradientDot(_TopLayers):
@@ -298,6 +312,25 @@ class _TopInfluence(_TopLayers):
         labels = torch.as_tensor(np.asarray(labels)).to(self.model_.device)
         for pos, batch in examples.batches(self.batch_size, dtype, positions):
             yield pos, per_example_flat_grads(self.model_, self.flat_, batch, labels[pos]).cpu()
+
+    def self_scores(self) -> np.ndarray:
+        if self.ihvp == "projected":
+            return super().self_scores()
+        self._check_fitted()     # exact gradients, a block at a time (tiny models)
+        whiten = self.normalized
+        rows = []
+        for pos, g in self._exact_grads(self.train_, self.train_.label):
+            rows.append((pos, self._normalize(self.solver_.whiten(g)).double() if whiten
+                         else self.solver_.quadratic(g)))
+        if not whiten:
+            out = np.empty(self.n_train_)
+            for pos, q in rows:
+                out[pos] = q.numpy()
+            return out
+        a = np.empty((self.n_train_, rows[0][1].shape[1]))
+        for pos, w in rows:
+            a[pos] = w.numpy()
+        return mean_against_others(a, a)
 
     def _score(self, test: FeatureSet, out: np.ndarray) -> None:
         if self.ihvp == "projected":

@@ -85,6 +85,12 @@ class TracIn(_History, Attributor):
     def _embed_test(self, test: FeatureSet) -> np.ndarray:
         return self._embed(test, test.pred)
 
+    def self_scores(self) -> np.ndarray:
+        """TracIn's self-influence: sum over checkpoints of lr * ||g_i||^2 at the gold label."""
+        self._check_fitted()
+        emb = np.asarray(self.train_embedding_, dtype=np.float64)
+        return np.einsum("ij,ij->i", emb, emb)
+
 
 @register("tracin-top")
 class TopTracIn(_History, _TopLayers):

@@ -167,6 +167,13 @@ class Attributor(ABC):
         return ((rows, blocks[self.name]) for rows, blocks in dense_row_blocks([member], len(test),
                                                                                 self.grid(chunk_size)))
 
+    def self_scores(self) -> np.ndarray:
+        """(n_train,) float64: how much each training example, at its gold label, stands out to this
+        method -- its score against itself (self-influence), where that says something; higher = look
+        at it first. Only the gradient methods define it (see their docstrings)."""
+        raise ValueError(f"{self.name}: no self-score (it is defined for the gradient methods: if, gd, rif, gc, "
+                         "tracin and their layered versions)")
+
     def _fit(self, train: FeatureSet, model) -> None:
         """Compute everything the two sides need from the training set."""
 
@@ -185,6 +192,15 @@ def check_width(name: str, what: str, expected: int, got: np.ndarray) -> None:
     """One-line error when test rows do not match the width seen in fit."""
     if got.ndim != 2 or got.shape[1] != expected:
         raise ValueError(f"{name}: test {what} have shape {got.shape}, fitted on width {expected}")
+
+
+def mean_against_others(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Minus the mean over j != i of <a_i, b_j> (float64): how much each row opposes the others."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    n = len(a)
+    if n < 2:
+        return np.zeros(n)
+    return -(a @ b.sum(0) - np.einsum("ij,ij->i", a, b)) / (n - 1)
 
 
 def float32_rows(x: np.ndarray) -> np.ndarray:

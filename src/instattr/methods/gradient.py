@@ -53,6 +53,7 @@ class LastLayerGradient(Attributor):
     def _fit(self, train: FeatureSet, model) -> None:
         n, d = train.features.shape
         c = train.probs.shape[1]
+        self.fitted_on_ = train                 # the training rows, for self_scores (a reference, no copy)
         self.layer_ = final_layer_of(self.name, model)
         self.weight_ = None if self.layer_ is None else self.layer_.weight()
         if self.layer_ is not None and self.layer_.w.shape != (c, d):
@@ -110,6 +111,27 @@ class LastLayerGradient(Attributor):
 
     def _embed_test(self, rows: FeatureSet) -> Side:
         return self._side(rows, rows.pred, test=True)
+
+    def self_scores(self) -> np.ndarray:
+        """Self-influence, both sides at the gold label: ``gd`` ||g_i||^2, ``if`` g_i^T H^-1 g_i. The
+        cosines (``gc``, ``rif``) score every example 1 against itself, so they give instead minus
+        the mean of score(j, i) over the other training examples j (each at its gold label, as a
+        test side): an example whose gradient points against the rest of the training set's.
+        Computed from the closed forms a block of rows at a time, never the n x n matrix."""
+        self._check_fitted()
+        train, n = self.fitted_on_, self.n_train_
+
+        def rows():
+            for s in range(0, n, ROW_BLOCK):
+                part = train.subset(slice(s, s + ROW_BLOCK))
+                g = self._gradients(part, part.label)
+                if self.inverse_hessian:
+                    g = g @ self.whitener_.T                  # |L^-1 g|^2 = g^T H^-1 g
+                yield g * inverse_norms(g)[:, None] if self.normalized else g
+        if not self.normalized:
+            return np.concatenate([np.einsum("ij,ij->i", g, g) for g in rows()])
+        total = sum(g.sum(axis=0) for g in rows())
+        return np.concatenate([-(g @ total - np.einsum("ij,ij->i", g, g)) / max(n - 1, 1) for g in rows()])
 
 
 def inverse_sqrt(q: np.ndarray) -> np.ndarray:

@@ -124,68 +124,198 @@ class TrainResult:
     seconds: float
 
 
+ADAM_BETAS = (0.9, 0.999)               # torch.optim.Adam's defaults, as the trainer always used
+ADAM_EPS = 1e-8
+GROUP_BYTES = 8 << 20                   # a group's weights, gradients and Adam moments stay in cache
+GPU_GROUP_BYTES = 1 << 30               # on a GPU: big groups, so that each kernel has work enough
+
+
+def batch_order(n: int, config: HeadConfig) -> List[torch.Tensor]:
+    """The minibatches every head sees: per epoch a seeded permutation cut into batch_size pieces."""
+    g = torch.Generator().manual_seed(config.seed + 1)
+    out = []
+    for _ in range(config.epochs):
+        perm = torch.randperm(n, generator=g)
+        out += [perm[s:s + config.batch_size] for s in range(0, n, config.batch_size)]
+    return out
+
+
+def group_size(d_in: int, d: int, n_classes: int, dtype=torch.float32, budget: int = GROUP_BYTES) -> int:
+    """Heads trained together: as many as keep parameters, gradients and both moments in ``budget``."""
+    per_head = 4 * (d * d_in + d + n_classes * d) * torch.finfo(dtype).bits // 8
+    return max(1, budget // per_head)
+
+
 def train_heads(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, n_classes: int,
                 config: HeadConfig, masks: Optional[np.ndarray | torch.Tensor] = None,
                 init: Optional[Params] = None, dtype=torch.float32, checkpoints: bool = False,
-                progress: bool = False, desc: str = "train", device="cpu") -> TrainResult:
-    """Train one head (``masks`` None) or one head per mask row, all in one batched pass.
+                progress: bool = False, desc: str = "train", device="cpu",
+                group: Optional[int] = None) -> TrainResult:
+    """Train one head (``masks`` None) or one head per mask row.
 
     Every head starts from ``init`` (default: ``init_params`` with ``config.seed``) and sees the
-    same seeded minibatch order; a head's loss in a batch is the mean over its kept examples.
-    Returned parameters are on the CPU whatever ``device`` trained them.
+    same seeded minibatch order (:func:`batch_order`); a head's loss in a batch is the mean
+    cross-entropy over its kept examples plus ``l2 * ||W||^2``, minimised by Adam (lr
+    ``config.lr``, torch's default betas and eps). ``y`` is (n,), or (m, n) to give each head its
+    own labels. Returned parameters are on the CPU whatever ``device`` trained them.
+
+    Heads are independent, so they are trained ``group`` at a time (default :func:`group_size`)
+    through every step, with a hand-written forward and backward: a group's weights, gradients
+    and Adam moments stay in cache for the whole run instead of streaming through memory at every
+    step, the pooler's gradient is one GEMM over the group, and Adam is one fused kernel.
     """
     import time
 
     from tqdm.auto import tqdm
     t0 = time.perf_counter()
     device = torch.device(device)
-    x = torch.as_tensor(x, dtype=dtype).to(device)
-    y = torch.as_tensor(np.asarray(y), dtype=torch.long).to(device)
+    x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(device, dtype).contiguous()
     n, d_in = x.shape
     if n == 0:
         raise ValueError("no training examples")
-    d = config.hidden or d_in
     single = masks is None
-    m = torch.ones(1, n, dtype=dtype) if single else torch.as_tensor(masks, dtype=dtype)
-    m = m.to(device)
-    heads = m.shape[0]
-    base = init or init_params(d_in, d, n_classes, config.seed, dtype)
-    params = {k: v.detach().to(device, dtype).unsqueeze(0).repeat(heads, *[1] * v.dim()).requires_grad_(True)
-              for k, v in base.items()}
-    opt = _adam(list(params.values()), config.lr)
-    g = torch.Generator().manual_seed(config.seed + 1)
-    snaps, lrs = [], []
-    steps = config.epochs * ((n + config.batch_size - 1) // config.batch_size)
-    with tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
-        for _ in range(config.epochs):
-            perm = torch.randperm(n, generator=g).to(device)
-            for s in range(0, n, config.batch_size):
-                b = perm[s:s + config.batch_size]
-                mb = m[:, b]                                      # (m, B)
-                out = logits(params, x[b])                        # (m, B, C)
-                ce = torch.nn.functional.cross_entropy(out.reshape(-1, n_classes), y[b].repeat(heads),
-                                                       reduction="none").view(heads, -1)
-                per_head = (ce * mb).sum(1) / mb.sum(1).clamp_min(1.0)
-                reg = config.l2 * (params["w"] ** 2).sum((1, 2))
-                opt.zero_grad(set_to_none=True)
-                (per_head + reg).sum().backward()
-                opt.step()
-                bar.update(1)
-            if checkpoints and single:
-                snaps.append({k: v.detach()[0].cpu().clone() for k, v in params.items()})
-                lrs.append(config.lr)
-    out = {k: v.detach().cpu() for k, v in params.items()}
+    keep = None if single else torch.as_tensor(np.asarray(masks) if not torch.is_tensor(masks) else masks)
+    heads = 1 if single else keep.shape[0]
+    if keep is not None and keep.shape != (heads, n):
+        raise ValueError(f"masks must be (heads, {n}), got {tuple(keep.shape)}")
+    y = torch.as_tensor(np.asarray(y) if not torch.is_tensor(y) else y, dtype=torch.long).to(device)
+    if y.shape not in ((n,), (heads, n)):
+        raise ValueError(f"labels must be ({n},) or ({heads}, {n}), got {tuple(y.shape)}")
+    d = config.hidden or d_in
+    base = {k: v.detach().to(device, dtype) for k, v in (init or init_params(d_in, d, n_classes, config.seed,
+                                                                                  dtype)).items()}
+    batches = [b.to(device) for b in batch_order(n, config)]
+    per_epoch = -(-n // config.batch_size)
+    if group is None:      # cache-sized groups, at least one per worker thread
+        group = min(group_size(d_in, d, n_classes, dtype, GPU_GROUP_BYTES if device.type == "cuda" else GROUP_BYTES),
+                    -(-heads // max(1, torch.get_num_threads())))
+    size = max(1, int(group))
+    out = {k: torch.empty((heads,) + v.shape, dtype=dtype) for k, v in base.items()}
+    snaps: List[Params] = []
+    bar = tqdm(total=len(batches) * heads, desc=desc, disable=not progress, leave=False, unit="head-step")
+
+    def train_group(rows: slice) -> None:
+        g = rows.stop - rows.start
+        state = _Group(base, g, config, n_classes)
+        weights = None if keep is None else keep[rows].to(device, dtype)
+        if weights is not None and bool((weights == 1).all()):
+            weights = None                                   # all kept: the mean is a plain 1/B
+        labels = y if y.dim() == 1 else y[rows]
+        for s, b in enumerate(batches):
+            state.step(x.index_select(0, b), labels[..., b], None if weights is None else weights[:, b])
+            if checkpoints and single and (s + 1) % per_epoch == 0:
+                snaps.append({k: v[0].detach().cpu().clone() for k, v in state.params().items()})
+            if s % 64 == 63:
+                bar.update(64 * g)
+        for k, v in state.params().items():
+            out[k][rows] = v.cpu()
+        bar.update(len(batches) % 64 * g)
+
+    groups = [slice(a, min(a + size, heads)) for a in range(0, heads, size)]
+    with bar:
+        _run_groups(train_group, groups, device)
     if single:
         out = {k: v[0] for k, v in out.items()}
+    lrs = [config.lr] * len(snaps)
     return TrainResult(out, snaps, lrs, time.perf_counter() - t0)
 
 
-def _adam(params, lr):
-    """Adam; the fused kernel where this torch has it (2x faster for many small steps)."""
+def _run_groups(train_group, groups: List[slice], device: torch.device) -> None:
+    """Train the groups; on the CPU each on one core, by as many threads as torch would use (a
+    step's products are small: split across cores they gain little and, on a busy machine, every
+    one waits for the slowest core), restoring torch's thread setting after."""
+    if device.type != "cpu":
+        for rows in groups:
+            train_group(rows)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    threads = torch.get_num_threads()
+    workers = min(threads, len(groups))
+    torch.set_num_threads(1)
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=lr)
+        if workers == 1:
+            for rows in groups:
+                train_group(rows)
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                for done in [pool.submit(train_group, rows) for rows in groups]:
+                    done.result()
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _Group:
+    """The parameters, gradients and Adam moments of ``g`` heads, and one training step of them.
+
+    Layout: the pooler weight of all heads is one (g*d, d_in) matrix, so the pooler's forward is
+    one ``x W1^T`` and its gradient one ``dH^T x``; the final layers are (g, C, d) batches."""
+
+    def __init__(self, base: Params, g: int, config: HeadConfig, n_classes: int):
+        d, d_in = base["dense_w"].shape
+        self.g, self.d, self.c, self.l2, self.lr = g, d, n_classes, float(config.l2), float(config.lr)
+        self.w1 = base["dense_w"].repeat(g, 1).contiguous()              # (g*d, d_in)
+        self.b1 = base["dense_b"].repeat(g).contiguous()                 # (g*d,)
+        self.w2 = base["w"].unsqueeze(0).repeat(g, 1, 1).contiguous()    # (g, C, d)
+        self.tensors = [self.w1, self.b1, self.w2]
+        self.grads = [torch.zeros_like(t) for t in self.tensors]
+        self.m = [torch.zeros_like(t) for t in self.tensors]
+        self.v = [torch.zeros_like(t) for t in self.tensors]
+        self.count = torch.zeros((), dtype=torch.float32, device=self.w1.device)
+        self.fused = _fused_adam_available(self.w1)
+
+    def params(self) -> Params:
+        return {"dense_w": self.w1.view(self.g, self.d, -1), "dense_b": self.b1.view(self.g, self.d), "w": self.w2}
+
+    def step(self, xb: torch.Tensor, yb: torch.Tensor, kept: Optional[torch.Tensor]) -> None:
+        """One Adam step on a minibatch ``xb`` with labels ``yb`` ((B,) or (g, B)) and keep-weights
+        ``kept`` ((g, B); None: every example kept)."""
+        g, d, bsz = self.g, self.d, len(xb)
+        f = torch.tanh(torch.addmm(self.b1, xb, self.w1.t()))             # (B, g*d)
+        f3 = f.view(bsz, g, d).transpose(0, 1)                            # (g, B, d)
+        e = torch.softmax(torch.bmm(f3, self.w2.transpose(1, 2)), -1)     # p: (g, B, C)
+        e.sub_(torch.nn.functional.one_hot(yb, self.c).to(e.dtype))       # p - onehot(y)
+        if kept is None:
+            e.div_(bsz)                                                   # mean over the batch
+        else:
+            e.mul_((kept / kept.sum(1, keepdim=True).clamp_min(1.0)).unsqueeze(-1))
+        gw1, gb1, gw2 = self.grads
+        torch.baddbmm(self.w2, e.transpose(1, 2), f3, beta=2.0 * self.l2, out=gw2)   # dW2 + 2 l2 W2
+        dh = torch.bmm(e, self.w2).transpose(0, 1).mul_(1.0 - f.view(bsz, g, d) ** 2).reshape(bsz, g * d)
+        torch.mm(dh.t(), xb, out=gw1)                                      # the pooler: one GEMM
+        torch.sum(dh, 0, out=gb1)
+        self.count += 1
+        if self.fused:
+            torch._fused_adam_(self.tensors, self.grads, self.m, self.v, [], [self.count] * 3, lr=self.lr,
+                               beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1], weight_decay=0.0, eps=ADAM_EPS,
+                               amsgrad=False, maximize=False)
+        else:
+            _adam_step(self.tensors, self.grads, self.m, self.v, int(self.count), self.lr)
+
+
+def _fused_adam_available(t: torch.Tensor) -> bool:
+    """Whether this torch has the fused Adam kernel for ``t``'s device and dtype."""
+    if not hasattr(torch, "_fused_adam_"):
+        return False
+    try:
+        p, g, m, v = (torch.zeros(1, dtype=t.dtype, device=t.device) for _ in range(4))
+        torch._fused_adam_([p], [g], [m], [v], [], [torch.zeros((), device=t.device)], lr=1e-3, beta1=0.9,
+                           beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _adam_step(params, grads, m, v, step: int, lr: float) -> None:
+    """torch.optim.Adam's update (no weight decay), for a torch without the fused kernel."""
+    b1, b2 = ADAM_BETAS
+    torch._foreach_lerp_(m, grads, 1 - b1)
+    torch._foreach_mul_(v, b2)
+    torch._foreach_addcmul_(v, grads, grads, 1 - b2)
+    bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, bc2 ** 0.5)
+    torch._foreach_add_(denom, ADAM_EPS)
+    torch._foreach_addcdiv_(params, m, denom, -lr / bc1)
 
 
 @torch.no_grad()

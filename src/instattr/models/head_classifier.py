@@ -99,6 +99,12 @@ class HeadClassifier(Classifier):
         return [(HeadClassifier(self.encoder_spec, p, self.l2, self.label_names, self.pair_mode, self.run,
                                 self.device, encoder=self._encoder), lr) for p, lr in self.history]
 
+    def with_params(self, params: Params, history: Optional[List[Tuple[Params, float]]] = None) -> "HeadClassifier":
+        """The same encoder and run with another head (e.g. one retrained on other labels) and its
+        per-epoch ``history`` (checkpoints and learning rates; none: no TracIn)."""
+        return HeadClassifier(self.encoder_spec, params, self.l2, self.label_names, self.pair_mode, self.run,
+                              self.device, history or None, encoder=self._encoder)
+
     def retrain_scopes(self):
         return ("head", "final")
 

@@ -12,28 +12,6 @@ from ..errors import InstattrError
 from ..store import Run, write_text
 from .markdown import markdown_to_html
 
-SECTIONS = (
-    ("correlation", "Do the methods agree?",
-     "Mean per-test-row Spearman correlation between the methods' scores, and the share of common "
-     "top-k training examples (paper Figures 2, 5, 6)."),
-    ("retrain", "Remove the top-k and retrain",
-     "For random test examples, remove each method's top-k training examples, retrain the head from "
-     "the same initialisation, and record the change in the probability of the originally predicted "
-     "class (paper Table 1, left). More negative = the removed examples mattered more."),
-    ("randomized", "The randomized-model test",
-     "Spearman correlation between the scores of the trained model and of a randomly re-initialised "
-     "one (Hanawa et al. 2021; paper Table 1, right). Near zero is good: the ranking depends on "
-     "what the model learned."),
-    ("artifacts", "Do the methods surface the HANS lexical-overlap artifact?",
-     "For HANS non-entailment examples predicted as entailment, the lexical overlap rate of the "
-     "top-ranked training examples (paper Table 2). Random training examples give about 0.40."),
-    ("near-train", "Recovering near-copies of training examples",
-     "Targets are training examples and perturbed copies; HIT@1/HIT@10 is how often the original "
-     "ranks first / in the top 10 (paper Tables 3-4)."),
-    ("timing", "How long does it take?",
-     "Seconds per test example for each method, beside the paper's figures."),
-)
-
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
 padding:0 1em;color:#1d2330;line-height:1.5}
@@ -172,7 +150,8 @@ def _build(run: Run, path: Optional[Path], log: Callable[[str], None]) -> Path:
     stored, skipped = _stored_scores(run)
     parts = [f"<h1>instattr report: {html.escape(m.data.name)}</h1>", _overview(run)]
     shown = 0
-    for name, title, intro in SECTIONS:
+    from ..evaluate import evaluations
+    for name, title, intro in ((e.name, e.title, e.intro) for e in evaluations()):
         md = run.path / "results" / f"{name}.md"
         figs = _figures(run, name)
         if not md.exists() and not figs:

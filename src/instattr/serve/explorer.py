@@ -42,8 +42,8 @@ def heuristic(premise: str, hypothesis: str) -> str:
 
 
 def _results_title(name: str) -> str:
-    from ..report import SECTIONS
-    return next((title for key, title, _ in SECTIONS if key == name), name)
+    from ..evaluate import evaluations
+    return next((e.title for e in evaluations() if e.name == name), name)
 
 
 class Explorer:
@@ -301,8 +301,8 @@ class Explorer:
                                 "headline": headline(name, result, m.data.name),
                                 "markdown": md.read_text(encoding="utf-8") if md.exists() else "",
                                 "figures": [f for f in figures if f.startswith((name, key))]})
-        order = {n: i for i, n in enumerate(("correlation", "retrain", "randomized", "artifacts", "near-train",
-                                              "timing"))}
+        from ..evaluate import evaluations as registered
+        order = {e.name: i for i, e in enumerate(registered())}
         evaluations.sort(key=lambda e: (order.get(e["name"], len(order)), e["name"]))
         shown = {f for e in evaluations for f in e["figures"]}
         suspects = None
