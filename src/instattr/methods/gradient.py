@@ -53,7 +53,7 @@ class LastLayerGradient(Attributor):
     def _fit(self, train: FeatureSet, model) -> None:
         n, d = train.features.shape
         c = train.probs.shape[1]
-        self.fitted_on_ = train                 # the training rows, for self_scores (a reference, no copy)
+        self._fitted_on = train                 # the training rows, for self_scores (a reference, not state)
         self.layer_ = final_layer_of(self.name, model)
         self.weight_ = None if self.layer_ is None else self.layer_.weight()
         if self.layer_ is not None and self.layer_.w.shape != (c, d):
@@ -119,7 +119,9 @@ class LastLayerGradient(Attributor):
         test side): an example whose gradient points against the rest of the training set's.
         Computed from the closed forms a block of rows at a time, never the n x n matrix."""
         self._check_fitted()
-        train, n = self.fitted_on_, self.n_train_
+        train, n = getattr(self, "_fitted_on", None), self.n_train_
+        if train is None:
+            raise ValueError(f"{self.name}: self-scores need the training rows; fit the method on them")
 
         def rows():
             for s in range(0, n, ROW_BLOCK):
