@@ -10,8 +10,9 @@ ranking depends on what the model learned.
 - ``top-K``: the top K transformer blocks and everything above them (:mod:`.top_layers`); the
   features change, so every method's ranking can.
 - ``final`` (every other run): the final linear layer (nn.Linear's uniform initialisation);
-  the features are unchanged, so nn-* rankings stay the same by construction, and so do rep's
-  (its refit reaches the same unique minimum of the convex final-layer loss from any start).
+  the features are unchanged, so nn-* rankings stay the same by construction, and rep's refit
+  reaches the same unique minimum of the convex final-layer loss from any start (only the random
+  model's predicted classes, which pick rep's class, change its ranking).
 
 Methods that need the whole classifier (layered, TracIn) are not re-scored here.
 """
@@ -83,8 +84,9 @@ def markdown(result: dict, columns: List[str]) -> str:
                 "touch, so in head mode their rankings are unchanged (Spearman 1.0) by construction.\n")
     if result.get("scope") == "final" and any(m.startswith("nn-") for m in result["methods"]):
         note += ("\nRe-initialising only the final layer leaves the features unchanged, so nn-* rankings are "
-                 "unchanged (Spearman 1.0) by construction, and so is rep's: it refits the final layer to the "
-                 "same unique minimum from any start.\n")
+                 "unchanged (Spearman 1.0) by construction; rep refits the final layer to the same unique minimum "
+                 "from any start, so only the random model's other predicted classes change its rankings. "
+                 "Use --scope top-K to re-initialise the layers that made the features.\n")
     return ("# Randomized-model test (paper Table 1, right)\n\nMean per-test-row Spearman between each "
             f"method's scores under the trained model and after re-initialising "
             f"{scope_text(result.get('scope', 'head'))} (seed {result['random_seed']}), over {result['n_test']} "
