@@ -13,8 +13,8 @@ SRC = Path(instattr.__file__).parent
 # lower numbers may be imported by higher ones, never the other way round
 LAYERS = {
     "errors": 0,
-    "hf_data": 1, "manifest": 1, "device": 1,
-    "data": 2,
+    "hf_data": 1, "manifest": 1, "device": 1, "files": 1,
+    "data": 2, "runlock": 2,
     "store": 3,
     "__init__": 4, "encoders": 4, "methods": 4,
     "models": 5,

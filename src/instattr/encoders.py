@@ -46,17 +46,18 @@ def default_pooling(path: str) -> str:
     return "mean" if os.path.isdir(os.path.join(path, "1_Pooling")) else "cls"
 
 
-def load_transformer(name: str):
-    """(tokenizer, model) for a hub name or local folder, without network access if offline."""
-    from transformers import AutoModel, AutoTokenizer
+def load_transformer(name: str, classifier: bool = False):
+    """(tokenizer, model in eval mode) for a hub name or local folder, without network access if
+    offline: an ``AutoModel``, or with ``classifier`` an ``AutoModelForSequenceClassification``."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    auto, what = (AutoModelForSequenceClassification, "a sequence classifier") if classifier else (AutoModel, "encoder")
     try:
         tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModel.from_pretrained(name)
+        model = auto.from_pretrained(name)
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise EncoderError(f"{name}: could not load encoder ({msg})") from None
-    model.eval()
-    return tok, model
+        raise EncoderError(f"{name}: could not load {what} ({msg})") from None
+    return tok, model.eval()
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:

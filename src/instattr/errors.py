@@ -7,3 +7,7 @@ class InstattrError(ValueError):
 
 class DataError(InstattrError):
     """Bad input data; the message is one line naming the file and line."""
+
+
+class RunError(InstattrError):
+    """A run directory is missing, incomplete or inconsistent; one-line message."""

@@ -1,4 +1,5 @@
-"""The run directory: atomic writes, and a `Run` object to read everything back.
+"""The run directory: the arrays it holds (``FeatureSet``, ``FinalLayer``) and a ``Run`` to read
+everything back (writes are atomic: :mod:`.files`; one writer at a time: :mod:`.runlock`).
 
 Layout (see docs/ARCHITECTURE.md)::
 
@@ -8,111 +9,27 @@ Layout (see docs/ARCHITECTURE.md)::
 """
 from __future__ import annotations
 
-import json
-import os
-import re
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import InstattrError
+from .errors import RunError
+from .files import (  # noqa: F401  (part of this module's API: the run directory's writers)
+    _umask,
+    file_digest,
+    npy_shape,
+    read_json,
+    write_bytes,
+    write_json,
+    write_npy,
+    write_npz,
+    write_text,
+)
+from .runlock import recover_run_folder, remove_stale_temporaries, writing  # noqa: F401
 
 FEATURE_KEYS = ("idx", "label", "pred", "probs", "features", "encoder")
-
-
-class RunError(InstattrError):
-    """A run directory is missing, incomplete or inconsistent; one-line message."""
-
-
-# ---------------------------------------------------------------- atomic writes
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def write_bytes(path, data: bytes) -> Path:
-    return _atomic(path, lambda f: f.write(data))
-
-
-def write_text(path, text: str) -> Path:
-    return write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path, obj) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def write_npy(path, array: np.ndarray) -> Path:
-    return _atomic(path, lambda f: np.save(f, array))
-
-
-def write_npz(path, **arrays) -> Path:
-    return _atomic(path, lambda f: np.savez(f, **arrays))
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def read_json(path) -> dict:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{path}: not valid JSON ({e})") from None
-
-
-def file_digest(path) -> str:
-    """sha256 of a file's bytes."""
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def npy_shape(path) -> Optional[Tuple[int, ...]]:
-    """The shape in a .npy file's header, or None if the header is unreadable."""
-    try:
-        with open(path, "rb") as f:
-            major, _ = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, _, _ = read(f)
-        return tuple(shape)
-    except Exception:
-        return None
 
 
 def _score_pair_problem(npy: Path, side: Path) -> Optional[str]:
@@ -237,100 +154,6 @@ class FinalLayer:
     def logits(self, features: np.ndarray) -> np.ndarray:
         """float64 logits of feature rows."""
         return self.augment(features) @ self.weight().T
-
-
-# ---------------------------------------------------------------- leftovers of killed processes
-_PID = re.compile(r"[.-]pid(\d+)[.-]")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _dead_owner(name: str) -> bool:
-    """Whether a temporary's name carries the pid of a process that no longer runs."""
-    m = _PID.search(name)
-    return m is not None and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1)))
-
-
-def remove_stale_temporaries(folder) -> List[Path]:
-    """Delete the half-written ``.*.pidN.*.tmp`` files of dead processes under ``folder``."""
-    removed = []
-    for p in Path(folder).rglob(".*.tmp"):
-        if p.is_file() and _dead_owner(p.name):
-            try:
-                p.unlink()
-                removed.append(p)
-            except OSError:
-                pass
-    return removed
-
-
-def recover_run_folder(path) -> None:
-    """Finish what a killed ``train``/``import`` left next to ``path``: restore a run that an
-    interrupted overwrite had moved aside (``.NAME.old-pidN`` with no ``NAME``), and delete the
-    build folders and replaced runs of dead processes."""
-    import shutil
-    path = Path(path)
-    if not path.parent.is_dir():
-        return
-    for p in sorted(path.parent.glob(f".{path.name}.*")):
-        if not p.is_dir() or not _dead_owner(p.name):
-            continue
-        try:
-            if ".old-pid" in p.name and not path.exists():
-                os.replace(p, path)            # the swap was interrupted between its two renames
-            else:
-                shutil.rmtree(p)
-        except OSError:
-            pass
-
-
-# ---------------------------------------------------------------- one writer per run
-_HELD: Dict[str, list] = {}   # resolved run path -> [fd, depth]: the locks this process holds
-
-
-@contextmanager
-def writing(path, what: str = "instattr"):
-    """Hold ``RUN/.lock`` while writing into a run: a second process gets a one-line error naming
-    the holder instead of interleaving its files with ours. Re-entrant within a process."""
-    key = str(Path(path).resolve())
-    if key in _HELD:
-        _HELD[key][1] += 1
-        try:
-            yield
-        finally:
-            _HELD[key][1] -= 1
-        return
-    lock = Path(path) / ".lock"
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-    except OSError as e:
-        raise RunError(f"{path}: cannot write into this run ({e.strerror})") from None
-    try:
-        import fcntl
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 400, 0).decode("utf-8", "replace").strip() or "another process"
-            raise RunError(f"{path}: busy: {holder} is writing this run; try again when it has finished") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"instattr {what} (pid {os.getpid()})".encode(), 0)
-        remove_stale_temporaries(path)     # only the lock holder writes here: what is half-written is dead
-        _HELD[key] = [fd, 1]
-        try:
-            yield
-        finally:
-            del _HELD[key]
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- the run

@@ -5,8 +5,6 @@ Importing this package loads torch; :mod:`instattr.methods` (the last-layer meth
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from ..store import Run, RunError
 from .base import Classifier
 
@@ -55,11 +53,3 @@ def hf_path(run: Run):
     if not p.is_dir():
         raise RunError(f"{p}: the run's model checkpoint is missing")
     return p
-
-
-def optional_classifier(run: Run, device=None) -> Optional[Classifier]:
-    """``classifier_for(run)``, or None when the run's model cannot be loaded here."""
-    try:
-        return classifier_for(run, device)
-    except RunError:
-        return None

@@ -85,7 +85,7 @@ class HeadClassifier(Classifier):
     def tracked(self, start: int, dtype="float32") -> TrackedModel:
         blocks = [eager_copy(b) for b in transformer_blocks(self.encoder().model)[start:]]
         top = HeadTop(self.encoder().pooling, HeadModule(self.params), self.pair_mode == "siamese")
-        return finish(TrackedModel(blocks, top, "head.classifier", self.l2, self.pair_mode), dtype)
+        return finish(TrackedModel(blocks, top, "head.classifier", self.l2, self.pair_mode).to(self.device), dtype)
 
     def fingerprint(self) -> str:
         return str(self.encoder_spec["path"])

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..encoders import Encoder, EncoderError, encode_texts
+from ..encoders import Encoder, encode_texts, load_transformer
 from ..errors import InstattrError
 from ..store import FeatureSet, FinalLayer, Run
 from .base import Classifier
@@ -98,16 +98,9 @@ def fingerprint(path) -> str:
 
 def load_hf(path: str):
     """(tokenizer, model) of a sequence-classification checkpoint folder, in eval mode."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     if not Path(path).is_dir():
         raise InstattrError(f"{path}: no such checkpoint folder")
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise EncoderError(f"{path}: could not load a sequence classifier ({msg})") from None
-    return tok, model.eval()
+    return load_transformer(path, classifier=True)
 
 
 def checkpoint_lr(path) -> Optional[float]:
