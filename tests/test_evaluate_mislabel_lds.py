@@ -46,6 +46,11 @@ def test_lds_helpers():
     np.testing.assert_allclose(got[:, 0], [np.log(9), np.log(4)])
     np.testing.assert_allclose(got[0, :], [np.log(9), 0.0])
     assert got[1, 1] < -700                                                           # p = 0: finite, tiny
+    # a confident float32 softmax: 1 - p rounds to 0 in float32, the other class does not
+    logits = np.array([[[12.0, -12.0], [20.0, -20.0]]])
+    confident = (np.exp(logits) / np.exp(logits).sum(2, keepdims=True)).astype(np.float32)
+    assert confident[0, 1, 0] == 1.0
+    np.testing.assert_allclose(log_odds(confident, np.array([0, 0]))[:, 0], [24.0, 40.0], rtol=1e-5)
     # margins that are exactly the summed scores: Spearman 1 on every row
     scores = np.random.default_rng(1).normal(size=(3, 10))
     np.testing.assert_allclose(lds_per_example(scores @ masks.T, scores, masks), 1.0)

@@ -191,6 +191,31 @@ def test_bad_arguments_give_one_line(args, needle, tmp_path, tiny_encoder, toy_d
     one_line(capsys, needle)
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["attribute", "--methods", "if", "--damping", "-1"], "damping must be >= 0"),
+    (["attribute", "--methods", "if-top", "--proj-dim", "-3"], "proj_dim must be a positive integer"),
+    (["attribute", "--methods", "gd-top", "--layers", "-2"], "layers must be >= 0"),
+    (["explain", "--methods", "if", "--damping", "-1", "a sentence"], "damping must be >= 0"),
+])
+def test_bad_method_options_give_one_line(args, needle, run, capsys):
+    """Options a method refuses reach the user as one line, not a ValueError's traceback."""
+    assert main(["--quiet", args[0], "--run", str(run.path), *args[1:]]) == 2
+    one_line(capsys, needle)
+
+
+@pytest.mark.parametrize("args", [["attribute", "--run", "RUN", "--methods", "nn-dot", "--top-k", "3"],
+                                  ["index", "build", "--run", "RUN", "--methods", "gd", "--out", "IDX"]])
+def test_nan_features_give_one_line(args, run, tmp_path, capsys):
+    """Features with NaN (a damaged or hand-edited features file) stop scoring with one line."""
+    from instattr.store import write_npz
+    train = run.features("train")
+    train.features[3, 0] = np.nan
+    write_npz(run.path / "features" / "train.npz", **train.to_npz())
+    args = [{"RUN": str(run.path), "IDX": str(tmp_path / "idx")}.get(a, a) for a in args]
+    assert main(["--quiet", *args]) == 2
+    one_line(capsys, "NaN")
+
+
 def test_empty_text_is_refused(run, capsys):
     assert main(["--quiet", "predict", "--run", str(run.path), "   "]) == 2
     one_line(capsys, "empty")
@@ -223,6 +248,48 @@ def test_leftovers_of_killed_processes_are_cleaned_and_an_interrupted_swap_is_un
     assert not building.exists()
 
 
+def test_cleanup_touches_only_its_own_leftovers(run, tmp_path):
+    """A folder of a dead pid whose name is not instattr's build or swap pattern is kept."""
+    from instattr.runlock import recover_run_folder
+    pid = dead_pid()
+    theirs = [tmp_path / f".copy.backup-pid{pid}.", tmp_path / f".copy.old-pid{pid}-notes"]
+    for p in theirs:
+        p.mkdir()
+    recover_run_folder(run.path)
+    assert all(p.is_dir() for p in theirs)
+
+
+def test_overwrite_replaces_only_runs_and_indexes(run, tmp_path, tiny_encoder, toy_data, capsys):
+    """--overwrite never deletes a folder that is not what the command writes."""
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter1.tex").write_text("years of work")
+    for argv, needle in ((["train", "--data", str(toy_data), "--encoder", str(tiny_encoder)], "no run.json"),
+                         (["index", "build", "--run", str(run.path), "--methods", "gd"], "no index.json")):
+        assert main(["--quiet"] + argv + ["--out", str(precious), "--overwrite"]) == 2
+        one_line(capsys, str(precious), needle)
+        assert (precious / "chapter1.tex").read_text() == "years of work"
+
+
+def test_a_failed_swap_puts_the_old_run_back(run, tmp_path, tiny_encoder, toy_data, monkeypatch):
+    """`train --overwrite` fails at its second rename: the old run is back at RUN, whole."""
+    import instattr.pipeline as pipeline
+    before = snapshot(run.path)
+    real = os.replace
+
+    def second_rename_fails(src, dst):          # the new run into place, after the old one moved aside
+        if Path(dst) == run.path and ".building." in Path(src).name:
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(pipeline.os, "replace", second_rename_fails)
+    config = TrainConfig(data=str(toy_data), encoder=str(tiny_encoder), head=HEAD)
+    with pytest.raises(OSError, match="No space"):
+        train_run(config, run.path, overwrite=True, progress=False)
+    assert snapshot(run.path) == before
+    assert not list(tmp_path.glob(".copy.*"))
+
+
 # ---------------------------------------------------------------- 9. misleading messages
 def test_report_says_why_it_is_empty_and_truncated_scores_name_their_file(run, capsys):
     assert main(["--quiet", "report", "--run", str(run.path)]) == 0
@@ -238,3 +305,14 @@ def test_report_says_why_it_is_empty_and_truncated_scores_name_their_file(run, c
     assert "gd-test.npy left out" in capsys.readouterr().err
     with pytest.raises(Exception, match="gd-test.npy"):
         Run.load(run.path).scores("gd")
+
+
+def test_report_explains_with_every_method_whose_scores_cover_the_split(run):
+    """A method attributed on a subset (--limit-test) is left out of the explained examples on its
+    own; the others still appear, whichever order the methods are stored in."""
+    from instattr.report import build_report
+    for argv in (["--methods", "gd"], ["--methods", "if"], ["--methods", "nn-dot", "--limit-test", "5"]):
+        assert main(["--quiet", "attribute", "--run", str(run.path)] + argv) == 0
+    page = build_report(run).read_text()
+    assert "Explained test examples" in page
+    assert "<td><b>gd</b>" in page and "<td><b>if</b>" in page and "<td><b>nn-dot</b>" not in page

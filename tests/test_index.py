@@ -11,7 +11,7 @@ from instattr.index import Index, IndexStoreError, build_run_index, verify
 from instattr.methods import bottom_k, top_k
 from instattr.methods.scoring import Grid
 
-from _synthetic import make_run
+from _synthetic import featurize, make_run
 
 GRID = Grid(4, 8)
 METHODS = "nn-euc,nn-cos,gd,if,rif,rep"
@@ -171,3 +171,79 @@ def test_evaluations_read_top_k_files_when_there_are_no_dense_scores(tmp_path, m
     got = run_artifacts(run, methods=names), run_retrain(run, **opts)
     assert got[0]["methods"] == want[0]["methods"]
     assert got[1]["methods"] == want[1]["methods"] and got[1]["removed_support"] == want[1]["removed_support"]
+
+
+def test_query_leaves_out_rows_an_approximate_search_did_not_find(run, index, tmp_path, capsys, monkeypatch):
+    """An ANN search with fewer than K candidates pads with position -1: never shown as the last
+    training row, written as id "" and score NaN and counted in the sidecar."""
+    exact = Index.search
+
+    def padded(self, *args, **kwargs):
+        res = exact(self, *args, **kwargs)
+        for pos, vals in (r["top"] for r in res.values()):
+            pos[:, -2:] = -1
+            vals[:, -2:] = np.nan
+        return res
+
+    monkeypatch.setattr(Index, "search", padded)
+    monkeypatch.setattr("instattr.pipeline.featurize", lambda run, docs, queries=None, device=None: featurize(
+        run, docs, queries))
+    base = ["--quiet", "query", "--index", str(index.root), "--top-k", "5", "--methods", "gd"]
+    assert main(base + ["--text", "a new sentence", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["methods"]["gd"]["top"]
+    last = str(run.features("train").idx[-1])
+    assert len(rows) == 3 and all(r["idx"] != last and np.isfinite(r["score"]) for r in rows)
+    assert main(base + ["--split", "test", "--out", str(tmp_path / "q")]) == 0
+    with np.load(tmp_path / "q" / "gd-test.topk.npz") as z:
+        assert (z["train_idx"][:, -2:] == "").all() and (z["train_idx"][:, :3] != "").all()
+        assert np.isnan(z["score"][:, -2:]).all() and (z["train_pos"][:, -2:] == -1).all()
+    assert json.loads((tmp_path / "q" / "gd-test.topk.json").read_text())["missing"] == 2 * len(run.features("test"))
+
+
+def test_a_top_k_file_from_another_write_is_not_read(tmp_path):
+    """The sidecar is the commit point: an .npz replaced after it (a kill between the two writes, a
+    concurrent writer) is refused with its reason, and `attribute` recomputes it."""
+    from instattr.store import RunError
+    run = make_run(tmp_path, "sst2", n_train=40, n_test=12)
+    quiet = {"progress": False, "log": lambda *a: None}
+    attribute_run(run, "gd", top_k=3, **quiet)
+    p = run.top_k_path("gd", "test")
+    want = p.read_bytes()
+    attribute_run(run, "gd", top_k=5, overwrite=True, **quiet)
+    other = p.read_bytes()
+    attribute_run(run, "gd", top_k=3, overwrite=True, **quiet)
+    p.write_bytes(other)                               # the .npz of the k=5 write beside the k=3 sidecar
+    assert not run.has_top_k("gd", "test")
+    with pytest.raises(RunError, match=r"gd-test.topk.npz: it has \d+ bytes, gd-test.topk.json recorded \d+"):
+        run.top_k("gd", "test")
+    attribute_run(run, "gd", top_k=3, **quiet)           # without --overwrite: recomputed, not kept
+    assert p.read_bytes() == want and run.top_k("gd", "test")["score"].shape == (12, 3)
+
+
+def test_a_killed_backend_build_keeps_the_shards_it_had_finished_in_order(run, index, tmp_path):
+    """A backend (Ray's actor pool) hands shards back out of order and dies: the manifest holds the
+    finished in-order prefix (shards 0 and 1, not 3), and a local resume writes only the rest."""
+    from instattr.index.build import shard_side, write_shard
+
+    class DiesAfterThree:
+        def build_shards(self, root, train, methods, shards, todo, dtype, train_rows, progress=False):
+            for i in (1, 0, 3):
+                yield i, {n: write_shard(root, n, i, shard_side(m, train, shards[i], train_rows), dtype)
+                          for n, m in methods.items()}
+            raise RuntimeError("killed")
+
+    out = tmp_path / "idx"
+    with pytest.raises(RuntimeError, match="killed"):
+        build_run_index(run, METHODS, out, dtype="float32", progress=False, backend=DiesAfterThree(), **SMALL)
+    assert {len(m["shards"]) for m in json.loads((out / "index.json").read_text())["methods"].values()} == {2}
+    written = []
+    real = build_mod.write_shard
+    build_mod.write_shard = lambda root, name, s, side, dtype: written.append(s) or real(root, name, s, side, dtype)
+    try:
+        build_run_index(run, METHODS, out, dtype="float32", progress=False, **SMALL)
+    finally:
+        build_mod.write_shard = real
+    assert sorted(set(written)) == [2, 3, 4]
+    a = json.loads((out / "index.json").read_text())["methods"]
+    assert [s["sha256"] for m in a.values() for s in m["shards"]] == \
+        [s["sha256"] for m in index.manifest["methods"].values() for s in m["shards"]]

@@ -169,6 +169,31 @@ def test_concurrent_live_requests_are_batched_and_each_answered_exactly(client):
                 assert [j for j, _ in a.methods[m][side]] == [j for j, _ in b.methods[m][side]]
 
 
+def test_requests_behind_a_stop_fail_instead_of_hanging(serve_run, monkeypatch):
+    """A request queued behind the stop, or made after it, gets 503's error rather than a Future
+    that never resolves."""
+    from instattr.serve.errors import Unavailable
+    from instattr.serve.live import LiveExplainer
+    live = LiveExplainer(serve_run, ["nn-cos"]).start()
+    busy, answer = threading.Event(), live._answer
+
+    def slow(batch):
+        busy.wait(30)
+        answer(batch)
+
+    monkeypatch.setattr(live, "_answer", slow)
+    first = live.submit("the movie was good", None, ["nn-cos"], 2)     # the worker is busy with it
+    live._queue.put(None)                                                 # the stop ...
+    behind = live.submit("the plot was dull", None, ["nn-cos"], 2)      # ... and a request behind it
+    busy.set()
+    assert first.result(timeout=30).methods["nn-cos"]["supporting"]
+    with pytest.raises(Unavailable, match="stopped"):
+        behind.result(timeout=30)
+    live.close()
+    with pytest.raises(Unavailable, match="stopped"):
+        live.submit("the actor was fun", None, ["nn-cos"], 2)
+
+
 def test_errors_are_404_for_what_is_missing_and_422_for_bad_input(client):
     cases = [("/api/explanations/test/test_1?methods=if-top", 404, "no method 'if-top' stored for split 'test'"),
              ("/api/explanations/dev/test_1", 404, "no split 'dev' in this run (it has train, test)"),

@@ -5,8 +5,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from .errors import InstattrError
 
 
@@ -107,7 +105,8 @@ def cmd_query(a) -> int:
            "prediction": run.label_names[int(test.pred[0])], "methods": {}}
     for n, r in res.items():
         out["methods"][n] = {which: [_row(int(p), float(v), ids, labels, run.label_names, examples)
-                                     for p, v in zip(r[which][0][0], r[which][1][0])] for which in r}
+                                     for p, v in zip(r[which][0][0], r[which][1][0]) if p >= 0]
+                              for which in r}
     print(json.dumps(out, indent=2) if a.json else _table(out))
     return 0
 
@@ -129,19 +128,15 @@ def _table(out: dict) -> str:
 
 
 def _write_split(index, res, test, a) -> int:
-    """``query --split``: one top-k (and bottom-k) file per method, the format of ``attribute --top-k``."""
-    from .store import write_json, write_npz
-    ids = index.ids
+    """``query --split``: one top-k (and bottom-k) file per method, the format of ``attribute --top-k``;
+    an approximate search that found fewer than K rows for a query leaves them empty (position -1)."""
+    from .store import write_top_k
     out = Path(a.out)
     for n, r in res.items():
         for which, (pos, vals) in r.items():
-            p = out / f"{n}-{a.split}.{which}k.npz"
-            write_npz(p, test_idx=np.asarray([str(i) for i in test.idx]), train_idx=ids[pos], train_pos=pos,
-                      score=vals, rank=np.broadcast_to(np.arange(pos.shape[1], dtype=np.int32), pos.shape).copy())
-            write_json(p.with_suffix(".json"), {"method": n, "split": a.split, "kind": which, "k": pos.shape[1],
-                                                "n_test": len(test), "n_train": index.n, "ann": bool(a.ann),
-                                                "index": str(index.root),
-                                                "config": index.manifest["methods"][n]["config"]})
+            write_top_k(out / f"{n}-{a.split}.{which}k.npz", n, a.split, which, test.idx, index.ids, pos, vals,
+                        {"ann": bool(a.ann), "index": str(index.root),
+                         "config": index.manifest["methods"][n]["config"]}, allow_missing=True)
     print(f"wrote {len(res)} methods' top-{a.top_k} for {len(test)} {a.split} rows to {out}")
     return 0
 

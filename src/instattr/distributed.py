@@ -10,15 +10,16 @@
 
 Blocks, arithmetic and tie-breaking are those of the local backend, so results are bit-identical.
 ``attribute --backend ray`` first writes a float32 index of the run's training sides under
-``RUN/cache/`` (resumable), then scores from it. ``address``: a running cluster (``ray start
---head`` on one machine, ``ray start --address HEAD:6379`` on the others, then ``--address
-HEAD:6379`` or ``auto``); without it a local Ray with ``workers`` CPUs is started.
+``RUN/cache/`` (resumable: finished shards are recorded in order as they arrive), then scores
+from it. ``address``: a running cluster (``ray start --head`` on one machine, ``ray start --address
+HEAD:6379`` on the others, then ``--address HEAD:6379`` or ``auto``); without it a local Ray with
+``workers`` CPUs is started.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -80,8 +81,9 @@ class ShardWriter:
 
 def ray_build_shards(root: Path, train, methods: Dict[str, object], shards: List[slice], todo: Sequence[int],
                      dtype: str, train_rows: int, address: Optional[str] = None, workers: Optional[int] = None,
-                     progress: bool = False) -> Dict[int, Dict[str, dict]]:
-    """Write shards ``todo`` of every method with a pool of Ray actors; their manifest entries."""
+                     progress: bool = False) -> Iterator[Tuple[int, Dict[str, dict]]]:
+    """Write shards ``todo`` of every method with a pool of Ray actors; yields (shard, its manifest
+    entries) as each shard is written, in whatever order the actors finish them."""
     connect(address, workers)
     import ray
     import ray.data
@@ -103,7 +105,8 @@ def ray_build_shards(root: Path, train, methods: Dict[str, object], shards: List
                                                 "methods": ray.put(methods), "dtype": dtype,
                                                 "train_rows": train_rows,
                                                 "shards": [(s.start, s.stop) for s in shards]})
-    return {int(r["shard"]): json.loads(str(r["entries"])) for r in out.take_all()}
+    for r in out.iter_rows():
+        yield int(r["shard"]), json.loads(str(r["entries"]))
 
 
 def _shard_top_k(root: str, names: List[str], sides, rows_of, test_rows: int, n_test: int, k: int, bottom_k: int,
@@ -172,7 +175,8 @@ class RayBackend:
         return ray_top_k(run, fitted, test, train, k, bottom_k, grid, self.address, self.workers, progress)
 
     def build_shards(self, root, train, methods, shards, todo, dtype: str, train_rows: int, progress: bool = False):
-        """Write the index shards ``todo`` with a pool of actors; their file entries per shard."""
+        """Write the index shards ``todo`` with a pool of actors; yields (shard, its file entries) as
+        each is written."""
         return ray_build_shards(root, train, methods, shards, todo, dtype, train_rows, self.address, self.workers,
                                 progress)
 

@@ -160,7 +160,8 @@ def cache_dir() -> Optional[Path]:
 
 def cached_encode(encoder: Encoder, texts: List[str], queries: Optional[List[str]] = None, progress: bool = True,
                   desc: str = "encode") -> np.ndarray:
-    """``encoder.encode`` memoised on disk by encoder, pooling, length limit and the exact texts.
+    """``encoder.encode`` memoised on disk by encoder, pooling, length limit, precision (bf16 autocast
+    or not) and the exact texts.
 
     Only the packaged or a local encoder folder is cached (a hub name could change under us)."""
     import hashlib
@@ -172,7 +173,8 @@ def cached_encode(encoder: Encoder, texts: List[str], queries: Optional[List[str
     h = hashlib.sha256()
     weights = sorted(Path(encoder.path).glob("*.safetensors")) + sorted(Path(encoder.path).glob("*.bin"))
     for part in [str(Path(encoder.path).resolve()), *(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}"
-                                                      for w in weights), encoder.pooling, str(encoder.max_length)]:
+                                                      for w in weights), encoder.pooling, str(encoder.max_length),
+                 "bf16" if encoder.autocast else "fp32"]:
         h.update(part.encode() + b"\0")
     for t in list(texts) + list(queries or []):
         h.update(t.encode() + b"\0")

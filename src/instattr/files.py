@@ -16,10 +16,18 @@ import numpy as np
 from .errors import RunError
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()   # read once: os.umask can only be read by setting it, which races other threads
+
+
+def process_umask() -> int:
+    """The umask this process started with: new files get ``0o666 & ~process_umask()``."""
+    return _UMASK
 
 
 def _atomic(path: Path, write) -> Path:
@@ -31,7 +39,7 @@ def _atomic(path: Path, write) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~process_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

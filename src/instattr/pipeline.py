@@ -19,9 +19,11 @@ import numpy as np
 from . import __version__
 from .data import Dataset, Split, load_dataset
 from .errors import InstattrError
+from .files import process_umask
 from .manifest import FORMAT, DataInfo, EncoderInfo, HeadInfo, HFInfo, Manifest
 from .models.head import HeadConfig
-from .store import FeatureSet, Run, RunError, _umask, recover_run_folder, write_json, write_npz
+from .runlock import recover_run_folder, writing
+from .store import FeatureSet, Run, RunError, write_json, write_npz
 
 TUNE_GRID = {"l2": (0.1, 0.01, 0.001), "lr": (2e-3, 2e-4, 2e-5, 2e-6), "epochs": (3, 7, 10, 15),
              "batch_size": (8, 16)}
@@ -130,14 +132,18 @@ def build_atomically(out, overwrite: bool, make) -> Run:
     recover_run_folder(out)
     if out.exists() and not out.is_dir():
         raise RunError(f"{out}: is a file, not a run directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RunError(f"{out}: already exists; pass --overwrite to replace it")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise RunError(f"{out}: already exists; pass --overwrite to replace it")
+        if not (out / "run.json").is_file():
+            raise RunError(f"{out}: is not an instattr run (no run.json); refusing to replace it, choose another "
+                           "--out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building.pid{os.getpid()}-"))
     except OSError as e:
         raise RunError(f"{out.parent}: cannot create the run here ({e.strerror})") from None
-    os.chmod(tmp, 0o777 & ~_umask())
+    os.chmod(tmp, 0o777 & ~process_umask())
     try:
         make(tmp)
         _swap_into_place(tmp, out)
@@ -148,13 +154,20 @@ def build_atomically(out, overwrite: bool, make) -> Run:
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-pid{os.getpid()}.")
+    """Rename ``tmp`` to ``out``; an existing run there is replaced while holding its writer lock,
+    and put back if the second rename fails."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-pid{os.getpid()}.")
+    with writing(out, "train/import --overwrite"):
         os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _confusion(y, p, c) -> list:

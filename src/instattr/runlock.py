@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from .errors import RunError
-from .files import _umask
+from .files import process_umask
 
 # ---------------------------------------------------------------- leftovers of killed processes
 _PID = re.compile(r"[.-]pid(\d+)[.-]")
@@ -58,11 +58,13 @@ def recover_run_folder(path) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         return
+    ours = re.compile(rf"^\.{re.escape(path.name)}\.(building\.pid\d+-|old-pid\d+\.)")
     for p in sorted(path.parent.glob(f".{path.name}.*")):
-        if not p.is_dir() or not _dead_owner(p.name):
+        m = ours.match(p.name)
+        if m is None or not p.is_dir() or not _dead_owner(p.name):
             continue
         try:
-            if ".old-pid" in p.name and not path.exists():
+            if m.group(1).startswith("old-") and not path.exists():
                 os.replace(p, path)            # the swap was interrupted between its two renames
             else:
                 shutil.rmtree(p)
@@ -88,7 +90,7 @@ def writing(path, what: str = "instattr"):
         return
     lock = Path(path) / ".lock"
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~process_umask())
     except OSError as e:
         raise RunError(f"{path}: cannot write into this run ({e.strerror})") from None
     try:

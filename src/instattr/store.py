@@ -17,7 +17,6 @@ import numpy as np
 
 from .errors import RunError
 from .files import (  # noqa: F401  (part of this module's API: the run directory's writers)
-    _umask,
     file_digest,
     npy_shape,
     read_json,
@@ -49,7 +48,8 @@ def _score_pair_problem(npy: Path, side: Path) -> Optional[str]:
         return (f"it holds {' x '.join(map(str, shape))} scores but {side.name} names {want[0]} x {want[1]} "
                 "(an interrupted or concurrent write)")
     if "bytes" in info and npy.stat().st_size != info["bytes"]:
-        return f"it has {npy.stat().st_size} bytes, {side.name} recorded {info['bytes']} (a truncated file)"
+        return (f"it has {npy.stat().st_size} bytes, {side.name} recorded {info['bytes']} "
+                "(a truncated or replaced file)")
     if "sha256" in info and file_digest(npy) != info["sha256"]:
         return f"its contents are not those {side.name} recorded (an interrupted or concurrent write)"
     return None
@@ -157,6 +157,36 @@ class FinalLayer:
 
 
 # ---------------------------------------------------------------- the run
+def write_top_k(path: Path, method: str, split: str, kind: str, test_idx: Sequence[str],
+                train_idx: Sequence[str], train_pos: np.ndarray, score: np.ndarray, info: dict,
+                allow_missing: bool = False) -> None:
+    """A top-k (``kind`` "top") or bottom-k ("bottom") file: ``test_idx`` (n_test,) and
+    ``train_idx``/``train_pos``/``score``/``rank`` (n_test, K), best first; the .json sidecar (``info``
+    plus method, split, kind, k, n_test, n_train, missing, and the .npz's size and sha256) lands last:
+    it is the commit point, as for dense scores. With ``allow_missing`` a row
+    with fewer than K candidates (an approximate search) ends in position -1, id "" and score NaN,
+    and ``missing`` counts them; otherwise every position must be a training row."""
+    pos = np.asarray(train_pos, dtype=np.int64)
+    score = np.asarray(score, dtype=np.float32)
+    ids = np.asarray([str(i) for i in train_idx])
+    if pos.ndim != 2 or pos.shape != score.shape or len(pos) != len(test_idx):
+        raise RunError(f"{method}: top-k positions {pos.shape} and scores {score.shape} do not match "
+                       f"{len(test_idx)} test rows")
+    missing = pos < 0
+    if pos.size and (pos.max() >= len(ids) or (missing.any() and not allow_missing)):
+        raise RunError(f"{method}: top-k positions outside the {len(ids)} training rows")
+    k = pos.shape[1]
+    names = np.where(missing, "", ids[np.where(missing, 0, pos)]) if pos.size and len(ids) else \
+        np.zeros(pos.shape, dtype=ids.dtype)
+    write_npz(path, test_idx=np.asarray([str(i) for i in test_idx]), train_idx=names, train_pos=pos,
+              score=np.where(missing, np.float32(np.nan), score),
+              rank=np.broadcast_to(np.arange(k, dtype=np.int32), pos.shape).copy())
+    write_json(path.with_suffix(".json"), {"method": method, "split": split, "kind": kind, "k": k,
+                                           "n_test": len(test_idx), "n_train": len(ids),
+                                           "missing": int(missing.sum()), **info,
+                                           "bytes": path.stat().st_size, "sha256": file_digest(path)})
+
+
 class Run:
     """A run directory on disk. ``Run.load(path)`` checks it holds a valid manifest.
 
@@ -348,42 +378,49 @@ class Run:
     def top_k_path(self, method: str, split: str, bottom: bool = False) -> Path:
         return self.path / "scores" / f"{method}-{split}.{'bottomk' if bottom else 'topk'}.npz"
 
-    def has_top_k(self, method: str, split: str, bottom: bool = False) -> bool:
+    def top_k_problem(self, method: str, split: str, bottom: bool = False) -> Optional[str]:
+        """None when the top-k (``bottom``: bottom-k) file and its sidecar belong together, else why not
+        ("missing", or how they disagree: an interrupted or concurrent write)."""
         p = self.top_k_path(method, split, bottom)
-        return p.exists() and p.with_suffix(".json").exists()
+        side = p.with_suffix(".json")
+        if not (p.exists() and side.exists()):
+            return "missing"
+        try:
+            info = read_json(side)
+        except RunError:
+            return f"its sidecar {side.name} is unreadable"
+        if not isinstance(info, dict):
+            return f"its sidecar {side.name} is not an object"
+        if "bytes" in info and p.stat().st_size != info["bytes"]:
+            return (f"it has {p.stat().st_size} bytes, {side.name} recorded {info['bytes']} "
+                    "(a truncated or replaced file)")
+        if "sha256" in info and file_digest(p) != info["sha256"]:
+            return f"its contents are not those {side.name} recorded (an interrupted or concurrent write)"
+        return None
+
+    def has_top_k(self, method: str, split: str, bottom: bool = False) -> bool:
+        return self.top_k_problem(method, split, bottom) is None
 
     def save_top_k(self, method: str, split: str, test_idx: Sequence[str], train_idx: Sequence[str],
                    train_pos: np.ndarray, score: np.ndarray, config: dict, seconds: float, bottom: bool = False,
                    diagnostics: Optional[dict] = None) -> Path:
-        """Write each test row's best (``bottom``: most opposing) training rows, best first:
-        ``test_idx`` (n_test,), ``train_idx``/``train_pos``/``score``/``rank`` (n_test, K); the .json
-        sidecar lands last. ``train_pos`` are rows of the run's stored training order (``train_idx``
-        its ids)."""
-        pos = np.asarray(train_pos, dtype=np.int64)
-        score = np.asarray(score, dtype=np.float32)
-        ids = np.asarray([str(i) for i in train_idx])
-        if pos.ndim != 2 or pos.shape != score.shape or len(pos) != len(test_idx):
-            raise RunError(f"{method}: top-k positions {pos.shape} and scores {score.shape} do not match "
-                           f"{len(test_idx)} test rows")
-        if pos.size and (pos.min() < 0 or pos.max() >= len(ids)):
-            raise RunError(f"{method}: top-k positions outside the {len(ids)} training rows")
+        """Write each test row's best (``bottom``: most opposing) training rows, best first, to
+        :meth:`top_k_path` (:func:`write_top_k`); ``train_pos`` are rows of the run's stored training
+        order (``train_idx`` its ids)."""
         p = self.top_k_path(method, split, bottom)
-        k = pos.shape[1]
-        write_npz(p, test_idx=np.asarray([str(i) for i in test_idx]), train_idx=ids[pos] if pos.size else
-                  np.zeros(pos.shape, dtype=ids.dtype), train_pos=pos, score=score,
-                  rank=np.broadcast_to(np.arange(k, dtype=np.int32), pos.shape).copy())
-        write_json(p.with_suffix(".json"), {"method": method, "split": split, "kind": "bottom" if bottom else "top",
-                                            "k": k, "n_test": len(test_idx), "n_train": len(ids), "config": config,
-                                            "seconds": seconds, "diagnostics": diagnostics or {}})
+        write_top_k(p, method, split, "bottom" if bottom else "top", test_idx, train_idx, train_pos, score,
+                    {"config": config, "seconds": seconds, "diagnostics": diagnostics or {}})
         return p
 
     def top_k(self, method: str, split: Optional[str] = None, bottom: bool = False) -> dict:
         """A stored top-k (``bottom``: bottom-k) file: arrays test_idx, train_idx, train_pos, score,
         rank, and ``info`` (its sidecar)."""
         p = self.top_k_path(method, split or self.eval_split, bottom)
-        if not self.has_top_k(method, split or self.eval_split, bottom):
-            raise RunError(f"{p}: missing; run `instattr attribute --run {self.path} --methods {method} "
-                           f"--top-k K{' --bottom-k K' if bottom else ''}`")
+        problem = self.top_k_problem(method, split or self.eval_split, bottom)
+        if problem is not None:
+            raise RunError(f"{p}: {problem}; {'' if problem == 'missing' else 're'}compute it with `instattr "
+                           f"attribute --run {self.path} --methods {method} --top-k K"
+                           f"{' --bottom-k K' if bottom else ''}{'' if problem == 'missing' else ' --overwrite'}`")
         try:
             with np.load(p, allow_pickle=False) as z:
                 out = {k: z[k] for k in ("test_idx", "train_idx", "train_pos", "score", "rank")}

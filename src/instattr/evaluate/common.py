@@ -11,6 +11,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from ..errors import InstattrError
 from ..store import FeatureSet, Run, RunError, write_bytes
 
 
@@ -121,7 +122,7 @@ class TopRows:
         """(n, min(k, n_train)) positions of each row's top k; refuses a k beyond what is kept."""
         k = min(int(k), self.n_train)
         if k > self.pos.shape[1]:
-            raise ValueError(f"top-{k} asked of a top-{self.pos.shape[1]} ranking")
+            raise InstattrError(f"top-{k} asked of a top-{self.pos.shape[1]} ranking")
         return self.pos[:, :k]
 
 

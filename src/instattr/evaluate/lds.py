@@ -49,8 +49,9 @@ def log_odds(probs: np.ndarray, cls: np.ndarray) -> np.ndarray:
     """log p_c - log(1 - p_c) of class ``cls[t]`` for each subset and test row: probs (m, n_test, C)
     -> (n_test, m). ``1 - p_c`` is summed from the other classes, so it does not round to 0."""
     cls = np.asarray(cls)
-    p = np.take_along_axis(probs, cls[None, :, None], axis=2)[..., 0]
-    rest = probs.sum(2) - p
+    chosen = np.arange(probs.shape[2])[None, None, :] == cls[None, :, None]
+    p = np.where(chosen, probs, 0.0).sum(2, dtype=np.float64)
+    rest = np.where(chosen, 0.0, probs).sum(2, dtype=np.float64)
     tiny = np.finfo(np.float64).tiny
     return (np.log(np.maximum(p, tiny)) - np.log(np.maximum(rest, tiny))).T
 

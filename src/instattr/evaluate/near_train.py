@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import InstattrError
 from ..store import FeatureSet, Run
 from .common import Scorer, data_name, fmt, fmt_paper, md_table, method_list, sample_rows, save
 from .paper import TABLE3_4_NEAR_TRAIN, paper_columns
@@ -41,7 +42,7 @@ def perturb(text: str, kind: str, vocab: Sequence[str], rng: np.random.Generator
         if tokens:
             tokens[int(rng.integers(len(tokens)))] = vocab[int(rng.integers(len(vocab)))]
     else:
-        raise ValueError(f"unknown perturbation {kind!r}; expected one of {', '.join(KINDS)}")
+        raise InstattrError(f"unknown perturbation {kind!r}; expected one of {', '.join(KINDS)}")
     return " ".join(tokens)
 
 

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..errors import InstattrError
 from ..models.head import HeadConfig, Params, logits, train_heads
 from ..store import Run, write_npz
 from .common import (
@@ -320,7 +321,7 @@ def run_retrain(run: Run, methods=None, seed: int = 0, n_test: int = 50, ks: Seq
                                top["epochs"], top["lr"], top["batch_size"], seed, progress)
     else:
         if epochs or batch_size:
-            raise ValueError("--epochs/--batch-size apply to retraining the head (--scope head), not to the "
+            raise InstattrError("--epochs/--batch-size apply to retraining the head (--scope head), not to the "
                              "exact refit of the final layer")
         layer = run.final_layer()
         x_train, x_test = layer.augment(scorer.train.features), layer.augment(test.features[rows])

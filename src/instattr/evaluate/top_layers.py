@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from ..models.base import linear_to_final_layer
 from ..store import FeatureSet, FinalLayer, RunError
 
 PATTERN = re.compile(r"top-(\d+)$")
@@ -57,11 +58,6 @@ def forward_rows(classifier, model, fs: FeatureSet, start: int, batch_size: int 
     return feats, probs
 
 
-def final_layer_of(model, l2: float) -> FinalLayer:
-    lin = model.final
-    b = None if lin.bias is None else lin.bias.detach().double().cpu().numpy()
-    return FinalLayer(w=lin.weight.detach().double().cpu().numpy(), b=b, l2=l2)
-
 
 def random_top(classifier, k: int, train: FeatureSet, test: FeatureSet, seed: int
                ) -> Tuple[FeatureSet, FeatureSet, FinalLayer]:
@@ -75,7 +71,7 @@ def random_top(classifier, k: int, train: FeatureSet, test: FeatureSet, seed: in
     def refeature(fs: FeatureSet) -> FeatureSet:
         feats, probs = forward_rows(classifier, model, fs, start)
         return fs.replace(features=feats, probs=probs, pred=probs.argmax(1))
-    return refeature(train), refeature(test), final_layer_of(model, classifier.final_layer().l2)
+    return refeature(train), refeature(test), linear_to_final_layer(model.final, classifier.final_layer().l2)
 
 
 def retrain_top(classifier, k: int, train: FeatureSet, test: FeatureSet, masks: np.ndarray, epochs: int = 1,

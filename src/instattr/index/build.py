@@ -39,6 +39,9 @@ def shard_side(method, train: FeatureSet, rows: slice, train_rows: int = TRAIN_B
 
 def write_shard(root: Path, name: str, s: int, side: Side, dtype: str) -> dict:
     """Write shard ``s`` of method ``name``; its manifest entry (files, rows, checksums)."""
+    if not np.isfinite(side.vectors).all():
+        raise IndexStoreError(f"{name}: training-side values are NaN or infinite in shard {s} (check the run's "
+                              "training features)")
     vectors = side.vectors.astype(dtype)
     if not np.isfinite(vectors).all():
         raise IndexStoreError(f"{name}: training-side values overflow {dtype} in shard {s}; use --dtype float32")
@@ -79,8 +82,8 @@ def _method_entry(root: Path, name: str, method, options: dict) -> dict:
 def _resume(root: Path, spec: dict, overwrite: bool) -> Optional[dict]:
     """The manifest of an unfinished (or finished) build with the same spec, if any."""
     if not (root / "index.json").exists():
-        if root.exists() and any(root.iterdir()) and not overwrite:
-            raise IndexStoreError(f"{root}: exists and is not an index; choose another --out or add --overwrite")
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise IndexStoreError(f"{root}: exists and is not an index (no index.json); choose another --out")
         return None
     old = read_manifest(root)
     if old.get("spec") == spec and not overwrite:
@@ -133,11 +136,19 @@ def build_index(out, train: FeatureSet, methods: Dict[str, object], source: dict
                 todo = sorted(set(todo) | set(range(i, len(shards))))
                 break
     if backend is not None and todo:       # e.g. distributed.RayBackend: shards written by a pool of actors
-        results = backend.build_shards(root, train, methods, shards, todo, dtype, train_rows, progress)
-        for i in todo:
-            for name in methods:
-                _record(manifest, name, i, results[i][name])
-        write_manifest(root, manifest)
+        arrived, order = {}, iter(todo)
+        want = next(order)
+        for i, entries in backend.build_shards(root, train, methods, shards, todo, dtype, train_rows, progress):
+            arrived[i] = entries
+            while want is not None and want in arrived:   # record the finished prefix: a kill resumes after it
+                for name in methods:
+                    if len(manifest["methods"][name]["shards"]) == want:
+                        _record(manifest, name, want, arrived[want][name])
+                del arrived[want]
+                write_manifest(root, manifest)
+                want = next(order, None)
+        if want is not None:
+            raise IndexStoreError(f"{root}: the backend did not write shard {want}")
     else:
         for i in tqdm(todo, desc=f"index {len(shards)} shards", disable=not progress, leave=False):
             for name, method in methods.items():

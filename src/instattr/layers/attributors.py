@@ -35,6 +35,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..errors import InstattrError
 from ..methods.base import Attributor, mean_against_others
 from ..methods.registry import register
 from ..methods.similarity import unit_rows
@@ -82,7 +83,7 @@ def gauss_newton_roots(probs: torch.Tensor, basis: torch.Tensor) -> torch.Tensor
 def classifier_of(name: str, model):
     """``model`` if it is a whole classifier (with tracked blocks), else a one-line error."""
     if model is None or not hasattr(model, "tracked"):
-        raise ValueError(f"{name}: needs the whole classifier (instattr.models.classifier_for(run)), "
+        raise InstattrError(f"{name}: needs the whole classifier (instattr.models.classifier_for(run)), "
                          f"not {type(model).__name__}")
     return model
 
@@ -98,7 +99,7 @@ def projected_gradients(classifier, fs: FeatureSet, labels: np.ndarray, projecto
     examples = Examples(classifier, fs, start, progress)
     n, r, dim = len(fs), projector.model.n_classes - 1, projector.dim
     if n * dim * (1 + r * factors) * torch.finfo(dtype).bits // 8 > MAX_EMBEDDING_BYTES:
-        raise ValueError(f"{what}: {n} x {dim} gradients do not fit in memory; set proj_dim")
+        raise InstattrError(f"{what}: {n} x {dim} gradients do not fit in memory; set proj_dim")
     grads = torch.zeros(n, dim, dtype=dtype)
     facs = torch.zeros(n, r, dim, dtype=dtype) if factors else None
     basis = projector.basis.double()
@@ -148,13 +149,13 @@ class _TopLayers(Attributor):
                  progress: Optional[bool] = None, chunk_size: Optional[int] = None):
         super().__init__(chunk_size)
         if layers is not None and int(layers) < 0:
-            raise ValueError(f"{self.name}: layers must be >= 0 (None: the top 3), got {layers}")
+            raise InstattrError(f"{self.name}: layers must be >= 0 (None: the top 3), got {layers}")
         if proj_dim is not None and int(proj_dim) < 1:
-            raise ValueError(f"{self.name}: proj_dim must be a positive integer or None (exact), got {proj_dim}")
+            raise InstattrError(f"{self.name}: proj_dim must be a positive integer or None (exact), got {proj_dim}")
         if projection not in KINDS:
-            raise ValueError(f"{self.name}: projection must be one of {', '.join(KINDS)}, got {projection!r}")
+            raise InstattrError(f"{self.name}: projection must be one of {', '.join(KINDS)}, got {projection!r}")
         if int(batch_size) < 1:
-            raise ValueError(f"{self.name}: batch_size must be positive, got {batch_size}")
+            raise InstattrError(f"{self.name}: batch_size must be positive, got {batch_size}")
         resolve_dtype(dtype)
         self.layers = None if layers is None else int(layers)
         self.proj_dim = None if proj_dim is None else int(proj_dim)
@@ -259,13 +260,13 @@ class _TopInfluence(_TopLayers):
                  chunk_size: Optional[int] = None):
         super().__init__(layers, proj_dim, projection, seed, batch_size, dtype, progress, chunk_size)
         if ihvp not in IHVPS:
-            raise ValueError(f"{self.name}: ihvp must be one of {', '.join(IHVPS)}, got {ihvp!r}")
+            raise InstattrError(f"{self.name}: ihvp must be one of {', '.join(IHVPS)}, got {ihvp!r}")
         if not damping >= 0:
-            raise ValueError(f"{self.name}: damping must be >= 0, got {damping}")
+            raise InstattrError(f"{self.name}: damping must be >= 0, got {damping}")
         if hessian not in HESSIAN_STRUCTURES:
-            raise ValueError(f"{self.name}: hessian must be one of {', '.join(HESSIAN_STRUCTURES)}, got {hessian!r}")
+            raise InstattrError(f"{self.name}: hessian must be one of {', '.join(HESSIAN_STRUCTURES)}, got {hessian!r}")
         if self.normalized and ihvp == "lissa":
-            raise ValueError(f"{self.name}: needs H^-1/2 g for every training example; LiSSA gives H^-1 v "
+            raise InstattrError(f"{self.name}: needs H^-1/2 g for every training example; LiSSA gives H^-1 v "
                              "for one vector at a time -- use ihvp='projected' or 'explicit'")
         self.ihvp, self.damping, self.hessian = ihvp, float(damping), hessian
         self.lissa_scale, self.lissa_depth = float(lissa_scale), int(lissa_depth)

@@ -94,7 +94,7 @@ def hvp(model: TrackedModel, flat: FlatParameters, batch: Batch, labels: torch.T
     params = [p for _, p in model.named_parameters()]
     with torch.enable_grad():
         logits = model(**batch)
-        loss = torch.nn.functional.cross_entropy(logits, labels.long()) + model.penalty()
+        loss = torch.nn.functional.cross_entropy(logits, labels.long().to(logits.device)) + model.penalty()
         g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, params, create_graph=True)])
         out = torch.empty(len(vectors), flat.dim, dtype=g.dtype, device=g.device)
         for i, v in enumerate(vectors):

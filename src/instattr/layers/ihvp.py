@@ -35,6 +35,8 @@ from typing import Callable, List, Optional
 import numpy as np
 import torch
 
+from ..errors import InstattrError
+
 HESSIAN_STRUCTURES = ("auto", "full", "block")
 FORMS = ("auto", "primal", "dual")
 MAX_FULL_DIM = 20480  # "auto": one full matrix while min(dim, factor rows) is at most this, blocks above
@@ -56,7 +58,7 @@ class Curvature:
 def _need(curvature: Curvature, what: str, solver: str):
     value = getattr(curvature, what)
     if value is None:
-        raise ValueError(f"{solver} needs the curvature's {what}")
+        raise InstattrError(f"{solver} needs the curvature's {what}")
     return value
 
 
@@ -64,7 +66,7 @@ def _cholesky(h: torch.Tensor, what: str) -> torch.Tensor:
     chol, info = torch.linalg.cholesky_ex(h)
     if int(info) != 0:
         low = float(torch.linalg.eigvalsh(h)[0])
-        raise ValueError(f"{what}: the damped Hessian is not positive definite (smallest eigenvalue "
+        raise InstattrError(f"{what}: the damped Hessian is not positive definite (smallest eigenvalue "
                          f"{low:.3g}); increase damping")
     return chol
 
@@ -92,7 +94,7 @@ class InverseHVP(ABC):
         return out
 
     def whiten(self, vectors: torch.Tensor) -> torch.Tensor:
-        raise ValueError(f"{self.name} gives H^-1 v only, not H^-1/2 v; use the explicit or "
+        raise InstattrError(f"{self.name} gives H^-1 v only, not H^-1/2 v; use the explicit or "
                          "Gauss-Newton solver for relative influence")
 
 
@@ -107,7 +109,7 @@ class _Factored(InverseHVP):
             raise RuntimeError(f"{self.name}: call fit before solve")
         v = torch.as_tensor(v)
         if v.dim() != 2 or v.shape[1] != self.dim_:
-            raise ValueError(f"{self.name}: vectors must be (m, {self.dim_}), got {tuple(v.shape)}")
+            raise InstattrError(f"{self.name}: vectors must be (m, {self.dim_}), got {tuple(v.shape)}")
         return v
 
     def solve(self, vectors):
@@ -132,7 +134,7 @@ class ExplicitHessian(_Factored):
 
     def __init__(self, damping: float = 0.0):
         if not damping >= 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
+            raise InstattrError(f"damping must be >= 0, got {damping}")
         self.damping = float(damping)
 
     def fit(self, curvature: Curvature) -> "ExplicitHessian":
@@ -156,11 +158,11 @@ class GaussNewton(_Factored):
     def __init__(self, damping: float = 0.0, structure: str = "auto", max_full_dim: int = MAX_FULL_DIM,
                  chunk: int = 1024, form: str = "auto"):
         if not damping >= 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
+            raise InstattrError(f"damping must be >= 0, got {damping}")
         if structure not in HESSIAN_STRUCTURES:
-            raise ValueError(f"hessian must be one of {', '.join(HESSIAN_STRUCTURES)}, got {structure!r}")
+            raise InstattrError(f"hessian must be one of {', '.join(HESSIAN_STRUCTURES)}, got {structure!r}")
         if form not in FORMS:
-            raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+            raise InstattrError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
         self.damping, self.structure, self.form = float(damping), structure, form
         self.max_full_dim, self.chunk = int(max_full_dim), int(chunk)
 
@@ -174,7 +176,7 @@ class GaussNewton(_Factored):
         dual = full and (self.form == "dual" or (self.form == "auto" and rows < curvature.dim))
         if dual and self.damping == 0 and any(r is None for r in reg):
             if self.form == "dual":
-                raise ValueError(f"{self.name}: the dual form needs damping > 0")
+                raise InstattrError(f"{self.name}: the dual form needs damping > 0")
             dual = False
         self.full_, self.dual_ = full, dual
         if dual:
@@ -235,7 +237,7 @@ class GaussNewton(_Factored):
             return super().solve(vectors)
         v = torch.as_tensor(vectors)
         if v.dim() != 2 or v.shape[1] != self.dim_:
-            raise ValueError(f"{self.name}: vectors must be (m, {self.dim_}), got {tuple(v.shape)}")
+            raise InstattrError(f"{self.name}: vectors must be (m, {self.dim_}), got {tuple(v.shape)}")
         w = self._lambda_inv(v.double())
         f, c = self.factors_, self.chunk
         coef = torch.cholesky_solve(self._factors_times(w), self.inner_)   # M^-1 F Lambda^-1 v
@@ -259,7 +261,7 @@ class GaussNewton(_Factored):
 
     def whiten(self, vectors):
         if getattr(self, "dual_", False):
-            raise ValueError(f"{self.name}: the dual form gives H^-1 v, not H^-1/2 v; use solve and quadratic")
+            raise InstattrError(f"{self.name}: the dual form gives H^-1 v, not H^-1/2 v; use solve and quadratic")
         return super().whiten(vectors)
 
 
@@ -272,7 +274,7 @@ class LiSSA(InverseHVP):
                  batch_size: int = 8, seed: int = 0, tol: Optional[float] = None,
                  callback: Optional[Callable[[int, int, torch.Tensor], None]] = None):
         if not damping >= 0 or not scale > 0 or int(depth) < 1 or int(repeats) < 1 or int(batch_size) < 1:
-            raise ValueError("LiSSA needs damping >= 0, scale > 0 and depth, repeats, batch_size >= 1")
+            raise InstattrError("LiSSA needs damping >= 0, scale > 0 and depth, repeats, batch_size >= 1")
         self.damping, self.scale = float(damping), float(scale)
         self.depth, self.repeats, self.batch_size = int(depth), int(repeats), int(batch_size)
         self.seed, self.tol = int(seed), tol
@@ -302,7 +304,7 @@ class LiSSA(InverseHVP):
                 pos += bs
                 new = v + (1 - self.damping) * h - self.curvature_.hvp(h, rows) / self.scale
                 if not torch.isfinite(new).all():
-                    raise ValueError("lissa diverged: raise scale above the largest Hessian eigenvalue, "
+                    raise InstattrError("lissa diverged: raise scale above the largest Hessian eigenvalue, "
                                      "or damping so that H + damping*scale*I is positive definite")
                 change = float((new - h).norm() / new.norm().clamp_min(1e-300))
                 h = new

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InstattrError
 from ..methods.lastlayer import sum_zero_basis
 from ..models.tracked import TrackedModel
 
@@ -59,7 +60,7 @@ def projection_matrix(k: int, d: int, kind: str, seed: int, tag: str, dtype: tor
     if kind == "orthogonal":
         q, _ = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))
         return (q.T * np.sqrt(d / k)).to(dtype)
-    raise ValueError(f"projection must be one of {', '.join(KINDS)}, got {kind!r}")
+    raise InstattrError(f"projection must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
 def _dense_kind(kind: str) -> str:
@@ -93,9 +94,9 @@ class GradientProjector:
 
     def __init__(self, model: TrackedModel, dim: Optional[int], seed: int = 0, kind: str = "khatri-rao"):
         if dim is not None and int(dim) < 1:
-            raise ValueError(f"proj_dim must be a positive integer or None, got {dim}")
+            raise InstattrError(f"proj_dim must be a positive integer or None, got {dim}")
         if kind not in KINDS:
-            raise ValueError(f"projection must be one of {', '.join(KINDS)}, got {kind!r}")
+            raise InstattrError(f"projection must be one of {', '.join(KINDS)}, got {kind!r}")
         self.model, self.k, self.seed, self.kind = model, None if dim is None else int(dim), int(seed), kind
         dtype = model.dtype
         self.device = model.device
@@ -117,11 +118,11 @@ class GradientProjector:
                 p = None if self.k is None else self._matrix(k, n, _dense_kind(kind), name, dtype)
                 self.blocks.append(Block(name, "layernorm", mod, group, full, k, p=p))
             else:
-                raise ValueError(f"layered methods project nn.Linear and nn.LayerNorm parameters; "
+                raise InstattrError(f"layered methods project nn.Linear and nn.LayerNorm parameters; "
                                  f"{name} is a {type(mod).__name__} with parameters")
         missing = set(model.parameter_names()) - covered
         if missing:
-            raise ValueError(f"parameters without a projection block: {sorted(missing)[:3]}")
+            raise InstattrError(f"parameters without a projection block: {sorted(missing)[:3]}")
         self.offsets = np.cumsum([0] + [b.dim for b in self.blocks])
 
     def _linear(self, name: str, mod: nn.Linear, group: str, params: List[str], dtype) -> Block:

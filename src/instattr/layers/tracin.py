@@ -69,7 +69,7 @@ class TracIn(_History, Attributor):
         for (classifier, lr), layer in zip(self.history_, self.layers_):
             feats, probs = classifier.recompute(fs)
             if feats.shape[1] != layer.w.shape[1]:
-                raise ValueError(f"tracin: checkpoint features have width {feats.shape[1]}, its final layer "
+                raise InstattrError(f"tracin: checkpoint features have width {feats.shape[1]}, its final layer "
                                  f"{layer.w.shape[1]}")
             x = layer.augment(feats)
             p = class_probs(x, probs, layer.weight())

@@ -18,6 +18,7 @@ from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
+from ..errors import InstattrError
 from ..store import FeatureSet, FinalLayer
 from .scoring import TEST_BLOCK, TRAIN_BLOCK, Grid, Member, dense_row_blocks, finished, score_dense
 from .sides import INNER_PRODUCT, Finish, Side, side
@@ -49,7 +50,7 @@ class Attributor(ABC):
 
     def __init__(self, chunk_size: Optional[int] = None):
         if chunk_size is not None and int(chunk_size) < 1:
-            raise ValueError(f"{self.name}: chunk_size must be a positive number of rows")
+            raise InstattrError(f"{self.name}: chunk_size must be a positive number of rows")
         self.chunk_size = chunk_size
 
     def config(self) -> dict:
@@ -68,9 +69,9 @@ class Attributor(ABC):
         """Compute the fitted state from ``train`` and the classifier ``model``, and (``embed``)
         the training side of every row."""
         if len(train) == 0:
-            raise ValueError(f"{self.name}: no training examples to fit on")
+            raise InstattrError(f"{self.name}: no training examples to fit on")
         if self.needs_model and model is None:
-            raise ValueError(f"{self.name}: needs the classifier (a FinalLayer or a models.Classifier)")
+            raise InstattrError(f"{self.name}: needs the classifier (a FinalLayer or a models.Classifier)")
         for k in [k for k in vars(self) if k.endswith("_")]:  # a refit forgets the last fit
             delattr(self, k)
         self._fit(train, model)
@@ -95,7 +96,7 @@ class Attributor(ABC):
         """The training side of ``rows`` (rows of the training set, at their gold labels)."""
         self._check_fitted()
         if not self.streams_train:
-            raise ValueError(f"{self.name}: computes its training side in fit only")
+            raise InstattrError(f"{self.name}: computes its training side in fit only")
         return _as_side(self._embed_train(rows))
 
     def test_side(self, rows: FeatureSet) -> Side:
@@ -171,7 +172,7 @@ class Attributor(ABC):
         """(n_train,) float64: how much each training example, at its gold label, stands out to this
         method -- its score against itself (self-influence), where that says something; higher = look
         at it first. Only the gradient methods define it (see their docstrings)."""
-        raise ValueError(f"{self.name}: no self-score (it is defined for the gradient methods: if, gd, rif, gc, "
+        raise InstattrError(f"{self.name}: no self-score (it is defined for the gradient methods: if, gd, rif, gc, "
                          "tracin and their layered versions)")
 
     def _fit(self, train: FeatureSet, model) -> None:
@@ -191,7 +192,7 @@ def _as_side(x) -> Side:
 def check_width(name: str, what: str, expected: int, got: np.ndarray) -> None:
     """One-line error when test rows do not match the width seen in fit."""
     if got.ndim != 2 or got.shape[1] != expected:
-        raise ValueError(f"{name}: test {what} have shape {got.shape}, fitted on width {expected}")
+        raise InstattrError(f"{name}: test {what} have shape {got.shape}, fitted on width {expected}")
 
 
 def mean_against_others(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -213,5 +214,5 @@ def final_layer_of(name: str, model) -> Optional[FinalLayer]:
         return None
     lin = model.final_layer()
     if not isinstance(lin, FinalLayer):
-        raise ValueError(f"{name}: the model's final_layer() must be a FinalLayer, got {type(lin).__name__}")
+        raise InstattrError(f"{name}: the model's final_layer() must be a FinalLayer, got {type(lin).__name__}")
     return lin

@@ -22,6 +22,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import InstattrError
+
 try:
     from threadpoolctl import threadpool_limits
 except ImportError:  # pragma: no cover - optional; only speed depends on it
@@ -33,7 +35,7 @@ ROW_BLOCK = 1 << 15  # rows per float64 temporary when streaming over a split
 def sum_zero_basis(n_classes: int) -> np.ndarray:
     """Orthonormal (Helmert) basis of {x in R^C : sum(x) = 0}, shape (C, C-1)."""
     if n_classes < 2:
-        raise ValueError(f"need at least 2 classes, got {n_classes}")
+        raise InstattrError(f"need at least 2 classes, got {n_classes}")
     q = np.zeros((n_classes, n_classes - 1))
     for k in range(1, n_classes):
         q[:k, k - 1] = 1.0
@@ -73,7 +75,7 @@ def loss_errors(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels, dtype=np.int64)
     n, c = probs.shape
     if labels.shape != (n,) or (n and (labels.min() < 0 or labels.max() >= c)):
-        raise ValueError(f"labels must be {n} integers in [0, {c}); got shape {labels.shape}")
+        raise InstattrError(f"labels must be {n} integers in [0, {c}); got shape {labels.shape}")
     e = np.array(probs, dtype=np.float64)
     e[np.arange(n), labels] -= 1.0
     return e
@@ -134,7 +136,7 @@ def inverse_cholesky(h: np.ndarray, what: str) -> np.ndarray:
         try:
             chol = np.linalg.cholesky(h)
         except np.linalg.LinAlgError:
-            raise ValueError(f"{what}: the Hessian is not positive definite (l2 = 0 on rank-deficient "
+            raise InstattrError(f"{what}: the Hessian is not positive definite (l2 = 0 on rank-deficient "
                              "features?); pass damping > 0") from None
         return np.linalg.solve(chol, np.eye(len(h)))
 
@@ -167,7 +169,7 @@ def refit(features: np.ndarray, labels: np.ndarray, w0: np.ndarray, lam: float,
     converges after one or two Hessians. ``whitener0``: L^-1 of the Hessian at ``w0``, when known.
     """
     if lam <= 0:
-        raise ValueError("refitting to stationarity needs l2 > 0 (the loss has no minimiser otherwise)")
+        raise InstattrError("refitting to stationarity needs l2 > 0 (the loss has no minimiser otherwise)")
     f = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
     n = len(f)

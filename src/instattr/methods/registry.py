@@ -10,6 +10,7 @@ import importlib
 import inspect
 from typing import Callable, Dict, Iterable, List, Type, Union
 
+from ..errors import InstattrError
 from .base import Attributor
 
 # The paper's methods, in the order tables and reports list them.
@@ -68,7 +69,7 @@ def get_method(name: str, **options) -> Attributor:
     except TypeError:
         allowed = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
         bad = sorted(set(options) - set(allowed)) or sorted(options)
-        raise ValueError(f"{name}: unknown option(s) {', '.join(bad)}; "
+        raise InstattrError(f"{name}: unknown option(s) {', '.join(bad)}; "
                          f"options: {', '.join(allowed) or 'none'}") from None
     return cls(**options)
 
@@ -88,5 +89,5 @@ def expand_methods(spec: Union[str, Iterable[str]]) -> List[str]:
             if name not in names:
                 names.append(name)
     if not names:
-        raise ValueError(f"no methods given; choose 'paper', 'all' or some of: {', '.join(registered())}")
+        raise InstattrError(f"no methods given; choose 'paper', 'all' or some of: {', '.join(registered())}")
     return names

@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import InstattrError
 from .sides import INNER_PRODUCT, Finish, Side
 
 TopK = Tuple[np.ndarray, np.ndarray]
@@ -31,7 +32,7 @@ class Grid:
 
     def __post_init__(self):
         if int(self.test_rows) < 1 or int(self.train_rows) < 1:
-            raise ValueError(f"block sizes must be positive, got {self.test_rows} x {self.train_rows}")
+            raise InstattrError(f"block sizes must be positive, got {self.test_rows} x {self.train_rows}")
 
     def test_blocks(self, n: int) -> List[slice]:
         return [slice(s, min(s + self.test_rows, n)) for s in range(0, n, self.test_rows)]
@@ -193,7 +194,7 @@ class RunningTopK:
         if self.k == 0 or m == 0 or n == 0:
             return
         if np.isnan(block).any():
-            raise ValueError("scores contain NaN")
+            raise InstattrError("scores contain NaN")
         if self.vals.shape[1] >= self.k:     # full: only strictly better values can enter (ties lose to lower columns)
             thr = self.vals[:, -1][:, None]
             cand = block > thr if self.largest else block < thr
@@ -230,7 +231,7 @@ def score_top_k(members: Sequence[Member], n_test: int, k: int, bottom_k: int = 
     to :func:`instattr.methods.topk.top_k` on :func:`score_dense`'s matrix. Memory: a few blocks.
     ``train_range`` limits the columns to ``[start, stop)`` (grid-aligned; columns stay global)."""
     if k < 0 or bottom_k < 0:
-        raise ValueError(f"k must be >= 0, got {k} and {bottom_k}")
+        raise InstattrError(f"k must be >= 0, got {k} and {bottom_k}")
     res = {m.name: {"top": [], **({"bottom": []} if bottom_k else {})} for m in members}
     inner = [m for m in members if m.dense is None]
     for rows in grid.test_blocks(n_test):

@@ -10,19 +10,21 @@ from typing import Iterable, Tuple
 
 import numpy as np
 
+from ..errors import InstattrError
+
 TopK = Tuple[np.ndarray, np.ndarray]
 
 
 def _largest(scores: np.ndarray, k: int) -> TopK:
     s = np.asarray(scores)
     if s.ndim != 2:
-        raise ValueError(f"scores must be a 2-D (n_test, n_train) matrix, got shape {s.shape}")
+        raise InstattrError(f"scores must be a 2-D (n_test, n_train) matrix, got shape {s.shape}")
     if np.isnan(s).any():
-        raise ValueError("scores contain NaN")
+        raise InstattrError("scores contain NaN")
     n, m = s.shape
     k = min(int(k), m)
     if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
+        raise InstattrError(f"k must be >= 0, got {k}")
     if k == 0 or n == 0:
         return np.zeros((n, k), dtype=np.int64), np.zeros((n, k), dtype=s.dtype)
     kth = np.partition(s, m - k, axis=1)[:, m - k, None]        # k-th largest value per row

@@ -29,6 +29,12 @@ from ..store import FeatureSet, FinalLayer, Run, RunError
 Texts = Tuple[List[str], Optional[List[str]]]
 
 
+def linear_to_final_layer(linear, l2: float) -> FinalLayer:
+    """The weight and bias of a torch ``nn.Linear`` as a float64 :class:`FinalLayer` with penalty ``l2``."""
+    b = None if linear.bias is None else linear.bias.detach().double().cpu().numpy()
+    return FinalLayer(w=linear.weight.detach().double().cpu().numpy(), b=b, l2=l2)
+
+
 class Classifier(ABC):
     """Base of the classifiers; see the module docstring for what each method promises."""
 

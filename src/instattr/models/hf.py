@@ -25,7 +25,7 @@ from torch import nn
 from ..encoders import Encoder, encode_texts, load_transformer
 from ..errors import InstattrError
 from ..store import FeatureSet, FinalLayer, Run
-from .base import Classifier
+from .base import Classifier, linear_to_final_layer
 from .tracked import TrackedModel, eager_copy, finish, transformer_blocks
 
 
@@ -161,9 +161,7 @@ class HFClassifier(Classifier):
         return model.get_submodule(self.final_name)
 
     def final_layer(self) -> FinalLayer:
-        lin = self.final_module()
-        b = None if lin.bias is None else lin.bias.detach().double().cpu().numpy()
-        return FinalLayer(w=lin.weight.detach().double().cpu().numpy(), b=b, l2=self.l2)
+        return linear_to_final_layer(self.final_module(), self.l2)
 
     def encoder(self) -> Encoder:
         """The classifier's tokenizer and base model (hidden states for the layered methods)."""
@@ -171,7 +169,7 @@ class HFClassifier(Classifier):
             return Encoder(self.path, "cls", self.max_length, model=self.model.base_model,
                            tokenizer=self.tokenizer, device=self.device)
         if self.run is not None:
-            return self.run.memo(("hf-encoder", self.path), make)
+            return self.run.memo(("hf-encoder", self.path, str(self.device)), make)
         return make()
 
     def sbert(self) -> Encoder:

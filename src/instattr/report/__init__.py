@@ -108,11 +108,17 @@ def _examples(run: Run, stored: List[Tuple[str, str]], n: int = 3, k: int = 3, s
         test_ex, train_ex = run.examples(split), run.examples("train")
     except InstattrError:  # the dataset moved: the report still renders without texts
         return ""
-    info = run.score_info(methods[0], split)
     fs = run.features(split)
-    if info["test_idx"] != [str(i) for i in fs.idx] or info["train_idx"] != [str(i) for i in run.features("train").idx]:
-        return ""     # scores of a subset (--limit-test/--limit-train): their rows are not the split's rows
-    n_rows = len(info["test_idx"])
+    want = ([str(i) for i in fs.idx], [str(i) for i in run.features("train").idx])
+
+    def aligned(method: str) -> bool:   # scores of a subset (--limit-test/--limit-train) are not the split's rows
+        info = run.score_info(method, split)
+        return (info["test_idx"], info["train_idx"]) == want
+
+    methods = [m for m in methods if aligned(m)]
+    if not methods:
+        return ""
+    n_rows = len(want[0])
     rows = np.random.default_rng(seed).choice(n_rows, size=min(n, n_rows), replace=False)
     labels = run.label_names
     out = ["<h2>Explained test examples</h2><p class='sub'>The three training examples each method "

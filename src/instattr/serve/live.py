@@ -105,15 +105,28 @@ class LiveExplainer:
         if unknown:
             raise NotFound(f"live explanation has no method {', '.join(map(repr, unknown))}; it offers "
                            f"{', '.join(self.fitted)}")
+        if self._thread is None or not self._thread.is_alive():
+            raise Unavailable("live explanation has stopped (the server is shutting down)")
         fut: Future = Future()
         self._queue.put(Request(text, query, tuple(methods), int(k), fut))
         return fut
 
     def close(self) -> None:
+        """Stop the worker after the requests already queued; any still waiting then fail (503)."""
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout=10)
             self._thread = None
+        self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
+        while True:
+            try:
+                r = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if r is not None and r.future.set_running_or_notify_cancel():
+                r.future.set_exception(Unavailable("live explanation has stopped (the server is shutting down)"))
 
     # ------------------------------------------------------------------ the worker
     def _loop(self) -> None:
@@ -128,10 +141,11 @@ class LiveExplainer:
             self._serve()
 
     def _serve(self) -> None:
-        while True:
+        stop = False
+        while not stop:
             first = self._queue.get()
             if first is None:
-                return
+                break
             batch = [first]
             while len(batch) < self.max_batch:
                 try:
@@ -139,7 +153,7 @@ class LiveExplainer:
                 except queue.Empty:
                     break
                 if nxt is None:
-                    self._queue.put(None)       # stop after this batch
+                    stop = True                 # stop after this batch
                     break
                 batch.append(nxt)
             batch = [r for r in batch if r.future.set_running_or_notify_cancel()]
@@ -147,10 +161,14 @@ class LiveExplainer:
             if batch:
                 try:
                     self._answer(batch)
-                except Exception as e:           # noqa: BLE001 - handed to the waiting requests
+                except BaseException as e:       # noqa: BLE001 - handed to the waiting requests
                     for r in batch:
                         if not r.future.done():
                             r.future.set_exception(e)
+                    if not isinstance(e, Exception):
+                        self._fail_waiting()
+                        raise
+        self._fail_waiting()                     # requests queued behind the stop never hang
 
     def _answer(self, batch: List[Request]) -> None:
         from ..methods.topk import bottom_k, top_k
