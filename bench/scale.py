@@ -12,7 +12,8 @@ teacher, probabilities from a random final layer with a bias. For each size and 
 2. exact top-k of ``--queries`` queries per method (``Index.search``), timed against the GEMM floor
    of the same shape measured in the same run (the product of the float32 query sides with every
    block of float32 training-side vectors, conversion excluded), with the peak anonymous memory
-   (RssAnon, sampled every 20 ms; the memory-mapped vectors are file-backed and not in it);
+   (RssAnon, sampled every 20 ms; the memory-mapped vectors are file-backed and not in it) and
+   RssAnon when the search started (what the build and earlier searches left in the process);
 3. on a 20k-row sample: a float32 index's exact search against top_k of the dense scores (must
    be bit-identical);
 4. FAISS recall@10 against exact over the queries, and seconds per query, ANN against exact.
@@ -42,10 +43,13 @@ METHODS = ("gd", "if", "nn-cos")
 
 
 class PeakAnon:
-    """Peak RssAnon (anonymous resident memory, MB) while the block runs."""
+    """Peak RssAnon (anonymous resident memory, MB) while the block runs, and ``start``: RssAnon
+    when it began (what earlier steps of this process still hold: freed memory that the allocator
+    keeps, FAISS indexes, the training arrays)."""
 
     def __enter__(self):
-        self.peak, self.stop = self.now(), False
+        self.start = self.now()
+        self.peak, self.stop = self.start, False
         self.thread = threading.Thread(target=self.watch, daemon=True)
         self.thread.start()
         return self
@@ -66,6 +70,18 @@ class PeakAnon:
     def __exit__(self, *exc):
         self.stop = True
         self.thread.join()
+
+
+def release_freed_memory() -> None:
+    """Hand memory that earlier steps freed back to the system (glibc keeps it otherwise), so each
+    search's RssAnon starts from what the process still holds."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
 
 
 def synthetic(folder: Path, n: int, c: int, seed: int = 0):
@@ -136,17 +152,18 @@ def bench_size(folder: Path, n: int, c: int, n_queries: int, k: int, ann: bool) 
     index = Index(out)
     mapped = sum((out / s["file"]).stat().st_size for e in index.manifest["methods"].values() for s in e["shards"])
     print(f"memory-mapped training sides: {mapped / 2 ** 20:.0f} MB")
-    print(f"{'method':8s} {'dim':>5s} {'exact s':>8s} {'floor s':>8s} {'x floor':>8s} {'peak MB':>8s}"
+    print(f"{'method':8s} {'dim':>5s} {'exact s':>8s} {'floor s':>8s} {'x floor':>8s} {'peak MB':>8s} {'start MB':>8s}"
           + (f" {'recall@10':>10s} {'ANN s/q':>9s} {'exact s/q':>9s} {'speed-up':>8s}" if ann else ""))
     for name in METHODS:
         m = index.method(name)
         floor = gemm_floor(index, name, m.test_side(queries).vectors)
+        release_freed_memory()
         with PeakAnon() as mem:
             t0 = time.perf_counter()
             exact = index.search([name], queries, k)[name]["top"]
             exact_s = time.perf_counter() - t0
         row = (f"{name:8s} {index.manifest['methods'][name]['shards'][0]['dim']:5d} {exact_s:8.2f} {floor:8.2f} "
-               f"{exact_s / floor:8.2f} {mem.peak:8.0f}")
+               f"{exact_s / floor:8.2f} {mem.peak:8.0f} {mem.start:8.0f}")
         if ann:
             t0 = time.perf_counter()
             approx = index.ann_search([name], queries, 10)[name]["top"]

@@ -322,7 +322,7 @@ def run_retrain(run: Run, methods=None, seed: int = 0, n_test: int = 50, ks: Seq
     else:
         if epochs or batch_size:
             raise InstattrError("--epochs/--batch-size apply to retraining the head (--scope head), not to the "
-                             "exact refit of the final layer")
+                                "exact refit of the final layer")
         layer = run.final_layer()
         x_train, x_test = layer.augment(scorer.train.features), layer.augment(test.features[rows])
         extra["l2"] = layer.l2

@@ -58,7 +58,6 @@ def forward_rows(classifier, model, fs: FeatureSet, start: int, batch_size: int 
     return feats, probs
 
 
-
 def random_top(classifier, k: int, train: FeatureSet, test: FeatureSet, seed: int
                ) -> Tuple[FeatureSet, FeatureSet, FinalLayer]:
     """(train, test, final layer) with the top ``k`` blocks and everything above re-initialised."""

@@ -84,7 +84,7 @@ def classifier_of(name: str, model):
     """``model`` if it is a whole classifier (with tracked blocks), else a one-line error."""
     if model is None or not hasattr(model, "tracked"):
         raise InstattrError(f"{name}: needs the whole classifier (instattr.models.classifier_for(run)), "
-                         f"not {type(model).__name__}")
+                            f"not {type(model).__name__}")
     return model
 
 
@@ -267,7 +267,7 @@ class _TopInfluence(_TopLayers):
             raise InstattrError(f"{self.name}: hessian must be one of {', '.join(HESSIAN_STRUCTURES)}, got {hessian!r}")
         if self.normalized and ihvp == "lissa":
             raise InstattrError(f"{self.name}: needs H^-1/2 g for every training example; LiSSA gives H^-1 v "
-                             "for one vector at a time -- use ihvp='projected' or 'explicit'")
+                                "for one vector at a time -- use ihvp='projected' or 'explicit'")
         self.ihvp, self.damping, self.hessian = ihvp, float(damping), hessian
         self.lissa_scale, self.lissa_depth = float(lissa_scale), int(lissa_depth)
         self.lissa_repeats, self.lissa_batch_size = int(lissa_repeats), int(lissa_batch_size)

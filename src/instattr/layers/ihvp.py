@@ -67,7 +67,7 @@ def _cholesky(h: torch.Tensor, what: str) -> torch.Tensor:
     if int(info) != 0:
         low = float(torch.linalg.eigvalsh(h)[0])
         raise InstattrError(f"{what}: the damped Hessian is not positive definite (smallest eigenvalue "
-                         f"{low:.3g}); increase damping")
+                            f"{low:.3g}); increase damping")
     return chol
 
 
@@ -95,7 +95,7 @@ class InverseHVP(ABC):
 
     def whiten(self, vectors: torch.Tensor) -> torch.Tensor:
         raise InstattrError(f"{self.name} gives H^-1 v only, not H^-1/2 v; use the explicit or "
-                         "Gauss-Newton solver for relative influence")
+                            "Gauss-Newton solver for relative influence")
 
 
 class _Factored(InverseHVP):
@@ -305,7 +305,7 @@ class LiSSA(InverseHVP):
                 new = v + (1 - self.damping) * h - self.curvature_.hvp(h, rows) / self.scale
                 if not torch.isfinite(new).all():
                     raise InstattrError("lissa diverged: raise scale above the largest Hessian eigenvalue, "
-                                     "or damping so that H + damping*scale*I is positive definite")
+                                        "or damping so that H + damping*scale*I is positive definite")
                 change = float((new - h).norm() / new.norm().clamp_min(1e-300))
                 h = new
                 if self.callback is not None:

@@ -119,7 +119,7 @@ class GradientProjector:
                 self.blocks.append(Block(name, "layernorm", mod, group, full, k, p=p))
             else:
                 raise InstattrError(f"layered methods project nn.Linear and nn.LayerNorm parameters; "
-                                 f"{name} is a {type(mod).__name__} with parameters")
+                                    f"{name} is a {type(mod).__name__} with parameters")
         missing = set(model.parameter_names()) - covered
         if missing:
             raise InstattrError(f"parameters without a projection block: {sorted(missing)[:3]}")

@@ -70,7 +70,7 @@ class TracIn(_History, Attributor):
             feats, probs = classifier.recompute(fs)
             if feats.shape[1] != layer.w.shape[1]:
                 raise InstattrError(f"tracin: checkpoint features have width {feats.shape[1]}, its final layer "
-                                 f"{layer.w.shape[1]}")
+                                    f"{layer.w.shape[1]}")
             x = layer.augment(feats)
             p = class_probs(x, probs, layer.weight())
             parts.append(np.sqrt(lr) * reduced_gradients(loss_errors(p, labels), x, self.basis_))

@@ -173,7 +173,7 @@ class Attributor(ABC):
         method -- its score against itself (self-influence), where that says something; higher = look
         at it first. Only the gradient methods define it (see their docstrings)."""
         raise InstattrError(f"{self.name}: no self-score (it is defined for the gradient methods: if, gd, rif, gc, "
-                         "tracin and their layered versions)")
+                            "tracin and their layered versions)")
 
     def _fit(self, train: FeatureSet, model) -> None:
         """Compute everything the two sides need from the training set."""

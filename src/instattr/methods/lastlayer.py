@@ -137,7 +137,7 @@ def inverse_cholesky(h: np.ndarray, what: str) -> np.ndarray:
             chol = np.linalg.cholesky(h)
         except np.linalg.LinAlgError:
             raise InstattrError(f"{what}: the Hessian is not positive definite (l2 = 0 on rank-deficient "
-                             "features?); pass damping > 0") from None
+                                "features?); pass damping > 0") from None
         return np.linalg.solve(chol, np.eye(len(h)))
 
 

@@ -70,7 +70,7 @@ def get_method(name: str, **options) -> Attributor:
         allowed = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
         bad = sorted(set(options) - set(allowed)) or sorted(options)
         raise InstattrError(f"{name}: unknown option(s) {', '.join(bad)}; "
-                         f"options: {', '.join(allowed) or 'none'}") from None
+                            f"options: {', '.join(allowed) or 'none'}") from None
     return cls(**options)
 
 
