@@ -188,6 +188,7 @@ def bench_size(folder: Path, n: int, c: int, n_queries: int, k: int, ann: bool) 
 
 def bench_ray(run_path: str, workers: int, k: int) -> None:
     from instattr.attribution import attribute_run
+    from instattr.distributed import RayBackend
     from instattr.store import Run
     print(f"\n== Ray ({workers} local workers) against local: attribute --top-k {k} on {run_path}")
     times, results = {}, {}
@@ -197,7 +198,8 @@ def bench_ray(run_path: str, workers: int, k: int) -> None:
         shutil.copytree(run_path, copy, ignore=shutil.ignore_patterns("scores", "cache", "results"))
         run = Run.load(copy)
         t0 = time.perf_counter()
-        attribute_run(run, ",".join(METHODS), top_k=k, bottom_k=k, backend=backend, workers=workers,
+        attribute_run(run, ",".join(METHODS), top_k=k, bottom_k=k,
+                      backend=RayBackend(workers=workers) if backend == "ray" else None,
                       progress=False, log=lambda *a: None)
         times[backend] = time.perf_counter() - t0
         results[backend] = {(m, b): run.top_k(m, None, b) for m in METHODS for b in (False, True)}
@@ -210,7 +212,7 @@ def bench_ray(run_path: str, workers: int, k: int) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", type=int, nargs="+", default=[100000])
+    ap.add_argument("--rows", type=int, nargs="*", default=[100000], help="training-set sizes (none: Ray only)")
     ap.add_argument("--classes", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--k", type=int, default=100)
