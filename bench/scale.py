@@ -19,7 +19,8 @@ teacher, probabilities from a random final layer with a bias. For each size and 
 4. FAISS recall@10 against exact over the queries, and seconds per query, ANN against exact.
 
 With ``--hans RUN`` (a trained hans run): ``attribute --top-k`` of gd, if and nn-cos, local
-against Ray with ``--workers`` local workers; bit-identical results and both times.
+against Ray with ``--workers`` local workers, and the encoding of its training texts (what
+``train --backend ray`` does); bit-identical results and both times.
 """
 from __future__ import annotations
 
@@ -208,6 +209,27 @@ def bench_ray(run_path: str, workers: int, k: int) -> None:
     n = len(Run.load(run_path).features("train"))
     print(f"{n:,} training rows: local {times['local']:.1f} s, ray {times['ray']:.1f} s "
           f"(incl. Ray start); bit-identical top-k and bottom-k: {same}")
+    bench_ray_encode(Run.load(run_path), workers)
+
+
+def bench_ray_encode(run, workers: int) -> None:
+    """`train --backend ray`'s encoding of the run's training texts against this process's."""
+    from instattr.distributed import RayBackend
+    from instattr.encoders import Encoder, encode_request
+    ex = run.examples("train")
+    texts, second, _ = encode_request([e.document for e in ex], [e.query for e in ex] if run.manifest.data.is_pair else None,
+                                      run.manifest.pair_mode)
+    encoder = Encoder(run.manifest.encoder.path or None, run.manifest.encoder.pooling,
+                      run.manifest.encoder.max_length)
+    t0 = time.perf_counter()
+    local = encoder.encode(texts, second, progress=False)
+    t_local = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    (by_ray,) = RayBackend(workers=workers).encode_groups(encoder, [(texts, second)])
+    t_ray = time.perf_counter() - t0
+    print(f"encode {len(texts):,} texts ({run.manifest.encoder.name}): local {t_local:.1f} s, ray "
+          f"{t_ray:.1f} s ({workers} workers, Ray already started); bit-identical: {np.array_equal(local, by_ray)}, "
+          f"max |diff| {np.abs(local - by_ray).max():.2g}")
 
 
 def main(argv=None):

@@ -45,3 +45,35 @@ def test_ray_equals_local_bit_for_bit(local_ray, tmp_path, monkeypatch):
     assert len(by_ray["gd"]["shards"]) == 2
     assert {m: [s["sha256"] for s in e["shards"]] for m, e in by_ray.items()} == \
         {m: [s["sha256"] for s in e["shards"]] for m, e in made["methods"].items()}
+
+
+def test_ray_encoding_equals_local(local_ray, tmp_path, tiny_encoder, toy_pairs, monkeypatch):
+    """`train --backend ray` encodes on a pool of actors: the same length-sorted batches as the
+    local encoder, so the same embeddings (siamese pairs: each sentence once), and the same run."""
+    from instattr.distributed import RayBackend, ray_encode_groups
+    from instattr.encoders import Encoder
+    from instattr.models.head import HeadConfig
+    from instattr.pipeline import TrainConfig, train_run
+    monkeypatch.setenv("INSTATTR_CACHE", "off")            # the second run must not read the first's cache
+    enc = Encoder(tiny_encoder, batch_size=4)
+    texts = ["a good film", "the plot was dull and the acting was worse", "fine", "", "bad bad bad", "ok then"] * 3
+    pairs = (texts[:7], texts[7:14])
+    got = ray_encode_groups(enc, [(texts, None), ([], None), pairs], workers=2)
+    np.testing.assert_array_equal(got[0], enc.encode(texts, progress=False))
+    assert got[1].shape == (0, enc.hidden_size)
+    np.testing.assert_array_equal(got[2], enc.encode(*pairs, progress=False))
+    cfg = TrainConfig(data=str(toy_pairs), encoder=tiny_encoder, head=HeadConfig(epochs=3, lr=1e-2, batch_size=8))
+    local = train_run(cfg, tmp_path / "local", progress=False)
+    by_ray = train_run(cfg, tmp_path / "ray", progress=False, backend=RayBackend(workers=2))
+    for split in local.splits:
+        a, b = local.features(split), by_ray.features(split)
+        np.testing.assert_array_equal(a.encoder, b.encoder)
+        np.testing.assert_array_equal(a.probs, b.probs)
+
+
+def test_ray_encoding_is_for_head_mode(tmp_path, tiny_encoder, toy_data, capsys):
+    from instattr.cli import main
+    assert main(["--quiet", "train", "--data", str(toy_data), "--encoder", tiny_encoder, "--mode", "finetune",
+                 "--backend", "ray", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--backend ray encodes for --mode head" in err and err.count("\n") == 1

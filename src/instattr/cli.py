@@ -28,8 +28,9 @@ def _accuracies(metrics: dict) -> str:
 
 
 def cmd_train(a) -> int:
+    from .cli_index import backend_of
     from .pipeline import train_run
-    run = train_run(train_config(a), a.out, overwrite=a.overwrite, progress=not a.quiet)
+    run = train_run(train_config(a), a.out, overwrite=a.overwrite, progress=not a.quiet, backend=backend_of(a))
     m = run.metrics
     acc = _accuracies(m)
     print(f"trained {run.path}: {acc} ({m['timings']['total_s']:.0f} s)")
@@ -219,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_args(t)
     t.add_argument("--out", required=True, help="run directory to create")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run")
+    from .cli_index import backend_args
+    backend_args(t.add_argument_group("encoding on a cluster (head mode)"), "where the texts are encoded")
     t.set_defaults(func=cmd_train)
 
     im = sub.add_parser("import", help="make a run from a Hugging Face sequence classifier trained elsewhere")

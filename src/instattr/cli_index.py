@@ -18,9 +18,9 @@ def scale_args(p: argparse.ArgumentParser) -> None:
     backend_args(g)
 
 
-def backend_args(g) -> None:
+def backend_args(g, what: str = "where training sides and score blocks are computed") -> None:
     g.add_argument("--backend", choices=["local", "ray"], default="local",
-                   help="where training sides and score blocks are computed (ray: pip install 'instattr[ray]')")
+                   help=f"{what} (ray: pip install 'instattr[ray]')")
     g.add_argument("--address", help="Ray cluster address (ray start --head; default: start a local Ray)")
     g.add_argument("--workers", type=int, metavar="N", help="Ray actors / local CPUs (default: the cluster's CPUs)")
 

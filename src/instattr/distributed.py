@@ -58,14 +58,17 @@ def _pool_size(ray, workers: Optional[int]) -> int:
     return int(workers or max(1, int(ray.cluster_resources().get("CPU", 1))))
 
 
+def _resolved(x):
+    """An actor's constructor argument: Ray hands some object refs over unresolved."""
+    ray = ray_module()
+    return ray.get(x) if isinstance(x, ray.ObjectRef) else x
+
+
 class ShardWriter:
     """A Ray Data actor: writes the shards of the index at ``root`` for the batches it is given."""
 
     def __init__(self, root: str, train, methods, shards, dtype: str, train_rows: int):
-        ray = ray_module()
-        def get(x):
-            return (ray.get(x) if isinstance(x, ray.ObjectRef) else x)
-        self.root, self.train, self.methods = Path(root), get(train), get(methods)
+        self.root, self.train, self.methods = Path(root), _resolved(train), _resolved(methods)
         self.shards, self.dtype, self.train_rows = shards, dtype, train_rows
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -77,6 +80,78 @@ class ShardWriter:
                                          self.dtype) for name, m in self.methods.items()}
             out.append(json.dumps(entries))
         return {"shard": np.asarray(batch["shard"]), "entries": np.asarray(out)}
+
+
+class EncodeWorker:
+    """A Ray Data actor: one copy of the encoder; pads and encodes the batches it is given."""
+
+    def __init__(self, path: str, pooling: str, max_length: int, ids, types, batches, device: Optional[str]):
+        from .encoders import Encoder
+        self.encoder = Encoder(path, pooling, max_length, device=device)
+        self.encoder.model.eval()
+        self.ids, self.types, self.batches = _resolved(ids), _resolved(types), _resolved(batches)
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        import torch
+        pos, vecs = [], []
+        for j in batch["batch"]:
+            rows = self.batches[int(j)]
+            padded = self.encoder.pad(self.ids, self.types, rows)
+            with torch.inference_mode():
+                vecs.append(self.encoder.forward_pooled(padded).float().cpu().numpy())
+            pos.append(np.asarray(rows, dtype=np.int64))
+        return {"pos": np.concatenate(pos), "vec": np.concatenate(vecs)}
+
+
+def ray_encode_groups(encoder, groups: Sequence[Tuple[Sequence[str], Optional[Sequence[str]]]],
+                      progress: bool = False, address: Optional[str] = None,
+                      workers: Optional[int] = None) -> List[np.ndarray]:
+    """``encoder.encode(texts, queries)`` of each group, by one pool of Ray actors that each load
+    the encoder from ``encoder.path`` (a folder every node sees). The driver tokenizes and cuts
+    each group into the length-sorted batches the local encoder would cut; the actors pad and
+    encode them. One (n, hidden) float32 array per group, in the order of its texts."""
+    from .encoders import length_batches
+    if not encoder.path or not Path(encoder.path).is_dir():
+        raise InstattrError(f"--backend ray: the encoder must be a local folder its workers can load, "
+                            f"not {encoder.name!r}")
+    ids, types, batches, starts = [], [], [], [0]
+    for texts, queries in groups:
+        if len(texts):
+            gi, gt = encoder.tokenize(texts, queries)     # one tokenizer: token types for all groups or none
+            batches += [np.asarray(b) + starts[-1] for b in length_batches([len(x) for x in gi], encoder.batch_size)]
+            ids += list(gi)
+            types = None if gt is None else types + list(gt)
+        starts.append(starts[-1] + len(texts))
+    out = np.zeros((starts[-1], encoder.hidden_size), dtype=np.float32)
+    if batches:
+        connect(address, workers)
+        import ray
+        import ray.data
+        _quiet_ray_data(ray, progress)
+        size = max(1, min(_pool_size(ray, workers), len(batches)))
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= size else 0
+        ds = ray.data.from_items([{"batch": j} for j in range(len(batches))])
+        done = ds.map_batches(EncodeWorker, batch_size=1, batch_format="numpy", num_gpus=gpus,
+                              compute=ray.data.ActorPoolStrategy(size=size),
+                              fn_constructor_kwargs={"path": str(encoder.path), "pooling": encoder.pooling,
+                                                     "max_length": encoder.max_length, "ids": ray.put(ids),
+                                                     "types": ray.put(types), "batches": ray.put(batches),
+                                                     "device": "cuda" if gpus else "cpu"})
+        seen = 0
+        for part in done.iter_batches(batch_format="numpy", batch_size=None):
+            out[part["pos"]] = part["vec"]
+            seen += len(part["pos"])
+        if seen != starts[-1]:
+            raise InstattrError(f"--backend ray: the workers encoded {seen} of {starts[-1]} texts")
+    return [out[a:b] for a, b in zip(starts[:-1], starts[1:])]
+
+
+def _quiet_ray_data(ray, progress: bool) -> None:
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = bool(progress)
+    if not progress:                      # --quiet: no Ray Data progress lines either
+        import logging
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def ray_build_shards(root: Path, train, methods: Dict[str, object], shards: List[slice], todo: Sequence[int],
@@ -91,11 +166,7 @@ def ray_build_shards(root: Path, train, methods: Dict[str, object], shards: List
     if not_streaming:
         raise InstattrError(f"--backend ray: {', '.join(not_streaming)} compute their training side in fit; "
                             "index them with the local backend")
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = bool(progress)
-    if not progress:                      # --quiet: no Ray Data progress lines either
-        import logging
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    _quiet_ray_data(ray, progress)
     size = max(1, min(_pool_size(ray, workers), len(todo)))
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= size else 0
     ds = ray.data.from_items([{"shard": int(i)} for i in todo])
@@ -173,6 +244,10 @@ class RayBackend:
     def top_k(self, run, fitted, test, train, k: int, bottom_k: int, grid: Grid, progress: bool = False):
         """Each method's top-k (and bottom-k) of ``test`` against ``train``: {name: {"top": .., "bottom": ..}}."""
         return ray_top_k(run, fitted, test, train, k, bottom_k, grid, self.address, self.workers, progress)
+
+    def encode_groups(self, encoder, groups, progress: bool = False) -> List[np.ndarray]:
+        """``encoder.encode(texts, queries)`` of each group on one pool of actors, one encoder each."""
+        return ray_encode_groups(encoder, groups, progress, self.address, self.workers)
 
     def build_shards(self, root, train, methods, shards, todo, dtype: str, train_rows: int, progress: bool = False):
         """Write the index shards ``todo`` with a pool of actors; yields (shard, its file entries) as

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -125,15 +125,18 @@ class Encoder:
             out = self.model(**batch)
         return pool(out.last_hidden_state.float(), batch["attention_mask"], self.pooling)
 
+    def pad(self, ids, types, rows) -> dict:
+        """The padded batch dict of examples ``rows`` of tokenized ``ids`` (and ``types``)."""
+        feats = [{"input_ids": ids[i], **({"token_type_ids": types[i]} if types is not None else {})}
+                 for i in rows]
+        return dict(self.tokenizer.pad(feats, return_tensors="pt"))
+
     def batches(self, texts: Sequence[str], queries: Optional[Sequence[str]] = None, sort: bool = True,
                 batch_size: Optional[int] = None):
         """Yield (positions, padded batch dict) in length-sorted order."""
         ids, types = self.tokenize(texts, queries)
         for pos in length_batches([len(x) for x in ids], batch_size or self.batch_size, sort):
-            feats = [{"input_ids": ids[i], **({"token_type_ids": types[i]} if types is not None else {})}
-                     for i in pos]
-            batch = self.tokenizer.pad(feats, return_tensors="pt")
-            yield pos, dict(batch)
+            yield pos, self.pad(ids, types, pos)
 
     def encode(self, texts: Sequence[str], queries: Optional[Sequence[str]] = None, sort: bool = True,
                progress: bool = True, desc: str = "encode") -> np.ndarray:
@@ -158,18 +161,14 @@ def cache_dir() -> Optional[Path]:
     return None if where == "off" else Path(where)
 
 
-def cached_encode(encoder: Encoder, texts: List[str], queries: Optional[List[str]] = None, progress: bool = True,
-                  desc: str = "encode") -> np.ndarray:
-    """``encoder.encode`` memoised on disk by encoder, pooling, length limit, precision (bf16 autocast
-    or not) and the exact texts.
-
-    Only the packaged or a local encoder folder is cached (a hub name could change under us)."""
+def cache_path(encoder: Encoder, texts: Sequence[str], queries: Optional[Sequence[str]] = None) -> Optional[Path]:
+    """Where ``encoder``'s output for these texts is cached: keyed by encoder, pooling, length
+    limit, precision (bf16 autocast or not) and the exact texts. None when nothing is cached: the
+    cache is off, or the encoder is not a local folder (a hub name could change under us)."""
     import hashlib
-
-    from .store import write_npy
     folder = cache_dir()
     if folder is None or not encoder.path or not Path(encoder.path).is_dir():
-        return encoder.encode(texts, queries, progress=progress, desc=desc)
+        return None
     h = hashlib.sha256()
     weights = sorted(Path(encoder.path).glob("*.safetensors")) + sorted(Path(encoder.path).glob("*.bin"))
     for part in [str(Path(encoder.path).resolve()), *(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}"
@@ -179,38 +178,79 @@ def cached_encode(encoder: Encoder, texts: List[str], queries: Optional[List[str
     for t in list(texts) + list(queries or []):
         h.update(t.encode() + b"\0")
     h.update(b"pairs" if queries is not None else b"single")
-    path = folder / f"{h.hexdigest()[:32]}.npy"
-    if path.exists():
-        try:
-            vecs = np.load(path)
-            if vecs.shape == (len(texts), encoder.hidden_size):
-                return vecs
-        except (OSError, ValueError, EOFError):
-            pass  # a damaged cache entry is recomputed
-    vecs = encoder.encode(texts, queries, progress=progress, desc=desc)
+    return folder / f"{h.hexdigest()[:32]}.npy"
+
+
+def _read_cache(path: Optional[Path], shape: Tuple[int, int]) -> Optional[np.ndarray]:
+    if path is None or not path.exists():
+        return None
+    try:
+        vecs = np.load(path)
+        return vecs if vecs.shape == shape else None
+    except (OSError, ValueError, EOFError):
+        return None  # a damaged cache entry is recomputed
+
+
+def _write_cache(path: Optional[Path], vecs: np.ndarray) -> None:
+    from .store import write_npy
+    if path is None:
+        return
     try:
         write_npy(path, vecs)
     except OSError:
         pass  # a read-only cache never stops training
+
+
+def cached_encode(encoder: Encoder, texts: List[str], queries: Optional[List[str]] = None, progress: bool = True,
+                  desc: str = "encode") -> np.ndarray:
+    """``encoder.encode`` memoised on disk (:func:`cache_path`)."""
+    path = cache_path(encoder, texts, queries)
+    vecs = _read_cache(path, (len(texts), encoder.hidden_size))
+    if vecs is None:
+        vecs = encoder.encode(texts, queries, progress=progress, desc=desc)
+        _write_cache(path, vecs)
     return vecs
+
+
+def encode_request(documents: Sequence[str], queries: Optional[Sequence[str]], pair_mode: Optional[str]
+                   ) -> Tuple[List[str], Optional[List[str]], Callable[[np.ndarray], np.ndarray]]:
+    """What to encode for these examples -- (texts, second texts or None) -- and how to assemble
+    the examples' vectors from its output: u (single texts), [u, v] (``siamese`` pairs, each
+    sentence encoded once) or the cross-encoded pair (``cross``)."""
+    docs = list(documents)
+    if pair_mode is None or queries is None:
+        return docs, None, lambda vecs: vecs
+    queries = list(queries)
+    if pair_mode == "cross":
+        return docs, queries, lambda vecs: vecs
+    unique = list(dict.fromkeys(docs + queries))       # premises repeat: encode each sentence once
+    pos = {t: i for i, t in enumerate(unique)}
+    first, second = [pos[t] for t in docs], [pos[t] for t in queries]
+    return unique, None, lambda vecs: np.concatenate([vecs[first], vecs[second]], axis=1)
 
 
 def encode_texts(encoder: Encoder, documents: Sequence[str], queries: Optional[Sequence[str]],
                  pair_mode: Optional[str], progress: bool = True, cache: bool = True,
                  desc: str = "encode") -> np.ndarray:
-    """Pooled vectors of examples: u (single texts), [u, v] (``siamese`` pairs, each sentence
-    encoded once) or the cross-encoded pair (``cross``)."""
-    def enc(texts, second=None):
-        if cache:
-            return cached_encode(encoder, texts, second, progress=progress, desc=desc)
-        return encoder.encode(texts, second, progress=progress, desc=desc)
-    docs = list(documents)
-    if pair_mode is None or queries is None:
-        return enc(docs)
-    queries = list(queries)
-    if pair_mode == "cross":
-        return enc(docs, queries)
-    unique = list(dict.fromkeys(docs + queries))       # premises repeat: encode each sentence once
-    pos = {t: i for i, t in enumerate(unique)}
-    vecs = enc(unique)
-    return np.concatenate([vecs[[pos[t] for t in docs]], vecs[[pos[t] for t in queries]]], axis=1)
+    """Pooled vectors of examples (:func:`encode_request`), cached on disk unless ``cache`` is False."""
+    texts, second, assemble = encode_request(documents, queries, pair_mode)
+    if cache:
+        return assemble(cached_encode(encoder, texts, second, progress=progress, desc=desc))
+    return assemble(encoder.encode(texts, second, progress=progress, desc=desc))
+
+
+def encode_groups(encoder: Encoder, groups: Sequence[Tuple[Sequence[str], Optional[Sequence[str]]]],
+                  pair_mode: Optional[str], backend, progress: bool = True) -> List[np.ndarray]:
+    """:func:`encode_texts` of each group of (documents, queries), with whatever the cache lacks
+    encoded by ``backend.encode_groups`` in one call (e.g. one pool of Ray workers for every
+    split), each group in the batches this process would cut, so the vectors are the same."""
+    requests = [encode_request(docs, queries, pair_mode) for docs, queries in groups]
+    paths = [cache_path(encoder, texts, second) for texts, second, _ in requests]
+    out = [_read_cache(p, (len(texts), encoder.hidden_size)) for p, (texts, _, _) in zip(paths, requests)]
+    missing = [i for i, v in enumerate(out) if v is None]
+    if missing:
+        done = backend.encode_groups(encoder, [requests[i][:2] for i in missing], progress=progress)
+        for i, vecs in zip(missing, done):
+            out[i] = vecs
+            _write_cache(paths[i], vecs)
+    return [assemble(vecs) for (_, _, assemble), vecs in zip(requests, out)]

@@ -195,16 +195,25 @@ def tune_head(x_train, y_train, x_dev, y_dev, n_classes: int, base, progress: bo
     return best[0], trials
 
 
+def _encode_splits(encoder, splits: Dict[str, Split], pair_mode, progress: bool, backend=None) -> Dict[str, np.ndarray]:
+    """Each split's encoder output: split by split here, or every split in one call of ``backend``
+    (one pool of workers loads the encoder once); each split cached on its own either way."""
+    from .encoders import encode_groups, encode_texts
+    if backend is None:
+        return {name: encode_texts(encoder, *_texts(s), pair_mode, progress, desc=f"encode {name}")
+                for name, s in splits.items()}
+    return dict(zip(splits, encode_groups(encoder, [_texts(s) for s in splits.values()], pair_mode, backend,
+                                          progress)))
+
+
 def _train_head(tmp: Path, config: TrainConfig, ds: Dataset, splits: Dict[str, Split], encoder, pair_mode,
-                progress: bool, metrics: dict) -> dict:
+                progress: bool, metrics: dict, backend=None) -> dict:
     """Encode, train the head, write its files; returns the manifest fields of head mode."""
     from safetensors.torch import save_file
 
-    from .encoders import encode_texts
     from .models.head import pair_input, predict, train_heads
     t = time.perf_counter()
-    encoded = {name: encode_texts(encoder, *_texts(s), pair_mode, progress, desc=f"encode {name}")
-               for name, s in splits.items()}
+    encoded = _encode_splits(encoder, splits, pair_mode, progress, backend)
     metrics["timings"]["encode_s"] = time.perf_counter() - t
     t = time.perf_counter()
     head_cfg, extra = config.head, {}
@@ -282,12 +291,15 @@ def _finetune(tmp: Path, config: TrainConfig, ds: Dataset, splits: Dict[str, Spl
     return {"hf": _hf_info(classifier, "model/hf", "finetune"), "l2": ft.l2, "extra": {"finetune": ft.to_dict()}}
 
 
-def train_run(config: TrainConfig, out, overwrite: bool = False, progress: bool = True) -> Run:
-    """Train and write a complete run directory at ``out`` (see the module docstring)."""
+def train_run(config: TrainConfig, out, overwrite: bool = False, progress: bool = True, backend=None) -> Run:
+    """Train and write a complete run directory at ``out`` (see the module docstring). ``backend``
+    (e.g. ``distributed.RayBackend``) encodes the texts in head mode; None: this process."""
     from .device import resolve_device
     from .encoders import Encoder
     if config.mode not in ("head", "finetune"):
         raise InstattrError(f"--mode must be head or finetune, got {config.mode!r}")
+    if backend is not None and config.mode != "head":
+        raise InstattrError(f"--backend {backend.name} encodes for --mode head; fine-tuning runs in this process")
     config.head.check()
     device = resolve_device(config.device)
     t0 = time.perf_counter()
@@ -301,7 +313,7 @@ def train_run(config: TrainConfig, out, overwrite: bool = False, progress: bool 
     def make(tmp: Path) -> None:
         metrics = {"timings": {}}
         if config.mode == "head":
-            parts = _train_head(tmp, config, ds, splits, encoder, pair_mode, progress, metrics)
+            parts = _train_head(tmp, config, ds, splits, encoder, pair_mode, progress, metrics, backend)
         else:
             parts = _finetune(tmp, config, ds, splits, encoder, progress, metrics)
         metrics.setdefault("dev_accuracy", None)
