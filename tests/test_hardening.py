@@ -67,14 +67,18 @@ HOLD = textwrap.dedent("""
 """)
 
 
-def test_a_second_writer_is_refused_while_the_first_writes(run, capsys):
+def test_a_second_writer_is_refused_while_the_first_writes(run, capsys, tiny_encoder, toy_data, monkeypatch):
+    monkeypatch.setattr("instattr.pipeline._train_head", lambda *a, **k: pytest.fail("trained a busy run's "
+                                                                                       "replacement"))
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run.path), "30"], stdout=subprocess.PIPE, text=True,
                               cwd=str(Path(__file__).parents[1] / "src"))
     try:
         assert holder.stdout.readline().strip() == "holding"
         before = snapshot(run.path)
         for args in (["attribute", "--run", str(run.path), "--methods", "gd", "--overwrite"],
-                     ["evaluate", "correlation", "--run", str(run.path)], ["report", "--run", str(run.path)]):
+                     ["evaluate", "correlation", "--run", str(run.path)], ["report", "--run", str(run.path)],
+                     ["train", "--data", str(toy_data), "--encoder", tiny_encoder, "--out", str(run.path),
+                      "--overwrite"]):            # refused before it trains, not after
             assert main(["--quiet", *args]) == 2
             one_line(capsys, "busy", f"(pid {holder.pid})")
         assert snapshot(run.path) == before
@@ -166,12 +170,16 @@ def read_only(folder: Path):
                 d.chmod(0o755)
 
 
-def test_a_read_only_run_gives_one_line(run, capsys):
+def test_a_read_only_run_gives_one_line(run, capsys, tiny_encoder, toy_data, monkeypatch):
+    monkeypatch.setattr("instattr.pipeline._train_head", lambda *a, **k: pytest.fail("trained a replacement "
+                                                                                       "it cannot swap in"))
     (run.path / ".lock").unlink(missing_ok=True)
     before = snapshot(run.path)
     with read_only(run.path):
         for args in (["attribute", "--run", str(run.path), "--methods", "gd"],
-                     ["evaluate", "correlation", "--run", str(run.path)], ["report", "--run", str(run.path)]):
+                     ["evaluate", "correlation", "--run", str(run.path)], ["report", "--run", str(run.path)],
+                     ["train", "--data", str(toy_data), "--encoder", tiny_encoder, "--out", str(run.path),
+                      "--overwrite"]):            # refused before it trains, not after
             assert main(["--quiet", *args]) == 2
             one_line(capsys, str(run.path))
     assert snapshot(run.path) == before
@@ -252,7 +260,8 @@ def test_cleanup_touches_only_its_own_leftovers(run, tmp_path):
     """A folder of a dead pid whose name is not instattr's build or swap pattern is kept."""
     from instattr.runlock import recover_run_folder
     pid = dead_pid()
-    theirs = [tmp_path / f".copy.backup-pid{pid}.", tmp_path / f".copy.old-pid{pid}-notes"]
+    theirs = [tmp_path / f".copy.backup-pid{pid}.", tmp_path / f".copy.old-pid{pid}-notes",
+              tmp_path / f".copy.old-pid{pid}.bak", tmp_path / f".copy.building.pid{pid}-x.y"]
     for p in theirs:
         p.mkdir()
     recover_run_folder(run.path)

@@ -247,3 +247,23 @@ def test_a_killed_backend_build_keeps_the_shards_it_had_finished_in_order(run, i
     a = json.loads((out / "index.json").read_text())["methods"]
     assert [s["sha256"] for m in a.values() for s in m["shards"]] == \
         [s["sha256"] for m in index.manifest["methods"].values() for s in m["shards"]]
+
+
+def test_a_build_killed_before_its_first_manifest_starts_again(run, index, tmp_path, monkeypatch):
+    """The folder is marked as an index before anything is written into it, so a build killed
+    that early is rebuilt by the same command instead of being refused as "not an index"."""
+    from instattr.index import IndexStoreError
+    out = tmp_path / "idx"
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(build_mod, "_method_entry", killed)         # after ids.npy, before the full manifest
+    with pytest.raises(RuntimeError, match="killed"):
+        build_run_index(run, METHODS, out, dtype="float32", progress=False, **SMALL)
+    assert (out / "ids.npy").exists()
+    with pytest.raises(IndexStoreError, match="did not finish"):
+        verify(out)
+    monkeypatch.undo()
+    build_run_index(run, METHODS, out, dtype="float32", progress=False, **SMALL)
+    assert verify(out)["files"] == verify(index.root)["files"]

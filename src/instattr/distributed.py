@@ -85,9 +85,10 @@ class ShardWriter:
 class EncodeWorker:
     """A Ray Data actor: one copy of the encoder; pads and encodes the batches it is given."""
 
-    def __init__(self, path: str, pooling: str, max_length: int, ids, types, batches, device: Optional[str]):
+    def __init__(self, path: str, pooling: str, max_length: int, ids, types, batches, device: str,
+                 autocast: bool):
         from .encoders import Encoder
-        self.encoder = Encoder(path, pooling, max_length, device=device)
+        self.encoder = Encoder(path, pooling, max_length, device=device, autocast=autocast)
         self.encoder.model.eval()
         self.ids, self.types, self.batches = _resolved(ids), _resolved(types), _resolved(batches)
 
@@ -109,7 +110,8 @@ def ray_encode_groups(encoder, groups: Sequence[Tuple[Sequence[str], Optional[Se
     """``encoder.encode(texts, queries)`` of each group, by one pool of Ray actors that each load
     the encoder from ``encoder.path`` (a folder every node sees). The driver tokenizes and cuts
     each group into the length-sorted batches the local encoder would cut; the actors pad and
-    encode them. One (n, hidden) float32 array per group, in the order of its texts."""
+    encode them on the device type the driver's encoder uses (a GPU each when that is CUDA), with
+    its precision. One (n, hidden) float32 array per group, in the order of its texts."""
     from .encoders import length_batches
     if not encoder.path or not Path(encoder.path).is_dir():
         raise InstattrError(f"--backend ray: the encoder must be a local folder its workers can load, "
@@ -117,10 +119,12 @@ def ray_encode_groups(encoder, groups: Sequence[Tuple[Sequence[str], Optional[Se
     ids, types, batches, starts = [], [], [], [0]
     for texts, queries in groups:
         if len(texts):
-            gi, gt = encoder.tokenize(texts, queries)     # one tokenizer: token types for all groups or none
+            gi, gt = encoder.tokenize(texts, queries)
+            if (gt is None) != (types is None) and ids:
+                raise InstattrError("--backend ray: the tokenizer gave token types for some texts and not others")
             batches += [np.asarray(b) + starts[-1] for b in length_batches([len(x) for x in gi], encoder.batch_size)]
             ids += list(gi)
-            types = None if gt is None else types + list(gt)
+            types = None if gt is None else (types or []) + list(gt)
         starts.append(starts[-1] + len(texts))
     out = np.zeros((starts[-1], encoder.hidden_size), dtype=np.float32)
     if batches:
@@ -128,15 +132,21 @@ def ray_encode_groups(encoder, groups: Sequence[Tuple[Sequence[str], Optional[Se
         import ray
         import ray.data
         _quiet_ray_data(ray, progress)
+        device = encoder.device.type
         size = max(1, min(_pool_size(ray, workers), len(batches)))
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= size else 0
+        if device == "cuda":
+            size = min(size, int(ray.cluster_resources().get("GPU", 0)))
+            if size < 1:
+                raise InstattrError("--backend ray: the encoder runs on CUDA here but the Ray cluster has no GPU; "
+                                    "pass --device cpu to encode on its CPUs")
+        gpus = 1 if device == "cuda" else 0
         ds = ray.data.from_items([{"batch": j} for j in range(len(batches))])
         done = ds.map_batches(EncodeWorker, batch_size=1, batch_format="numpy", num_gpus=gpus,
                               compute=ray.data.ActorPoolStrategy(size=size),
                               fn_constructor_kwargs={"path": str(encoder.path), "pooling": encoder.pooling,
                                                      "max_length": encoder.max_length, "ids": ray.put(ids),
                                                      "types": ray.put(types), "batches": ray.put(batches),
-                                                     "device": "cuda" if gpus else "cpu"})
+                                                     "device": device, "autocast": encoder.autocast})
         seen = 0
         for part in done.iter_batches(batch_format="numpy", batch_size=None):
             out[part["pos"]] = part["vec"]

@@ -26,7 +26,7 @@ _UMASK = _read_umask()   # read once: os.umask can only be read by setting it, w
 
 
 def process_umask() -> int:
-    """The umask this process started with: new files get ``0o666 & ~process_umask()``."""
+    """The umask when instattr.files was imported: new files get ``0o666 & ~process_umask()``."""
     return _UMASK
 
 

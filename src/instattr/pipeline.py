@@ -10,6 +10,7 @@ import platform
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -127,17 +128,25 @@ def _save_final_layer(folder: Path, w, b=None) -> None:
 
 
 def build_atomically(out, overwrite: bool, make) -> Run:
-    """Call ``make(tmp)`` on a hidden sibling of ``out`` and rename it into place when it returns."""
+    """Call ``make(tmp)`` on a hidden sibling of ``out`` and rename it into place when it returns.
+    A run being replaced (``overwrite``) is locked from the start, so a busy run is refused before
+    any work and no other process writes into it while its replacement is built."""
     out = Path(out)
     recover_run_folder(out)
     if out.exists() and not out.is_dir():
         raise RunError(f"{out}: is a file, not a run directory")
-    if out.exists() and any(out.iterdir()):
+    replacing = out.exists() and any(out.iterdir())
+    if replacing:
         if not overwrite:
             raise RunError(f"{out}: already exists; pass --overwrite to replace it")
         if not (out / "run.json").is_file():
             raise RunError(f"{out}: is not an instattr run (no run.json); refusing to replace it, choose another "
                            "--out")
+    with writing(out, "train/import --overwrite") if replacing else nullcontext():
+        return _build_beside(out, make)
+
+
+def _build_beside(out: Path, make) -> Run:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building.pid{os.getpid()}-"))
@@ -154,19 +163,18 @@ def build_atomically(out, overwrite: bool, make) -> Run:
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing run there is replaced while holding its writer lock,
-    and put back if the second rename fails."""
+    """Rename ``tmp`` to ``out``; an existing run there is moved aside first and put back if the
+    second rename fails."""
     if not out.exists():
         os.replace(tmp, out)
         return
     old = out.with_name(f".{out.name}.old-pid{os.getpid()}.")
-    with writing(out, "train/import --overwrite"):
-        os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            os.replace(old, out)
-            raise
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -52,19 +52,23 @@ def remove_stale_temporaries(folder) -> List[Path]:
 
 def recover_run_folder(path) -> None:
     """Finish what a killed ``train``/``import`` left next to ``path``: restore a run that an
-    interrupted overwrite had moved aside (``.NAME.old-pidN`` with no ``NAME``), and delete the
-    build folders and replaced runs of dead processes."""
+    interrupted overwrite had moved aside (``.NAME.old-pidN.`` with no ``NAME``), and delete the
+    build folders (``.NAME.building.pidN-XXXX``) and replaced runs of dead processes. Nothing
+    else is touched."""
     import shutil
     path = Path(path)
     if not path.parent.is_dir():
         return
-    ours = re.compile(rf"^\.{re.escape(path.name)}\.(building\.pid\d+-|old-pid\d+\.)")
-    for p in sorted(path.parent.glob(f".{path.name}.*")):
+    ours = re.compile(rf"^\.{re.escape(path.name)}\.(?:building\.pid(\d+)-[A-Za-z0-9_]+|old-pid(\d+)\.)$")
+    for p in sorted(path.parent.iterdir()):
         m = ours.match(p.name)
-        if m is None or not p.is_dir() or not _dead_owner(p.name):
+        if m is None or not p.is_dir():
+            continue
+        pid = int(m.group(1) or m.group(2))
+        if pid == os.getpid() or _alive(pid):
             continue
         try:
-            if m.group(1).startswith("old-") and not path.exists():
+            if m.group(2) and not path.exists():
                 os.replace(p, path)            # the swap was interrupted between its two renames
             else:
                 shutil.rmtree(p)

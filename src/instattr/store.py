@@ -55,6 +55,22 @@ def _score_pair_problem(npy: Path, side: Path) -> Optional[str]:
     return None
 
 
+def _top_k_pair_problem(npz: Path, side: Path) -> Optional[str]:
+    """Why a top-k file and its sidecar do not belong together (None when they do)."""
+    try:
+        info = read_json(side)
+    except RunError:
+        return f"its sidecar {side.name} is unreadable"
+    if not isinstance(info, dict):
+        return f"its sidecar {side.name} is not an object"
+    if "bytes" in info and npz.stat().st_size != info["bytes"]:
+        return (f"it has {npz.stat().st_size} bytes, {side.name} recorded {info['bytes']} "
+                "(a truncated or replaced file)")
+    if "sha256" in info and file_digest(npz) != info["sha256"]:
+        return f"its contents are not those {side.name} recorded (an interrupted or concurrent write)"
+    return None
+
+
 # ---------------------------------------------------------------- arrays
 @dataclass
 class FeatureSet:
@@ -328,7 +344,7 @@ class Run:
             raise RunError(f"{p}: missing; run `instattr attribute --run {self.path} --methods {method}`")
         if problem is not None:
             raise RunError(f"{p}: {problem}; recompute it with `instattr attribute --run {self.path} "
-                           f"--methods {method} --overwrite`")
+                           f"--methods {method}`")
         return np.load(p, mmap_mode="r" if mmap else None)
 
     def score_info(self, method: str, split: Optional[str] = None) -> dict:
@@ -385,18 +401,11 @@ class Run:
         side = p.with_suffix(".json")
         if not (p.exists() and side.exists()):
             return "missing"
-        try:
-            info = read_json(side)
-        except RunError:
-            return f"its sidecar {side.name} is unreadable"
-        if not isinstance(info, dict):
-            return f"its sidecar {side.name} is not an object"
-        if "bytes" in info and p.stat().st_size != info["bytes"]:
-            return (f"it has {p.stat().st_size} bytes, {side.name} recorded {info['bytes']} "
-                    "(a truncated or replaced file)")
-        if "sha256" in info and file_digest(p) != info["sha256"]:
-            return f"its contents are not those {side.name} recorded (an interrupted or concurrent write)"
-        return None
+        key = (p.stat().st_mtime_ns, p.stat().st_size, side.stat().st_mtime_ns, side.stat().st_size)
+        memo = self._memo.setdefault("checked top-k", {})
+        if memo.get((method, split, bottom), (None,))[0] != key:
+            memo[(method, split, bottom)] = (key, _top_k_pair_problem(p, side))
+        return memo[(method, split, bottom)][1]
 
     def has_top_k(self, method: str, split: str, bottom: bool = False) -> bool:
         return self.top_k_problem(method, split, bottom) is None
@@ -420,7 +429,7 @@ class Run:
         if problem is not None:
             raise RunError(f"{p}: {problem}; {'' if problem == 'missing' else 're'}compute it with `instattr "
                            f"attribute --run {self.path} --methods {method} --top-k K"
-                           f"{' --bottom-k K' if bottom else ''}{'' if problem == 'missing' else ' --overwrite'}`")
+                           f"{' --bottom-k K' if bottom else ''}`")
         try:
             with np.load(p, allow_pickle=False) as z:
                 out = {k: z[k] for k in ("test_idx", "train_idx", "train_pos", "score", "rank")}

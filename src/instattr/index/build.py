@@ -86,6 +86,8 @@ def _resume(root: Path, spec: dict, overwrite: bool) -> Optional[dict]:
             raise IndexStoreError(f"{root}: exists and is not an index (no index.json); choose another --out")
         return None
     old = read_manifest(root)
+    if "methods" not in old:          # killed before its first full manifest: ours, start again
+        return None
     if old.get("spec") == spec and not overwrite:
         return old
     if not overwrite:
@@ -118,6 +120,7 @@ def build_index(out, train: FeatureSet, methods: Dict[str, object], source: dict
             import shutil
             shutil.rmtree(root)
         root.mkdir(parents=True, exist_ok=True)
+        write_manifest(root, {"format": FORMAT, "spec": spec, "complete": False})   # the folder is an index now
         write_npy(root / "ids.npy", np.asarray([str(i) for i in train.idx]))
         write_npy(root / "labels.npy", np.asarray(train.label if labels is None else labels, dtype=np.int64))
         manifest = {"format": FORMAT, "spec": spec, "n": n, "dtype": dtype, "shard_rows": shard_rows,

@@ -79,7 +79,7 @@ def verify(root, methods: Optional[List[str]] = None) -> Dict[str, object]:
     root = Path(root)
     m = read_manifest(root)
     if not m.get("complete"):
-        done = sum(len(e.get("shards", [])) for e in m["methods"].values())
+        done = sum(len(e.get("shards", [])) for e in m.get("methods", {}).values())
         raise IndexStoreError(f"{root}: the build did not finish ({done} shards written); rerun the same "
                               "`instattr index build` to resume it")
     names = methods or list(m["methods"])

@@ -45,6 +45,9 @@ class Answer:
     seconds: float
 
 
+STOPPED = "live explanation has stopped (the server is shutting down)"
+
+
 class LiveExplainer:
     """``start()`` loads the classifier and fits ``methods`` on the run's training set (once);
     ``submit(text, query, methods, k)`` returns a Future of an :class:`Answer`."""
@@ -62,6 +65,8 @@ class LiveExplainer:
         self.largest_batch = 0          # the most requests answered by one forward pass so far
         self._queue: "queue.Queue[Optional[Request]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
+        self._gate = threading.Lock()   # submit's check-and-put against the worker's and close's stop
+        self._accepting = False
 
     def start(self) -> "LiveExplainer":
         """Load the classifier (a warm-up text runs through it) and fit every method; a run whose
@@ -80,6 +85,7 @@ class LiveExplainer:
             t = time.perf_counter()
             self.fitted[name] = fit_method(self.run, name, train, device=self.device)
             self.fit_seconds[name] = time.perf_counter() - t
+        self._accepting = True
         self._thread = threading.Thread(target=self._loop, name="instattr-live", daemon=True)
         self._thread.start()
         return self
@@ -105,19 +111,23 @@ class LiveExplainer:
         if unknown:
             raise NotFound(f"live explanation has no method {', '.join(map(repr, unknown))}; it offers "
                            f"{', '.join(self.fitted)}")
-        if self._thread is None or not self._thread.is_alive():
-            raise Unavailable("live explanation has stopped (the server is shutting down)")
         fut: Future = Future()
-        self._queue.put(Request(text, query, tuple(methods), int(k), fut))
+        with self._gate:
+            if not self._accepting:
+                raise Unavailable(STOPPED)
+            self._queue.put(Request(text, query, tuple(methods), int(k), fut))
         return fut
 
     def close(self) -> None:
-        """Stop the worker after the requests already queued; any still waiting then fail (503)."""
+        """Stop the worker after the requests already queued; any that arrive later fail (503)."""
+        with self._gate:
+            self._accepting = False
+            if self._thread is not None:
+                self._queue.put(None)
         if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=10)
-            self._thread = None
-        self._fail_waiting()
+            self._thread.join(timeout=10)    # a slow batch may outlast this: the worker drains on its way out
+            if not self._thread.is_alive():
+                self._thread = None
 
     def _fail_waiting(self) -> None:
         while True:
@@ -126,10 +136,18 @@ class LiveExplainer:
             except queue.Empty:
                 return
             if r is not None and r.future.set_running_or_notify_cancel():
-                r.future.set_exception(Unavailable("live explanation has stopped (the server is shutting down)"))
+                r.future.set_exception(Unavailable(STOPPED))
 
     # ------------------------------------------------------------------ the worker
     def _loop(self) -> None:
+        try:
+            self._work()
+        finally:                              # however the worker ends, nothing queued is left waiting
+            with self._gate:
+                self._accepting = False
+            self._fail_waiting()
+
+    def _work(self) -> None:
         import torch
         if self.threads is None:
             self.worker_threads = torch.get_num_threads()
@@ -166,9 +184,7 @@ class LiveExplainer:
                         if not r.future.done():
                             r.future.set_exception(e)
                     if not isinstance(e, Exception):
-                        self._fail_waiting()
                         raise
-        self._fail_waiting()                     # requests queued behind the stop never hang
 
     def _answer(self, batch: List[Request]) -> None:
         from ..methods.topk import bottom_k, top_k
