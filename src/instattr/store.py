@@ -179,9 +179,9 @@ def write_top_k(path: Path, method: str, split: str, kind: str, test_idx: Sequen
     """A top-k (``kind`` "top") or bottom-k ("bottom") file: ``test_idx`` (n_test,) and
     ``train_idx``/``train_pos``/``score``/``rank`` (n_test, K), best first; the .json sidecar (``info``
     plus method, split, kind, k, n_test, n_train, missing, and the .npz's size and sha256) lands last:
-    it is the commit point, as for dense scores. With ``allow_missing`` a row
-    with fewer than K candidates (an approximate search) ends in position -1, id "" and score NaN,
-    and ``missing`` counts them; otherwise every position must be a training row."""
+    it is the commit point, as for dense scores. With ``allow_missing`` a row with fewer than K
+    candidates (an approximate search) ends in position -1, id "" and score NaN, and ``missing``
+    counts them; otherwise every position must be a training row."""
     pos = np.asarray(train_pos, dtype=np.int64)
     score = np.asarray(score, dtype=np.float32)
     ids = np.asarray([str(i) for i in train_idx])
