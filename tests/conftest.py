@@ -127,3 +127,13 @@ def serve_run(tmp_path_factory, tiny_encoder):
                {"method": "if", "order": order, "scores": [float(len(order) - r) for r in range(len(order))],
                 "gold": [0] * len(order), "pred": [0] * len(order)})
     return run
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """One torch thread for a module: tiny autograd calls crawl when threads contend."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

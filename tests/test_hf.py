@@ -24,12 +24,7 @@ from conftest import WORDS, make_dataset
 LR = 5e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")   # conftest
 
 
 def bert_tokenizer(folder, cls=T.BertTokenizerFast):

@@ -31,13 +31,7 @@ from conftest import WORDS, make_dataset
 F64 = dict(dtype="float64", progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny autograd calls crawl when threads contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")   # conftest
 
 
 @pytest.fixture(scope="module")

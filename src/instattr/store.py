@@ -31,14 +31,33 @@ from .runlock import recover_run_folder, remove_stale_temporaries, writing  # no
 FEATURE_KEYS = ("idx", "label", "pred", "probs", "features", "encoder")
 
 
-def _score_pair_problem(npy: Path, side: Path) -> Optional[str]:
-    """Why a score matrix and its sidecar do not belong together (None when they do)."""
+def _read_sidecar(side: Path):
+    """(sidecar dict, None), or (None, why it cannot be read)."""
     try:
         info = read_json(side)
     except RunError:
-        return f"its sidecar {side.name} is unreadable"
-    if not isinstance(info, dict) or not isinstance(info.get("test_idx"), list) \
-            or not isinstance(info.get("train_idx"), list):
+        return None, f"its sidecar {side.name} is unreadable"
+    if not isinstance(info, dict):
+        return None, f"its sidecar {side.name} is not an object"
+    return info, None
+
+
+def _recorded_file_problem(path: Path, side: Path, info: dict) -> Optional[str]:
+    """Whether ``path`` is the file whose size and sha256 its sidecar recorded (the commit point)."""
+    if "bytes" in info and path.stat().st_size != info["bytes"]:
+        return (f"it has {path.stat().st_size} bytes, {side.name} recorded {info['bytes']} "
+                "(a truncated or replaced file)")
+    if "sha256" in info and file_digest(path) != info["sha256"]:
+        return f"its contents are not those {side.name} recorded (an interrupted or concurrent write)"
+    return None
+
+
+def _score_pair_problem(npy: Path, side: Path) -> Optional[str]:
+    """Why a score matrix and its sidecar do not belong together (None when they do)."""
+    info, problem = _read_sidecar(side)
+    if problem is not None:
+        return problem
+    if not isinstance(info.get("test_idx"), list) or not isinstance(info.get("train_idx"), list):
         return f"its sidecar {side.name} lacks test_idx/train_idx"
     want = (len(info["test_idx"]), len(info["train_idx"]))
     shape = npy_shape(npy)
@@ -47,28 +66,13 @@ def _score_pair_problem(npy: Path, side: Path) -> Optional[str]:
     if shape != want:
         return (f"it holds {' x '.join(map(str, shape))} scores but {side.name} names {want[0]} x {want[1]} "
                 "(an interrupted or concurrent write)")
-    if "bytes" in info and npy.stat().st_size != info["bytes"]:
-        return (f"it has {npy.stat().st_size} bytes, {side.name} recorded {info['bytes']} "
-                "(a truncated or replaced file)")
-    if "sha256" in info and file_digest(npy) != info["sha256"]:
-        return f"its contents are not those {side.name} recorded (an interrupted or concurrent write)"
-    return None
+    return _recorded_file_problem(npy, side, info)
 
 
 def _top_k_pair_problem(npz: Path, side: Path) -> Optional[str]:
     """Why a top-k file and its sidecar do not belong together (None when they do)."""
-    try:
-        info = read_json(side)
-    except RunError:
-        return f"its sidecar {side.name} is unreadable"
-    if not isinstance(info, dict):
-        return f"its sidecar {side.name} is not an object"
-    if "bytes" in info and npz.stat().st_size != info["bytes"]:
-        return (f"it has {npz.stat().st_size} bytes, {side.name} recorded {info['bytes']} "
-                "(a truncated or replaced file)")
-    if "sha256" in info and file_digest(npz) != info["sha256"]:
-        return f"its contents are not those {side.name} recorded (an interrupted or concurrent write)"
-    return None
+    info, problem = _read_sidecar(side)
+    return problem if problem is not None else _recorded_file_problem(npz, side, info)
 
 
 # ---------------------------------------------------------------- arrays
@@ -325,15 +329,18 @@ class Run:
     def score_problem(self, method: str, split: str) -> Optional[str]:
         """None when ``method``'s scores on ``split`` are stored whole, else why not ("missing", or how the
         .npy and its sidecar disagree: an interrupted or concurrent write)."""
-        npy = self.score_path(method, split)
-        side = npy.with_suffix(".json")
-        if not (npy.exists() and side.exists()):
+        return self._pair_problem(self.score_path(method, split), _score_pair_problem)
+
+    def _pair_problem(self, path: Path, check) -> Optional[str]:
+        """``check(path, sidecar)``, or "missing"; remembered until either file changes."""
+        side = path.with_suffix(".json")
+        if not (path.exists() and side.exists()):
             return "missing"
-        key = (npy.stat().st_mtime_ns, npy.stat().st_size, side.stat().st_mtime_ns, side.stat().st_size)
-        memo = self._memo.setdefault("checked scores", {})
-        if memo.get((method, split), (None,))[0] != key:
-            memo[(method, split)] = (key, _score_pair_problem(npy, side))
-        return memo[(method, split)][1]
+        key = (path.stat().st_mtime_ns, path.stat().st_size, side.stat().st_mtime_ns, side.stat().st_size)
+        memo = self._memo.setdefault("checked pairs", {})
+        if memo.get(path, (None,))[0] != key:
+            memo[path] = (key, check(path, side))
+        return memo[path][1]
 
     def scores(self, method: str, split: Optional[str] = None, mmap: bool = True) -> np.ndarray:
         """The stored (n_test, n_train) float32 score matrix of ``method`` on ``split``."""
@@ -397,15 +404,7 @@ class Run:
     def top_k_problem(self, method: str, split: str, bottom: bool = False) -> Optional[str]:
         """None when the top-k (``bottom``: bottom-k) file and its sidecar belong together, else why not
         ("missing", or how they disagree: an interrupted or concurrent write)."""
-        p = self.top_k_path(method, split, bottom)
-        side = p.with_suffix(".json")
-        if not (p.exists() and side.exists()):
-            return "missing"
-        key = (p.stat().st_mtime_ns, p.stat().st_size, side.stat().st_mtime_ns, side.stat().st_size)
-        memo = self._memo.setdefault("checked top-k", {})
-        if memo.get((method, split, bottom), (None,))[0] != key:
-            memo[(method, split, bottom)] = (key, _top_k_pair_problem(p, side))
-        return memo[(method, split, bottom)][1]
+        return self._pair_problem(self.top_k_path(method, split, bottom), _top_k_pair_problem)
 
     def has_top_k(self, method: str, split: str, bottom: bool = False) -> bool:
         return self.top_k_problem(method, split, bottom) is None
