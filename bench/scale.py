@@ -1,7 +1,7 @@
 """Scale: exact top-k from an index over 100k-4M synthetic training rows, FAISS, and Ray against local.
 
     python bench/scale.py --rows 100000 [1000000 4000000] [--classes 2 3] [--queries 1000] [--k 100]
-                          [--dir /tmp/instattr-scale] [--hans RUN] [--workers 2] [--no-ann] [--no-ray]
+                          [--dir /tmp/instattr-scale] [--hans RUN] [--import-model MODEL] [--workers 2] [--no-ann]
 
 Synthetic training sets: d = 384 features drawn around 256 cluster centres (as sentence
 embeddings are), stored as float16 memory-mapped .npy files; gold labels from a noisy linear
@@ -16,7 +16,15 @@ teacher, probabilities from a random final layer with a bias. For each size and 
    RssAnon when the search started (what the build and earlier searches left in the process);
 3. on a 20k-row sample: a float32 index's exact search against top_k of the dense scores (must
    be bit-identical);
-4. FAISS recall@10 against exact over the queries, and seconds per query, ANN against exact.
+4. FAISS recall@10 against exact over the queries, the lists searched (nprobe, tuned at build
+   time on the first 200 queries to recall@10 0.95), the seconds to read the FAISS index (once
+   per process: the first query), and seconds per query after it, ANN (top 10, candidates
+   rescored exactly) against exact (top 100).
+
+A finished index of the same size is reused (``build_index`` resumes it: nothing to do).
+
+With ``--import-model MODEL`` (a Hugging Face checkpoint folder): ``import`` of ``--import-data``
+(``--import-limit`` training rows) locally and with Ray, every array compared bit for bit.
 
 With ``--hans RUN`` (a trained hans run): ``attribute --top-k`` of gd, if and nn-cos, local
 against Ray with ``--workers`` local workers, and the encoding of its training texts (what
@@ -35,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from instattr.index import Index, build_index
+from instattr.index.ann import close as close_ann
 from instattr.methods import get_method, top_k
 from instattr.methods.scoring import TRAIN_BLOCK, Grid
 from instattr.store import FeatureSet, FinalLayer
@@ -154,7 +163,7 @@ def bench_size(folder: Path, n: int, c: int, n_queries: int, k: int, ann: bool) 
     mapped = sum((out / s["file"]).stat().st_size for e in index.manifest["methods"].values() for s in e["shards"])
     print(f"memory-mapped training sides: {mapped / 2 ** 20:.0f} MB")
     print(f"{'method':8s} {'dim':>5s} {'exact s':>8s} {'floor s':>8s} {'x floor':>8s} {'peak MB':>8s} {'start MB':>8s}"
-          + (f" {'recall@10':>10s} {'ANN s/q':>9s} {'exact s/q':>9s} {'speed-up':>8s}" if ann else ""))
+          + (f" {'recall@10':>10s} {'nprobe':>11s} {'open s':>7s} {'ANN s/q':>9s} {'exact s/q':>9s} {'speed-up':>8s}" if ann else ""))
     for name in METHODS:
         m = index.method(name)
         floor = gemm_floor(index, name, m.test_side(queries).vectors)
@@ -167,11 +176,17 @@ def bench_size(folder: Path, n: int, c: int, n_queries: int, k: int, ann: bool) 
                f"{exact_s / floor:8.2f} {mem.peak:8.0f} {mem.start:8.0f}")
         if ann:
             t0 = time.perf_counter()
+            index.ann_search([name], queries.subset(slice(0, 1)), 10)      # reads the FAISS index
+            open_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
             approx = index.ann_search([name], queries, 10)[name]["top"]
             ann_s = (time.perf_counter() - t0) / len(queries)
+            close_ann()
             recall = np.mean([len(set(a) & set(b[:10])) / 10 for a, b in zip(approx[0], exact[0])])
             per_q = exact_s / len(queries)
-            row += f" {recall:10.3f} {ann_s:9.5f} {per_q:9.5f} {per_q / ann_s:8.1f}"
+            e = index.manifest["methods"][name]["ann"]
+            lists = f"{e['breadth']}/{max(p['nlist'] for p in e['parts'])}"
+            row += f" {recall:10.3f} {lists:>11s} {open_s:7.1f} {ann_s:9.5f} {per_q:9.5f} {per_q / ann_s:8.1f}"
         print(row)
     sample = train.subset(slice(0, min(n, 20000)))
     same = folder / f"sample-{n}-{c}"
@@ -232,6 +247,29 @@ def bench_ray_encode(run, workers: int) -> None:
           f"max |diff| {np.abs(local - by_ray).max():.2g}")
 
 
+def bench_ray_import(model: str, data: str, limit: int, workers: int) -> None:
+    """`import --backend ray` against a local import of a Hugging Face checkpoint: every split's
+    features, probabilities and sentence embeddings, bit for bit, and both times."""
+    from instattr.distributed import RayBackend
+    from instattr.pipeline import ImportConfig, import_run
+    os.environ["INSTATTR_CACHE"] = "off"            # both imports encode (no cached sentence embeddings)
+    print(f"\n== import {model} on {data} (--limit-train {limit}): local against Ray ({workers} local workers)")
+    cfg = ImportConfig(model=model, data=data, limit_train=limit)
+    runs, times = {}, {}
+    for backend in ("local", "ray"):
+        out = Path(f"/tmp/instattr-scale-import-{backend}")
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        runs[backend] = import_run(cfg, out, progress=False,
+                                   backend=RayBackend(workers=workers) if backend == "ray" else None)
+        times[backend] = time.perf_counter() - t0
+    rows = {s: len(runs["local"].features(s)) for s in runs["local"].splits}
+    same = all(np.array_equal(getattr(runs["local"].features(s), f), getattr(runs["ray"].features(s), f))
+               for s in rows for f in ("features", "probs", "encoder"))
+    print(f"rows {rows}: local {times['local']:.1f} s, ray {times['ray']:.1f} s (Ray already started); "
+          f"features, probabilities and sentence embeddings bit-identical: {same}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, nargs="*", default=[100000], help="training-set sizes (none: Ray only)")
@@ -242,6 +280,9 @@ def main(argv=None):
     ap.add_argument("--hans", help="a trained hans run, for Ray against local")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-ann", action="store_true")
+    ap.add_argument("--import-model", help="a Hugging Face checkpoint folder: import it locally and with Ray")
+    ap.add_argument("--import-data", default="sst2")
+    ap.add_argument("--import-limit", type=int, default=2000, help="--limit-train of both imports")
     args = ap.parse_args(argv)
     print(f"scale bench: block {Grid().test_rows} x {Grid().train_rows}; {os.cpu_count()} CPUs")
     for n in args.rows:
@@ -249,6 +290,8 @@ def main(argv=None):
             bench_size(Path(args.dir), n, c, args.queries, args.k, not args.no_ann)
     if args.hans:
         bench_ray(args.hans, args.workers, args.k)
+    if args.import_model:
+        bench_ray_import(args.import_model, args.import_data, args.import_limit, args.workers)
     return 0
 
 

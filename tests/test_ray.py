@@ -77,3 +77,53 @@ def test_ray_encoding_is_for_head_mode(tmp_path, tiny_encoder, toy_data, capsys)
                  "--backend", "ray", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "--backend ray encodes for --mode head" in err and err.count("\n") == 1
+
+
+def test_ray_import_equals_local(local_ray, tmp_path, tiny_encoder, monkeypatch):
+    """`import --backend ray` runs the checkpoint on a pool of actors, one copy each, in the
+    batches this process cuts: the same features, probabilities and sentence embeddings."""
+    from instattr.distributed import RayBackend, ray_classify_groups
+    from instattr.models.hf import HFClassifier
+    from instattr.pipeline import ImportConfig, import_run
+    from test_hf import build
+
+    from conftest import make_dataset
+    monkeypatch.setenv("INSTATTR_CACHE", "off")            # the second import must not read the first's cache
+    data = make_dataset(tmp_path / "data", n_train=70, n_test=9, n_dev=3, pairs=True)
+    tok, model = build("bert", tmp_path, 2)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    cfg = ImportConfig(model=str(folder), data=str(data), damping=0.01, sbert=tiny_encoder)
+    local = import_run(cfg, tmp_path / "local", progress=False)
+    by_ray = import_run(cfg, tmp_path / "ray", progress=False, backend=RayBackend(workers=2))
+    for split in local.splits:
+        a, b = local.features(split), by_ray.features(split)
+        for field in ("features", "probs", "encoder", "pred"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert len(local.features("train")) == 70            # two batches of 64 and 6: both actors work
+    clf = HFClassifier(str(folder), ["0", "1"], True, 0.01, 32, {}, device="cpu")
+    ((f0, p0),) = ray_classify_groups(clf, [([], [])], workers=2)     # nothing to classify: no pool
+    assert f0.shape == (0, 16) and p0.shape == (0, 2)
+
+
+def test_workers_start_with_the_driver_thread_counts(local_ray):
+    """Ray starts workers with one OpenMP thread; on some CPUs the thread count a process starts
+    with changes float32 GEMM and transformer results in the last bit (on an AMD EPYC the hans
+    run's Ray top-k scores differed from the local ones by up to 2e-5), so every actor and task
+    gets the driver's counts."""
+    import torch
+    from threadpoolctl import threadpool_info
+
+    from instattr.distributed import _driver_threads
+
+    def counts():
+        import numpy  # noqa: F401  (loads its BLAS)
+        import torch
+        from threadpoolctl import threadpool_info
+        return torch.get_num_threads(), max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+    # (the suite's process has more BLAS libraries loaded than a fresh worker: FAISS's, ...)
+    want = (torch.get_num_threads(), max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"))
+    assert ray.get(ray.remote(counts).options(runtime_env=_driver_threads()).remote()) == want
+    if want[0] > 1:         # what the workers get without it
+        assert ray.get(ray.remote(counts).remote())[0] == 1

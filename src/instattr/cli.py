@@ -38,8 +38,9 @@ def cmd_train(a) -> int:
 
 
 def cmd_import(a) -> int:
+    from .cli_index import backend_of
     from .pipeline import import_run
-    run = import_run(import_config(a), a.out, overwrite=a.overwrite, progress=not a.quiet)
+    run = import_run(import_config(a), a.out, overwrite=a.overwrite, progress=not a.quiet, backend=backend_of(a))
     m = run.metrics
     acc = _accuracies(m)
     print(f"imported {a.model} into {run.path}: {acc} ({m['timings']['total_s']:.0f} s)")
@@ -237,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--seed", type=int, default=0, help="seed of the --limit-* samples")
     im.add_argument("--out", required=True, help="run directory to create")
     im.add_argument("--overwrite", action="store_true", help="replace an existing run")
+    backend_args(im.add_argument_group("classifying on a cluster"), "where the texts are classified and encoded")
     device_arg(im)
     im.set_defaults(func=cmd_import)
 

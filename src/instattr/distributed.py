@@ -1,5 +1,11 @@
-"""The Ray backend (optional: ``pip install 'instattr[ray]'``): training sides and score blocks on a cluster.
+"""The Ray backend (optional: ``pip install 'instattr[ray]'``): models, training sides and score blocks on a cluster.
 
+- Texts: ``train --backend ray`` encodes, and ``import --backend ray`` classifies (a Hugging Face
+  checkpoint's final-layer inputs and probabilities) and encodes, with a Ray Data ``map_batches``
+  over batch numbers run by a pool of actors (:class:`EncodeWorker`, :class:`ClassifyWorker`),
+  each loading the model once from a folder every node sees (a GPU each when the driver's device
+  is CUDA). The driver tokenizes and cuts the length-sorted batches the local path would cut, so
+  the arrays are the local ones.
 - Training sides: a Ray Data ``map_batches`` over the shards of an index, run by a pool of actors
   (:class:`ShardWriter`), each holding the fitted methods and the training rows once (a GPU each
   where the cluster has them); each actor writes its shards into the index folder, which must be
@@ -104,18 +110,32 @@ class EncodeWorker:
         return {"pos": np.concatenate(pos), "vec": np.concatenate(vecs)}
 
 
-def ray_encode_groups(encoder, groups: Sequence[Tuple[Sequence[str], Optional[Sequence[str]]]],
-                      progress: bool = False, address: Optional[str] = None,
-                      workers: Optional[int] = None) -> List[np.ndarray]:
-    """``encoder.encode(texts, queries)`` of each group, by one pool of Ray actors that each load
-    the encoder from ``encoder.path`` (a folder every node sees). The driver tokenizes and cuts
-    each group into the length-sorted batches the local encoder would cut; the actors pad and
-    encode them on the device type the driver's encoder uses (a GPU each when that is CUDA), with
-    its precision. One (n, hidden) float32 array per group, in the order of its texts."""
+class ClassifyWorker:
+    """A Ray Data actor: one copy of a Hugging Face classifier; pads the batches it is given and
+    returns its final layer's inputs and its probabilities."""
+
+    def __init__(self, path: str, label_names, is_pair: bool, max_length: int, final_layer: str, ids, types,
+                 batches, device: str):
+        from .models.hf import HFClassifier
+        self.classifier = HFClassifier(path, label_names, is_pair, 0.0, max_length, {}, final_layer, device=device)
+        self.classifier.model.eval()
+        self.ids, self.types, self.batches = _resolved(ids), _resolved(types), _resolved(batches)
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        pos, feats, probs = [], [], []
+        for j in batch["batch"]:
+            rows = self.batches[int(j)]
+            f, p = self.classifier.forward_batch(self.classifier.encoder().pad(self.ids, self.types, rows))
+            pos.append(np.asarray(rows, dtype=np.int64))
+            feats.append(f)
+            probs.append(p)
+        return {"pos": np.concatenate(pos), "feat": np.concatenate(feats), "prob": np.concatenate(probs)}
+
+
+def _cut(encoder, groups: Sequence[Tuple[Sequence[str], Optional[Sequence[str]]]]):
+    """Every group tokenized and cut into the length-sorted batches ``encoder.batches`` would cut:
+    (ids, token types or None, batches of positions into ids, where each group starts)."""
     from .encoders import length_batches
-    if not encoder.path or not Path(encoder.path).is_dir():
-        raise InstattrError(f"--backend ray: the encoder must be a local folder its workers can load, "
-                            f"not {encoder.name!r}")
     ids, types, batches, starts = [], [], [], [0]
     for texts, queries in groups:
         if len(texts):
@@ -126,34 +146,99 @@ def ray_encode_groups(encoder, groups: Sequence[Tuple[Sequence[str], Optional[Se
             ids += list(gi)
             types = None if gt is None else (types or []) + list(gt)
         starts.append(starts[-1] + len(texts))
+    return ids, types, batches, starts
+
+
+def _pool_map(worker, n_batches: int, device: str, kwargs: dict, progress: bool, address: Optional[str],
+              workers: Optional[int]):
+    """Batch numbers ``0..n_batches-1`` through a pool of ``worker`` actors (Ray Data
+    ``map_batches``), on the driver's device type (one GPU per actor for CUDA): the output batches."""
+    connect(address, workers)
+    import ray
+    import ray.data
+    _quiet_ray_data(ray, progress)
+    size = max(1, min(_pool_size(ray, workers), n_batches))
+    if device == "cuda":
+        size = min(size, int(ray.cluster_resources().get("GPU", 0)))
+        if size < 1:
+            raise InstattrError("--backend ray: the model runs on CUDA here but the Ray cluster has no GPU; "
+                                "pass --device cpu to run on its CPUs")
+    ds = ray.data.from_items([{"batch": j} for j in range(n_batches)])
+    done = ds.map_batches(worker, batch_size=1, batch_format="numpy", num_gpus=1 if device == "cuda" else 0,
+                          compute=ray.data.ActorPoolStrategy(size=size), runtime_env=_driver_threads(),
+                          fn_constructor_kwargs={k: ray.put(v) if k in ("ids", "types", "batches") else v
+                                                 for k, v in kwargs.items()})
+    return done.iter_batches(batch_format="numpy", batch_size=None)
+
+
+def _driver_threads() -> dict:
+    """The runtime environment of every actor and task: this process's thread counts. Ray starts
+    workers with ``OMP_NUM_THREADS=1``, and the thread count a process starts with changes float32
+    results in the last bit on some CPUs (torch's MKL in a transformer; numpy's OpenBLAS in a
+    GEMM on an AMD EPYC). Ray merges it into the job's environment (``local_env``)."""
+    import torch
+    from threadpoolctl import threadpool_info
+    env = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+    blas = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"
+            and p.get("internal_api") == "openblas"]
+    if blas:
+        env["OPENBLAS_NUM_THREADS"] = str(max(blas))
+    return {"env_vars": env}
+
+
+def ray_encode_groups(encoder, groups: Sequence[Tuple[Sequence[str], Optional[Sequence[str]]]],
+                      progress: bool = False, address: Optional[str] = None,
+                      workers: Optional[int] = None) -> List[np.ndarray]:
+    """``encoder.encode(texts, queries)`` of each group, by one pool of Ray actors that each load
+    the encoder from ``encoder.path`` (a folder every node sees). The driver tokenizes and cuts
+    each group into the length-sorted batches the local encoder would cut; the actors pad and
+    encode them on the device type the driver's encoder uses (a GPU each when that is CUDA), with
+    its precision. One (n, hidden) float32 array per group, in the order of its texts."""
+    if not encoder.path or not Path(encoder.path).is_dir():
+        raise InstattrError(f"--backend ray: the encoder must be a local folder its workers can load, "
+                            f"not {encoder.name!r}")
+    ids, types, batches, starts = _cut(encoder, groups)
     out = np.zeros((starts[-1], encoder.hidden_size), dtype=np.float32)
+    seen = 0
     if batches:
-        connect(address, workers)
-        import ray
-        import ray.data
-        _quiet_ray_data(ray, progress)
-        device = encoder.device.type
-        size = max(1, min(_pool_size(ray, workers), len(batches)))
-        if device == "cuda":
-            size = min(size, int(ray.cluster_resources().get("GPU", 0)))
-            if size < 1:
-                raise InstattrError("--backend ray: the encoder runs on CUDA here but the Ray cluster has no GPU; "
-                                    "pass --device cpu to encode on its CPUs")
-        gpus = 1 if device == "cuda" else 0
-        ds = ray.data.from_items([{"batch": j} for j in range(len(batches))])
-        done = ds.map_batches(EncodeWorker, batch_size=1, batch_format="numpy", num_gpus=gpus,
-                              compute=ray.data.ActorPoolStrategy(size=size),
-                              fn_constructor_kwargs={"path": str(encoder.path), "pooling": encoder.pooling,
-                                                     "max_length": encoder.max_length, "ids": ray.put(ids),
-                                                     "types": ray.put(types), "batches": ray.put(batches),
-                                                     "device": device, "autocast": encoder.autocast})
-        seen = 0
-        for part in done.iter_batches(batch_format="numpy", batch_size=None):
+        kwargs = {"path": str(encoder.path), "pooling": encoder.pooling, "max_length": encoder.max_length,
+                  "ids": ids, "types": types, "batches": batches, "device": encoder.device.type,
+                  "autocast": encoder.autocast}
+        for part in _pool_map(EncodeWorker, len(batches), encoder.device.type, kwargs, progress, address, workers):
             out[part["pos"]] = part["vec"]
             seen += len(part["pos"])
-        if seen != starts[-1]:
-            raise InstattrError(f"--backend ray: the workers encoded {seen} of {starts[-1]} texts")
+    if seen != starts[-1]:
+        raise InstattrError(f"--backend ray: the workers encoded {seen} of {starts[-1]} texts")
     return [out[a:b] for a, b in zip(starts[:-1], starts[1:])]
+
+
+def ray_classify_groups(classifier, groups: Sequence[Tuple[Sequence[str], Optional[Sequence[str]]]],
+                        progress: bool = False, address: Optional[str] = None,
+                        workers: Optional[int] = None) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """``classifier.forward_texts(documents, queries)`` of each group (an
+    :class:`~instattr.models.hf.HFClassifier`), by one pool of Ray actors that each load the
+    checkpoint folder (one every node sees), in the batches this process would cut: (final
+    layer's inputs, probabilities) per group, in the order of its texts."""
+    if not Path(classifier.path).is_dir():
+        raise InstattrError(f"--backend ray: the model must be a local folder its workers can load, "
+                            f"not {classifier.path!r}")
+    encoder = classifier.encoder()
+    ids, types, batches, starts = _cut(encoder, groups)
+    feats = np.zeros((starts[-1], classifier.final_module().in_features), dtype=np.float32)
+    probs = np.zeros((starts[-1], classifier.n_classes), dtype=np.float32)
+    seen = 0
+    if batches:
+        device = classifier.device.type
+        kwargs = {"path": classifier.path, "label_names": list(classifier.label_names),
+                  "is_pair": classifier.pair_mode is not None, "max_length": classifier.max_length,
+                  "final_layer": classifier.final_name, "ids": ids, "types": types, "batches": batches,
+                  "device": device}
+        for part in _pool_map(ClassifyWorker, len(batches), device, kwargs, progress, address, workers):
+            feats[part["pos"]], probs[part["pos"]] = part["feat"], part["prob"]
+            seen += len(part["pos"])
+    if seen != starts[-1]:
+        raise InstattrError(f"--backend ray: the workers classified {seen} of {starts[-1]} texts")
+    return [(feats[a:b], probs[a:b]) for a, b in zip(starts[:-1], starts[1:])]
 
 
 def _quiet_ray_data(ray, progress: bool) -> None:
@@ -181,7 +266,7 @@ def ray_build_shards(root: Path, train, methods: Dict[str, object], shards: List
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= size else 0
     ds = ray.data.from_items([{"shard": int(i)} for i in todo])
     out = ds.map_batches(ShardWriter, batch_size=1, batch_format="numpy", num_gpus=gpus,
-                         compute=ray.data.ActorPoolStrategy(size=size),
+                         compute=ray.data.ActorPoolStrategy(size=size), runtime_env=_driver_threads(),
                          fn_constructor_kwargs={"root": str(root), "train": ray.put(train),
                                                 "methods": ray.put(methods), "dtype": dtype,
                                                 "train_rows": train_rows,
@@ -211,7 +296,7 @@ def ray_search(root, names: Sequence[str], methods: Dict[str, object], test, k: 
     blocks = grid.test_blocks(len(test))
     sides = {n: [methods[n].test_side(test.subset(b)) for b in blocks] for n in names}
     rows_of = {b.start: j for j, b in enumerate(blocks)}
-    task = ray.remote(_shard_top_k)
+    task = ray.remote(_shard_top_k).options(runtime_env=_driver_threads())
     sides_ref = ray.put(sides)
     ranges = [(s, min(s + index.shard_rows, index.n)) for s in range(0, index.n, index.shard_rows)]
     parts = ray.get([task.remote(str(root), list(names), sides_ref, rows_of, grid.test_rows, len(test), k,
@@ -258,6 +343,10 @@ class RayBackend:
     def encode_groups(self, encoder, groups, progress: bool = False) -> List[np.ndarray]:
         """``encoder.encode(texts, queries)`` of each group on one pool of actors, one encoder each."""
         return ray_encode_groups(encoder, groups, progress, self.address, self.workers)
+
+    def classify_groups(self, classifier, groups, progress: bool = False):
+        """``classifier.forward_texts(documents, queries)`` of each group on one pool of actors."""
+        return ray_classify_groups(classifier, groups, progress, self.address, self.workers)
 
     def build_shards(self, root, train, methods, shards, todo, dtype: str, train_rows: int, progress: bool = False):
         """Write the index shards ``todo`` with a pool of actors; yields (shard, its file entries) as

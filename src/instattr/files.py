@@ -48,6 +48,11 @@ def _atomic(path: Path, write) -> Path:
     return path
 
 
+def write_stream(path, write) -> Path:
+    """Write ``path`` atomically with ``write(f)``, ``f`` a binary file open on a temporary beside it."""
+    return _atomic(path, write)
+
+
 def write_bytes(path, data: bytes) -> Path:
     return _atomic(path, lambda f: f.write(data))
 

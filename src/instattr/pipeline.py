@@ -255,14 +255,24 @@ def _train_head(tmp: Path, config: TrainConfig, ds: Dataset, splits: Dict[str, S
 
 # ------------------------------------------------------------------ Hugging Face classifiers
 def _featurize_hf(tmp: Path, classifier, splits: Dict[str, Split], n_classes: int, progress: bool,
-                  metrics: dict) -> None:
-    """Features, probabilities and sentence embeddings of every split through an HF classifier."""
+                  metrics: dict, backend=None) -> None:
+    """Features, probabilities and sentence embeddings of every split through an HF classifier:
+    split by split here, or every split in one call of ``backend`` (e.g. a pool of Ray workers)."""
+    from .encoders import encode_groups
     t = time.perf_counter()
-    for name, s in splits.items():
-        docs, queries = _texts(s)
-        feats, probs = classifier.forward_texts(docs, queries, progress, desc=f"classify {name}")
-        encoded = classifier.sentence_embeddings(docs, queries, progress, cache=True)
-        _write_split(tmp, s, feats, probs, encoded, n_classes, metrics)
+    if backend is None:           # a split at a time: one split's arrays in memory
+        for name, s in splits.items():
+            docs, queries = _texts(s)
+            feats, probs = classifier.forward_texts(docs, queries, progress, desc=f"classify {name}")
+            encoded = classifier.sentence_embeddings(docs, queries, progress, cache=True)
+            _write_split(tmp, s, feats, probs, encoded, n_classes, metrics)
+    else:
+        groups = [_texts(s) for s in splits.values()]
+        outputs = backend.classify_groups(classifier, groups, progress)
+        encoded = encode_groups(classifier.sbert(), groups, "siamese" if classifier.pair_mode else None, backend,
+                                progress)
+        for s, (feats, probs), enc in zip(splits.values(), outputs, encoded):
+            _write_split(tmp, s, feats, probs, enc, n_classes, metrics)
     lin = classifier.final_layer()
     _save_final_layer(tmp, lin.w, lin.b)
     metrics["timings"]["featurize_s"] = time.perf_counter() - t
@@ -362,14 +372,16 @@ class ImportConfig:
         return {"text": self.text_field, "query": self.query_field, "label": self.label_field}
 
 
-def import_run(config: ImportConfig, out, overwrite: bool = False, progress: bool = True) -> Run:
+def import_run(config: ImportConfig, out, overwrite: bool = False, progress: bool = True, backend=None) -> Run:
     """A run from an existing ``AutoModelForSequenceClassification`` checkpoint folder, not trained.
 
     Labels come from the checkpoint's ``id2label``, checked against the dataset's; the checkpoint's
     tokenizer reads the texts (pairs through its pair input) up to ``max_length`` (default: the
     tokenizer's ``model_max_length``, at most the model's positions). ``damping`` stands in for the
     L2 penalty the model was not trained with (the closed forms' ``2 lambda I``, representer
-    points' refit). ``sbert`` is the untuned sentence encoder of the sbert-* baselines."""
+    points' refit). ``sbert`` is the untuned sentence encoder of the sbert-* baselines. ``backend``
+    (e.g. ``distributed.RayBackend``) runs the classifier and the sentence encoder on a pool of
+    workers, in the batches this process would cut."""
     from .device import resolve_device
     from .encoders import Encoder, check_max_length
     from .models.hf import HFClassifier, check_labels, load_hf
@@ -394,7 +406,7 @@ def import_run(config: ImportConfig, out, overwrite: bool = False, progress: boo
 
     def make(tmp: Path) -> None:
         metrics = {"timings": {}}
-        _featurize_hf(tmp, classifier, splits, len(ds.label_names), progress, metrics)
+        _featurize_hf(tmp, classifier, splits, len(ds.label_names), progress, metrics, backend)
         metrics.setdefault("dev_accuracy", None)
         metrics.setdefault("test_accuracy", None)
         recorded = {**asdict(config), "model": path, "max_length": length, "final_layer": classifier.final_name}

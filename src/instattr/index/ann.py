@@ -1,28 +1,42 @@
 """Approximate search with FAISS (optional: ``pip install 'instattr[faiss]'``).
 
 Each method's training side becomes plain inner-product vectors (:func:`~instattr.methods.sides.plain_vectors`,
-then the finish's augmentation: nn-euc's ``[b, |b|^2]``), indexed by an inner-product IVF
-(``ivf``) or HNSW (``hnsw``) index. At build time the exact top-k of sample queries is computed
-with the exact scorer and the search breadth (IVF ``nprobe``, HNSW ``efSearch``) is raised until
-recall@k reaches the target; the breadth and the recall reached are stored in the manifest. A
-query's candidates are rescored exactly, so reported scores are exact and only the candidate set
-is approximate. With faiss-gpu and a GPU, IVF searches run on the GPU.
+then the finish's augmentation: nn-euc's ``[b, |b|^2]``), indexed by one FAISS index per method:
+
+- ``ivf``: an inner-product IVF over the plain vectors as they are (``IndexIVFFlat``, k-means
+  lists, each row in the list whose centroid has the largest inner product with it; a query
+  scans the ``nprobe`` lists whose centroids score highest). Rows whose norms differ by orders of
+  magnitude (gd and if: most training rows have near-zero gradients) stay where they are: the
+  large rows pull their lists' centroids, so a query's best rows sit in its best lists.
+- ``hnsw``: a graph over the maximum-inner-product to nearest-neighbour reduction
+  ``[x, sqrt(M^2 - |x|^2)]`` (queries ``[q, 0]``), which a graph needs to navigate; good for the
+  nn-* methods, weak for gradients (their near-zero rows crowd the added axis).
+
+At build time the exact top-k of sample queries is computed with the exact scorer and the search
+breadth (IVF ``nprobe``, HNSW ``efSearch``) is raised until recall@k reaches the target; the
+breadth and the recall reached are stored in the manifest. A query's candidates are rescored
+exactly, so reported scores are exact and only the candidate set is approximate. With faiss-gpu
+and a GPU, IVF searches run on the GPU.
+
+(Indexes written before this layout -- up to 8 per method, one per range of norms, each with the
+reduction -- are still searched: every part, the query padded to the part's dimension.)
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from ..files import write_stream
 from ..methods.scoring import Grid, Member, finished, merge_top_k, score_top_k
 from ..methods.sides import FINISHES, plain_vectors
 from .layout import IndexStoreError, file_entry
 
 KINDS = ("ivf", "hnsw")
 ANN_TEST_ROWS = 64       # queries per block when rescoring candidates
+MAX_LISTS = 1024         # IVF lists: sqrt(n), at most this many (4M rows: lists of ~4,000 rows)
+TRAIN_PER_LIST = 40      # k-means sample: rows per list
 
 
 def faiss_module():
@@ -36,7 +50,7 @@ def faiss_module():
 def train_vectors(side, finish, max_norm: Optional[float] = None) -> np.ndarray:
     """Plain inner-product vectors of training rows; with ``max_norm`` M, ``[x, sqrt(M^2 - |x|^2)]``:
     every row then has norm M, so the largest inner product is the nearest neighbour (the
-    maximum-inner-product to nearest-neighbour reduction), which IVF and HNSW search well."""
+    maximum-inner-product to nearest-neighbour reduction, for HNSW)."""
     x = np.ascontiguousarray(finish.ann_train(plain_vectors(side, test=False)), dtype=np.float32)
     if max_norm is None:
         return x
@@ -45,9 +59,8 @@ def train_vectors(side, finish, max_norm: Optional[float] = None) -> np.ndarray:
 
 
 def query_vectors(side, finish, largest: bool = True) -> np.ndarray:
-    """Plain inner-product query vectors (``-a`` for the bottom), with the reduction's 0 appended."""
-    q = finish.ann_query(plain_vectors(side, test=True), largest)
-    return np.ascontiguousarray(np.concatenate([q, np.zeros((len(q), 1), dtype=np.float32)], axis=1))
+    """Plain inner-product query vectors (``-a`` for the bottom)."""
+    return np.ascontiguousarray(finish.ann_query(plain_vectors(side, test=True), largest), dtype=np.float32)
 
 
 def _breadths(kind: str, nlist: int):
@@ -60,31 +73,18 @@ def _breadths(kind: str, nlist: int):
     return [16, 32, 64, 128, 256, 512, 1024]
 
 
-PART_ROWS = 12500       # rows per norm range (at most MAX_PARTS ranges)
-MAX_PARTS = 8
-
-
 def _write(index, path: Path) -> None:
+    """The FAISS index at ``path``, written atomically (a temporary beside it, fsync, rename)."""
     faiss = faiss_module()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        faiss.write_index(index, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_stream(path, lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write)))
 
 
 def build_ann(root: Path, manifest: dict, name: str, method, train, queries, kind: str, k: int, target: float,
               progress: bool = False) -> dict:
     """Build ``kind`` over method ``name``'s shards, tune its breadth to ``target`` recall@k; the
-    manifest entry.
+    manifest entry."""
+    from tqdm.auto import tqdm
 
-    Rows are split into up to ``MAX_PARTS`` ranges of the plain vectors' norm, each indexed with
-    its own maximum norm in the reduction (norm-ranged search): with one global maximum, the many
-    small gradients of gd or if would all sit near the added axis and IVF could not tell them
-    apart. A query searches every range; the candidates are rescored exactly."""
     from .search import ShardSource
     faiss = faiss_module()
     if kind not in KINDS:
@@ -93,49 +93,49 @@ def build_ann(root: Path, manifest: dict, name: str, method, train, queries, kin
     finish = FINISHES[entry["finish"]]
     n, train_rows = int(manifest["n"]), int(manifest["train_rows"])
     src = ShardSource(Path(root), entry, n, int(manifest["shard_rows"]), getattr(method, "key_", ()))
-    norms = np.concatenate([np.sqrt((train_vectors(src.rows(b), finish).astype(np.float64) ** 2).sum(1))
-                            for b in Grid(1, train_rows).train_blocks(n)])
-    order = np.argsort(norms, kind="stable")
-    n_parts = int(np.clip(round(n / PART_ROWS), 1, MAX_PARTS))
+    blocks = Grid(1, train_rows).train_blocks(n)
     rng = np.random.default_rng(0)
-    indexes, parts = [], []
-    for j, rows in enumerate(np.array_split(order, n_parts)):
-        rows = np.sort(rows)
-        top = float(norms[rows].max())
-        dim = train_vectors(src.take(rows[:1]), finish, top).shape[1]
-        if kind == "ivf":
-            nlist = int(max(1, min(np.sqrt(len(rows)), len(rows) // 40)))
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            sample = np.sort(rng.choice(rows, size=min(len(rows), 40 * nlist), replace=False))
-            index.train(train_vectors(src.take(sample), finish, top))
-        else:
-            nlist = 0
-            index = faiss.IndexIDMap(faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT))
-            faiss.downcast_index(index.index).hnsw.efConstruction = 80
-        for s in range(0, len(rows), train_rows):
-            ids = rows[s:s + train_rows]
-            index.add_with_ids(train_vectors(src.take(ids), finish, top), ids.astype(np.int64))
-        indexes.append(index)
-        parts.append({"rows": int(len(rows)), "nlist": nlist, "max_norm": top})
+    part = {"rows": n}
+    if kind == "ivf":
+        nlist = int(max(1, min(round(np.sqrt(n)), n // TRAIN_PER_LIST, MAX_LISTS)))
+        sample = train_vectors(src.take(np.sort(rng.choice(n, size=min(n, TRAIN_PER_LIST * nlist),
+                                                           replace=False))), finish)
+        dim = sample.shape[1]
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(sample)
+        part["nlist"], top = nlist, None
+    else:
+        top = max(float(np.sqrt((train_vectors(src.rows(b), finish).astype(np.float64) ** 2).sum(1)).max())
+                  for b in blocks)
+        dim = train_vectors(src.take(np.arange(1)), finish, top).shape[1]
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 80
+        part.update(nlist=0, max_norm=top)
+    for b in tqdm(blocks, desc=f"{name}: {kind} index", unit="block", disable=not progress, leave=False):
+        index.add(train_vectors(src.rows(b), finish, top))       # ids: positions, in order
     if queries is None:       # no held-out rows given: the test side of sampled training rows
         queries = train.subset(np.sort(rng.choice(n, size=min(n, 200), replace=False)))
     member = Member(name, test=lambda rows: method.test_side(queries.subset(rows)), train=src, finish=finish)
     exact, _ = score_top_k([member], len(queries), k, 0, Grid(Grid().test_rows, train_rows))[name]["top"]
     recall, breadth = 0.0, None
-    for breadth in _breadths(kind, max(p["nlist"] for p in parts)):
-        found, _ = _candidates(indexes, kind, breadth, member, len(queries), k, True)
+    for breadth in _breadths(kind, part["nlist"]):
+        found, _ = _candidates([index], kind, breadth, member, len(queries), k, True)
         recall = float(np.mean([len(set(a[a >= 0]) & set(b)) / max(1, len(b)) for a, b in zip(found, exact)]))
         if recall >= target:
             break
-    for j, (index, part) in enumerate(zip(indexes, parts)):
-        rel = f"{name}/ann-{kind}-{j}.faiss"
-        _write(index, Path(root) / rel)
-        part.update(file_entry(root, rel))
-    return {"kind": kind, "parts": parts, "k": k, "recall": recall, "target": target, "breadth": breadth,
+    rel = f"{name}/ann-{kind}-0.faiss"
+    _write(index, Path(root) / rel)
+    part.update(file_entry(root, rel))
+    return {"kind": kind, "parts": [part], "k": k, "recall": recall, "target": target, "breadth": breadth,
             "n_queries": len(queries)}
 
 
-_OPEN: dict = {}
+_OPEN: dict = {}       # the last opened method's indexes (reading one takes seconds: 1M rows, 1.5 GB)
+
+
+def close() -> None:
+    """Forget the open FAISS indexes (and free their memory)."""
+    _OPEN.clear()
 
 
 def _open(root: Path, entry: dict) -> list:
@@ -151,16 +151,26 @@ def _open(root: Path, entry: dict) -> list:
 
 
 def _search(index, kind: str, breadth: int, q: np.ndarray, k: int) -> np.ndarray:
+    faiss = faiss_module()
     if kind == "ivf":
         index.nprobe = int(breadth)
     else:
-        faiss_module().downcast_index(index.index).hnsw.efSearch = int(breadth)
-    return index.search(q, k)[1]
+        graph = index if hasattr(index, "hnsw") else faiss.downcast_index(index.index)   # older builds: an IDMap
+        graph.hnsw.efSearch = int(breadth)
+    return index.search(query_pad(q, index.d), k)[1]
+
+
+def query_pad(q: np.ndarray, dim: int) -> np.ndarray:
+    """``q`` with zero columns appended up to the index's dimension (the reduction's added axis)."""
+    if dim <= q.shape[1]:
+        return q
+    return np.ascontiguousarray(np.concatenate([q, np.zeros((len(q), dim - q.shape[1]), dtype=np.float32)], axis=1))
 
 
 def _candidates(indexes, kind: str, breadth: int, member: Member, n_test: int, k: int, largest: bool):
-    """(rows, scores) (n_test, k): every range's candidates, rescored exactly, merged; a row with
-    fewer than k candidates ends in position -1, score NaN."""
+    """(rows, scores) (n_test, k): the candidates of every index (one; older builds: one per
+    range of norms), rescored exactly, merged; a row with fewer than k candidates ends in
+    position -1, score NaN."""
     k = min(k, member.n_train)
     pos_out, val_out = [], []
     for rows in Grid(ANN_TEST_ROWS).test_blocks(n_test):

@@ -181,29 +181,33 @@ class HFClassifier(Classifier):
 
     # ------------------------------------------------------------------ texts -> arrays
     @torch.inference_mode()
-    def forward_texts(self, documents: List[str], queries: Optional[List[str]], progress: bool = False,
-                      desc: str = "classify") -> Tuple[np.ndarray, np.ndarray]:
-        from tqdm.auto import tqdm
-        model, final, enc = self.model, self.final_module(), self.encoder()
-        n = len(documents)
-        feats = np.zeros((n, final.in_features), dtype=np.float32)
-        probs = np.zeros((n, self.n_classes), dtype=np.float32)
+    def forward_batch(self, batch: dict) -> Tuple[np.ndarray, np.ndarray]:
+        """(final layer's input, probabilities), float32, of one padded batch (``Encoder.pad``)."""
+        model, final = self.model, self.final_module()
         seen: List[torch.Tensor] = []
         handle = final.register_forward_hook(lambda mod, i, o: seen.append(i[0]))
         try:
-            with tqdm(total=n, desc=desc, unit="ex", disable=not progress, leave=False) as bar:
-                for pos, batch in enc.batches(documents, queries):
-                    seen.clear()
-                    logits = model(**{k: v.to(self.device) for k, v in batch.items()}).logits.float()
-                    f = seen[-1].float()
-                    if len(seen) != 1 or not torch.allclose(final(f), logits, atol=1e-4, rtol=1e-4):
-                        raise InstattrError(f"{self.path}: {self.final_name} is not the model's last operation "
-                                            "(its output is not the logits); name the final layer with --final-layer")
-                    feats[pos] = f.cpu().numpy()
-                    probs[pos] = torch.softmax(logits, -1).cpu().numpy()
-                    bar.update(len(pos))
+            logits = model(**{k: v.to(self.device) for k, v in batch.items()}).logits.float()
         finally:
             handle.remove()
+        f = seen[-1].float() if seen else None
+        if len(seen) != 1 or not torch.allclose(final(f), logits, atol=1e-4, rtol=1e-4):
+            raise InstattrError(f"{self.path}: {self.final_name} is not the model's last operation "
+                                "(its output is not the logits); name the final layer with --final-layer")
+        return f.cpu().numpy(), torch.softmax(logits, -1).cpu().numpy()
+
+    def forward_texts(self, documents: List[str], queries: Optional[List[str]], progress: bool = False,
+                      desc: str = "classify") -> Tuple[np.ndarray, np.ndarray]:
+        """(final layer's inputs, probabilities) of every text, in length-sorted batches of the
+        encoder's batch size (what ``distributed.ray_classify_groups`` cuts too)."""
+        from tqdm.auto import tqdm
+        n = len(documents)
+        feats = np.zeros((n, self.final_module().in_features), dtype=np.float32)
+        probs = np.zeros((n, self.n_classes), dtype=np.float32)
+        with tqdm(total=n, desc=desc, unit="ex", disable=not progress, leave=False) as bar:
+            for pos, batch in self.encoder().batches(documents, queries):
+                feats[pos], probs[pos] = self.forward_batch(batch)
+                bar.update(len(pos))
         return feats, probs
 
     def sentence_embeddings(self, documents, queries, progress: bool = False, cache: bool = False) -> np.ndarray:
