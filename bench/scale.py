@@ -255,6 +255,8 @@ def bench_ray_import(model: str, data: str, limit: int, workers: int) -> None:
     os.environ["INSTATTR_CACHE"] = "off"            # both imports encode (no cached sentence embeddings)
     print(f"\n== import {model} on {data} (--limit-train {limit}): local against Ray ({workers} local workers)")
     cfg = ImportConfig(model=model, data=data, limit_train=limit)
+    import ray
+    started = "Ray already started" if ray.is_initialized() else "incl. Ray start"
     runs, times = {}, {}
     for backend in ("local", "ray"):
         out = Path(f"/tmp/instattr-scale-import-{backend}")
@@ -266,7 +268,7 @@ def bench_ray_import(model: str, data: str, limit: int, workers: int) -> None:
     rows = {s: len(runs["local"].features(s)) for s in runs["local"].splits}
     same = all(np.array_equal(getattr(runs["local"].features(s), f), getattr(runs["ray"].features(s), f))
                for s in rows for f in ("features", "probs", "encoder"))
-    print(f"rows {rows}: local {times['local']:.1f} s, ray {times['ray']:.1f} s (Ray already started); "
+    print(f"rows {rows}: local {times['local']:.1f} s, ray {times['ray']:.1f} s ({started}); "
           f"features, probabilities and sentence embeddings bit-identical: {same}")
 
 
