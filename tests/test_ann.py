@@ -105,3 +105,11 @@ def test_an_index_of_the_earlier_layout_is_still_searched(data, tmp_path):
     for name in methods:       # one list per part, all searched: the candidates are the exact answer
         for which in ("top", "bottom"):
             np.testing.assert_array_equal(old[name][which][0], exact[name][which][0])
+    # the same build again (a resume) replaces the earlier layout's ANN, and only it
+    again = build_index(tmp_path, train, methods, {"synthetic": "clusters"}, dtype="float32", ann="ivf", ann_k=10,
+                        ann_target=0.95, queries=queries, progress=False, train_rows=512, shard_rows=1024)
+    for name in methods:
+        parts = again["methods"][name]["ann"]["parts"]
+        assert len(parts) == 1 and "max_norm" not in parts[0] and parts[0]["file"].endswith("ann-ivf-0.faiss")
+        assert again["methods"][name]["shards"] == m["methods"][name]["shards"]
+    assert Index(tmp_path).ann_search(list(methods), queries, 10)["gd"]["top"][0].shape == (len(queries), 10)

@@ -179,10 +179,10 @@ def _driver_threads() -> dict:
     import torch
     from threadpoolctl import threadpool_info
     env = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
-    blas = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"
-            and p.get("internal_api") == "openblas"]
-    if blas:
-        env["OPENBLAS_NUM_THREADS"] = str(max(blas))
+    for api, var in (("openblas", "OPENBLAS_NUM_THREADS"), ("mkl", "MKL_NUM_THREADS")):   # numpy's BLAS
+        counts = [p["num_threads"] for p in threadpool_info() if p.get("internal_api") == api]
+        if counts:
+            env[var] = str(max(counts))
     return {"env_vars": env}
 
 

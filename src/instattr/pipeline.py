@@ -267,10 +267,10 @@ def _featurize_hf(tmp: Path, classifier, splits: Dict[str, Split], n_classes: in
             encoded = classifier.sentence_embeddings(docs, queries, progress, cache=True)
             _write_split(tmp, s, feats, probs, encoded, n_classes, metrics)
     else:
-        groups = [_texts(s) for s in splits.values()]
-        outputs = backend.classify_groups(classifier, groups, progress)
+        groups = [_texts(s) for s in splits.values()]     # the encoder first: it checks its folder at once
         encoded = encode_groups(classifier.sbert(), groups, "siamese" if classifier.pair_mode else None, backend,
                                 progress)
+        outputs = backend.classify_groups(classifier, groups, progress)
         for s, (feats, probs), enc in zip(splits.values(), outputs, encoded):
             _write_split(tmp, s, feats, probs, enc, n_classes, metrics)
     lin = classifier.final_layer()

@@ -63,6 +63,14 @@ def query_vectors(side, finish, largest: bool = True) -> np.ndarray:
     return np.ascontiguousarray(finish.ann_query(plain_vectors(side, test=True), largest), dtype=np.float32)
 
 
+def current_ann(entry: Optional[dict], kind: str) -> bool:
+    """Whether a manifest's ANN entry is a ``kind`` index of this layout (one index; IVF without
+    the reduction), so a resumed build keeps it; an earlier layout's is rebuilt."""
+    if not entry or entry.get("kind") != kind or len(entry.get("parts", [])) != 1:
+        return False
+    return kind != "ivf" or "max_norm" not in entry["parts"][0]
+
+
 def _breadths(kind: str, nlist: int):
     if kind == "ivf":
         b, out = 1, []
@@ -139,10 +147,10 @@ def close() -> None:
 
 
 def _open(root: Path, entry: dict) -> list:
-    key = tuple(str(Path(root) / p["file"]) for p in entry["parts"])
+    key = tuple((str(Path(root) / p["file"]), p["sha256"]) for p in entry["parts"])   # a rebuilt file is reread
     if key not in _OPEN:
         faiss = faiss_module()
-        indexes = [faiss.read_index(path) for path in key]
+        indexes = [faiss.read_index(path) for path, _ in key]
         if entry["kind"] == "ivf" and getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
             indexes = [faiss.index_cpu_to_all_gpus(i) for i in indexes]       # faiss-gpu on a GPU machine
         _OPEN.clear()

@@ -161,9 +161,9 @@ def build_index(out, train: FeatureSet, methods: Dict[str, object], source: dict
                                                        dtype))
                 write_manifest(root, manifest)     # after every shard: a killed build resumes here
     if ann:
-        from .ann import build_ann
+        from .ann import build_ann, current_ann
         for name, method in methods.items():
-            if (manifest["methods"][name].get("ann") or {}).get("kind") != ann:
+            if not current_ann(manifest["methods"][name].get("ann"), ann):
                 manifest["methods"][name]["ann"] = build_ann(root, manifest, name, method, train, queries, ann,
                                                              ann_k, ann_target, progress)
                 write_manifest(root, manifest)

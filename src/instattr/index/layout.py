@@ -7,7 +7,7 @@
         {method}/state.npz + .json  the fitted method without its training side (test sides at query time)
         {method}/shard-00000.npy    training-side vectors, rows [0, shard_rows), float16 or float32
         {method}/shard-00000.aux.npy  float32 per-row offset and/or scale columns (when the method has them)
-        {method}/ann-ivf-0.faiss    optional FAISS index over the plain vectors (older builds: -J per norm range)
+        {method}/ann-KIND-0.faiss   optional FAISS index (KIND ivf or hnsw) of the plain vectors (older: -J)
 
 Every file is listed in the manifest with its sha256; ``verify`` recomputes them. Vectors are
 plain ``.npy`` files, so Dask, Spark (through numpy) or any other tool can read them directly.
