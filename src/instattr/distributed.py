@@ -119,13 +119,14 @@ class ClassifyWorker:
         from .models.hf import HFClassifier
         self.classifier = HFClassifier(path, label_names, is_pair, 0.0, max_length, {}, final_layer, device=device)
         self.classifier.model.eval()
+        self.pad = self.classifier.encoder().pad         # its tokenizer: the padding a local import does
         self.ids, self.types, self.batches = _resolved(ids), _resolved(types), _resolved(batches)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         pos, feats, probs = [], [], []
         for j in batch["batch"]:
             rows = self.batches[int(j)]
-            f, p = self.classifier.forward_batch(self.classifier.encoder().pad(self.ids, self.types, rows))
+            f, p = self.classifier.forward_batch(self.pad(self.ids, self.types, rows))
             pos.append(np.asarray(rows, dtype=np.int64))
             feats.append(f)
             probs.append(p)

@@ -30,7 +30,8 @@ def process_umask() -> int:
     return _UMASK
 
 
-def _atomic(path: Path, write) -> Path:
+def write_stream(path, write) -> Path:
+    """Write ``path`` atomically with ``write(f)``, ``f`` a binary file open on a temporary beside it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp")
@@ -48,13 +49,8 @@ def _atomic(path: Path, write) -> Path:
     return path
 
 
-def write_stream(path, write) -> Path:
-    """Write ``path`` atomically with ``write(f)``, ``f`` a binary file open on a temporary beside it."""
-    return _atomic(path, write)
-
-
 def write_bytes(path, data: bytes) -> Path:
-    return _atomic(path, lambda f: f.write(data))
+    return write_stream(path, lambda f: f.write(data))
 
 
 def write_text(path, text: str) -> Path:
@@ -66,11 +62,11 @@ def write_json(path, obj) -> Path:
 
 
 def write_npy(path, array: np.ndarray) -> Path:
-    return _atomic(path, lambda f: np.save(f, array))
+    return write_stream(path, lambda f: np.save(f, array))
 
 
 def write_npz(path, **arrays) -> Path:
-    return _atomic(path, lambda f: np.savez(f, **arrays))
+    return write_stream(path, lambda f: np.savez(f, **arrays))
 
 
 def _json_default(o):

@@ -53,8 +53,8 @@ def remove_stale_temporaries(folder) -> List[Path]:
 def recover_run_folder(path) -> None:
     """Finish what a killed ``train``/``import`` left next to ``path``: restore a run that an
     interrupted overwrite had moved aside (``.NAME.old-pidN.`` with no ``NAME``), and delete the
-    build folders (``.NAME.building.pidN-XXXX``) and replaced runs of dead processes. Nothing
-    else is touched."""
+    build folders (``.NAME.building.pidN-`` plus mkdtemp's random suffix) and replaced runs of
+    dead processes. Nothing else is touched."""
     import shutil
     path = Path(path)
     if not path.parent.is_dir():
