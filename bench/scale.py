@@ -2,13 +2,15 @@
 
     python bench/scale.py --rows 100000 [1000000 4000000] [--classes 2 3] [--queries 1000] [--k 100]
                           [--dir /tmp/instattr-scale] [--hans RUN] [--import-model MODEL] [--workers 2] [--no-ann]
+                          [--ann-kind ivf [ivf-sq8 hnsw]]
+                          [--layered RUN [--layered-limit TRAIN TEST]]
 
 Synthetic training sets: d = 384 features drawn around 256 cluster centres (as sentence
 embeddings are), stored as float16 memory-mapped .npy files; gold labels from a noisy linear
 teacher, probabilities from a random final layer with a bias. For each size and class count:
 
 1. fit gd, if and nn-cos (``embed=False``: their training sides are streamed), build a float16
-   index (``build_index``; shards of 262,144 rows) with FAISS IVF;
+   index (``build_index``; shards of 262,144 rows);
 2. exact top-k of ``--queries`` queries per method (``Index.search``), timed against the GEMM floor
    of the same shape measured in the same run (the product of the float32 query sides with every
    block of float32 training-side vectors, conversion excluded), with the peak anonymous memory
@@ -16,15 +18,21 @@ teacher, probabilities from a random final layer with a bias. For each size and 
    RssAnon when the search started (what the build and earlier searches left in the process);
 3. on a 20k-row sample: a float32 index's exact search against top_k of the dense scores (must
    be bit-identical);
-4. FAISS recall@10 against exact over the queries, the lists searched (nprobe, tuned at build
-   time on the first 200 queries to recall@10 0.95), the seconds to read the FAISS index (once
-   per process: the first query), and seconds per query after it, ANN (top 10, candidates
-   rescored exactly) against exact (top 100).
+4. for each ``--ann-kind`` (default ivf; ivf-sq8 stores 8-bit codes), one after the other on the
+   same index: the build's seconds and peak RssAnon, each method's FAISS file size, recall@10
+   against exact over the queries, the lists searched (nprobe, tuned at build time on the first
+   200 queries to recall@10 0.95), the seconds to read the FAISS index (once per process: the
+   first query), and seconds per query after it, ANN (top 10, candidates rescored exactly)
+   against exact (top 100).
 
 A finished index of the same size is reused (``build_index`` resumes it: nothing to do).
 
 With ``--import-model MODEL`` (a Hugging Face checkpoint folder): ``import`` of ``--import-data``
 (``--import-limit`` training rows) locally and with Ray, every array compared bit for bit.
+
+With ``--layered RUN``: ``attribute --top-k`` of gd-top and if-top (their default options), local
+against Ray, on copies of the run without its cache (both compute the hidden states and the
+per-example gradients); bit-identical results and both times (Ray started before, its actors not).
 
 With ``--hans RUN`` (a trained hans run): ``attribute --top-k`` of gd, if and nn-cos, local
 against Ray with ``--workers`` local workers, and the encoding of its training texts (what
@@ -144,7 +152,7 @@ def gemm_floor(index: Index, name: str, test_vectors: np.ndarray) -> float:
     return total
 
 
-def bench_size(folder: Path, n: int, c: int, n_queries: int, k: int, ann: bool) -> None:
+def bench_size(folder: Path, n: int, c: int, n_queries: int, k: int, kinds) -> None:
     t0 = time.perf_counter()
     train, layer, queries = synthetic(folder, n, c)
     queries = queries.subset(slice(0, n_queries))
@@ -155,26 +163,35 @@ def bench_size(folder: Path, n: int, c: int, n_queries: int, k: int, ann: bool) 
     out = folder / f"index-{n}-{c}"
     t0 = time.perf_counter()
     with PeakAnon() as mem:
-        build_index(out, train, methods, {"synthetic": f"{n}x{D}, {c} classes"}, dtype="float16",
-                    ann="ivf" if ann else None, ann_k=10, queries=queries.subset(slice(0, 200)), progress=False)
-    print(f"fit {fit_s:.1f} s; index build (float16{', IVF' if ann else ''}) {time.perf_counter() - t0:.1f} s, "
-          f"peak RssAnon {mem.peak:.0f} MB")
+        build_index(out, train, methods, {"synthetic": f"{n}x{D}, {c} classes"}, dtype="float16", progress=False)
+    print(f"fit {fit_s:.1f} s; index build (float16) {time.perf_counter() - t0:.1f} s, peak RssAnon {mem.peak:.0f} MB")
     index = Index(out)
     mapped = sum((out / s["file"]).stat().st_size for e in index.manifest["methods"].values() for s in e["shards"])
     print(f"memory-mapped training sides: {mapped / 2 ** 20:.0f} MB")
-    print(f"{'method':8s} {'dim':>5s} {'exact s':>8s} {'floor s':>8s} {'x floor':>8s} {'peak MB':>8s} {'start MB':>8s}"
-          + (f" {'recall@10':>10s} {'nprobe':>11s} {'open s':>7s} {'ANN s/q':>9s} {'exact s/q':>9s} {'speed-up':>8s}" if ann else ""))
+    print(f"{'method':8s} {'dim':>5s} {'exact s':>8s} {'floor s':>8s} {'x floor':>8s} {'peak MB':>8s} {'start MB':>8s}")
+    exact = {}
     for name in METHODS:
         m = index.method(name)
         floor = gemm_floor(index, name, m.test_side(queries).vectors)
         release_freed_memory()
         with PeakAnon() as mem:
             t0 = time.perf_counter()
-            exact = index.search([name], queries, k)[name]["top"]
-            exact_s = time.perf_counter() - t0
-        row = (f"{name:8s} {index.manifest['methods'][name]['shards'][0]['dim']:5d} {exact_s:8.2f} {floor:8.2f} "
-               f"{exact_s / floor:8.2f} {mem.peak:8.0f} {mem.start:8.0f}")
-        if ann:
+            exact[name] = index.search([name], queries, k)[name]["top"], time.perf_counter() - t0
+        exact_s = exact[name][1]
+        print(f"{name:8s} {index.manifest['methods'][name]['shards'][0]['dim']:5d} {exact_s:8.2f} {floor:8.2f} "
+              f"{exact_s / floor:8.2f} {mem.peak:8.0f} {mem.start:8.0f}")
+    for kind in kinds:
+        t0 = time.perf_counter()
+        with PeakAnon() as mem:
+            build_index(out, train, methods, {"synthetic": f"{n}x{D}, {c} classes"}, dtype="float16", ann=kind,
+                        ann_k=10, queries=queries.subset(slice(0, 200)), progress=False)
+        print(f"\n{kind}: built in {time.perf_counter() - t0:.1f} s, peak RssAnon {mem.peak:.0f} MB")
+        index = Index(out)
+        print(f"{'method':8s} {'FAISS MB':>9s} {'recall@10':>10s} {'nprobe':>11s} {'open s':>7s} {'ANN s/q':>9s} "
+              f"{'exact s/q':>9s} {'speed-up':>8s}")
+        for name in METHODS:
+            e = index.manifest["methods"][name]["ann"]
+            size = sum((out / p["file"]).stat().st_size for p in e["parts"]) / 2 ** 20
             t0 = time.perf_counter()
             index.ann_search([name], queries.subset(slice(0, 1)), 10)      # reads the FAISS index
             open_s = time.perf_counter() - t0
@@ -182,12 +199,11 @@ def bench_size(folder: Path, n: int, c: int, n_queries: int, k: int, ann: bool) 
             approx = index.ann_search([name], queries, 10)[name]["top"]
             ann_s = (time.perf_counter() - t0) / len(queries)
             close_ann()
-            recall = np.mean([len(set(a) & set(b[:10])) / 10 for a, b in zip(approx[0], exact[0])])
-            per_q = exact_s / len(queries)
-            e = index.manifest["methods"][name]["ann"]
+            recall = np.mean([len(set(a) & set(b[:10])) / 10 for a, b in zip(approx[0], exact[name][0][0])])
+            per_q = exact[name][1] / len(queries)
             lists = f"{e['breadth']}/{max(p['nlist'] for p in e['parts'])}"
-            row += f" {recall:10.3f} {lists:>11s} {open_s:7.1f} {ann_s:9.5f} {per_q:9.5f} {per_q / ann_s:8.1f}"
-        print(row)
+            print(f"{name:8s} {size:9.0f} {recall:10.3f} {lists:>11s} {open_s:7.1f} {ann_s:9.5f} {per_q:9.5f} "
+                  f"{per_q / ann_s:8.1f}")
     sample = train.subset(slice(0, min(n, 20000)))
     same = folder / f"sample-{n}-{c}"
     fitted = {m: get_method(m).fit(sample, layer, embed=False) for m in METHODS}
@@ -225,6 +241,37 @@ def bench_ray(run_path: str, workers: int, k: int) -> None:
     print(f"{n:,} training rows: local {times['local']:.1f} s, ray {times['ray']:.1f} s "
           f"(incl. Ray start); bit-identical top-k and bottom-k: {same}")
     bench_ray_encode(Run.load(run_path), workers)
+
+
+def bench_ray_layered(run_path: str, workers: int, k: int, limit_train, limit_test) -> None:
+    """``attribute --top-k`` of the layered methods (default options), local against Ray: the
+    per-example projected gradients on actors, the curvature reduced here."""
+    from instattr.attribution import attribute_run
+    from instattr.distributed import RayBackend
+    from instattr.store import Run
+    names = ("gd-top", "if-top")
+    print(f"\n== Ray ({workers} local workers) against local: attribute --top-k {k} of {', '.join(names)} on "
+          f"{run_path} (--limit-train {limit_train}, --limit-test {limit_test})")
+    times, results, fits = {}, {}, {}
+    for backend in ("local", "ray"):
+        copy = Path(f"/tmp/instattr-scale-layered-{backend}")
+        shutil.rmtree(copy, ignore_errors=True)       # no cache: both compute the hidden states and gradients
+        shutil.copytree(run_path, copy, ignore=shutil.ignore_patterns("scores", "cache", "results"))
+        run = Run.load(copy)
+        ray_backend = RayBackend(workers=workers) if backend == "ray" else None
+        t0 = time.perf_counter()
+        fits[backend] = attribute_run(run, ",".join(names), top_k=k, bottom_k=k, backend=ray_backend,
+                                      limit_train=limit_train, limit_test=limit_test, progress=False,
+                                      log=lambda *a: None)
+        times[backend] = time.perf_counter() - t0
+        results[backend] = {(m, b): run.top_k(m, None, b) for m in names for b in (False, True)}
+        if ray_backend is not None:
+            ray_backend.close()
+    same = all(np.array_equal(results["local"][key][f], results["ray"][key][f])
+               for key in results["local"] for f in ("train_pos", "score"))
+    print(f"local {times['local']:.1f} s (fits {', '.join(f'{m} {s:.1f}' for m, s in fits['local'].items())}), "
+          f"ray {times['ray']:.1f} s (fits {', '.join(f'{m} {s:.1f}' for m, s in fits['ray'].items())}; Ray "
+          f"already started, actors not); bit-identical top-k and bottom-k: {same}")
 
 
 def bench_ray_encode(run, workers: int) -> None:
@@ -280,8 +327,13 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--dir", default="/tmp/instattr-scale")
     ap.add_argument("--hans", help="a trained hans run, for Ray against local")
+    ap.add_argument("--layered", help="a trained run: gd-top and if-top, local against Ray")
+    ap.add_argument("--layered-limit", type=int, nargs=2, default=[None, None], metavar=("TRAIN", "TEST"),
+                    help="--limit-train and --limit-test of --layered")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-ann", action="store_true")
+    ap.add_argument("--ann-kind", nargs="+", default=["ivf"], choices=["ivf", "ivf-sq8", "hnsw"],
+                    help="FAISS indexes to build and measure, one after the other")
     ap.add_argument("--import-model", help="a Hugging Face checkpoint folder: import it locally and with Ray")
     ap.add_argument("--import-data", default="sst2")
     ap.add_argument("--import-limit", type=int, default=2000, help="--limit-train of both imports")
@@ -289,9 +341,13 @@ def main(argv=None):
     print(f"scale bench: block {Grid().test_rows} x {Grid().train_rows}; {os.cpu_count()} CPUs")
     for n in args.rows:
         for c in args.classes:
-            bench_size(Path(args.dir), n, c, args.queries, args.k, not args.no_ann)
+            bench_size(Path(args.dir), n, c, args.queries, args.k, [] if args.no_ann else args.ann_kind)
     if args.hans:
         bench_ray(args.hans, args.workers, args.k)
+    if args.layered:
+        from instattr.distributed import connect
+        connect(workers=args.workers)
+        bench_ray_layered(args.layered, args.workers, args.k, *args.layered_limit)
     if args.import_model:
         bench_ray_import(args.import_model, args.import_data, args.import_limit, args.workers)
     return 0

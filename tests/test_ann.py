@@ -35,7 +35,8 @@ def data():
     return fs(f, "tr"), fs(q, "q"), FinalLayer(w=w, l2=0.01), planted
 
 
-@pytest.mark.parametrize("kind,names", [("ivf", ("nn-cos", "nn-euc", "gd")), ("hnsw", ("nn-cos", "nn-euc"))])
+@pytest.mark.parametrize("kind,names", [("ivf", ("nn-cos", "nn-euc", "gd")), ("ivf-sq8", ("nn-cos", "nn-euc", "gd")),
+                                        ("hnsw", ("nn-cos", "nn-euc"))])
 def test_ann_recall_and_exact_rescoring(kind, names, data, tmp_path):
     """(HNSW graphs degrade on gd's many near-zero gradients; the recall stored in the manifest
     says so, and IVF is the default.)"""
@@ -62,6 +63,9 @@ def test_ann_recall_and_exact_rescoring(kind, names, data, tmp_path):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
         assert np.all(np.diff(ap[1], axis=1) <= 0)                      # best first
         assert np.all(np.diff(approx[name]["bottom"][1], axis=1) >= 0)  # most opposing first
+    if kind == "ivf-sq8":                 # one byte per dimension (and the 8-byte row ids), not four
+        faiss_file = tmp_path / kind / m["methods"]["nn-cos"]["ann"]["parts"][0]["file"]
+        assert faiss_file.stat().st_size < N * (D + 8) + 64 * 1024
     for name in ("nn-cos", "nn-euc"):                                    # the known answer
         np.testing.assert_array_equal(exact[name]["top"][0][:PLANTED, 0], planted)
         assert np.mean(approx[name]["top"][0][:PLANTED, 0] == planted) >= 0.9

@@ -453,6 +453,46 @@ def test_tracin_one_checkpoint_lr1_equals_gd(single, tmp_path):
     assert not np.allclose(real, gd) and spearman_rows(real, gd) > 0.5
 
 
+class InProcessBackend:
+    """The gradient half of a Ray backend with its actor run here: each call rebuilds the model
+    from the GradientSource, as a Ray actor does, and records the sources it was given."""
+
+    def __init__(self):
+        self.sources = []
+
+    def gradient_batches(self, source, fs, labels, batches, factors, progress=False):
+        from instattr.distributed import GradientActor
+        self.sources.append(source)
+        actor = GradientActor(source)
+        actor.prepare(fs, np.asarray(labels), list(batches), factors)
+        for j in reversed(range(len(batches))):             # out of order, as actors finish
+            yield actor.gradients(j)
+
+
+def test_gradient_actors_rebuild_each_checkpoint_and_give_the_local_gradients(single, tmp_path):
+    """What a Ray actor computes from a GradientSource equals the local fit bit for bit, for the
+    final model (gd-top, if-top: training and test sides) and each of tracin-top's checkpoints."""
+    shutil.copytree(single.path, tmp_path / "run")
+    run = Run.load(tmp_path / "run")
+    final = head_params(run)
+    _checkpoints(run, [{k: v * 0.5 for k, v in final.items()}, final], [0.5, 0.25])
+    opts = dict(layers=1, proj_dim=3, batch_size=4, progress=False)   # 14 rows: 4 batches
+    te = run.features("test")
+    local = {n: fit_method(run, n, **opts) for n in ("gd-top", "if-top", "tracin-top")}
+    for f in (run.path / "cache").glob("grads-*.npz"):
+        f.unlink()
+    backend = InProcessBackend()
+    fresh = Run.load(run.path)
+    remote = {n: fit_method(fresh, n, backend=backend, **opts) for n in ("gd-top", "if-top", "tracin-top")}
+    assert [s.checkpoint for s in backend.sources] == [None, 0, 1]    # gd-top's (if-top reuses them), 2 checkpoints
+    for n in local:
+        np.testing.assert_array_equal(local[n].train_embedding_, remote[n].train_embedding_, err_msg=n)
+        np.testing.assert_array_equal(local[n].test_side(te).vectors, remote[n].test_side(te).vectors, err_msg=n)
+    assert [s.checkpoint for s in backend.sources[3:]] == [None, None, 0, 1]   # test sides
+    assert not local["tracin-top"].train_embedding_[:, :local["tracin-top"].dim_ // 2].tolist() == \
+        local["tracin-top"].train_embedding_[:, local["tracin-top"].dim_ // 2:].tolist()   # two real checkpoints
+
+
 # ---------------------------------------------------------------- the interface
 def test_attribute_explain_and_errors(cross):
     seconds = attribute_run(cross, "if-top,gd-top,tracin", progress=False, log=lambda *_: None)

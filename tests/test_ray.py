@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import instattr.index.build as build_mod
-from instattr.attribution import attribute_run
+from instattr.attribution import attribute_run, fit_method
 from instattr.index import build_run_index
 from instattr.methods.scoring import Grid
 
@@ -127,3 +127,68 @@ def test_workers_start_with_the_driver_thread_counts(local_ray):
     assert ray.get(ray.remote(counts).options(runtime_env=_driver_threads()).remote()) == want
     if want[0] > 1:         # what the workers get without it
         assert ray.get(ray.remote(counts).remote())[0] == 1
+
+
+LAYERED = ("gd-top", "gc-top", "if-top", "rif-top")   # tracin-top's checkpoints: test_layers, in process
+
+
+@pytest.fixture
+def layered_run(tmp_path, tiny_encoder):
+    """A head-mode run, 40 training rows."""
+    from instattr.models.head import HeadConfig
+    from instattr.pipeline import TrainConfig, train_run
+
+    from conftest import make_dataset
+    data = make_dataset(tmp_path / "data", n_train=40, n_test=12, n_dev=0)
+    cfg = TrainConfig(data=str(data), encoder=tiny_encoder, head=HeadConfig(epochs=1, lr=1e-2, batch_size=8))
+    return train_run(cfg, tmp_path / "run", progress=False)
+
+
+def test_ray_layered_gradients_equal_local(local_ray, layered_run, monkeypatch):
+    """The layered methods' per-example gradients computed by a pool of actors (the curvature
+    reduced on the driver): the local fit's training sides, test sides and self-scores, bit for bit;
+    then `attribute --top-k --backend ray` of if-top equals the local top-k."""
+    from instattr.distributed import RayBackend
+    from instattr.store import Run
+
+    class Counted(RayBackend):
+        calls = 0
+
+        def gradient_batches(self, *args, **kwargs):
+            Counted.calls += 1
+            yield from super().gradient_batches(*args, **kwargs)
+
+    opts = dict(layers=1, proj_dim=4, batch_size=8, progress=False)     # 40 rows: 5 batches over 2 actors
+    test = layered_run.features("test")
+    local = {n: fit_method(layered_run, n, **opts) for n in LAYERED}
+    for f in (layered_run.path / "cache").glob("grads-*.npz"):
+        f.unlink()                                   # the Ray fit must compute them again
+    fresh = Run(layered_run.path)                    # and not reuse this process's memo
+    backend = Counted(workers=2)                     # one pool of actors per gradient source, kept
+    remote = {n: fit_method(fresh, n, backend=backend, **opts) for n in LAYERED}
+    assert Counted.calls == 1           # gd-top's training gradients (the others reuse them)
+    for n in LAYERED:
+        np.testing.assert_array_equal(local[n].train_embedding_, remote[n].train_embedding_, err_msg=n)
+        np.testing.assert_array_equal(local[n].self_scores(), remote[n].self_scores(), err_msg=n)
+    np.testing.assert_array_equal(local["rif-top"].test_side(test).vectors, remote["rif-top"].test_side(test).vectors)
+    assert Counted.calls == 2
+
+    quiet = {"progress": False, "log": lambda *a: None, "grid": Grid(16, 16),
+             "options": {"layers": 1, "proj_dim": 4}}
+    attribute_run(layered_run, "if-top", top_k=5, bottom_k=2, **quiet)
+    want = {("if-top", b): layered_run.top_k("if-top", "test", b) for b in (False, True)}
+    attribute_run(fresh, "if-top", top_k=5, bottom_k=2, backend=backend, overwrite=True, **quiet)
+    assert Counted.calls == 3           # its test side; the training side came from this run's memo
+    for (m, b), a in want.items():
+        got = fresh.top_k(m, "test", b)
+        np.testing.assert_array_equal(a["train_pos"], got["train_pos"])
+        np.testing.assert_array_equal(a["score"], got["score"])
+        assert got["info"]["diagnostics"]["backend"] == "ray"
+    assert len(backend._actors) == 1    # one gradient source: one pool
+    backend.close()
+    # each scoring task opened the index's if-top shards without refitting if-top on the whole run
+    import instattr.attribution
+    from instattr.index import Index
+    monkeypatch.setattr(instattr.attribution, "fit_method", None)
+    index = Index(next((fresh.path / "cache").glob("ray-index-*")))
+    assert index.source("if-top").n == len(fresh.features("train"))

@@ -29,17 +29,18 @@ def run_model(run: Run, method, device=None):
 
 
 def fit_method(run: Run, name: str, train: Optional[FeatureSet] = None, model=None, device=None,
-               embed: bool = True, **options):
+               embed: bool = True, backend=None, **options):
     """A fitted attributor ``name`` on the run's training features (all rows unless ``train``) and
     the run's classifier (unless ``model``, e.g. a re-initialised one); the one place that wires a
-    run to a method. ``embed=False`` leaves the training side to be computed in blocks later."""
+    run to a method. ``embed=False`` leaves the training side to be computed in blocks later;
+    ``backend`` runs the layered methods' per-example gradients elsewhere (e.g. on Ray)."""
     from .methods import get_method
     try:
         method = get_method(name, **options)
     except ValueError as e:
         raise InstattrError(str(e)) from None
     return method.fit(run.features("train") if train is None else train,
-                      run_model(run, method, device) if model is None else model, embed=embed)
+                      run_model(run, method, device) if model is None else model, embed=embed, backend=backend)
 
 
 def method_options(names: Sequence[str], options: Optional[dict]) -> Dict[str, dict]:
@@ -155,7 +156,8 @@ def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_
     with run.writing("attribute"):
         for name in todo:
             t = time.perf_counter()
-            method = fitted[name] = fit_method(run, name, train, device=device, embed=False, **per_method[name])
+            method = fitted[name] = fit_method(run, name, train, device=device, embed=False, backend=backend,
+                                               **per_method[name])
             if backend is None and method.streams_train:   # in the blocks an index (and Ray) would use
                 method.embed_all(train, grid.train_rows)
             seconds[name] = time.perf_counter() - t

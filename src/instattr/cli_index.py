@@ -153,7 +153,9 @@ def add_commands(sub) -> None:
     b.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     b.add_argument("--shard-rows", type=int, metavar="N", help="training rows per shard (a multiple of 16384; "
                    "default 262144)")
-    b.add_argument("--ann", choices=["ivf", "hnsw"], help="also build a FAISS index (pip install 'instattr[faiss]')")
+    b.add_argument("--ann", choices=["ivf", "ivf-sq8", "hnsw"],
+                   help="also build a FAISS index (pip install 'instattr[faiss]'); ivf-sq8 stores 8-bit codes: "
+                        "a quarter of ivf's memory")
     b.add_argument("--ann-k", type=int, default=10, help="k of the recall@k measured at build time (default 10)")
     b.add_argument("--ann-target", type=float, default=0.95, help="recall the search breadth is tuned to")
     b.add_argument("--overwrite", action="store_true", help="rebuild an index made with other arguments")

@@ -6,10 +6,19 @@
   each loading the model once from a folder every node sees (a GPU each when the driver's device
   is CUDA). The driver tokenizes and cuts the length-sorted batches the local path would cut, so
   the arrays are the local ones.
+- Per-example gradients of the layered methods (gd-top, gc-top, if-top, rif-top, tracin-top
+  with the default projected ``ihvp``): the length-sorted batches the local path cuts, spread over
+  a pool of actors (:class:`GradientActor`) that the backend keeps while it lives, since a method
+  asks for the training rows, then every block of test rows (each a new Ray Data pool would start
+  new processes: about 10 s here). Each actor rebuilds the run's tracked model and projector once
+  (:class:`~instattr.layers.attributors.GradientSource`; the run folder must be one every node
+  sees) and returns projected gradients and Gauss-Newton factors; the driver reduces the curvature
+  (if-top, rif-top) and keeps the training side.
 - Training sides: a Ray Data ``map_batches`` over the shards of an index, run by a pool of actors
   (:class:`ShardWriter`), each holding the fitted methods and the training rows once (a GPU each
   where the cluster has them); each actor writes its shards into the index folder, which must be
-  on storage every node sees (a shared filesystem), and returns their checksums.
+  on storage every node sees (a shared filesystem), and returns their checksums. Training sides
+  made in fit (the layered methods') are written by the driver, shard by shard as they arrive.
 - Scores: one Ray task per shard computes the exact top-k of every test row against that shard
   with the one scorer (:func:`instattr.methods.scoring.score_top_k`); the driver merges the
   per-shard results (:func:`~instattr.methods.scoring.merge_shards`).
@@ -133,6 +142,32 @@ class ClassifyWorker:
         return {"pos": np.concatenate(pos), "feat": np.concatenate(feats), "prob": np.concatenate(probs)}
 
 
+class GradientActor:
+    """A Ray actor kept for a backend's lifetime: the run's classifier and projector, built once from
+    a :class:`~instattr.layers.attributors.GradientSource`; :meth:`prepare` takes one call's rows,
+    then :meth:`gradients` computes one of its batches."""
+
+    def __init__(self, source):
+        from .models.tracked import resolve_dtype
+        self.source, self.dtype = source, resolve_dtype(source.dtype)
+        self.classifier, self.projector = source.build()
+
+    def prepare(self, fs, labels: np.ndarray, batches: Sequence[np.ndarray], factors: bool) -> None:
+        import torch
+
+        from .layers.cache import Examples
+        self.examples = Examples(self.classifier, fs, self.source.start)   # the split's cache: once per actor
+        self.labels, self.batches, self.factors = torch.as_tensor(labels), batches, bool(factors)
+
+    def gradients(self, j: int):
+        """(positions, gradients, factors or None, final-layer inputs) of batch ``j``."""
+        from .layers.attributors import batch_gradients
+        rows = self.batches[j]
+        g, f, x = batch_gradients(self.projector, self.examples.batch(rows, self.dtype), self.labels[rows],
+                                  self.dtype, self.factors)
+        return rows, g.numpy(), None if f is None else f.numpy(), x.float().numpy()
+
+
 def _cut(encoder, groups: Sequence[Tuple[Sequence[str], Optional[Sequence[str]]]]):
     """Every group tokenized and cut into the length-sorted batches ``encoder.batches`` would cut:
     (ids, token types or None, batches of positions into ids, where each group starts)."""
@@ -151,9 +186,10 @@ def _cut(encoder, groups: Sequence[Tuple[Sequence[str], Optional[Sequence[str]]]
 
 
 def _pool_map(worker, n_batches: int, device: str, kwargs: dict, progress: bool, address: Optional[str],
-              workers: Optional[int]):
+              workers: Optional[int], shared: Sequence[str] = ("ids", "types", "batches")):
     """Batch numbers ``0..n_batches-1`` through a pool of ``worker`` actors (Ray Data
-    ``map_batches``), on the driver's device type (one GPU per actor for CUDA): the output batches."""
+    ``map_batches``), on the driver's device type (one GPU per actor for CUDA): the output batches.
+    The ``shared`` constructor arguments go to the object store once, for every actor."""
     connect(address, workers)
     import ray
     import ray.data
@@ -167,8 +203,7 @@ def _pool_map(worker, n_batches: int, device: str, kwargs: dict, progress: bool,
     ds = ray.data.from_items([{"batch": j} for j in range(n_batches)])
     done = ds.map_batches(worker, batch_size=1, batch_format="numpy", num_gpus=1 if device == "cuda" else 0,
                           compute=ray.data.ActorPoolStrategy(size=size), runtime_env=_driver_threads(),
-                          fn_constructor_kwargs={k: ray.put(v) if k in ("ids", "types", "batches") else v
-                                                 for k, v in kwargs.items()})
+                          fn_constructor_kwargs={k: ray.put(v) if k in shared else v for k, v in kwargs.items()})
     return done.iter_batches(batch_format="numpy", batch_size=None)
 
 
@@ -255,13 +290,26 @@ def ray_build_shards(root: Path, train, methods: Dict[str, object], shards: List
                      progress: bool = False) -> Iterator[Tuple[int, Dict[str, dict]]]:
     """Write shards ``todo`` of every method with a pool of Ray actors; yields (shard, its manifest
     entries) as each shard is written, in whatever order the actors finish them."""
+    from .index.build import shard_side, write_shard
+    in_fit = {n: m for n, m in methods.items() if not m.streams_train}
+    no_side = [n for n, m in in_fit.items() if m.fitted_train_side() is None]
+    if no_side:
+        raise InstattrError(f"--backend ray: {', '.join(no_side)} keep no training side (each block of scores is "
+                            "computed whole, e.g. ihvp lissa or explicit); use the local backend")
+
+    def with_in_fit(i: int, entries: Dict[str, dict]):   # sides made in fit: written here, from memory
+        for name, m in in_fit.items():
+            entries[name] = write_shard(root, name, i, shard_side(m, train, shards[i], train_rows), dtype)
+        return i, entries
+
+    methods = {n: m for n, m in methods.items() if m.streams_train}
+    if not methods:
+        for i in todo:
+            yield with_in_fit(i, {})
+        return
     connect(address, workers)
     import ray
     import ray.data
-    not_streaming = [n for n, m in methods.items() if not m.streams_train]
-    if not_streaming:
-        raise InstattrError(f"--backend ray: {', '.join(not_streaming)} compute their training side in fit; "
-                            "index them with the local backend")
     _quiet_ray_data(ray, progress)
     size = max(1, min(_pool_size(ray, workers), len(todo)))
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= size else 0
@@ -273,7 +321,7 @@ def ray_build_shards(root: Path, train, methods: Dict[str, object], shards: List
                                                 "train_rows": train_rows,
                                                 "shards": [(s.start, s.stop) for s in shards]})
     for r in out.iter_rows():
-        yield int(r["shard"]), json.loads(str(r["entries"]))
+        yield with_in_fit(int(r["shard"]), json.loads(str(r["entries"])))
 
 
 def _shard_top_k(root: str, names: List[str], sides, rows_of, test_rows: int, n_test: int, k: int, bottom_k: int,
@@ -336,6 +384,7 @@ class RayBackend:
         if workers is not None and int(workers) < 1:
             raise InstattrError(f"--workers must be positive, got {workers}")
         self.address, self.workers = address, workers
+        self._actors: Dict[object, list] = {}      # GradientSource -> its GradientActor handles
 
     def top_k(self, run, fitted, test, train, k: int, bottom_k: int, grid: Grid, progress: bool = False):
         """Each method's top-k (and bottom-k) of ``test`` against ``train``: {name: {"top": .., "bottom": ..}}."""
@@ -348,6 +397,53 @@ class RayBackend:
     def classify_groups(self, classifier, groups, progress: bool = False):
         """``classifier.forward_texts(documents, queries)`` of each group on one pool of actors."""
         return ray_classify_groups(classifier, groups, progress, self.address, self.workers)
+
+    def gradient_batches(self, source, fs, labels, batches, factors: bool, progress: bool = False):
+        """Yield (positions, gradients, factors or None, final-layer inputs) for ``batches``
+        (positions into ``fs``, padded as the local path pads them), from this backend's pool of
+        :class:`GradientActor` for ``source``, in whatever order they finish."""
+        if not len(batches):
+            return
+        ray = connect(self.address, self.workers)
+        from ray.util import ActorPool
+        actors = self._gradient_actors(ray, source)
+        refs = [ray.put(x) for x in (fs, np.asarray(labels), list(batches))]
+        ray.get([a.prepare.remote(*refs, bool(factors)) for a in actors])   # runs before their batches
+        for rows, g, f, x in ActorPool(actors).map_unordered(lambda a, j: a.gradients.remote(j), range(len(batches))):
+            yield np.array(rows), np.array(g), None if f is None else np.array(f), x   # writable copies
+
+    def _gradient_actors(self, ray, source) -> list:
+        """The actors for ``source``, started on first use and kept: a layered method asks for the
+        training rows, then each block of test rows (and tracin-top each checkpoint), and starting
+        an actor (a process importing torch) takes seconds. On CPUs they reserve no CPU, so idle
+        pools (one per tracin-top checkpoint) never block the scoring tasks, and are spread over
+        the nodes; on CUDA each reserves a GPU, so only one pool lives at a time."""
+        if source not in self._actors:
+            size = _pool_size(ray, self.workers)
+            if source.device == "cuda":
+                self.close()
+                size = min(size, int(ray.cluster_resources().get("GPU", 0)))
+                if size < 1:
+                    raise InstattrError("--backend ray: the model runs on CUDA here but the Ray cluster has no GPU; "
+                                        "pass --device cpu to run on its CPUs")
+                placing = {"num_cpus": 0, "num_gpus": 1}
+            else:
+                placing = {"num_cpus": 0, "scheduling_strategy": "SPREAD"}
+            actor = ray.remote(GradientActor).options(runtime_env=_driver_threads(), **placing)
+            self._actors[source] = [actor.remote(source) for _ in range(size)]
+        return self._actors[source]
+
+    def close(self) -> None:
+        """Stop this backend's actors (they also stop when it is garbage collected)."""
+        if self._actors:
+            ray = ray_module()
+            for pool in self._actors.values():
+                for a in pool:
+                    ray.kill(a)
+        self._actors = {}
+
+    def __getstate__(self):       # a copy (e.g. inside a fitted method sent to a worker) starts its own actors
+        return {"address": self.address, "workers": self.workers, "_actors": {}}
 
     def build_shards(self, root, train, methods, shards, todo, dtype: str, train_rows: int, progress: bool = False):
         """Write the index shards ``todo`` with a pool of actors; yields (shard, its file entries) as

@@ -8,6 +8,10 @@ then the finish's augmentation: nn-euc's ``[b, |b|^2]``), indexed by one FAISS i
   scans the ``nprobe`` lists whose centroids score highest). Rows whose norms differ by orders of
   magnitude (gd and if: most training rows have near-zero gradients) stay where they are: the
   large rows pull their lists' centroids, so a query's best rows sit in its best lists.
+- ``ivf-sq8``: the same lists with each vector stored as 8-bit codes (``IndexIVFScalarQuantizer``,
+  one byte per dimension instead of four: a quarter of ``ivf``'s memory). The codes rank a list's
+  rows only roughly, so a query takes ``SQ_CANDIDATES`` times k candidates from them, and the
+  exact rescoring picks the k best.
 - ``hnsw``: a graph over the maximum-inner-product to nearest-neighbour reduction
   ``[x, sqrt(M^2 - |x|^2)]`` (queries ``[q, 0]``), which a graph needs to navigate; good for the
   nn-* methods, weak for gradients (their near-zero rows crowd the added axis).
@@ -33,10 +37,11 @@ from ..methods.scoring import Grid, Member, finished, merge_top_k, score_top_k
 from ..methods.sides import FINISHES, plain_vectors
 from .layout import IndexStoreError, file_entry
 
-KINDS = ("ivf", "hnsw")
+KINDS = ("ivf", "ivf-sq8", "hnsw")
 ANN_TEST_ROWS = 64       # queries per block when rescoring candidates
 MAX_LISTS = 1024         # IVF lists: sqrt(n), at most this many (4M rows: lists of ~4,000 rows)
 TRAIN_PER_LIST = 40      # k-means sample: rows per list
+SQ_CANDIDATES = 4        # ivf-sq8: candidates per result taken from the codes, then rescored exactly
 
 
 def faiss_module():
@@ -68,11 +73,11 @@ def current_ann(entry: Optional[dict], kind: str) -> bool:
     the reduction), so a resumed build keeps it; an earlier layout's is rebuilt."""
     if not entry or entry.get("kind") != kind or len(entry.get("parts", [])) != 1:
         return False
-    return kind != "ivf" or "max_norm" not in entry["parts"][0]
+    return not kind.startswith("ivf") or "max_norm" not in entry["parts"][0]
 
 
 def _breadths(kind: str, nlist: int):
-    if kind == "ivf":
+    if kind.startswith("ivf"):
         b, out = 1, []
         while b < nlist:
             out.append(b)
@@ -104,12 +109,16 @@ def build_ann(root: Path, manifest: dict, name: str, method, train, queries, kin
     blocks = Grid(1, train_rows).train_blocks(n)
     rng = np.random.default_rng(0)
     part = {"rows": n}
-    if kind == "ivf":
+    if kind.startswith("ivf"):
         nlist = int(max(1, min(round(np.sqrt(n)), n // TRAIN_PER_LIST, MAX_LISTS)))
         sample = train_vectors(src.take(np.sort(rng.choice(n, size=min(n, TRAIN_PER_LIST * nlist),
                                                            replace=False))), finish)
         dim = sample.shape[1]
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        if kind == "ivf":
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        else:       # 8-bit codes, each dimension's range learnt from the sample
+            index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                  faiss.METRIC_INNER_PRODUCT)
         index.train(sample)
         part["nlist"], top = nlist, None
     else:
@@ -151,7 +160,7 @@ def _open(root: Path, entry: dict) -> list:
     if key not in _OPEN:
         faiss = faiss_module()
         indexes = [faiss.read_index(path) for path, _ in key]
-        if entry["kind"] == "ivf" and getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+        if entry["kind"].startswith("ivf") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
             indexes = [faiss.index_cpu_to_all_gpus(i) for i in indexes]       # faiss-gpu on a GPU machine
         _OPEN.clear()
         _OPEN[key] = indexes
@@ -160,7 +169,7 @@ def _open(root: Path, entry: dict) -> list:
 
 def _search(index, kind: str, breadth: int, q: np.ndarray, k: int) -> np.ndarray:
     faiss = faiss_module()
-    if kind == "ivf":
+    if kind.startswith("ivf"):
         index.nprobe = int(breadth)
     else:
         graph = index if hasattr(index, "hnsw") else faiss.downcast_index(index.index)   # older builds: an IDMap
@@ -184,7 +193,8 @@ def _candidates(indexes, kind: str, breadth: int, member: Member, n_test: int, k
     for rows in Grid(ANN_TEST_ROWS).test_blocks(n_test):
         ts = member.test(rows)
         q = query_vectors(ts, member.finish, largest)
-        cand = np.concatenate([_search(ix, kind, breadth, q, min(k, ix.ntotal)) for ix in indexes], axis=1)
+        take = k * SQ_CANDIDATES if kind == "ivf-sq8" else k
+        cand = np.concatenate([_search(ix, kind, breadth, q, min(take, ix.ntotal)) for ix in indexes], axis=1)
         uniq = np.unique(cand[cand >= 0])
         if len(uniq) == 0:
             raise IndexStoreError("the ANN index returned no candidates")

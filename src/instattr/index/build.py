@@ -185,7 +185,8 @@ def build_run_index(run: Run, names: List[str], out, options: Optional[dict] = N
     names = resolve_methods(names)
     per = method_options(names, options)
     train = run.features("train")
-    methods = {n: fit_method(run, n, train, device=device, embed=False, **per[n]) for n in names}
+    methods = {n: fit_method(run, n, train, device=device, embed=False, backend=kwargs.get("backend"), **per[n])
+               for n in names}
     if kwargs.get("queries") is None and run.eval_split in run.splits:
         ev = run.features(run.eval_split)
         rows = np.sort(np.random.default_rng(0).choice(len(ev), min(len(ev), 200), replace=False))

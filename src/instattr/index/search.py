@@ -120,8 +120,11 @@ class Index:
         return self._methods[name]
 
     def source(self, name: str) -> ShardSource:
-        method = self.method(name)
-        return ShardSource(self.root, self._entry(name), self.n, self.shard_rows, getattr(method, "key_", ()))
+        """The method's shards. Its product key (which methods share a product) is in its saved
+        state; methods refit from the run (the layered ones) share none, so they are not refit here."""
+        entry = self._entry(name)
+        key = getattr(self.method(name), "key_", ()) if entry["state"] is not None else ()
+        return ShardSource(self.root, entry, self.n, self.shard_rows, key)
 
     def members(self, names: Sequence[str], test: FeatureSet) -> List[Member]:
         out = []

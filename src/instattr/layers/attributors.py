@@ -30,7 +30,8 @@ its tracked blocks, and the texts and caches of the rows through the run it is b
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from ..methods.registry import register
 from ..methods.similarity import unit_rows
 from ..models.tracked import first_tracked_layer, resolve_dtype
 from ..store import FeatureSet, RunError
-from .cache import Examples
+from .cache import NEW, Examples
 from .gradcache import cached_train_gradients
 from .grads import FlatParameters, batch_hessian, hvp, per_example_flat_grads
 from .ihvp import HESSIAN_STRUCTURES, Curvature, ExplicitHessian, GaussNewton, LiSSA
@@ -88,35 +89,87 @@ def classifier_of(name: str, model):
     return model
 
 
+@dataclass(frozen=True)
+class GradientSource:
+    """What a worker in another process needs to compute the same projected gradients: the run
+    (a folder it can read), the device type, the tracked blocks, the dtype, the projection, and
+    for tracin-top which checkpoint. :meth:`build` gives the classifier and its projector."""
+
+    run: str
+    device: str
+    start: int
+    dtype: str
+    proj_dim: Optional[int]
+    seed: int
+    projection: str
+    checkpoint: Optional[int] = None            # index into classifier.checkpoints()
+    checkpoints: Optional[Tuple[str, ...]] = None   # tracin-top's --checkpoints (Hugging Face models)
+    checkpoint_lrs: Optional[Tuple[float, ...]] = None
+
+    def build(self):
+        """(classifier, projector), as the fitting process made them."""
+        from ..models import classifier_for
+        from ..store import Run
+        classifier = classifier_for(Run(self.run), self.device)
+        if self.checkpoint is not None:
+            if self.checkpoints:
+                classifier = classifier.with_checkpoints(list(self.checkpoints), self.checkpoint_lrs)
+            classifier = classifier.checkpoints()[self.checkpoint][0]
+        tracked = classifier.tracked(self.start, self.dtype)
+        return classifier, GradientProjector(tracked, self.proj_dim, self.seed, self.projection)
+
+
+def batch_gradients(projector: GradientProjector, batch, labels: torch.Tensor, dtype: torch.dtype,
+                    factors: bool):
+    """One padded batch's projected loss gradients at ``labels`` (B, dim), its Gauss-Newton factors
+    (B, C-1, dim) or None, and the recomputed final-layer inputs (B, d)."""
+    logits, feats, jac = (t.cpu() for t in projector.project(batch))
+    p = torch.softmax(logits.double(), -1)
+    basis = projector.basis.cpu().double()
+    grads = torch.einsum("br,brd->bd", loss_coefficients(p, labels, basis).to(dtype), jac)
+    facs = torch.einsum("brs,brd->bsd", gauss_newton_roots(p, basis).to(dtype), jac) if factors else None
+    return grads, facs, feats
+
+
 def projected_gradients(classifier, fs: FeatureSet, labels: np.ndarray, projector: GradientProjector,
                         start: int, batch_size: int = 32, dtype="float32", factors: bool = False,
                         check: bool = True, progress: Optional[bool] = False, desc: str = "",
-                        what: str = "layers"):
+                        what: str = "layers", backend=None, source: Optional[GradientSource] = None):
     """Projected per-example loss gradients of ``fs`` at ``labels`` (n, dim), in ``fs`` order, and
     with ``factors`` the Gauss-Newton factors (n * (C-1), dim): rows F with GGN = (1/n) F^T F.
-    ``check`` compares the recomputed final-layer inputs with the run's stored features."""
+    ``check`` compares the recomputed final-layer inputs with the run's stored features.
+    ``backend`` (e.g. :class:`instattr.distributed.RayBackend`) computes the batches elsewhere from
+    ``source``, rows of a run's splits only; new texts are always computed here."""
     dtype = resolve_dtype(dtype)
-    examples = Examples(classifier, fs, start, progress)
+    examples = Examples(classifier, fs, start, progress)     # builds the split's hidden-state cache once
     n, r, dim = len(fs), projector.model.n_classes - 1, projector.dim
     if n * dim * (1 + r * factors) * torch.finfo(dtype).bits // 8 > MAX_EMBEDDING_BYTES:
         raise InstattrError(f"{what}: {n} x {dim} gradients do not fit in memory; set proj_dim")
     grads = torch.zeros(n, dim, dtype=dtype)
     facs = torch.zeros(n, r, dim, dtype=dtype) if factors else None
-    basis = projector.basis.double()
     labels = torch.as_tensor(np.asarray(labels))
+    order = examples.order(batch_size)
+    if backend is not None and source is not None and examples.split != NEW:
+        parts = backend.gradient_batches(source, fs, labels.numpy(), order, factors, progress)
+    else:
+        parts = ((pos, *batch_gradients(projector, examples.batch(pos, dtype), labels[pos], dtype, factors))
+                 for pos in order)
+    done = 0
     with _progress(n, desc, progress) as bar:
-        for pos, batch in examples.batches(batch_size, dtype):
-            logits, feats, jac = (t.cpu() for t in projector.project(batch))
+        for pos, g, f, feats in parts:
             if check:
-                diff = float((feats.double() - torch.as_tensor(np.asarray(fs.features[pos])).double()).abs().max())
+                diff = float(np.abs(np.asarray(feats, dtype=np.float64)
+                                    - np.asarray(fs.features[pos], dtype=np.float64)).max())
                 if diff > FEATURE_TOLERANCE:
                     raise RunError(f"{what}: the tracked layers do not reproduce the run's stored features "
                                    f"(max difference {diff:.2g}); delete {classifier.cache_dir} if the model changed")
-            p = torch.softmax(logits.double(), -1)
-            grads[pos] = torch.einsum("br,brd->bd", loss_coefficients(p, labels[pos], basis).to(dtype), jac)
+            grads[pos] = torch.as_tensor(g)
             if factors:
-                facs[pos] = torch.einsum("brs,brd->bsd", gauss_newton_roots(p, basis).to(dtype), jac)
+                facs[pos] = torch.as_tensor(f)
+            done += len(pos)
             bar.update(len(pos))
+    if done != n:
+        raise InstattrError(f"{what}: gradients came back for {done} of {n} rows")
     return grads, (facs.reshape(n * r, dim) if factors else None)
 
 
@@ -179,9 +232,18 @@ class _TopLayers(Attributor):
         return self.classifier_.tracked(self.start_, self.dtype)
 
     def _projected(self, projector: GradientProjector, fs: FeatureSet, labels: np.ndarray, factors: bool,
-                   desc: str, check: bool = True, classifier=None):
-        return projected_gradients(classifier or self.classifier_, fs, labels, projector, self.start_,
-                                   self.batch_size, self.dtype, factors, check, self.progress, desc, self.name)
+                   desc: str, check: bool = True, classifier=None, checkpoint: Optional[int] = None):
+        classifier = classifier or self.classifier_
+        source = None
+        if self.backend is not None and classifier.run is not None:
+            source = GradientSource(str(classifier.run.path.resolve()), classifier.device.type, self.start_,
+                                    self.dtype, self.proj_dim, self.seed, self.projection, checkpoint,
+                                    *self._checkpoint_options())
+        return projected_gradients(classifier, fs, labels, projector, self.start_, self.batch_size, self.dtype,
+                                   factors, check, self.progress, desc, self.name, self.backend, source)
+
+    def _checkpoint_options(self):
+        return None, None
 
     def _projector(self, model) -> GradientProjector:
         return GradientProjector(model, self.proj_dim, self.seed, self.projection)

@@ -200,11 +200,15 @@ class Examples:
         """One padded batch of the examples at ``positions``, order kept."""
         return self.cache.batch(self.row[np.asarray(positions)], dtype)
 
+    def order(self, batch_size: int, positions: Optional[np.ndarray] = None) -> List[np.ndarray]:
+        """The positions of each batch :meth:`batches` pads: ``positions`` (default all) sorted
+        longest first, cut every ``batch_size``."""
+        positions = np.arange(len(self)) if positions is None else np.asarray(positions)
+        order = positions[np.argsort(-self.lengths()[positions], kind="stable")]
+        return [order[a:a + int(batch_size)] for a in range(0, len(order), int(batch_size))]
+
     def batches(self, batch_size: int, dtype: torch.dtype, positions: Optional[np.ndarray] = None
                 ) -> Iterator[Tuple[np.ndarray, Batch]]:
         """(positions, padded batch) over ``positions`` (default all), longest first."""
-        positions = np.arange(len(self)) if positions is None else np.asarray(positions)
-        order = positions[np.argsort(-self.lengths()[positions], kind="stable")]
-        for a in range(0, len(order), int(batch_size)):
-            pos = order[a:a + int(batch_size)]
+        for pos in self.order(batch_size, positions):
             yield pos, self.cache.batch(self.row[pos], dtype)

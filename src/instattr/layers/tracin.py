@@ -109,11 +109,15 @@ class TopTracIn(_History, _TopLayers):
     def config(self) -> dict:
         return self._history_config(super().config())
 
+    def _checkpoint_options(self):
+        return (None if self.checkpoints is None else tuple(self.checkpoints),
+                None if self.checkpoint_lrs is None else tuple(self.checkpoint_lrs))
+
     def _embed_all(self, fs: FeatureSet, labels: np.ndarray, desc: str) -> np.ndarray:
         parts = []
         for c, ((classifier, lr), (model, projector)) in enumerate(zip(self.history_, self.tracked_)):
             grads, _ = self._projected(projector, fs, labels, False, f"{desc} ckpt {c + 1}", check=False,
-                                       classifier=classifier)
+                                       classifier=classifier, checkpoint=c)
             parts.append(grads * float(np.sqrt(lr)))
         return np.ascontiguousarray(torch.cat(parts, dim=1).float().numpy())
 

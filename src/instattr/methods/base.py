@@ -53,9 +53,12 @@ class Attributor(ABC):
             raise InstattrError(f"{self.name}: chunk_size must be a positive number of rows")
         self.chunk_size = chunk_size
 
+    backend = None                     # set by fit: where per-example work runs (None: here)
+
     def config(self) -> dict:
         """The constructor options (saved next to the scores)."""
-        return {k: v for k, v in vars(self).items() if not k.endswith("_") and not k.startswith("_")}
+        return {k: v for k, v in vars(self).items()
+                if not k.endswith("_") and not k.startswith("_") and k != "backend"}
 
     def diagnostics(self) -> dict:
         """Fitted scalars and small dicts (e.g. rep's ``reconstruction_``), JSON-ready."""
@@ -65,9 +68,12 @@ class Attributor(ABC):
                 out[k.rstrip("_")] = v.item() if isinstance(v, np.generic) else v
         return out
 
-    def fit(self, train: FeatureSet, model=None, embed: bool = True) -> "Attributor":
+    def fit(self, train: FeatureSet, model=None, embed: bool = True, backend=None) -> "Attributor":
         """Compute the fitted state from ``train`` and the classifier ``model``, and (``embed``)
-        the training side of every row."""
+        the training side of every row. ``backend`` (None: this process) is where per-example
+        work may run from then on: the layered methods' gradients on a
+        :class:`~instattr.distributed.RayBackend`'s actors; the other methods ignore it."""
+        self.backend = backend
         if len(train) == 0:
             raise InstattrError(f"{self.name}: no training examples to fit on")
         if self.needs_model and model is None:
