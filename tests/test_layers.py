@@ -489,6 +489,11 @@ def test_gradient_actors_rebuild_each_checkpoint_and_give_the_local_gradients(si
         np.testing.assert_array_equal(local[n].train_embedding_, remote[n].train_embedding_, err_msg=n)
         np.testing.assert_array_equal(local[n].test_side(te).vectors, remote[n].test_side(te).vectors, err_msg=n)
     assert [s.checkpoint for s in backend.sources[3:]] == [None, None, 0, 1]   # test sides
+    # a classifier other than the run's own (e.g. re-initialised) cannot be rebuilt by a worker
+    from instattr.models import _build
+    other = _build(fresh, classifier_for(fresh).device)
+    fit_method(fresh, "gd-top", model=other, backend=backend, **dict(opts, seed=1))
+    assert len(backend.sources) == 7
     assert not local["tracin-top"].train_embedding_[:, :local["tracin-top"].dim_ // 2].tolist() == \
         local["tracin-top"].train_embedding_[:, local["tracin-top"].dim_ // 2:].tolist()   # two real checkpoints
 

@@ -235,7 +235,7 @@ class _TopLayers(Attributor):
                    desc: str, check: bool = True, classifier=None, checkpoint: Optional[int] = None):
         classifier = classifier or self.classifier_
         source = None
-        if self.backend is not None and classifier.run is not None:
+        if self.backend is not None and self._runs_own_classifier():
             source = GradientSource(str(classifier.run.path.resolve()), classifier.device.type, self.start_,
                                     self.dtype, self.proj_dim, self.seed, self.projection, checkpoint,
                                     *self._checkpoint_options())
@@ -244,6 +244,15 @@ class _TopLayers(Attributor):
 
     def _checkpoint_options(self):
         return None, None
+
+    def _runs_own_classifier(self) -> bool:
+        """Whether the classifier fit on is its run's own (or one of its checkpoints, tracin-top),
+        which a worker can rebuild from the run folder; another one (e.g. re-initialised) is not."""
+        run = self.classifier_.run
+        if run is None:
+            return False
+        from ..models import classifier_for
+        return self.classifier_ is classifier_for(run, self.classifier_.device)
 
     def _projector(self, model) -> GradientProjector:
         return GradientProjector(model, self.proj_dim, self.seed, self.projection)
