@@ -60,13 +60,15 @@ def connect(address: Optional[str] = None, workers: Optional[int] = None):
 
 
 def local_env() -> dict:
-    """A local Ray's workers import the instattr this driver runs (a checkout on PYTHONPATH too)."""
+    """A local Ray's workers import the instattr this driver runs (a checkout on PYTHONPATH too)
+    and start with its thread counts (:func:`_driver_threads`), so the actors and tasks, which ask
+    for those counts, can use the workers Ray starts ahead for the job."""
     import os
 
     import instattr
     src = str(Path(instattr.__file__).resolve().parent.parent)
     path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
-    return {"env_vars": {"PYTHONPATH": path}}
+    return {"env_vars": {"PYTHONPATH": path, **_driver_threads()["env_vars"]}}
 
 
 def _pool_size(ray, workers: Optional[int]) -> int:
