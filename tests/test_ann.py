@@ -117,3 +117,18 @@ def test_an_index_of_the_earlier_layout_is_still_searched(data, tmp_path):
         assert len(parts) == 1 and "max_norm" not in parts[0] and parts[0]["file"].endswith("ann-ivf-0.faiss")
         assert again["methods"][name]["shards"] == m["methods"][name]["shards"]
     assert Index(tmp_path).ann_search(list(methods), queries, 10)["gd"]["top"][0].shape == (len(queries), 10)
+
+
+def test_candidates_per_query_stay_within_what_faiss_gpu_returns(monkeypatch):
+    """ivf-sq8 asks for SQ_CANDIDATES x k neighbours; on a GPU FAISS gives at most GPU_MAX_K, so the
+    request is capped there (never below k), and a k above it is a one-line error."""
+    from instattr.errors import InstattrError
+    from instattr.index import ann
+    assert ann._candidates_per_query("ivf-sq8", 1000) == 1000 * ann.SQ_CANDIDATES    # no GPU here
+    assert ann._candidates_per_query("ivf", 1000) == 1000
+    monkeypatch.setattr(ann, "_on_gpu", lambda kind: kind.startswith("ivf"))
+    assert ann._candidates_per_query("ivf-sq8", 100) == 100 * ann.SQ_CANDIDATES
+    assert ann._candidates_per_query("ivf-sq8", 1000) == ann.GPU_MAX_K
+    assert ann._candidates_per_query("ivf", ann.GPU_MAX_K) == ann.GPU_MAX_K
+    with pytest.raises(InstattrError, match="at most 2048 neighbours per query, asked for 3000"):
+        ann._candidates_per_query("ivf", 3000)

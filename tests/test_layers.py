@@ -66,6 +66,28 @@ def siamese(tmp_path_factory, micro_encoder):
 
 
 @pytest.fixture(scope="module")
+def three(tmp_path_factory, micro_encoder):
+    """A three-class run (two reduced logit directions, so two Gauss-Newton factor rows per example):
+    the toy sentences, with the ones about an animal in a third class."""
+    import json
+    root = tmp_path_factory.mktemp("three")
+    data = make_dataset(root / "data", n_train=14, n_test=4, n_dev=0)
+    for split in ("train", "test"):
+        path = data / f"{split}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for r in rows:
+            if any(w in r["document"] for w in ("dog", "cat", "man", "woman")):
+                r["label"] = 2
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "labels.json").write_text(json.dumps(["negative", "positive", "animal"]))
+    head = HeadConfig(epochs=4, lr=1e-2, batch_size=8, l2=0.05)
+    run = train_run(TrainConfig(data=str(data), encoder=micro_encoder, head=head, pooling="mean"), root / "run",
+                    progress=False)
+    assert run.features("train").probs.shape[1] == 3 and len(set(run.features("train").label)) == 3
+    return run
+
+
+@pytest.fixture(scope="module")
 def cross(tmp_path_factory, micro_encoder):
     return _run(tmp_path_factory.mktemp("cross"), micro_encoder, pairs=True, pair_mode="cross")
 
@@ -152,7 +174,7 @@ def brute_hessian(model, batches, labels, l2):
 def gold_not_pred(fs):
     """The test rows with gold labels that differ from the predictions: the test side must use pred."""
     from dataclasses import replace
-    return replace(fs, label=1 - np.asarray(fs.pred))
+    return replace(fs, label=(np.asarray(fs.pred) + 1) % fs.probs.shape[1])
 
 
 def scores(name, run, **options):
@@ -352,8 +374,9 @@ def test_gd_gc_top_full_rank_projection_equal_exact(single):
     assert not np.allclose(small, scores("gd-top", single, layers=1, proj_dim=4, seed=1)[0])
 
 
-@pytest.mark.parametrize("hessian", ["full", "block"])
-def test_if_rif_top_full_rank_projection_equal_explicit_gauss_newton(single, hessian):
+@pytest.mark.parametrize("kind,hessian", [("single", "full"), ("single", "block"), ("three", "full")])
+def test_if_rif_top_full_rank_projection_equal_explicit_gauss_newton(kind, hessian, request):
+    single = request.getfixturevalue(kind)
     fs, te = single.features("train"), single.features("test")
     model = model_of(single, 1)
     batches = example_batches(single, fs, 1)
@@ -460,7 +483,7 @@ class InProcessBackend:
     def __init__(self):
         self.sources = []
 
-    def gradient_batches(self, source, fs, labels, batches, factors, progress=False):
+    def gradient_batches(self, source, fs, labels, batches, factors):
         from instattr.distributed import GradientActor
         self.sources.append(source)
         actor = GradientActor(source)
@@ -496,6 +519,26 @@ def test_gradient_actors_rebuild_each_checkpoint_and_give_the_local_gradients(si
     assert len(backend.sources) == 7
     assert not local["tracin-top"].train_embedding_[:, :local["tracin-top"].dim_ // 2].tolist() == \
         local["tracin-top"].train_embedding_[:, local["tracin-top"].dim_ // 2:].tolist()   # two real checkpoints
+
+
+def test_gradient_actors_give_the_local_gauss_newton_factors_with_three_classes(three, tmp_path):
+    """Two factor rows per example come back from a worker in the local order: if-top's test side
+    (which solves against them) and rif-top's training side equal the local ones bit for bit."""
+    shutil.copytree(three.path, tmp_path / "run")
+    run = Run.load(tmp_path / "run")
+    opts = dict(layers=1, proj_dim=3, batch_size=4, progress=False)
+    te = run.features("test")
+    local = {n: fit_method(run, n, **opts) for n in ("if-top", "rif-top")}
+    for f in (run.path / "cache").glob("grads-*.npz"):
+        f.unlink()
+    backend = InProcessBackend()
+    fresh = Run.load(run.path)
+    remote = {n: fit_method(fresh, n, backend=backend, **opts) for n in ("if-top", "rif-top")}
+    assert len(backend.sources) == 1                                 # rif-top reuses if-top's gradients
+    for n in local:
+        np.testing.assert_array_equal(local[n].train_embedding_, remote[n].train_embedding_, err_msg=n)
+        np.testing.assert_array_equal(local[n].test_side(te).vectors, remote[n].test_side(te).vectors, err_msg=n)
+    assert remote["if-top"].solver_.factors_.shape[0] == 2 * len(run.features("train"))
 
 
 # ---------------------------------------------------------------- the interface

@@ -186,9 +186,25 @@ def test_ray_layered_gradients_equal_local(local_ray, layered_run, monkeypatch):
         assert got["info"]["diagnostics"]["backend"] == "ray"
     assert len(backend._actors) == 1    # one gradient source: one pool
     backend.close()
-    # each scoring task opened the index's if-top shards without refitting if-top on the whole run
+    # Index.source, a scoring task's first step, opens if-top's shards without refitting if-top
     import instattr.attribution
     from instattr.index import Index
     monkeypatch.setattr(instattr.attribution, "fit_method", None)
     index = Index(next((fresh.path / "cache").glob("ray-index-*")))
     assert index.source("if-top").n == len(fresh.features("train"))
+
+
+def test_a_failing_gradient_worker_gives_one_line_and_stops_its_pool(local_ray, layered_run):
+    """A worker that cannot build its model (here: a run folder it cannot see) ends in a one-line
+    error naming the run and the worker's own error, not a Ray traceback, and its pool is gone."""
+    from instattr.distributed import RayBackend
+    from instattr.errors import InstattrError
+    from instattr.layers.attributors import GradientSource
+    gone = GradientSource(str(layered_run.path.parent / "gone"), "cpu", 1, "float32", 4, 0, "khatri-rao")
+    backend = RayBackend(workers=1)
+    fs = layered_run.features("test")
+    with pytest.raises(InstattrError, match=r"gradient workers for .*gone failed: .*Error") as caught:
+        list(backend.gradient_batches(gone, fs, fs.pred, [np.arange(2)], False))
+    print(caught.value)
+    assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
+    assert backend._actors == {}

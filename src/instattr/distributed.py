@@ -187,11 +187,13 @@ def _cut(encoder, groups: Sequence[Tuple[Sequence[str], Optional[Sequence[str]]]
     return ids, types, batches, starts
 
 
+SHARED_ARGS = ("ids", "types", "batches")   # constructor arguments put in the object store once, for every actor
+
+
 def _pool_map(worker, n_batches: int, device: str, kwargs: dict, progress: bool, address: Optional[str],
-              workers: Optional[int], shared: Sequence[str] = ("ids", "types", "batches")):
+              workers: Optional[int]):
     """Batch numbers ``0..n_batches-1`` through a pool of ``worker`` actors (Ray Data
-    ``map_batches``), on the driver's device type (one GPU per actor for CUDA): the output batches.
-    The ``shared`` constructor arguments go to the object store once, for every actor."""
+    ``map_batches``), on the driver's device type (one GPU per actor for CUDA): the output batches."""
     connect(address, workers)
     import ray
     import ray.data
@@ -205,8 +207,15 @@ def _pool_map(worker, n_batches: int, device: str, kwargs: dict, progress: bool,
     ds = ray.data.from_items([{"batch": j} for j in range(n_batches)])
     done = ds.map_batches(worker, batch_size=1, batch_format="numpy", num_gpus=1 if device == "cuda" else 0,
                           compute=ray.data.ActorPoolStrategy(size=size), runtime_env=_driver_threads(),
-                          fn_constructor_kwargs={k: ray.put(v) if k in shared else v for k, v in kwargs.items()})
+                          fn_constructor_kwargs={k: ray.put(v) if k in SHARED_ARGS else v for k, v in kwargs.items()})
     return done.iter_batches(batch_format="numpy", batch_size=None)
+
+
+def _root_cause(error) -> str:
+    """The last line of a Ray error that names an exception (the worker's own error), else its first line."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    named = [ln for ln in lines if ln.split(":", 1)[0].split(".")[-1].endswith(("Error", "Exception"))]
+    return named[-1] if named else (lines[0] if lines else type(error).__name__)
 
 
 def _driver_threads() -> dict:
@@ -361,9 +370,9 @@ def ray_search(root, names: Sequence[str], methods: Dict[str, object], test, k: 
 
 
 def ray_top_k(run, fitted: Dict[str, object], test, train, k: int, bottom_k: int, grid: Grid,
-              address: Optional[str] = None, workers: Optional[int] = None, progress: bool = False):
+              backend: "RayBackend", progress: bool = False):
     """``attribute --top-k --backend ray``: a float32 index of the training sides under RUN/cache
-    (built by actors, resumable), then per-shard top-k tasks."""
+    (built by ``backend``'s actors, resumable), then per-shard top-k tasks."""
     from .index.build import build_index, run_digest
     from .methods.sides import digest
     source = {"run": str(run.path.resolve()), "run_sha256": run_digest(run), "split": "train",
@@ -372,8 +381,8 @@ def ray_top_k(run, fitted: Dict[str, object], test, train, k: int, bottom_k: int
     key = digest(np.frombuffer(json.dumps(spec, sort_keys=True, default=str).encode(), dtype=np.uint8))
     root = run.path / "cache" / f"ray-index-{key}"
     build_index(root, train, fitted, source, dtype="float32", train_rows=grid.train_rows, progress=progress,
-                backend=RayBackend(address, workers), overwrite=False)
-    return ray_search(root, list(fitted), fitted, test, k, bottom_k, grid, address, workers)
+                backend=backend, overwrite=False)
+    return ray_search(root, list(fitted), fitted, test, k, bottom_k, grid, backend.address, backend.workers)
 
 
 class RayBackend:
@@ -390,7 +399,7 @@ class RayBackend:
 
     def top_k(self, run, fitted, test, train, k: int, bottom_k: int, grid: Grid, progress: bool = False):
         """Each method's top-k (and bottom-k) of ``test`` against ``train``: {name: {"top": .., "bottom": ..}}."""
-        return ray_top_k(run, fitted, test, train, k, bottom_k, grid, self.address, self.workers, progress)
+        return ray_top_k(run, fitted, test, train, k, bottom_k, grid, self, progress)
 
     def encode_groups(self, encoder, groups, progress: bool = False) -> List[np.ndarray]:
         """``encoder.encode(texts, queries)`` of each group on one pool of actors, one encoder each."""
@@ -400,19 +409,27 @@ class RayBackend:
         """``classifier.forward_texts(documents, queries)`` of each group on one pool of actors."""
         return ray_classify_groups(classifier, groups, progress, self.address, self.workers)
 
-    def gradient_batches(self, source, fs, labels, batches, factors: bool, progress: bool = False):
+    def gradient_batches(self, source, fs, labels, batches, factors: bool):
         """Yield (positions, gradients, factors or None, final-layer inputs) for ``batches``
         (positions into ``fs``, padded as the local path pads them), from this backend's pool of
-        :class:`GradientActor` for ``source``, in whatever order they finish."""
+        :class:`GradientActor` for ``source``, in whatever order they finish. A worker that fails
+        (e.g. cannot read the run folder) stops the pool and raises a one-line error."""
         if not len(batches):
             return
         ray = connect(self.address, self.workers)
+        from ray.exceptions import RayError
         from ray.util import ActorPool
-        actors = self._gradient_actors(ray, source)
-        refs = [ray.put(x) for x in (fs, np.asarray(labels), list(batches))]
-        ray.get([a.prepare.remote(*refs, bool(factors)) for a in actors])   # runs before their batches
-        for rows, g, f, x in ActorPool(actors).map_unordered(lambda a, j: a.gradients.remote(j), range(len(batches))):
-            yield np.array(rows), np.array(g), None if f is None else np.array(f), x   # writable copies
+        try:
+            actors = self._gradient_actors(ray, source)
+            refs = [ray.put(x) for x in (fs, np.asarray(labels), list(batches))]
+            ray.get([a.prepare.remote(*refs, bool(factors)) for a in actors])   # runs before their batches
+            for rows, g, f, x in ActorPool(actors).map_unordered(lambda a, j: a.gradients.remote(j),
+                                                                 range(len(batches))):
+                yield np.array(rows), np.array(g), None if f is None else np.array(f), x   # writable copies
+        except RayError as e:
+            self._stop(source)
+            raise InstattrError(f"--backend ray: the gradient workers for {source.run} failed: "
+                                f"{_root_cause(e)}") from None
 
     def _gradient_actors(self, ray, source) -> list:
         """The actors for ``source``, started on first use and kept: a layered method asks for the
@@ -437,19 +454,23 @@ class RayBackend:
 
     def close(self) -> None:
         """Stop this backend's actors (they also stop when it is garbage collected)."""
-        if self._actors:
-            ray = ray_module()
-            for pool in self._actors.values():
-                for a in pool:
-                    ray.kill(a)
-        self._actors = {}
+        for source in list(self._actors):
+            self._stop(source)
 
-    def __getstate__(self):       # a copy (e.g. inside a fitted method sent to a worker) starts its own actors
+    def _stop(self, source) -> None:
+        ray = ray_module()
+        for a in self._actors.pop(source, ()):
+            ray.kill(a)
+
+    def __getstate__(self):
+        # a copy (inside a fitted method that ShardWriter actors receive) starts its own actors if it needs any
         return {"address": self.address, "workers": self.workers, "_actors": {}}
 
     def build_shards(self, root, train, methods, shards, todo, dtype: str, train_rows: int, progress: bool = False):
         """Write the index shards ``todo`` with a pool of actors; yields (shard, its file entries) as
-        each is written."""
+        each is written. Gradient actors holding GPUs are stopped first, so the writers can have them."""
+        for source in [s for s in self._actors if s.device == "cuda"]:
+            self._stop(source)
         return ray_build_shards(root, train, methods, shards, todo, dtype, train_rows, self.address, self.workers,
                                 progress)
 

@@ -241,6 +241,10 @@ class Run:
             self._memo[key] = make()
         return self._memo[key]
 
+    def memoized(self, key):
+        """What :meth:`memo` keeps for ``key``, or None (nothing is made)."""
+        return self._memo.get(key)
+
     # manifest and metrics
     @property
     def manifest(self):

@@ -32,6 +32,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import InstattrError
 from ..files import write_stream
 from ..methods.scoring import Grid, Member, finished, merge_top_k, score_top_k
 from ..methods.sides import FINISHES, plain_vectors
@@ -42,6 +43,7 @@ ANN_TEST_ROWS = 64       # queries per block when rescoring candidates
 MAX_LISTS = 1024         # IVF lists: sqrt(n), at most this many (4M rows: lists of ~4,000 rows)
 TRAIN_PER_LIST = 40      # k-means sample: rows per list
 SQ_CANDIDATES = 4        # ivf-sq8: candidates per result taken from the codes, then rescored exactly
+GPU_MAX_K = 2048         # faiss-gpu's largest k per query
 
 
 def faiss_module():
@@ -160,11 +162,28 @@ def _open(root: Path, entry: dict) -> list:
     if key not in _OPEN:
         faiss = faiss_module()
         indexes = [faiss.read_index(path) for path, _ in key]
-        if entry["kind"].startswith("ivf") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+        if _on_gpu(entry["kind"]):
             indexes = [faiss.index_cpu_to_all_gpus(i) for i in indexes]       # faiss-gpu on a GPU machine
         _OPEN.clear()
         _OPEN[key] = indexes
     return _OPEN[key]
+
+
+def _on_gpu(kind: str) -> bool:
+    """Whether ``kind``'s indexes are searched on the GPU (faiss-gpu on a machine with one)."""
+    return kind.startswith("ivf") and getattr(faiss_module(), "get_num_gpus", lambda: 0)() > 0
+
+
+def _candidates_per_query(kind: str, k: int) -> int:
+    """Neighbours to ask FAISS for: k, or SQ_CANDIDATES x k from 8-bit codes; on a GPU at most
+    GPU_MAX_K, which FAISS cannot exceed there."""
+    take = k * SQ_CANDIDATES if kind == "ivf-sq8" else k
+    if not _on_gpu(kind):
+        return take
+    if k > GPU_MAX_K:
+        raise InstattrError(f"--ann on a GPU: FAISS returns at most {GPU_MAX_K} neighbours per query, "
+                            f"asked for {k}; lower --top-k or search exactly (no --ann)")
+    return min(take, GPU_MAX_K)
 
 
 def _search(index, kind: str, breadth: int, q: np.ndarray, k: int) -> np.ndarray:
@@ -193,7 +212,7 @@ def _candidates(indexes, kind: str, breadth: int, member: Member, n_test: int, k
     for rows in Grid(ANN_TEST_ROWS).test_blocks(n_test):
         ts = member.test(rows)
         q = query_vectors(ts, member.finish, largest)
-        take = k * SQ_CANDIDATES if kind == "ivf-sq8" else k
+        take = _candidates_per_query(kind, k)
         cand = np.concatenate([_search(ix, kind, breadth, q, min(take, ix.ntotal)) for ix in indexes], axis=1)
         uniq = np.unique(cand[cand >= 0])
         if len(uniq) == 0:

@@ -150,7 +150,7 @@ def projected_gradients(classifier, fs: FeatureSet, labels: np.ndarray, projecto
     labels = torch.as_tensor(np.asarray(labels))
     order = examples.order(batch_size)
     if backend is not None and source is not None and examples.split != NEW:
-        parts = backend.gradient_batches(source, fs, labels.numpy(), order, factors, progress)
+        parts = backend.gradient_batches(source, fs, labels.numpy(), order, factors)
     else:
         parts = ((pos, *batch_gradients(projector, examples.batch(pos, dtype), labels[pos], dtype, factors))
                  for pos in order)
@@ -249,10 +249,7 @@ class _TopLayers(Attributor):
         """Whether the classifier fit on is its run's own (or one of its checkpoints, tracin-top),
         which a worker can rebuild from the run folder; another one (e.g. re-initialised) is not."""
         run = self.classifier_.run
-        if run is None:
-            return False
-        from ..models import classifier_for
-        return self.classifier_ is classifier_for(run, self.classifier_.device)
+        return run is not None and self.classifier_ is run.memoized(("classifier", str(self.classifier_.device)))
 
     def _projector(self, model) -> GradientProjector:
         return GradientProjector(model, self.proj_dim, self.seed, self.projection)

@@ -15,6 +15,7 @@ sqrt(lr) and concatenated, so a block of scores is one matrix product.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -110,7 +111,8 @@ class TopTracIn(_History, _TopLayers):
         return self._history_config(super().config())
 
     def _checkpoint_options(self):
-        return (None if self.checkpoints is None else tuple(self.checkpoints),
+        """The checkpoints as a worker needs them: absolute paths (its working directory is not ours)."""
+        return (None if self.checkpoints is None else tuple(str(Path(c).resolve()) for c in self.checkpoints),
                 None if self.checkpoint_lrs is None else tuple(self.checkpoint_lrs))
 
     def _embed_all(self, fs: FeatureSet, labels: np.ndarray, desc: str) -> np.ndarray:
