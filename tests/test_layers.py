@@ -486,8 +486,9 @@ class InProcessBackend:
     def gradient_batches(self, source, fs, labels, batches, factors):
         from instattr.distributed import GradientActor
         self.sources.append(source)
+        from instattr.layers.cache import RowIds
         actor = GradientActor(source)
-        actor.prepare(fs, np.asarray(labels), list(batches), factors)
+        actor.prepare(RowIds(fs.split, np.asarray(fs.idx)), np.asarray(labels), list(batches), factors)
         for j in reversed(range(len(batches))):             # out of order, as actors finish
             yield actor.gradients(j)
 

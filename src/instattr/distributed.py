@@ -154,11 +154,12 @@ class GradientActor:
         self.source, self.dtype = source, resolve_dtype(source.dtype)
         self.classifier, self.projector = source.build()
 
-    def prepare(self, fs, labels: np.ndarray, batches: Sequence[np.ndarray], factors: bool) -> None:
+    def prepare(self, rows, labels: np.ndarray, batches: Sequence[np.ndarray], factors: bool) -> None:
+        """Take one call's rows (a :class:`~instattr.layers.cache.RowIds`), labels and batches."""
         import torch
 
         from .layers.cache import Examples
-        self.examples = Examples(self.classifier, fs, self.source.start)   # the split's cache: once per actor
+        self.examples = Examples(self.classifier, rows, self.source.start)   # the split's cache: once per actor
         self.labels, self.batches, self.factors = torch.as_tensor(labels), batches, bool(factors)
 
     def gradients(self, j: int):
@@ -419,9 +420,12 @@ class RayBackend:
         ray = connect(self.address, self.workers)
         from ray.exceptions import RayError
         from ray.util import ActorPool
+
+        from .layers.cache import RowIds
         try:
             actors = self._gradient_actors(ray, source)
-            refs = [ray.put(x) for x in (fs, np.asarray(labels), list(batches))]
+            rows = RowIds(fs.split, np.asarray(fs.idx))     # the rows' identity, not their feature arrays
+            refs = [ray.put(x) for x in (rows, np.asarray(labels), list(batches))]
             ray.get([a.prepare.remote(*refs, bool(factors)) for a in actors])   # runs before their batches
             for rows, g, f, x in ActorPool(actors).map_unordered(lambda a, j: a.gradients.remote(j),
                                                                  range(len(batches))):

@@ -16,7 +16,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -166,12 +166,24 @@ def load_cache(classifier, split: str, start: int, progress: Optional[bool] = Fa
     return classifier.run.memo(("hidden", classifier.fingerprint(), split, start), load)
 
 
+@dataclass(frozen=True)
+class RowIds:
+    """Rows of a run's split by identity: all :class:`Examples` reads of a FeatureSet of them
+    (what a worker is sent instead of the rows' feature arrays)."""
+    split: str
+    idx: np.ndarray
+    texts = None                     # not new texts
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+
 class Examples:
     """The rows of a FeatureSet located in their split's cache (by idx), batched by length. New
     texts (a FeatureSet from ``featurize``, which carries its ``texts``) are run through the
     encoder bottom once, in memory."""
 
-    def __init__(self, classifier, fs: FeatureSet, start: int, progress: Optional[bool] = False):
+    def __init__(self, classifier, fs: Union[FeatureSet, RowIds], start: int, progress: Optional[bool] = False):
         self.start = start
         idx = [str(i) for i in fs.idx]
         if fs.texts is not None:
