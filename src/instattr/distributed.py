@@ -424,8 +424,8 @@ class RayBackend:
         from .layers.cache import RowIds
         try:
             actors = self._gradient_actors(ray, source)
-            rows = RowIds(fs.split, np.asarray(fs.idx))     # the rows' identity, not their feature arrays
-            refs = [ray.put(x) for x in (rows, np.asarray(labels), list(batches))]
+            ids = RowIds(fs.split, np.asarray(fs.idx))     # the rows' identity, not their feature arrays
+            refs = [ray.put(x) for x in (ids, np.asarray(labels), list(batches))]
             ray.get([a.prepare.remote(*refs, bool(factors)) for a in actors])   # runs before their batches
             for rows, g, f, x in ActorPool(actors).map_unordered(lambda a, j: a.gradients.remote(j),
                                                                  range(len(batches))):
