@@ -488,7 +488,7 @@ class InProcessBackend:
         self.sources.append(source)
         from instattr.layers.cache import RowIds
         actor = GradientActor(source)
-        actor.prepare(RowIds(fs.split, np.asarray(fs.idx)), np.asarray(labels), list(batches), factors)
+        actor.prepare(RowIds.of(fs), np.asarray(labels), list(batches), factors)
         for j in reversed(range(len(batches))):             # out of order, as actors finish
             yield actor.gradients(j)
 

@@ -424,7 +424,7 @@ class RayBackend:
         from .layers.cache import RowIds
         try:
             actors = self._gradient_actors(ray, source)
-            ids = RowIds(fs.split, np.asarray(fs.idx))     # the rows' identity, not their feature arrays
+            ids = RowIds.of(fs)                 # the rows' identity, not their feature arrays
             refs = [ray.put(x) for x in (ids, np.asarray(labels), list(batches))]
             ray.get([a.prepare.remote(*refs, bool(factors)) for a in actors])   # runs before their batches
             for rows, g, f, x in ActorPool(actors).map_unordered(lambda a, j: a.gradients.remote(j),

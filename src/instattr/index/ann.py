@@ -209,10 +209,10 @@ def _candidates(indexes, kind: str, breadth: int, member: Member, n_test: int, k
     position -1, score NaN."""
     k = min(k, member.n_train)
     pos_out, val_out = [], []
+    take = _candidates_per_query(kind, k)
     for rows in Grid(ANN_TEST_ROWS).test_blocks(n_test):
         ts = member.test(rows)
         q = query_vectors(ts, member.finish, largest)
-        take = _candidates_per_query(kind, k)
         cand = np.concatenate([_search(ix, kind, breadth, q, min(take, ix.ntotal)) for ix in indexes], axis=1)
         uniq = np.unique(cand[cand >= 0])
         if len(uniq) == 0:

@@ -248,8 +248,9 @@ class _TopLayers(Attributor):
     def _runs_own_classifier(self) -> bool:
         """Whether the classifier fit on is its run's own (or one of its checkpoints, tracin-top),
         which a worker can rebuild from the run folder; another one (e.g. re-initialised) is not."""
+        from ..models import built_classifier
         run = self.classifier_.run
-        return run is not None and self.classifier_ is run.memoized(("classifier", str(self.classifier_.device)))
+        return run is not None and self.classifier_ is built_classifier(run, self.classifier_.device)
 
     def _projector(self, model) -> GradientProjector:
         return GradientProjector(model, self.proj_dim, self.seed, self.projection)

@@ -177,6 +177,10 @@ class RowIds:
     def __len__(self) -> int:
         return len(self.idx)
 
+    @classmethod
+    def of(cls, fs: FeatureSet) -> "RowIds":
+        return cls(fs.split, np.asarray(fs.idx))
+
 
 class Examples:
     """The rows of a FeatureSet located in their split's cache (by idx), batched by length. New

@@ -8,14 +8,24 @@ from __future__ import annotations
 from ..store import Run, RunError
 from .base import Classifier
 
-__all__ = ["Classifier", "classifier_for"]
+__all__ = ["Classifier", "classifier_for", "built_classifier"]
 
 
 def classifier_for(run: Run, device=None) -> Classifier:
     """The run's classifier, bound to the run (built once per Run object and device)."""
     from ..device import resolve_device
     device = resolve_device(device)
-    return run.memo(("classifier", str(device)), lambda: _build(run, device))
+    return run.memo(_memo_key(device), lambda: _build(run, device))
+
+
+def built_classifier(run: Run, device) -> "Classifier | None":
+    """The classifier :func:`classifier_for` has built for ``run`` on ``device``, or None (builds nothing)."""
+    from ..device import resolve_device
+    return run.memoized(_memo_key(resolve_device(device)))
+
+
+def _memo_key(device) -> tuple:
+    return ("classifier", str(device))
 
 
 def _build(run: Run, device) -> Classifier:
