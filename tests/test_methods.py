@@ -10,7 +10,8 @@ import torch
 from scipy.stats import spearmanr
 
 from instattr.methods import METHOD_NAMES, NotFittedError, get_method, registered
-from instattr.methods.lastlayer import reduced_hessian, sum_zero_basis
+from instattr.methods.lastlayer import kron_rows, kron_rows32, lower_inverse, reduced_hessian, sum_zero_basis
+from instattr.methods.similarity import centered_rows, inverse_norms
 from instattr.store import FeatureSet, FinalLayer
 
 
@@ -133,6 +134,35 @@ def test_reduced_hessian_is_the_autograd_hessian_on_the_sum_zero_subspace(c):
                                q.T @ h @ q, rtol=1e-10, atol=1e-12)
     u = np.kron(np.ones((c, 1)) / np.sqrt(c), np.eye(3))   # the complement: H = 2 lam I there
     np.testing.assert_allclose(h @ u, 2 * head.l2 * u, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 5, 64, 65, 200])
+def test_lower_inverse_inverts_a_cholesky_factor(n):
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((2 * n, n))
+    chol = np.linalg.cholesky(x.T @ x / (2 * n) + 0.1 * np.eye(n))
+    inv = lower_inverse(chol)
+    np.testing.assert_array_equal(np.triu(inv, 1), 0)
+    np.testing.assert_allclose(inv @ chol, np.eye(n), atol=1e-10)
+    np.testing.assert_allclose(inv, np.linalg.inv(chol), rtol=1e-9, atol=1e-11)
+
+
+def test_row_helpers_give_the_bits_of_their_float64_definitions():
+    """centred rows, Kronecker rows and row norms are computed without whole float64
+    temporaries (one ufunc pass, or tiles of rows); the results are those of the plain float64
+    expressions, bit for bit."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1300, 7)).astype(np.float32)        # more rows than one norm tile
+    x[4] = 0
+    center = x.mean(axis=0, dtype=np.float64)
+    np.testing.assert_array_equal(centered_rows(x, center), (x.astype(np.float64) - center).astype(np.float32))
+    a = rng.standard_normal((1300, 2))
+    np.testing.assert_array_equal(kron_rows32(a, x), kron_rows(a, x.astype(np.float64)).astype(np.float32))
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    np.testing.assert_array_equal(inverse_norms(x), np.divide(1.0, norms, out=np.zeros(1300), where=norms > 0))
+    t = rng.standard_normal((3, 7))
+    np.testing.assert_allclose(inverse_norms(x, t)[5:], 1 / np.linalg.norm(x[5:].astype(np.float64) @ t.T, axis=1),
+                               rtol=1e-12)
 
 
 @pytest.mark.parametrize("c,damping", [(2, 0.0), (3, 0.0), (3, 0.3)])

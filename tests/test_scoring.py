@@ -1,10 +1,11 @@
 """The one scorer: streamed top-k == top-k of the dense matrix (ties included), shared products ==
-separate ones, per-shard merges == whole, and each method's two sides == its brute-force definition."""
+separate ones, shared row work == separate, per-shard merges == whole, and each method's two sides
+== its brute-force definition."""
 import numpy as np
 import pytest
 
 from instattr.attribution import score_together
-from instattr.methods import METHOD_NAMES, bottom_k, get_method, top_k
+from instattr.methods import METHOD_NAMES, bottom_k, get_method, shared, top_k
 from instattr.methods.scoring import Grid, RunningTopK, merge_shards, score_top_k
 from instattr.methods.sides import plain_vectors
 from instattr.store import FeatureSet, FinalLayer
@@ -71,8 +72,47 @@ def test_shared_products_give_the_same_bits_as_separate_ones(case):
     for name, m in methods.items():
         np.testing.assert_array_equal(together[name], m.score(test))
     many = score_top_k([m.member(test) for m in methods.values()], len(test), 5, 0, GRID)
-    for name, m in methods.items():
+    for name, m in methods.items():      # top-k finishes each member alone: the same bits
         np.testing.assert_array_equal(many[name]["top"][0], top_k(together[name], 5)[0])
+        np.testing.assert_array_equal(many[name]["top"][1], top_k(together[name], 5)[1])
+
+
+@pytest.mark.parametrize("budget", [None, 1 << 10])
+def test_methods_fitted_while_sharing_rows_give_the_same_bits(case, budget, monkeypatch):
+    """Inside sharing() the eleven methods share centred rows, probabilities and gradients (and
+    with a tiny memo budget recompute what was evicted); no score changes by a bit. A second
+    training set of the same shape inside the same scope is not mistaken for the first."""
+    train, test, layer, methods = case
+    if budget:
+        monkeypatch.setattr(shared, "MEMO_BYTES", budget)
+    other = train.replace(features=train.features[::-1].copy(), encoder=train.encoder + 1.0)
+    with shared.sharing():
+        got = score_together({n: fitted(n, train, layer) for n in METHOD_NAMES}, test, GRID)
+        got_other = score_together({n: fitted(n, other, layer) for n in METHOD_NAMES}, test, GRID)
+    for name, m in methods.items():
+        np.testing.assert_array_equal(got[name], m.score(test))
+        np.testing.assert_array_equal(got_other[name], fitted(name, other, layer).score(test))
+
+
+def test_sharing_memo_is_scoped_and_identifies_arrays_by_memory():
+    x = np.arange(12.0).reshape(4, 3)
+    calls = []
+
+    def compute(a):
+        calls.append(1)
+        return a.sum(axis=1)
+    assert shared._MEMO.get() is None
+    with shared.sharing():
+        first = shared.once("sum", (x,), lambda: compute(x))
+        assert shared.once("sum", (x[:],), lambda: compute(x)) is first      # a view of the same rows
+        shared.once("sum", (x[:2],), lambda: compute(x[:2]))                 # other rows
+        shared.once("sum", (x.copy(),), lambda: compute(x))                  # other memory
+        shared.once("mean", (x,), lambda: compute(x))                        # another quantity
+        with shared.sharing():                                               # nested: the same memo
+            assert shared.once("sum", (x,), lambda: compute(x)) is first
+    assert len(calls) == 4 and shared._MEMO.get() is None
+    shared.once("sum", (x,), lambda: compute(x))                             # outside: computed
+    assert len(calls) == 5
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
@@ -106,7 +146,8 @@ def test_shards_merge_to_the_whole(case):
 @pytest.mark.parametrize("largest", [True, False])
 def test_running_top_k_over_column_blocks_equals_top_k(largest):
     rng = np.random.default_rng(3)
-    for s in (rng.standard_normal((9, 70)), rng.integers(-2, 3, (9, 70)), np.zeros((3, 20))):
+    signed_zeros = np.where(rng.random((4, 30)) < 0.5, -0.0, 0.0) + np.where(rng.random((4, 30)) < 0.2, 1.0, 0.0)
+    for s in (rng.standard_normal((9, 70)), rng.integers(-2, 3, (9, 70)), np.zeros((3, 20)), signed_zeros):
         s = s.astype(np.float32)
         for k in (1, 5, 30):
             for width in (1, 4, 25, 70):

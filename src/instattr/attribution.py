@@ -153,7 +153,8 @@ def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_
     from .methods.scoring import Grid
     grid = grid or Grid()
     fitted, seconds = {}, {}
-    with run.writing("attribute"):
+    from .methods.shared import sharing
+    with run.writing("attribute"), sharing():      # row work common to several methods done once
         for name in todo:
             t = time.perf_counter()
             method = fitted[name] = fit_method(run, name, train, device=device, embed=False, backend=backend,
@@ -188,11 +189,14 @@ def _groups(members, n_test: int) -> List[list]:
 
 def score_together(methods: Dict[str, object], test: FeatureSet, grid=None) -> Dict[str, np.ndarray]:
     """Dense (n_test, n_train) scores of several fitted methods, each product shared by the
-    methods whose sides share it (nn-*, gd, gc and rep on binary tasks; if and rif)."""
+    methods whose sides share it (nn-*, gd, gc and rep on binary tasks; if and rif). Fit them
+    inside ``with instattr.methods.shared.sharing():`` to share their row work as well."""
     from .methods.scoring import Grid, score_dense
+    from .methods.shared import sharing
     out = {}
-    for group in _groups([m.member(test) for m in methods.values()], len(test)):
-        out.update(score_dense(group, len(test), grid or Grid()))
+    with sharing():
+        for group in _groups([m.member(test) for m in methods.values()], len(test)):
+            out.update(score_dense(group, len(test), grid or Grid()))
     return {name: out[name] for name in methods}
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import InstattrError
 from ..store import FeatureSet, FinalLayer
 from .scoring import TEST_BLOCK, TRAIN_BLOCK, Grid, Member, dense_row_blocks, finished, score_dense
+from .shared import once
 from .sides import INNER_PRODUCT, Finish, Side, side
 
 
@@ -124,7 +125,11 @@ class Attributor(ABC):
         if train_rows:
             self._train_rows = int(train_rows)
         n, parts, out = len(train), None, None
-        for rows in Grid(1, self._train_rows).train_blocks(n):
+        blocks = Grid(1, self._train_rows).train_blocks(n)
+        if len(blocks) == 1:                 # the block's side is the whole: kept, not copied
+            self.train_side_ = self.train_side(train.subset(blocks[0]))
+            return self.train_side_
+        for rows in blocks:
             part = self.train_side(train.subset(rows))
             if out is None:
                 parts = [part.offset is not None, part.scale is not None]
@@ -212,6 +217,13 @@ def mean_against_others(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def float32_rows(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def layer_inputs(layer: Optional[FinalLayer], features: np.ndarray) -> np.ndarray:
+    """float64 rows the final layer sees: ``layer.augment(features)`` (``[f, 1]`` with a bias),
+    or ``f`` without a layer; shared by the methods fitted together (:mod:`.shared`)."""
+    return once("layer-inputs", (features, layer is not None and layer.b is not None),
+                lambda: np.asarray(features, dtype=np.float64) if layer is None else layer.augment(features))
 
 
 def final_layer_of(name: str, model) -> Optional[FinalLayer]:

@@ -24,11 +24,20 @@ from typing import Optional
 import numpy as np
 
 from ..store import FeatureSet
-from .base import Attributor, check_width, final_layer_of
-from .lastlayer import ROW_BLOCK, class_probs, hessian_whitener, loss_errors, reduced_gradients, sum_zero_basis
+from .base import Attributor, check_width, final_layer_of, layer_inputs
+from .lastlayer import (
+    ROW_BLOCK,
+    class_probs,
+    hessian_whitener,
+    kron_rows,
+    kron_rows32,
+    loss_errors,
+    sum_zero_basis,
+)
 from .registry import register
+from .shared import once, value_of
 from .sides import Side, digest, side
-from .similarity import inverse_norms
+from .similarity import NORM_TILE, centered_side_rows, column_mean, inverse_norms, row_inverse_norms
 
 
 class LastLayerGradient(Attributor):
@@ -38,13 +47,23 @@ class LastLayerGradient(Attributor):
     normalized: bool = False        # cosine (in the H^-1 geometry if inverse_hessian)
 
     def _gradients(self, fs: FeatureSet, labels: np.ndarray) -> np.ndarray:
-        x = self._inputs(fs)
-        p = class_probs(x, fs.probs, self.weight_)
-        return reduced_gradients(loss_errors(p, labels), x, self.basis_)
+        """g~_i = (Q^T e_i) (x) f~_i, float64 (:func:`.lastlayer.reduced_gradients`)."""
+        return kron_rows(self._errors(fs, labels), self._inputs(fs))
+
+    def _probs(self, fs: FeatureSet) -> np.ndarray:
+        """float64 class probabilities of ``fs`` under the final layer; shared by gd, gc, if and
+        rif fitted together (:mod:`.shared`)."""
+        return once("probs", (fs.features, fs.probs, value_of(self.weight_)),
+                    lambda: class_probs(self._inputs(fs), fs.probs, self.weight_))
+
+    def _errors(self, fs: FeatureSet, labels: np.ndarray) -> np.ndarray:
+        """(Q^T e_i) per row (n, C-1), float64, at ``labels``; shared like :meth:`_probs`."""
+        return once("errors", (fs.features, fs.probs, labels, value_of(self.weight_)),
+                    lambda: loss_errors(self._probs(fs), labels) @ self.basis_)
 
     def _inputs(self, fs: FeatureSet) -> np.ndarray:
         """The final layer's input rows: f, or [f, 1] when it has a bias."""
-        return np.asarray(fs.features, dtype=np.float64) if self.layer_ is None else self.layer_.augment(fs.features)
+        return layer_inputs(self.layer_, fs.features)
 
     @property
     def _bias(self) -> float:
@@ -73,10 +92,11 @@ class LastLayerGradient(Attributor):
                     yield x, class_probs(x, part.probs, self.weight_)
             self.whitener_ = hessian_whitener(train.features, blocks, self.weight_, self.layer_.l2, self.basis_,
                                               self.damping, self.name)  # L^-1, H = L L^T
-            self.inverse_ = self.whitener_.T @ self.whitener_          # H^-1
-            self.key_ = ("inverse-hessian", digest(self.inverse_, *state))
+            self.inverse_, digested = once("inverse-hessian", (self.whitener_, value_of(self.weight_)),
+                                           lambda: _inverse(self.whitener_, state))
+            self.key_ = ("inverse-hessian", digested)
         elif c == 2:     # g = s f~: a scaled, offset product of the centred features (shared with nn-*)
-            self.center_ = np.asarray(train.features).mean(axis=0, dtype=np.float64)
+            self.center_ = column_mean(np.asarray(train.features))
             self.key_ = ("centered", "features", digest(self.center_))
         else:
             self.key_ = ("gradients", digest(*state), self._bias)
@@ -86,24 +106,38 @@ class LastLayerGradient(Attributor):
             check_width(self.name, "features", self.width_, np.asarray(fs.features))
         if hasattr(self, "center_"):
             return self._centered_side(fs, labels, test)
-        g = self._gradients(fs, labels)
+        key = (fs.features, fs.probs, labels, value_of(self.weight_))
         if not self.inverse_hessian:
-            return side(g, scale=inverse_norms(g) if self.normalized else None, key=self.key_)
+            g = kron_rows32(self._errors(fs, labels), self._inputs(fs))
+            return side(g, scale=self._gradient_inverse_norms(fs, labels) if self.normalized else None, key=self.key_)
         if test:                                       # H^-1 on the (smaller) test side only
-            a = g @ self.inverse_
-            scale = inverse_sqrt((a * g).sum(axis=1)) if self.normalized else None
-            return side(a, scale=scale, key=self.key_)
-        return side(g, scale=inverse_norms(g @ self.whitener_.T) if self.normalized else None, key=self.key_)
+            a, q = once("inverse-hessian-gradients", key + (self.key_[1],), lambda: self._ihvp(fs, labels))
+            return side(a, scale=inverse_sqrt(q) if self.normalized else None, key=self.key_)
+        g = once("gradients", key, lambda: kron_rows32(self._errors(fs, labels), self._inputs(fs)))
+        return side(g, scale=self._gradient_inverse_norms(fs, labels) if self.normalized else None, key=self.key_)
+
+    def _gradient_inverse_norms(self, fs: FeatureSet, labels: np.ndarray) -> np.ndarray:
+        """1 / ||g_i|| (with the inverse Hessian: 1 / ||L^-1 g_i||), from float64 gradients formed
+        a tile of rows at a time (never the whole float64 gradient matrix)."""
+        a, x = self._errors(fs, labels), self._inputs(fs)
+        w = self.whitener_ if self.inverse_hessian else None
+        return np.concatenate([inverse_norms(kron_rows(a[s:s + NORM_TILE], x[s:s + NORM_TILE]), w)
+                               for s in range(0, len(x), NORM_TILE)] or [np.zeros(0)])
+
+    def _ihvp(self, fs: FeatureSet, labels: np.ndarray):
+        """(H^-1 g_t, g_t^T H^-1 g_t) of test rows, float64."""
+        g = self._gradients(fs, labels)
+        a = g @ self.inverse_
+        return a, (a * g).sum(axis=1)
 
     def _centered_side(self, fs: FeatureSet, labels: np.ndarray, test: bool) -> Side:
         """Binary tasks: g~ = s f~ with s = Q^T e, so <g_t, g_i> = s_t s_i (<u_t, u_i> + offsets)."""
-        x = self._inputs(fs)
-        s = loss_errors(class_probs(x, fs.probs, self.weight_), labels) @ self.basis_[:, 0]
+        s = self._errors(fs, labels)[:, 0]
         if self.normalized:
-            s = np.sign(s) * inverse_norms(x)
-        u = side(np.asarray(fs.features, dtype=np.float64) - self.center_).vectors
+            s = np.sign(s) * row_inverse_norms(fs.features, self._inputs(fs) if self._bias else None)
+        u, uc = centered_side_rows(fs.features, self.center_)
         c = self.center_
-        offset = u.astype(np.float64) @ c + ((c @ c + self._bias) if test else 0.0)
+        offset = uc + ((c @ c + self._bias) if test else 0.0)
         return side(u, offset, s, self.key_)
 
     def _embed_train(self, rows: FeatureSet) -> Side:
@@ -134,6 +168,12 @@ class LastLayerGradient(Attributor):
             return np.concatenate([np.einsum("ij,ij->i", g, g) for g in rows()])
         total = sum(g.sum(axis=0) for g in rows())
         return np.concatenate([-(g @ total - np.einsum("ij,ij->i", g, g)) / max(n - 1, 1) for g in rows()])
+
+
+def _inverse(whitener: np.ndarray, state: list):
+    """H^-1 = W^T W from the whitener W = L^-1, and the digest of it and ``state`` (a key part)."""
+    inverse = whitener.T @ whitener
+    return inverse, digest(inverse, *state)
 
 
 def inverse_sqrt(q: np.ndarray) -> np.ndarray:

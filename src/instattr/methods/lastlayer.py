@@ -86,6 +86,15 @@ def kron_rows(a: np.ndarray, f: np.ndarray) -> np.ndarray:
     return (a[:, :, None] * f[:, None, :]).reshape(len(a), -1)
 
 
+def kron_rows32(a: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """``kron_rows(a, f)`` computed in float64 and rounded to float32 in one ufunc pass (the
+    same bits, without the float64 array)."""
+    n, k, d = len(a), a.shape[1], f.shape[1]
+    out = np.empty((n, k * d), dtype=np.float32)
+    np.multiply(a[:, :, None], f[:, None, :], out=out.reshape(n, k, d), dtype=np.float64, casting="same_kind")
+    return out
+
+
 def reduced_gradients(errors: np.ndarray, features: np.ndarray, basis: np.ndarray) -> np.ndarray:
     """g~_i = (Q^T e_i) (x) f_i in float64; same inner products as the full g_i = e_i (x) f_i."""
     return kron_rows(errors @ basis, np.asarray(features, dtype=np.float64))
@@ -138,7 +147,21 @@ def inverse_cholesky(h: np.ndarray, what: str) -> np.ndarray:
         except np.linalg.LinAlgError:
             raise InstattrError(f"{what}: the Hessian is not positive definite (l2 = 0 on rank-deficient "
                                 "features?); pass damping > 0") from None
-        return np.linalg.solve(chol, np.eye(len(h)))
+        return lower_inverse(chol)
+
+
+def lower_inverse(lower: np.ndarray) -> np.ndarray:
+    """The inverse of a lower-triangular matrix, by halves: [[A, 0], [B, C]]^-1 =
+    [[A^-1, 0], [-C^-1 B A^-1, C^-1]], a third of the work of a general solve against I."""
+    n = len(lower)
+    if n <= 64:
+        return np.linalg.solve(lower, np.eye(n))
+    k = n // 2
+    a, c = lower_inverse(lower[:k, :k]), lower_inverse(lower[k:, k:])
+    out = np.zeros_like(lower)
+    out[:k, :k], out[k:, k:] = a, c
+    out[k:, :k] = -(c @ (lower[k:, :k] @ a))
+    return out
 
 
 # ---------------------------------------------------------------- refit to stationarity
@@ -149,6 +172,11 @@ class Refit:
     n_iter: int            # steps taken
     n_hessians: int        # Hessians built (a Hessian is reused while it keeps paying)
     converged: bool
+
+
+def full_logits(reduced: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """Logits (n, C) from reduced logits F V^T (n, C-1), V = Q^T W: F W^T = (F V^T) Q^T."""
+    return np.einsum("ik,ck->ic", reduced, basis)
 
 
 def objective(logits: np.ndarray, labels: np.ndarray, v: np.ndarray, lam: float) -> float:
@@ -166,7 +194,9 @@ def refit(features: np.ndarray, labels: np.ndarray, w0: np.ndarray, lam: float,
     and its optimum is 0, so W = Q V throughout and the Newton system is ((C-1)d)^2. A Hessian
     is rebuilt only when the last step cut the gradient norm by less than 4x or needed a line
     search; steps in between are cheap (two thin products), so a head trained near the optimum
-    converges after one or two Hessians. ``whitener0``: L^-1 of the Hessian at ``w0``, when known.
+    converges after one or two Hessians. The logits are linear in V, so a step costs two passes
+    over the features (the gradient, and the step's logits ``F S^T``; the line search then only
+    combines them). ``whitener0``: L^-1 of the Hessian at ``w0``, when known.
     """
     if lam <= 0:
         raise InstattrError("refitting to stationarity needs l2 > 0 (the loss has no minimiser otherwise)")
@@ -175,12 +205,12 @@ def refit(features: np.ndarray, labels: np.ndarray, w0: np.ndarray, lam: float,
     n = len(f)
     q = sum_zero_basis(w0.shape[0])
     v = q.T @ np.asarray(w0, dtype=np.float64)
-    z = logits_of(f, q @ v)
-    obj = objective(z, y, v, lam)
+    r = logits_of(f, v)                      # reduced logits F V^T (n, C-1); the logits are R Q^T
+    obj = objective(full_logits(r, q), y, v, lam)
     eps = np.finfo(np.float64).eps
     whitener, last, n_hess, grad_norm, it = whitener0, np.inf, 0, np.inf, 0
     for it in range(max_iter + 1):
-        p = softmax(z)
+        p = softmax(full_logits(r, q))
         grad = error_features(loss_errors(p, y) @ q, f) / n + 2.0 * lam * v   # = Q^T dL/dW, same norm
         grad_norm = float(np.linalg.norm(grad))
         if grad_norm <= tol or it == max_iter:
@@ -189,17 +219,17 @@ def refit(features: np.ndarray, labels: np.ndarray, w0: np.ndarray, lam: float,
             whitener = inverse_cholesky(reduced_hessian(f, p, lam, q), "refit")
             n_hess += 1
         step = (whitener.T @ (whitener @ grad.ravel())).reshape(v.shape)
+        dr = logits_of(f, step)              # the logits are linear in V: one product per step
         slope, t = float((grad * step).sum()), 1.0
         while True:                                          # Armijo backtracking
-            v1 = v - t * step
-            z1 = logits_of(f, q @ v1)
-            obj1 = objective(z1, y, v1, lam)
+            v1, r1 = v - t * step, r - t * dr
+            obj1 = objective(full_logits(r1, q), y, v1, lam)
             if obj1 <= obj - 1e-4 * t * slope or obj1 - obj <= 64 * eps * abs(obj) or t < 1e-12:
                 break
             t /= 2
         if t < 1:
             whitener = None
-        v, z, obj, last = v1, z1, obj1, grad_norm
+        v, r, obj, last = v1, r1, obj1, grad_norm
     converged = grad_norm <= tol
     if not converged:
         warnings.warn(f"refit stopped after {it} steps at gradient norm {grad_norm:.2e} "

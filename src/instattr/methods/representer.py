@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 from ..store import FeatureSet
-from .base import Attributor, check_width, final_layer_of
+from .base import Attributor, check_width, final_layer_of, layer_inputs
 from .lastlayer import (
     error_features,
     hessian_whitener,
@@ -32,6 +32,7 @@ from .lastlayer import (
 )
 from .registry import register
 from .sides import Side, digest, side
+from .similarity import centered_side_rows, column_mean
 
 
 @register("rep")
@@ -49,7 +50,7 @@ class Representer(Attributor):
         layer = final_layer_of(self.name, model)
         self.layer_ = layer
         d = train.features.shape[1]
-        f = layer.augment(train.features)
+        f = layer_inputs(layer, train.features)
         n = len(f)
         w0 = layer.weight()
         if layer.w.shape[1] != d:
@@ -79,23 +80,22 @@ class Representer(Attributor):
         self.basis_ = sum_zero_basis(alpha.shape[1])
         self.lam_, self.n_fit_ = lam, n
         if len(self.basis_) == 2:  # binary: q_c (Q^T alpha_i) <f~_t, f~_i>, the centred-feature product of nn-*
-            self.center_ = np.asarray(train.features).mean(axis=0, dtype=np.float64)
+            self.center_ = column_mean(np.asarray(train.features))
             self.key_ = ("centered", "features", digest(self.center_))
         else:
             self.key_ = ("representer", digest(self.weight_))
 
     def _alpha(self, fs: FeatureSet) -> np.ndarray:
         """alpha_i = -(p*_i - onehot(y_i)) / (2 lam n) at the refit weight, (rows, C)."""
-        p = softmax(logits_of(self.layer_.augment(fs.features), self.weight_))
+        p = softmax(logits_of(layer_inputs(self.layer_, fs.features), self.weight_))
         return -loss_errors(p, fs.label) / (2.0 * self.lam_ * self.n_fit_)
 
     def _side(self, fs: FeatureSet, coef: np.ndarray, test: bool) -> Side:
-        f = self.layer_.augment(fs.features)
         if not hasattr(self, "center_"):
-            return side(kron_rows(coef, f), key=self.key_)
-        u = side(np.asarray(fs.features, dtype=np.float64) - self.center_).vectors
+            return side(kron_rows(coef, layer_inputs(self.layer_, fs.features)), key=self.key_)
+        u, uc = centered_side_rows(fs.features, self.center_)
         c, bias = self.center_, float(self.layer_.b is not None)
-        offset = u.astype(np.float64) @ c + ((c @ c + bias) if test else 0.0)
+        offset = uc + ((c @ c + bias) if test else 0.0)
         return side(u, offset, coef[:, 0], self.key_)
 
     def _embed_train(self, rows: FeatureSet) -> Side:

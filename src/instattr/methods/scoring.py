@@ -62,76 +62,109 @@ class Member:
 TILE_BYTES = 1 << 20    # rows of a block finished together: the passes below then stay in cache
 
 
-def finished(product: np.ndarray, test: Side, train: Side, finish: Finish, out: np.ndarray,
-             memo: Optional[list] = None) -> np.ndarray:
+def _tile_rows(product: np.ndarray) -> int:
+    return max(1, TILE_BYTES // (4 * max(1, product.shape[1])))
+
+
+def finished(product: np.ndarray, test: Side, train: Side, finish: Finish, out: np.ndarray) -> np.ndarray:
     """``out`` = finish(r c ((P + x) + y)), always with the same operations in the same order
-    (elementwise, so tiling rows or reusing another member's ``(P + x) + y`` from ``memo``, a list
-    kept per product, changes no bit)."""
-    if test.offset is not None or train.offset is not None:
-        product = _offset_product(product, test.offset, train.offset, memo)
-    rows = max(1, TILE_BYTES // (4 * max(1, product.shape[1])))
-    if finish is not INNER_PRODUCT:        # norms once per block, sliced by the tiles
-        test.sq_norms()
-        train.sq_norms()
-    for s in range(0, len(product), rows):
-        t = slice(s, s + rows)
-        ts = test.rows(t) if rows < len(product) else test
-        o, wrote = out[t], False
-        for arr, axis in ((ts.scale, 1), (train.scale, 0)):
-            if arr is not None:
-                np.multiply(o if wrote else product[t], arr[:, None] if axis else arr[None, :], out=o)
-                wrote = True
-        if not wrote:
-            np.copyto(o, product[t])
-        finish(o, ts, train)
+    (elementwise, so tiling rows or finishing several members tile by tile
+    (:func:`finished_together`) changes no bit)."""
+    finished_together(product, [(test, train, finish)], [out])
     return out
 
 
-def _same(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> bool:
-    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
-
-
-def _offset_product(product: np.ndarray, x: Optional[np.ndarray], y: Optional[np.ndarray], memo) -> np.ndarray:
-    """``(P + x) + y`` for one block, shared by the members with the same offsets."""
-    for mx, my, summed in memo or ():
-        if _same(mx, x) and _same(my, y):
-            return summed
-    summed = np.empty_like(product)
-    rows = max(1, TILE_BYTES // (4 * max(1, product.shape[1])))
+def finished_together(product: np.ndarray, parts: Sequence[Tuple[Side, Side, Finish]],
+                      outs: Sequence[np.ndarray]) -> None:
+    """:func:`finished` for several members sharing ``product`` (``parts``: their (test side,
+    train side, finish)), tile by tile: each tile of the product, and of ``(P + x) + y`` for each
+    distinct pair of offsets, is formed once and read from cache by every member. Same bits."""
+    offsets: list = []                     # distinct (x, y) pairs; which[j]: part j's, or -1
+    which = []
+    for ts, tr, finish in parts:
+        _prepare(finish, ts, tr)
+        if ts.offset is None and tr.offset is None:
+            which.append(-1)
+            continue
+        same = [i for i, (x, y) in enumerate(offsets) if _same(x, ts.offset) and _same(y, tr.offset)]
+        if not same:
+            offsets.append((ts.offset, tr.offset))
+        which.append(same[0] if same else len(offsets) - 1)
+    rows = _tile_rows(product)
+    bufs = [np.empty((min(rows, len(product)), product.shape[1]), dtype=np.float32) for _ in offsets]
     for s in range(0, len(product), rows):
         t = slice(s, s + rows)
-        src = product[t]
-        for arr, axis in ((x, 1), (y, 0)):
-            if arr is not None:
-                np.add(src, arr[t, None] if axis else arr[None, :], out=summed[t])
-                src = summed[t]
-    if memo is not None:
-        memo.append((x, y, summed))
-    return summed
+        p = product[t]
+        sums = [_offset_tile(p, None if x is None else x[t], y, buf[:len(p)])
+                for (x, y), buf in zip(offsets, bufs)]
+        for (ts, tr, finish), out, w in zip(parts, outs, which):
+            _finish_tile(p if w < 0 else sums[w], ts.rows(t) if rows < len(product) else ts, tr, finish, out[t])
 
 
-def _pair_blocks(members: Sequence[Member], tests: Dict[str, Side], cols: slice, trains=None):
-    """Yield (member, test side, train side, product) for one block of training rows; members
-    whose sides share a key share one product. ``trains`` maps names to train sides already cut."""
-    products: Dict[tuple, tuple] = {}
+def _prepare(finish: Finish, test: Side, train: Side) -> None:
+    if finish is not INNER_PRODUCT:        # norms once per block, sliced by the tiles
+        test.sq_norms()
+        train.sq_norms()
+
+
+def _finish_tile(src: np.ndarray, test: Side, train: Side, finish: Finish, out: np.ndarray) -> None:
+    """out = finish(r c src) for one tile of rows (``test``: those rows)."""
+    wrote = False
+    for arr, axis in ((test.scale, 1), (train.scale, 0)):
+        if arr is not None:
+            np.multiply(out if wrote else src, arr[:, None] if axis else arr[None, :], out=out)
+            wrote = True
+    if wrote:
+        finish(out, test, train)
+    else:
+        finish.finish_into(src, out, test, train)
+
+
+def _same(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and
+                                         (a is b or np.array_equal(a, b)))
+
+
+def _offset_tile(src: np.ndarray, x: Optional[np.ndarray], y: Optional[np.ndarray], out: np.ndarray) -> np.ndarray:
+    """``(src + x) + y`` for one tile of rows (``x``: those rows' offsets)."""
+    for arr, axis in ((x, 1), (y, 0)):
+        if arr is not None:
+            np.add(src, arr[:, None] if axis else arr[None, :], out=out)
+            src = out
+    return out
+
+
+def _cut(m: Member, cols: slice) -> Side:
+    if m.finish is not INNER_PRODUCT and isinstance(m.train, Side):
+        m.train.sq_norms()          # once for the whole side; each block of rows inherits its part
+    return m.train.rows(cols)
+
+
+def _shared_products(members: Sequence[Member], tests: Dict[str, Side], cols: slice, buffer: list):
+    """Yield (product, [(member, test side, train side)]) for one block of training rows, one
+    product per group of members whose sides share a key. Each product is written into
+    ``buffer[0]`` (reused when its shape fits), so it is valid until the next one is asked for."""
+    groups: Dict[object, list] = {}
     for m in members:
-        ts = tests[m.name]
-        tr = trains[m.name] if trains is not None else m.train.rows(cols)
-        key = (ts.key, tr.key) if ts.key and tr.key else None
-        p, memo = products.get(key, (None, None)) if key is not None else (None, None)
-        if p is None:
-            p, memo = ts.vectors @ tr.vectors.T, []
-            if key is not None:
-                products[key] = p, memo
-        yield m, ts, tr, p, memo
+        ts, tr = tests[m.name], _cut(m, cols)
+        key = (ts.key, tr.key) if ts.key and tr.key else ("alone", m.name)
+        groups.setdefault(key, []).append((m, ts, tr))
+    for items in groups.values():
+        ts, tr = items[0][1], items[0][2]
+        shape = (len(ts), len(tr))
+        if not buffer or buffer[0].shape != shape:
+            buffer[:] = [np.empty(shape, dtype=np.float32)]
+        yield np.matmul(ts.vectors, tr.vectors.T, out=buffer[0]), items
 
 
 def dense_row_blocks(members: Sequence[Member], n_test: int, grid: Grid = Grid(),
                      full: Optional[Dict[str, np.ndarray]] = None
                      ) -> Iterator[Tuple[slice, Dict[str, np.ndarray]]]:
     """Yield (test rows, {name: (rows, n_train) float32 scores}) per block of test rows; with
-    ``full`` (name -> (n_test, n_train) arrays) the blocks are written into it."""
+    ``full`` (name -> (n_test, n_train) arrays) the blocks are written into it. Members sharing
+    a product are finished together (:func:`finished_together`)."""
     inner = [m for m in members if m.dense is None]
+    buffer: list = []
     for rows in grid.test_blocks(n_test):
         if full is not None:
             out = {m.name: full[m.name][rows] for m in members}
@@ -143,8 +176,9 @@ def dense_row_blocks(members: Sequence[Member], n_test: int, grid: Grid = Grid()
         tests = {m.name: m.test(rows) for m in inner}
         n_train = inner[0].n_train if inner else 0
         for cols in grid.train_blocks(n_train):
-            for m, ts, tr, p, memo in _pair_blocks(inner, tests, cols):
-                finished(p, ts, tr, m.finish, out[m.name][:, cols], memo)
+            for p, items in _shared_products(inner, tests, cols, buffer):
+                finished_together(p, [(ts, tr, m.finish) for m, ts, tr in items],
+                                  [out[m.name][:, cols] for m, _, _ in items])
         yield rows, out
 
 
@@ -180,6 +214,28 @@ def merge_top_k(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: in
     return cols[keep].reshape(n_rows, width), vals[keep].reshape(n_rows, width)
 
 
+def _merge_in_order(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int, k: int,
+                    largest: bool) -> TopK:
+    """:func:`merge_top_k` for candidates whose order already puts, among equal (row, value),
+    the lower column first (the running top-k's: kept entries, then a block's in row-major
+    order). One stable sort on a (row, value) key then does what the three-key lexsort does."""
+    if n_rows == 0 or len(rows) == 0:
+        return merge_top_k(rows, cols, vals, n_rows, k, largest)
+    bits = (vals.astype(np.float32) + np.float32(0)).view(np.uint32)     # -0.0 ties with 0.0
+    order_bits = np.where(bits >> 31, ~bits, bits | np.uint32(1 << 31))   # ascending as the floats
+    if largest:
+        order_bits = ~order_bits
+    key = (rows.astype(np.uint64) << np.uint64(32)) | order_bits.astype(np.uint64)
+    order = np.argsort(key, kind="stable")
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    counts = np.bincount(rows, minlength=n_rows)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(len(rows)) - starts[rows]
+    width = int(min(k, counts.min()))
+    keep = rank < width
+    return cols[keep].reshape(n_rows, width), vals[keep].reshape(n_rows, width)
+
+
 class RunningTopK:
     """The k best columns per row seen so far, over blocks of columns given in ascending order."""
 
@@ -193,21 +249,35 @@ class RunningTopK:
         n, m = block.shape
         if self.k == 0 or m == 0 or n == 0:
             return
-        if np.isnan(block).any():
+        if np.isnan(block.min()):           # min propagates NaN: one reduction, no mask
             raise InstattrError("scores contain NaN")
-        if self.vals.shape[1] >= self.k:     # full: only strictly better values can enter (ties lose to lower columns)
+        full = self.vals.shape[1] >= self.k
+        if full:     # only strictly better values can enter (ties lose to lower columns)
             thr = self.vals[:, -1][:, None]
-            cand = block > thr if self.largest else block < thr
-            if cand.sum() > 4 * n * self.k:
+            cand = np.greater(block, thr) if self.largest else np.less(block, thr)
+            count = np.count_nonzero(cand)
+            if count == 0:
+                return
+            if count > 4 * n * self.k:
                 cand &= self._block_cut(block)
         else:
             cand = self._block_cut(block)
-        r, c = np.nonzero(cand)
-        v = block[r, c]
-        rows = np.concatenate([np.repeat(np.arange(n), self.vals.shape[1]), r])
-        cols = np.concatenate([self.idx.ravel(), c.astype(np.int64) + start])
-        vals = np.concatenate([self.vals.ravel(), v.astype(np.float32, copy=False)])
-        self.idx, self.vals = merge_top_k(rows, cols, vals, n, self.k, self.largest)
+        flat = np.flatnonzero(cand)              # row-major: rows ascending, columns ascending in a row
+        r, c = np.divmod(flat, m)
+        v = block.reshape(-1)[flat]
+        touched = np.arange(n)
+        if full:                                 # merge only the rows that have candidates
+            touched = r[np.concatenate(([True], r[1:] != r[:-1]))]
+            r = np.searchsorted(touched, r)
+        width = self.vals.shape[1]
+        rows = np.concatenate([np.repeat(np.arange(len(touched)), width), r])
+        cols = np.concatenate([self.idx[touched].ravel(), c + start])
+        vals = np.concatenate([self.vals[touched].ravel(), v.astype(np.float32, copy=False)])
+        idx, best = _merge_in_order(rows, cols, vals, len(touched), self.k, self.largest)
+        if full:
+            self.idx[touched], self.vals[touched] = idx, best
+        else:
+            self.idx, self.vals = idx, best
 
     def _block_cut(self, block: np.ndarray) -> np.ndarray:
         """Entries at least as good as each row's k-th best within the block (ties kept)."""
@@ -228,12 +298,15 @@ def score_top_k(members: Sequence[Member], n_test: int, k: int, bottom_k: int = 
                 train_range: Optional[Tuple[int, int]] = None, progress=None) -> Dict[str, Dict[str, TopK]]:
     """Per member, ``{"top": (columns, values)}`` (and ``"bottom"`` with ``bottom_k``): the k
     largest (smallest) scores per test row, best first, ties to the lower training row; identical
-    to :func:`instattr.methods.topk.top_k` on :func:`score_dense`'s matrix. Memory: a few blocks.
+    to :func:`instattr.methods.topk.top_k` on :func:`score_dense`'s matrix. Memory: a few blocks
+    (one product, and one block of scores per member of the largest group sharing it).
     ``train_range`` limits the columns to ``[start, stop)`` (grid-aligned; columns stay global)."""
     if k < 0 or bottom_k < 0:
         raise InstattrError(f"k must be >= 0, got {k} and {bottom_k}")
     res = {m.name: {"top": [], **({"bottom": []} if bottom_k else {})} for m in members}
     inner = [m for m in members if m.dense is None]
+    product: list = []                      # the product of the group being finished, reused
+    bufs: List[np.ndarray] = []             # its members' finished scores, reused
     for rows in grid.test_blocks(n_test):
         n = rows.stop - rows.start
         run = {m.name: {"top": RunningTopK(n, k, True), **({"bottom": RunningTopK(n, bottom_k, False)}
@@ -246,14 +319,13 @@ def score_top_k(members: Sequence[Member], n_test: int, k: int, bottom_k: int = 
         tests = {m.name: m.test(rows) for m in inner}
         n_train = inner[0].n_train if inner else 0
         start, stop = train_range or (0, n_train)
-        buf = None
         for cols in grid.train_blocks(n_train, start, stop):
-            for m, ts, tr, p, memo in _pair_blocks(inner, tests, cols):
-                if buf is None or buf.shape != p.shape:
-                    buf = np.empty(p.shape, dtype=np.float32)
-                finished(p, ts, tr, m.finish, buf, memo)
-                for acc in run[m.name].values():
-                    acc.update(buf, cols.start)
+            for p, items in _shared_products(inner, tests, cols, product):
+                outs = _buffers(bufs, len(items), p.shape)
+                finished_together(p, [(ts, tr, m.finish) for m, ts, tr in items], outs)
+                for (m, _, _), buf in zip(items, outs):
+                    for acc in run[m.name].values():
+                        acc.update(buf, cols.start)
             if progress is not None:
                 progress(cols.stop - cols.start)
         for m in members:
@@ -261,6 +333,15 @@ def score_top_k(members: Sequence[Member], n_test: int, k: int, bottom_k: int = 
                 res[m.name][which].append(acc.result())
     return {name: {which: _stack(parts, k if which == "top" else bottom_k) for which, parts in d.items()}
             for name, d in res.items()}
+
+
+def _buffers(pool: List[np.ndarray], count: int, shape: tuple) -> List[np.ndarray]:
+    """``count`` float32 arrays of ``shape`` from ``pool``, which keeps them for the next block."""
+    if pool and pool[0].shape != shape:
+        pool.clear()
+    while len(pool) < count:
+        pool.append(np.empty(shape, dtype=np.float32))
+    return pool[:count]
 
 
 def _stack(parts: List[TopK], k: int) -> TopK:

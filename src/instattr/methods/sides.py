@@ -76,7 +76,7 @@ def digest(*arrays) -> str:
     return h.hexdigest()[:16]
 
 
-def sq_norms(vectors: np.ndarray, block: int = 8192) -> np.ndarray:
+def sq_norms(vectors: np.ndarray, block: int = 512) -> np.ndarray:
     """Squared row norms of float32 vectors, summed row by row in float64, rounded to float32."""
     out = np.empty(len(vectors), dtype=np.float32)
     for s in range(0, len(vectors), block):
@@ -95,6 +95,12 @@ class Finish:
     def __call__(self, block: np.ndarray, test: Side, train: Side) -> None:
         """Finish ``block`` (len(test), len(train)) in place."""
 
+    def finish_into(self, src: np.ndarray, out: np.ndarray, test: Side, train: Side) -> None:
+        """``out`` = the finished ``src`` (``src`` unchanged); the same bits as copying it into
+        ``out`` and finishing that, one pass sooner where a subclass can fold the copy in."""
+        np.copyto(out, src)
+        self(out, test, train)
+
     def ann_train(self, vectors: np.ndarray) -> np.ndarray:
         return vectors
 
@@ -112,6 +118,14 @@ class NegativeDistance(Finish):
 
     def __call__(self, block: np.ndarray, test: Side, train: Side) -> None:
         block *= -2.0
+        self._rest(block, test, train)
+
+    def finish_into(self, src: np.ndarray, out: np.ndarray, test: Side, train: Side) -> None:
+        np.multiply(src, -2.0, out=out)
+        self._rest(out, test, train)
+
+    @staticmethod
+    def _rest(block: np.ndarray, test: Side, train: Side) -> None:
         block += train.sq_norms()[None, :]
         block += test.sq_norms()[:, None]
         np.maximum(block, 0.0, out=block)
