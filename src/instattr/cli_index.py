@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .errors import InstattrError
+from .index.ann import KINDS
 
 
 def scale_args(p: argparse.ArgumentParser) -> None:
@@ -86,11 +87,13 @@ def cmd_query(a) -> int:
         if not a.out:
             raise InstattrError("--split writes top-k files: give --out FOLDER")
         test = run.features(a.split)
+    backend = None if a.ann else backend_of(a)
     if a.ann:
         res = index.ann_search(names, test, a.top_k, a.bottom_k or 0)
-    elif backend_of(a) is not None:
-        res = backend_of(a).search(index.root, names, {n: index.method(n) for n in names}, test, a.top_k,
-                                   a.bottom_k or 0)
+    elif backend is not None:
+        with backend:
+            res = backend.search(index.root, names, {n: index.method(n) for n in names}, test, a.top_k,
+                                 a.bottom_k or 0)
     else:
         res = index.search(names, test, a.top_k, a.bottom_k or 0)
     if a.text is None:
@@ -153,7 +156,7 @@ def add_commands(sub) -> None:
     b.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     b.add_argument("--shard-rows", type=int, metavar="N", help="training rows per shard (a multiple of 16384; "
                    "default 262144)")
-    b.add_argument("--ann", choices=["ivf", "ivf-sq8", "hnsw"],
+    b.add_argument("--ann", choices=KINDS,
                    help="also build a FAISS index (pip install 'instattr[faiss]'); ivf-sq8 stores 8-bit codes: "
                         "a quarter of ivf's memory")
     b.add_argument("--ann-k", type=int, default=10, help="k of the recall@k measured at build time (default 10)")

@@ -457,9 +457,16 @@ class RayBackend:
         return self._actors[source]
 
     def close(self) -> None:
-        """Stop this backend's actors (they also stop when it is garbage collected)."""
+        """Stop this backend's actors (they also stop when it is garbage collected); ``with
+        RayBackend(...) as backend:`` closes it on leaving."""
         for source in list(self._actors):
             self._stop(source)
+
+    def __enter__(self) -> "RayBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _stop(self, source) -> None:
         ray = ray_module()

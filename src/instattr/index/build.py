@@ -34,7 +34,8 @@ def shard_side(method, train: FeatureSet, rows: slice, train_rows: int = TRAIN_B
     if not method.streams_train:
         return method.fitted_train_side().rows(rows)
     blocks = Grid(1, train_rows).train_blocks(len(train), rows.start, rows.stop)
-    return Side.concat([method.train_side(train.subset(b)) for b in blocks])
+    return Side.gather(((slice(b.start - rows.start, b.stop - rows.start), method.train_side(train.subset(b)))
+                        for b in blocks), rows.stop - rows.start)
 
 
 def write_shard(root: Path, name: str, s: int, side: Side, dtype: str) -> dict:

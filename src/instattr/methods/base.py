@@ -124,25 +124,12 @@ class Attributor(ABC):
         in blocks of ``train_rows`` (the scoring grid's; an index's shards use the same blocks)."""
         if train_rows:
             self._train_rows = int(train_rows)
-        n, parts, out = len(train), None, None
-        blocks = Grid(1, self._train_rows).train_blocks(n)
+        blocks = Grid(1, self._train_rows).train_blocks(len(train))
         if len(blocks) == 1:                 # the block's side is the whole: kept, not copied
             self.train_side_ = self.train_side(train.subset(blocks[0]))
-            return self.train_side_
-        for rows in blocks:
-            part = self.train_side(train.subset(rows))
-            if out is None:
-                parts = [part.offset is not None, part.scale is not None]
-                out = Side(np.empty((n, part.dim), dtype=np.float32),
-                           np.empty(n, dtype=np.float32) if parts[0] else None,
-                           np.empty(n, dtype=np.float32) if parts[1] else None, part.key)
-            out.vectors[rows] = part.vectors
-            if parts[0]:
-                out.offset[rows] = part.offset
-            if parts[1]:
-                out.scale[rows] = part.scale
-        self.train_side_ = out
-        return out
+        else:
+            self.train_side_ = Side.gather(((b, self.train_side(train.subset(b))) for b in blocks), len(train))
+        return self.train_side_
 
     # ------------------------------------------------------------------ scoring
     def _check_fitted(self) -> None:

@@ -107,10 +107,7 @@ class LastLayerGradient(Attributor):
         if hasattr(self, "center_"):
             return self._centered_side(fs, labels, test)
         key = (fs.features, fs.probs, labels, value_of(self.weight_))
-        if not self.inverse_hessian:
-            g = kron_rows32(self._errors(fs, labels), self._inputs(fs))
-            return side(g, scale=self._gradient_inverse_norms(fs, labels) if self.normalized else None, key=self.key_)
-        if test:                                       # H^-1 on the (smaller) test side only
+        if test and self.inverse_hessian:              # H^-1 on the (smaller) test side only
             a, q = once("inverse-hessian-gradients", key + (self.key_[1],), lambda: self._ihvp(fs, labels))
             return side(a, scale=inverse_sqrt(q) if self.normalized else None, key=self.key_)
         g = once("gradients", key, lambda: kron_rows32(self._errors(fs, labels), self._inputs(fs)))

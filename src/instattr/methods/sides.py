@@ -50,6 +50,22 @@ class Side:
                     pick(self.scale), self.key, pick(self.norms))
 
     @classmethod
+    def gather(cls, parts, n: int) -> "Side":
+        """One side of ``n`` rows from ``parts``, (rows, Side) pairs covering them, each written
+        into arrays allocated once (never a list of blocks and their concatenation at once)."""
+        out = None
+        for rows, part in parts:
+            if out is None:
+                out = cls(np.empty((n, part.dim), dtype=np.float32),
+                          None if part.offset is None else np.empty(n, dtype=np.float32),
+                          None if part.scale is None else np.empty(n, dtype=np.float32), part.key)
+            out.vectors[rows] = part.vectors
+            for name in ("offset", "scale"):
+                if getattr(out, name) is not None:
+                    getattr(out, name)[rows] = getattr(part, name)
+        return out
+
+    @classmethod
     def concat(cls, parts) -> "Side":
         parts = list(parts)
 
