@@ -72,7 +72,7 @@ def test_shared_products_give_the_same_bits_as_separate_ones(case):
     for name, m in methods.items():
         np.testing.assert_array_equal(together[name], m.score(test))
     many = score_top_k([m.member(test) for m in methods.values()], len(test), 5, 0, GRID)
-    for name, m in methods.items():      # top-k finishes each member alone: the same bits
+    for name, m in methods.items():      # top-k finishes into its own buffers: the same bits
         np.testing.assert_array_equal(many[name]["top"][0], top_k(together[name], 5)[0])
         np.testing.assert_array_equal(many[name]["top"][1], top_k(together[name], 5)[1])
 
@@ -92,6 +92,32 @@ def test_methods_fitted_while_sharing_rows_give_the_same_bits(case, budget, monk
     for name, m in methods.items():
         np.testing.assert_array_equal(got[name], m.score(test))
         np.testing.assert_array_equal(got_other[name], fitted(name, other, layer).score(test))
+
+
+@pytest.mark.parametrize("c,bias", CASES)
+def test_shared_row_work_tells_labels_layers_and_rows_apart(c, bias):
+    """The training set scored against itself on a square grid: test and training blocks are
+    the same memory at other labels (predicted against gold); a second layer (other weights)
+    fitted in the same scope. Every score equals an unshared fit's, and the centred rows are
+    really shared (one array for nn-dot's and gd's test sides)."""
+    train, _, layer = problem(c, bias, seed=7 + c)
+    rng = np.random.default_rng(c)
+    other = FinalLayer(w=layer.w + rng.standard_normal(layer.w.shape), b=None if layer.b is None else layer.b + 1,
+                       l2=0.07)
+    grid = Grid(8, 8)
+
+    def fit(name, lay):
+        m = get_method(name, chunk_size=8)
+        m._train_rows = 8
+        return m.fit(train, lay)
+    with shared.sharing():
+        got = {lay_i: score_together({n: fit(n, lay) for n in METHOD_NAMES}, train, grid)
+               for lay_i, lay in enumerate((layer, other))}
+        if c == 2:
+            assert fit("nn-dot", layer).test_side(train).vectors is fit("gd", layer).test_side(train).vectors
+    for lay_i, lay in enumerate((layer, other)):
+        for name in METHOD_NAMES:
+            np.testing.assert_array_equal(got[lay_i][name], fit(name, lay).score(train), err_msg=f"{name} {lay_i}")
 
 
 def test_sharing_memo_is_scoped_and_identifies_arrays_by_memory():
@@ -146,7 +172,8 @@ def test_shards_merge_to_the_whole(case):
 @pytest.mark.parametrize("largest", [True, False])
 def test_running_top_k_over_column_blocks_equals_top_k(largest):
     rng = np.random.default_rng(3)
-    signed_zeros = np.where(rng.random((4, 30)) < 0.5, -0.0, 0.0) + np.where(rng.random((4, 30)) < 0.2, 1.0, 0.0)
+    signed_zeros = np.where(rng.random((4, 30)) < 0.2, 1.0, np.where(rng.random((4, 30)) < 0.5, -0.0, 0.0))
+    assert np.signbit(signed_zeros).any() and (signed_zeros == 0).any()
     for s in (rng.standard_normal((9, 70)), rng.integers(-2, 3, (9, 70)), np.zeros((3, 20)), signed_zeros):
         s = s.astype(np.float32)
         for k in (1, 5, 30):

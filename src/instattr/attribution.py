@@ -190,7 +190,8 @@ def _groups(members, n_test: int) -> List[list]:
 def score_together(methods: Dict[str, object], test: FeatureSet, grid=None) -> Dict[str, np.ndarray]:
     """Dense (n_test, n_train) scores of several fitted methods, each product shared by the
     methods whose sides share it (nn-*, gd, gc and rep on binary tasks; if and rif). Fit them
-    inside ``with instattr.methods.shared.sharing():`` to share their row work as well."""
+    inside ``with instattr.methods.shared.sharing():`` to share their row work as well (the
+    rows' arrays must not be written to inside it)."""
     from .methods.scoring import Grid, score_dense
     from .methods.shared import sharing
     out = {}

@@ -110,13 +110,13 @@ class LastLayerGradient(Attributor):
         if test and self.inverse_hessian:              # H^-1 on the (smaller) test side only
             a, q = once("inverse-hessian-gradients", key + (self.key_[1],), lambda: self._ihvp(fs, labels))
             return side(a, scale=inverse_sqrt(q) if self.normalized else None, key=self.key_)
-        g = once("gradients", key, lambda: kron_rows32(self._errors(fs, labels), self._inputs(fs)))
-        return side(g, scale=self._gradient_inverse_norms(fs, labels) if self.normalized else None, key=self.key_)
-
-    def _gradient_inverse_norms(self, fs: FeatureSet, labels: np.ndarray) -> np.ndarray:
-        """1 / ||g_i|| (with the inverse Hessian: 1 / ||L^-1 g_i||), from float64 gradients formed
-        a tile of rows at a time (never the whole float64 gradient matrix)."""
         a, x = self._errors(fs, labels), self._inputs(fs)
+        g = once("gradients", key, lambda: kron_rows32(a, x))
+        return side(g, scale=self._gradient_inverse_norms(a, x) if self.normalized else None, key=self.key_)
+
+    def _gradient_inverse_norms(self, a: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """1 / ||g_i|| (with the inverse Hessian: 1 / ||L^-1 g_i||) of g_i = a_i (x) x_i, from
+        float64 gradients formed a tile of rows at a time (never the whole float64 matrix)."""
         w = self.whitener_ if self.inverse_hessian else None
         return np.concatenate([inverse_norms(kron_rows(a[s:s + NORM_TILE], x[s:s + NORM_TILE]), w)
                                for s in range(0, len(x), NORM_TILE)] or [np.zeros(0)])

@@ -155,7 +155,7 @@ def lower_inverse(lower: np.ndarray) -> np.ndarray:
     [[A^-1, 0], [-C^-1 B A^-1, C^-1]], a third of the work of a general solve against I."""
     n = len(lower)
     if n <= 64:
-        return np.linalg.solve(lower, np.eye(n))
+        return np.tril(np.linalg.solve(lower, np.eye(n)))     # the solve pivots: zeros above, exactly
     k = n // 2
     a, c = lower_inverse(lower[:k, :k]), lower_inverse(lower[k:, k:])
     out = np.zeros_like(lower)

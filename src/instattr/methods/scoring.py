@@ -143,7 +143,7 @@ def _cut(m: Member, cols: slice) -> Side:
 def _shared_products(members: Sequence[Member], tests: Dict[str, Side], cols: slice, buffer: list):
     """Yield (product, [(member, test side, train side)]) for one block of training rows, one
     product per group of members whose sides share a key. Each product is written into
-    ``buffer[0]`` (reused when its shape fits), so it is valid until the next one is asked for."""
+    ``buffer`` (:func:`_buffers`), so it is valid until the next one is asked for."""
     groups: Dict[object, list] = {}
     for m in members:
         ts, tr = tests[m.name], _cut(m, cols)
@@ -151,10 +151,7 @@ def _shared_products(members: Sequence[Member], tests: Dict[str, Side], cols: sl
         groups.setdefault(key, []).append((m, ts, tr))
     for items in groups.values():
         ts, tr = items[0][1], items[0][2]
-        shape = (len(ts), len(tr))
-        if not buffer or buffer[0].shape != shape:
-            buffer[:] = [np.empty(shape, dtype=np.float32)]
-        yield np.matmul(ts.vectors, tr.vectors.T, out=buffer[0]), items
+        yield np.matmul(ts.vectors, tr.vectors.T, out=_buffers(buffer, 1, (len(ts), len(tr)))[0]), items
 
 
 def dense_row_blocks(members: Sequence[Member], n_test: int, grid: Grid = Grid(),
@@ -336,12 +333,15 @@ def score_top_k(members: Sequence[Member], n_test: int, k: int, bottom_k: int = 
 
 
 def _buffers(pool: List[np.ndarray], count: int, shape: tuple) -> List[np.ndarray]:
-    """``count`` float32 arrays of ``shape`` from ``pool``, which keeps them for the next block."""
-    if pool and pool[0].shape != shape:
+    """``count`` C-contiguous float32 arrays of ``shape``: views of flat arrays that ``pool``
+    keeps for the next block (grown when too small, never shrunk: the narrower last block of
+    training rows and the next block of test rows touch no fresh pages)."""
+    size = int(np.prod(shape))
+    if pool and pool[0].size < size:
         pool.clear()
     while len(pool) < count:
-        pool.append(np.empty(shape, dtype=np.float32))
-    return pool[:count]
+        pool.append(np.empty(max(size, pool[0].size if pool else 0), dtype=np.float32))
+    return [a[:size].reshape(shape) for a in pool[:count]]
 
 
 def _stack(parts: List[TopK], k: int) -> TopK:

@@ -9,11 +9,14 @@ arrays; outside it, it just computes. Callers treat what they get as read-only.
 
 An input is identified by its memory (data pointer, shape, strides, dtype), and the memo holds a
 reference to it so that the memory cannot be freed and reused while the memo lives; inputs are
-not written to while methods are fitted and scored, so equal memory means equal values. The
-memo is per context (a ``ContextVar``), so threads do not see each other's.
+not written to while methods are fitted and scored, so equal memory means equal values (a caller
+that reuses one buffer for successive batches inside its own ``sharing()`` would get the first
+batch's results). The memo is per context (a ``ContextVar``): threads do not see each other's,
+and a copied context shares its memo under a lock.
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable, Iterator, Optional, TypeVar
@@ -21,7 +24,18 @@ from typing import Callable, Iterator, Optional, TypeVar
 import numpy as np
 
 T = TypeVar("T")
-_MEMO: ContextVar[Optional[dict]] = ContextVar("instattr_shared_rows", default=None)
+MEMO_BYTES = 256 << 20    # what a memo keeps at most; the oldest entries go first
+_MEMO: ContextVar[Optional["_Memo"]] = ContextVar("instattr_shared_rows", default=None)
+
+
+class _Memo:
+    """Results by key, oldest first, and a lock: a copied context (a task, a thread started
+    with one) shares its memo."""
+
+    def __init__(self):
+        self.entries: dict = {}
+        self.bytes = 0
+        self.lock = threading.Lock()
 
 
 @contextmanager
@@ -30,11 +44,15 @@ def sharing() -> Iterator[None]:
     if _MEMO.get() is not None:
         yield
         return
-    token = _MEMO.set({})
+    token = _MEMO.set(_Memo())
     try:
         yield
     finally:
         _MEMO.reset(token)
+
+
+class _Unknown(Exception):
+    pass
 
 
 def _identity(a) -> tuple:
@@ -44,36 +62,61 @@ def _identity(a) -> tuple:
         return ("value", a)
     if isinstance(a, tuple):
         return ("tuple",) + tuple(_identity(x) for x in a)
-    raise TypeError(f"shared.once: cannot identify a {type(a).__name__}")
-
-
-MEMO_BYTES = 256 << 20    # what a memo keeps at most; the oldest entries go first
+    raise _Unknown(type(a).__name__)
 
 
 def once(what: str, inputs: tuple, compute: Callable[[], T]) -> T:
     """``compute()``, or inside :func:`sharing` the result of the first call with the same
-    ``what`` and ``inputs`` (arrays by memory, small values by value). The memo keeps at most
-    ``MEMO_BYTES`` of results (a split streamed in blocks does not pile up in it)."""
+    ``what`` and ``inputs`` (arrays by memory, small values by value), made read-only
+(:func:`_read_only`). Inputs it
+    cannot identify (e.g. lists) are computed for each call. The memo keeps at most
+    ``MEMO_BYTES`` of results and never one over a quarter of that (a split streamed in blocks
+    does not pile up in it)."""
     memo = _MEMO.get()
     if memo is None:
         return compute()
-    key = (what, _identity(inputs))
-    hit = memo.get(key)
-    if hit is None:
-        hit = memo[key] = (inputs, compute())      # the inputs are kept: their memory stays theirs
-        total = sum(_nbytes(v) for _, v in memo.values())
-        while total > MEMO_BYTES and len(memo) > 1:
-            oldest = next(iter(memo))
-            total -= _nbytes(memo.pop(oldest)[1])
+    try:
+        key = (what, _identity(inputs))
+    except _Unknown:
+        return compute()
+    with memo.lock:
+        hit = memo.entries.get(key)
+    if hit is not None:
+        return hit[1]
+    value = compute()
+    size = _nbytes(value)
+    if size > MEMO_BYTES // 4:
+        return value
+    _read_only(value, [a for a in _arrays(inputs)])
+    with memo.lock:
+        hit = memo.entries.setdefault(key, (inputs, value))   # the inputs are kept: their memory stays theirs
+        if hit[1] is value:
+            memo.bytes += size
+            while memo.bytes > MEMO_BYTES and len(memo.entries) > 1:
+                oldest = next(iter(memo.entries))
+                memo.bytes -= _nbytes(memo.entries.pop(oldest)[1])
     return hit[1]
 
 
-def _nbytes(value) -> int:
+def _arrays(value) -> Iterator[np.ndarray]:
     if isinstance(value, np.ndarray):
-        return value.nbytes
-    if isinstance(value, tuple):
-        return sum(_nbytes(v) for v in value)
-    return 0
+        yield value
+    elif isinstance(value, tuple):
+        for v in value:
+            yield from _arrays(v)
+
+
+def _read_only(value, inputs) -> None:
+    """Results become read-only, so that a caller writing into an array other callers were
+    handed fails instead of changing their scores; an input handed back (a float64 array
+    ``asarray`` did not copy) stays as its owner made it."""
+    for v in _arrays(value):
+        if not any(np.may_share_memory(v, a) for a in inputs):
+            v.flags.writeable = False
+
+
+def _nbytes(value) -> int:
+    return sum(v.nbytes for v in _arrays(value))
 
 
 def value_of(a: Optional[np.ndarray]) -> Optional[bytes]:

@@ -63,6 +63,8 @@ class Side:
             for name in ("offset", "scale"):
                 if getattr(out, name) is not None:
                     getattr(out, name)[rows] = getattr(part, name)
+        if out is None:
+            raise ValueError("Side.gather: no parts")
         return out
 
     @classmethod
