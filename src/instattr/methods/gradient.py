@@ -36,8 +36,8 @@ from .lastlayer import (
 )
 from .registry import register
 from .shared import once, value_of
-from .sides import Side, digest, side
-from .similarity import NORM_TILE, centered_side_rows, column_mean, inverse_norms, row_inverse_norms
+from .sides import NORM_TILE, Side, digest, side
+from .similarity import centered_side_rows, column_mean, inverse_norms, row_inverse_norms
 
 
 class LastLayerGradient(Attributor):
@@ -88,8 +88,7 @@ class LastLayerGradient(Attributor):
             def blocks():         # (inputs, probabilities) a block of rows at a time
                 for s in range(0, n, ROW_BLOCK):
                     part = train.subset(slice(s, s + ROW_BLOCK))
-                    x = self._inputs(part)
-                    yield x, class_probs(x, part.probs, self.weight_)
+                    yield self._inputs(part), self._probs(part)       # the training side reuses both
             self.whitener_ = hessian_whitener(train.features, blocks, self.weight_, self.layer_.l2, self.basis_,
                                               self.damping, self.name)  # L^-1, H = L L^T
             self.inverse_, digested = once("inverse-hessian", (self.whitener_, value_of(self.weight_)),

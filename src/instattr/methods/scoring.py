@@ -189,11 +189,14 @@ def score_dense(members: Sequence[Member], n_test: int, grid: Grid = Grid()) -> 
 
 # ---------------------------------------------------------------- top-k
 def merge_top_k(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int, k: int,
-                largest: bool = True, pad: bool = False) -> TopK:
+                largest: bool = True, pad: bool = False, ties_in_order: bool = False) -> TopK:
     """From candidate (row, column, value) triples, each row's k best by (value, then lower
     column): ``(columns, values)``, each (n_rows, k'), k' = min(k, candidates per row); with
-    ``pad``, k' = k and rows with fewer candidates end in column -1, value NaN."""
-    order = np.lexsort((cols, -vals if largest else vals, rows))
+    ``pad``, k' = k and rows with fewer candidates end in column -1, value NaN. ``ties_in_order``:
+    the candidates already put the lower column first among equal (row, value) (the running
+    top-k's: kept entries, then a block's in row-major order), so one stable sort on a (row,
+    value) key does what the three-key lexsort does."""
+    order = _value_order(rows, vals, largest) if ties_in_order else np.lexsort((cols, -vals if largest else vals, rows))
     rows, cols, vals = rows[order], cols[order], vals[order]
     if n_rows == 0:
         return np.zeros((0, max(k, 0)), dtype=np.int64), np.zeros((0, max(k, 0)), dtype=np.float32)
@@ -211,26 +214,13 @@ def merge_top_k(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: in
     return cols[keep].reshape(n_rows, width), vals[keep].reshape(n_rows, width)
 
 
-def _merge_in_order(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int, k: int,
-                    largest: bool) -> TopK:
-    """:func:`merge_top_k` for candidates whose order already puts, among equal (row, value),
-    the lower column first (the running top-k's: kept entries, then a block's in row-major
-    order). One stable sort on a (row, value) key then does what the three-key lexsort does."""
-    if n_rows == 0 or len(rows) == 0:
-        return merge_top_k(rows, cols, vals, n_rows, k, largest)
-    bits = (vals.astype(np.float32) + np.float32(0)).view(np.uint32)     # -0.0 ties with 0.0
+def _value_order(rows: np.ndarray, vals: np.ndarray, largest: bool) -> np.ndarray:
+    """The stable order by (row, value best first) of float32 ``vals``, -0.0 tying with 0.0."""
+    bits = (vals.astype(np.float32) + np.float32(0)).view(np.uint32)
     order_bits = np.where(bits >> 31, ~bits, bits | np.uint32(1 << 31))   # ascending as the floats
     if largest:
         order_bits = ~order_bits
-    key = (rows.astype(np.uint64) << np.uint64(32)) | order_bits.astype(np.uint64)
-    order = np.argsort(key, kind="stable")
-    rows, cols, vals = rows[order], cols[order], vals[order]
-    counts = np.bincount(rows, minlength=n_rows)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.arange(len(rows)) - starts[rows]
-    width = int(min(k, counts.min()))
-    keep = rank < width
-    return cols[keep].reshape(n_rows, width), vals[keep].reshape(n_rows, width)
+    return np.argsort((rows.astype(np.uint64) << np.uint64(32)) | order_bits.astype(np.uint64), kind="stable")
 
 
 class RunningTopK:
@@ -270,7 +260,7 @@ class RunningTopK:
         rows = np.concatenate([np.repeat(np.arange(len(touched)), width), r])
         cols = np.concatenate([self.idx[touched].ravel(), c + start])
         vals = np.concatenate([self.vals[touched].ravel(), v.astype(np.float32, copy=False)])
-        idx, best = _merge_in_order(rows, cols, vals, len(touched), self.k, self.largest)
+        idx, best = merge_top_k(rows, cols, vals, len(touched), self.k, self.largest, ties_in_order=True)
         if full:
             self.idx[touched], self.vals[touched] = idx, best
         else:

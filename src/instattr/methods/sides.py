@@ -94,13 +94,25 @@ def digest(*arrays) -> str:
     return h.hexdigest()[:16]
 
 
-def sq_norms(vectors: np.ndarray, block: int = 512) -> np.ndarray:
-    """Squared row norms of float32 vectors, summed row by row in float64, rounded to float32."""
-    out = np.empty(len(vectors), dtype=np.float32)
-    for s in range(0, len(vectors), block):
-        x = np.asarray(vectors[s:s + block], dtype=np.float64)
-        out[s:s + block] = (x * x).sum(axis=1)
+NORM_TILE = 512   # rows per float64 temporary when summing squares
+
+
+def row_sq_sums(x: np.ndarray, transform: Optional[np.ndarray] = None) -> np.ndarray:
+    """Squared norms of the rows of ``x`` (with ``transform``, k x d: of ``transform @ x_i``),
+    float64, a tile of ``NORM_TILE`` rows at a time so that the float64 temporaries stay in cache
+    (per row the same sums as on the whole array)."""
+    out = np.empty(len(x))
+    for s in range(0, len(x), NORM_TILE):
+        t = np.asarray(x[s:s + NORM_TILE], dtype=np.float64)
+        if transform is not None:
+            t = t @ transform.T
+        out[s:s + NORM_TILE] = (t * t).sum(axis=1)
     return out
+
+
+def sq_norms(vectors: np.ndarray) -> np.ndarray:
+    """Squared row norms of float32 vectors, summed row by row in float64, rounded to float32."""
+    return row_sq_sums(vectors).astype(np.float32)
 
 
 class Finish:

@@ -19,10 +19,9 @@ from ..store import FeatureSet
 from .base import Attributor, check_width
 from .registry import register
 from .shared import once, value_of
-from .sides import INNER_PRODUCT, NEGATIVE_DISTANCE, Side, digest, side
+from .sides import INNER_PRODUCT, NEGATIVE_DISTANCE, Side, digest, row_sq_sums, side
 
 METRICS = ("euc", "cos", "dot")
-NORM_TILE = 512   # rows per float64 temporary in inverse_norms
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -44,14 +43,9 @@ def centered_rows(x: np.ndarray, center: np.ndarray) -> np.ndarray:
 
 def inverse_norms(x: np.ndarray, transform: Optional[np.ndarray] = None) -> np.ndarray:
     """1 / ||x_i|| (0 for a zero row), float64; with ``transform`` (k x d) the norms of
-    ``transform @ x_i``. Row tiles keep the float64 temporaries in cache (the same bits as
-    ``np.linalg.norm`` on the whole array, several times faster on a split)."""
-    norm = np.empty(len(x))
-    for s in range(0, len(x), NORM_TILE):
-        t = np.asarray(x[s:s + NORM_TILE], dtype=np.float64)
-        if transform is not None:
-            t = t @ transform.T
-        norm[s:s + NORM_TILE] = np.sqrt((t * t).sum(axis=1))
+    ``transform @ x_i`` (:func:`.sides.row_sq_sums`: the same bits as ``np.linalg.norm`` on the
+    whole array, several times faster on a split)."""
+    norm = np.sqrt(row_sq_sums(x, transform))
     return np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 0)
 
 
