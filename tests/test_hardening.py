@@ -70,7 +70,7 @@ HOLD = textwrap.dedent("""
 def test_a_second_writer_is_refused_while_the_first_writes(run, capsys, tiny_encoder, toy_data, monkeypatch):
     monkeypatch.setattr("instattr.pipeline._train_head", lambda *a, **k: pytest.fail("trained a busy run's "
                                                                                        "replacement"))
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run.path), "30"], stdout=subprocess.PIPE, text=True,
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run.path), "3600"], stdout=subprocess.PIPE, text=True,
                               cwd=str(Path(__file__).parents[1] / "src"))
     try:
         assert holder.stdout.readline().strip() == "holding"

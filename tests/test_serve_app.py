@@ -4,6 +4,7 @@ import json
 import shutil
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -157,9 +158,23 @@ def test_concurrent_live_requests_are_batched_and_each_answered_exactly(client):
     texts = [f"the {w} was {v}" for w in ("movie", "plot", "actor", "dog") for v in ("good", "dull", "fun")]
     asks = [(t, ("if", "gd") if i % 2 else ("nn-cos",), 2 + i % 3) for i, t in enumerate(texts)]
     alone = [live.submit(t, None, ms, k).result() for t, ms, k in asks]
-    futures = [live.submit(t, None, ms, k) for t, ms, k in asks]       # queued together: answered in batches
-    together = [f.result(timeout=60) for f in futures]
-    assert live.largest_batch > 1
+    # the worker is held on a first request while the others queue, so they are answered together
+    # however slowly this thread submits them (no race with the worker)
+    held, answer = threading.Event(), live._answer
+    live._answer = lambda batch: (held.wait(60), answer(batch))
+    try:
+        first = live.submit("the film was fine", None, ("nn-cos",), 2)
+        deadline = time.monotonic() + 60
+        while live._queue.qsize() and time.monotonic() < deadline:   # the worker has taken it
+            time.sleep(0.01)
+        futures = [live.submit(t, None, ms, k) for t, ms, k in asks]
+        held.set()
+        first.result(timeout=60)
+        together = [f.result(timeout=60) for f in futures]
+    finally:
+        held.set()
+        live._answer = answer
+    assert live.largest_batch == len(asks)
     for a, b, (_, ms, k) in zip(alone, together, asks):
         assert set(b.methods) == set(ms) and a.pred == b.pred
         np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)

@@ -193,3 +193,23 @@ def test_the_api_page_renders_offline(page, server, artifacts):
     expect(page.locator(".opblock-summary-path", has_text="/api/explanations/{split}/{idx}")).to_be_visible()
     page.screenshot(path=artifacts / "7-api.png")
     clean(page)
+
+
+def test_a_choice_made_while_the_script_loads_is_kept(page, server):
+    """A person on a slow connection picks a filter before app.js has arrived: the choice still
+    filters the table (the script is parse-blocking and delegates from `document`, so no control
+    exists before its handler does). With a deferred script that attached on DOMContentLoaded,
+    this choice was silently lost."""
+    import time
+
+    from playwright.sync_api import expect
+
+    def slow(route):
+        time.sleep(1.5)                  # the browser keeps parsing meanwhile; a deferred script would too
+        route.continue_()
+    page.route("**/static/app.js", slow)
+    page.goto(server + "examples", wait_until="commit")
+    page.get_by_label("Correct").select_option("no")
+    page.wait_for_url(re.compile(r"correct=no"))
+    expect(page.get_by_label("Correct")).to_have_value("no")
+    clean(page)

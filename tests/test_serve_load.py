@@ -20,10 +20,10 @@ def test_percentile_matches_numpy():
 def test_twenty_clients_without_error(serve_run, request):
     seconds = float(os.environ.get("INSTATTR_LOAD_SECONDS", "5"))
     with running(serve_run.path) as url:
-        stats = run_load(url, seconds=seconds, clients=20)
+        stats = run_load(url, seconds=seconds, clients=20, min_requests=2)
     with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
         print("\n" + format_stats(stats, 20, seconds) + "  (tiny run; server and clients in one process)")
     for e in ENDPOINTS:
         assert stats[e]["errors"] == 0, stats[e]["error_examples"]
-        assert stats[e]["n"] >= 20, stats
+        assert stats[e]["n"] >= 20, stats          # every client sent one of each, however loaded the machine
         assert stats[e]["p50"] <= stats[e]["p95"] <= stats[e]["max"]

@@ -68,9 +68,11 @@ def _get_json(base: str, path: str):
 
 
 def run_load(base_url: str, seconds: float = 30.0, clients: int = 20, methods: Optional[List[str]] = None,
-             k: int = 5, seed: int = 0) -> Dict[str, dict]:
+             k: int = 5, seed: int = 0, min_requests: int = 0) -> Dict[str, dict]:
     """Load ``base_url`` and return, per endpoint, ``n``, ``errors`` (first few messages in
-    ``error_examples``), ``p50``/``p95``/``max`` latency in seconds, and ``rps``."""
+    ``error_examples``), ``p50``/``p95``/``max`` latency in seconds, and ``rps``. Each client sends
+    at least ``min_requests`` requests, however long they take (a loaded machine still gets a sample
+    of every endpoint: 2 per client alternate between the two)."""
     run = _get_json(base_url, "/api/run")
     split = run["eval_split"]
     rows = _get_json(base_url, f"/api/examples/{split}?limit=500")["rows"]
@@ -88,7 +90,9 @@ def run_load(base_url: str, seconds: float = 30.0, clients: int = 20, methods: O
         rng = random.Random(seed * 1000 + i)
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
         turn = i % 2
-        while time.perf_counter() < stop:
+        sent = 0
+        while time.perf_counter() < stop or sent < min_requests:
+            sent += 1
             row = rng.choice(rows)
             kind = ENDPOINTS[turn] if stored else "explain"
             turn = 1 - turn

@@ -1,6 +1,10 @@
 // instattr serve: progressive enhancement only; every page works without this script.
 // Nothing here builds markup from data: it submits forms, and swaps in fragments that the server
 // rendered with its escaping templates.
+//
+// The script is loaded in <head> without `defer` and listens on `document` (event delegation), so
+// its handlers exist before the first control of the page is parsed: a choice made while the page
+// is still loading is never lost (a deferred script attaching on DOMContentLoaded missed them).
 "use strict";
 
 function debounce(fn, ms) {
@@ -9,20 +13,26 @@ function debounce(fn, ms) {
 }
 
 // The examples table: filter as soon as a choice changes (typing waits for a pause).
-function autosubmit(form) {
-  const submit = () => form.requestSubmit();
-  form.querySelectorAll("select").forEach((el) => el.addEventListener("change", submit));
-  form.querySelectorAll("input[type=search], input[type=number]").forEach((el) =>
-    el.addEventListener("input", debounce(submit, 600)));
+const typed = new WeakMap();      // form -> its debounced submit
+function autosubmit(form, event) {
+  const el = event.target;
+  if (event.type === "change" && el.matches("select")) {
+    form.requestSubmit();
+  } else if (event.type === "input" && el.matches("input[type=search], input[type=number]")) {
+    if (!typed.has(form)) typed.set(form, debounce(() => form.requestSubmit(), 600));
+    typed.get(form)();
+  }
 }
 
 // The explain page: re-explain while the user types; stale answers are dropped.
-function live(form) {
-  const result = document.getElementById("result");
-  const status = document.getElementById("status");
+const explainers = new WeakMap(); // form -> {soon, run}
+function explainer(form) {
+  if (explainers.has(form)) return explainers.get(form);
   let seq = 0;
   let pending = null;
   const run = async () => {
+    const result = document.getElementById("result");
+    const status = document.getElementById("status");
     const data = new FormData(form);
     if (!String(data.get("text") || "").trim()) return;
     if (form.querySelector("[name=query]") && !String(data.get("query") || "").trim()) return;
@@ -48,13 +58,24 @@ function live(form) {
       if (mine === seq) result.classList.remove("busy");
     }
   };
-  const soon = debounce(run, 300);
-  form.addEventListener("input", soon);
-  form.addEventListener("change", soon);
-  form.addEventListener("submit", (event) => { event.preventDefault(); run(); });
+  const made = { soon: debounce(run, 300), run };
+  explainers.set(form, made);
+  return made;
 }
 
-document.addEventListener("DOMContentLoaded", () => {
-  document.querySelectorAll("form[data-autosubmit]").forEach(autosubmit);
-  document.querySelectorAll("form[data-live]").forEach(live);
-});
+function dispatch(event) {
+  const form = event.target instanceof Element ? event.target.closest("form") : null;
+  if (!form) return;
+  if (form.matches("[data-autosubmit]") && event.type !== "submit") {
+    autosubmit(form, event);
+  } else if (form.matches("[data-live]")) {
+    if (event.type === "submit") {
+      event.preventDefault();
+      explainer(form).run();
+    } else {
+      explainer(form).soon();
+    }
+  }
+}
+
+for (const type of ["change", "input", "submit"]) document.addEventListener(type, dispatch);
