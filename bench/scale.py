@@ -53,11 +53,11 @@ from pathlib import Path
 
 import numpy as np
 
+from instattr.arrays import FeatureSet, FinalLayer
 from instattr.index import Index, build_index
 from instattr.index.ann import close as close_ann
 from instattr.methods import get_method, top_k
 from instattr.methods.scoring import TRAIN_BLOCK, Grid
-from instattr.store import FeatureSet, FinalLayer
 
 D, CENTRES = 384, 256
 METHODS = ("gd", "if", "nn-cos")

@@ -13,9 +13,11 @@ from typing import Optional, Sequence
 import numpy as np
 from safetensors.torch import save_file
 
+from instattr.arrays import FeatureSet, FinalLayer
 from instattr.manifest import FORMAT, DataInfo, EncoderInfo, HeadInfo, HFInfo, Manifest
 from instattr.models.head import HeadConfig, pair_input, predict, train_heads
-from instattr.store import FeatureSet, FinalLayer, Run, write_json, write_npz
+from instattr.sentence import save_sentence_embeddings
+from instattr.store import Run, write_json, write_npz
 
 POSITIVE = ["good", "great", "superb", "lovely", "fine", "brilliant"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "weak"]
@@ -72,10 +74,9 @@ def encode(documents, queries=None) -> np.ndarray:
 
 
 def feature_set(params, idx, documents, queries, labels, pair_mode) -> FeatureSet:
-    enc = encode(documents, queries)
-    feats, probs = predict(params, pair_input(enc, pair_mode))
+    feats, probs = predict(params, pair_input(encode(documents, queries), pair_mode))
     return FeatureSet(idx=np.array(idx), label=np.asarray(labels, dtype=np.int64), pred=probs.argmax(1),
-                      probs=probs, features=feats, encoder=enc)
+                      probs=probs, features=feats)
 
 
 def make_run(root: Path, kind: str = "sst2", n_train: int = 80, n_test: int = 30, seed: int = 0,
@@ -110,6 +111,7 @@ def make_run(root: Path, kind: str = "sst2", n_train: int = 80, n_test: int = 30
     save_file({"weight": params["w"].contiguous()}, str(run_dir / "model" / "final_layer.safetensors"))
     for split, (idx, d, q, y) in splits.items():
         write_npz(run_dir / "features" / f"{split}.npz", **feature_set(params, idx, d, q, y, pair_mode).to_npz())
+        save_sentence_embeddings(run_dir, split, idx, encode(d, q))      # the head's input, as train writes it
     head = HeadInfo(l2=cfg.l2, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, hidden=hidden, seed=seed,
                     d_in=int(x.shape[1]))
     manifest = Manifest(
@@ -118,6 +120,7 @@ def make_run(root: Path, kind: str = "sst2", n_train: int = 80, n_test: int = 30
         hf=None if mode == "head" else HFInfo(path="model/hf", family="bert", final_layer="classifier", max_length=128,
                                               n_layers=0, fingerprint="", origin=mode),
         data=DataInfo(name=kind, root=str(data_dir), arg=kind, is_pair=is_pair, n={"train": n_train, "test": n_test}),
+        sbert=EncoderInfo(name="bag-of-words", path="", pooling="mean", max_length=128, hidden_size=DIM),
         encoder=EncoderInfo(name="bag-of-words", path="", pooling="mean", max_length=128, hidden_size=DIM))
     write_json(run_dir / "run.json", manifest.to_dict())
     return Run.load(run_dir)
@@ -149,12 +152,11 @@ def logistic_problem(n=40, d=4, c=3, seed=0, bias=True, l2=0.02, flip=0.0, n_tes
     layer = FinalLayer(w=w[:, :d], b=w[:, d] if bias else None, l2=l2)
     probs = softmax(layer.logits(f))
     fs = FeatureSet(idx=np.array([f"r{i}" for i in range(n)]), label=y, pred=probs.argmax(1),
-                    probs=probs.astype(np.float32), features=f.astype(np.float32), encoder=f.astype(np.float32))
+                    probs=probs.astype(np.float32), features=f.astype(np.float32))
     if not n_test:
         return fs, layer, flipped
     ft = rng.normal(size=(n_test, d))
     pt = softmax(layer.logits(ft))
     test = FeatureSet(idx=np.array([f"t{i}" for i in range(n_test)]), label=(ft @ rule).argmax(1),
-                      pred=pt.argmax(1), probs=pt.astype(np.float32), features=ft.astype(np.float32),
-                      encoder=ft.astype(np.float32))
+                      pred=pt.argmax(1), probs=pt.astype(np.float32), features=ft.astype(np.float32))
     return fs, layer, flipped, test

@@ -1,13 +1,36 @@
 """Shared fixtures: a tiny randomly initialised BERT (built from a config) and tiny datasets."""
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
+
+from instattr.arrays import FinalLayer
+from instattr.sentence import StoredEmbeddings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("INSTATTR_CACHE", "off")  # tests measure encoding, not the cache
+
+@dataclass(frozen=True)
+class EmbeddedLayer(FinalLayer):
+    """A final layer that also gives the sbert-* methods their sentence embeddings (looked up by
+    idx), so that one object fits every last-layer method of a synthetic problem."""
+    sentence: Optional[StoredEmbeddings] = None
+
+    def of(self, fs):
+        return self.sentence.of(fs)
+
+
+def embedded(layer: FinalLayer, *parts) -> EmbeddedLayer:
+    """``layer`` with the embeddings ``parts`` = (FeatureSet, vectors), ... of its rows."""
+    import numpy as np
+    idx = np.concatenate([fs.idx for fs, _ in parts])
+    vectors = np.concatenate([v for _, v in parts])
+    return EmbeddedLayer(w=layer.w, b=layer.b, l2=layer.l2, sentence=StoredEmbeddings(idx, vectors))
+
 
 WORDS = ("good great fine bad awful poor movie film plot actor the a is was not very really fun dull "
          "boring lovely man woman dog cat sat saw ran on mat park judge banker contacted").split()

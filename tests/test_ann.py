@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
+from instattr.arrays import FeatureSet, FinalLayer
 from instattr.index import Index, build_index
 from instattr.methods import get_method
-from instattr.store import FeatureSet, FinalLayer
 
 N, D, PLANTED = 2000, 16, 40
 
@@ -28,7 +28,7 @@ def data():
         p = np.exp(z - z.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
         return FeatureSet(idx=np.array([f"{prefix}{i}" for i in range(len(x))]), label=rng.integers(0, 2, len(x)),
-                          pred=p.argmax(1), probs=p, features=x, encoder=x)
+                          pred=p.argmax(1), probs=p, features=x)
 
     planted = np.arange(PLANTED) * 47 + 7
     q = np.concatenate([f[planted] + 1e-3 * rng.standard_normal((PLANTED, D)), clustered(rng, 60, centers)])

@@ -1,8 +1,8 @@
-"""Methods over the head plus the top encoder layers, against brute force in float64.
+"""Methods over tracked modules inside the model's own forward pass, against brute force in float64.
 
-A micro BERT (8 wide, 2 layers, random weights with a large init so texts differ) and toy runs.
-Brute force = per-example gradients and logit Jacobians by loops of backward() calls, Hessians by
-torch.autograd.functional.hessian, inverses by torch.linalg.
+A micro BERT (8 wide, 2 layers, random weights with a large init so texts differ) under instattr's
+head, and toy runs. Brute force = per-example gradients and logit Jacobians by loops of autograd
+calls on each example alone, Hessians by torch.autograd.functional.hessian, inverses by torch.linalg.
 """
 import math
 import shutil
@@ -15,17 +15,16 @@ from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from instattr.attribution import attribute_run, attribute_texts, explain, fit_method
 from instattr.layers import Curvature, GaussNewton, LiSSA
-from instattr.layers import cache as cache_mod
-from instattr.layers.cache import Examples, cache_path
-from instattr.layers.grads import FlatParameters, per_example_grads
-from instattr.layers.projection import GradientProjector
+from instattr.layers.attributors import projector_for
+from instattr.layers.grads import per_example_grads
+from instattr.layers.projection import tracking
 from instattr.methods import get_method
 from instattr.models import classifier_for
 from instattr.models.head import HeadConfig, pair_input
-from instattr.models.tracked import first_tracked_layer
 from instattr.pipeline import TrainConfig, train_run
 from instattr.store import Run
 
+from _brute import Brute
 from conftest import WORDS, make_dataset
 
 F64 = dict(dtype="float64", progress=False)
@@ -93,82 +92,9 @@ def cross(tmp_path_factory, micro_encoder):
 
 
 # ---------------------------------------------------------------- brute force
-def start_of(run, layers):
-    return first_tracked_layer(classifier_for(run).n_layers, layers)
-
-
-def model_of(run, layers=1):
-    return classifier_for(run).tracked(start_of(run, layers), "float64")
-
-
-def examples(run, fs, layers):
-    return Examples(classifier_for(run), fs, start_of(run, layers))
-
-
 def head_params(run):
     from safetensors.torch import load_file
     return load_file(str(run.path / "model" / "head.safetensors"))
-
-
-def example_batches(run, fs, layers):
-    """One unpadded batch per example (nothing shared, no padding)."""
-    ex = examples(run, fs, layers)
-    return [ex.batch([i], torch.float64) for i in range(len(fs))]
-
-
-def loop_grads(model, batches, labels):
-    """(n, p) per-example CE gradients by one backward() per example, named_parameters order."""
-    rows = []
-    for b, y in zip(batches, labels):
-        model.zero_grad()
-        torch.nn.functional.cross_entropy(model(**b), torch.tensor([int(y)])).backward()
-        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
-    model.zero_grad()
-    return torch.stack(rows)
-
-
-def loop_jacobians(model, batches):
-    """(n, C, p) d logits / d params by one backward() per example and class."""
-    out = []
-    for b in batches:
-        rows = []
-        for c in range(model.n_classes):
-            model.zero_grad()
-            model(**b)[0, c].backward()
-            rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
-        out.append(torch.stack(rows))
-    model.zero_grad()
-    return torch.stack(out)
-
-
-def probs_of(model, batches):
-    with torch.no_grad():
-        return torch.stack([torch.softmax(model(**b)[0], -1) for b in batches])
-
-
-def w_mask(model):
-    return torch.cat([torch.full((p.numel(),), n in model.penalized()) for n, p in model.named_parameters()])
-
-
-def brute_ggn(model, batches, l2, damping):
-    """(1/n) sum J^T (diag p - p p^T) J + 2 l2 on the last weight + damping I."""
-    jac, p = loop_jacobians(model, batches), probs_of(model, batches)
-    a = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-    h = torch.einsum("ncp,ncd,ndq->pq", jac, a, jac) / len(batches)
-    return h + torch.diag(2 * l2 * w_mask(model).double() + damping)
-
-
-def brute_hessian(model, batches, labels, l2):
-    """Hessian of mean CE + l2 ||W||^2 over the flat parameters, torch.autograd.functional.hessian."""
-    flat = FlatParameters(model)
-    from torch.func import functional_call
-
-    def loss(theta):
-        params = flat.unflatten(theta)
-        ce = sum(torch.nn.functional.cross_entropy(functional_call(model, params, kwargs=b), torch.tensor([int(y)]))
-                 for b, y in zip(batches, labels)) / len(batches)
-        return ce + l2 * sum((params[n] ** 2).sum() for n in model.penalized())
-    return torch.autograd.functional.hessian(loss, flat.theta0, vectorize=True)   # one batched backward (vmap)
 
 
 def gold_not_pred(fs):
@@ -187,60 +113,71 @@ def spearman_rows(a, b):
     return np.mean([spearmanr(x, y)[0] for x, y in zip(a, b)])
 
 
-# ---------------------------------------------------------------- cache and model
+# ---------------------------------------------------------------- the model's own forward, tracked modules
 @pytest.mark.parametrize("kind", ["single", "siamese", "cross"])
-def test_tracked_forward_from_cache_equals_full_encoder(kind, request, monkeypatch):
+def test_the_models_own_forward_gives_the_stored_features(kind, request):
+    """The classifier as one module (encoder, pooling, head) reproduces the run's stored features
+    from right-padded batches, and reads each sentence of a siamese pair on its own."""
     run = request.getfixturevalue(kind)
+    clf = classifier_for(run)
     test = run.features("test")
-    ds = run.examples("test")
-    enc = classifier_for(run).encoder()
-    docs, queries = [e.document for e in ds], [e.query for e in ds]
-    if kind == "single":
-        full = enc.encode(docs, progress=False)
-    elif kind == "cross":
-        full = enc.encode(docs, queries, progress=False)
-    else:
-        full = np.concatenate([enc.encode(docs, progress=False), enc.encode(queries, progress=False)], 1)
+    rows = clf.rows(test)
+    assert len(rows.sides) == (2 if kind == "siamese" else 1)
+    got = np.zeros_like(test.features)
+    with torch.no_grad():
+        for pos in rows.order(3):
+            got[pos] = clf.module()(**rows.batch(pos)).features.numpy()
+    np.testing.assert_allclose(got, test.features, atol=1e-5)
     head = {k: v.double() for k, v in head_params(run).items()}
+    enc = clf.encoder()
+    ds = run.examples("test")
+    docs, queries = [e.document for e in ds], [e.query for e in ds]
+    full = enc.encode(docs, queries if kind == "cross" else None, progress=False)
+    if kind == "siamese":
+        full = np.concatenate([full, enc.encode(queries, progress=False)], 1)
     x = torch.as_tensor(pair_input(full, run.manifest.pair_mode)).double()
-    want = torch.tanh(x @ head["dense_w"].T + head["dense_b"]).numpy()      # full encoder, then head
-    for layers in (0, 1, 2):
-        model = model_of(run, layers)
-        ex = examples(run, test, layers)
-        got = np.zeros_like(want)
-        with torch.no_grad():
-            for pos, b in ex.batches(3, torch.float64):
-                got[pos] = model.features(**b).numpy()
-        np.testing.assert_allclose(got, want, atol=1e-5)
-        assert cache_path(classifier_for(run), "test", 2 - layers).exists()
-    # the cache is read back, never rebuilt: the encoder bottom does not run again
-    monkeypatch.setattr(cache_mod, "_encode_states", lambda *a, **k: pytest.fail("encoder re-run"))
-    fresh = Run.load(run.path)
-    c = cache_mod.load_cache(classifier_for(fresh), "test", 1)
-    assert c.sequences.shape == (len(test), 2 if kind == "siamese" else 1)
+    np.testing.assert_allclose(torch.tanh(x @ head["dense_w"].T + head["dense_b"]).numpy(), got, atol=1e-5)
 
 
-def test_stale_cache_is_rebuilt(single):
-    path = cache_path(classifier_for(single), "train", 1)
-    fresh = Run.load(single.path)
-    cache_mod.load_cache(classifier_for(fresh), "train", 1)
-    path.write_bytes(b"not an npz")                        # a damaged file is rebuilt, atomically
-    again = cache_mod.load_cache(classifier_for(Run.load(single.path)), "train", 1)
-    assert len(again.idx) == len(single.features("train")) and path.stat().st_size > 100
+def test_default_tracking_is_the_top_blocks_and_the_head_that_reach_the_logits(single):
+    clf = classifier_for(single)
+    names = [t.name for t in clf.tracked(1)]
+    assert names[-2:] == ["head.pooler", "head.classifier"]
+    assert all(n.startswith("encoder.encoder.layer.1.") for n in names[:-2]) and len(names) == 8
+    assert "encoder.pooler.dense" not in names            # BertModel computes it, the head never reads it
+    assert {t.group for t in clf.tracked(2)} == {"block0", "block1", "head"}
+    assert [t.name for t in clf.tracked(0)] == ["head.pooler", "head.classifier"]
+    picked = [t.name for t in clf.tracked(modules=["*.layer.0.attention.self.*", "head.classifier"])]
+    assert picked == [f"encoder.encoder.layer.0.attention.self.{w}" for w in ("query", "key", "value")] + \
+        ["head.classifier"]
+    with pytest.raises(ValueError, match="matches no module of HeadForward"):
+        clf.tracked(modules=["*.nothing"])
+    with pytest.raises(ValueError, match="matches only .*LayerNorm, a LayerNorm; only linear modules"):
+        clf.tracked(modules=["*.layer.1.output.LayerNorm"])
+    assert len(clf.tracked(modules=["*.layer.1.*"])) == 6        # the block's norms are not linear: left out
+    with pytest.raises(ValueError, match="never uses it to compute the logits"):
+        clf.tracked(modules=["encoder.pooler.dense"])
 
 
 # ---------------------------------------------------------------- gradients
 @pytest.mark.parametrize("kind", ["single", "siamese"])
-def test_vmap_per_example_grads_equal_backward_loop(kind, request):
+def test_per_example_grads_of_padded_batches_equal_each_example_alone(kind, request):
     run = request.getfixturevalue(kind)
     fs = run.features("train")
-    model = model_of(run, 2)
-    want = loop_grads(model, example_batches(run, fs, 2), fs.label)
-    flat = FlatParameters(model)
+    brute = Brute(run, 2)
+    want = brute.grads(fs, fs.label)
+    task = brute.clf.task()
+    rows = brute.clf.rows(fs)
     got = torch.zeros_like(want)
-    for pos, b in examples(run, fs, 2).batches(5, torch.float64):     # padded batches
-        got[pos] = flat.flatten(per_example_grads(model, b, torch.as_tensor(fs.label[pos])))
+    for pos in rows.order(5):                                      # padded batches
+        got[pos] = per_example_grads(task, brute.flat, rows.batch(pos), torch.as_tensor(fs.label[pos]))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def projected_loss_grads(run, fs, proj):
+    """Projected per-example loss gradients of ``fs`` at its gold labels, in one float64 batch."""
+    out, jac = proj.project(classifier_for(run).rows(fs).batch(np.arange(len(fs))))
+    return torch.einsum("br,brd->bd", proj.task.train_coefficients(out, torch.as_tensor(fs.label)), jac)
 
 
 @pytest.mark.parametrize("kind", ["single", "siamese"])
@@ -248,26 +185,11 @@ def test_hooks_without_projection_equal_exact_gradients(kind, request):
     """Exact hook blocks (dim=None) have the same inner products as the autograd gradients."""
     run = request.getfixturevalue(kind)
     fs = run.features("train")
-    model = model_of(run, 2)
-    exact = loop_grads(model, example_batches(run, fs, 2), fs.label)
-    proj = GradientProjector(model, None)
-    basis = proj.basis
-    got = torch.zeros(len(fs), proj.dim, dtype=torch.float64)
-    for pos, b in examples(run, fs, 2).batches(4, torch.float64):
-        logits, _, jac = proj.project(b)
-        e = torch.softmax(logits, -1)
-        e[torch.arange(len(pos)), torch.as_tensor(fs.label[pos])] -= 1
-        got[pos] = torch.einsum("br,brd->bd", e @ basis, jac)
+    brute = Brute(run, 2)
+    exact = brute.grads(fs, fs.label)
+    proj = projector_for(brute.clf, brute.tracked, "float64", None, 0, "khatri-rao")
+    got = projected_loss_grads(run, fs, proj)
     torch.testing.assert_close(got @ got.T, exact @ exact.T, rtol=1e-9, atol=1e-12)
-
-
-def projected_loss_grads(run, fs, proj, layers=1):
-    """Projected per-example loss gradients of ``fs`` at its gold labels, in one float64 batch."""
-    b = examples(run, fs, layers).batch(np.arange(len(fs)), torch.float64)
-    logits, _, jac = proj.project(b)
-    e = torch.softmax(logits, -1)
-    e[torch.arange(len(fs)), torch.as_tensor(fs.label)] -= 1
-    return torch.einsum("br,brd->bd", e @ proj.basis, jac)
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "khatri-rao"])
@@ -275,17 +197,18 @@ def test_linear_blocks_sketch_the_exact_gradient(single, kind):
     """Each linear block holds P_out G P_in^T (Kronecker) or the entries p_r^T G q_r (khatri-rao, with
     Rademacher p_r, q_r scaled by R^-1/4) of the exact per-example weight|bias gradient G."""
     fs = single.features("train")
-    model = model_of(single, 1)
-    exact = loop_grads(model, example_batches(single, fs, 1), fs.label)
-    flat = FlatParameters(model)
-    proj = GradientProjector(model, 3, seed=5, kind=kind)
+    brute = Brute(single, 1)
+    exact = brute.grads(fs, fs.label)
+    proj = projector_for(brute.clf, brute.tracked, "float64", 3, 5, kind)
     got = projected_loss_grads(single, fs, proj)
+    start = np.cumsum([0] + brute.flat.sizes)
+    where = {id(p): slice(int(a), int(z)) for p, a, z in zip(brute.flat.params, start[:-1], start[1:])}
     checked = 0
     for blk, a, z in zip(proj.blocks, proj.offsets[:-1], proj.offsets[1:]):
-        if blk.kind != "linear" or blk.module is model.final:
+        if blk.exact:
             continue
-        w = exact[:, flat.slices[blk.name + ".weight"]].reshape(len(fs), *blk.module.weight.shape)
-        g = torch.cat([w, exact[:, flat.slices[blk.name + ".bias"]][:, :, None]], dim=2)
+        w = exact[:, where[id(blk.module.weight)]].reshape(len(fs), *blk.module.weight.shape)
+        g = torch.cat([w, exact[:, where[id(blk.module.bias)]][:, :, None]], dim=2)
         if kind == "khatri-rao":
             assert blk.rank_one and blk.dim == 9 and set(np.unique(blk.p_out.abs().numpy())) == {9 ** -0.25}
             want = torch.einsum("ro,boi,ri->br", blk.p_out, g, blk.p_in)
@@ -299,12 +222,13 @@ def test_linear_blocks_sketch_the_exact_gradient(single, kind):
 def test_khatri_rao_inner_products_are_unbiased(single):
     """Averaged over seeds, projected inner products converge to the exact ones (E[P^T P] = I)."""
     fs = single.features("train")
-    model = model_of(single, 1)
-    exact = loop_grads(model, example_batches(single, fs, 1), fs.label)
+    brute = Brute(single, 1)
+    exact = brute.grads(fs, fs.label)
     mean = torch.zeros(len(fs), len(fs), dtype=torch.float64)
     seeds = 200
     for seed in range(seeds):
-        g = projected_loss_grads(single, fs, GradientProjector(model, 2, seed=seed, kind="khatri-rao"))
+        g = projected_loss_grads(single, fs, projector_for(brute.clf, brute.tracked, "float64", 2, seed,
+                                                           "khatri-rao"))
         mean += g @ g.T / seeds
     want = exact @ exact.T
     rel = (mean - want).norm() / want.norm()
@@ -356,9 +280,9 @@ FULL_RANK = dict(layers=1, proj_dim=1000, projection="orthogonal")
 
 def test_gd_gc_top_full_rank_projection_equal_exact(single):
     fs, te = single.features("train"), single.features("test")
-    model = model_of(single, 1)
-    g_tr = loop_grads(model, example_batches(single, fs, 1), fs.label)
-    g_te = loop_grads(model, example_batches(single, te, 1), te.pred)
+    brute = Brute(single, 1)
+    g_tr = brute.grads(fs, fs.label)
+    g_te = brute.grads(te, te.pred)
     gd, m = scores("gd-top", single, **FULL_RANK)
     np.testing.assert_allclose(gd, (g_te @ g_tr.T).numpy(), rtol=1e-5, atol=1e-6)
     gd_exact, _ = scores("gd-top", single, layers=1, proj_dim=None)
@@ -376,28 +300,46 @@ def test_gd_gc_top_full_rank_projection_equal_exact(single):
 
 @pytest.mark.parametrize("kind,hessian", [("single", "full"), ("single", "block"), ("three", "full")])
 def test_if_rif_top_full_rank_projection_equal_explicit_gauss_newton(kind, hessian, request):
-    single = request.getfixturevalue(kind)
-    fs, te = single.features("train"), single.features("test")
-    model = model_of(single, 1)
-    batches = example_batches(single, fs, 1)
-    g_tr = loop_grads(model, batches, fs.label)
-    g_te = loop_grads(model, example_batches(single, te, 1), te.pred)
-    l2, damping = single.final_layer().l2, 0.01
-    h = brute_ggn(model, batches, l2, damping)
-    if hessian == "block":                    # one block per tracked layer, one for the head
-        group = torch.tensor([0 if n.startswith("layers.") else 1 for n, p in model.named_parameters()
-                              for _ in range(p.numel())])
+    run = request.getfixturevalue(kind)
+    fs, te = run.features("train"), run.features("test")
+    brute = Brute(run, 1)
+    g_tr, g_te = brute.grads(fs, fs.label), brute.grads(te, te.pred)
+    l2, damping = run.final_layer().l2, 0.01
+    h = brute.ggn(fs, l2, damping)
+    if hessian == "block":                    # one block per tracked block, one for the head
+        group = torch.tensor([0 if t.group == "head" else 1 for t, m in zip(brute.tracked, brute.flat.modules)
+                              for p in m.parameters(recurse=False) for _ in range(p.numel())])
         h = h * (group[:, None] == group[None, :])
     want = g_te @ torch.linalg.solve(h, g_tr.T)
-    got, m = scores("if-top", single, damping=damping, hessian=hessian, **FULL_RANK)
+    got, m = scores("if-top", run, damping=damping, hessian=hessian, **FULL_RANK)
     assert m.config()["hessian_resolved"] == hessian
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5 * np.abs(want.numpy()).max())
     ev, vec = torch.linalg.eigh(h)
     root = vec @ torch.diag(ev ** -0.5) @ vec.T                       # H^-1/2
     a, b = g_te @ root, g_tr @ root
     cos = (a / a.norm(dim=1, keepdim=True)) @ (b / b.norm(dim=1, keepdim=True)).T
-    rif, _ = scores("rif-top", single, damping=damping, hessian=hessian, **FULL_RANK)
+    rif, _ = scores("rif-top", run, damping=damping, hessian=hessian, **FULL_RANK)
     np.testing.assert_allclose(rif, cos.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_margin_measurement_takes_the_margins_gradient_on_the_test_side(three):
+    """measurement="margin": the test side is the gradient of -(z_pred - logsumexp of the other
+    logits), by autograd on each example alone; the training side stays the loss's."""
+    fs, te = three.features("train"), three.features("test")
+    brute = Brute(three, 1)
+    g_tr = brute.grads(fs, fs.label)
+    rows = []
+    with tracking(brute.module, brute.flat.modules), torch.enable_grad():
+        for b, y in zip(brute.batches(te), te.pred):
+            z = brute.logits(b)
+            others = torch.cat([z[:y], z[y + 1:]])
+            margin = z[y] - torch.logsumexp(others, 0)
+            rows.append(brute.flat.flatten(torch.autograd.grad(-margin, brute.flat.params)))
+    g_te = torch.stack(rows)
+    got, _ = scores("gd-top", three, measurement="margin", **FULL_RANK)
+    np.testing.assert_allclose(got, (g_te @ g_tr.T).numpy(), rtol=1e-5, atol=1e-6)
+    loss_side, _ = scores("gd-top", three, **FULL_RANK)
+    assert not np.allclose(got, loss_side)
 
 
 def test_batch_size_does_not_change_scores(siamese):
@@ -408,9 +350,8 @@ def test_batch_size_does_not_change_scores(siamese):
 
 def test_explicit_equals_brute_force_and_converged_lissa(single):
     fs = single.features("train")
-    model = model_of(single, 1)
-    batches = example_batches(single, fs, 1)
-    h = brute_hessian(model, batches, fs.label, single.final_layer().l2)
+    brute = Brute(single, 1)
+    h = brute.hessian(fs, fs.label, single.final_layer().l2)
     ev = torch.linalg.eigvalsh(h)
     damping = 1.5 * max(0.0, -float(ev[0])) + 0.05          # the exact Hessian is indefinite here
     lo, hi = float(ev[0]) + damping, float(ev[-1]) + damping
@@ -419,9 +360,9 @@ def test_explicit_equals_brute_force_and_converged_lissa(single):
     explicit, m = scores("if-top", single, layers=1, ihvp="explicit", damping=damping)
     torch.testing.assert_close(m.solver_.hessian_, h + damping * torch.eye(len(h), dtype=h.dtype),
                                rtol=1e-8, atol=1e-10)
-    g_tr = loop_grads(model, batches, fs.label)
+    g_tr = brute.grads(fs, fs.label)
     te = single.features("test")
-    g_te = loop_grads(model, example_batches(single, te, 1), te.pred)
+    g_te = brute.grads(te, te.pred)
     want = g_te @ torch.linalg.solve(h + damping * torch.eye(len(h), dtype=h.dtype), g_tr.T)
     np.testing.assert_allclose(explicit, want.numpy(), rtol=1e-5, atol=1e-6 * np.abs(want.numpy()).max())
     lissa, m = scores("if-top", single, layers=1, ihvp="lissa", damping=damping, lissa_scale=scale,
@@ -483,12 +424,12 @@ class InProcessBackend:
     def __init__(self):
         self.sources = []
 
-    def gradient_batches(self, source, fs, labels, batches, factors):
+    def gradient_batches(self, source, fs, labels, batches, factors, query=False):
         from instattr.distributed import GradientActor
+        from instattr.models.rows import RowIds
         self.sources.append(source)
-        from instattr.layers.cache import RowIds
         actor = GradientActor(source)
-        actor.prepare(RowIds.of(fs), np.asarray(labels), list(batches), factors)
+        actor.prepare(RowIds.of(fs), np.asarray(labels), list(batches), factors, query)
         for j in reversed(range(len(batches))):             # out of order, as actors finish
             yield actor.gradients(j)
 
@@ -552,7 +493,7 @@ def test_attribute_explain_and_errors(cross):
     assert info["config"]["ihvp"] == "projected" and info["config"]["tracked_layers"] == 2
     with pytest.raises(ValueError, match="needs the whole classifier"):
         get_method("if-top").fit(cross.features("train"), cross.final_layer())
-    # new texts run through the encoder bottom in memory: a test row's own text scores like the row
+    # new texts run through the model in memory: a test row's own text scores like the row
     e = cross.examples("test")[1]
     fitted = fit_method(cross, "gd-top", dtype="float64", progress=False)
     row = fitted.score(cross.features("test").subset([1]))

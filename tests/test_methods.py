@@ -9,10 +9,12 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from instattr.arrays import FeatureSet, FinalLayer
 from instattr.methods import METHOD_NAMES, NotFittedError, get_method, registered
 from instattr.methods.lastlayer import kron_rows, kron_rows32, lower_inverse, reduced_hessian, sum_zero_basis
 from instattr.methods.similarity import centered_rows, inverse_norms
-from instattr.store import FeatureSet, FinalLayer
+
+from conftest import embedded
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,10 +28,10 @@ def float64_single_thread():
     torch.set_num_threads(threads)
 
 
-def feature_set(f, enc, w, labels, prefix):
+def feature_set(f, w, labels, prefix):
     probs = torch.softmax(torch.as_tensor(f) @ torch.as_tensor(w).T, -1).numpy()
     return FeatureSet(idx=np.array([f"{prefix}{i}" for i in range(len(f))]), label=np.asarray(labels),
-                      pred=probs.argmax(1), probs=probs, features=f, encoder=enc)
+                      pred=probs.argmax(1), probs=probs, features=f)
 
 
 def problem(n_train=30, n_test=6, d=4, c=2, l2=0.05, seed=0, w=None):
@@ -40,9 +42,11 @@ def problem(n_train=30, n_test=6, d=4, c=2, l2=0.05, seed=0, w=None):
     p = torch.softmax(torch.as_tensor(f_tr @ teacher.T), -1).numpy()
     y = np.array([rng.choice(c, p=pi) for pi in p])
     w = rng.standard_normal((c, d)) * 0.5 if w is None else w
-    train = feature_set(f_tr, rng.standard_normal((n_train, d + 2)), w, y, "tr")
-    test = feature_set(f_te, rng.standard_normal((n_test, d + 2)), w, np.zeros(n_test, int), "te")
-    return train, test, FinalLayer(w=w, l2=l2)
+    train = feature_set(f_tr, w, y, "tr")
+    test = feature_set(f_te, w, np.zeros(n_test, int), "te")
+    layer = FinalLayer(w=w, l2=l2)       # with sentence embeddings for sbert-*
+    return train, test, embedded(layer, (train, rng.standard_normal((n_train, d + 2))),
+                                 (test, rng.standard_normal((n_test, d + 2))))
 
 
 # ---------------------------------------------------------------- brute force
@@ -103,13 +107,13 @@ PAIRS = [(a, b) for a in range(6) for b in range(30)]
 
 
 # ---------------------------------------------------------------- closed forms
-@pytest.mark.parametrize("space,prefix", [("features", "nn"), ("encoder", "sbert")])
-def test_similarities_equal_their_definitions(space, prefix):
+@pytest.mark.parametrize("prefix", ["nn", "sbert"])
+def test_similarities_equal_their_definitions(prefix):
     train, test, head = problem(c=3)
-    a, b = getattr(test, space), getattr(train, space)
+    a, b = (test.features, train.features) if prefix == "nn" else (head.of(test), head.of(train))
     brute = {"euc": lambda u, v: -np.linalg.norm(u - v), "cos": cos, "dot": np.dot}
     for metric, fn in brute.items():
-        ours = get_method(f"{prefix}-{metric}").fit(train).score(test)
+        ours = get_method(f"{prefix}-{metric}").fit(train, None if prefix == "nn" else head).score(test)
         close(ours, np.array([[fn(u, v) for v in b] for u in a]))
 
 
@@ -243,14 +247,15 @@ def contract_problem():
     """Binary problem where train row 7 copies test row 0 with gold = its prediction (a supporter)
     and row 12 copies it with the other label (an opponent); test row 0 has the largest norm."""
     train, test, head = problem(n_train=24, n_test=5, d=5, c=2, seed=50)
-    f, enc, y = train.features.copy(), train.encoder.copy(), train.label.copy()
-    tf, te = test.features.copy(), test.encoder.copy()
+    f, enc, y = train.features.copy(), head.of(train).copy(), train.label.copy()
+    tf, te = test.features.copy(), head.of(test).copy()
     tf[0] *= 2 * np.linalg.norm(f, axis=1).max() / np.linalg.norm(tf[0])
     te[0] *= 2 * np.linalg.norm(enc, axis=1).max() / np.linalg.norm(te[0])
-    test = feature_set(tf, te, head.w, test.label, "te")
+    test = feature_set(tf, head.w, test.label, "te")
     f[[7, 12]], enc[[7, 12]] = tf[0], te[0]
     y[7], y[12] = test.pred[0], 1 - test.pred[0]
-    return feature_set(f, enc, head.w, y, "tr"), test, head
+    train = feature_set(f, head.w, y, "tr")
+    return train, test, embedded(FinalLayer(w=head.w, l2=head.l2), (train, enc), (test, te))
 
 
 @pytest.fixture(scope="module")
@@ -296,10 +301,11 @@ def test_contract(name, contract):
     assert isinstance(method.config(), dict) and not any(k.endswith("_") for k in method.config())
 
 
-@pytest.mark.parametrize("name", [n for n in METHOD_NAMES if get_method(n).needs_model])
+@pytest.mark.parametrize("name", [n for n in METHOD_NAMES if get_method(n).needs is not None])
 def test_methods_that_need_the_model_say_so(name, contract):
     train, _, _ = contract
-    with pytest.raises(ValueError, match="needs the classifier"):
+    with pytest.raises(ValueError, match="needs the classifier" if get_method(name).needs == "final_layer"
+                       else "needs the sentence encoder's embeddings"):
         get_method(name).fit(train)
 
 

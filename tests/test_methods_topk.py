@@ -5,6 +5,7 @@ import weakref
 import numpy as np
 import pytest
 
+from instattr.arrays import FeatureSet, FinalLayer
 from instattr.methods import (
     METHOD_NAMES,
     bottom_k,
@@ -17,7 +18,6 @@ from instattr.methods import (
 )
 from instattr.methods.base import Attributor
 from instattr.methods.registry import _REGISTRY
-from instattr.store import FeatureSet, FinalLayer
 
 
 def brute(scores, k, largest):
@@ -79,7 +79,7 @@ def test_stream_top_k_consumes_score_chunks_of_a_method():
         p = np.exp(f @ w.T)
         p /= p.sum(1, keepdims=True)
         return FeatureSet(idx=np.arange(n).astype(str), label=rng.integers(0, 3, n), pred=p.argmax(1),
-                          probs=p, features=f, encoder=f)
+                          probs=p, features=f)
 
     train, test = features(40), features(9)
     method = get_method("if").fit(train, FinalLayer(w=w, l2=0.1))

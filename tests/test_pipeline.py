@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from instattr import Run
+from instattr.arrays import FEATURE_KEYS
 from instattr.cli import main
 from instattr.encoders import Encoder
 from instattr.errors import InstattrError
 from instattr.models.head import HeadConfig, pair_input, predict
 from instattr.pipeline import TrainConfig, featurize, train_run
+from instattr.sentence import sentence_embeddings
 
 from conftest import make_dataset
 
@@ -30,12 +32,14 @@ def test_run_directory_holds_every_array(tiny_run):
     for split, n in (("train", 40), ("dev", 10), ("test", 12)):
         fs = run.features(split)
         assert len(fs) == n and fs.probs.shape == (n, 2) and fs.features.shape == (n, 32)
-        assert fs.encoder.shape == (n, 32) and fs.probs.dtype == np.float32
+        enc = sentence_embeddings(run).of(fs)                # head mode stores its encoder output
+        assert enc.shape == (n, 32) and fs.probs.dtype == np.float32
+        assert sorted(np.load(run.path / "features" / f"{split}.npz").files) == sorted(FEATURE_KEYS)
         np.testing.assert_allclose(fs.probs.sum(1), 1, atol=1e-5)
         np.testing.assert_array_equal(fs.pred, fs.probs.argmax(1))
         assert list(fs.idx) == [f"{split}_{i}" for i in range(n)]
         # features and probs are the stored head applied to the stored encoder output
-        feats, probs = predict(head_params(run), fs.encoder)
+        feats, probs = predict(head_params(run), enc)
         np.testing.assert_allclose(feats, fs.features, atol=1e-5)
         np.testing.assert_allclose(probs, fs.probs, atol=1e-5)
     metrics = run.metrics
@@ -84,8 +88,9 @@ def test_same_seed_same_run(tmp_path, tiny_encoder, toy_data):
     a = train_run(cfg, tmp_path / "a", progress=False)
     b = train_run(cfg, tmp_path / "b", progress=False)
     for split in ("train", "test"):
-        for key in ("probs", "features", "encoder"):
+        for key in ("probs", "features"):
             np.testing.assert_array_equal(getattr(a.features(split), key), getattr(b.features(split), key))
+        np.testing.assert_array_equal(sentence_embeddings(a).split(split), sentence_embeddings(b).split(split))
 
 
 def test_siamese_pairs(tmp_path, tiny_encoder, toy_pairs):
@@ -94,9 +99,10 @@ def test_siamese_pairs(tmp_path, tiny_encoder, toy_pairs):
     m = run.manifest
     assert m.pair_mode == "siamese" and m.head.d_in == 128 and m.is_pair
     fs = run.features("train")
-    assert fs.encoder.shape == (40, 64)
+    enc = sentence_embeddings(run).of(fs)
+    assert enc.shape == (40, 64)
     assert m.head.hidden == 32 and fs.features.shape == (40, 32)  # pooler as wide as the encoder
-    feats, _ = predict(head_params(run), pair_input(fs.encoder, "siamese"))
+    feats, _ = predict(head_params(run), pair_input(enc, "siamese"))
     np.testing.assert_allclose(feats, fs.features, atol=1e-5)
     with pytest.raises(InstattrError, match="--query"):
         featurize(run, ["the dog saw the cat"])
@@ -153,7 +159,7 @@ def test_embedding_cache_reused_and_keyed_by_text(tmp_path, tiny_encoder, toy_da
         raise AssertionError("encoded again despite the cache")
     monkeypatch.setattr(Encoder, "encode", boom)
     b = train_run(cfg, tmp_path / "b", progress=False)
-    np.testing.assert_array_equal(a.features("train").encoder, b.features("train").encoder)
+    np.testing.assert_array_equal(sentence_embeddings(a).split("train"), sentence_embeddings(b).split("train"))
     with pytest.raises(AssertionError, match="encoded again"):  # other texts miss the cache
         train_run(TrainConfig(data=str(toy_data), encoder=tiny_encoder, head=HEAD, limit_train=7),
                   tmp_path / "c", progress=False)
@@ -195,9 +201,10 @@ def test_a_sampled_run_finds_its_texts_by_idx(tmp_path, tiny_encoder):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda m: {**m, "format": 1}, "format 1 is not 2"),
-    (lambda m: {**m, "format": 3}, "newer instattr"),
-    (lambda m: {}, "format None is not 2"),
+    (lambda m: {**m, "format": 1}, "format 1 is not one of 2-3"),
+    (lambda m: {**m, "format": 4}, "newer instattr"),
+    (lambda m: {}, "format None is not one of 2-3"),
+    (lambda m: {k: v for k, v in m.items() if k != "sbert"}, "missing 'sbert'"),
     (lambda m: {k: v for k, v in m.items() if k != "label_names"}, "missing 'label_names'"),
     (lambda m: {**m, "l2": "high"}, "'l2' must be float"),
     (lambda m: {**m, "mode": "magic"}, "mode 'magic'"),

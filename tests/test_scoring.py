@@ -4,11 +4,13 @@ separate ones, shared row work == separate, per-shard merges == whole, and each 
 import numpy as np
 import pytest
 
+from instattr.arrays import FeatureSet, FinalLayer
 from instattr.attribution import score_together
 from instattr.methods import METHOD_NAMES, bottom_k, get_method, shared, top_k
 from instattr.methods.scoring import Grid, RunningTopK, merge_shards, score_top_k
 from instattr.methods.sides import plain_vectors
-from instattr.store import FeatureSet, FinalLayer
+
+from conftest import EmbeddedLayer, embedded
 
 GRID = Grid(4, 8)      # tiny blocks, so every path crosses block boundaries
 
@@ -25,17 +27,17 @@ def feature_set(rng, n, d, c, w, b, prefix, dup=True):
     if dup:
         label[[9, 17, 30]] = label[2]
     return FeatureSet(idx=np.array([f"{prefix}{i}" for i in range(n)]), label=label,
-                      pred=p.argmax(1), probs=p, features=f, encoder=enc)
+                      pred=p.argmax(1), probs=p, features=f), enc
 
 
 def problem(c, bias, seed=0):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((c, 5))
     b = rng.standard_normal(c) if bias else None
-    train = feature_set(rng, 37, 5, c, w, b, "tr")
-    test = feature_set(rng, 11, 5, c, w, b, "te", dup=False)
+    train, enc_train = feature_set(rng, 37, 5, c, w, b, "tr")
+    test, enc_test = feature_set(rng, 11, 5, c, w, b, "te", dup=False)
     test.features[3] = train.features[2]          # a test row equal to four training rows
-    return train, test, FinalLayer(w=w, b=b, l2=0.05)
+    return train, test, embedded(FinalLayer(w=w, b=b, l2=0.05), (train, enc_train), (test, enc_test))
 
 
 def fitted(name, train, layer):
@@ -85,13 +87,14 @@ def test_methods_fitted_while_sharing_rows_give_the_same_bits(case, budget, monk
     train, test, layer, methods = case
     if budget:
         monkeypatch.setattr(shared, "MEMO_BYTES", budget)
-    other = train.replace(features=train.features[::-1].copy(), encoder=train.encoder + 1.0)
+    other = train.replace(features=train.features[::-1].copy())
+    other_layer = embedded(layer, (other, layer.of(train) + 1.0), (test, layer.of(test)))
     with shared.sharing():
         got = score_together({n: fitted(n, train, layer) for n in METHOD_NAMES}, test, GRID)
-        got_other = score_together({n: fitted(n, other, layer) for n in METHOD_NAMES}, test, GRID)
+        got_other = score_together({n: fitted(n, other, other_layer) for n in METHOD_NAMES}, test, GRID)
     for name, m in methods.items():
         np.testing.assert_array_equal(got[name], m.score(test))
-        np.testing.assert_array_equal(got_other[name], fitted(name, other, layer).score(test))
+        np.testing.assert_array_equal(got_other[name], fitted(name, other, other_layer).score(test))
 
 
 @pytest.mark.parametrize("c,bias", CASES)
@@ -102,8 +105,8 @@ def test_shared_row_work_tells_labels_layers_and_rows_apart(c, bias):
     really shared (one array for nn-dot's and gd's test sides)."""
     train, _, layer = problem(c, bias, seed=7 + c)
     rng = np.random.default_rng(c)
-    other = FinalLayer(w=layer.w + rng.standard_normal(layer.w.shape), b=None if layer.b is None else layer.b + 1,
-                       l2=0.07)
+    other = EmbeddedLayer(w=layer.w + rng.standard_normal(layer.w.shape), b=None if layer.b is None else layer.b + 1,
+                          l2=0.07, sentence=layer.sentence)
     grid = Grid(8, 8)
 
     def fit(name, lay):

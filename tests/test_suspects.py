@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from instattr.arrays import FinalLayer
 from instattr.cli import main
 from instattr.evaluate.mislabel import found_curve
 from instattr.methods import get_method
 from instattr.methods.lastlayer import softmax
-from instattr.store import FinalLayer
 from instattr.suspects import loss_and_margin, neighbour_disagreement, ranking, suspicion_scores, training_loss
 
 from _synthetic import logistic_problem, make_run
@@ -86,7 +86,7 @@ def test_tracin_self_scores_sum_lr_weighted_squared_gradient_norms(tmp_path):
     params = load_file(str(run.path / "model" / "head.safetensors"))
     early = init_params(params["dense_w"].shape[1], params["dense_w"].shape[0], 2, 3)
     clf = HeadClassifier({"path": "", "pooling": "mean", "max_length": 8}, params, 0.01, run.label_names, None,
-                         history=[(early, 0.5), (params, 2.0)])
+                         run=run, history=[(early, 0.5), (params, 2.0)])     # the run holds the head's inputs
     train = run.features("train")
     att = get_method("tracin").fit(train, clf)
     np.testing.assert_allclose(att.self_scores(), self_consistent(att, train), rtol=1e-4, atol=1e-7)

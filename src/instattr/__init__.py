@@ -6,6 +6,7 @@
 """
 __version__ = "0.1.0"
 
-from .store import FeatureSet, FinalLayer, Run  # noqa: E402
+from .arrays import FeatureSet, FinalLayer
+from .store import Run  # noqa: E402
 
 __all__ = ["Run", "FeatureSet", "FinalLayer", "__version__"]

@@ -6,8 +6,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .arrays import FeatureSet
 from .errors import InstattrError
-from .store import FeatureSet, Run, RunError
+from .store import Run, RunError
 
 
 def resolve_methods(spec) -> List[str]:
@@ -20,11 +21,14 @@ def resolve_methods(spec) -> List[str]:
 
 
 def run_model(run: Run, method, device=None):
-    """What ``method`` is fitted with: the run's whole classifier for the methods that need one
-    (layered, TracIn), else just its final layer (no torch, no encoder)."""
-    if getattr(method, "needs_classifier", False):
+    """What ``method`` is fitted with (its ``needs``): the run's whole classifier (layered, TracIn),
+    its sentence encoder's embeddings (sbert-*), else just its final layer (no torch, no encoder)."""
+    if method.needs == "classifier":
         from .models import classifier_for
         return classifier_for(run, device)
+    if method.needs == "sentence":
+        from .sentence import sentence_embeddings
+        return sentence_embeddings(run, device)
     return run.final_layer()
 
 
@@ -39,8 +43,9 @@ def fit_method(run: Run, name: str, train: Optional[FeatureSet] = None, model=No
         method = get_method(name, **options)
     except ValueError as e:
         raise InstattrError(str(e)) from None
-    return method.fit(run.features("train") if train is None else train,
-                      run_model(run, method, device) if model is None else model, embed=embed, backend=backend)
+    if model is None or method.needs == "sentence":    # the sentence encoder does not change with the classifier
+        model = run_model(run, method, device)
+    return method.fit(run.features("train") if train is None else train, model, embed=embed, backend=backend)
 
 
 def method_options(names: Sequence[str], options: Optional[dict]) -> Dict[str, dict]:
@@ -126,7 +131,7 @@ def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_
             raise InstattrError(f"{flag} must be positive, got {v}")
     test = run.features(split)
     train = run.features("train")
-    if any(get_method(n).needs_model for n in names):
+    if any(get_method(n).needs == "final_layer" for n in names):
         run.final_layer()                   # a damaged model file fails here, before any score is written
     if limit_test:
         test = test.subset(slice(0, limit_test))

@@ -66,7 +66,8 @@ def train_config(a):
 
 def import_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required, metavar="CKPT", help="an AutoModelForSequenceClassification "
-                   "checkpoint folder (save_pretrained)" + ("" if required else "; import it instead of training"))
+                   "checkpoint folder (save_pretrained), or a PEFT adapter folder over one"
+                   + ("" if required else "; import it instead of training"))
     p.add_argument("--damping", type=float, default=0.01, help="stands in for the L2 penalty the model was not "
                    "trained with: the 2*damping*I of the closed forms' Hessian and representer points' refit "
                    "(default 0.01, the L2 instattr trains heads with); recorded in run.json")
@@ -98,7 +99,12 @@ def import_config(a):
 def method_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("options of the methods beyond the last layer (if-top, gd-top, gc-top, rif-top, "
                              "tracin-top); the paper's eleven take none")
-    g.add_argument("--layers", type=int, metavar="K", help="transformer layers tracked below the head (default 3)")
+    g.add_argument("--layers", type=int, metavar="K", help="track the linear modules of the top K transformer "
+                   "blocks and the head (default 3; a PEFT adapter: its trainable modules)")
+    g.add_argument("--modules", metavar="GLOB[,GLOB]", help="track the linear modules (nn.Linear, Conv1D) whose "
+                   "names match these glob patterns instead, e.g. '*.layer.5.*,classifier'")
+    g.add_argument("--measurement", choices=["loss", "margin"], help="what the test side's gradient measures: the "
+                   "loss at the predicted label (default) or the margin of the predicted class")
     g.add_argument("--proj-dim", type=int, metavar="K", help="projection size: K*K numbers per linear layer "
                    "(default 32; 0 = exact gradients, tiny models only)")
     g.add_argument("--projection", choices=["khatri-rao", "orthogonal", "gaussian"],
@@ -117,8 +123,10 @@ def method_args(p: argparse.ArgumentParser) -> None:
 
 def method_options(a) -> dict:
     """The method options given on the command line (only those given)."""
-    opts = {k: getattr(a, k) for k in ("layers", "projection", "damping", "ihvp", "checkpoints", "checkpoint_lrs")
-            if getattr(a, k) is not None}
+    opts = {k: getattr(a, k) for k in ("layers", "projection", "damping", "ihvp", "measurement", "checkpoints",
+                                       "checkpoint_lrs") if getattr(a, k) is not None}
+    if a.modules is not None:
+        opts["modules"] = [m.strip() for m in a.modules.split(",") if m.strip()]
     if a.proj_dim is not None:
         opts["proj_dim"] = a.proj_dim or None   # 0: unprojected
     return opts

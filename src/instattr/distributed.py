@@ -122,22 +122,23 @@ class EncodeWorker:
 
 
 class ClassifyWorker:
-    """A Ray Data actor: one copy of a Hugging Face classifier; pads the batches it is given and
-    returns its final layer's inputs and its probabilities."""
+    """A Ray Data actor: one copy of a Hugging Face classifier; pads the batches it is given (as
+    :class:`~instattr.models.rows.Rows` pads them here) and returns its final layer's inputs and
+    its probabilities."""
 
-    def __init__(self, path: str, label_names, is_pair: bool, max_length: int, final_layer: str, ids, types,
+    def __init__(self, path: str, label_names, is_pair: bool, max_length: int, final_layer: str, sides, pad_id: int,
                  batches, device: str):
         from .models.hf import HFClassifier
-        self.classifier = HFClassifier(path, label_names, is_pair, 0.0, max_length, {}, final_layer, device=device)
-        self.classifier.model.eval()
-        self.pad = self.classifier.encoder().pad         # its tokenizer: the padding a local import does
-        self.ids, self.types, self.batches = _resolved(ids), _resolved(types), _resolved(batches)
+        from .models.rows import Rows
+        self.classifier = HFClassifier(path, label_names, is_pair, 0.0, max_length, final_layer, device=device)
+        self.rows = Rows(_resolved(sides), pad_id)
+        self.batches = _resolved(batches)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         pos, feats, probs = [], [], []
         for j in batch["batch"]:
             rows = self.batches[int(j)]
-            f, p = self.classifier.forward_batch(self.pad(self.ids, self.types, rows))
+            f, p = self.classifier.forward_batch(self.rows.batch(rows, self.classifier.device))
             pos.append(np.asarray(rows, dtype=np.int64))
             feats.append(f)
             probs.append(p)
@@ -150,24 +151,25 @@ class GradientActor:
     then :meth:`gradients` computes one of its batches."""
 
     def __init__(self, source):
-        from .models.tracked import resolve_dtype
+        from .layers.attributors import resolve_dtype
         self.source, self.dtype = source, resolve_dtype(source.dtype)
         self.classifier, self.projector = source.build()
 
-    def prepare(self, rows, labels: np.ndarray, batches: Sequence[np.ndarray], factors: bool) -> None:
-        """Take one call's rows (a :class:`~instattr.layers.cache.RowIds`), labels and batches."""
+    def prepare(self, rows, labels: np.ndarray, batches: Sequence[np.ndarray], factors: bool,
+                query: bool = False) -> None:
+        """Take one call's rows (a :class:`~instattr.models.rows.RowIds`: tokenized here, from the
+        run's dataset), labels and batches."""
         import torch
-
-        from .layers.cache import Examples
-        self.examples = Examples(self.classifier, rows, self.source.start)   # the split's cache: once per actor
-        self.labels, self.batches, self.factors = torch.as_tensor(labels), batches, bool(factors)
+        self.rows = self.classifier.rows(rows)
+        self.labels, self.batches = torch.as_tensor(labels), batches
+        self.factors, self.query = bool(factors), bool(query)
 
     def gradients(self, j: int):
         """(positions, gradients, factors or None, final-layer inputs) of batch ``j``."""
         from .layers.attributors import batch_gradients
         rows = self.batches[j]
-        g, f, x = batch_gradients(self.projector, self.examples.batch(rows, self.dtype), self.labels[rows],
-                                  self.dtype, self.factors)
+        g, f, x = batch_gradients(self.projector, self.rows.batch(rows), self.labels[rows], self.dtype, self.factors,
+                                  self.query)
         return rows, g.numpy(), None if f is None else f.numpy(), x.float().numpy()
 
 
@@ -188,7 +190,7 @@ def _cut(encoder, groups: Sequence[Tuple[Sequence[str], Optional[Sequence[str]]]
     return ids, types, batches, starts
 
 
-SHARED_ARGS = ("ids", "types", "batches")   # constructor arguments put in the object store once, for every actor
+SHARED_ARGS = ("ids", "types", "sides", "batches")   # constructor arguments put in the object store once
 
 
 def _pool_map(worker, n_batches: int, device: str, kwargs: dict, progress: bool, address: Optional[str],
@@ -270,8 +272,16 @@ def ray_classify_groups(classifier, groups: Sequence[Tuple[Sequence[str], Option
     if not Path(classifier.path).is_dir():
         raise InstattrError(f"--backend ray: the model must be a local folder its workers can load, "
                             f"not {classifier.path!r}")
-    encoder = classifier.encoder()
-    ids, types, batches, starts = _cut(encoder, groups)
+    parts = [classifier.tokenize(texts, queries) for texts, queries in groups]
+    starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(int)
+    sides, batches = [], []
+    for p, a in zip(parts, starts):
+        batches += [b + a for b in p.order(classifier.batch_size)]
+    for s in range(len(parts[0].sides) if parts else 0):
+        ids = [x for p in parts for x in p.sides[s][0]]
+        typed = any(p.sides[s][1] is not None for p in parts)      # an empty group has no token types
+        types = [x for p in parts for x in (p.sides[s][1] or [])] if typed else None
+        sides.append((ids, types))
     feats = np.zeros((starts[-1], classifier.final_module().in_features), dtype=np.float32)
     probs = np.zeros((starts[-1], classifier.n_classes), dtype=np.float32)
     seen = 0
@@ -279,8 +289,8 @@ def ray_classify_groups(classifier, groups: Sequence[Tuple[Sequence[str], Option
         device = classifier.device.type
         kwargs = {"path": classifier.path, "label_names": list(classifier.label_names),
                   "is_pair": classifier.pair_mode is not None, "max_length": classifier.max_length,
-                  "final_layer": classifier.final_name, "ids": ids, "types": types, "batches": batches,
-                  "device": device}
+                  "final_layer": classifier.final_layer_name, "sides": sides, "pad_id": parts[0].pad_id,
+                  "batches": batches, "device": device}
         for part in _pool_map(ClassifyWorker, len(batches), device, kwargs, progress, address, workers):
             feats[part["pos"]], probs[part["pos"]] = part["feat"], part["prob"]
             seen += len(part["pos"])
@@ -410,7 +420,7 @@ class RayBackend:
         """``classifier.forward_texts(documents, queries)`` of each group on one pool of actors."""
         return ray_classify_groups(classifier, groups, progress, self.address, self.workers)
 
-    def gradient_batches(self, source, fs, labels, batches, factors: bool):
+    def gradient_batches(self, source, fs, labels, batches, factors: bool, query: bool = False):
         """Yield (positions, gradients, factors or None, final-layer inputs) for ``batches``
         (positions into ``fs``, padded as the local path pads them), from this backend's pool of
         :class:`GradientActor` for ``source``, in whatever order they finish. A worker that fails
@@ -421,12 +431,12 @@ class RayBackend:
         from ray.exceptions import RayError
         from ray.util import ActorPool
 
-        from .layers.cache import RowIds
+        from .models.rows import RowIds
         try:
             actors = self._gradient_actors(ray, source)
             ids = RowIds.of(fs)                 # the rows' identity, not their feature arrays
             refs = [ray.put(x) for x in (ids, np.asarray(labels), list(batches))]
-            ray.get([a.prepare.remote(*refs, bool(factors)) for a in actors])   # runs before their batches
+            ray.get([a.prepare.remote(*refs, bool(factors), bool(query)) for a in actors])   # before their batches
             for rows, g, f, x in ActorPool(actors).map_unordered(lambda a, j: a.gradients.remote(j),
                                                                  range(len(batches))):
                 yield np.array(rows), np.array(g), None if f is None else np.array(f), x   # writable copies

@@ -46,6 +46,20 @@ def default_pooling(path: str) -> str:
     return "mean" if os.path.isdir(os.path.join(path, "1_Pooling")) else "cls"
 
 
+def describe(name: Optional[str], pooling: Optional[str] = None, max_length: int = 128) -> dict:
+    """What run.json records of an encoder (name, path, pooling, max_length, hidden_size), read
+    from its config alone: nothing is loaded."""
+    from transformers import AutoConfig
+    path = resolve_encoder(name)
+    try:
+        hidden = int(AutoConfig.from_pretrained(path).hidden_size)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise EncoderError(f"{name or path}: could not read the encoder's configuration ({msg})") from None
+    return {"name": name or DEFAULT_ENCODER, "path": path, "pooling": pooling or default_pooling(path),
+            "max_length": int(max_length), "hidden_size": hidden}
+
+
 def load_transformer(name: str, classifier: bool = False):
     """(tokenizer, model in eval mode) for a hub name or local folder, without network access if
     offline: an ``AutoModel``, or with ``classifier`` an ``AutoModelForSequenceClassification``."""

@@ -6,13 +6,14 @@ A run is one of three kinds (``mode``):
 - ``finetune``: a Hugging Face sequence classifier fine-tuned here, saved under ``RUN/model/hf``;
 - ``import``: a Hugging Face sequence classifier trained elsewhere (``hf.path``), imported as is.
 
-``encoder`` is always the untuned sentence encoder whose pooled output ``features/*.npz``
-stores as ``encoder`` (the paper's sentence-BERT baseline; in head mode also the head's input).
-``l2`` is the L2 coefficient on the final linear layer's parameters that the closed forms use: the
-head's training penalty, or for an imported model the damping that stands in for it.
+``sbert`` is the untuned sentence encoder of the sbert-* baselines (:mod:`instattr.sentence`);
+``encoder`` the transformer under instattr's head (head mode: frozen, and the same as ``sbert``) or
+the one fine-tuning started from (finetune mode); an imported run has none. ``l2`` is the L2
+coefficient on the final linear layer's parameters that the closed forms use: the head's training
+penalty, or for an imported model the damping that stands in for it.
 
-Format 2 (this one) added ``hf`` and the typed fields; a run of another format is refused with a
-one-line error rather than misread.
+Format 3 (this one) split ``sbert`` from ``encoder``; format 2 runs (``encoder`` naming both) are
+read as they are. A run of another format is refused with a one-line error rather than misread.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from .errors import InstattrError
 
-FORMAT = 2
+FORMAT = 3
+READABLE = (2, 3)
 MODES = ("head", "finetune", "import")
 
 
@@ -111,6 +113,8 @@ class HFInfo:
     origin: str = "import"        # "finetune" or "import"
     checkpoints: Tuple[str, ...] = ()   # folders of earlier checkpoints (TracIn), same layout
     checkpoint_lrs: Tuple[float, ...] = ()
+    adapter_base: Optional[str] = None  # a PEFT adapter's base model folder
+    own_pooling_differs: int = 0        # rows where a decoder's own pooling picked another token than instattr
 
     @classmethod
     def parse(cls, d: Mapping, where: str) -> "HFInfo":
@@ -119,7 +123,9 @@ class HFInfo:
         return cls(path=_get(d, "path", str, where), family=_get(d, "family", str, where),
                    final_layer=_get(d, "final_layer", str, where), max_length=_get(d, "max_length", int, where),
                    n_layers=_get(d, "n_layers", int, where), fingerprint=_get(d, "fingerprint", str, where),
-                   origin=_get(d, "origin", str, where), checkpoints=tuple(map(str, cks)), checkpoint_lrs=lrs)
+                   origin=_get(d, "origin", str, where), checkpoints=tuple(map(str, cks)), checkpoint_lrs=lrs,
+                   adapter_base=_get(d, "adapter_base", str, where, optional=True),
+                   own_pooling_differs=_get(d, "own_pooling_differs", int, where, optional=True) or 0)
 
 
 @dataclass(frozen=True)
@@ -130,10 +136,11 @@ class Manifest:
     data: DataInfo
     label_names: Tuple[str, ...]
     eval_split: str
-    encoder: EncoderInfo
+    sbert: EncoderInfo
     pair_mode: Optional[str]
     l2: float
     seed: int
+    encoder: Optional[EncoderInfo] = None
     head: Optional[HeadInfo] = None
     hf: Optional[HFInfo] = None
     config: Dict[str, Any] = field(default_factory=dict)
@@ -154,12 +161,12 @@ class Manifest:
         if not isinstance(d, dict):
             raise ManifestError(f"{where}: must be a JSON object")
         fmt = d.get("format")
-        if fmt != FORMAT:
+        if fmt not in READABLE:
             if isinstance(fmt, int) and fmt > FORMAT:
                 raise ManifestError(f"{where}: format {fmt} was written by a newer instattr (this one reads "
-                                    f"format {FORMAT}); upgrade instattr")
-            raise ManifestError(f"{where}: format {fmt!r} is not {FORMAT} (an older instattr made it, or it is "
-                                "not a run); train or import the run again")
+                                    f"formats {READABLE[0]}-{FORMAT}); upgrade instattr")
+            raise ManifestError(f"{where}: format {fmt!r} is not one of {READABLE[0]}-{FORMAT} (an older instattr "
+                                "made it, or it is not a run); train or import the run again")
         mode = _get(d, "mode", str, where)
         if mode not in MODES:
             raise ManifestError(f"{where}: mode {mode!r} is not one of {', '.join(MODES)}")
@@ -170,12 +177,17 @@ class Manifest:
         pair_mode = d.get("pair_mode")
         if pair_mode not in (None, "siamese", "cross"):
             raise ManifestError(f"{where}: pair_mode {pair_mode!r} is not siamese, cross or null")
+        encoder = None
+        if mode != "import" and (fmt == 2 or d.get("encoder") is not None):
+            encoder = EncoderInfo.parse(_get(d, "encoder", dict, where), f"{where} encoder")
         head = _get(d, "head", dict, where, optional=mode != "head")
         hf = _get(d, "hf", dict, where, optional=mode == "head")
         known = {f.name for f in fields(cls)}
         return cls(format=fmt, mode=mode, data=DataInfo.parse(_get(d, "data", dict, where), f"{where} data"),
                    label_names=tuple(labels), eval_split=eval_split,
-                   encoder=EncoderInfo.parse(_get(d, "encoder", dict, where), f"{where} encoder"),
+                   sbert=EncoderInfo.parse(_get(d, "sbert" if fmt == 3 else "encoder", dict, where),
+                                           f"{where} {'sbert' if fmt == 3 else 'encoder'}"),
+                   encoder=encoder,
                    pair_mode=pair_mode, l2=_get(d, "l2", float, where), seed=_get(d, "seed", int, where),
                    head=HeadInfo.parse(head, f"{where} head") if head is not None else None,
                    hf=HFInfo.parse(hf, f"{where} hf") if hf is not None else None,
@@ -185,7 +197,8 @@ class Manifest:
     def to_dict(self) -> dict:
         out = asdict(self)
         extra = out.pop("extra")
-        for key in ("head", "hf"):
+        out["format"] = FORMAT
+        for key in ("head", "hf", "encoder"):
             if out[key] is None:
                 del out[key]
         if out.get("hf"):

@@ -18,13 +18,15 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from . import __version__
+from .arrays import FeatureSet
 from .data import Dataset, Split, load_dataset
 from .errors import InstattrError
 from .files import process_umask
 from .manifest import FORMAT, DataInfo, EncoderInfo, HeadInfo, HFInfo, Manifest
 from .models.head import HeadConfig
 from .runlock import recover_run_folder, writing
-from .store import FeatureSet, Run, RunError, write_json, write_npz
+from .sentence import save_sentence_embeddings
+from .store import Run, RunError, write_json, write_npz
 
 TUNE_GRID = {"l2": (0.1, 0.01, 0.001), "lr": (2e-3, 2e-4, 2e-5, 2e-6), "epochs": (3, 7, 10, 15),
              "batch_size": (8, 16)}
@@ -108,11 +110,11 @@ def _encoder_info(encoder) -> EncoderInfo:
                        hidden_size=encoder.hidden_size)
 
 
-def _write_split(folder: Path, split: Split, feats: np.ndarray, probs: np.ndarray, encoded: np.ndarray,
-                 n_classes: int, metrics: dict) -> None:
+def _write_split(folder: Path, split: Split, feats: np.ndarray, probs: np.ndarray, n_classes: int,
+                 metrics: dict) -> None:
     fs = FeatureSet(idx=np.asarray(split.idx), label=np.asarray(split.labels, dtype=np.int64),
                     pred=probs.argmax(1).astype(np.int64), probs=probs.astype(np.float32),
-                    features=feats.astype(np.float32), encoder=encoded.astype(np.float32))
+                    features=feats.astype(np.float32))
     write_npz(folder / "features" / f"{split.name}.npz", **fs.to_npz())
     metrics[f"{split.name}_accuracy"] = float((fs.pred == fs.label).mean())
     metrics[f"{split.name}_confusion"] = _confusion(fs.label, fs.pred, n_classes)
@@ -247,7 +249,8 @@ def _train_head(tmp: Path, config: TrainConfig, ds: Dataset, splits: Dict[str, S
     _save_final_layer(tmp, params["w"].numpy())
     for name, s in splits.items():
         feats, probs = predict(params, inputs[name])
-        _write_split(tmp, s, feats, probs, encoded[name], len(ds.label_names), metrics)
+        _write_split(tmp, s, feats, probs, len(ds.label_names), metrics)
+        save_sentence_embeddings(tmp, name, s.idx, encoded[name])     # the head's input (and sbert-*'s)
     head = HeadInfo(l2=head_cfg.l2, lr=head_cfg.lr, epochs=head_cfg.epochs, batch_size=head_cfg.batch_size,
                     hidden=int(params["w"].shape[1]), seed=head_cfg.seed, d_in=int(inputs["train"].shape[1]))
     return {"head": head, "l2": head_cfg.l2, "extra": extra}
@@ -256,37 +259,30 @@ def _train_head(tmp: Path, config: TrainConfig, ds: Dataset, splits: Dict[str, S
 # ------------------------------------------------------------------ Hugging Face classifiers
 def _featurize_hf(tmp: Path, classifier, splits: Dict[str, Split], n_classes: int, progress: bool,
                   metrics: dict, backend=None) -> None:
-    """Features, probabilities and sentence embeddings of every split through an HF classifier:
-    split by split here, or every split in one call of ``backend`` (e.g. a pool of Ray workers)."""
-    from .encoders import encode_groups
+    """Features and probabilities of every split through an HF classifier: split by split here, or
+    every split in one call of ``backend`` (e.g. a pool of Ray workers)."""
     t = time.perf_counter()
     if backend is None:           # a split at a time: one split's arrays in memory
         for name, s in splits.items():
-            docs, queries = _texts(s)
-            feats, probs = classifier.forward_texts(docs, queries, progress, desc=f"classify {name}")
-            encoded = classifier.sentence_embeddings(docs, queries, progress, cache=True)
-            _write_split(tmp, s, feats, probs, encoded, n_classes, metrics)
+            feats, probs = classifier.forward_texts(*_texts(s), progress, desc=f"classify {name}")
+            _write_split(tmp, s, feats, probs, n_classes, metrics)
     else:
-        groups = [_texts(s) for s in splits.values()]     # the encoder first: it checks its folder at once
-        encoded = encode_groups(classifier.sbert(), groups, "siamese" if classifier.pair_mode else None, backend,
-                                progress)
-        outputs = backend.classify_groups(classifier, groups, progress)
-        for s, (feats, probs), enc in zip(splits.values(), outputs, encoded):
-            _write_split(tmp, s, feats, probs, enc, n_classes, metrics)
+        outputs = backend.classify_groups(classifier, [_texts(s) for s in splits.values()], progress)
+        for s, (feats, probs) in zip(splits.values(), outputs):
+            _write_split(tmp, s, feats, probs, n_classes, metrics)
     lin = classifier.final_layer()
     _save_final_layer(tmp, lin.w, lin.b)
     metrics["timings"]["featurize_s"] = time.perf_counter() - t
 
 
 def _hf_info(classifier, path: str, origin: str, checkpoints=()) -> HFInfo:
-    from .models.hf import fingerprint, hf_summary
-    summary = hf_summary(classifier.model, classifier.final_name)
+    from .models.hf import fingerprint
     return HFInfo(path=path, origin=origin, fingerprint=fingerprint(classifier.path), max_length=classifier.max_length,
                   checkpoints=tuple(p for p, _ in checkpoints), checkpoint_lrs=tuple(lr for _, lr in checkpoints),
-                  **summary)
+                  own_pooling_differs=classifier.own_pooling_differs, **classifier.summary())
 
 
-def _finetune(tmp: Path, config: TrainConfig, ds: Dataset, splits: Dict[str, Split], sbert, progress: bool,
+def _finetune(tmp: Path, config: TrainConfig, ds: Dataset, splits: Dict[str, Split], encoder, progress: bool,
               metrics: dict) -> dict:
     """Fine-tune a sequence classifier, save it under model/hf, featurize every split through it."""
     from .models.finetune import FinetuneConfig, finetune, new_classifier
@@ -295,16 +291,16 @@ def _finetune(tmp: Path, config: TrainConfig, ds: Dataset, splits: Dict[str, Spl
                         batch_size=config.head.batch_size, l2=config.head.l2, seed=config.head.seed)
     ft.check()
     t = time.perf_counter()
-    tok, model = new_classifier(sbert.path, ds.label_names, ft.seed)
+    tok, model = new_classifier(encoder.path, ds.label_names, ft.seed)
     final = find_final_layer(model)
     docs, queries = _texts(splits["train"])
-    finetune(tok, model, docs, queries, splits["train"].labels, ft, config.max_length, final, sbert.device, progress)
+    finetune(tok, model, docs, queries, splits["train"].labels, ft, config.max_length, final, encoder.device, progress)
     folder = tmp / "model" / "hf"
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     metrics["timings"]["train_s"] = time.perf_counter() - t
-    classifier = HFClassifier(str(folder), ds.label_names, ds.is_pair, ft.l2, config.max_length,
-                              asdict(_encoder_info(sbert)), final, device=sbert.device, sbert=sbert)
+    classifier = HFClassifier(str(folder), ds.label_names, ds.is_pair, ft.l2, config.max_length, final,
+                              device=encoder.device)
     _featurize_hf(tmp, classifier, splits, len(ds.label_names), progress, metrics)
     return {"hf": _hf_info(classifier, "model/hf", "finetune"), "l2": ft.l2, "extra": {"finetune": ft.to_dict()}}
 
@@ -338,7 +334,8 @@ def train_run(config: TrainConfig, out, overwrite: bool = False, progress: bool 
         metrics.setdefault("test_accuracy", None)
         manifest = Manifest(format=FORMAT, mode=config.mode, data=_data_info(ds, config.data, splits, config.fields()),
                             label_names=tuple(ds.label_names), eval_split="test" if "test" in splits else "dev",
-                            encoder=_encoder_info(encoder), pair_mode=pair_mode, l2=parts["l2"], seed=config.head.seed,
+                            sbert=_encoder_info(encoder), encoder=_encoder_info(encoder), pair_mode=pair_mode,
+                            l2=parts["l2"], seed=config.head.seed,
                             head=parts.get("head"), hf=parts.get("hf"), config=_plain(asdict(config)),
                             versions={**_versions(), "device": str(device)}, extra=parts["extra"])
         metrics["timings"]["total_s"] = time.perf_counter() - t0
@@ -379,12 +376,12 @@ def import_run(config: ImportConfig, out, overwrite: bool = False, progress: boo
     tokenizer reads the texts (pairs through its pair input) up to ``max_length`` (default: the
     tokenizer's ``model_max_length``, at most the model's positions). ``damping`` stands in for the
     L2 penalty the model was not trained with (the closed forms' ``2 lambda I``, representer
-    points' refit). ``sbert`` is the untuned sentence encoder of the sbert-* baselines. ``backend``
-    (e.g. ``distributed.RayBackend``) runs the classifier and the sentence encoder on a pool of
-    workers, in the batches this process would cut."""
+    points' refit). ``sbert`` is the untuned sentence encoder of the sbert-* baselines (recorded, not run: their
+    embeddings are made when first asked). ``backend`` (e.g. ``distributed.RayBackend``) runs the
+    classifier on a pool of workers, in the batches this process would cut."""
     from .device import resolve_device
-    from .encoders import Encoder, check_max_length
-    from .models.hf import HFClassifier, check_labels, load_hf
+    from .encoders import check_max_length, describe
+    from .models.hf import HFClassifier, check_labels, load_hf, model_max_length
     if not config.damping > 0:
         raise InstattrError(f"--damping must be > 0 (it stands in for the L2 penalty of the final layer), "
                             f"got {config.damping}")
@@ -393,13 +390,13 @@ def import_run(config: ImportConfig, out, overwrite: bool = False, progress: boo
     ds, splits = load_splits(config.data, config.data_root, config.fields(), config.limit_train, config.limit_eval,
                              config.seed)
     path = str(Path(config.model).resolve())
-    tok, hf_model = load_hf(path)
+    tok, hf_model, trainable = load_hf(path)
     check_labels(hf_model, ds.label_names, path)
-    length = config.max_length or _model_max_length(tok, hf_model)
+    length = config.max_length or model_max_length(tok, hf_model)
     check_max_length(hf_model, length, path)
-    sentence = Encoder(config.sbert, None, 128, device=device, autocast=True)
-    classifier = HFClassifier(path, ds.label_names, ds.is_pair, config.damping, length, asdict(_encoder_info(sentence)),
-                              config.final_layer, device=device, sbert=sentence, loaded=(tok, hf_model))
+    sbert = EncoderInfo(**describe(config.sbert))          # recorded; loaded only when sbert-* ask
+    classifier = HFClassifier(path, ds.label_names, ds.is_pair, config.damping, length, config.final_layer,
+                              device=device, loaded=(tok, hf_model, trainable))
     classifier.final_layer()   # resolves and checks the final layer before any work
     if config.checkpoints:
         classifier = classifier.with_checkpoints(config.checkpoints, config.checkpoint_lrs)
@@ -409,10 +406,11 @@ def import_run(config: ImportConfig, out, overwrite: bool = False, progress: boo
         _featurize_hf(tmp, classifier, splits, len(ds.label_names), progress, metrics, backend)
         metrics.setdefault("dev_accuracy", None)
         metrics.setdefault("test_accuracy", None)
-        recorded = {**asdict(config), "model": path, "max_length": length, "final_layer": classifier.final_name}
+        recorded = {**asdict(config), "model": path, "max_length": length,
+                    "final_layer": classifier.final_layer_name}
         manifest = Manifest(format=FORMAT, mode="import", data=_data_info(ds, config.data, splits, config.fields()),
                             label_names=tuple(ds.label_names), eval_split="test" if "test" in splits else "dev",
-                            encoder=_encoder_info(sentence), pair_mode="cross" if ds.is_pair else None,
+                            sbert=sbert, pair_mode="cross" if ds.is_pair else None,
                             l2=float(config.damping), seed=config.seed,
                             hf=_hf_info(classifier, path, "import", classifier.history),
                             config=_plain(recorded), versions={**_versions(), "device": str(device)})
@@ -428,17 +426,6 @@ def make_run(config, out, overwrite: bool = False, progress: bool = True) -> Run
     if isinstance(config, ImportConfig):
         return import_run(config, out, overwrite, progress)
     return train_run(config, out, overwrite, progress)
-
-
-def _model_max_length(tok, model) -> int:
-    """The tokenizer's maximum length, at most the model's position embeddings (RoBERTa: minus 2)."""
-    n = int(getattr(tok, "model_max_length", 0) or 0)
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None:
-        if model.config.model_type in ("roberta", "xlm-roberta", "camembert"):
-            positions -= 2
-        n = min(n, positions) if 0 < n < 1_000_000 else positions
-    return int(n or 512)
 
 
 def _plain(d):

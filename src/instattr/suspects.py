@@ -9,7 +9,7 @@ Every ranking scores each training example, at its gold label, so that *higher =
   ``gc``, ``rif-top``, ``gc-top``) are cosines, 1 against themselves, so they give minus the mean
   relative influence of the example on the rest of the training set;
 - ``knn-nn``, ``knn-sbert``: neighbour disagreement, the share of the k nearest training examples
-  (cosine; the model's features, the untuned encoder's embedding) whose gold label differs;
+  (cosine; the model's features, the untuned sentence encoder's embedding) whose gold label differs;
 - ``loss`` (-log p_gold) and ``margin`` (the best other logit minus the gold one): baselines.
 
 Ties are broken by the loss (higher first), then by row. ``find_suspects(run)`` ranks a run's
@@ -21,13 +21,14 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .arrays import FeatureSet, FinalLayer
 from .errors import InstattrError
-from .store import FeatureSet, FinalLayer, Run, write_json
+from .store import Run, write_json
 
 SELF_SCORED = ("if", "gd", "rif", "gc", "tracin", "if-top", "gd-top", "rif-top", "gc-top", "tracin-top")
-NEIGHBOURS = {"knn-nn": "features", "knn-sbert": "encoder"}
+NEIGHBOURS = ("knn-nn", "knn-sbert")
 BASELINES = ("loss", "margin")
-RANKINGS = SELF_SCORED + tuple(NEIGHBOURS) + BASELINES
+RANKINGS = SELF_SCORED + NEIGHBOURS + BASELINES
 DEFAULT = ("if", "gd", "rif", "tracin", "knn-nn", "knn-sbert", "loss", "margin")
 ABOUT = {
     "if": "self-influence g_i^T H^-1 g_i (exact last-layer Hessian)",
@@ -35,13 +36,13 @@ ABOUT = {
     "rif": "minus the mean relative influence (RelatIF) on the other training examples",
     "gc": "minus the mean gradient cosine with the other training examples",
     "tracin": "TracIn self-influence: sum over checkpoints of lr ||g_i||^2",
-    "if-top": "self-influence over the head and the top encoder layers",
-    "gd-top": "squared gradient norm over the head and the top encoder layers",
-    "rif-top": "minus the mean relative influence over the head and the top encoder layers",
-    "gc-top": "minus the mean gradient cosine over the head and the top encoder layers",
-    "tracin-top": "TracIn self-influence over the head and the top encoder layers",
+    "if-top": "self-influence over the tracked modules (by default the head and the top blocks)",
+    "gd-top": "squared gradient norm over the tracked modules",
+    "rif-top": "minus the mean relative influence over the tracked modules",
+    "gc-top": "minus the mean gradient cosine over the tracked modules",
+    "tracin-top": "TracIn self-influence over the tracked modules",
     "knn-nn": "share of the k nearest neighbours (model features) with another gold label",
-    "knn-sbert": "share of the k nearest neighbours (untuned encoder) with another gold label",
+    "knn-sbert": "share of the k nearest neighbours (untuned sentence encoder) with another gold label",
     "loss": "cross-entropy at the gold label",
     "margin": "best other logit minus the gold logit",
 }
@@ -101,11 +102,12 @@ def loss_and_margin(logits: np.ndarray, labels: np.ndarray):
 
 
 def suspicion_scores(train: FeatureSet, model, names: Sequence[str], k: int = 50,
-                     fit=None, progress: bool = False) -> Dict[str, np.ndarray]:
+                     fit=None, progress: bool = False, sentence=None) -> Dict[str, np.ndarray]:
     """Each ranking ``names`` of the training rows ``train`` (gold labels in ``train.label``):
     (n,) float64, higher = more suspect. ``model``: the classifier (a ``FinalLayer`` serves all
     but tracin and the layered methods); ``fit(name)`` gives a fitted attributor (default: the
-    registry's, fitted on ``train`` and ``model``)."""
+    registry's, fitted on ``train`` and ``model``); ``sentence``: the sentence embeddings of
+    ``knn-sbert`` (:mod:`instattr.sentence`)."""
     from tqdm.auto import tqdm
     names = check_rankings(names)
     layer = model.final_layer() if model is not None else None
@@ -120,7 +122,10 @@ def suspicion_scores(train: FeatureSet, model, names: Sequence[str], k: int = 50
         if name in SELF_SCORED:
             out[name] = np.asarray(fit(name).self_scores(), dtype=np.float64)
         elif name in NEIGHBOURS:
-            out[name] = neighbour_disagreement(getattr(train, NEIGHBOURS[name]), train.label, k)
+            if name == "knn-sbert" and sentence is None:
+                raise InstattrError("knn-sbert: needs the sentence encoder's embeddings (sentence=...)")
+            vectors = train.features if name == "knn-nn" else sentence.of(train)
+            out[name] = neighbour_disagreement(vectors, train.label, k)
         else:
             out[name] = loss if name == "loss" else margin
     return out
@@ -161,8 +166,10 @@ def find_suspects(run: Run, method: str = "if", k: int = 50, methods: Optional[S
         model = classifier_for(run, device)
     else:
         model = run.final_layer()
+    from .sentence import sentence_embeddings
     scores = suspicion_scores(train, model, names, k, progress=progress,
-                              fit=lambda name: fit_method(run, name, train, model, device, **per_method[name]))
+                              fit=lambda name: fit_method(run, name, train, model, device, **per_method[name]),
+                              sentence=sentence_embeddings(run, device))
     loss = training_loss(train, model)
     labels = run.label_names
     orders = {n: ranking(s, loss) for n, s in scores.items()}

@@ -11,8 +11,9 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from ..arrays import FeatureSet
 from ..errors import InstattrError
-from ..store import FeatureSet, Run, RunError, write_bytes
+from ..store import Run, RunError, write_bytes
 
 
 def method_list(methods=None, run: Optional[Run] = None, split: Optional[str] = None) -> List[str]:
@@ -47,8 +48,7 @@ def scope_text(scope: str) -> str:
     from .top_layers import blocks_of
     k = blocks_of(scope)
     if k is not None:
-        return (f"the top {k} transformer block{'s' if k > 1 else ''} and everything above them (from the hidden "
-                "states cached below them)")
+        return f"the top {k} transformer block{'s' if k > 1 else ''} and everything above them"
     return {"head": "instattr's head (pooler and final layer) on the frozen encoder's stored output",
             "final": "the final linear layer (weight and bias) on the stored, frozen features"}[scope]
 
@@ -88,8 +88,9 @@ def head_config(run: Run):
 def head_input(run: Run, split: str, fs: Optional[FeatureSet] = None) -> np.ndarray:
     """The head's input for ``split`` (head mode): the stored encoder output, pairs combined."""
     from ..models.head import pair_input
+    from ..sentence import sentence_embeddings
     fs = fs if fs is not None else run.features(split)
-    return pair_input(fs.encoder, run.manifest.pair_mode)
+    return pair_input(sentence_embeddings(run).of(fs), run.manifest.pair_mode)
 
 
 def sample_rows(n_total: int, n: Optional[int], rng: np.random.Generator) -> np.ndarray:

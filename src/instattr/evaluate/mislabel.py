@@ -16,8 +16,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..arrays import FeatureSet, FinalLayer
 from ..errors import InstattrError
-from ..store import FeatureSet, FinalLayer, Run
+from ..store import Run
 from ..suspects import DEFAULT, RANKINGS, check_rankings, ranking, suspicion_scores, training_loss
 from .common import (
     fmt,
@@ -235,9 +236,11 @@ def run_mislabel(run: Run, methods=None, seed: int = 0, flip: float = 0.1, k: in
         return get_method(name).fit(n_train, model)
     rank_seconds = {}
     scores = {}
+    from ..sentence import sentence_embeddings
+    sentence = sentence_embeddings(run, device)
     for name in names:
         t = time.perf_counter()
-        scores[name] = suspicion_scores(n_train, model, [name], k, fit=fit)[name]
+        scores[name] = suspicion_scores(n_train, model, [name], k, fit=fit, sentence=sentence)[name]
         rank_seconds[name] = time.perf_counter() - t
     loss = training_loss(n_train, model)
     orders = {n: ranking(s, loss) for n, s in scores.items()}

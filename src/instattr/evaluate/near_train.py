@@ -14,8 +14,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..arrays import FeatureSet
 from ..errors import InstattrError
-from ..store import FeatureSet, Run
+from ..store import Run
 from .common import Scorer, data_name, fmt, fmt_paper, md_table, method_list, sample_rows, save
 from .paper import TABLE3_4_NEAR_TRAIN, paper_columns
 from .registry import evaluation

@@ -22,7 +22,8 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from ..store import FeatureSet, FinalLayer, Run, RunError
+from ..arrays import FeatureSet, FinalLayer
+from ..store import Run, RunError
 from .common import (
     Scorer,
     data_name,
@@ -43,8 +44,8 @@ from .registry import evaluation
 
 def random_model(x_train: np.ndarray, x_test: np.ndarray, train: FeatureSet, test: FeatureSet,
                  d: int, l2: float, seed: int) -> Tuple[FeatureSet, FeatureSet, FinalLayer]:
-    """(train, test, final layer) of a freshly initialised head: features/probs/pred recomputed, the
-    untuned encoder arrays kept (so sbert-* scores do not change)."""
+    """(train, test, final layer) of a freshly initialised head: features/probs/pred recomputed (the
+    rows keep their identity, so sbert-* scores, which do not depend on the head, do not change)."""
     from ..models.head import init_params, predict
     params = init_params(x_train.shape[1], d, train.n_classes, seed)
 
@@ -104,7 +105,7 @@ def run_randomized(run: Run, methods=None, seed: int = 0, n_test: int = 100, spl
     from ..methods.registry import method_class
     scope = resolve_scope(run, scope, "the randomized-model test")
     names = method_list(methods)
-    whole = [m for m in names if method_class(m).needs_classifier]
+    whole = [m for m in names if method_class(m).needs == "classifier"]
     if whole:
         raise RunError(f"the randomized-model test re-scores last-layer methods; {', '.join(whole)} need the whole "
                        "classifier")

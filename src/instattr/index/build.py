@@ -15,9 +15,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ..arrays import FeatureSet
 from ..methods.scoring import TRAIN_BLOCK, Grid
 from ..methods.sides import Side
-from ..store import FeatureSet, Run, write_json, write_npy, write_npz
+from ..store import Run, write_json, write_npy, write_npz
 from .layout import FORMAT, IndexStoreError, file_entry, read_manifest, sha256, write_manifest
 
 DTYPES = ("float16", "float32")

@@ -12,9 +12,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..arrays import FeatureSet
 from ..methods.scoring import Grid, Member, score_top_k
 from ..methods.sides import FINISHES, Side
-from ..store import FeatureSet, Run, read_json
+from ..store import Run, read_json
 from .layout import IndexStoreError, read_manifest
 
 

@@ -1,59 +1,74 @@
-"""Gradient methods over the head plus the top k encoder layers: gd-top, gc-top, if-top, rif-top.
+"""Gradient methods over tracked modules inside the model: gd-top, gc-top, if-top, rif-top.
 
-Same definitions and sign convention as the last-layer methods (:mod:`instattr.methods.gradient`):
-the test-side gradient at the model's predicted label, the training side at the gold label,
+Same definitions and sign convention as the last-layer methods (:mod:`instattr.methods.gradient`),
+with the gradients those of the task (:mod:`instattr.task`): the training side the gradient of
+the training loss at the gold label, the test side that of minus the query's measurement at the
+predicted label (for a classifier by default the loss there),
 
     gd-top = <g_t, g_i>      gc-top = cos(g_t, g_i)
     if-top = g_t^T H^-1 g_i  rif-top = cos(H^-1/2 g_t, H^-1/2 g_i)
 
-over every parameter of the tracked model (``layers`` top transformer layers, the pooler and the
-last linear layer), H the Hessian of the regularised training loss (L2 on the last linear weight
-only) plus ``damping``. Gradients are projected layer by layer without being formed
-(:mod:`.projection`: ``proj_dim`` k gives k^2 numbers per linear layer, ``None`` = exact;
+over the parameters of the tracked linear modules (:meth:`instattr.models.Classifier.tracked`:
+``modules`` glob patterns, else an adapter's trainable ones, else the linear modules of the top
+``layers`` blocks and the head), H the Hessian of the regularised training loss (L2 on the final
+layer only) plus ``damping``. Gradients are projected module by module without being formed
+(:mod:`.projection`: ``proj_dim`` k gives k^2 numbers per linear module, ``None`` = exact;
 ``projection`` khatri-rao by default, or LoGra's Kronecker); ``ihvp`` picks the inverse Hessian:
 
 - ``projected`` (default): the Gauss-Newton Hessian in the projected space (:class:`GaussNewton`,
   solved in its dual form when there are fewer training rows than projected dimensions).
   This is the GGN ``(1/n) sum_i J_i^T (diag p_i - p_i p_i^T) J_i`` -- for softmax cross-entropy the
   *true* Fisher, i.e. the expectation over labels drawn from the model, not the empirical Fisher at
-  the gold labels. On the last linear layer it equals the exact Hessian used by ``if``.
+  the gold labels. On the last linear layer it equals the exact Hessian used by ``if``. Its
+  ``hessian="block"`` form is block-diagonal over the tracked blocks and the head: small per-layer
+  matrices, which suits LoRA adapters (DataInf's per-layer view).
 - ``lissa``: the paper's LiSSA on exact Hessian-vector products over exact (unprojected)
   gradients; ``damping`` is the Hessian damping here too (LiSSA's per-step damping is
   damping/scale). With the paper's large scale (1e4) and ``lissa_depth`` steps it is far from
   converged -- about ``depth/scale`` times gd-top -- as the paper's was; it converges when
   ``lissa_scale`` exceeds the largest eigenvalue and depth >> scale / (smallest eigenvalue + damping),
-  and only if H + damping I is positive definite (over a frozen encoder's layers it often is not).
+  and only if H + damping I is positive definite.
 - ``explicit``: the autograd Hessian over exact gradients (tiny models).
 
 ``fit(train, classifier)`` needs the whole classifier (:func:`instattr.models.classifier_for`):
-its tracked blocks, and the texts and caches of the rows through the run it is bound to.
+its own forward pass, and the texts of the rows through the run it is bound to.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from ..arrays import FeatureSet
 from ..errors import InstattrError
 from ..methods.base import Attributor, mean_against_others
 from ..methods.registry import register
 from ..methods.similarity import unit_rows
-from ..models.tracked import first_tracked_layer, resolve_dtype
-from ..store import FeatureSet, RunError
-from .cache import NEW, Examples
+from ..models.modules import first_tracked_block
+from ..task import MEASUREMENTS
 from .gradcache import cached_train_gradients
-from .grads import FlatParameters, batch_hessian, hvp, per_example_flat_grads
+from .grads import FlatParameters, batch_hessian, hvp, per_example_grads
 from .ihvp import HESSIAN_STRUCTURES, Curvature, ExplicitHessian, GaussNewton, LiSSA
 from .projection import KINDS, GradientProjector
 
 DEFAULT_PROJ_DIM = 32
 DEFAULT_DAMPING = 0.1
 IHVPS = ("projected", "lissa", "explicit")
-FEATURE_TOLERANCE = 1e-3      # recomputed pooler features vs the run's stored ones
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+FEATURE_TOLERANCE = 1e-3      # recomputed final-layer inputs vs the run's stored ones
 MAX_EMBEDDING_BYTES = 8 << 30  # refuse exact (unprojected) training embeddings beyond this
 EXACT_ROWS_PER_BLOCK = 16      # test rows per block on the unprojected (lissa, explicit) path
+
+
+def resolve_dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise InstattrError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 def _progress(total: int, desc: str, enabled: Optional[bool]):
@@ -66,42 +81,42 @@ def _progress(total: int, desc: str, enabled: Optional[bool]):
     return tqdm(total=total, desc=desc, unit="ex", disable=not enabled, leave=False)
 
 
-def loss_coefficients(probs: torch.Tensor, labels: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Q^T (p - onehot(y)): the cross-entropy gradient in the reduced logit directions (B, C-1)."""
-    e = probs.clone()
-    e[torch.arange(len(e)), labels.long()] -= 1.0
-    return e @ basis
-
-
-def gauss_newton_roots(probs: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """R_i (B, C-1, C-1) with R_i R_i^T = Q^T (diag p_i - p_i p_i^T) Q (the reduced logit Hessian)."""
-    a = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
-    b = basis.T @ a @ basis
-    w, v = torch.linalg.eigh(b)
-    return v * w.clamp_min(0).sqrt()[:, None, :]
-
-
 def classifier_of(name: str, model):
-    """``model`` if it is a whole classifier (with tracked blocks), else a one-line error."""
-    if model is None or not hasattr(model, "tracked"):
+    """``model`` if it is a whole classifier (with its own forward pass), else a one-line error."""
+    if model is None or not hasattr(model, "module") or not hasattr(model, "tracked"):
         raise InstattrError(f"{name}: needs the whole classifier (instattr.models.classifier_for(run)), "
                             f"not {type(model).__name__}")
     return model
 
 
+def module_in(classifier, dtype) -> torch.nn.Module:
+    """The classifier's module in ``dtype`` (float32: itself; float64: a copy, made once)."""
+    dtype = resolve_dtype(dtype)
+    module = classifier.module()
+    if next(module.parameters()).dtype == dtype:
+        return module
+    copies = classifier.__dict__.setdefault("_module_copies", {})
+    if dtype not in copies:
+        copies[dtype] = copy.deepcopy(module).to(dtype).eval()
+    return copies[dtype]
+
+
 @dataclass(frozen=True)
 class GradientSource:
     """What a worker in another process needs to compute the same projected gradients: the run
-    (a folder it can read), the device type, the tracked blocks, the dtype, the projection, and
-    for tracin-top which checkpoint. :meth:`build` gives the classifier and its projector."""
+    (a folder it can read), the device type, the tracked modules, the dtype, the projection, the
+    measurement, and for tracin-top which checkpoint. :meth:`build` gives the classifier and its
+    projector."""
 
     run: str
     device: str
-    start: int
+    layers: Optional[int]
+    modules: Optional[Tuple[str, ...]]
     dtype: str
     proj_dim: Optional[int]
     seed: int
     projection: str
+    measurement: str = "loss"
     checkpoint: Optional[int] = None            # index into classifier.checkpoints()
     checkpoints: Optional[Tuple[str, ...]] = None   # tracin-top's --checkpoints (Hugging Face models)
     checkpoint_lrs: Optional[Tuple[float, ...]] = None
@@ -115,54 +130,65 @@ class GradientSource:
             if self.checkpoints:
                 classifier = classifier.with_checkpoints(list(self.checkpoints), self.checkpoint_lrs)
             classifier = classifier.checkpoints()[self.checkpoint][0]
-        tracked = classifier.tracked(self.start, self.dtype)
-        return classifier, GradientProjector(tracked, self.proj_dim, self.seed, self.projection)
+        tracked = classifier.tracked(self.layers, self.modules)
+        return classifier, projector_for(classifier, tracked, self.dtype, self.proj_dim, self.seed, self.projection,
+                                         self.measurement)
+
+
+def projector_for(classifier, tracked, dtype, proj_dim, seed, projection, measurement="loss") -> GradientProjector:
+    """The projector of the classifier's task over ``tracked`` (the final layer exact in the class basis)."""
+    module = module_in(classifier, dtype)
+    task = classifier.task(measurement)
+    basis = task.basis(next(module.parameters()))
+    return GradientProjector(module, tracked, task, proj_dim, seed, projection, classifier.final_name, basis)
 
 
 def batch_gradients(projector: GradientProjector, batch, labels: torch.Tensor, dtype: torch.dtype,
-                    factors: bool):
-    """One padded batch's projected loss gradients at ``labels`` (B, dim), its Gauss-Newton factors
-    (B, C-1, dim) or None, and the recomputed final-layer inputs (B, d)."""
-    logits, feats, jac = (t.cpu() for t in projector.project(batch))
-    p = torch.softmax(logits.double(), -1)
-    basis = projector.basis.cpu().double()
-    grads = torch.einsum("br,brd->bd", loss_coefficients(p, labels, basis).to(dtype), jac)
-    facs = torch.einsum("brs,brd->bsd", gauss_newton_roots(p, basis).to(dtype), jac) if factors else None
-    return grads, facs, feats
+                    factors: bool, query: bool = False):
+    """One padded batch's projected gradients (B, dim) -- of the training loss at ``labels``, or
+    with ``query`` of minus the measurement there -- its Gauss-Newton factors (B, S, dim) or None,
+    and the recomputed final-layer inputs (B, d)."""
+    out, jac = projector.project(batch)
+    task = projector.task
+    coef = task.query_coefficients(out, labels) if query else task.train_coefficients(out, labels)
+    jac = jac.cpu()
+    grads = torch.einsum("br,brd->bd", coef.cpu().to(dtype), jac)
+    facs = torch.einsum("bsr,brd->bsd", task.curvature_roots(out).cpu().to(dtype), jac) if factors else None
+    return grads, facs, out.features.cpu()
 
 
 def projected_gradients(classifier, fs: FeatureSet, labels: np.ndarray, projector: GradientProjector,
-                        start: int, batch_size: int = 32, dtype="float32", factors: bool = False,
-                        check: bool = True, progress: Optional[bool] = False, desc: str = "",
-                        what: str = "layers", backend=None, source: Optional[GradientSource] = None):
-    """Projected per-example loss gradients of ``fs`` at ``labels`` (n, dim), in ``fs`` order, and
-    with ``factors`` the Gauss-Newton factors (n * (C-1), dim): rows F with GGN = (1/n) F^T F.
-    ``check`` compares the recomputed final-layer inputs with the run's stored features.
-    ``backend`` (e.g. :class:`instattr.distributed.RayBackend`) computes the batches elsewhere from
-    ``source``, rows of a run's splits only; new texts are always computed here."""
+                        batch_size: int = 32, dtype="float32", factors: bool = False, check: bool = True,
+                        progress: Optional[bool] = False, desc: str = "", what: str = "layers", backend=None,
+                        source: Optional[GradientSource] = None, query: bool = False):
+    """Projected per-example gradients of ``fs`` at ``labels`` (n, dim), in ``fs`` order (``query``:
+    of minus the measurement), and with ``factors`` the Gauss-Newton factors (n * S, dim): rows F
+    with GGN = (1/n) F^T F. ``check`` compares the recomputed final-layer inputs with the run's
+    stored features. ``backend`` (e.g. :class:`instattr.distributed.RayBackend`) computes the
+    batches elsewhere from ``source``, rows of a run's splits only; new texts are always computed here."""
     dtype = resolve_dtype(dtype)
-    examples = Examples(classifier, fs, start, progress)     # builds the split's hidden-state cache once
-    n, r, dim = len(fs), projector.model.n_classes - 1, projector.dim
-    if n * dim * (1 + r * factors) * torch.finfo(dtype).bits // 8 > MAX_EMBEDDING_BYTES:
+    rows = classifier.rows(fs)
+    n, s, dim = len(fs), projector.task.n_scalars, projector.dim
+    if n * dim * (1 + s * factors) * torch.finfo(dtype).bits // 8 > MAX_EMBEDDING_BYTES:
         raise InstattrError(f"{what}: {n} x {dim} gradients do not fit in memory; set proj_dim")
     grads = torch.zeros(n, dim, dtype=dtype)
-    facs = torch.zeros(n, r, dim, dtype=dtype) if factors else None
+    facs = torch.zeros(n, s, dim, dtype=dtype) if factors else None
     labels = torch.as_tensor(np.asarray(labels))
-    order = examples.order(batch_size)
-    if backend is not None and source is not None and examples.split != NEW:
-        parts = backend.gradient_batches(source, fs, labels.numpy(), order, factors)
+    order = rows.order(batch_size)
+    if backend is not None and source is not None and fs.texts is None:
+        parts = backend.gradient_batches(source, fs, labels.numpy(), order, factors, query)
     else:
-        parts = ((pos, *batch_gradients(projector, examples.batch(pos, dtype), labels[pos], dtype, factors))
+        parts = ((pos, *batch_gradients(projector, rows.batch(pos), labels[pos], dtype, factors, query))
                  for pos in order)
     done = 0
     with _progress(n, desc, progress) as bar:
         for pos, g, f, feats in parts:
             if check:
                 diff = float(np.abs(np.asarray(feats, dtype=np.float64)
-                                    - np.asarray(fs.features[pos], dtype=np.float64)).max())
+                                    - np.asarray(fs.features[pos], dtype=np.float64)).max(initial=0.0))
                 if diff > FEATURE_TOLERANCE:
-                    raise RunError(f"{what}: the tracked layers do not reproduce the run's stored features "
-                                   f"(max difference {diff:.2g}); delete {classifier.cache_dir} if the model changed")
+                    raise InstattrError(f"{what}: the model's recomputed features differ from the run's stored "
+                                        f"ones by {diff:.3g}; the run and its model no longer match")
             grads[pos] = torch.as_tensor(g)
             if factors:
                 facs[pos] = torch.as_tensor(f)
@@ -170,16 +196,14 @@ def projected_gradients(classifier, fs: FeatureSet, labels: np.ndarray, projecto
             bar.update(len(pos))
     if done != n:
         raise InstattrError(f"{what}: gradients came back for {done} of {n} rows")
-    return grads, (facs.reshape(n * r, dim) if factors else None)
+    return grads, (facs.reshape(n * s, dim) if factors else None)
 
 
 def gauss_newton_curvature(projector: GradientProjector, factors: torch.Tensor, n: int, l2: float) -> Curvature:
     """The projected problem for :class:`GaussNewton`: factors, the L2 term (2 l2 I on the exact
-    last-layer block), one Hessian block per tracked layer + head."""
-    blocks = [slice(int(a), int(z)) for a, z in zip(projector.offsets[:-1], projector.offsets[1:])]
-    reg = [2.0 * l2 * torch.eye(b.dim, dtype=torch.float64) if b.module is projector.model.final else None
-           for b in projector.blocks]
-    return Curvature(dim=projector.dim, n=n, factors=factors, blocks=blocks, regulariser=reg,
+    final-layer block), one Hessian block per tracked block + head."""
+    reg = [2.0 * l2 * torch.eye(b.dim, dtype=torch.float64) if b.exact else None for b in projector.blocks]
+    return Curvature(dim=projector.dim, n=n, factors=factors, blocks=projector.block_slices(), regulariser=reg,
                      groups=list(projector.groups().values()))
 
 
@@ -194,11 +218,12 @@ class _TopLayers(Attributor):
 
     whitened = False
     normalized = False
-    needs_classifier = True
-    command_line_options = ("layers", "proj_dim", "projection", "damping", "ihvp")
+    needs = "classifier"
+    command_line_options = ("layers", "modules", "proj_dim", "projection", "damping", "ihvp", "measurement")
 
-    def __init__(self, layers: Optional[int] = None, proj_dim: Optional[int] = DEFAULT_PROJ_DIM,
-                 projection: str = "khatri-rao", seed: int = 0, batch_size: int = 32, dtype: str = "float32",
+    def __init__(self, layers: Optional[int] = None, modules: Optional[Sequence[str]] = None,
+                 proj_dim: Optional[int] = DEFAULT_PROJ_DIM, projection: str = "khatri-rao", seed: int = 0,
+                 measurement: str = "loss", batch_size: int = 32, dtype: str = "float32",
                  progress: Optional[bool] = None, chunk_size: Optional[int] = None):
         super().__init__(chunk_size)
         if layers is not None and int(layers) < 0:
@@ -207,12 +232,18 @@ class _TopLayers(Attributor):
             raise InstattrError(f"{self.name}: proj_dim must be a positive integer or None (exact), got {proj_dim}")
         if projection not in KINDS:
             raise InstattrError(f"{self.name}: projection must be one of {', '.join(KINDS)}, got {projection!r}")
+        if measurement not in MEASUREMENTS:
+            raise InstattrError(f"{self.name}: measurement must be one of {', '.join(MEASUREMENTS)}, "
+                                f"got {measurement!r}")
         if int(batch_size) < 1:
             raise InstattrError(f"{self.name}: batch_size must be positive, got {batch_size}")
         resolve_dtype(dtype)
         self.layers = None if layers is None else int(layers)
+        if isinstance(modules, str):
+            modules = [m for m in modules.split(",") if m.strip()]
+        self.modules = None if not modules else [str(m).strip() for m in modules]
         self.proj_dim = None if proj_dim is None else int(proj_dim)
-        self.projection = projection
+        self.projection, self.measurement = projection, measurement
         self.seed, self.batch_size, self.dtype = int(seed), int(batch_size), dtype
         self.progress = None if progress is None else bool(progress)
 
@@ -220,27 +251,37 @@ class _TopLayers(Attributor):
         cfg = {k: v for k, v in super().config().items() if k != "progress"}
         if hasattr(self, "dim_"):
             cfg["gradient_dim"] = int(self.dim_)
-            cfg["tracked_layers"] = len(self.model_.layers)
+            prefix = self.classifier_.prefix
+            cfg["tracked_modules"] = [t.name[len(prefix):] if t.name.startswith(prefix) else t.name
+                                      for t in self.tracked_]
+            if self.modules is None and self.classifier_.trainable() is None:
+                cfg["tracked_layers"] = self.classifier_.n_layers - first_tracked_block(self.classifier_.n_layers,
+                                                                                        self.layers)
         return cfg
 
     # ------------------------------------------------------------------ shared steps
     def _model(self, model):
-        """The tracked model of the classifier ``model`` (and remember both)."""
+        """Remember the classifier, its tracked modules and L2."""
         self.classifier_ = classifier_of(self.name, model)
-        self.start_ = first_tracked_layer(self.classifier_.n_layers, self.layers)
+        self.tracked_ = self.classifier_.tracked(self.layers, self.modules)
         self.l2_ = float(self.classifier_.final_layer().l2)
-        return self.classifier_.tracked(self.start_, self.dtype)
+
+    def _projector(self, classifier=None) -> GradientProjector:
+        return projector_for(classifier or self.classifier_, self.tracked_, self.dtype, self.proj_dim, self.seed,
+                             self.projection, self.measurement)
 
     def _projected(self, projector: GradientProjector, fs: FeatureSet, labels: np.ndarray, factors: bool,
-                   desc: str, check: bool = True, classifier=None, checkpoint: Optional[int] = None):
+                   desc: str, check: bool = True, classifier=None, checkpoint: Optional[int] = None,
+                   query: bool = False):
         classifier = classifier or self.classifier_
         source = None
         if self.backend is not None and self._runs_own_classifier():
-            source = GradientSource(str(classifier.run.path.resolve()), classifier.device.type, self.start_,
-                                    self.dtype, self.proj_dim, self.seed, self.projection, checkpoint,
+            source = GradientSource(str(classifier.run.path.resolve()), classifier.device.type, self.layers,
+                                    None if self.modules is None else tuple(self.modules), self.dtype, self.proj_dim,
+                                    self.seed, self.projection, self.measurement, checkpoint,
                                     *self._checkpoint_options())
-        return projected_gradients(classifier, fs, labels, projector, self.start_, self.batch_size, self.dtype,
-                                   factors, check, self.progress, desc, self.name, self.backend, source)
+        return projected_gradients(classifier, fs, labels, projector, self.batch_size, self.dtype, factors, check,
+                                   self.progress, desc, self.name, self.backend, source, query)
 
     def _checkpoint_options(self):
         return None, None
@@ -252,9 +293,6 @@ class _TopLayers(Attributor):
         run = self.classifier_.run
         return run is not None and self.classifier_ is built_classifier(run, self.classifier_.device)
 
-    def _projector(self, model) -> GradientProjector:
-        return GradientProjector(model, self.proj_dim, self.seed, self.projection)
-
     def _normalize(self, emb: torch.Tensor) -> torch.Tensor:
         if not self.normalized:
             return emb
@@ -265,14 +303,13 @@ class _TopLayers(Attributor):
 
     # ------------------------------------------------------------------ projected path
     def _fit(self, train: FeatureSet, model) -> None:
-        self.model_ = self._model(model)
-        self.projector_ = self._projector(self.model_)
+        self._model(model)
+        self.projector_ = self._projector()
         self.dim_ = self.projector_.dim
         cacheable = self.proj_dim is not None   # the factors are cached too, for the whitened methods
         grads, factors, self.train_gradients_reused_ = cached_train_gradients(
-            self.classifier_, self.model_, train, self.dtype,
-            {"layers": len(self.model_.layers), "proj_dim": self.proj_dim, "seed": self.seed,
-             "projection": self.projection},
+            self.classifier_, self.projector_, train, self.dtype,
+            {"proj_dim": self.proj_dim, "seed": self.seed, "projection": self.projection},
             lambda: self._projected(self.projector_, train, train.label, self.whitened or cacheable,
                                     f"{self.name} train"))
         if self.whitened:   # if: H^-1 g_t . g_i; rif: the same over sqrt(g_t^T H^-1 g_t g_i^T H^-1 g_i)
@@ -284,7 +321,7 @@ class _TopLayers(Attributor):
             self.train_embedding_ = self._finish(grads)
 
     def _embed_test(self, test: FeatureSet) -> np.ndarray:
-        grads, _ = self._projected(self.projector_, test, test.pred, False, f"{self.name} test")
+        grads, _ = self._projected(self.projector_, test, test.pred, False, f"{self.name} test", query=True)
         if not self.whitened:
             return self._finish(grads)
         solved = self.solver_.solve(grads.double())
@@ -309,25 +346,26 @@ class _TopLayers(Attributor):
 
 @register("gd-top")
 class TopGradientDot(_TopLayers):
-    """<g_t, g_i> over the head and the top ``layers`` encoder layers (projected gradients)."""
+    """<g_t, g_i> over the tracked modules (projected gradients)."""
 
 
 @register("gc-top")
 class TopGradientCosine(_TopLayers):
-    """cos(g_t, g_i) over the head and the top ``layers`` encoder layers."""
+    """cos(g_t, g_i) over the tracked modules."""
     normalized = True
 
 
 class _TopInfluence(_TopLayers):
     whitened = True
 
-    def __init__(self, layers: Optional[int] = None, proj_dim: Optional[int] = DEFAULT_PROJ_DIM,
-                 projection: str = "khatri-rao", seed: int = 0, ihvp: str = "projected",
-                 damping: float = DEFAULT_DAMPING, hessian: str = "auto", lissa_scale: float = 1e4,
-                 lissa_depth: int = 1000, lissa_repeats: int = 1, lissa_batch_size: int = 8,
-                 batch_size: int = 32, dtype: str = "float32", progress: Optional[bool] = None,
-                 chunk_size: Optional[int] = None):
-        super().__init__(layers, proj_dim, projection, seed, batch_size, dtype, progress, chunk_size)
+    def __init__(self, layers: Optional[int] = None, modules: Optional[Sequence[str]] = None,
+                 proj_dim: Optional[int] = DEFAULT_PROJ_DIM, projection: str = "khatri-rao", seed: int = 0,
+                 ihvp: str = "projected", damping: float = DEFAULT_DAMPING, hessian: str = "auto",
+                 measurement: str = "loss", lissa_scale: float = 1e4, lissa_depth: int = 1000,
+                 lissa_repeats: int = 1, lissa_batch_size: int = 8, batch_size: int = 32, dtype: str = "float32",
+                 progress: Optional[bool] = None, chunk_size: Optional[int] = None):
+        super().__init__(layers, modules, proj_dim, projection, seed, measurement, batch_size, dtype, progress,
+                         chunk_size)
         if ihvp not in IHVPS:
             raise InstattrError(f"{self.name}: ihvp must be one of {', '.join(IHVPS)}, got {ihvp!r}")
         if not damping >= 0:
@@ -350,21 +388,22 @@ class _TopInfluence(_TopLayers):
     def _fit(self, train: FeatureSet, model) -> None:
         if self.ihvp == "projected":
             return super()._fit(train, model)
-        tracked = self.model_ = self._model(model)
-        flat = FlatParameters(tracked)
-        self.flat_, self.dim_ = flat, flat.dim
-        dtype = resolve_dtype(self.dtype)
-        examples = Examples(self.classifier_, train, self.start_, self.progress)
+        self._model(model)
+        module = module_in(self.classifier_, self.dtype)
+        self.task_ = self.classifier_.task(self.measurement)
+        flat = self.flat_ = FlatParameters(module, self.tracked_, self.classifier_.final_name)
+        self.dim_ = flat.dim
+        rows = self.classifier_.rows(train)
         labels = torch.as_tensor(np.asarray(train.label))
         n = len(train)
 
-        def batch_hvp(vectors, rows):
-            return hvp(tracked, flat, examples.batch(rows, dtype), labels[rows], vectors.to(dtype))
+        def batch_hvp(vectors, positions):
+            return hvp(self.task_, flat, rows.batch(positions), labels[positions], vectors.to(self.dtype_t), self.l2_)
 
         def hessian():   # sum over batches of (batch share) x (regularised batch-loss Hessian)
             h = torch.zeros(flat.dim, flat.dim, dtype=torch.float64)
-            for pos, batch in examples.batches(self.batch_size, dtype):
-                h += len(pos) / n * batch_hessian(tracked, flat, batch, labels[pos]).double()
+            for pos in rows.order(self.batch_size):
+                h += len(pos) / n * batch_hessian(self.task_, flat, rows.batch(pos), labels[pos], self.l2_).double()
             return h
 
         curvature = Curvature(dim=flat.dim, n=n, hvp=batch_hvp, hessian=hessian)
@@ -375,13 +414,16 @@ class _TopInfluence(_TopLayers):
                                  self.lissa_repeats, self.lissa_batch_size, self.seed).fit(curvature)
         self.train_ = train
 
-    def _exact_grads(self, fs: FeatureSet, labels: np.ndarray, positions=None):
-        """Yield (positions, (B, dim) exact per-example gradients) with torch.func."""
-        dtype = resolve_dtype(self.dtype)
-        examples = Examples(self.classifier_, fs, self.start_, self.progress)
-        labels = torch.as_tensor(np.asarray(labels)).to(self.model_.device)
-        for pos, batch in examples.batches(self.batch_size, dtype, positions):
-            yield pos, per_example_flat_grads(self.model_, self.flat_, batch, labels[pos]).cpu()
+    @property
+    def dtype_t(self) -> torch.dtype:
+        return resolve_dtype(self.dtype)
+
+    def _exact_grads(self, fs: FeatureSet, labels: np.ndarray, query: bool = False):
+        """Yield (positions, (B, dim) exact per-example gradients)."""
+        rows = self.classifier_.rows(fs)
+        labels = torch.as_tensor(np.asarray(labels))
+        for pos in rows.order(self.batch_size):
+            yield pos, per_example_grads(self.task_, self.flat_, rows.batch(pos), labels[pos], query).cpu()
 
     def self_scores(self) -> np.ndarray:
         if self.ihvp == "projected":
@@ -405,8 +447,8 @@ class _TopInfluence(_TopLayers):
     def _score(self, test: FeatureSet, out: np.ndarray) -> None:
         if self.ihvp == "projected":
             return super()._score(test, out)
-        g_t = torch.zeros(len(test), self.flat_.dim, dtype=resolve_dtype(self.dtype))
-        for pos, g in self._exact_grads(test, test.pred):
+        g_t = torch.zeros(len(test), self.flat_.dim, dtype=self.dtype_t)
+        for pos, g in self._exact_grads(test, test.pred, query=True):
             g_t[pos] = g
         left = self._normalize(self.solver_.whiten(g_t) if self.normalized else self.solver_.solve(g_t))
         with _progress(self.n_train_, f"{self.name} train", self.progress) as bar:
@@ -433,10 +475,10 @@ class _TopInfluence(_TopLayers):
 
 @register("if-top")
 class TopInfluence(_TopInfluence):
-    """g_t^T (H + damping)^-1 g_i over the head and the top ``layers`` encoder layers."""
+    """g_t^T (H + damping)^-1 g_i over the tracked modules."""
 
 
 @register("rif-top")
 class TopRelativeInfluence(_TopInfluence):
-    """cos(H^-1/2 g_t, H^-1/2 g_i) over the head and the top ``layers`` encoder layers."""
+    """cos(H^-1/2 g_t, H^-1/2 g_i) over the tracked modules."""
     normalized = True

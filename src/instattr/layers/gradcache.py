@@ -3,8 +3,8 @@
 Computing them is the whole cost of fitting a layered method (minutes on SST-2); the four methods
 gd-top, gc-top, if-top and rif-top need the same arrays, and ``explain`` needs them again for each
 new text. ``RUN/cache/grads-{key}.npz`` holds them, ``key`` a digest of everything they depend on:
-the tracked model's weights (encoder layers, pooler and head), the projection options, the dtype
-and the training rows. Unprojected gradients (``proj_dim`` None) are never cached (gigabytes).
+the model's weights, the tracked modules, the task, the projection options, the dtype and the
+training rows. Unprojected gradients (``proj_dim`` None) are never cached (gigabytes).
 """
 from __future__ import annotations
 
@@ -17,17 +17,20 @@ from typing import Callable, Tuple
 import numpy as np
 import torch
 
-from ..store import FeatureSet, write_npz
+from ..arrays import FeatureSet
+from ..store import write_npz
 
-GRADCACHE_FORMAT = 1
+GRADCACHE_FORMAT = 2
 MAX_CACHE_BYTES = 4 << 30   # larger arrays are recomputed rather than written (MNLI at k = 32: 2.9 GB)
 
 
-def cache_key(model: torch.nn.Module, train: FeatureSet, dtype: str, options: dict) -> str:
-    """Digest of the tracked model's weights, the options, the dtype and the training rows."""
-    h = hashlib.sha1(json.dumps({"format": GRADCACHE_FORMAT, "dtype": str(dtype), **options},
-                                sort_keys=True).encode())
-    for name, t in sorted(model.state_dict().items()):
+def cache_key(projector, train: FeatureSet, dtype: str, options: dict) -> str:
+    """Digest of the model's weights, the tracked modules, the task, the options, the dtype and the
+    training rows."""
+    spec = {"format": GRADCACHE_FORMAT, "dtype": str(dtype), "tracked": [b.name for b in projector.blocks],
+            "task": [type(projector.task).__name__, getattr(projector.task, "measurement_kind", "")], **options}
+    h = hashlib.sha1(json.dumps(spec, sort_keys=True).encode())
+    for name, t in sorted(projector.module.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     h.update("\x00".join(map(str, train.idx)).encode())
@@ -35,14 +38,14 @@ def cache_key(model: torch.nn.Module, train: FeatureSet, dtype: str, options: di
     return h.hexdigest()[:20]
 
 
-def cached_train_gradients(classifier, model: torch.nn.Module, train: FeatureSet, dtype: str,
+def cached_train_gradients(classifier, projector, train: FeatureSet, dtype: str,
                            options: dict, compute: Callable[[], Tuple[torch.Tensor, torch.Tensor]]):
     """(gradients, factors, reused): ``compute()``'s pair, read from / written to ``RUN/cache`` when
     the classifier has a run; ``reused`` says it was not computed now (so a fit's seconds leave that
     cost out)."""
     if classifier.run is None or options.get("proj_dim") is None:
         return (*compute(), False)
-    key = cache_key(model, train, dtype, options)
+    key = cache_key(projector, train, dtype, options)
     memo = classifier.run.memo("gradient caches", dict)
     if key in memo:
         return (*memo[key], True)

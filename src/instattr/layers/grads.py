@@ -1,111 +1,109 @@
-"""Exact per-example gradients (torch.func), Hessian-vector products and small Hessians.
+"""Exact gradients over the tracked modules' parameters: per example, Hessian-vector products and
+small Hessians (the unprojected ``ihvp="lissa"`` and ``"explicit"`` paths, and tests).
 
-Per-example: ``vmap`` over ``grad`` of one example's cross-entropy through
-``functional_call(model, params, ...)``; each example keeps its padded length and mask, so padding
-never leaks into another example. The flat parameter vector orders parameters as
-``model.named_parameters()``; :class:`FlatParameters` maps between the two. The regularised
-(mini)batch loss is ``mean CE + model.penalty()`` (L2 on the final layer's parameters).
+The model runs its own forward (:meth:`instattr.models.Classifier.module`) with only the tracked
+parameters requiring gradients. Per-example gradients are one backward pass per example (each
+example alone, so padding never enters); the regularised (mini)batch loss is the task's mean loss
+plus ``l2 * ||p||^2`` over the final layer's parameters when the final layer is tracked. Double
+backward runs through eager attention (:func:`eager`): fused attention kernels may not support it.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Sequence
 
 import torch
-from torch.func import functional_call, grad, jacrev, vmap
+from torch import nn
 
-from ..models.tracked import TrackedModel
+from ..models.modules import Tracked
+from .projection import tracking
 
 Batch = Dict[str, torch.Tensor]
 
 
 class FlatParameters:
-    """The tracked model's parameters as one flat vector ``theta0`` (detached copy)."""
+    """The tracked modules' own parameters as one flat vector (``names`` in module order)."""
 
-    def __init__(self, model: TrackedModel):
-        named = [(n, p.detach()) for n, p in model.named_parameters()]
-        self.names: List[str] = [n for n, _ in named]
-        self.shapes = [p.shape for _, p in named]
-        self.sizes = [p.numel() for _, p in named]
-        self.theta0 = torch.cat([p.reshape(-1) for _, p in named])
-        start = 0
-        self.slices = {}
-        for n, s in zip(self.names, self.sizes):
-            self.slices[n] = slice(start, start + s)
-            start += s
+    def __init__(self, module: nn.Module, tracked: Sequence[Tracked], final: Optional[str] = None):
+        self.module = module
+        self.modules = [module.get_submodule(t.name) for t in tracked]
+        self.names: List[str] = []
+        self.params: List[torch.Tensor] = []
+        for t, m in zip(tracked, self.modules):
+            for n, p in m.named_parameters(recurse=False):
+                self.names.append(f"{t.name}.{n}")
+                self.params.append(p)
+        self.penalized = [p for t, m in zip(tracked, self.modules) if t.name == final for p in m.parameters()]
+        self.sizes = [p.numel() for p in self.params]
 
     @property
     def dim(self) -> int:
-        return int(self.theta0.numel())
+        return int(sum(self.sizes))
 
-    def unflatten(self, theta: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return {n: t.view(s) for n, t, s in zip(self.names, torch.split(theta, self.sizes), self.shapes)}
-
-    def flatten(self, tree: Dict[str, torch.Tensor], batch_dims: int = 1) -> torch.Tensor:
-        """Concatenate per-parameter tensors with ``batch_dims`` leading axes into (..., dim)."""
-        lead = next(iter(tree.values())).shape[:batch_dims]
-        return torch.cat([tree[n].reshape(*lead, -1) for n in self.names], dim=-1)
+    def flatten(self, tensors) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def _one(batch_i: Batch) -> Batch:
-    return {k: v.unsqueeze(0) for k, v in batch_i.items()}
+@contextmanager
+def eager(module: nn.Module):
+    """Eager attention for every config inside ``module`` while inside (double backward)."""
+    configs, seen = [], set()
+    for sub in module.modules():
+        cfg = getattr(sub, "config", None)
+        if cfg is not None and id(cfg) not in seen and hasattr(cfg, "_attn_implementation"):
+            seen.add(id(cfg))
+            configs.append((cfg, cfg._attn_implementation))
+    try:
+        for cfg, _ in configs:
+            cfg._attn_implementation = "eager"
+        yield
+    finally:
+        for cfg, was in configs:
+            cfg._attn_implementation = was
 
 
-def _example_loss(model: TrackedModel):
-    def loss(params, batch_i, y):
-        logits = functional_call(model, params, kwargs=_one(batch_i))[0]
-        return torch.nn.functional.cross_entropy(logits[None], y[None])
+def regularised_loss(task, flat: FlatParameters, batch: Batch, labels: torch.Tensor, l2: float) -> torch.Tensor:
+    """Mean task loss over the batch plus ``l2 * ||p||^2`` on the tracked final layer."""
+    out = flat.module(**batch)
+    loss = task.loss(out, labels).mean()
+    if flat.penalized:
+        loss = loss + l2 * sum((p ** 2).sum() for p in flat.penalized)
     return loss
 
 
-def _example_logits(model: TrackedModel):
-    def logits(params, batch_i):
-        return functional_call(model, params, kwargs=_one(batch_i))[0]
-    return logits
+def per_example_grads(task, flat: FlatParameters, batch: Batch, labels: torch.Tensor,
+                      query: bool = False) -> torch.Tensor:
+    """(B, dim): the gradient of each example's loss (``query``: of minus its measurement)."""
+    rows = []
+    n = len(next(iter(batch.values())))
+    with tracking(flat.module, flat.modules), torch.enable_grad():
+        for i in range(n):
+            one = {k: v[i:i + 1] for k, v in batch.items()}
+            mask = one.get("attention_mask")
+            if mask is not None:       # the example alone, unpadded
+                t = int(mask.sum())
+                one = {k: v[:, :t] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v for k, v in one.items()}
+            out = flat.module(**one)
+            y = labels[i:i + 1]
+            value = -task.measurement(out, y).sum() if query else task.loss(out, y).sum()
+            rows.append(flat.flatten(torch.autograd.grad(value, flat.params)))
+    return torch.stack(rows)
 
 
-def parameters(model: TrackedModel) -> Dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters()}
-
-
-def per_example_grads(model: TrackedModel, batch: Batch, labels: torch.Tensor,
-                      params: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
-    """d CE(model(x_i), y_i) / d params for every example: {name: (B, *shape)}."""
-    params = parameters(model) if params is None else params
-    return vmap(grad(_example_loss(model)), in_dims=(None, 0, 0))(params, batch, labels.long())
-
-
-def per_example_flat_grads(model: TrackedModel, flat: FlatParameters, batch: Batch,
-                           labels: torch.Tensor) -> torch.Tensor:
-    """(B, dim) per-example gradients in the flat order of ``flat``."""
-    return flat.flatten(per_example_grads(model, batch, labels))
-
-
-def per_example_logit_jacobians(model: TrackedModel, flat: FlatParameters, batch: Batch) -> torch.Tensor:
-    """(B, C, dim): d logits_i / d params for every example."""
-    jac = vmap(jacrev(_example_logits(model)), in_dims=(None, 0))(parameters(model), batch)
-    return flat.flatten(jac, batch_dims=2)
-
-
-def hvp(model: TrackedModel, flat: FlatParameters, batch: Batch, labels: torch.Tensor,
-        vectors: torch.Tensor) -> torch.Tensor:
-    """(m, dim) Hessian-vector products of the regularised batch loss at the model's parameters:
-    one forward, one differentiable backward, then one double-backward per vector (Pearlmutter).
-    On these models this is several times faster than torch.func's vmap(jvp(grad))."""
-    params = [p for _, p in model.named_parameters()]
-    with torch.enable_grad():
-        logits = model(**batch)
-        loss = torch.nn.functional.cross_entropy(logits, labels.long().to(logits.device)) + model.penalty()
-        g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, params, create_graph=True)])
+def hvp(task, flat: FlatParameters, batch: Batch, labels: torch.Tensor, vectors: torch.Tensor,
+        l2: float) -> torch.Tensor:
+    """(m, dim) Hessian-vector products of the regularised batch loss: one forward, one
+    differentiable backward, then one double-backward per vector (Pearlmutter)."""
+    with tracking(flat.module, flat.modules), eager(flat.module), torch.enable_grad():
+        loss = regularised_loss(task, flat, batch, labels, l2)
+        g = flat.flatten(torch.autograd.grad(loss, flat.params, create_graph=True))
         out = torch.empty(len(vectors), flat.dim, dtype=g.dtype, device=g.device)
         for i, v in enumerate(vectors):
-            h = torch.autograd.grad(g, params, v.to(g.device, g.dtype), retain_graph=i < len(vectors) - 1)
-            out[i] = torch.cat([x.reshape(-1) for x in h])
+            h = torch.autograd.grad(g, flat.params, v.to(g.device, g.dtype), retain_graph=i < len(vectors) - 1)
+            out[i] = flat.flatten(h)
     return out.cpu()
 
 
-def batch_hessian(model: TrackedModel, flat: FlatParameters, batch: Batch,
-                  labels: torch.Tensor) -> torch.Tensor:
-    """(dim, dim) Hessian of the regularised batch loss, one double-backward row at a time (tiny
-    models). Not torch.func.hessian: on torch 2.13 its second derivatives through two LayerNorm
-    weights disagree with finite differences (by 2x in our tests); double backward agrees."""
-    return hvp(model, flat, batch, labels, torch.eye(flat.dim, dtype=flat.theta0.dtype))
+def batch_hessian(task, flat: FlatParameters, batch: Batch, labels: torch.Tensor, l2: float) -> torch.Tensor:
+    """(dim, dim) Hessian of the regularised batch loss, one double-backward row at a time (tiny models)."""
+    return hvp(task, flat, batch, labels, torch.eye(flat.dim, dtype=flat.params[0].dtype), l2)

@@ -1,23 +1,30 @@
-"""Per-example projected gradients through each layer's outer-product structure (LoGra-style).
+"""Per-example projected gradients of tracked linear modules, from hooks in the model's own forward.
 
-For an ``nn.Linear`` with inputs ``x_t`` and output-gradients ``delta_t`` at tokens t, one example's
-weight gradient is ``sum_t delta_t x~_t^T`` (``x~ = [x, 1]`` folds the bias in). Projecting the two
-sides separately with seeded matrices ``P_out`` (k_out x d_out) and ``P_in`` (k_in x d_in+1) gives
+For a linear module with inputs ``x_t`` and output-gradients ``delta_t`` at tokens t, one example's
+weight gradient is ``sum_t delta_t x~_t^T`` (``x~ = [x, 1]`` folds the bias in; GPT-2's ``Conv1D``
+stores the same matrix transposed). Projecting the two sides separately with seeded matrices
+``P_out`` (k_out x d_out) and ``P_in`` (k_in x d_in+1) gives
 
     P_out G P_in^T = sum_t (P_out delta_t)(P_in x~_t)^T        (k_out x k_in per example)
 
 which is ``(P_out (x) P_in) vec(G)`` computed without ever forming G (LoGra's Kronecker sketch;
 the default ``khatri-rao`` sketch below keeps the same two side projections and combines them
-row by row). Forward hooks store
-``P_in x~_t``, tensor hooks on the module outputs receive ``delta_t``. A LayerNorm's gradient
-(``sum_t delta_t * xhat_t`` for the scale, ``sum_t delta_t`` for the shift) is formed exactly
-(2 x hidden numbers) and projected by one dense matrix. The head's last linear layer is kept
-exact in the sum-zero class basis Q (its gradients ``e (x) f`` have ``e`` summing to zero, so
-``Q^T e (x) f`` has the same inner products, and the L2 term acts on it as ``2 lambda I``).
+row by row). A forward hook on each tracked module stores ``P_in x~_t`` and keeps its output;
+after the forward pass, ``torch.autograd.grad`` of each of the task's scalars
+(:mod:`instattr.task`) with respect to those outputs gives the ``delta_t``. Only the tracked
+modules' weights require gradients while it runs, so the backward pass goes down to the lowest
+tracked module and no further, and the parameters' own gradients are never computed. The model
+runs its real forward with its own masks, positions, rotary embeddings and norms; a module
+called twice in one forward (the encoder of a siamese pair) contributes both calls.
+
+The final layer (the module whose output is the logits) is kept exact in the task's output basis
+when one is given (a classifier's sum-zero class basis Q: its gradients ``e (x) f`` have ``e``
+summing to zero, so ``Q^T e (x) f`` has the same inner products, and the L2 term acts on it as
+``2 lambda I``).
 
 Projections (``kind``), all scaled so that E[P^T P] = I (inner products are unbiased):
 
-- ``khatri-rao`` (default): k^2 independent rank-one sketches per linear layer, entry r being
+- ``khatri-rao`` (default): k^2 independent rank-one sketches per linear module, entry r being
   ``sum_t (p_r . delta_t)(q_r . x~_t) / k`` with Rademacher vectors p_r, q_r: the row-wise
   (Khatri-Rao) product of the two side projections instead of their Kronecker product. It still
   projects the two sides separately and never forms G, and costs k^2 d (not k d) multiply-adds per
@@ -29,23 +36,21 @@ Projections (``kind``), all scaled so that E[P^T P] = I (inner products are unbi
   influence exactly.
 - ``gaussian``: the same Kronecker with N(0, 1/k) entries, as TRAK and LoGra.
 
-``dim=None`` keeps every block exact. LayerNorm gradients get one dense sketch of k^2 numbers.
-Only the (C-1) reduced logit directions are back-propagated; the parameters' own gradients are
-never computed (the backward pass runs to the inputs only).
+``dim=None`` keeps every block exact.
 """
 from __future__ import annotations
 
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import InstattrError
-from ..methods.lastlayer import sum_zero_basis
-from ..models.tracked import TrackedModel
+from ..models.modules import Tracked, linear_shape
 
 KINDS = ("khatri-rao", "orthogonal", "gaussian")
 
@@ -63,168 +68,177 @@ def projection_matrix(k: int, d: int, kind: str, seed: int, tag: str, dtype: tor
     raise InstattrError(f"projection must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
-def _dense_kind(kind: str) -> str:
-    """The distribution of the dense (LayerNorm) sketches for a projection kind."""
-    return "gaussian" if kind == "gaussian" else "orthogonal"
-
-
 @dataclass
 class Block:
-    """One module's slice of the projected gradient."""
+    """One tracked module's slice of the projected gradient."""
     name: str
-    kind: str                          # "linear" or "layernorm"
     module: nn.Module
-    group: str                         # "layer{i}" or "head": the Hessian's diagonal blocks
-    params: List[str]
+    group: str                         # "block{i}" or "head": the Hessian's diagonal blocks
     dim: int
-    p_out: Optional[torch.Tensor] = None   # linear: (k_out, d_out); None = identity
-    p_in: Optional[torch.Tensor] = None    # linear: (k_in, d_in [+1]); None = identity
-    p: Optional[torch.Tensor] = None       # layernorm: (k, n_params); None = identity
-    rank_one: bool = False                 # linear: p_out, p_in (R, d) give R entries p_r G q_r
+    bias: bool
+    p_out: Optional[torch.Tensor] = None   # (k_out, d_out); None = identity
+    p_in: Optional[torch.Tensor] = None    # (k_in, d_in [+1]); None = identity
+    rank_one: bool = False                 # p_out, p_in (R, d) give R entries p_r G q_r
+    exact: bool = False                    # the final layer, exact in the task's output basis
     inputs: list = field(default_factory=list, repr=False)
-    acc: Optional[torch.Tensor] = field(default=None, repr=False)
+    outputs: list = field(default_factory=list, repr=False)
+    shared: list = field(default_factory=list, repr=False)     # per call: not one row per example
+
+
+def _weights(module: nn.Module) -> List[torch.Tensor]:
+    return [p for _, p in module.named_parameters(recurse=False)]
+
+
+@contextmanager
+def tracking(module: nn.Module, tracked: Sequence[nn.Module]):
+    """While inside: only the ``tracked`` modules' own parameters require gradients (so their
+    outputs carry a graph down to the lowest of them), restored on leaving."""
+    params = list(module.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for m in tracked:
+            for p in _weights(m):
+                p.requires_grad_(True)
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
 
 
 class GradientProjector:
-    """Projected per-example Jacobians of the reduced logits of a :class:`TrackedModel`.
+    """Projected per-example Jacobians of a task's scalars over tracked modules of ``module``.
 
-    ``project(batch)`` returns ``(logits (B, C), features (B, d), J (B, C-1, dim))``; row k of J_i
-    is the projected gradient of ``Q[:, k] . logits_i``. Blocks are laid out in module order.
+    ``project(batch)`` returns ``(out, J)``: the forward pass's output (``out.logits``,
+    ``out.features``) and J (B, R, dim), row r of J_i the projected gradient of the task's scalar r
+    of example i. Blocks are laid out in the model's module order. ``exact_basis`` (C, R), when
+    given, keeps the module ``final`` exact in that output basis.
     """
 
-    def __init__(self, model: TrackedModel, dim: Optional[int], seed: int = 0, kind: str = "khatri-rao"):
+    def __init__(self, module: nn.Module, tracked: Sequence[Tracked], task, dim: Optional[int], seed: int = 0,
+                 kind: str = "khatri-rao", final: Optional[str] = None, exact_basis: Optional[torch.Tensor] = None):
         if dim is not None and int(dim) < 1:
             raise InstattrError(f"proj_dim must be a positive integer or None, got {dim}")
         if kind not in KINDS:
             raise InstattrError(f"projection must be one of {', '.join(KINDS)}, got {kind!r}")
-        self.model, self.k, self.seed, self.kind = model, None if dim is None else int(dim), int(seed), kind
-        dtype = model.dtype
-        self.device = model.device
-        self.basis = torch.as_tensor(sum_zero_basis(model.n_classes), dtype=dtype, device=self.device)   # (C, C-1)
+        if not tracked:
+            raise InstattrError("no module is tracked")
+        self.module, self.task = module, task
+        self.k, self.seed, self.kind = None if dim is None else int(dim), int(seed), kind
+        first = next(iter(module.parameters()))
+        self.dtype, self.device = first.dtype, first.device
         self.blocks: List[Block] = []
-        covered = set()
-        for name, mod in model.named_modules():
-            own = [n for n, _ in mod.named_parameters(recurse=False)]
-            if not own:
-                continue
-            full = [f"{name}.{n}" for n in own]
-            covered.update(full)
-            group = model.layer_of(full[0])
-            if isinstance(mod, nn.Linear):
-                self.blocks.append(self._linear(name, mod, group, full, dtype))
-            elif isinstance(mod, nn.LayerNorm):
-                n = sum(p.numel() for p in mod.parameters(recurse=False))
-                k = n if self.k is None else min(self.k ** 2, n)
-                p = None if self.k is None else self._matrix(k, n, _dense_kind(kind), name, dtype)
-                self.blocks.append(Block(name, "layernorm", mod, group, full, k, p=p))
-            else:
-                raise InstattrError(f"layered methods project nn.Linear and nn.LayerNorm parameters; "
-                                    f"{name} is a {type(mod).__name__} with parameters")
-        missing = set(model.parameter_names()) - covered
-        if missing:
-            raise InstattrError(f"parameters without a projection block: {sorted(missing)[:3]}")
+        for t in tracked:
+            mod = module.get_submodule(t.name)
+            exact = None if t.name != final or exact_basis is None else exact_basis.T.to(self.device, self.dtype)
+            self.blocks.append(self._block(t, mod, exact))
         self.offsets = np.cumsum([0] + [b.dim for b in self.blocks])
 
-    def _linear(self, name: str, mod: nn.Linear, group: str, params: List[str], dtype) -> Block:
-        d_out, d_in = mod.out_features, mod.in_features + (mod.bias is not None)
-        if mod is self.model.final:   # exact, in the sum-zero basis of the classes
-            return Block(name, "linear", mod, group, params, (d_out - 1) * d_in, p_out=self.basis.T.contiguous())
+    def _block(self, t: Tracked, mod: nn.Module, exact: Optional[torch.Tensor]) -> Block:
+        d_in, d_out, bias = linear_shape(mod)
+        d_in += bias
+        if exact is not None:          # the final layer: exact, in the task's output basis
+            return Block(t.name, mod, t.group, exact.shape[0] * d_in, bias, p_out=exact.contiguous(), exact=True)
         if self.k is None:
-            return Block(name, "linear", mod, group, params, d_out * d_in)
+            return Block(t.name, mod, t.group, d_out * d_in, bias)
         if self.kind == "khatri-rao":    # R rank-one sketches, each side scaled by R^-1/4
             r = min(self.k ** 2, d_out * d_in)
             scale = r ** -0.25
-            return Block(name, "linear", mod, group, params, r, rank_one=True,
-                         p_out=self._matrix(r, d_out, "rademacher", name + ":out", dtype) * scale,
-                         p_in=self._matrix(r, d_in, "rademacher", name + ":in", dtype) * scale)
+            return Block(t.name, mod, t.group, r, bias, rank_one=True,
+                         p_out=self._matrix(r, d_out, "rademacher", t.name + ":out") * scale,
+                         p_in=self._matrix(r, d_in, "rademacher", t.name + ":in") * scale)
         k_out, k_in = min(self.k, d_out), min(self.k, d_in)
-        return Block(name, "linear", mod, group, params, k_out * k_in,
-                     p_out=self._matrix(k_out, d_out, self.kind, name + ":out", dtype),
-                     p_in=self._matrix(k_in, d_in, self.kind, name + ":in", dtype))
+        return Block(t.name, mod, t.group, k_out * k_in, bias,
+                     p_out=self._matrix(k_out, d_out, self.kind, t.name + ":out"),
+                     p_in=self._matrix(k_in, d_in, self.kind, t.name + ":in"))
 
-    def _matrix(self, k: int, d: int, kind: str, tag: str, dtype) -> torch.Tensor:
-        return projection_matrix(k, d, kind, self.seed, tag, dtype).to(self.device)
+    def _matrix(self, k: int, d: int, kind: str, tag: str) -> torch.Tensor:
+        return projection_matrix(k, d, kind, self.seed, tag, self.dtype).to(self.device)
 
     @property
     def dim(self) -> int:
         return int(self.offsets[-1])
 
     def groups(self) -> Dict[str, slice]:
-        """Contiguous slices of the projected vector per Hessian block (tracked layer or head)."""
+        """Contiguous slices of the projected vector per Hessian block (tracked block or head)."""
         out: Dict[str, List[int]] = {}
         for b, a, z in zip(self.blocks, self.offsets[:-1], self.offsets[1:]):
             out.setdefault(b.group, []).extend([int(a), int(z)])
         return {g: slice(min(v), max(v)) for g, v in out.items()}
 
+    def block_slices(self) -> List[slice]:
+        return [slice(int(a), int(z)) for a, z in zip(self.offsets[:-1], self.offsets[1:])]
+
     # ------------------------------------------------------------------ hooks
-    def _forward_hook(self, block: Block):
+    def _hook(self, block: Block, batch_size: int):
         def hook(mod, inputs, output):
             x = inputs[0].detach()
-            if x.dim() == 2:
-                x = x[:, None]
-            if block.kind == "linear":
-                if mod.bias is not None:
-                    x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
-                stored = x if block.p_in is None else x @ block.p_in.T
-            else:
-                stored = torch.nn.functional.layer_norm(x, mod.normalized_shape, eps=mod.eps)
-            call = len(block.inputs)
-            block.inputs.append(stored)
-            if output.requires_grad:
-                output.register_hook(lambda g, b=block, c=call: self._backward(b, c, g))
+            shared = x.shape[0] != batch_size      # e.g. (positions, d): rows that are no example's own
+            if x.dim() == 2:          # (B, d) per example; a shared (rows, d) input is one "example" of rows
+                x = x[None] if shared else x[:, None]
+            if block.bias:
+                x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+            block.inputs.append(x if block.p_in is None else x @ block.p_in.T)
+            block.outputs.append(output)
+            block.shared.append(shared)
         return hook
 
-    def _backward(self, block: Block, call: int, g: torch.Tensor) -> None:
-        g = g.detach()
-        if g.dim() == 2:
-            g = g[:, None]
+    def _contribution(self, block: Block, call: int, g: torch.Tensor, row: Optional[int] = None) -> torch.Tensor:
+        """The call's projected weight gradient for every row of the batch (``row``: for that row
+        alone, from the gradient of its scalar only)."""
         x = block.inputs[call]
-        if block.kind == "linear":
-            gp = g if block.p_out is None else g @ block.p_out.T
-            if block.rank_one:
-                contrib = (gp * x).sum(1)
-            else:
-                contrib = torch.einsum("bto,bti->boi", gp, x).reshape(len(g), -1)
+        if block.shared[call]:                     # one set of rows, whatever the example
+            g = g.reshape(1, -1, g.shape[-1])
         else:
-            parts = [(g * x).sum(1)] if block.module.weight is not None else []
-            if block.module.bias is not None:
-                parts.append(g.sum(1))
-            contrib = torch.cat(parts, dim=-1)
-            if block.p is not None:
-                contrib = contrib @ block.p.T
-        block.acc = contrib if block.acc is None else block.acc + contrib
+            if g.dim() == 2:
+                g = g[:, None]
+            if row is not None:
+                x, g = x[row:row + 1], g[row:row + 1]
+        gp = g if block.p_out is None else g @ block.p_out.T
+        if block.rank_one:
+            return (gp * x).sum(1)
+        return torch.einsum("bto,bti->boi", gp, x).reshape(len(g), -1)
 
-    def project(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        model = self.model
-        handles = [b.module.register_forward_hook(self._forward_hook(b)) for b in self.blocks]
-        flags = [p.requires_grad for p in model.parameters()]
-        features: List[torch.Tensor] = []
-        handles.append(model.final.register_forward_hook(lambda m, i, o: features.append(i[0].detach())))
+    def project(self, batch: Dict[str, torch.Tensor]) -> Tuple[object, torch.Tensor]:
+        """The forward pass's output and J (B, R, dim). A tracked module called on something that
+        is not one row per example (DeBERTa's relative position embeddings go through its query and
+        key projections) gets one gradient for the whole batch, so then each example's scalars are
+        differentiated on their own (B * R backward passes instead of R)."""
+        module = self.module
+        n = len(next(iter(batch.values())))
+        handles = [b.module.register_forward_hook(self._hook(b, n)) for b in self.blocks]
         try:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            inputs = [batch[k].detach().to(model.device).requires_grad_(True) for k in ("h", "h2") if k in batch]
-            kwargs = dict(batch)
-            kwargs["h"] = inputs[0]
-            if len(inputs) > 1:
-                kwargs["h2"] = inputs[1]
-            with torch.enable_grad():
-                logits = model(**kwargs)
-                reduced = logits @ self.basis
-                r = reduced.shape[1]
-                rows = torch.zeros(len(logits), r, self.dim, dtype=logits.dtype, device=logits.device)
-                for k in range(r):
-                    for b in self.blocks:
-                        b.acc = None
-                    torch.autograd.grad(reduced[:, k].sum(), inputs, retain_graph=k < r - 1, allow_unused=True)
-                    for b, a, z in zip(self.blocks, self.offsets[:-1], self.offsets[1:]):
-                        if b.acc is not None:
-                            rows[:, k, a:z] = b.acc
+            with tracking(module, [b.module for b in self.blocks]), torch.enable_grad():
+                out = module(**{k: v.to(self.device) for k, v in batch.items()})
+                scalars = self.task.scalars(out)
+                calls = [(i, c, o) for i, b in enumerate(self.blocks) for c, o in enumerate(b.outputs)]
+                outputs = [o for _, _, o in calls]
+                r = scalars.shape[1]
+                rows = torch.zeros(len(scalars), r, self.dim, dtype=scalars.dtype, device=scalars.device)
+                apart = any(s for b in self.blocks for s in b.shared)
+                targets = [(None, k) for k in range(r)] if not apart else [(j, k) for j in range(n) for k in range(r)]
+                for t, (j, k) in enumerate(targets):
+                    value = scalars[:, k].sum() if j is None else scalars[j, k]
+                    grads = torch.autograd.grad(value, outputs, retain_graph=t < len(targets) - 1, allow_unused=True)
+                    for (i, c, _), g in zip(calls, grads):
+                        if g is not None:
+                            b, a = self.blocks[i], int(self.offsets[i])
+                            part = self._contribution(b, c, g.detach(), j)
+                            if j is None:
+                                rows[:, k, a:a + b.dim] += part
+                            else:
+                                rows[j, k, a:a + b.dim] += part[0]
         finally:
             for h in handles:
                 h.remove()
-            for p, f in zip(model.parameters(), flags):
-                p.requires_grad_(f)
             for b in self.blocks:
-                b.inputs, b.acc = [], None
-        return logits.detach(), features[0], rows
+                b.inputs, b.outputs, b.shared = [], [], []
+        return _detached(out), rows
+
+
+def _detached(out):
+    """The forward pass's output with its tensors cut from the graph."""
+    from dataclasses import fields, replace
+    return replace(out, **{f.name: getattr(out, f.name).detach() for f in fields(out)
+                           if isinstance(getattr(out, f.name), torch.Tensor)})

@@ -6,7 +6,7 @@
 
 See DESIGN.md (the score convention) and each family's module for the math.
 """
-from . import gradient, representer, similarity  # noqa: E402,F401  (register the methods)
+from . import gradient, representer, similarity, tracin  # noqa: E402,F401  (register the methods)
 from .base import Attributor, NotFittedError
 from .registry import METHOD_NAMES, expand_methods, get_method, register, registered
 from .topk import bottom_k, stream_top_k, top_k

@@ -2,10 +2,12 @@
 
 ``Attributor(**options).fit(train, model) -> self`` then ``score(test) -> (n_test, n_train)``
 float32, higher = the training example supports the prediction on the test example more.
-``train``/``test`` are :class:`instattr.store.FeatureSet`; ``model`` is the classifier, seen only
-through the model interface (:mod:`instattr.models`): the last-layer methods need just its
-``final_layer()``, so a bare :class:`instattr.store.FinalLayer` serves them; the layered methods
-and TracIn need a whole :class:`instattr.models.Classifier`; similarity methods ignore it.
+``train``/``test`` are :class:`instattr.arrays.FeatureSet`; ``model`` is what the method ``needs``:
+``"final_layer"`` (if, rif, rep: a bare :class:`instattr.arrays.FinalLayer`, or anything with
+``final_layer()``), ``"classifier"`` (the layered methods and TracIn: a whole
+:class:`instattr.models.Classifier`), ``"sentence"`` (sbert-*: the untuned sentence encoder's
+embeddings, :mod:`instattr.sentence`), or None (nn-*, and gd/gc, which take a final layer when
+given one).
 
 Scores are computed by :mod:`.scoring` over blocks of ``chunk_size`` test rows (default
 ``TEST_BLOCK``) and ``TRAIN_BLOCK`` training rows; each method is an inner product of a training
@@ -18,8 +20,8 @@ from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
+from ..arrays import FeatureSet, FinalLayer
 from ..errors import InstattrError
-from ..store import FeatureSet, FinalLayer
 from .scoring import TEST_BLOCK, TRAIN_BLOCK, Grid, Member, dense_row_blocks, finished, score_dense
 from .shared import once
 from .sides import INNER_PRODUCT, Finish, Side, side
@@ -41,8 +43,7 @@ class Attributor(ABC):
     """
 
     name: str = ""
-    needs_model: bool = True           # fit needs a model (at least its final layer)
-    needs_classifier: bool = False     # ... the whole classifier (models.Classifier), not a FinalLayer
+    needs: Optional[str] = "final_layer"   # what fit's model must be: final_layer, classifier, sentence, None
     # constructor options that the command line's method flags (--layers, --proj-dim, --damping,
     # --ihvp) may set; the paper's methods take none, so those flags never change them
     command_line_options: tuple = ()
@@ -77,8 +78,11 @@ class Attributor(ABC):
         self.backend = backend
         if len(train) == 0:
             raise InstattrError(f"{self.name}: no training examples to fit on")
-        if self.needs_model and model is None:
-            raise InstattrError(f"{self.name}: needs the classifier (a FinalLayer or a models.Classifier)")
+        if self.needs is not None and model is None:
+            what = {"final_layer": "the classifier (a FinalLayer or a models.Classifier)",
+                    "classifier": "the whole classifier (instattr.models.classifier_for(run))",
+                    "sentence": "the sentence encoder's embeddings (instattr.sentence.sentence_embeddings(run))"}
+            raise InstattrError(f"{self.name}: needs {what.get(self.needs, self.needs)}")
         for k in [k for k in vars(self) if k.endswith("_")]:  # a refit forgets the last fit
             delattr(self, k)
         self._fit(train, model)
@@ -172,6 +176,10 @@ class Attributor(ABC):
         at it first. Only the gradient methods define it (see their docstrings)."""
         raise InstattrError(f"{self.name}: no self-score (it is defined for the gradient methods: if, gd, rif, gc, "
                             "tracin and their layered versions)")
+
+    def bind(self, model) -> None:
+        """Attach what the test side needs from the model beyond the fitted state (sbert-*: the
+        sentence embeddings); a method loaded from saved state (an index) is bound this way."""
 
     def _fit(self, train: FeatureSet, model) -> None:
         """Compute everything the two sides need from the training set."""

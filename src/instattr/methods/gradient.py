@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..store import FeatureSet
+from ..arrays import FeatureSet
 from .base import Attributor, check_width, final_layer_of, layer_inputs
 from .lastlayer import (
     ROW_BLOCK,
@@ -181,13 +181,13 @@ def inverse_sqrt(q: np.ndarray) -> np.ndarray:
 @register("gd")
 class GradientDot(LastLayerGradient):
     """<g_t, g_i> = (e_t . e_i)(f~_t . f~_i); probabilities from the final layer when given."""
-    needs_model = False
+    needs = None
 
 
 @register("gc")
 class GradientCosine(LastLayerGradient):
     """cos(g_t, g_i); 0 when a gradient vanishes."""
-    needs_model = False
+    needs = None
     normalized = True
 
 

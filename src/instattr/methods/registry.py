@@ -19,7 +19,7 @@ METHOD_NAMES = ("nn-euc", "nn-cos", "nn-dot", "sbert-euc", "sbert-cos", "sbert-d
 # Built-in methods registered by importing a module (on first use).
 LAZY = {"gd-top": "instattr.layers.attributors", "gc-top": "instattr.layers.attributors",
         "if-top": "instattr.layers.attributors", "rif-top": "instattr.layers.attributors",
-        "tracin": "instattr.layers.tracin", "tracin-top": "instattr.layers.tracin"}
+        "tracin": "instattr.methods.tracin", "tracin-top": "instattr.layers.tracin"}
 
 _REGISTRY: Dict[str, Type[Attributor]] = {}
 

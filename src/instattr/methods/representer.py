@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..store import FeatureSet
+from ..arrays import FeatureSet
 from .base import Attributor, check_width, final_layer_of, layer_inputs
 from .lastlayer import (
     error_features,

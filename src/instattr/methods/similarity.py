@@ -1,8 +1,9 @@
 """Representation-similarity baselines: nearest neighbours in a vector space.
 
-``nn-*`` compare the head's penultimate features (``FeatureSet.features``), ``sbert-*`` the
-untuned encoder embedding (``FeatureSet.encoder``). Scores: ``euc`` = -||a - b||, ``cos`` =
-cosine (0 against a zero vector), ``dot`` = <a, b>.
+``nn-*`` compare the classifier's features (``FeatureSet.features``, the final layer's input),
+``sbert-*`` the untuned sentence encoder's embeddings (the model they are fitted with:
+:mod:`instattr.sentence`, which makes them when first asked). Scores: ``euc`` = -||a - b||,
+``cos`` = cosine (0 against a zero vector), ``dot`` = <a, b>.
 
 All three share one product: the vectors centred on the training mean ``m``, ``u = a - m``.
 Centring leaves distances unchanged and keeps the float32 expansion ||u||^2 + ||v||^2 - 2<u, v>
@@ -15,7 +16,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ..store import FeatureSet
+from ..arrays import FeatureSet
 from .base import Attributor, check_width
 from .registry import register
 from .shared import once, value_of
@@ -73,7 +74,7 @@ def row_inverse_norms(x: np.ndarray, augmented: Optional[np.ndarray] = None) -> 
 class Similarity(Attributor):
     """Similarity of ``space`` vectors under ``metric``; set by the registered subclasses."""
 
-    needs_model = False
+    needs = None
     space: str = "features"
     metric: str = "cos"
 
@@ -81,8 +82,17 @@ class Similarity(Attributor):
     def finish(self):
         return NEGATIVE_DISTANCE if self.metric == "euc" else INNER_PRODUCT
 
+    def bind(self, model) -> None:
+        if self.space == "sentence":
+            self.embeddings_ = model
+
+    def vectors(self, fs: FeatureSet) -> np.ndarray:
+        """The rows' vectors in this method's space."""
+        return np.asarray(fs.features if self.space == "features" else self.embeddings_.of(fs))
+
     def _fit(self, train: FeatureSet, model) -> None:
-        x = np.asarray(getattr(train, self.space))
+        self.bind(model)
+        x = self.vectors(train)
         if x.ndim != 2:
             raise ValueError(f"{self.name}: train {self.space} must be 2-D, got shape {x.shape}")
         self.width_ = x.shape[1]
@@ -90,7 +100,7 @@ class Similarity(Attributor):
         self.key_ = ("centered", self.space, digest(self.center_))
 
     def _side(self, fs: FeatureSet, test: bool) -> Side:
-        x = np.asarray(getattr(fs, self.space))
+        x = self.vectors(fs)
         if test:
             check_width(self.name, self.space, self.width_, x)
         u, uc = centered_side_rows(x, self.center_)
@@ -124,14 +134,14 @@ class FeatureDot(Similarity):
 
 @register("sbert-euc")
 class EncoderEuclidean(Similarity):
-    space, metric = "encoder", "euc"
+    space, metric, needs = "sentence", "euc", "sentence"
 
 
 @register("sbert-cos")
 class EncoderCosine(Similarity):
-    space, metric = "encoder", "cos"
+    space, metric, needs = "sentence", "cos", "sentence"
 
 
 @register("sbert-dot")
 class EncoderDot(Similarity):
-    space, metric = "encoder", "dot"
+    space, metric, needs = "sentence", "dot", "sentence"

@@ -13,9 +13,9 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from ..store import FinalLayer
+from ..arrays import FinalLayer
 
-SKIP = ("train_side_", "train_embedding_", "alpha_")
+SKIP = ("train_side_", "train_embedding_", "alpha_", "embeddings_")
 
 
 class StateError(ValueError):

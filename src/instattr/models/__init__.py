@@ -30,9 +30,9 @@ def _memo_key(device) -> tuple:
 
 def _build(run: Run, device) -> Classifier:
     m = run.manifest
-    spec = {"name": m.encoder.name, "path": m.encoder.path, "pooling": m.encoder.pooling,
-            "max_length": m.encoder.max_length}
     if m.mode == "head":
+        spec = {"name": m.encoder.name, "path": m.encoder.path, "pooling": m.encoder.pooling,
+                "max_length": m.encoder.max_length}
         from safetensors.torch import load_file
 
         from .head_classifier import HeadClassifier, read_checkpoints
@@ -51,7 +51,7 @@ def _build(run: Run, device) -> Classifier:
     path = hf_path(run)
     if fingerprint(path) != hf.fingerprint:
         raise RunError(f"{path}: the checkpoint changed since this run was made from it; import it again")
-    return HFClassifier(str(path), m.label_names, m.is_pair, m.l2, hf.max_length, spec, hf.final_layer, run, device,
+    return HFClassifier(str(path), m.label_names, m.is_pair, m.l2, hf.max_length, hf.final_layer, run, device,
                         list(zip(hf.checkpoints, hf.checkpoint_lrs)))
 
 

@@ -1,8 +1,9 @@
 """Head mode: a frozen sentence encoder, pooling, and instattr's head (:mod:`.head`) on top.
 
-The encoder's pooled output is stored for every row (``FeatureSet.encoder``), so the head's input
-is derived from it (:func:`~.head.pair_input`) and nothing is re-encoded to retrain or re-initialise
-the head. Siamese pairs run each sentence through the encoder on its own.
+The encoder's pooled output of every row is stored (``RUN/sbert/{split}.npz``: in head mode the
+encoder *is* the sbert-* baselines' sentence encoder, :mod:`instattr.sentence`), so the head's
+input is derived from it (:func:`~.head.pair_input`) and nothing is re-encoded to retrain or
+re-initialise the head. Siamese pairs run each sentence through the encoder on its own.
 """
 from __future__ import annotations
 
@@ -12,25 +13,34 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..arrays import FeatureSet, FinalLayer
 from ..encoders import Encoder, encode_texts, pool
-from ..store import FeatureSet, FinalLayer, Run, RunError
-from .base import Classifier
+from ..store import Run, RunError
+from .base import Classifier, Output
 from .head import HeadModule, Params, pair_combine, pair_input, predict
-from .tracked import TrackedModel, eager_copy, finish, transformer_blocks
+from .rows import Rows, tokenize
 
 
-class HeadTop(nn.Module):
-    """Pooling, the siamese combination of a pair, and the head."""
+class HeadForward(nn.Module):
+    """The encoder's forward, pooling, the siamese combination of a pair, and the head."""
 
-    def __init__(self, pooling: str, head: HeadModule, siamese: bool):
+    def __init__(self, encoder: nn.Module, pooling: str, head: HeadModule, siamese: bool):
         super().__init__()
-        self.pooling, self.head, self.siamese = pooling, head, siamese
+        self.encoder, self.pooling, self.head, self.siamese = encoder, pooling, head, siamese
 
-    def forward(self, h, m, h2=None, m2=None):
-        x = pool(h, m, self.pooling)
+    def _pooled(self, input_ids, attention_mask, token_type_ids=None):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        return pool(self.encoder(**kwargs).last_hidden_state, attention_mask, self.pooling)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, input_ids2=None, attention_mask2=None,
+                token_type_ids2=None) -> Output:
+        x = self._pooled(input_ids, attention_mask, token_type_ids)
         if self.siamese:
-            x = pair_combine(x, pool(h2, m2, self.pooling))
-        return self.head(x)
+            x = pair_combine(x, self._pooled(input_ids2, attention_mask2, token_type_ids2))
+        features = self.head.features(x)
+        return Output(logits=self.head.classifier(features), features=features)
 
 
 class HeadClassifier(Classifier):
@@ -47,45 +57,62 @@ class HeadClassifier(Classifier):
         self.l2 = float(l2)
         self.history = history
         self._encoder = encoder
+        self._module: Optional[HeadForward] = None
 
     def final_layer(self) -> FinalLayer:
         return FinalLayer(w=self.params["w"].double().numpy(), b=None, l2=self.l2)
 
     def encoder(self) -> Encoder:
+        """The frozen encoder (tokenizer, transformer, pooling)."""
         if self._encoder is None:
             e = self.encoder_spec
             self._encoder = Encoder(e["path"], e["pooling"], e["max_length"], device=self.device)
         return self._encoder
 
+    def module(self) -> HeadForward:
+        if self._module is None:
+            enc = self.encoder()
+            model = enc.model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            head = HeadModule(self.params).to(self.device)
+            for p in head.parameters():
+                p.requires_grad_(False)
+            self._module = HeadForward(model, enc.pooling, head, self.pair_mode == "siamese")
+        return self._module
+
+    @property
+    def final_name(self) -> str:
+        return "head.classifier"
+
+    def tokenize(self, documents, queries=None) -> Rows:
+        enc = self.encoder()
+        return tokenize(enc.tokenizer, enc.max_length, documents, queries, siamese=self.pair_mode == "siamese")
+
     # ------------------------------------------------------------------ texts -> arrays
     def featurize(self, documents, queries=None, labels=None, progress: bool = False) -> FeatureSet:
         documents = list(documents)
         queries = self.check_texts(documents, queries)
-        enc = self.sentence_embeddings(documents, queries, progress)       # encoded once, head input too
-        feats, probs = predict(self.params, pair_input(enc, self.pair_mode))
+        feats, probs = self.forward_texts(documents, queries, progress)
         pred = probs.argmax(1).astype(np.int64)
         return FeatureSet(idx=np.array([f"new_{i}" for i in range(len(documents))]),
                           label=pred if labels is None else np.asarray(labels, dtype=np.int64), pred=pred,
-                          probs=probs, features=feats, encoder=enc, texts=(documents, queries))
+                          probs=probs, features=feats, texts=(documents, queries))
 
-    def forward_texts(self, documents, queries, progress: bool = False):
-        return predict(self.params, pair_input(self.sentence_embeddings(documents, queries, progress), self.pair_mode))
+    def forward_texts(self, documents, queries, progress: bool = False, desc: str = "classify"):
+        """Through the encoder's pooled output (as training computed it), then the head."""
+        return predict(self.params, pair_input(self.embed(documents, queries, progress), self.pair_mode))
 
-    def sentence_embeddings(self, documents, queries, progress: bool = False) -> np.ndarray:
+    def embed(self, documents, queries, progress: bool = False) -> np.ndarray:
+        """The encoder's pooled output of texts (``[u, v]`` for siamese pairs)."""
         return encode_texts(self.encoder(), documents, queries, self.pair_mode, progress, cache=False)
 
     def recompute(self, fs: FeatureSet, progress: bool = False):
-        return predict(self.params, pair_input(fs.encoder, self.pair_mode))
-
-    # ------------------------------------------------------------------ the top layers
-    @property
-    def n_layers(self) -> int:
-        return len(transformer_blocks(self.encoder().model))
-
-    def tracked(self, start: int, dtype="float32") -> TrackedModel:
-        blocks = [eager_copy(b) for b in transformer_blocks(self.encoder().model)[start:]]
-        top = HeadTop(self.encoder().pooling, HeadModule(self.params), self.pair_mode == "siamese")
-        return finish(TrackedModel(blocks, top, "head.classifier", self.l2, self.pair_mode).to(self.device), dtype)
+        """The head on the stored encoder output of the rows (new texts: encoded now)."""
+        if fs.texts is not None or self.run is None:
+            return self.forward_texts(*self.texts(fs), progress)
+        from ..sentence import sentence_embeddings
+        return predict(self.params, pair_input(sentence_embeddings(self.run, self.device).of(fs), self.pair_mode))
 
     def fingerprint(self) -> str:
         return str(self.encoder_spec["path"])

@@ -1,14 +1,19 @@
-"""Any Hugging Face sequence classifier (``AutoModelForSequenceClassification``): imported, or
-fine-tuned by instattr.
+"""Any Hugging Face sequence classifier (``AutoModelForSequenceClassification``), encoder or decoder,
+full or a PEFT adapter: imported, or fine-tuned by instattr.
 
-The *final layer* is the model's last ``nn.Linear`` with ``num_labels`` outputs (BERT and
-DistilBERT: ``classifier``; RoBERTa, XLM-R, ELECTRA: ``classifier.out_proj``); its input, caught by
-a forward hook, is the run's ``features``, and it must produce the logits itself (checked on every
-batch). Sentence pairs go through the tokenizer's pair input (``[CLS] a [SEP] b [SEP]``).
+The *final layer* is the model's last linear module with ``num_labels`` outputs (BERT:
+``classifier``; RoBERTa, XLM-R, ELECTRA: ``classifier.out_proj``; GPT-2, Llama, Qwen2: ``score``);
+a forward hook reads its input (the run's ``features``) and output. An encoder's head runs on one
+pooled vector and its output is the logits (checked on every batch). A decoder's head runs on
+every token and the model pools one of them; instattr pools the last token whose attention mask
+is 1 -- what the model itself pools when its pad token differs from the text's tokens -- so
+results do not depend on the padding side or on a pad token equal to EOS; where the model's own
+pooling picks another token, :attr:`HFClassifier.own_pooling_differs` counts the rows.
 
-Layered methods need the blocks above the cached hidden states and the module from the last
-hidden states to the logits; :data:`TOPS` knows them per ``config.model_type``. Other families
-are imported and attributed with every last-layer method; layered methods name what they support.
+A folder with ``adapter_config.json`` is a PEFT adapter: its base model is loaded from
+``base_model_name_or_path`` (a local folder), the adapter on top, and the parameters the adapter
+trains (its LoRA matrices, ``modules_to_save``) are what the layered methods track by default.
+No code is ever run from a checkpoint (``trust_remote_code`` stays off).
 """
 from __future__ import annotations
 
@@ -22,48 +27,45 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..encoders import Encoder, encode_texts, load_transformer
+from ..arrays import FinalLayer
+from ..encoders import EncoderError, check_max_length
 from ..errors import InstattrError
-from ..store import FeatureSet, FinalLayer, Run
-from .base import Classifier, linear_to_final_layer
-from .tracked import TrackedModel, eager_copy, finish, transformer_blocks
+from ..store import Run
+from .base import Classifier, Output, linear_to_final_layer
+from .modules import find_blocks
+from .rows import Rows, last_attended, tokenize
+
+ADAPTER = "adapter_config.json"
 
 
-class BertTop(nn.Module):
-    """BERT, MiniLM: ``classifier(pooler(h))`` (the pooler reads the first token)."""
+class HFForward(nn.Module):
+    """A Hugging Face classifier's own forward pass, reading its final layer with a hook: logits and
+    features at one vector per row (a token-wise head pooled at the last attended token)."""
 
-    def __init__(self, model):
+    def __init__(self, model: nn.Module, final_name: str):
         super().__init__()
-        self.pooler, self.classifier = copy.deepcopy(model.base_model.pooler), copy.deepcopy(model.classifier)
+        self.model, self.final_name = model, final_name
 
-    def forward(self, h, m):
-        return self.classifier(self.pooler(h))
-
-
-class ClassificationHeadTop(nn.Module):
-    """RoBERTa, XLM-R, CamemBERT, ELECTRA: a classification head that reads the first token itself."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.classifier = copy.deepcopy(model.classifier)
-
-    def forward(self, h, m):
-        return self.classifier(h)
-
-
-class DistilBertTop(nn.Module):
-    """DistilBERT: ``classifier(relu(pre_classifier(h[:, 0])))``."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.pre_classifier, self.classifier = copy.deepcopy(model.pre_classifier), copy.deepcopy(model.classifier)
-
-    def forward(self, h, m):
-        return self.classifier(torch.relu(self.pre_classifier(h[:, 0])))
-
-
-TOPS = {"bert": BertTop, "roberta": ClassificationHeadTop, "xlm-roberta": ClassificationHeadTop,
-        "camembert": ClassificationHeadTop, "electra": ClassificationHeadTop, "distilbert": DistilBertTop}
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> Output:
+        final = self.model.get_submodule(self.final_name)
+        seen: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        handle = final.register_forward_hook(lambda mod, i, o: seen.append((i[0], o)))
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        try:
+            own = self.model(**kwargs).logits
+        finally:
+            handle.remove()
+        if not seen:
+            raise InstattrError(f"{self.final_name} never ran in the model's forward pass; name the final "
+                                "layer with --final-layer")
+        x, y = seen[-1]
+        if y.dim() == 3:              # a head on every token (decoder classifiers): the last attended one
+            rows = torch.arange(len(y), device=y.device)
+            last = last_attended(attention_mask)
+            x, y = x[rows, last], y[rows, last]
+        return Output(logits=y, features=x, own=own, token_wise=seen[-1][1].dim() == 3)
 
 
 def find_final_layer(model: nn.Module, name: Optional[str] = None) -> str:
@@ -85,22 +87,69 @@ def find_final_layer(model: nn.Module, name: Optional[str] = None) -> str:
     return found[-1]
 
 
-def fingerprint(path) -> str:
-    """Sizes and modification times of a checkpoint's config and weights."""
-    folder = Path(path)
-    h = hashlib.sha1()
+def _folder_digest(h, folder: Path) -> None:
     for p in sorted(folder.glob("*")):
         if p.suffix in (".safetensors", ".bin", ".json") and p.is_file():
             st = p.stat()
             h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\0".encode())
+
+
+def adapter_base(path) -> Optional[str]:
+    """The base model folder of a PEFT adapter folder (None: not an adapter)."""
+    cfg = Path(path) / ADAPTER
+    if not cfg.is_file():
+        return None
+    try:
+        base = json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        raise InstattrError(f"{cfg}: unreadable adapter configuration") from None
+    if not base:
+        raise InstattrError(f"{cfg}: names no base_model_name_or_path")
+    return str(base)
+
+
+def fingerprint(path) -> str:
+    """Sizes and modification times of a checkpoint's config and weights (an adapter's and its base's)."""
+    folder = Path(path)
+    h = hashlib.sha1()
+    _folder_digest(h, folder)
+    base = adapter_base(folder)
+    if base is not None and Path(base).is_dir():
+        _folder_digest(h, Path(base))
     return h.hexdigest()[:16]
 
 
 def load_hf(path: str):
-    """(tokenizer, model) of a sequence-classification checkpoint folder, in eval mode."""
-    if not Path(path).is_dir():
+    """(tokenizer, model in eval mode, trainable parameter names or None) of a sequence-classification
+    checkpoint folder, or of a PEFT adapter folder over one (its trainable names: the adapter's)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    folder = Path(path)
+    if not folder.is_dir():
         raise InstattrError(f"{path}: no such checkpoint folder")
-    return load_transformer(path, classifier=True)
+    base = adapter_base(folder)
+    try:
+        if base is None:
+            tok = AutoTokenizer.from_pretrained(str(folder))
+            model = AutoModelForSequenceClassification.from_pretrained(str(folder))
+            trainable = None
+        else:
+            try:
+                from peft import PeftModel
+            except ImportError:
+                raise InstattrError(f"{path}: a PEFT adapter needs peft (pip install peft)") from None
+            has_tokenizer = any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+            tok = AutoTokenizer.from_pretrained(str(folder) if has_tokenizer else base)
+            model = AutoModelForSequenceClassification.from_pretrained(base)
+            model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+            trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    except InstattrError:
+        raise
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise EncoderError(f"{path}: could not load a sequence classifier ({msg})") from None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return tok, model.eval(), trainable
 
 
 def checkpoint_lr(path) -> Optional[float]:
@@ -116,124 +165,120 @@ def checkpoint_lr(path) -> Optional[float]:
     return float(lrs[-1]) if lrs else None
 
 
+def model_max_length(tok, model) -> int:
+    """The tokenizer's maximum length, at most the model's position embeddings (RoBERTa: minus 2)."""
+    n = int(getattr(tok, "model_max_length", 0) or 0)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None:
+        if model.config.model_type in ("roberta", "xlm-roberta", "camembert"):
+            positions -= 2
+        n = min(n, positions) if 0 < n < 1_000_000 else positions
+    return int(n or 512)
+
+
 class HFClassifier(Classifier):
     """A Hugging Face sequence classifier at ``path`` (loaded on first use)."""
 
     kind = "hf"
+    prefix = "model."
 
     def __init__(self, path: str, label_names: Sequence[str], is_pair: bool, l2: float, max_length: int,
-                 sbert_spec: dict, final_layer: Optional[str] = None, run: Optional[Run] = None, device=None,
-                 checkpoints: Sequence[Tuple[str, float]] = (), sbert: Optional[Encoder] = None, loaded=None):
+                 final_layer: Optional[str] = None, run: Optional[Run] = None, device=None,
+                 checkpoints: Sequence[Tuple[str, float]] = (), loaded=None):
         super().__init__(label_names, "cross" if is_pair else None, run, device)
         self.path, self.l2, self.max_length = str(path), float(l2), int(max_length)
-        self.final_name = final_layer
-        self.sbert_spec = dict(sbert_spec)
+        self._final = final_layer
         self.history = list(checkpoints)
-        self._sbert = sbert
         self._loaded = None
-        self._given = loaded        # (tokenizer, model) already in memory
+        self._given = loaded        # (tokenizer, model, trainable) already in memory
+        self.own_pooling_differs = 0   # rows whose model-pooled logits are not those of the last attended token
 
     # ------------------------------------------------------------------ loading
     def _load(self):
         if self._loaded is None:
-            tok, model = self._given if self._given is not None else load_hf(self.path)
+            tok, model, trainable = self._given if self._given is not None else load_hf(self.path)
             if int(model.config.num_labels) != self.n_classes:
                 raise InstattrError(f"{self.path}: the model has {model.config.num_labels} labels, the run "
                                     f"{self.n_classes} ({', '.join(self.label_names)})")
-            self.final_name = find_final_layer(model, self.final_name)
-            self._loaded = (tok, model.to(self.device))
+            if getattr(model.config, "pad_token_id", None) is None:
+                # a decoder without a pad token refuses batches; instattr pools by the mask, not by this id
+                model.config.pad_token_id = tokenize(tok, 2, ["a"]).pad_id
+            self._final = find_final_layer(model, self._final)
+            self._loaded = (tok, HFForward(model.to(self.device), self._final), trainable)
         return self._loaded
 
     @property
     def model(self):
-        return self._load()[1]
+        """The Hugging Face model (a ``PeftModel`` for an adapter)."""
+        return self._load()[1].model
 
     @property
     def tokenizer(self):
         return self._load()[0]
+
+    def module(self) -> HFForward:
+        return self._load()[1]
+
+    @property
+    def final_name(self) -> str:
+        """The final layer's name inside :meth:`module` (``model.`` + its name in the model)."""
+        self._load()
+        return "model." + self._final
+
+    @property
+    def final_layer_name(self) -> str:
+        """The final layer's name in the Hugging Face model (``--final-layer``)."""
+        self._load()
+        return self._final
+
+    def trainable(self) -> Optional[List[str]]:
+        trainable = self._load()[2]
+        return None if trainable is None else ["model." + n for n in trainable]
 
     @property
     def family(self) -> str:
         return str(self.model.config.model_type)
 
     def final_module(self) -> nn.Linear:
-        model = self.model           # loading resolves final_name
-        return model.get_submodule(self.final_name)
+        return self.module().get_submodule(self.final_name)
 
     def final_layer(self) -> FinalLayer:
         return linear_to_final_layer(self.final_module(), self.l2)
 
-    def encoder(self) -> Encoder:
-        """The classifier's tokenizer and base model (hidden states for the layered methods)."""
-        def make():
-            return Encoder(self.path, "cls", self.max_length, model=self.model.base_model,
-                           tokenizer=self.tokenizer, device=self.device)
-        if self.run is not None:
-            return self.run.memo(("hf-encoder", self.path, str(self.device)), make)
-        return make()
-
-    def sbert(self) -> Encoder:
-        """The untuned sentence encoder of the sbert-* baselines (bf16 autocast on CUDA)."""
-        if self._sbert is None:
-            e = self.sbert_spec
-            self._sbert = Encoder(e["path"], e["pooling"], e["max_length"], device=self.device, autocast=True)
-        return self._sbert
+    def tokenize(self, documents, queries=None) -> Rows:
+        return tokenize(self.tokenizer, self.max_length, documents, queries)
 
     # ------------------------------------------------------------------ texts -> arrays
     @torch.inference_mode()
     def forward_batch(self, batch: dict) -> Tuple[np.ndarray, np.ndarray]:
-        """(final layer's input, probabilities), float32, of one padded batch (``Encoder.pad``)."""
-        model, final = self.model, self.final_module()
-        seen: List[torch.Tensor] = []
-        handle = final.register_forward_hook(lambda mod, i, o: seen.append(i[0]))
-        try:
-            logits = model(**{k: v.to(self.device) for k, v in batch.items()}).logits.float()
-        finally:
-            handle.remove()
-        f = seen[-1].float() if seen else None
-        if len(seen) != 1 or not torch.allclose(final(f), logits, atol=1e-4, rtol=1e-4):
-            raise InstattrError(f"{self.path}: {self.final_name} is not the model's last operation "
-                                "(its output is not the logits); name the final layer with --final-layer")
-        return f.cpu().numpy(), torch.softmax(logits, -1).cpu().numpy()
+        """(final layer's input, probabilities), float32, of one padded batch; the final layer must
+        give the model's own logits (a token-wise head: where it pools the same token)."""
+        module = self.module()
+        out = module(**{k: v.to(self.device) for k, v in batch.items()})
+        logits, own = out.logits.float(), out.own.float()
+        differs = ~torch.isclose(logits, own, atol=1e-4, rtol=1e-4).all(-1)
+        if differs.any():
+            if not out.token_wise:
+                raise InstattrError(f"{self.path}: {self._final} is not the model's last operation (its output is "
+                                    "not the logits); name the final layer with --final-layer")
+            self.own_pooling_differs += int(differs.sum())
+        return out.features.float().cpu().numpy(), torch.softmax(logits, -1).cpu().numpy()
 
-    def forward_texts(self, documents: List[str], queries: Optional[List[str]], progress: bool = False,
-                      desc: str = "classify") -> Tuple[np.ndarray, np.ndarray]:
-        """(final layer's inputs, probabilities) of every text, in length-sorted batches of the
-        encoder's batch size (what ``distributed.ray_classify_groups`` cuts too)."""
-        from tqdm.auto import tqdm
-        n = len(documents)
-        feats = np.zeros((n, self.final_module().in_features), dtype=np.float32)
-        probs = np.zeros((n, self.n_classes), dtype=np.float32)
-        with tqdm(total=n, desc=desc, unit="ex", disable=not progress, leave=False) as bar:
-            for pos, batch in self.encoder().batches(documents, queries):
-                feats[pos], probs[pos] = self.forward_batch(batch)
-                bar.update(len(pos))
-        return feats, probs
-
-    def sentence_embeddings(self, documents, queries, progress: bool = False, cache: bool = False) -> np.ndarray:
-        return encode_texts(self.sbert(), documents, queries, "siamese" if queries is not None else None,
-                            progress, cache=cache, desc="sentence encoder")
-
-    def recompute(self, fs: FeatureSet, progress: bool = False):
-        docs, queries = self.texts(fs)
-        return self.forward_texts(docs, queries, progress)
-
-    # ------------------------------------------------------------------ the top layers
-    @property
-    def n_layers(self) -> int:
-        return len(transformer_blocks(self.model.base_model))
-
-    def tracked(self, start: int, dtype="float32") -> TrackedModel:
-        if self.family not in TOPS:
-            raise InstattrError(f"layered methods support the {', '.join(sorted(TOPS))} families; "
-                                f"{self.path} is a {self.family} model (its last-layer methods all work)")
-        model = self.model
-        blocks = [eager_copy(b) for b in transformer_blocks(model.base_model)[start:]]
-        top = TOPS[self.family](model)
-        return finish(TrackedModel(blocks, top, self.final_name, self.l2, None).to(self.device), dtype)
-
+    # ------------------------------------------------------------------ the model
     def fingerprint(self) -> str:
         return f"{Path(self.path).resolve()}:{fingerprint(self.path)}"
+
+    def summary(self) -> Dict[str, object]:
+        """What run.json records of the model: family, final layer, blocks, adapter base."""
+        try:
+            n_layers = len(find_blocks(self.model)[1])
+        except InstattrError:
+            n_layers = 0
+        out = {"family": self.family, "final_layer": self._final, "n_layers": n_layers}
+        base = adapter_base(self.path)
+        if base is not None:
+            out["adapter_base"] = base
+        return out
 
     # ------------------------------------------------------------------ history
     def with_checkpoints(self, paths: Sequence[str], lrs: Optional[Sequence[float]] = None) -> "HFClassifier":
@@ -262,17 +307,8 @@ class HFClassifier(Classifier):
             raise InstattrError("tracin on a Hugging Face model needs its training checkpoints: pass "
                                 "--checkpoints CKPT [CKPT ...] (save_pretrained folders, e.g. the Trainer's "
                                 "checkpoint-* folders), and --checkpoint-lrs unless they hold trainer_state.json")
-        return [(HFClassifier(p, self.label_names, self.is_pair, self.l2, self.max_length, self.sbert_spec,
-                              self.final_name, self.run, self.device, sbert=self._sbert), lr) for p, lr in self.history]
-
-
-def hf_summary(model, final_name: str) -> Dict[str, object]:
-    """What run.json records of a model: family, final layer, layers."""
-    try:
-        n_layers = len(transformer_blocks(model.base_model))
-    except InstattrError:
-        n_layers = 0
-    return {"family": str(model.config.model_type), "final_layer": final_name, "n_layers": n_layers}
+        return [(HFClassifier(p, self.label_names, self.is_pair, self.l2, self.max_length, self._final, self.run,
+                              self.device), lr) for p, lr in self.history]
 
 
 def check_labels(model, label_names: Sequence[str], where: str) -> None:
@@ -285,3 +321,8 @@ def check_labels(model, label_names: Sequence[str], where: str) -> None:
     if len(theirs) != len(label_names) or not (generic or same):
         raise InstattrError(f"{where}: the model's labels {theirs} do not match the dataset's labels.json "
                             f"{list(label_names)}")
+
+
+def check_length(model, max_length: int, where: str) -> int:
+    """``max_length`` if the model has that many positions, else a one-line error."""
+    return check_max_length(model, max_length, where)

@@ -49,9 +49,11 @@ def model_description(run: Run) -> str:
         return (f"Dataset {m.data.name}; frozen encoder {m.encoder.name} ({m.encoder.pooling} pooling{pairs}) with "
                 f"instattr's head: λ = {h.l2}, lr = {h.lr}, {h.epochs} epochs, batch {h.batch_size}, seed {m.seed}.")
     origin = "fine-tuned by instattr from " + m.encoder.name if m.mode == "finetune" else "imported from " + m.hf.path
-    return (f"Dataset {m.data.name}; a Hugging Face {m.hf.family} sequence classifier {origin}{pairs}; final layer "
-            f"{m.hf.final_layer}, λ = {m.l2}" + (" (damping standing in for its L2)" if m.mode == "import" else "")
-            + f"; sbert-* use {m.encoder.name}.")
+    adapter = f" (a PEFT adapter on {m.hf.adapter_base})" if m.hf.adapter_base else ""
+    return (f"Dataset {m.data.name}; a Hugging Face {m.hf.family} sequence classifier {origin}{adapter}{pairs}; final "
+            f"layer {m.hf.final_layer}, λ = {m.l2}"
+            + (" (damping standing in for its L2)" if m.mode == "import" else "")
+            + f"; sbert-* use {m.sbert.name}.")
 
 
 def _overview(run: Run) -> str:

@@ -1,0 +1,124 @@
+"""The untuned sentence encoder's embeddings (the sbert-* baselines' vectors), made when asked.
+
+The paper's "sentence-BERT" baseline compares examples by the pooled output of an untuned
+sentence encoder (``run.json: sbert``, default all-MiniLM-L6-v2): ``u`` for single texts, ``[u, v]``
+for sentence pairs (each sentence encoded on its own). They are computed when an ``sbert-*``
+method, ``knn-sbert`` or the report first asks, and kept in ``RUN/sbert/{split}.npz`` (``idx``,
+``vectors``, written atomically; a file whose ``idx`` is not the split's is made again). Head mode
+writes them when it trains: there they are also the head's input. Runs made before that file
+existed kept them as ``features/{split}.npz:encoder``, which is read as it is.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+
+from .arrays import FeatureSet
+from .store import Run, RunError, write_npz
+
+
+def sbert_path(run: Run, split: str):
+    return run.path / "sbert" / f"{split}.npz"
+
+
+def save_sentence_embeddings(folder, split: str, idx, vectors: np.ndarray) -> None:
+    """Write a split's embeddings (``folder`` is the run directory, or the one being built)."""
+    from pathlib import Path
+    write_npz(Path(folder) / "sbert" / f"{split}.npz", idx=np.asarray([str(i) for i in idx]),
+              vectors=np.ascontiguousarray(vectors, dtype=np.float32))
+
+
+class SentenceEmbeddings:
+    """The run's sentence-encoder embeddings of any rows: ``of(fs)`` (n, h) float32 for rows of a
+    split (by idx) or new texts (``fs.texts``). The encoder is loaded only when something must be
+    encoded. One per run object: :func:`sentence_embeddings`."""
+
+    def __init__(self, run: Run, device=None, progress: bool = False):
+        self.run, self.device, self.progress = run, device, progress
+        self._splits: Dict[str, np.ndarray] = {}
+        self._positions: Dict[str, Dict[str, int]] = {}
+        self._encoder = None
+
+    def encoder(self):
+        """The untuned sentence encoder (:class:`~instattr.encoders.Encoder`; bf16 autocast on CUDA)."""
+        if self._encoder is None:
+            from .encoders import Encoder
+            e = self.run.manifest.sbert
+            self._encoder = Encoder(e.path or e.name, e.pooling, e.max_length, device=self.device, autocast=True)
+        return self._encoder
+
+    def encode(self, documents, queries=None) -> np.ndarray:
+        """Embeddings of texts: ``u``, or ``[u, v]`` for pairs."""
+        from .encoders import encode_texts
+        return encode_texts(self.encoder(), list(documents), None if queries is None else list(queries),
+                            "siamese" if queries is not None else None, self.progress, cache=True,
+                            desc="sentence encoder")
+
+    def split(self, name: str) -> np.ndarray:
+        """Every row of split ``name``, in the run's stored order (made and saved on first use)."""
+        if name not in self._splits:
+            self._splits[name] = self._load(name)
+        return self._splits[name]
+
+    def _load(self, name: str) -> np.ndarray:
+        idx = np.asarray([str(i) for i in self.run.features(name).idx])
+        path = sbert_path(self.run, name)
+        for source, key in ((path, "vectors"), (self.run.path / "features" / f"{name}.npz", "encoder")):
+            if source.exists():
+                try:
+                    with np.load(source, allow_pickle=False) as z:
+                        if key in z.files and (key == "encoder" or np.array_equal(z["idx"], idx)):
+                            return np.asarray(z[key], dtype=np.float32)
+                except Exception:       # damaged (truncated, BadZipFile): made again below
+                    pass
+        examples = self.run.examples(name)
+        queries = [e.query for e in examples] if self.run.manifest.is_pair else None
+        vectors = self.encode([e.document for e in examples], queries)
+        try:
+            save_sentence_embeddings(self.run.path, name, idx, vectors)
+        except (OSError, RunError):     # a read-only run still answers
+            pass
+        return vectors
+
+    def of(self, fs: FeatureSet) -> np.ndarray:
+        """Embeddings of the rows of ``fs``: new texts are encoded, a split's rows looked up by idx."""
+        if fs.texts is not None:
+            return self.encode(*fs.texts)
+        if fs.split is None:
+            raise RunError("sentence embeddings are made for rows of a run's splits or new texts; these rows are "
+                           "neither")
+        whole = self.split(fs.split)
+        if fs.split not in self._positions:
+            self._positions[fs.split] = {str(i): p for p, i in enumerate(self.run.features(fs.split).idx)}
+        where = self._positions[fs.split]
+        try:
+            rows = np.fromiter((where[str(i)] for i in fs.idx), dtype=np.int64, count=len(fs))
+        except KeyError as e:
+            raise RunError(f"{self.run.path}: {fs.split} row {e.args[0]} is not in the run") from None
+        if len(rows) == len(whole) and np.array_equal(rows, np.arange(len(whole))):
+            return whole
+        return whole[rows]
+
+
+def sentence_embeddings(run: Run, device=None) -> SentenceEmbeddings:
+    """The run's :class:`SentenceEmbeddings` (one per run object)."""
+    from .device import resolve_device
+    device = resolve_device(device)
+    return run.memo(("sentence embeddings", str(device)), lambda: SentenceEmbeddings(run, device))
+
+
+class StoredEmbeddings:
+    """Sentence embeddings given as arrays (tests, notebooks): rows looked up by their ``idx``."""
+
+    def __init__(self, idx, vectors: np.ndarray):
+        self.where = {str(i): p for p, i in enumerate(idx)}
+        self.vectors = np.asarray(vectors, dtype=np.float32)
+        if len(self.where) != len(self.vectors):
+            raise RunError(f"{len(self.where)} distinct ids for {len(self.vectors)} embeddings")
+
+    def of(self, fs: FeatureSet) -> np.ndarray:
+        try:
+            return self.vectors[[self.where[str(i)] for i in fs.idx]]
+        except KeyError as e:
+            raise RunError(f"no sentence embedding for row {e.args[0]}") from None
