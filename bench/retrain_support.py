@@ -18,12 +18,12 @@ def main() -> int:
     ap.add_argument("run")
     ap.add_argument("--k", default="500")
     a = ap.parse_args()
-    from instattr.evaluate.common import Scorer
     from instattr.evaluate.retrain import removed_support
+    from instattr.ranking import Ranker
     from instattr.store import Run
     run = Run.load(a.run)
     res = run.result("retrain")
-    scorer = Scorer(run, res["split"])
+    scorer = Ranker(run, res["split"])
     test = run.features(scorer.split)
     pos = {str(s): i for i, s in enumerate(test.idx)}
     rows = np.array([pos[s] for s in res["test_idx"]])

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from instattr.evaluate import EVALUATIONS, evaluations_for, run_evaluation
-from instattr.evaluate.common import Scorer, clean, method_list, sample_rows
+from instattr.evaluate.common import clean, method_list, sample_rows
 from instattr.evaluate.paper import TABLE1_RETRAIN, TABLE3_4_NEAR_TRAIN, paper_columns, timing_bound
 from instattr.evaluate.timing import run_timing
+from instattr.ranking import Ranker
 
 from _synthetic import make_run
 
@@ -90,11 +91,11 @@ def test_scorer_reads_stored_rows_and_falls_back(run):
     marker = np.arange(len(test) * len(train), dtype=np.float32).reshape(len(test), len(train))
     run.save_scores("gc", "test", marker, test.idx, train.idx, {}, 0.0)
     rows = np.array([3, 7])
-    np.testing.assert_array_equal(Scorer(run).rows("gc", rows), marker[rows])
-    computed = Scorer(run, use_stored=False).rows("gc", rows)
+    np.testing.assert_array_equal(Ranker(run).rows("gc", rows), marker[rows])
+    computed = Ranker(run, use_stored=False).rows("gc", rows)
     assert computed.shape == (2, len(train)) and not np.array_equal(computed, marker[rows])
     run.save_scores("gc", "test", marker[:2], test.idx[:2], train.idx, {}, 0.0)   # rows 3, 7 not stored
-    np.testing.assert_allclose(Scorer(run).rows("gc", rows), computed, rtol=1e-6)
+    np.testing.assert_allclose(Ranker(run).rows("gc", rows), computed, rtol=1e-6)
 
 
 def test_helpers():

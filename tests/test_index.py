@@ -170,7 +170,7 @@ def test_evaluations_read_top_k_files_when_there_are_no_dense_scores(tmp_path, m
     def no_refit(self, method):
         raise AssertionError(f"{method} was refitted instead of read from its top-k file")
 
-    monkeypatch.setattr(common.Scorer, "attributor", no_refit)
+    monkeypatch.setattr(common.Ranker, "attributor", no_refit)
     got = run_artifacts(run, methods=names), run_retrain(run, **opts)
     assert got[0]["methods"] == want[0]["methods"]
     assert got[1]["methods"] == want[1]["methods"] and got[1]["removed_support"] == want[1]["removed_support"]

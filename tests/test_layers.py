@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
-from instattr.attribution import attribute_run, attribute_texts, explain, fit_method
+from instattr.attribution import attribute_run, attribute_texts, fit_method
 from instattr.layers import Curvature, GaussNewton, LiSSA
 from instattr.layers.attributors import projector_for
 from instattr.layers.grads import per_example_grads
@@ -22,6 +22,7 @@ from instattr.methods import get_method
 from instattr.models import classifier_for
 from instattr.models.head import HeadConfig, pair_input
 from instattr.pipeline import TrainConfig, train_run
+from instattr.ranking import explain
 from instattr.store import Run
 
 from _brute import Brute

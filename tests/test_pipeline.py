@@ -170,7 +170,8 @@ def test_a_sampled_run_finds_its_texts_by_idx(tmp_path, tiny_encoder):
     each row's own text (they matched rows by position before)."""
     import html
 
-    from instattr.attribution import attribute_run, explain, fit_method
+    from instattr.attribution import attribute_run, fit_method
+    from instattr.ranking import explain
     from instattr.report import build_report
     data = make_dataset(tmp_path / "data", n_train=60, n_test=20, n_dev=0)
     for split in ("train", "test"):                 # every text unique, so a text identifies its row

@@ -9,9 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from instattr.attribution import attribute_run, explain
+from instattr.attribution import attribute_run
 from instattr.cli import main
 from instattr.evaluate import overlap_rate
+from instattr.ranking import explain
 from instattr.serve import create_app
 from instattr.serve.explorer import heuristic
 
@@ -180,8 +181,8 @@ def test_concurrent_live_requests_are_batched_and_each_answered_exactly(client):
         np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
         for m in ms:
             for side in ("supporting", "opposing"):
-                assert len(b.methods[m][side]) == k
-                assert [j for j, _ in a.methods[m][side]] == [j for j, _ in b.methods[m][side]]
+                assert len(getattr(b.methods[m], side)) == k
+                assert [j for j, _ in getattr(a.methods[m], side)] == [j for j, _ in getattr(b.methods[m], side)]
 
 
 def test_requests_behind_a_stop_fail_instead_of_hanging(serve_run, monkeypatch):
@@ -201,7 +202,7 @@ def test_requests_behind_a_stop_fail_instead_of_hanging(serve_run, monkeypatch):
     live._queue.put(None)                                                 # the stop ...
     behind = live.submit("the plot was dull", None, ["nn-cos"], 2)      # ... and a request behind it
     busy.set()
-    assert first.result(timeout=30).methods["nn-cos"]["supporting"]
+    assert first.result(timeout=30).methods["nn-cos"].supporting
     with pytest.raises(Unavailable, match="stopped"):
         behind.result(timeout=30)
     live.close()
@@ -209,8 +210,35 @@ def test_requests_behind_a_stop_fail_instead_of_hanging(serve_run, monkeypatch):
         live.submit("the actor was fun", None, ["nn-cos"], 2)
 
 
+def test_rows_without_stored_scores_are_explained_live_and_a_torn_top_k_file_is_refused(serve_run, tmp_path):
+    """gd has nothing stored: a test row's gd ranking is computed by the live worker (and equals the
+    brute-force top of gd's scores). A top-k file torn by a kill mid-write (its sidecar records
+    other bytes) is never read: the method is not listed as stored and is explained live instead."""
+    import shutil
+
+    from instattr.methods import get_method
+    from instattr.store import Run
+    shutil.copytree(serve_run.path, tmp_path / "run")
+    run = Run.load(tmp_path / "run")
+    attribute_run(run, "rif", top_k=3, bottom_k=3, progress=False, log=lambda *a: None)
+    torn = run.top_k_path("rif", "test")
+    torn.write_bytes(torn.read_bytes()[:-40])                         # the end of the file never written
+    train_idx = [str(i) for i in run.features("train").idx]
+    fs = run.features("test")
+    with fastapi_testclient.TestClient(create_app(run.path)) as c:
+        assert "rif" not in c.get("/api/run").json()["methods"]["test"]
+        got = c.get("/api/explanations/test/test_2", params={"methods": "gd,rif,nn-cos", "k": 3}).json()
+    assert {m: got["methods"][m]["source"] for m in ("gd", "rif", "nn-cos")} == {"gd": "live", "rif": "live",
+                                                                                 "nn-cos": "dense"}
+    for m in ("gd", "rif"):
+        want = get_method(m).fit(run.features("train"), run.final_layer()).score(fs.subset([2]))[0]
+        assert [t["idx"] for t in got["methods"][m]["supporting"]] == [train_idx[j] for j in ranked(want, 3)]
+        np.testing.assert_allclose([t["score"] for t in got["methods"][m]["supporting"]],
+                                   [want[j] for j in ranked(want, 3)], rtol=1e-5)
+
+
 def test_errors_are_404_for_what_is_missing_and_422_for_bad_input(client):
-    cases = [("/api/explanations/test/test_1?methods=if-top", 404, "no method 'if-top' stored for split 'test'"),
+    cases = [("/api/explanations/test/test_1?methods=if-top", 404, "no method 'if-top' stored or live for split 'test'"),
              ("/api/explanations/dev/test_1", 404, "no split 'dev' in this run (it has train, test)"),
              ("/api/examples/test/nope", 404, "no row 'nope' in split 'test'"),
              ("/api/influence/train_1?split=nope", 404, "no split 'nope'"),

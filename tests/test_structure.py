@@ -12,25 +12,25 @@ SRC = Path(instattr.__file__).parent
 
 # lower numbers may be imported by higher ones, never the other way round
 LAYERS = {
-    "errors": 0,
+    "errors": 0, "version": 0,
     "arrays": 1, "hf_data": 1, "manifest": 1, "device": 1, "files": 1,
     "data": 2, "runlock": 2,
     "store": 3,
-    "__init__": 4, "encoders": 4, "methods": 4,
+    "encoders": 4, "methods": 4,
     "sentence": 5, "task": 5,
     "models": 6,
     "layers": 7,
     "pipeline": 8,
     "attribution": 9,
-    "index": 10, "suspects": 10,
+    "ranking": 10, "index": 10, "suspects": 10,
     "distributed": 11,
     "evaluate": 12,
     "report": 13,
-    "reproduce": 14, "serve": 14,
+    "reproduce": 14, "serve": 14, "explainer": 14,
     "cli_args": 15,
     "cli_index": 16,
     "cli": 17,
-    "__main__": 18,
+    "__main__": 18, "__init__": 18,
 }
 
 

@@ -3,10 +3,20 @@
     >>> import instattr
     >>> run = instattr.Run.load("runs/sst2")
     >>> run.features("test").probs.shape
+    >>> explainer = instattr.Explainer(model, tokenizer, train=rows)      # models in memory
+    >>> explainer.explain("a gorgeous, witty, seductive movie", k=5).to_frame()
+
+``import instattr`` loads numpy only; ``Explainer`` (torch, transformers) is imported on first use.
 """
-__version__ = "0.1.0"
-
 from .arrays import FeatureSet, FinalLayer
-from .store import Run  # noqa: E402
+from .store import Run
+from .version import __version__
 
-__all__ = ["Run", "FeatureSet", "FinalLayer", "__version__"]
+__all__ = ["Run", "FeatureSet", "FinalLayer", "Explainer", "__version__"]
+
+
+def __getattr__(name):
+    if name == "Explainer":
+        from .explainer import Explainer
+        return Explainer
+    raise AttributeError(f"module 'instattr' has no attribute {name!r}")

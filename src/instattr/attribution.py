@@ -1,4 +1,4 @@
-"""Attribute a run's test split (scores on disk), new texts, and explain single predictions."""
+"""Attribute a run's test split (scores on disk) and new texts; fit a method on a run."""
 from __future__ import annotations
 
 import time
@@ -48,10 +48,11 @@ def fit_method(run: Run, name: str, train: Optional[FeatureSet] = None, model=No
     return method.fit(run.features("train") if train is None else train, model, embed=embed, backend=backend)
 
 
-def method_options(names: Sequence[str], options: Optional[dict]) -> Dict[str, dict]:
+def method_options(names: Sequence[str], options: Optional[dict], strict: bool = True) -> Dict[str, dict]:
     """Per method, the subset of ``options`` it declares in ``command_line_options`` and its
     constructor takes (``layers`` goes to if-top, never to nn-euc; ``damping`` to if-top, not to the
-    paper's ``if``). An option no chosen method takes is an error naming the methods that do."""
+    paper's ``if``). With ``strict``, an option no chosen method takes is an error naming the
+    methods that do."""
     import inspect
 
     from .methods.registry import method_class, registered
@@ -62,7 +63,7 @@ def method_options(names: Sequence[str], options: Optional[dict]) -> Dict[str, d
         return set(cls.command_line_options) & set(inspect.signature(cls).parameters)
 
     per = {n: {k: v for k, v in options.items() if k in takes(n)} for n in names}
-    for key in options:
+    for key in options if strict else ():
         if not any(key in per[n] for n in names):
             users = [n for n in registered() if key in takes(n)]
             raise InstattrError(f"--{key.replace('_', '-')} applies to none of {', '.join(names)}"
@@ -259,63 +260,3 @@ def attribute_texts(run: Run, method: str, texts: Sequence[str], queries: Option
     from .pipeline import featurize
     test = featurize(run, list(texts), list(queries) if queries is not None else None, device=device)
     return fit_method(run, method, device=device, **options).score(test)
-
-
-def explain(run: Run, text: str, query: Optional[str] = None, methods="all", k: int = 5,
-            options: Optional[dict] = None, device=None) -> dict:
-    """The prediction for one text, then per method its top-k supporting and opposing examples."""
-    from .methods import bottom_k, top_k
-    from .pipeline import featurize
-    if k <= 0:
-        raise InstattrError(f"--k must be positive, got {k}")
-    names = resolve_methods(methods)
-    per_method = method_options(names, options)
-    test = featurize(run, [text], [query] if query is not None else None, device=device)
-    train_examples = run.examples("train")          # by idx, in the stored row order of the scores
-    train_fs = run.features("train")
-    labels = run.label_names
-
-    def rows(idx, vals):
-        out = []
-        for i, v in zip(idx, vals):
-            e = train_examples[int(i)]
-            out.append({"idx": e.idx, "text": e.document, **({"query": e.query} if e.query is not None else {}),
-                        "label": labels[e.label], "score": float(v)})
-        return out
-
-    result = {"text": text, **({"query": query} if query is not None else {}),
-              "prediction": labels[int(test.pred[0])],
-              "probs": {n: float(p) for n, p in zip(labels, test.probs[0])}, "methods": {}}
-    for name in names:
-        scores = fit_method(run, name, train_fs, device=device, **per_method[name]).score(test)
-        result["methods"][name] = {"supporting": rows(*(a[0] for a in top_k(scores, k))),
-                                   "opposing": rows(*(a[0] for a in bottom_k(scores, k)))}
-    return result
-
-
-def format_explanation(result: dict, width: Optional[int] = None) -> str:
-    """A terminal table: per method, supporting and opposing examples side by side."""
-    import shutil
-    width = width or max(80, shutil.get_terminal_size((120, 20)).columns)
-    col = (width - 3) // 2
-    probs = "  ".join(f"{n} {p:.3f}" for n, p in result["probs"].items())
-    lines = [f"text:       {result['text']}"]
-    if "query" in result:
-        lines.append(f"query:      {result['query']}")
-    lines += [f"prediction: {result['prediction']}   ({probs})", ""]
-
-    label_width = max(len(n) for n in result["probs"])
-
-    def cell(r):
-        text = r["text"] + (f" || {r['query']}" if "query" in r else "")
-        head = f"{r['score']:+#.3g} {r['label']:<{label_width}} "
-        room = col - len(head)
-        return head + (text if len(text) <= room else text[:room - 1] + "…")
-
-    for name, m in result["methods"].items():
-        lines.append(f"── {name} ".ljust(col, "─") + "─┼─" + "─" * col)
-        lines.append(f"{'supporting (helped this prediction)':<{col}} │ opposing (argued against it)")
-        for s, o in zip(m["supporting"], m["opposing"]):
-            lines.append(f"{cell(s):<{col}} │ {cell(o)}")
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"

@@ -76,7 +76,7 @@ def cmd_attribute(a) -> int:
 
 
 def cmd_explain(a) -> int:
-    from .attribution import explain, format_explanation
+    from .ranking import explain, format_explanation
     from .store import Run
     result = explain(Run.load(a.run), a.text, a.query, a.methods, a.k, options=method_options(a), device=a.device)
     print(json.dumps(result, indent=2) if a.json else format_explanation(result), end="" if not a.json else "\n")

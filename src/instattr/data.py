@@ -294,13 +294,21 @@ def read_split(path: Path, name: str, label_names: Optional[Sequence[str]] = Non
         head, rows = _table_rows(path, text, "\t" if fmt == "tsv" else ",")
     if not rows:
         raise DataError(f"{path}: empty file, no examples")
+    return split_of_rows(((f"{path}:{lineno}", row) for lineno, row in rows), name, str(path), f"{path}:{head}",
+                         label_names, text_field, query_field, label_field)
+
+
+def split_of_rows(rows, name: str, source: str, head: str, label_names: Optional[Sequence[str]] = None,
+                  text_field: Optional[str] = None, query_field: Optional[str] = None,
+                  label_field: Optional[str] = None) -> Split:
+    """A validated split from ``(where, row)`` pairs (a file's lines, or rows in memory): the columns
+    are picked from the first row, every row checked, each error naming its ``where``."""
     examples, seen, cols = [], {}, None
-    for lineno, row in rows:
-        where = f"{path}:{lineno}"
+    for where, row in rows:
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
         if cols is None:
-            tcol, qcol, lcol = pick_fields(f"{path}:{head}", list(row), text_field, query_field, label_field)
+            tcol, qcol, lcol = pick_fields(head, list(row), text_field, query_field, label_field)
             cols = (tcol, qcol or QUERY_FIELDS[0], lcol)   # a query first seen on a later line is an error
         ex = _example(row, *cols, label_names, where, f"{name}_{len(examples)}")
         if examples and (ex.query is None) != (examples[0].query is None):
@@ -308,10 +316,12 @@ def read_split(path: Path, name: str, label_names: Optional[Sequence[str]] = Non
             raise DataError(f"{where}: {cols[1]!r} {'missing' if has else 'present'} here but "
                             f"{'present' if has else 'absent'} on earlier lines; pairs need it on every line")
         if ex.idx in seen:
-            raise DataError(f"{where}: duplicate idx {ex.idx!r} (first on line {seen[ex.idx]})")
-        seen[ex.idx] = lineno
+            raise DataError(f"{where}: duplicate idx {ex.idx!r} (first at {seen[ex.idx]})")
+        seen[ex.idx] = where
         examples.append(ex)
-    return Split(name, examples, str(path))
+    if not examples:
+        raise DataError(f"{source}: no examples")
+    return Split(name, examples, source)
 
 
 def _example(row: dict, tcol: str, qcol: str, lcol: str, label_names: Optional[Sequence[str]], where: str,

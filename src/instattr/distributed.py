@@ -64,9 +64,7 @@ def local_env() -> dict:
     and start with its thread counts (:func:`_driver_threads`), so the actors and tasks, which ask
     for those counts, can use the workers Ray starts ahead for the job."""
     import os
-
-    import instattr
-    src = str(Path(instattr.__file__).resolve().parent.parent)
+    src = str(Path(__file__).resolve().parent.parent)          # the folder holding this instattr
     path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
     return {"env_vars": {"PYTHONPATH": path, **_driver_threads()["env_vars"]}}
 

@@ -17,7 +17,6 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import __version__
 from .arrays import FeatureSet
 from .data import Dataset, Split, load_dataset
 from .errors import InstattrError
@@ -27,6 +26,7 @@ from .models.head import HeadConfig
 from .runlock import recover_run_folder, writing
 from .sentence import save_sentence_embeddings
 from .store import Run, RunError, write_json, write_npz
+from .version import __version__
 
 TUNE_GRID = {"l2": (0.1, 0.01, 0.001), "lr": (2e-3, 2e-4, 2e-5, 2e-6), "epochs": (3, 7, 10, 15),
              "batch_size": (8, 16)}

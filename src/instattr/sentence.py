@@ -10,7 +10,7 @@ existed kept them as ``features/{split}.npz:encoder``, which is read as it is.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -32,10 +32,14 @@ def save_sentence_embeddings(folder, split: str, idx, vectors: np.ndarray) -> No
 class SentenceEmbeddings:
     """The run's sentence-encoder embeddings of any rows: ``of(fs)`` (n, h) float32 for rows of a
     split (by idx) or new texts (``fs.texts``). The encoder is loaded only when something must be
-    encoded. One per run object: :func:`sentence_embeddings`."""
+    encoded. One per run object: :func:`sentence_embeddings`. Without a run (``run=None``: rows
+    in memory that carry their texts) it encodes with ``encoder`` (a path or name; default
+    all-MiniLM-L6-v2)."""
 
-    def __init__(self, run: Run, device=None, progress: bool = False):
+    def __init__(self, run: Optional[Run], device=None, progress: bool = False, encoder: Optional[str] = None):
         self.run, self.device, self.progress = run, device, progress
+        self.spec = run.manifest.sbert if run is not None else None
+        self.name = encoder
         self._splits: Dict[str, np.ndarray] = {}
         self._positions: Dict[str, Dict[str, int]] = {}
         self._encoder = None
@@ -44,8 +48,9 @@ class SentenceEmbeddings:
         """The untuned sentence encoder (:class:`~instattr.encoders.Encoder`; bf16 autocast on CUDA)."""
         if self._encoder is None:
             from .encoders import Encoder
-            e = self.run.manifest.sbert
-            self._encoder = Encoder(e.path or e.name, e.pooling, e.max_length, device=self.device, autocast=True)
+            e = self.spec
+            self._encoder = (Encoder(e.path or e.name, e.pooling, e.max_length, device=self.device, autocast=True)
+                             if e is not None else Encoder(self.name, device=self.device, autocast=True))
         return self._encoder
 
     def encode(self, documents, queries=None) -> np.ndarray:
@@ -85,7 +90,7 @@ class SentenceEmbeddings:
         """Embeddings of the rows of ``fs``: new texts are encoded, a split's rows looked up by idx."""
         if fs.texts is not None:
             return self.encode(*fs.texts)
-        if fs.split is None:
+        if fs.split is None or self.run is None:
             raise RunError("sentence embeddings are made for rows of a run's splits or new texts; these rows are "
                            "neither")
         whole = self.split(fs.split)

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from ..store import Run, RunError
-from .common import Scorer, TopRows, fmt, md_table, method_list, save
+from .common import Ranker, TopRows, fmt, md_table, method_list, save
 from .paper import TABLE2_ARTIFACTS
 from .registry import evaluation
 
@@ -87,7 +87,7 @@ def markdown(result: dict) -> str:
             applies=applies)
 def run_artifacts(run: Run, methods=None, seed: int = 0, split: Optional[str] = None) -> dict:
     """Lexical overlap of the top training examples for mispredicted HANS examples; writes results/artifacts.*."""
-    scorer = Scorer(run, split)
+    scorer = Ranker(run, split)
     names = method_list(methods, run, scorer.split)
     test = run.features(scorer.split)
     non_ent, ent = label_ids(run.label_names)

@@ -1,18 +1,19 @@
 """What every evaluation shares: method lists, head inputs, score rows, sampling, output files.
 
-Scores come from the run's stored matrices when they cover the rows asked for, otherwise from the
-method registry (fitted once on the full training set, then scoring only the rows needed).
+Scores come through :class:`instattr.ranking.Ranker`: the run's stored matrices when they cover the
+rows asked for, otherwise the method registry (fitted once on the full training set, then scoring
+only the rows needed).
 """
 from __future__ import annotations
 
 import io
 import math
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
 from ..arrays import FeatureSet
-from ..errors import InstattrError
+from ..ranking import Ranker, TopRows  # noqa: F401  (what the evaluations rank with)
 from ..store import Run, RunError, write_bytes
 
 
@@ -104,29 +105,6 @@ def data_name(run: Run) -> str:
     return run.manifest.data.name
 
 
-class TopRows:
-    """Each of some test rows' best training rows, best first: ``pos`` and ``score`` (n, K) of
-    ``n_train`` columns. What evaluations that need only the top of a ranking read: a stored top-k
-    file, the top of stored dense scores, or the streamed scorer's result."""
-
-    def __init__(self, pos: np.ndarray, score: np.ndarray, n_train: int):
-        self.pos, self.score, self.n_train = np.asarray(pos, dtype=np.int64), np.asarray(score), int(n_train)
-
-    @property
-    def shape(self):
-        return (len(self.pos), self.n_train)
-
-    def __len__(self) -> int:
-        return len(self.pos)
-
-    def first(self, k: int) -> np.ndarray:
-        """(n, min(k, n_train)) positions of each row's top k; refuses a k beyond what is kept."""
-        k = min(int(k), self.n_train)
-        if k > self.pos.shape[1]:
-            raise InstattrError(f"top-{k} asked of a top-{self.pos.shape[1]} ranking")
-        return self.pos[:, :k]
-
-
 def top_k_mask(scores, k: int) -> np.ndarray:
     """Boolean (n, n_cols) mask of each row's top-k columns (the registry's ``top_k``); ``scores``
     is a score matrix or :class:`TopRows`."""
@@ -139,84 +117,6 @@ def top_k_mask(scores, k: int) -> np.ndarray:
     mask = np.zeros(scores.shape, dtype=bool)
     np.put_along_axis(mask, np.asarray(idx), True, axis=1)
     return mask
-
-
-class Scorer:
-    """Score rows of one run: stored matrices where they cover the rows, else fitted attributors."""
-
-    def __init__(self, run: Run, split: Optional[str] = None, train: Optional[FeatureSet] = None,
-                 model=None, use_stored: bool = True, device=None):
-        self.run, self.split = run, split or run.eval_split
-        self.train = train if train is not None else run.features("train")
-        self.model, self.use_stored, self.device = model, use_stored, device
-        self._fitted: Dict[str, object] = {}
-
-    def attributor(self, method: str):
-        """The registry's ``method`` fitted on the full training set (cached)."""
-        if method not in self._fitted:
-            from ..attribution import fit_method
-            self._fitted[method] = fit_method(self.run, method, self.train, self.model, self.device)
-        return self._fitted[method]
-
-    def _stored(self, method: str, rows: np.ndarray) -> Optional[np.ndarray]:
-        if not (self.use_stored and self.run.has_scores(method, self.split)):
-            return None
-        info = self.run.score_info(method, self.split)
-        test_pos = {s: i for i, s in enumerate(info["test_idx"])}
-        train_pos = {s: i for i, s in enumerate(info["train_idx"])}
-        want_test = [str(s) for s in self.run.features(self.split).idx[rows]]
-        want_train = [str(s) for s in self.train.idx]
-        if any(s not in test_pos for s in want_test) or any(s not in train_pos for s in want_train):
-            return None
-        cols = np.array([train_pos[s] for s in want_train])
-        block = np.asarray(self.run.scores(method, self.split)[[test_pos[s] for s in want_test]])
-        return block if np.array_equal(cols, np.arange(len(cols))) else block[:, cols]
-
-    def rows(self, method: str, rows: Sequence[int]) -> np.ndarray:
-        """(len(rows), n_train) float32 scores of the run's ``split`` rows ``rows``."""
-        rows = np.asarray(rows, dtype=int)
-        stored = self._stored(method, rows)
-        if stored is not None:
-            return stored.astype(np.float32, copy=False)
-        return self.score(method, self.run.features(self.split).subset(rows))
-
-    def score(self, method: str, test: FeatureSet) -> np.ndarray:
-        """Scores of any FeatureSet (e.g. new texts) against the training set."""
-        return self.attributor(method).score(test)
-
-    def top(self, method: str, rows: Sequence[int], k: int) -> TopRows:
-        """The best ``k`` training rows of the ``split`` rows ``rows``: from stored dense scores, else
-        a stored top-k file whose K covers ``k`` (``attribute --top-k``), else the streamed scorer
-        (never a dense row block of the whole training set)."""
-        from ..methods.scoring import score_top_k
-        from ..methods.topk import top_k
-        rows = np.asarray(rows, dtype=int)
-        n = len(self.train)
-        k = min(int(k), n)
-        stored = self._stored(method, rows)
-        if stored is not None:
-            return TopRows(*top_k(stored.astype(np.float32, copy=False), k), n)
-        kept = self._stored_top(method, rows, k)
-        if kept is not None:
-            return kept
-        test = self.run.features(self.split).subset(rows)
-        pos, vals = score_top_k([self.attributor(method).member(test)], len(test), k)[method]["top"]
-        return TopRows(pos, vals, n)
-
-    def _stored_top(self, method: str, rows: np.ndarray, k: int) -> Optional[TopRows]:
-        if not (self.use_stored and self.run.has_top_k(method, self.split)):
-            return None
-        got = self.run.top_k(method, self.split)
-        pos = got["train_pos"]
-        if got["info"].get("n_train") != len(self.train) or pos.shape[1] < k or \
-                not np.array_equal(got["train_idx"], np.asarray([str(i) for i in self.train.idx])[pos]):
-            return None                      # another training set, order or a smaller K
-        where = {str(s): i for i, s in enumerate(got["test_idx"])}
-        want = [str(s) for s in self.run.features(self.split).idx[rows]]
-        if any(s not in where for s in want):
-            return None
-        pick = [where[s] for s in want]
-        return TopRows(pos[pick, :k], got["score"][pick, :k], len(self.train))
 
 
 # ---------------------------------------------------------------- output

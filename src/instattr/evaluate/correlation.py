@@ -12,7 +12,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from ..store import Run
-from .common import Scorer, fmt, md_table, method_list, new_figure, sample_rows, save, save_figure, top_k_mask
+from .common import Ranker, fmt, md_table, method_list, new_figure, sample_rows, save, save_figure, top_k_mask
 from .registry import evaluation
 
 # paper Figure 4 and beyond: layered methods against their last-layer versions, TracIn against GD
@@ -165,7 +165,7 @@ def run_correlation(run: Run, methods=None, seed: int = 0, n_test: int = 100, n_
     ``methods`` None: the paper's methods plus every other method whose scores the run stores
     (``instattr attribute --methods if-top`` first puts IF over the top layers in the tables).
     """
-    scorer = Scorer(run, split)
+    scorer = Ranker(run, split)
     names = method_list(methods, run, scorer.split)
     rng = np.random.default_rng(seed)
     test_rows = sample_rows(len(run.features(scorer.split)), n_test, rng)

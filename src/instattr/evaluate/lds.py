@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import InstattrError
 from ..store import Run
 from .common import (
-    Scorer,
+    Ranker,
     fmt,
     head_config,
     head_input,
@@ -144,7 +144,7 @@ def run_lds(run: Run, methods=None, seed: int = 0, subsets: int = 100, fraction:
     if int(subsets) < 2:
         raise InstattrError(f"lds: --subsets must be at least 2 (a correlation across subsets), got {subsets}")
     scope = retrain_scope(run, scope, "lds")
-    scorer = Scorer(run)
+    scorer = Ranker(run)
     names = method_list(methods, run, scorer.split)
     test = run.features(scorer.split)
     rng = np.random.default_rng(seed)

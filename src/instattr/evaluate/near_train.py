@@ -17,7 +17,7 @@ import numpy as np
 from ..arrays import FeatureSet
 from ..errors import InstattrError
 from ..store import Run
-from .common import Scorer, data_name, fmt, fmt_paper, md_table, method_list, sample_rows, save
+from .common import Ranker, data_name, fmt, fmt_paper, md_table, method_list, sample_rows, save
 from .paper import TABLE3_4_NEAR_TRAIN, paper_columns
 from .registry import evaluation
 
@@ -100,7 +100,7 @@ def run_near_train(run: Run, methods=None, seed: int = 0, n: int = 1000, all: bo
     if featurize is None:
         from ..pipeline import featurize
     names = method_list(methods)
-    scorer = Scorer(run)
+    scorer = Ranker(run)
     train = scorer.train
     rng = np.random.default_rng(seed)
     cols = sample_rows(len(train), None if all else n, rng)

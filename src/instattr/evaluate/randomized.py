@@ -25,7 +25,7 @@ import numpy as np
 from ..arrays import FeatureSet, FinalLayer
 from ..store import Run, RunError
 from .common import (
-    Scorer,
+    Ranker,
     data_name,
     fmt,
     head_config,
@@ -109,7 +109,7 @@ def run_randomized(run: Run, methods=None, seed: int = 0, n_test: int = 100, spl
     if whole:
         raise RunError(f"the randomized-model test re-scores last-layer methods; {', '.join(whole)} need the whole "
                        "classifier")
-    scorer = Scorer(run, split)
+    scorer = Ranker(run, split)
     test = run.features(scorer.split)
     rows = sample_rows(len(test), n_test, np.random.default_rng(seed))
     rand_seed = run.manifest.seed + 1000 + seed
@@ -126,7 +126,7 @@ def run_randomized(run: Run, methods=None, seed: int = 0, n_test: int = 100, spl
         from .top_layers import blocks_of, random_top
         r_train, r_test, r_layer = random_top(classifier_for(run), blocks_of(scope), scorer.train, test.subset(rows),
                                               rand_seed)
-    random_scorer = Scorer(run, scorer.split, train=r_train, model=r_layer, use_stored=False)
+    random_scorer = Ranker(run, scorer.split, train=r_train, model=r_layer, use_stored=False)
     rho = {m: mean_spearman(scorer.rows(m, rows), random_scorer.score(m, r_test)) for m in names}
     result = {"methods": rho, "n_test": len(rows), "n_train": len(scorer.train), "seed": seed,
               "random_seed": rand_seed, "split": scorer.split, "scope": scope}

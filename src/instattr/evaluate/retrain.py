@@ -30,7 +30,7 @@ from ..errors import InstattrError
 from ..models.head import HeadConfig, Params, logits, train_heads
 from ..store import Run, write_npz
 from .common import (
-    Scorer,
+    Ranker,
     data_name,
     fmt,
     head_config,
@@ -290,7 +290,7 @@ def run_retrain(run: Run, methods=None, seed: int = 0, n_test: int = 50, ks: Seq
     """
     from ..device import resolve_device
     scope = resolve_scope(run, scope, "remove-and-retrain")
-    scorer = Scorer(run, split)
+    scorer = Ranker(run, split)
     names = method_list(methods, run, scorer.split)
     test = run.features(scorer.split)
     rows = sample_rows(len(test), n_test, np.random.default_rng(seed))

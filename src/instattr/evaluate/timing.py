@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from ..store import Run
-from .common import Scorer, md_table, method_list, new_figure, sample_rows, save, save_figure
+from .common import Ranker, md_table, method_list, new_figure, sample_rows, save, save_figure
 from .paper import TIMING_IF_TOP5_SECONDS, timing_bound
 from .registry import evaluation
 
 
-def time_method(scorer: Scorer, method: str, test, min_seconds: float = 0.2, max_repeats: int = 20) -> Dict[str, float]:
+def time_method(scorer: Ranker, method: str, test, min_seconds: float = 0.2, max_repeats: int = 20) -> Dict[str, float]:
     """{'fit': seconds, 'per_example': scoring seconds per test example} for one method."""
     t0 = time.perf_counter()
     att = scorer.attributor(method)
@@ -104,7 +104,7 @@ def run_timing(run: Run, methods=None, seed: int = 0, n_test: int = 100, split: 
                min_seconds: float = 0.2) -> dict:
     """Seconds per test example per method; writes results/timing.* and a log-scale bar chart."""
     names = method_list(methods)
-    scorer = Scorer(run, split, use_stored=False)
+    scorer = Ranker(run, split, use_stored=False)
     # without --methods, stored layered methods (if-top, ...) are not refitted here (minutes each):
     # their attribute-step time is read
     extras = [m for m in method_list(methods, run, scorer.split) if m not in names]

@@ -266,6 +266,8 @@ class HFClassifier(Classifier):
 
     # ------------------------------------------------------------------ the model
     def fingerprint(self) -> str:
+        if not self.path:                     # a model in memory (instattr.Explainer): this object's
+            return f"memory:{id(self.model)}"
         return f"{Path(self.path).resolve()}:{fingerprint(self.path)}"
 
     def summary(self) -> Dict[str, object]:
@@ -275,7 +277,7 @@ class HFClassifier(Classifier):
         except InstattrError:
             n_layers = 0
         out = {"family": self.family, "final_layer": self._final, "n_layers": n_layers}
-        base = adapter_base(self.path)
+        base = adapter_base(self.path) if self.path else None
         if base is not None:
             out["adapter_base"] = base
         return out

@@ -11,11 +11,11 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from ..ranking import Ranker
 from ..store import Run, RunError
 from .errors import BadInput, NotFound
 from .headlines import headline, paper_column
 from .live import Answer, LiveExplainer
-from .rankings import Rankings
 
 # Methods shown side by side when none are chosen (those of `instattr explain`, the paper's Figure 1)
 DEFAULT_METHODS = ("nn-cos", "gc", "if", "rep")
@@ -56,9 +56,9 @@ class Explorer:
         self.run = run
         self.labels = run.label_names
         self.is_pair = run.manifest.is_pair
-        self.rankings = Rankings(run)
+        self.ranker = Ranker(run, device=device)
         self.live = LiveExplainer(run, METHOD_NAMES if live_methods is None else live_methods, device=device,
-                                  threads=threads)
+                                  threads=threads, ranker=self.ranker)
         self._rows: Dict[str, List[dict]] = {}
         self._pos: Dict[str, Dict[str, int]] = {}
         self._suspects: Optional[tuple] = None
@@ -152,7 +152,13 @@ class Explorer:
 
     # ------------------------------------------------------------------ methods
     def methods(self, split: str) -> Dict[str, str]:
-        return self.rankings.methods(split)
+        """{method: "dense" | "topk"} of what the run stores for ``split`` (commit-checked)."""
+        return self.ranker.stored(split)
+
+    def rankable(self, split: str) -> List[str]:
+        """What a row of ``split`` can be explained with: stored methods, then the live ones."""
+        stored = list(self.methods(split))
+        return stored + [m for m in self.live.methods if m not in stored]
 
     def choose(self, available: Sequence[str], asked: Optional[Sequence[str]], where: str) -> List[str]:
         """``asked`` (names, or comma-separated names) checked against ``available``; when
@@ -203,12 +209,17 @@ class Explorer:
         oppose its prediction most, and where the methods agree."""
         example = self.row(split, idx)
         self.check_k(k)
-        names = self.choose(list(self.methods(split)), methods, f"stored for split {split!r}")
-        ranked = {}
-        for m in names:
-            r = self.rankings.test_row(m, split, idx, k)
-            ranked[m] = {"source": r.source, "depth": r.depth, "supporting": r.supporting, "opposing": r.opposing}
-        return {"example": example, "k": k, "available": list(self.methods(split)), **self._side_by_side(ranked)}
+        available = self.rankable(split)
+        names = self.choose(available, methods, f"stored or live for split {split!r}")
+        stored = self.methods(split)
+        ranked = {m: self.ranker.test_row(m, idx, k, split) for m in names if m in stored}
+        stored_k = {m: r for m, r in ranked.items() if r.source != "live"}
+        live = [m for m in names if m not in stored_k]
+        if live:                      # not stored (or not for this row): scored by the live worker
+            stored_k.update(self.live.submit_row(split, idx, live, k).result(timeout=600).methods)
+        ranked = {m: {"source": stored_k[m].source, "depth": stored_k[m].depth, "supporting": stored_k[m].supporting,
+                      "opposing": stored_k[m].opposing} for m in names}
+        return {"example": example, "k": k, "available": available, **self._side_by_side(ranked)}
 
     # ------------------------------------------------------------------ one training row
     def influence(self, idx: str, split: Optional[str] = None, methods: Optional[Sequence[str]] = None,
@@ -221,7 +232,7 @@ class Explorer:
         names = self.choose(list(self.methods(split)), methods, f"stored for split {split!r}")
         out = {}
         for m in names:
-            r = self.rankings.train_column(m, split, idx, k)
+            r = self.ranker.train_column(m, idx, k, split)
             out[m] = {"source": r.source, "partial": r.partial, "depth": r.depth,
                       "supports": [{**self.brief(split, i), "score": s} for i, s in r.supporting],
                       "opposes": None if r.opposing is None else [{**self.brief(split, i), "score": s}
@@ -255,10 +266,8 @@ class Explorer:
     def live_explanation(self, answer: Answer, text: str, query: Optional[str], methods: Sequence[str],
                          k: int) -> dict:
         """A live :class:`Answer` in the shape of :meth:`explanation`."""
-        train = self.rows("train")        # the training features' row order: the attributors' columns
-        ranked = {m: {"source": "live", "depth": None,
-                      **{side: [(train[p]["idx"], s) for p, s in answer.methods[m][side]]
-                         for side in ("supporting", "opposing")}} for m in methods}
+        ranked = {m: {"source": "live", "depth": None, "supporting": answer.methods[m].supporting,
+                      "opposing": answer.methods[m].opposing} for m in methods}
         example = {"text": text, "pred": self.labels[answer.pred], "confidence": float(answer.probs.max()),
                    "probs": dict(zip(self.labels, map(float, answer.probs)))}
         if query is not None:

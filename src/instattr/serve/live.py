@@ -1,8 +1,10 @@
-"""Explaining new text live: the run's classifier and the last-layer attributors, fitted once.
+"""Explaining live: new texts, and stored rows whose scores are not stored, with the run's
+classifier and attributors fitted once (through the one :class:`~instattr.ranking.Ranker`).
 
 One worker thread owns all torch and numpy work of live explanations. Requests queue up; the
 worker takes every request waiting (up to ``max_batch``), featurizes their texts in one batch,
 scores the batch with each method any of them asked for, and answers each with its own top-k.
+A stored row (``submit_row``) skips the forward pass: its stored features are scored.
 So concurrent clients share forward passes and matrix products instead of competing for the
 machine's cores with as many threads, the tokenizer is never used from two threads at once, and
 the web server's event loop never runs model code (it awaits a future).
@@ -22,26 +24,27 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..ranking import Ranker, Ranking
 from ..store import Run
 from .errors import BadInput, NotFound, Unavailable
 
 
 @dataclass
 class Request:
-    text: str
+    text: Optional[str]
     query: Optional[str]
     methods: Tuple[str, ...]
     k: int
     future: Future
+    row: Optional[Tuple[str, str]] = None     # (split, idx) of a stored row, instead of a text
 
 
 @dataclass
 class Answer:
-    """One new text: its probabilities, and per method the training rows (positions in the
-    run's training features) that support / oppose the prediction most, with their scores."""
+    """One text or row: its probabilities, and per method its :class:`~instattr.ranking.Ranking`."""
     probs: np.ndarray
     pred: int
-    methods: Dict[str, Dict[str, List[Tuple[int, float]]]]
+    methods: Dict[str, Ranking]
     seconds: float
 
 
@@ -53,10 +56,11 @@ class LiveExplainer:
     ``submit(text, query, methods, k)`` returns a Future of an :class:`Answer`."""
 
     def __init__(self, run: Run, methods: Sequence[str], max_batch: int = 32, device: str = "cpu",
-                 threads: Optional[int] = 1):
+                 threads: Optional[int] = 1, ranker: Optional[Ranker] = None):
         if threads is not None and threads < 1:
             raise BadInput(f"threads must be at least 1, got {threads}")
         self.run, self.names, self.max_batch, self.device = run, tuple(methods), int(max_batch), device
+        self.ranker = ranker or Ranker(run, device=device)
         self.threads = threads
         self.worker_threads: Optional[int] = None     # torch's threads as the worker thread sees them
         self.fitted: Dict[str, object] = {}
@@ -71,7 +75,6 @@ class LiveExplainer:
     def start(self) -> "LiveExplainer":
         """Load the classifier (a warm-up text runs through it) and fit every method; a run whose
         model cannot be loaded here leaves live explanation off, with ``error`` saying why."""
-        from ..attribution import fit_method
         from ..models import classifier_for
         try:
             self.classifier = classifier_for(self.run, self.device)
@@ -80,10 +83,9 @@ class LiveExplainer:
             first = str(e).splitlines()[0] if str(e) else ""
             self.error = f"live explanation is off: the run's classifier cannot run here ({type(e).__name__}: {first})"
             return self
-        train = self.run.features("train")
         for name in self.names:
             t = time.perf_counter()
-            self.fitted[name] = fit_method(self.run, name, train, device=self.device)
+            self.fitted[name] = self.ranker.attributor(name)
             self.fit_seconds[name] = time.perf_counter() - t
         self._accepting = True
         self._thread = threading.Thread(target=self._loop, name="instattr-live", daemon=True)
@@ -106,17 +108,26 @@ class LiveExplainer:
             raise BadInput("the text is empty" if not text.strip() else "the hypothesis is empty")
 
     def submit(self, text: str, query: Optional[str], methods: Sequence[str], k: int) -> Future:
+        """A Future of the :class:`Answer` for a new text."""
         self.check(text, query)
-        unknown = [m for m in methods if m not in self.fitted]
+        return self._put(Request(text, query, tuple(methods), int(k), Future()))
+
+    def submit_row(self, split: str, idx: str, methods: Sequence[str], k: int) -> Future:
+        """A Future of the :class:`Answer` for a stored row (its stored features, no forward pass)."""
+        if self.error:
+            raise Unavailable(self.error)
+        return self._put(Request(None, None, tuple(methods), int(k), Future(), row=(split, str(idx))))
+
+    def _put(self, request: Request) -> Future:
+        unknown = [m for m in request.methods if m not in self.fitted]
         if unknown:
             raise NotFound(f"live explanation has no method {', '.join(map(repr, unknown))}; it offers "
                            f"{', '.join(self.fitted)}")
-        fut: Future = Future()
         with self._gate:
             if not self._accepting:
                 raise Unavailable(STOPPED)
-            self._queue.put(Request(text, query, tuple(methods), int(k), fut))
-        return fut
+            self._queue.put(request)
+        return request.future
 
     def close(self) -> None:
         """Stop the worker after the requests already queued; any that arrive later fail (503)."""
@@ -187,22 +198,28 @@ class LiveExplainer:
                         raise
 
     def _answer(self, batch: List[Request]) -> None:
-        from ..methods.topk import bottom_k, top_k
         t = time.perf_counter()
-        pair = self.classifier.is_pair
-        fs = self.classifier.featurize([r.text for r in batch], [r.query for r in batch] if pair else None)
-        k = max(r.k for r in batch)
-        ranked = {}
-        for m in self.fitted:
-            if any(m in r.methods for r in batch):
-                scores = self.fitted[m].score(fs)                 # (batch, n_train)
-                ranked[m] = (top_k(scores, k), bottom_k(scores, k))
-        seconds = time.perf_counter() - t
-        for i, r in enumerate(batch):
-            out = {}
-            for m in r.methods:
-                (si, sv), (oi, ov) = ranked[m]
-                out[m] = {"supporting": [(int(j), float(v)) for j, v in zip(si[i, :r.k], sv[i, :r.k])],
-                          "opposing": [(int(j), float(v)) for j, v in zip(oi[i, :r.k], ov[i, :r.k])]}
-            r.future.set_result(Answer(probs=fs.probs[i].astype(np.float64), pred=int(fs.pred[i]), methods=out,
-                                       seconds=seconds))
+        texts = [r for r in batch if r.row is None]
+        rows = [r for r in batch if r.row is not None]
+        parts = []
+        if texts:
+            pair = self.classifier.is_pair
+            parts.append((texts, self.classifier.featurize([r.text for r in texts],
+                                                           [r.query for r in texts] if pair else None)))
+        for r in rows:                 # stored rows: their stored features (one per request, rarely many)
+            split, idx = r.row
+            fs = self.run.features(split)
+            where = np.flatnonzero(np.asarray([str(i) for i in fs.idx]) == idx)
+            if not len(where):
+                r.future.set_exception(NotFound(f"no row {idx!r} in split {split!r}"))
+                continue
+            parts.append(([r], fs.subset(where)))
+        for requests, fs in parts:
+            asked = [m for m in self.fitted if any(m in r.methods for r in requests)]
+            ranked = self.ranker.rank(fs, asked, max(r.k for r in requests))
+            seconds = time.perf_counter() - t
+            for i, r in enumerate(requests):
+                out = {m: Ranking(ranked[i][m].supporting[:r.k], ranked[i][m].opposing[:r.k], "live")
+                       for m in r.methods}
+                r.future.set_result(Answer(probs=fs.probs[i].astype(np.float64), pred=int(fs.pred[i]), methods=out,
+                                           seconds=seconds))
