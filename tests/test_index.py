@@ -226,13 +226,10 @@ def test_a_top_k_file_from_another_write_is_not_read(tmp_path):
 def test_a_killed_backend_build_keeps_the_shards_it_had_finished_in_order(run, index, tmp_path):
     """A backend (Ray's actor pool) hands shards back out of order and dies: the manifest holds the
     finished in-order prefix (shards 0 and 1, not 3), and a local resume writes only the rest."""
-    from instattr.index.build import shard_side, write_shard
-
     class DiesAfterThree:
-        def build_shards(self, root, train, methods, shards, todo, dtype, train_rows, progress=False):
+        def build_shards(self, job, todo, progress=False):
             for i in (1, 0, 3):
-                yield i, {n: write_shard(root, n, i, shard_side(m, train, shards[i], train_rows), dtype)
-                          for n, m in methods.items()}
+                yield i, job.write(i)
             raise RuntimeError("killed")
 
     out = tmp_path / "idx"
@@ -270,3 +267,22 @@ def test_a_build_killed_before_its_first_manifest_starts_again(run, index, tmp_p
     monkeypatch.undo()
     build_run_index(run, METHODS, out, dtype="float32", progress=False, **SMALL)
     assert verify(out)["files"] == verify(index.root)["files"]
+
+
+def test_saved_state_is_what_each_method_declares(run):
+    """An index saves a method's declared ``state`` and nothing found by reflection: an attribute a
+    method does not declare never reaches the file, and a method that declares none is refused."""
+    from instattr.attribution import fit_method
+    from instattr.methods.state import StateError, load_state, save_state
+    for name in ("nn-cos", "gd", "if", "rep"):
+        m = fit_method(run, name)
+        m.scratch_ = np.ones(3)                                  # undeclared: not saved
+        arrays, meta = save_state(m)
+        assert set(meta["attrs"]) <= set(m.state) and "scratch_" not in meta["attrs"]
+        assert not any(k.startswith("scratch") for k in arrays)
+        test = run.features("test")
+        loaded = load_state(arrays, meta)
+        loaded.n_train_ = m.n_train_                             # as an index sets it: its row count
+        np.testing.assert_array_equal(loaded.test_side(test).vectors, m.test_side(test).vectors)
+    with pytest.raises(StateError, match="declares no state"):
+        save_state(fit_method(run, "tracin"))

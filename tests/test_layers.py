@@ -425,7 +425,7 @@ class InProcessBackend:
     def __init__(self):
         self.sources = []
 
-    def gradient_batches(self, source, fs, labels, batches, factors, query=False):
+    def gradient_batches(self, projector, source, fs, rows, labels, batches, factors, query=False):
         from instattr.distributed import GradientActor
         from instattr.models.rows import RowIds
         self.sources.append(source)

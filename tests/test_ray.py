@@ -205,7 +205,7 @@ def test_a_failing_gradient_worker_gives_one_line_and_stops_its_pool(local_ray, 
     backend = RayBackend(workers=1)
     fs = layered_run.features("test")
     with pytest.raises(InstattrError, match=r"gradient workers for .*gone failed: .*Error") as caught:
-        list(backend.gradient_batches(gone, fs, fs.pred, [np.arange(2)], False))
+        list(backend.gradient_batches(None, gone, fs, None, fs.pred, [np.arange(2)], False))
     print(caught.value)
     assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
     assert backend._actors == {}

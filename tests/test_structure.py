@@ -17,7 +17,7 @@ LAYERS = {
     "data": 2, "runlock": 2,
     "store": 3,
     "encoders": 4, "methods": 4,
-    "sentence": 5, "task": 5,
+    "sentence": 5, "task": 5, "backend": 5,
     "models": 6,
     "layers": 7,
     "pipeline": 8,

@@ -93,7 +93,7 @@ def _check_top_k(top_k: Optional[int], bottom_k: Optional[int], backend) -> None
     for flag, v in (("--top-k", top_k), ("--bottom-k", bottom_k)):
         if v is not None and v <= 0:
             raise InstattrError(f"{flag} must be positive, got {v}")
-    if backend is not None and top_k is None:
+    if not backend.dense and top_k is None:
         raise InstattrError(f"--backend {backend.name} writes top-k results; add --top-k K")
 
 
@@ -113,7 +113,9 @@ def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_
     cluster.
     Returns the compute seconds of each method that ran.
     """
+    from .backend import backend_or_local
     from .methods import get_method
+    backend = backend_or_local(backend)
     _check_top_k(top_k, bottom_k, backend)
     names = resolve_methods(methods)
     per_method = method_options(names, options)
@@ -165,7 +167,7 @@ def attribute_run(run: Run, methods="paper", split: Optional[str] = None, limit_
             t = time.perf_counter()
             method = fitted[name] = fit_method(run, name, train, device=device, embed=False, backend=backend,
                                                **per_method[name])
-            if backend is None and method.streams_train:   # in the blocks an index (and Ray) would use
+            if backend.embeds_in_fit and method.streams_train:   # in the blocks an index (and Ray) would use
                 method.embed_all(train, grid.train_rows)
             seconds[name] = time.perf_counter() - t
         if top_k is not None:
@@ -228,23 +230,15 @@ def _attribute_dense(run, fitted, seconds, split, test, train, grid, progress, l
 
 
 def _attribute_top_k(run, fitted, seconds, split, test, train, k, bottom_k, backend, grid, progress, log) -> None:
-    from tqdm.auto import tqdm
-
-    from .methods.scoring import Grid, score_top_k
+    from .methods.scoring import Grid
     t = time.perf_counter()
     grid = grid or Grid()
-    if backend is not None:
-        results = backend.top_k(run, fitted, test, train, k, bottom_k or 0, grid, progress)
-    else:
-        members = [fitted[n].member(test) for n in fitted]
-        blocks = len(grid.test_blocks(len(test))) * len(train)
-        with tqdm(total=blocks, desc=f"top-{k}", unit="row", disable=not progress, leave=False) as bar:
-            results = score_top_k(members, len(test), k, bottom_k or 0, grid, progress=bar.update)
+    results = backend.top_k(run, fitted, test, train, k, bottom_k or 0, grid, progress)
     share = (time.perf_counter() - t) / len(fitted)
     for name, method in fitted.items():
         seconds[name] += share
         cfg = dict(method.config())
-        diagnostics = dict(method.diagnostics(), backend=getattr(backend, "name", "local"),
+        diagnostics = dict(method.diagnostics(), backend=backend.name,
                            grid=[grid.test_rows, grid.train_rows])
         for bottom in (False, True) if bottom_k else (False,):
             pos, vals = results[name]["bottom" if bottom else "top"]

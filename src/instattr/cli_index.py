@@ -27,7 +27,7 @@ def backend_args(g, what: str = "where training sides and score blocks are compu
 
 
 def backend_of(a):
-    """The backend object ``--backend`` names (None: the local one)."""
+    """The backend object ``--backend`` names (:mod:`instattr.backend`)."""
     if a.workers is not None and a.workers < 1:
         raise InstattrError(f"--workers must be positive, got {a.workers}")
     if a.backend == "ray":
@@ -35,7 +35,8 @@ def backend_of(a):
         return RayBackend(a.address, a.workers)
     if a.address or a.workers:
         raise InstattrError("--address and --workers apply to --backend ray")
-    return None
+    from .backend import LOCAL
+    return LOCAL
 
 
 def scale_options(a) -> dict:
@@ -87,15 +88,11 @@ def cmd_query(a) -> int:
         if not a.out:
             raise InstattrError("--split writes top-k files: give --out FOLDER")
         test = run.features(a.split)
-    backend = None if a.ann else backend_of(a)
     if a.ann:
         res = index.ann_search(names, test, a.top_k, a.bottom_k or 0)
-    elif backend is not None:
-        with backend:
-            res = backend.search(index.root, names, {n: index.method(n) for n in names}, test, a.top_k,
-                                 a.bottom_k or 0)
     else:
-        res = index.search(names, test, a.top_k, a.bottom_k or 0)
+        with backend_of(a) as backend:
+            res = backend.search(index, names, {n: index.method(n) for n in names}, test, a.top_k, a.bottom_k or 0)
     if a.text is None:
         return _write_split(index, res, test, a)
     ids, labels = index.ids, index.labels

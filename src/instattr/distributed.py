@@ -149,8 +149,7 @@ class GradientActor:
     then :meth:`gradients` computes one of its batches."""
 
     def __init__(self, source):
-        from .layers.attributors import resolve_dtype
-        self.source, self.dtype = source, resolve_dtype(source.dtype)
+        self.source = source
         self.classifier, self.projector = source.build()
 
     def prepare(self, rows, labels: np.ndarray, batches: Sequence[np.ndarray], factors: bool,
@@ -164,10 +163,8 @@ class GradientActor:
 
     def gradients(self, j: int):
         """(positions, gradients, factors or None, final-layer inputs) of batch ``j``."""
-        from .layers.attributors import batch_gradients
         rows = self.batches[j]
-        g, f, x = batch_gradients(self.projector, self.rows.batch(rows), self.labels[rows], self.dtype, self.factors,
-                                  self.query)
+        g, f, x = self.projector.gradients(self.rows.batch(rows), self.labels[rows], self.factors, self.query)
         return rows, g.numpy(), None if f is None else f.numpy(), x.float().numpy()
 
 
@@ -395,10 +392,13 @@ def ray_top_k(run, fitted: Dict[str, object], test, train, k: int, bottom_k: int
 
 
 class RayBackend:
-    """``--backend ray`` as a strategy object: ``attribution.attribute_run`` and ``index.build_index``
-    take it (or None for the local backend) and call these, never importing this module."""
+    """``--backend ray`` as a strategy object (the protocol of :mod:`instattr.backend`): commands
+    take it instead of the local backend and call these, never importing this module."""
 
     name = "ray"
+    dense = False                 # writes top-k results only
+    embeds_in_fit = False         # training sides are written by ShardWriter actors
+    runs_everything = False       # fine-tuning stays in one process: refused here
 
     def __init__(self, address: Optional[str] = None, workers: Optional[int] = None):
         if workers is not None and int(workers) < 1:
@@ -418,11 +418,16 @@ class RayBackend:
         """``classifier.forward_texts(documents, queries)`` of each group on one pool of actors."""
         return ray_classify_groups(classifier, groups, progress, self.address, self.workers)
 
-    def gradient_batches(self, source, fs, labels, batches, factors: bool, query: bool = False):
+    def gradient_batches(self, projector, source, fs, rows, labels, batches, factors: bool, query: bool = False):
         """Yield (positions, gradients, factors or None, final-layer inputs) for ``batches``
         (positions into ``fs``, padded as the local path pads them), from this backend's pool of
-        :class:`GradientActor` for ``source``, in whatever order they finish. A worker that fails
-        (e.g. cannot read the run folder) stops the pool and raises a one-line error."""
+        :class:`GradientActor` for ``source``, in whatever order they finish; without a ``source``
+        (a classifier no worker can rebuild) here. A worker that fails (e.g. cannot read the run
+        folder) stops the pool and raises a one-line error."""
+        if source is None:
+            from .backend import LOCAL
+            yield from LOCAL.gradient_batches(projector, None, fs, rows, labels, batches, factors, query)
+            return
         if not len(batches):
             return
         ray = connect(self.address, self.workers)
@@ -485,14 +490,15 @@ class RayBackend:
         # a copy (inside a fitted method that ShardWriter actors receive) starts its own actors if it needs any
         return {"address": self.address, "workers": self.workers, "_actors": {}}
 
-    def build_shards(self, root, train, methods, shards, todo, dtype: str, train_rows: int, progress: bool = False):
-        """Write the index shards ``todo`` with a pool of actors; yields (shard, its file entries) as
-        each is written. Gradient actors holding GPUs are stopped first, so the writers can have them."""
+    def build_shards(self, job, todo, progress: bool = False):
+        """Write the index shards ``todo`` of ``job`` (:class:`instattr.index.build.ShardJob`) with a
+        pool of actors; yields (shard, its file entries) as each is written. Gradient actors holding
+        GPUs are stopped first, so the writers can have them."""
         for source in [s for s in self._actors if s.device == "cuda"]:
             self._stop(source)
-        return ray_build_shards(root, train, methods, shards, todo, dtype, train_rows, self.address, self.workers,
-                                progress)
+        return ray_build_shards(job.root, job.train, job.methods, job.shards, todo, job.dtype, job.train_rows,
+                                self.address, self.workers, progress)
 
-    def search(self, root, names, methods, test, k: int, bottom_k: int = 0):
+    def search(self, index, names, methods, test, k: int, bottom_k: int = 0):
         """An index's top-k, one task per shard, merged on the driver."""
-        return ray_search(root, names, methods, test, k, bottom_k, address=self.address, workers=self.workers)
+        return ray_search(index.root, names, methods, test, k, bottom_k, address=self.address, workers=self.workers)

@@ -18,6 +18,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from .arrays import FeatureSet
+from .backend import LOCAL, backend_or_local
 from .data import Dataset, Split, load_dataset
 from .errors import InstattrError
 from .files import process_umask
@@ -205,19 +206,16 @@ def tune_head(x_train, y_train, x_dev, y_dev, n_classes: int, base, progress: bo
     return best[0], trials
 
 
-def _encode_splits(encoder, splits: Dict[str, Split], pair_mode, progress: bool, backend=None) -> Dict[str, np.ndarray]:
-    """Each split's encoder output: split by split here, or every split in one call of ``backend``
-    (one pool of workers loads the encoder once); each split cached on its own either way."""
-    from .encoders import encode_groups, encode_texts
-    if backend is None:
-        return {name: encode_texts(encoder, *_texts(s), pair_mode, progress, desc=f"encode {name}")
-                for name, s in splits.items()}
+def _encode_splits(encoder, splits: Dict[str, Split], pair_mode, progress: bool, backend) -> Dict[str, np.ndarray]:
+    """Each split's encoder output, every split in one call of ``backend`` (a pool of workers loads
+    the encoder once); each split cached on its own."""
+    from .encoders import encode_groups
     return dict(zip(splits, encode_groups(encoder, [_texts(s) for s in splits.values()], pair_mode, backend,
                                           progress)))
 
 
 def _train_head(tmp: Path, config: TrainConfig, ds: Dataset, splits: Dict[str, Split], encoder, pair_mode,
-                progress: bool, metrics: dict, backend=None) -> dict:
+                progress: bool, metrics: dict, backend) -> dict:
     """Encode, train the head, write its files; returns the manifest fields of head mode."""
     from safetensors.torch import save_file
 
@@ -258,18 +256,13 @@ def _train_head(tmp: Path, config: TrainConfig, ds: Dataset, splits: Dict[str, S
 
 # ------------------------------------------------------------------ Hugging Face classifiers
 def _featurize_hf(tmp: Path, classifier, splits: Dict[str, Split], n_classes: int, progress: bool,
-                  metrics: dict, backend=None) -> None:
-    """Features and probabilities of every split through an HF classifier: split by split here, or
-    every split in one call of ``backend`` (e.g. a pool of Ray workers)."""
+                  metrics: dict, backend) -> None:
+    """Features and probabilities of every split through an HF classifier, every split in one call
+    of ``backend`` (e.g. a pool of Ray workers)."""
     t = time.perf_counter()
-    if backend is None:           # a split at a time: one split's arrays in memory
-        for name, s in splits.items():
-            feats, probs = classifier.forward_texts(*_texts(s), progress, desc=f"classify {name}")
-            _write_split(tmp, s, feats, probs, n_classes, metrics)
-    else:
-        outputs = backend.classify_groups(classifier, [_texts(s) for s in splits.values()], progress)
-        for s, (feats, probs) in zip(splits.values(), outputs):
-            _write_split(tmp, s, feats, probs, n_classes, metrics)
+    outputs = backend.classify_groups(classifier, [_texts(s) for s in splits.values()], progress)
+    for s, (feats, probs) in zip(splits.values(), outputs):
+        _write_split(tmp, s, feats, probs, n_classes, metrics)
     lin = classifier.final_layer()
     _save_final_layer(tmp, lin.w, lin.b)
     metrics["timings"]["featurize_s"] = time.perf_counter() - t
@@ -301,7 +294,7 @@ def _finetune(tmp: Path, config: TrainConfig, ds: Dataset, splits: Dict[str, Spl
     metrics["timings"]["train_s"] = time.perf_counter() - t
     classifier = HFClassifier(str(folder), ds.label_names, ds.is_pair, ft.l2, config.max_length, final,
                               device=encoder.device)
-    _featurize_hf(tmp, classifier, splits, len(ds.label_names), progress, metrics)
+    _featurize_hf(tmp, classifier, splits, len(ds.label_names), progress, metrics, LOCAL)
     return {"hf": _hf_info(classifier, "model/hf", "finetune"), "l2": ft.l2, "extra": {"finetune": ft.to_dict()}}
 
 
@@ -310,9 +303,10 @@ def train_run(config: TrainConfig, out, overwrite: bool = False, progress: bool 
     (e.g. ``distributed.RayBackend``) encodes the texts in head mode; None: this process."""
     from .device import resolve_device
     from .encoders import Encoder
+    backend = backend_or_local(backend)
     if config.mode not in ("head", "finetune"):
         raise InstattrError(f"--mode must be head or finetune, got {config.mode!r}")
-    if backend is not None and config.mode != "head":
+    if not backend.runs_everything and config.mode != "head":
         raise InstattrError(f"--backend {backend.name} encodes for --mode head; fine-tuning runs in this process")
     config.head.check()
     device = resolve_device(config.device)
@@ -382,6 +376,7 @@ def import_run(config: ImportConfig, out, overwrite: bool = False, progress: boo
     from .device import resolve_device
     from .encoders import check_max_length, describe
     from .models.hf import HFClassifier, check_labels, load_hf, model_max_length
+    backend = backend_or_local(backend)
     if not config.damping > 0:
         raise InstattrError(f"--damping must be > 0 (it stands in for the L2 penalty of the final layer), "
                             f"got {config.damping}")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 
 from ..arrays import FeatureSet
+from ..backend import backend_or_local
 from ..methods.scoring import TRAIN_BLOCK, Grid
 from ..methods.sides import Side
 from ..store import Run, write_json, write_npy, write_npz
@@ -105,8 +107,8 @@ def build_index(out, train: FeatureSet, methods: Dict[str, object], source: dict
                 backend=None,
                 labels: Optional[np.ndarray] = None) -> dict:
     """Write (or resume) the index at ``out``; returns its manifest. ``source`` records where the
-    training rows came from (``{"run": path, "run_sha256": ...}``)."""
-    from tqdm.auto import tqdm
+    training rows came from (``{"run": path, "run_sha256": ...}``). ``backend`` (:mod:`instattr.backend`)
+    writes the shards."""
     root = Path(out)
     if dtype not in DTYPES:
         raise IndexStoreError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -140,10 +142,11 @@ def build_index(out, train: FeatureSet, methods: Dict[str, object], source: dict
                 del done[i:]
                 todo = sorted(set(todo) | set(range(i, len(shards))))
                 break
-    if backend is not None and todo:       # e.g. distributed.RayBackend: shards written by a pool of actors
+    if todo:
+        job = ShardJob(root, train, methods, shards, dtype, train_rows)
         arrived, order = {}, iter(todo)
         want = next(order)
-        for i, entries in backend.build_shards(root, train, methods, shards, todo, dtype, train_rows, progress):
+        for i, entries in backend_or_local(backend).build_shards(job, todo, progress):
             arrived[i] = entries
             while want is not None and want in arrived:   # record the finished prefix: a kill resumes after it
                 for name in methods:
@@ -154,14 +157,6 @@ def build_index(out, train: FeatureSet, methods: Dict[str, object], source: dict
                 want = next(order, None)
         if want is not None:
             raise IndexStoreError(f"{root}: the backend did not write shard {want}")
-    else:
-        for i in tqdm(todo, desc=f"index {len(shards)} shards", disable=not progress, leave=False):
-            for name, method in methods.items():
-                if len(manifest["methods"][name]["shards"]) > i:
-                    continue
-                _record(manifest, name, i, write_shard(root, name, i, shard_side(method, train, shards[i], train_rows),
-                                                       dtype))
-                write_manifest(root, manifest)     # after every shard: a killed build resumes here
     if ann:
         from .ann import build_ann, current_ann
         for name, method in methods.items():
@@ -172,6 +167,23 @@ def build_index(out, train: FeatureSet, methods: Dict[str, object], source: dict
     manifest["complete"] = True
     write_manifest(root, manifest)
     return manifest
+
+
+@dataclass
+class ShardJob:
+    """What writing an index's shards needs (:meth:`instattr.backend.LocalBackend.build_shards` calls
+    :meth:`write`; a Ray backend sends the fields to its actors)."""
+    root: Path
+    train: FeatureSet
+    methods: Dict[str, object]
+    shards: List[slice]
+    dtype: str
+    train_rows: int
+
+    def write(self, i: int) -> Dict[str, dict]:
+        """Shard ``i`` of every method; its manifest entries per method."""
+        return {name: write_shard(self.root, name, i, shard_side(m, self.train, self.shards[i], self.train_rows),
+                                  self.dtype) for name, m in self.methods.items()}
 
 
 def _record(manifest: dict, name: str, i: int, entry: dict) -> None:

@@ -113,6 +113,9 @@ class Index:
                 with np.load(self.root / entry["state"]["file"], allow_pickle=False) as z:
                     arrays = {k: z[k] for k in z.files}
                 method = load_state(arrays, read_json(self.root / entry["state_meta"]["file"]))
+                if method.needs == "sentence":          # its test side reads the run's sentence embeddings
+                    from ..sentence import sentence_embeddings
+                    method.bind(sentence_embeddings(self.run()))
             else:
                 from ..attribution import fit_method
                 method = fit_method(self.run(), name, **entry.get("options", {}))

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ..arrays import FeatureSet
+from ..backend import backend_or_local
 from ..errors import InstattrError
 from ..methods.base import Attributor, mean_against_others
 from ..methods.registry import register
@@ -143,20 +144,6 @@ def projector_for(classifier, tracked, dtype, proj_dim, seed, projection, measur
     return GradientProjector(module, tracked, task, proj_dim, seed, projection, classifier.final_name, basis)
 
 
-def batch_gradients(projector: GradientProjector, batch, labels: torch.Tensor, dtype: torch.dtype,
-                    factors: bool, query: bool = False):
-    """One padded batch's projected gradients (B, dim) -- of the training loss at ``labels``, or
-    with ``query`` of minus the measurement there -- its Gauss-Newton factors (B, S, dim) or None,
-    and the recomputed final-layer inputs (B, d)."""
-    out, jac = projector.project(batch)
-    task = projector.task
-    coef = task.query_coefficients(out, labels) if query else task.train_coefficients(out, labels)
-    jac = jac.cpu()
-    grads = torch.einsum("br,brd->bd", coef.cpu().to(dtype), jac)
-    facs = torch.einsum("bsr,brd->bsd", task.curvature_roots(out).cpu().to(dtype), jac) if factors else None
-    return grads, facs, out.features.cpu()
-
-
 def projected_gradients(classifier, fs: FeatureSet, labels: np.ndarray, projector: GradientProjector,
                         batch_size: int = 32, dtype="float32", factors: bool = False, check: bool = True,
                         progress: Optional[bool] = False, desc: str = "", what: str = "layers", backend=None,
@@ -164,22 +151,22 @@ def projected_gradients(classifier, fs: FeatureSet, labels: np.ndarray, projecto
     """Projected per-example gradients of ``fs`` at ``labels`` (n, dim), in ``fs`` order (``query``:
     of minus the measurement), and with ``factors`` the Gauss-Newton factors (n * S, dim): rows F
     with GGN = (1/n) F^T F. ``check`` compares the recomputed final-layer inputs with the run's
-    stored features. ``backend`` (e.g. :class:`instattr.distributed.RayBackend`) computes the
-    batches elsewhere from ``source``, rows of a run's splits only; new texts are always computed here."""
+    stored features. The batches run on ``backend`` (:mod:`instattr.backend`; e.g. a
+    :class:`instattr.distributed.RayBackend` rebuilds the projector from ``source``), rows of a
+    run's splits only: new texts, or a classifier no worker can rebuild (``source`` None), here."""
     dtype = resolve_dtype(dtype)
     rows = classifier.rows(fs)
     n, s, dim = len(fs), projector.task.n_scalars, projector.dim
+    if dtype != projector.dtype:
+        raise InstattrError(f"{what}: the projector runs in {projector.dtype}, not {dtype}")
     if n * dim * (1 + s * factors) * torch.finfo(dtype).bits // 8 > MAX_EMBEDDING_BYTES:
         raise InstattrError(f"{what}: {n} x {dim} gradients do not fit in memory; set proj_dim")
     grads = torch.zeros(n, dim, dtype=dtype)
     facs = torch.zeros(n, s, dim, dtype=dtype) if factors else None
-    labels = torch.as_tensor(np.asarray(labels))
     order = rows.order(batch_size)
-    if backend is not None and source is not None and fs.texts is None:
-        parts = backend.gradient_batches(source, fs, labels.numpy(), order, factors, query)
-    else:
-        parts = ((pos, *batch_gradients(projector, rows.batch(pos), labels[pos], dtype, factors, query))
-                 for pos in order)
+    remote = source is not None and fs.texts is None         # a worker elsewhere can rebuild these rows
+    parts = backend_or_local(backend if remote else None).gradient_batches(projector, source, fs, rows, labels, order,
+                                                                          factors, query)
     done = 0
     with _progress(n, desc, progress) as bar:
         for pos, g, f, feats in parts:
@@ -219,6 +206,7 @@ class _TopLayers(Attributor):
     whitened = False
     normalized = False
     needs = "classifier"
+    diagnosed = ("n_train_", "dim_", "train_gradients_reused_")
     command_line_options = ("layers", "modules", "proj_dim", "projection", "damping", "ihvp", "measurement")
 
     def __init__(self, layers: Optional[int] = None, modules: Optional[Sequence[str]] = None,
@@ -248,7 +236,7 @@ class _TopLayers(Attributor):
         self.progress = None if progress is None else bool(progress)
 
     def config(self) -> dict:
-        cfg = {k: v for k, v in super().config().items() if k != "progress"}
+        cfg = {k: v for k, v in super().config().items() if k != "progress"}     # how it shows, not what it is
         if hasattr(self, "dim_"):
             cfg["gradient_dim"] = int(self.dim_)
             prefix = self.classifier_.prefix
@@ -275,7 +263,7 @@ class _TopLayers(Attributor):
                    query: bool = False):
         classifier = classifier or self.classifier_
         source = None
-        if self.backend is not None and self._runs_own_classifier():
+        if self._runs_own_classifier():          # a worker elsewhere can rebuild it from the run folder
             source = GradientSource(str(classifier.run.path.resolve()), classifier.device.type, self.layers,
                                     None if self.modules is None else tuple(self.modules), self.dtype, self.proj_dim,
                                     self.seed, self.projection, self.measurement, checkpoint,

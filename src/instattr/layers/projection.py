@@ -236,6 +236,18 @@ class GradientProjector:
                 b.inputs, b.outputs, b.shared = [], [], []
         return _detached(out), rows
 
+    def gradients(self, batch: Dict[str, torch.Tensor], labels: torch.Tensor, factors: bool, query: bool = False):
+        """One padded batch's projected gradients (B, dim) -- of the training loss at ``labels``,
+        or with ``query`` of minus the measurement there -- its Gauss-Newton factors (B, S, dim)
+        or None, and the recomputed final-layer inputs (B, d), on the CPU in the module's dtype."""
+        out, jac = self.project(batch)
+        task = self.task
+        coef = task.query_coefficients(out, labels) if query else task.train_coefficients(out, labels)
+        jac = jac.cpu()
+        grads = torch.einsum("br,brd->bd", coef.cpu().to(self.dtype), jac)
+        facs = torch.einsum("bsr,brd->bsd", task.curvature_roots(out).cpu().to(self.dtype), jac) if factors else None
+        return grads, facs, out.features.cpu()
+
 
 def _detached(out):
     """The forward pass's output with its tensors cut from the graph."""

@@ -49,6 +49,11 @@ class Attributor(ABC):
     command_line_options: tuple = ()
     finish: Finish = INNER_PRODUCT     # per-pair step after the inner product (nn-euc: a distance)
     _train_rows: int = TRAIN_BLOCK     # training rows per block (embedding and scoring)
+    # Declared fields, never found by reflection: the fitted attributes an index saves so that it can
+    # compute test sides (None: the method cannot be saved, an index refits it: :mod:`.state`), and
+    # the fitted scalars and small dicts reported beside its scores.
+    state: Optional[Tuple[str, ...]] = None
+    diagnosed: Tuple[str, ...] = ("n_train_",)
 
     def __init__(self, chunk_size: Optional[int] = None):
         if chunk_size is not None and int(chunk_size) < 1:
@@ -57,16 +62,23 @@ class Attributor(ABC):
 
     backend = None                     # set by fit: where per-example work runs (None: here)
 
+    @classmethod
+    def options(cls) -> Tuple[str, ...]:
+        """The constructor's options, each kept under its own name (the declared configuration)."""
+        import inspect
+        return tuple(p.name for p in inspect.signature(cls.__init__).parameters.values()
+                     if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+
     def config(self) -> dict:
         """The constructor options (saved next to the scores)."""
-        return {k: v for k, v in vars(self).items()
-                if not k.endswith("_") and not k.startswith("_") and k != "backend"}
+        return {k: getattr(self, k) for k in self.options()}
 
     def diagnostics(self) -> dict:
-        """Fitted scalars and small dicts (e.g. rep's ``reconstruction_``), JSON-ready."""
+        """The :attr:`diagnosed` fitted values (e.g. rep's ``reconstruction_``), JSON-ready."""
         out = {}
-        for k, v in vars(self).items():
-            if k.endswith("_") and not k.startswith("_") and isinstance(v, (bool, int, float, str, dict, np.generic)):
+        for k in self.diagnosed:
+            v = getattr(self, k, None)
+            if v is not None:
                 out[k.rstrip("_")] = v.item() if isinstance(v, np.generic) else v
         return out
 

@@ -45,6 +45,8 @@ class LastLayerGradient(Attributor):
 
     inverse_hessian: bool = False   # g_t^T H^-1 g_i instead of g_t^T g_i
     normalized: bool = False        # cosine (in the H^-1 geometry if inverse_hessian)
+    state = ("width_", "basis_", "layer_", "weight_", "center_", "key_", "whitener_", "inverse_")
+    diagnosed = ("n_train_", "width_")
 
     def _gradients(self, fs: FeatureSet, labels: np.ndarray) -> np.ndarray:
         """g~_i = (Q^T e_i) (x) f~_i, float64 (:func:`.lastlayer.reduced_gradients`)."""

@@ -39,6 +39,10 @@ from .similarity import centered_side_rows, column_mean
 class Representer(Attributor):
     """Representer-point scores; ``tol`` is the gradient norm the refit must reach."""
 
+    state = ("layer_", "weight_", "width_", "basis_", "lam_", "n_fit_", "center_", "key_")
+    diagnosed = ("n_train_", "width_", "lam_", "n_fit_", "grad_norm_", "n_iter_", "n_hessians_", "converged_",
+                 "reconstruction_", "prediction_agreement_")
+
     def __init__(self, tol: float = 1e-10, max_iter: int = 100, chunk_size: Optional[int] = None):
         super().__init__(chunk_size)
         if not tol > 0 or int(max_iter) < 1:

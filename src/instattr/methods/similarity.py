@@ -77,6 +77,8 @@ class Similarity(Attributor):
     needs = None
     space: str = "features"
     metric: str = "cos"
+    state = ("width_", "center_", "key_")
+    diagnosed = ("n_train_", "width_")
 
     @property
     def finish(self):

@@ -1,11 +1,12 @@
 """A fitted method's state without its training side: what an index needs to compute test sides.
 
-``save_state(method)`` -> ``(arrays, meta)``: every fitted attribute (name ending in ``_``) that is
-an array, a :class:`~instattr.store.FinalLayer`, a scalar, a string, a tuple or a small dict;
-the training side and training-sized arrays (``_state_skip``) are left out. ``load_state``
-rebuilds the method from its name, constructor options and that state, with no pickling.
-Methods holding anything else (the layered ones hold a torch model) cannot be saved; an index
-refits them from the run instead.
+``save_state(method)`` -> ``(arrays, meta)``: the fitted attributes the method *declares* in its
+``state`` (:class:`~instattr.methods.base.Attributor`), each an array, a
+:class:`~instattr.arrays.FinalLayer`, a scalar, a string, a tuple or a small dict; renaming any
+other attribute changes no file. ``load_state`` rebuilds the method from its name, constructor
+options and that state, with no pickling. A method that declares no state (``state = None``: the
+layered ones hold a torch model, TracIn its checkpoints) cannot be saved; an index refits it from
+the run instead.
 """
 from __future__ import annotations
 
@@ -15,19 +16,20 @@ import numpy as np
 
 from ..arrays import FinalLayer
 
-SKIP = ("train_side_", "train_embedding_", "alpha_", "embeddings_")
-
 
 class StateError(ValueError):
     """The method's fitted state holds something that cannot be saved without pickling."""
 
 
 def save_state(method) -> Tuple[Dict[str, np.ndarray], dict]:
+    if method.state is None:
+        raise StateError(f"{method.name}: declares no state to save; refit it from the run instead")
     arrays: Dict[str, np.ndarray] = {}
     meta: dict = {"name": method.name, "config": method.config(), "attrs": {}}
-    for k, v in vars(method).items():
-        if not k.endswith("_") or k.startswith("_") or k in SKIP:
+    for k in method.state:
+        if not hasattr(method, k):           # e.g. center_ exists on binary tasks only
             continue
+        v = getattr(method, k)
         if isinstance(v, np.ndarray):
             arrays[k] = v
             meta["attrs"][k] = {"type": "array"}
