@@ -8,7 +8,7 @@ import instattr.index.build as build_mod
 from instattr.attribution import attribute_run
 from instattr.cli import main
 from instattr.index import Index, IndexStoreError, build_run_index, verify
-from instattr.methods import bottom_k, top_k
+from instattr.methods import bottom_k, get_method, top_k
 from instattr.methods.scoring import Grid
 
 from _synthetic import featurize, make_run
@@ -285,4 +285,4 @@ def test_saved_state_is_what_each_method_declares(run):
         loaded.n_train_ = m.n_train_                             # as an index sets it: its row count
         np.testing.assert_array_equal(loaded.test_side(test).vectors, m.test_side(test).vectors)
     with pytest.raises(StateError, match="declares no state"):
-        save_state(fit_method(run, "tracin"))
+        save_state(get_method("tracin"))         # TracIn holds checkpoints: an index refits it
