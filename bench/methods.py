@@ -31,7 +31,9 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import rankdata
 
+from instattr.attribution import run_model
 from instattr.methods import METHOD_NAMES, get_method
+from instattr.sentence import sentence_embeddings
 from instattr.store import Run
 
 PEERS = {"nn-cos": "SimilarityInfluence(cosine)", "nn-euc": "SimilarityInfluence(euclidean)",
@@ -56,11 +58,11 @@ def row_spearman(a, b):
     return (ra * rb).sum(1) / np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))
 
 
-def run_ours(train, test, head, repeat, keep_rows):
+def run_ours(train, test, models, repeat, keep_rows):
     """Per method: best fit+score seconds, and the scores of the sampled rows."""
     seconds, kept = {}, {}
     for name in METHOD_NAMES:
-        t, scores = best_of(lambda: get_method(name).fit(train, head).score(test), repeat)
+        t, scores = best_of(lambda: get_method(name).fit(train, models[name]).score(test), repeat)
         seconds[name], kept[name] = t, scores[keep_rows]
         del scores
     return seconds, kept
@@ -151,7 +153,8 @@ def main(argv=None):
     train, test, head = run.features("train"), run.features(run.eval_split), run.final_layer()
     n_tr, n_te, d = len(train), len(test), train.features.shape[1]
     print(f"run {run.path}: train {n_tr} x {run.eval_split} {n_te}, d = {d}, "
-          f"{train.n_classes} classes, encoder width {train.encoder.shape[1]}, l2 = {head.l2}")
+          f"{train.n_classes} classes, sentence encoder width {sentence_embeddings(run).of(train).shape[1]}, "
+          f"l2 = {head.l2}")
 
     a = np.ascontiguousarray(test.features, dtype=np.float32)
     b = np.ascontiguousarray(train.features, dtype=np.float32)
@@ -159,7 +162,8 @@ def main(argv=None):
     print(f"floor: one ({n_te} x {d}) . ({d} x {n_tr}) float32 product = {floor:.4f} s (best of 5)\n")
 
     rows = np.sort(np.random.default_rng(0).choice(n_te, min(args.rows, n_te), replace=False))
-    seconds, ours = run_ours(train, test, head, args.repeat, rows)
+    models = {n: run_model(run, get_method(n)) for n in METHOD_NAMES}   # sbert-*: the stored sentence embeddings
+    seconds, ours = run_ours(train, test, models, args.repeat, rows)
     print(f"{'method':10s} {'seconds':>8s} {'x floor':>8s}   (fit + score, best of {args.repeat})")
     for name in METHOD_NAMES:
         print(f"{name:10s} {seconds[name]:8.3f} {seconds[name] / floor:8.1f}")

@@ -133,13 +133,13 @@ def synthetic(folder: Path, n: int, c: int, seed: int = 0):
         t = f @ teacher.T + rng.gumbel(size=(len(f), c))
         labels[s:s + len(f)] = t.argmax(1)
     train = FeatureSet(idx=np.arange(n).astype(str), label=labels, pred=probs.argmax(1), probs=probs,
-                       features=feats, encoder=feats)
+                       features=feats)
     q = (0.6 * centres[rng.integers(CENTRES, size=1000)] + 0.8 * rng.standard_normal((1000, D))).astype(np.float32)
     zq = q @ w.T + b
     pq = np.exp(zq - zq.max(1, keepdims=True))
     pq /= pq.sum(1, keepdims=True)
     queries = FeatureSet(idx=np.array([f"q{i}" for i in range(1000)]), label=pq.argmax(1), pred=pq.argmax(1),
-                         probs=pq.astype(np.float32), features=q, encoder=q)
+                         probs=pq.astype(np.float32), features=q)
     return train, FinalLayer(w=w, b=b, l2=0.01), queries
 
 
@@ -288,15 +288,14 @@ def bench_ray_encode(run, workers: int) -> None:
     ex = run.examples("train")
     texts, second, _ = encode_request([e.document for e in ex], [e.query for e in ex] if run.manifest.data.is_pair else None,
                                       run.manifest.pair_mode)
-    encoder = Encoder(run.manifest.encoder.path or None, run.manifest.encoder.pooling,
-                      run.manifest.encoder.max_length)
+    encoder = Encoder(run.manifest.sbert.path or None, run.manifest.sbert.pooling, run.manifest.sbert.max_length)
     t0 = time.perf_counter()
     local = encoder.encode(texts, second, progress=False)
     t_local = time.perf_counter() - t0
     t0 = time.perf_counter()
     (by_ray,) = RayBackend(workers=workers).encode_groups(encoder, [(texts, second)])
     t_ray = time.perf_counter() - t0
-    print(f"encode {len(texts):,} texts ({run.manifest.encoder.name}): local {t_local:.1f} s, ray "
+    print(f"encode {len(texts):,} texts ({run.manifest.sbert.name}): local {t_local:.1f} s, ray "
           f"{t_ray:.1f} s ({workers} workers, Ray already started); bit-identical: {np.array_equal(local, by_ray)}, "
           f"max |diff| {np.abs(local - by_ray).max():.2g}")
 
@@ -321,9 +320,9 @@ def bench_ray_import(model: str, data: str, limit: int, workers: int) -> None:
         times[backend] = time.perf_counter() - t0
     rows = {s: len(runs["local"].features(s)) for s in runs["local"].splits}
     same = all(np.array_equal(getattr(runs["local"].features(s), f), getattr(runs["ray"].features(s), f))
-               for s in rows for f in ("features", "probs", "encoder"))
+               for s in rows for f in ("features", "probs"))
     print(f"rows {rows}: local {times['local']:.1f} s, ray {times['ray']:.1f} s ({started}); "
-          f"features, probabilities and sentence embeddings bit-identical: {same}")
+          f"features and probabilities bit-identical: {same}")
 
 
 def main(argv=None):
