@@ -1,15 +1,15 @@
-"""Influence over the top encoder layers on a real run: projected if-top vs the paper's LiSSA vs EK-FAC.
+"""Influence over tracked modules on a real run: projected if-top vs the paper's LiSSA vs EK-FAC.
 
     python bench/layers.py runs/sst2 [--n-test 6] [--n-train 500] [--ks 4,8,16,32] [--projections khatri-rao]
                                      [--dampings 0.1,1,10] [--lissa-damping 10] [--lissa-depth 1000]
                                      [--n-hessian 1000] [--kronfluence]
-                                     [--only cache,exact,ggn,projected,lissa,paper,kfac,agreement]
+                                     [--only exact,ggn,projected,lissa,paper,kfac,agreement]
 
 Every phase runs in a fresh process (its peak resident memory is its own, read with
 resource.getrusage) on the same seeded sample: ``--n-test`` test rows against ``--n-train``
 training rows (all training rows enter every Hessian). It prints
 
-- exact ``gd-top`` (unprojected per-example gradients, torch.func) and the Spearman agreement of
+- exact ``gd-top`` (unprojected per-example gradients, each example alone) and the Spearman agreement of
   projected ``gd-top`` with it for each projection size ``k`` (the projection alone);
 - the exact Gauss-Newton influence with the Hessian of ``--n-hessian`` training rows (Woodbury over
   exact gradients), against projected ``if-top``/``gd-top`` fitted on the same rows, for each ``k``
@@ -23,9 +23,8 @@ training rows (all training rows enter every Hessian). It prints
   Spearman of projected if-top at the same damping against it;
 - LiSSA as the paper's code ran it (damping 3e-3, scale 1e4, depth 0.25 n / batch): its time and
   what it agrees with;
-- kronfluence's EK-FAC on the same Linear modules (``--kronfluence``; LayerNorm parameters are not
-  supported there), if installed; with ``ggn`` also fitted on the reference's rows and compared
-  with the exact influence at each damping;
+- kronfluence's EK-FAC on the same tracked Linear modules (``--kronfluence``), if installed; with
+  ``ggn`` also fitted on the reference's rows and compared with the exact influence at each damping;
 - on the stored score matrices of the run: if-top vs last-layer if and tracin vs gd (mean per-row
   Spearman over a sample of 100 test rows, and the common top-10 of Figure 4).
 
@@ -87,63 +86,52 @@ def setup(run_path, split, test_rows, train_rows, layers):
     return run, test, train, train.subset(np.asarray(train_rows))
 
 
-def _start(run, layers):
-    from instattr.models import classifier_for
-    from instattr.models.tracked import first_tracked_layer
-    return first_tracked_layer(classifier_for(run).n_layers, layers)
-
-
 def classifier_for(run):
     from instattr.models import classifier_for as build
     return build(run)
 
 
 def tracked_model(run, layers, dtype="float32"):
-    """(the run's tracked model over its top ``layers`` blocks, the first tracked block)."""
-    start = _start(run, layers)
-    return classifier_for(run).tracked(start, dtype), start
+    """(classifier, its module in ``dtype``, the tracked modules of its top ``layers`` blocks and
+    head, their flat parameters)."""
+    from instattr.layers.attributors import module_in
+    from instattr.layers.grads import FlatParameters
+    clf = classifier_for(run)
+    tracked = clf.tracked(layers)
+    module = module_in(clf, dtype)
+    return clf, module, tracked, FlatParameters(module, tracked, clf.final_name)
 
 
-def exact_gradients(run, fs, labels, model, flat, layers, batch_size=16):
-    """Yield (positions, exact per-example gradients) via torch.func, length-sorted batches."""
+def projector(run, layers, k, kind):
+    from instattr.layers.attributors import projector_for
+    clf, _, tracked, _ = tracked_model(run, layers)
+    return projector_for(clf, tracked, "float32", k, 0, kind)
+
+
+def exact_gradients(run, fs, labels, flat, batch_size=16, query=False):
+    """Yield (positions, exact per-example gradients), length-sorted batches, each example alone."""
     import torch
 
-    from instattr.layers.cache import Examples
-    from instattr.layers.grads import per_example_flat_grads
+    from instattr.layers.grads import per_example_grads
+    clf = classifier_for(run)
+    rows, task = clf.rows(fs), clf.task()
     labels = torch.as_tensor(np.asarray(labels))
-    for pos, b in Examples(classifier_for(run), fs, _start(run, layers)).batches(batch_size, torch.float32):
-        yield pos, per_example_flat_grads(model, flat, b, labels[pos])
+    for pos in rows.order(batch_size):
+        yield pos, per_example_grads(task, flat, rows.batch(pos), labels[pos], query)
 
 
 # ------------------------------------------------------------------ phases
-def phase_cache(run_path, layers):
-    from instattr.layers.cache import cache_path, load_cache
-    from instattr.store import Run
-    run = Run.load(run_path)
-    start = _start(run, layers)
-    out = {}
-    for split in ("train", run.eval_split):
-        existed = cache_path(classifier_for(run), split, start).exists()
-        t = time.perf_counter()
-        c = load_cache(classifier_for(run), split, start)
-        out[split] = {"seconds": time.perf_counter() - t, "built": not existed, "tokens": int(len(c.states)),
-                      "mb": c.states.nbytes / 2**20}
-    return out
-
-
 def phase_exact(run_path, split, test_rows, train_rows, layers):
     import torch
 
-    from instattr.layers.grads import FlatParameters
     run, test, _, train_s = setup(run_path, split, test_rows, train_rows, layers)
-    model, _ = tracked_model(run, layers)
-    flat = FlatParameters(model)
+    _, _, _, flat = tracked_model(run, layers)
     t = time.perf_counter()
     g_t = torch.zeros(len(test), flat.dim)
-    for pos, g in exact_gradients(run, test, test.pred, model, flat, layers):
+    for pos, g in exact_gradients(run, test, test.pred, flat, query=True):
         g_t[pos] = g
     gd = np.zeros((len(test), len(train_s)), np.float32)
-    for pos, g in exact_gradients(run, train_s, train_s.label, model, flat, layers):
+    for pos, g in exact_gradients(run, train_s, train_s.label, flat):
         gd[:, pos] = (g_t @ g.T).numpy()
     return {"gd": gd, "seconds": time.perf_counter() - t, "dim": flat.dim,
             "per_example_s": (time.perf_counter() - t) / (len(test) + len(train_s))}
@@ -155,15 +143,13 @@ def phase_projected(run_path, split, test_rows, train_rows, layers, k, dampings,
 
     from instattr.layers.attributors import gauss_newton_curvature, projected_gradients
     from instattr.layers.ihvp import GaussNewton
-    from instattr.layers.projection import GradientProjector
     run, test, train, _ = setup(run_path, split, test_rows, train_rows, layers)
-    model, _ = tracked_model(run, layers)
-    proj = GradientProjector(model, k, kind=kind)
+    proj = projector(run, layers, k, kind)
     t = time.perf_counter()
-    g_tr, factors = projected_gradients(classifier_for(run), train, train.label, proj, _start(run, layers), factors=True)
+    g_tr, factors = projected_gradients(classifier_for(run), train, train.label, proj, factors=True)
     t_train = time.perf_counter() - t
     t = time.perf_counter()
-    g_te, _ = projected_gradients(classifier_for(run), test, test.pred, proj, _start(run, layers))
+    g_te, _ = projected_gradients(classifier_for(run), test, test.pred, proj, query=True)
     t_test = (time.perf_counter() - t) / len(test)
     cols = torch.as_tensor(np.asarray(train_rows))
     out = {"k": k, "dim": proj.dim, "train_s": t_train, "test_s_per_example": t_test,
@@ -184,18 +170,16 @@ def phase_lissa(run_path, split, test_rows, train_rows, layers, damping, scale, 
     """LiSSA with exact HVPs over the whole training set; scores on the sample every check_every steps."""
     import torch
 
-    from instattr.layers.cache import Examples
-    from instattr.layers.grads import FlatParameters, hvp
+    from instattr.layers.grads import hvp
     from instattr.layers.ihvp import Curvature, LiSSA
     run, test, train, train_s = setup(run_path, split, test_rows, train_rows, layers)
-    model, _ = tracked_model(run, layers)
-    flat = FlatParameters(model)
-    examples = Examples(classifier_for(run), train, _start(run, layers))
+    clf, _, _, flat = tracked_model(run, layers)
+    rows_of, task, l2 = clf.rows(train), clf.task(), clf.final_layer().l2
     labels = torch.as_tensor(train.label)
     curv = Curvature(dim=flat.dim, n=len(train),
-                     hvp=lambda v, rows: hvp(model, flat, examples.batch(rows, torch.float32), labels[rows], v))
+                     hvp=lambda v, rows: hvp(task, flat, rows_of.batch(rows), labels[rows], v, l2))
     g_t = torch.zeros(len(test), flat.dim)
-    for pos, g in exact_gradients(run, test, test.pred, model, flat, layers):
+    for pos, g in exact_gradients(run, test, test.pred, flat, query=True):
         g_t[pos] = g
     snaps = {}
 
@@ -213,7 +197,7 @@ def phase_lissa(run_path, split, test_rows, train_rows, layers, damping, scale, 
     snaps[depth] = ihvp
     t = time.perf_counter()
     scores = {s: np.zeros((len(test), len(train_s)), np.float32) for s in snaps}
-    for pos, g in exact_gradients(run, train_s, train_s.label, model, flat, layers):
+    for pos, g in exact_gradients(run, train_s, train_s.label, flat):
         for s, v in snaps.items():
             scores[s][:, pos] = (v @ g.T).numpy()
     t_dot = time.perf_counter() - t
@@ -231,22 +215,22 @@ def phase_exact_ggn(run_path, split, test_rows, layers, n_hessian, ks, dampings,
     unprojected answer g_t^T (Lambda + F^T F / n)^-1 g_i follows by Woodbury from the Gram matrix of
     exact per-example gradients (Lambda = damping, plus 2 l2 on the last weight; binary tasks, where
     each Gauss-Newton factor F_i is a multiple of g_i). The Gram matrix is accumulated from streamed
-    torch.func gradients, ``block`` rows at a time. Projected if-top and gd-top are fitted on the
+    exact gradients (each example alone), ``block`` rows at a time. Projected if-top and gd-top are fitted on the
     same subset, for every k. ``reference``: the exact part of an earlier run's ``--json`` (same
     run, sample and dampings), reused instead of recomputing it (about half an hour on 2 cores).
     """
     import torch
 
-    from instattr.layers.grads import FlatParameters
     from instattr.methods.lastlayer import sum_zero_basis
     run, test, train, _ = setup(run_path, split, test_rows, [0], layers)
     if train.n_classes != 2:
         raise ValueError("the Woodbury reference assumes a binary task")
     rows = hessian_rows(len(train), n_hessian, seed)
     sub = train.subset(rows)
-    model, _ = tracked_model(run, layers)
-    flat = FlatParameters(model)
-    w = np.concatenate([np.arange(flat.slices[name].start, flat.slices[name].stop) for name in model.penalized()])
+    clf, module, _, flat = tracked_model(run, layers)
+    starts = np.cumsum([0] + flat.sizes)
+    w = np.concatenate([np.arange(a, z) for p, a, z in zip(flat.params, starts[:-1], starts[1:])
+                        if any(p is q for q in flat.penalized)])
     l2 = run.final_layer().l2
     m, n, total = len(test), len(sub), len(test) + len(sub)
 
@@ -257,7 +241,7 @@ def phase_exact_ggn(run_path, split, test_rows, layers, n_hessian, ks, dampings,
             mine = np.flatnonzero((rows >= offset) & (rows < offset + len(fs)))
             if len(mine):
                 for pos, g in exact_gradients(run, fs.subset(rows[mine] - offset), labels[rows[mine] - offset],
-                                              model, flat, layers):
+                                              flat, query=offset == 0):
                     yield mine[pos], g
     if reference is not None:
         out = {"gram_s": reference["gram_s"], "n_hessian": n, "exact_gd": np.asarray(reference["exact_gd"]),
@@ -286,9 +270,9 @@ def phase_exact_ggn(run_path, split, test_rows, layers, n_hessian, ks, dampings,
     # Gauss-Newton factor of a training row: F_i = sqrt(q^T A_i q) / (q^T e_i) * g_i (binary, q = Q[:, 0])
     with torch.no_grad():
         p = np.zeros((n, 2))
-        from instattr.layers.cache import Examples
-        for pos, b in Examples(classifier_for(run), sub, _start(run, layers)).batches(64, torch.float32):
-            p[pos] = torch.softmax(model(**b).double(), -1).numpy()
+        sub_rows = clf.rows(sub)
+        for pos in sub_rows.order(64):
+            p[pos] = torch.softmax(module(**sub_rows.batch(pos)).logits.double(), -1).numpy()
     q = sum_zero_basis(2)[:, 0]
     e = p.copy()
     e[np.arange(n), sub.label] -= 1.0
@@ -310,14 +294,12 @@ def _projected_against(run, test, sub, layers, ks, dampings, l2, hessian, out, k
     """Projected gd-top and if-top on the Hessian subset ``sub``, for each kind, k and damping, into ``out``."""
     from instattr.layers.attributors import gauss_newton_curvature, projected_gradients
     from instattr.layers.ihvp import GaussNewton
-    from instattr.layers.projection import GradientProjector
-    model, _ = tracked_model(run, layers)
     for kind in kinds:
         for k in ks:
-            proj = GradientProjector(model, k, kind=kind)
+            proj = projector(run, layers, k, kind)
             t = time.perf_counter()
-            g_tr, factors = projected_gradients(classifier_for(run), sub, sub.label, proj, _start(run, layers), factors=True)
-            g_te, _ = projected_gradients(classifier_for(run), test, test.pred, proj, _start(run, layers))
+            g_tr, factors = projected_gradients(classifier_for(run), sub, sub.label, proj, factors=True)
+            g_te, _ = projected_gradients(classifier_for(run), test, test.pred, proj, query=True)
             res = {"kind": kind, "k": k, "dim": proj.dim, "seconds": time.perf_counter() - t,
                    "gd": (g_te @ g_tr.T).numpy(), "if": {}}
             for lam in dampings:
@@ -342,18 +324,22 @@ def phase_kfac(run_path, split, test_rows, train_rows, layers, dampings, n_fit, 
     from kronfluence.task import Task
     from kronfluence.utils.dataset import DataLoaderKwargs
 
-    from instattr.layers.cache import Examples
     run, test, train, train_s = setup(run_path, split, test_rows, train_rows, layers)
-    model, _ = tracked_model(run, layers)
+    clf, module, tracked, _ = tracked_model(run, layers)
+    import copy
+    model = copy.deepcopy(module)            # kronfluence wraps the tracked modules in place
     for p in model.parameters():
-        p.requires_grad_(True)
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        p.requires_grad_(False)
+    names = [t.name for t in tracked]
+    for n in names:
+        for p in model.get_submodule(n).parameters():
+            p.requires_grad_(True)
 
     datasets = {}
 
     class Rows(torch.utils.data.Dataset):
         def __init__(self, key, fs, labels):
-            self.key, self.ex, self.labels = key, Examples(classifier_for(run), fs, _start(run, layers)), np.asarray(labels)
+            self.key, self.rows, self.labels = key, clf.rows(fs), np.asarray(labels)
             datasets[key] = self
 
         def __len__(self):
@@ -365,13 +351,13 @@ def phase_kfac(run_path, split, test_rows, train_rows, layers, dampings, n_fit, 
     def collate(items):                  # one collate for every loader: items name their dataset
         ds = datasets[items[0][0]]
         pos = np.asarray([i for _, i in items])
-        b = ds.ex.batch(pos, torch.float32)
+        b = ds.rows.batch(pos)
         b["y"] = torch.as_tensor(ds.labels[pos])
         return b
 
     class Top(Task):
         def compute_train_loss(self, batch, model, sample=False):
-            logits = model(**{k: v for k, v in batch.items() if k != "y"})
+            logits = model(**{k: v for k, v in batch.items() if k != "y"}).logits
             if sample:
                 with torch.no_grad():
                     y = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
@@ -384,10 +370,10 @@ def phase_kfac(run_path, split, test_rows, train_rows, layers, dampings, n_fit, 
         def get_influence_tracked_modules(self):
             return names
 
-        def get_attention_mask(self, batch):   # token masks for the modules inside the layers
-            if "h2" in batch:
+        def get_attention_mask(self, batch):   # token masks for the modules inside the blocks
+            if "input_ids2" in batch:
                 return None
-            return {n: batch["m"].long() for n in names if n.startswith("layers.")}
+            return {t.name: batch["attention_mask"] for t in tracked if t.group != "head"}
 
     if fit_rows is None:
         fit_rows = np.sort(np.random.default_rng(1).choice(len(train), min(n_fit, len(train)), replace=False))
@@ -458,7 +444,7 @@ def main():
     ap.add_argument("--n-hessian", type=int, default=1000,
                     help="training rows of the exact (Woodbury) Gauss-Newton reference")
     ap.add_argument("--ggn-reference", help="an earlier --json of the same command: reuse its exact reference")
-    ap.add_argument("--only", default="cache,exact,ggn,projected,lissa,paper,kfac,agreement")
+    ap.add_argument("--only", default="exact,ggn,projected,lissa,paper,kfac,agreement")
     ap.add_argument("--json", help="write every number here as well")
     a = ap.parse_args()
     from instattr.store import Run
@@ -477,15 +463,9 @@ def main():
     print(f"{a.run}: top {a.layers} layers; sample {a.n_test} test x {a.n_train} train rows; "
           f"Hessians over all {n_train} training rows; {os.cpu_count()} CPUs (shared)")
 
-    if "cache" in only:
-        res["cache"] = in_process(phase_cache, a.run, a.layers)
-        for s, c in res["cache"].items():
-            if s != "peak_mb":
-                print(f"cache {s}: {c['tokens']} tokens, {c['mb']:.0f} MB, "
-                      f"{'built' if c['built'] else 'read'} in {c['seconds']:.1f} s")
     if "exact" in only:
         ex = res["exact"] = in_process(phase_exact, *common)
-        print(f"\nexact gd-top (torch.func, {ex['dim']:,} parameters): {ex['per_example_s'] * 1e3:.0f} ms per "
+        print(f"\nexact gd-top (each example alone, {ex['dim']:,} parameters): {ex['per_example_s'] * 1e3:.0f} ms per "
               f"example gradient, peak {ex['peak_mb']:.0f} MB")
     if "ggn" in only:
         ref = None
