@@ -371,3 +371,63 @@ def test_served_from_a_thread_prints_nothing_and_leaves_torch_as_it_was(serve_ru
     left = {t for t in set(threading.enumerate()) - threads if not t.name.startswith("AnyIO worker thread")}
     assert left == set(), left
     assert capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------- on a network: token, Host, headers, limits
+def test_a_token_guards_every_request_and_a_cookie_remembers_it(serve_run):
+    """With a token, every page, API call and static file needs it: none or a wrong one gets 401
+    and no data; ?token= on the URL works and sets a cookie the next requests carry; so does
+    Authorization: Bearer."""
+    with fastapi_testclient.TestClient(create_app(serve_run.path, token="s3cret-token")) as c:
+        for path in ("/", "/api/run", "/api/examples/test", "/static/app.js", "/docs", "/openapi.json"):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Cookie": "instattr_token=wrong"}):
+                r = c.get(path, headers=headers)
+                assert r.status_code == 401 and "token is required" in r.text, (path, headers)
+                assert "test_" not in r.text and XSS_LABELS[0] not in r.text
+        assert c.get("/api/run?token=wrong").status_code == 401
+        r = c.get("/api/run", headers={"Authorization": "Bearer s3cret-token"})
+        assert r.status_code == 200 and r.json()["labels"] == XSS_LABELS and "set-cookie" not in r.headers
+        r = c.get("/examples?token=s3cret-token")
+        assert r.status_code == 200 and "instattr_token=s3cret-token" in r.headers["set-cookie"]
+        assert "HttpOnly" in r.headers["set-cookie"] and "SameSite=Strict" in r.headers["set-cookie"]
+        assert c.get("/api/examples/test").status_code == 200          # the client keeps the cookie
+
+
+def test_the_host_header_must_name_this_machine_on_loopback(serve_run):
+    """DNS rebinding: a page on evil.example resolving to 127.0.0.1 sends Host: evil.example."""
+    from instattr.serve import guarded
+    access = guarded("127.0.0.1")
+    assert access["token"] is None and "localhost" in access["hosts"]
+    with fastapi_testclient.TestClient(create_app(serve_run.path, **access), base_url="http://127.0.0.1:8000") as c:
+        assert c.get("/api/run").status_code == 200
+        for host in ("localhost:8000", "[::1]:8000", "127.0.0.1"):
+            assert c.get("/api/run", headers={"Host": host}).status_code == 200, host
+        r = c.get("/api/run", headers={"Host": "evil.example:8000"})
+        assert r.status_code == 400 and "this machine only" in r.text and "labels" not in r.text
+    off = guarded("0.0.0.0")
+    assert off["hosts"] is None and len(off["token"]) >= 24 and guarded("0.0.0.0")["token"] != off["token"]
+    assert guarded("0.0.0.0", token="mine")["token"] == "mine"
+
+
+def test_security_headers_and_size_limits(client):
+    for path in ("/", "/examples", "/api/run", "/static/app.js", "/docs", "/nope"):
+        r = client.get(path)
+        csp = r.headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "script-src 'self'" in csp and "'unsafe-inline'" not in csp, path
+        assert "frame-ancestors 'none'" in csp and r.headers["x-content-type-options"] == "nosniff"
+        assert r.headers["referrer-policy"] == "no-referrer" and r.headers["x-frame-options"] == "DENY"
+        assert "access-control-allow-origin" not in r.headers
+    assert "<script>" not in client.get("/docs").text and "<style" not in client.get("/").text
+    big = client.post("/api/explain", content=b'{"text": "' + b"a" * 70_000 + b'"}',
+                      headers={"Content-Type": "application/json"})
+    assert big.status_code == 413 and "over 65536 bytes" in big.text
+    long = client.get("/explain", params={"text": "good " * 2500, "fragment": 1})
+    assert long.status_code == 422 and "at most 10,000 are explained" in long.text
+    assert client.post("/api/explain", json={"text": "x" * 10_001}).status_code == 422
+
+
+def test_a_full_live_queue_answers_429(client, monkeypatch):
+    import instattr.serve.live as live_mod
+    monkeypatch.setattr(live_mod, "MAX_WAITING", 0)
+    r = client.post("/api/explain", json={"text": "the movie was good"})
+    assert r.status_code == 429 and "waiting already" in r.json()["detail"]

@@ -4,8 +4,11 @@ training example, type a sentence and watch the explanation. Each step asserts o
 screen and saves a screenshot under $INSTATTR_ARTIFACTS (default tests/artifacts/serve).
 
 Texts and label names of the run are markup (`<script>`, `<img onerror>`): nothing may execute,
-no dialog may open, and no request may leave 127.0.0.1. With CI or INSTATTR_REQUIRE_BROWSER set,
-a browser that cannot start fails the tests; elsewhere they are skipped, saying why.
+no dialog may open, no request may leave 127.0.0.1, and the Content-Security-Policy refuses nothing
+the pages need (a refusal is a console error, which fails the test). A page on another origin
+cannot read the API, and a server with a token answers 401 without it. With CI or
+INSTATTR_REQUIRE_BROWSER set, a browser that cannot start fails the tests; elsewhere they are
+skipped, saying why.
 """
 import os
 import re
@@ -81,6 +84,7 @@ def page(browser, server):
     context.route("**/*", route)
     page.on("dialog", lambda d: (page.incidents.append(f"dialog: {d.message}"), d.dismiss()))
     page.on("pageerror", lambda e: page.incidents.append(f"script error: {e}"))
+    page.on("console", lambda m: m.type == "error" and page.incidents.append(f"console error: {m.text}"))
     page.set_default_timeout(30_000)
     yield page
     context.close()
@@ -213,3 +217,58 @@ def test_a_choice_made_while_the_script_loads_is_kept(page, server):
     page.wait_for_url(re.compile(r"correct=no"))
     expect(page.get_by_label("Correct")).to_have_value("no")
     clean(page)
+
+
+def test_a_page_on_another_origin_cannot_read_the_api(browser, server):
+    """A web page the user visits (another origin, here another port) asks the API for the run, with
+    and without credentials: the browser refuses it the answer (no CORS header is ever sent)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from playwright.sync_api import expect
+    evil = f"""<!doctype html><title>waiting</title><script>
+      Promise.all([fetch("{server}api/run").then(r => r.text()),
+                   fetch("{server}api/run", {{credentials: "include"}}).then(r => r.text())])
+        .then(t => {{ document.title = "read " + t[0].length; }})
+        .catch(e => {{ document.title = "blocked"; }});
+    </script>""".encode()
+
+    class Evil(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(evil)
+
+        def log_message(self, *a):
+            pass
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Evil)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"http://127.0.0.1:{other.server_address[1]}/")
+        expect(page).to_have_title("blocked", timeout=30_000)
+    finally:
+        context.close()
+        other.shutdown()
+
+
+def test_a_server_with_a_token_answers_401_without_it_and_remembers_it(browser, serve_run):
+    from playwright.sync_api import expect
+
+    from instattr.serve import running
+    with running(serve_run.path, token="a-long-test-token") as url:
+        context = browser.new_context()
+        try:
+            page = context.new_page()
+            r = page.goto(url)
+            assert r.status == 401 and "token is required" in page.content() and "test_" not in page.content()
+            assert page.goto(url + "examples?token=wrong").status == 401
+            page.goto(url + "?token=a-long-test-token")
+            expect(page.locator("h1")).to_contain_text("which training examples made the model predict this?")
+            page.goto(url + "explain")                                    # the cookie carries the token now
+            page.get_by_label("Text").press_sequentially("the movie was fun", delay=10)
+            expect(page.locator("#result section.live .verdict")).to_contain_text("predicted")
+        finally:
+            context.close()

@@ -166,7 +166,7 @@ def cmd_serve(a) -> int:
     from .serve import serve
     if a.threads < 1:
         raise InstattrError(f"--threads must be at least 1, got {a.threads}")
-    serve(a.run, a.host, a.port, device=a.device, threads=a.threads)
+    serve(a.run, a.host, a.port, device=a.device, threads=a.threads, token=a.token)
     return 0
 
 
@@ -174,8 +174,10 @@ def _serve_parser(sub) -> None:
     sv = sub.add_parser("serve", help="explore a run in the browser (needs the serve extra)")
     sv.add_argument("--run", required=True)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
-                    "only; 0.0.0.0 exposes the run to the network)")
+                    "only; 0.0.0.0 exposes the run to the network, behind a token)")
     sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--token", help="what every request must carry (?token=, Authorization: Bearer, or the cookie "
+                    "the first page sets); default $INSTATTR_TOKEN, and off loopback a new one, printed in the URL")
     sv.add_argument("--threads", type=int, default=1, help="torch and BLAS threads that explain new text (default "
                     "1: one core explains, the others serve pages; more helps on a big machine)")
     device_arg(sv)

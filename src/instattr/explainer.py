@@ -61,7 +61,7 @@ class Explainer:
                  query_field: Optional[str] = None, label_field: Optional[str] = None, damping: float = 0.01,
                  max_length: Optional[int] = None, device=None, progress: bool = False, **options):
         from .attribution import method_options, resolve_methods
-        from .models.hf import HFClassifier, model_max_length
+        from .models.hf import HFClassifier, adapter_trainable, model_max_length
         if not damping > 0:
             raise InstattrError(f"damping must be > 0 (it stands in for the final layer's L2), got {damping}")
         self.label_names = _label_names(model, labels)
@@ -73,8 +73,7 @@ class Explainer:
                 self.splits[name] = split_of_rows(((f"{name} row {i}", r) for i, r in enumerate(rows)), name, name,
                                                   f"{name} row 0", self.label_names, *fields)
         self.is_pair = self.splits["train"].is_pair
-        trainable = [n for n, p in model.named_parameters() if p.requires_grad] \
-            if hasattr(model, "peft_config") else None
+        trainable = adapter_trainable(model) if hasattr(model, "peft_config") else None
         model.eval()
         length = int(max_length or model_max_length(tokenizer, model))
         self.classifier = HFClassifier("", self.label_names, self.is_pair, damping, length, device=device,

@@ -62,6 +62,17 @@ def eager(module: nn.Module):
             cfg._attn_implementation = was
 
 
+def alone(batch: Batch, i: int) -> Batch:
+    """Row ``i`` of a right-padded batch, its padding cut off (each side by its own attention mask)."""
+    out = {}
+    for k, v in batch.items():
+        side = k[-1] if k[-1].isdigit() else ""
+        mask = batch.get("attention_mask" + side)
+        row = v[i:i + 1]
+        out[k] = row[:, :int(mask[i].sum())] if mask is not None and row.dim() == 2 else row
+    return out
+
+
 def regularised_loss(task, flat: FlatParameters, batch: Batch, labels: torch.Tensor, l2: float) -> torch.Tensor:
     """Mean task loss over the batch plus ``l2 * ||p||^2`` on the tracked final layer."""
     out = flat.module(**batch)
@@ -78,12 +89,7 @@ def per_example_grads(task, flat: FlatParameters, batch: Batch, labels: torch.Te
     n = len(next(iter(batch.values())))
     with tracking(flat.module, flat.modules), torch.enable_grad():
         for i in range(n):
-            one = {k: v[i:i + 1] for k, v in batch.items()}
-            mask = one.get("attention_mask")
-            if mask is not None:       # the example alone, unpadded
-                t = int(mask.sum())
-                one = {k: v[:, :t] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v for k, v in one.items()}
-            out = flat.module(**one)
+            out = flat.module(**alone(batch, i))
             y = labels[i:i + 1]
             value = -task.measurement(out, y).sum() if query else task.loss(out, y).sum()
             rows.append(flat.flatten(torch.autograd.grad(value, flat.params)))

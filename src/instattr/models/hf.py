@@ -119,6 +119,15 @@ def fingerprint(path) -> str:
     return h.hexdigest()[:16]
 
 
+def adapter_trainable(model) -> List[str]:
+    """The parameters a PEFT model's adapter trains: those that require gradients (a model loaded
+    with ``is_trainable``), else by name (LoRA matrices and ``modules_to_save`` copies)."""
+    flagged = [n for n, p in model.named_parameters() if p.requires_grad]
+    if flagged:
+        return flagged
+    return [n for n, _ in model.named_parameters() if ".lora_" in n or ".modules_to_save." in n]
+
+
 def load_hf(path: str):
     """(tokenizer, model in eval mode, trainable parameter names or None) of a sequence-classification
     checkpoint folder, or of a PEFT adapter folder over one (its trainable names: the adapter's)."""
@@ -141,7 +150,7 @@ def load_hf(path: str):
             tok = AutoTokenizer.from_pretrained(str(folder) if has_tokenizer else base)
             model = AutoModelForSequenceClassification.from_pretrained(base)
             model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
-            trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+            trainable = adapter_trainable(model)
     except InstattrError:
         raise
     except Exception as e:

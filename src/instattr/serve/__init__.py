@@ -10,6 +10,7 @@ scores or top-k results, by row) needs no web framework.
 """
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -71,26 +72,47 @@ def server(run_dir, sock: socket.socket, on_ready: Optional[Callable[[], None]] 
     return uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on"))
 
 
-def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, log: Callable[[str], None] = print, **options) -> None:
-    """Serve the run until interrupted; prints the URL once the app is ready (opens nothing)."""
+def guarded(host: str, token: Optional[str] = None) -> dict:
+    """The access options of a server bound to ``host`` (:mod:`.security`): off loopback a token
+    always (``token``, else ``$INSTATTR_TOKEN``, else a new one); on loopback the Host header must
+    name this machine, and a token only when one is given."""
+    from .security import LOOPBACK_NAMES, is_loopback, new_token
+    token = token or os.environ.get("INSTATTR_TOKEN") or None
+    if is_loopback(host):
+        return {"token": token, "hosts": sorted(set(LOOPBACK_NAMES) | {host.strip("[]").lower()})}
+    return {"token": token or new_token(), "hosts": None}
+
+
+def printed_url(url: str, token: Optional[str]) -> str:
+    return url + (f"?token={token}" if token else "")
+
+
+def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, log: Callable[[str], None] = print,
+          token: Optional[str] = None, **options) -> None:
+    """Serve the run until interrupted; prints the URL (with its token, when it needs one) once the
+    app is ready (opens nothing)."""
     sock = listen(host, port)
     url = url_of(sock)
+    access = guarded(host, token)
     try:
         log(f"instattr serve: {run_dir}: loading the model and fitting the live attributors ...")
-        srv = server(run_dir, sock, on_ready=lambda: log(f"instattr serve: open {url}  (Ctrl+C stops it)"),
-                     **options)
+        srv = server(run_dir, sock, on_ready=lambda: log(f"instattr serve: open {printed_url(url, access['token'])}"
+                                                         "  (Ctrl+C stops it)"), **access, **options)
         srv.run(sockets=[sock])
     finally:
         sock.close()
 
 
 @contextmanager
-def running(run_dir, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0, **options) -> Iterator[str]:
+def running(run_dir, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0, token: Optional[str] = None,
+            **options) -> Iterator[str]:
     """Serve the run from a background thread of this process (tests, notebooks); yields the base
-    URL once the server accepts connections and stops it on exit."""
+    URL once the server accepts connections and stops it on exit. The same access rules as
+    :func:`serve` (give ``token`` to know it)."""
     sock = listen(host, port)
+    access = guarded(host, token)
     try:
-        srv = server(run_dir, sock, **options)      # the run is read and the attributors fitted here
+        srv = server(run_dir, sock, **access, **options)      # the run is read and the attributors fitted here
     except BaseException:
         sock.close()
         raise

@@ -32,6 +32,8 @@ from ..report.markdown import markdown_to_html
 from ..store import Run
 from .errors import BadInput
 from .explorer import HEURISTICS, MAX_K, MAX_LIMIT, Explorer
+from .live import MAX_TEXT
+from .security import MAX_BODY, Guard
 
 PACKAGE = resources.files("instattr.serve")
 Methods = Optional[List[str]]
@@ -39,8 +41,8 @@ Methods = Optional[List[str]]
 
 class ExplainRequest(BaseModel):
     """A new text to classify and explain (``query``: the hypothesis, on pair runs)."""
-    text: str = Field(min_length=1, max_length=10_000)
-    query: Optional[str] = Field(default=None, min_length=1, max_length=10_000)
+    text: str = Field(min_length=1, max_length=MAX_TEXT)
+    query: Optional[str] = Field(default=None, min_length=1, max_length=MAX_TEXT)
     methods: Optional[List[str]] = Field(default=None, description="default: up to four of the live methods")
     k: int = Field(default=5, ge=1, le=MAX_K)
 
@@ -61,8 +63,6 @@ def _api_docs(app: FastAPI) -> None:
     """``/docs``: Swagger UI over ``/openapi.json``, from the assets of the swagger-ui-bundle-v2
     package (FastAPI's own page would load them from a CDN)."""
     import html
-
-    from fastapi.openapi.docs import get_swagger_ui_html
     try:
         from swagger_ui_bundle import swagger_ui_path
     except ImportError:
@@ -76,18 +76,24 @@ def _api_docs(app: FastAPI) -> None:
             return HTMLResponse("<!doctype html><title>API</title><p>The interactive API page needs the "
                                 "swagger-ui-bundle-v2 package (<code>pip install 'instattr[serve]'</code>); the "
                                 "schema is at <a href='/openapi.json'>/openapi.json</a>.</p>")
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=html.escape(app.title) + " · API",
-                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
-                                   swagger_css_url="/docs-assets/swagger-ui.css",
-                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+        # no inline script (the Content-Security-Policy allows none): static/docs.js starts Swagger UI
+        return HTMLResponse(f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(app.title)} · API</title>
+<link rel="stylesheet" href="/docs-assets/swagger-ui.css"><link rel="icon" href="/docs-assets/favicon-32x32.png">
+</head><body><div id="swagger-ui"></div>
+<script src="/docs-assets/swagger-ui-bundle.js"></script><script src="/static/docs.js"></script>
+</body></html>""")
 
 
 def create_app(run_dir, live_methods: Optional[List[str]] = None, device: str = "cpu", threads: Optional[int] = 1,
-               on_ready: Optional[Callable[[], None]] = None) -> FastAPI:
+               on_ready: Optional[Callable[[], None]] = None, token: Optional[str] = None,
+               hosts: Optional[List[str]] = None, max_body: int = MAX_BODY) -> FastAPI:
     """The web app over the run at ``run_dir``. It reads the run's texts and predictions and fits
     ``live_methods`` (default: the paper's eleven last-layer methods) for live explanation here,
     before it serves anything; ``on_ready`` is called when the server starts. ``threads``: torch
-    and BLAS threads of the live explanation worker (None leaves the process's settings)."""
+    and BLAS threads of the live explanation worker (None leaves the process's settings).
+    ``token``, ``hosts`` and ``max_body``: what every request must carry, the Host names it may
+    address, the largest body it may send (:mod:`.security`)."""
     run = Run.load(run_dir)
     explorer = Explorer(run, live_methods, device=device, threads=threads).start()   # a broken run fails here
     templates = _templates()
@@ -103,6 +109,7 @@ def create_app(run_dir, live_methods: Optional[List[str]] = None, device: str = 
                   description="Instance attribution over one run directory: which training examples made "
                               "the model predict this?")
     app.state.explorer = explorer
+    app.add_middleware(Guard, token=token, hosts=hosts, max_body=max_body)
     app.mount("/static", StaticFiles(directory=str(PACKAGE / "static")), name="static")
     _api_docs(app)
 

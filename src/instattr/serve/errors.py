@@ -20,3 +20,9 @@ class Unavailable(InstattrError):
     """Live explanation cannot run on this run, e.g. its model cannot be loaded here (HTTP 503)."""
 
     status = 503
+
+
+class TooMany(InstattrError):
+    """Too many live explanations are waiting already (HTTP 429): try again shortly."""
+
+    status = 429

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..ranking import Ranker, Ranking
 from ..store import Run
-from .errors import BadInput, NotFound, Unavailable
+from .errors import BadInput, NotFound, TooMany, Unavailable
 
 
 @dataclass
@@ -49,6 +49,8 @@ class Answer:
 
 
 STOPPED = "live explanation has stopped (the server is shutting down)"
+MAX_TEXT = 10_000        # characters of a text (or hypothesis) to explain
+MAX_WAITING = 256        # live requests waiting for the worker; more get 429
 
 
 class LiveExplainer:
@@ -106,6 +108,9 @@ class LiveExplainer:
             raise BadInput("this run reads single texts: a hypothesis (query) does not apply")
         if not text.strip() or (query is not None and not query.strip()):
             raise BadInput("the text is empty" if not text.strip() else "the hypothesis is empty")
+        for what, value in (("text", text), ("hypothesis", query)):
+            if value is not None and len(value) > MAX_TEXT:
+                raise BadInput(f"the {what} has {len(value):,} characters; at most {MAX_TEXT:,} are explained")
 
     def submit(self, text: str, query: Optional[str], methods: Sequence[str], k: int) -> Future:
         """A Future of the :class:`Answer` for a new text."""
@@ -126,6 +131,8 @@ class LiveExplainer:
         with self._gate:
             if not self._accepting:
                 raise Unavailable(STOPPED)
+            if self._queue.qsize() >= MAX_WAITING:
+                raise TooMany(f"{MAX_WAITING} live explanations are waiting already; try again shortly")
             self._queue.put(request)
         return request.future
 

@@ -1,0 +1,140 @@
+"""The explorer on a network: a token, the Host header, security headers and size limits.
+
+:class:`Guard` is an ASGI middleware around the whole app (pages, API, static files, ``/docs``):
+
+- **Token.** When the server has one, every request must carry it: ``?token=T`` on the URL (the
+  answer then sets an ``HttpOnly``, ``SameSite=Strict`` cookie, so the browser keeps it for the
+  pages it opens next), ``Authorization: Bearer T``, or that cookie. It is compared in constant
+  time (``hmac.compare_digest``); a missing or wrong token gets 401 and no data. ``serve`` makes
+  one whenever it binds to an address that is not loopback (printed in the URL), or takes
+  ``--token`` / ``$INSTATTR_TOKEN``; on loopback none is needed unless one is given.
+- **Host.** On loopback the ``Host`` header must name this machine (``localhost``, ``127.0.0.1``,
+  ``::1`` or the bound name): a web page the user visits cannot reach the server through DNS
+  rebinding (a name of its own resolving to 127.0.0.1), as Jupyter checks too. Anything else: 400.
+- **Headers.** A strict Content-Security-Policy (everything from this origin, no inline script or
+  style, no framing, forms post back here only), ``X-Content-Type-Options: nosniff``,
+  ``Referrer-Policy: no-referrer``, ``X-Frame-Options: DENY``, ``Cross-Origin-Opener-Policy`` and
+  ``Cross-Origin-Resource-Policy: same-origin`` on every answer. No CORS header is ever sent, so a
+  page on another origin cannot read an answer.
+- **Size.** A request body over ``max_body`` bytes gets 413 (by its Content-Length, or while it is
+  read). Text length and the live queue are limited where they are used (:mod:`.app`, :mod:`.live`).
+"""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import secrets
+from http.cookies import SimpleCookie
+from typing import Iterable, Optional
+from urllib.parse import parse_qs
+
+COOKIE = "instattr_token"
+MAX_BODY = 64 * 1024
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
+       "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
+           (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY"),
+           (b"cross-origin-opener-policy", b"same-origin"), (b"cross-origin-resource-policy", b"same-origin")]
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine only."""
+    if host.strip("[]") in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def host_of(header: str) -> str:
+    """The name in a Host header, without its port (``[::1]:8000`` -> ``::1``)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class Guard:
+    """ASGI middleware (see the module docstring): ``token`` None requires none; ``hosts`` None
+    checks no Host header."""
+
+    def __init__(self, app, token: Optional[str] = None, hosts: Optional[Iterable[str]] = None,
+                 max_body: int = MAX_BODY):
+        self.app, self.token, self.max_body = app, token, int(max_body)
+        self.hosts = None if hosts is None else {h.strip("[]").lower() for h in hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.hosts is not None and host_of(headers.get("host", "")) not in self.hosts:
+            return await _plain(send, 400, "this server answers requests addressed to this machine only "
+                                           "(the Host header names another)")
+        remember = False
+        if self.token is not None:
+            given, from_query = _token_of(scope, headers)
+            if given is None or not hmac.compare_digest(given.encode(), self.token.encode()):
+                return await _plain(send, 401, "a token is required: open the URL instattr serve printed "
+                                               "(?token=...), or send Authorization: Bearer TOKEN",
+                                    [(b"www-authenticate", b"Bearer")])
+            remember = from_query
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return await _plain(send, 413, f"the request body is over {self.max_body} bytes")
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise BodyTooLarge()
+            return message
+
+        async def secured(message):
+            if message["type"] == "http.response.start":
+                extra = list(HEADERS)
+                if remember:
+                    extra.append((b"set-cookie", f"{COOKIE}={self.token}; Path=/; HttpOnly; SameSite=Strict"
+                                  .encode()))
+                message = {**message, "headers": list(message.get("headers", [])) + extra}
+            await send(message)
+        try:
+            await self.app(scope, counted, secured)
+        except BodyTooLarge:
+            await _plain(send, 413, f"the request body is over {self.max_body} bytes")
+
+
+class BodyTooLarge(Exception):
+    """A request body grew past the limit while it was read."""
+
+
+def _token_of(scope, headers) -> tuple:
+    """(the token the request carries or None, whether it came on the URL)."""
+    auth = headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip(), False
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    if query.get("token"):
+        return query["token"][0], True
+    cookie = SimpleCookie()
+    try:
+        cookie.load(headers.get("cookie", ""))
+    except Exception:   # noqa: BLE001 - a malformed cookie header carries no token
+        return None, False
+    return (cookie[COOKIE].value, False) if COOKIE in cookie else (None, False)
+
+
+async def _plain(send, status: int, text: str, extra=()) -> None:
+    body = (text + "\n").encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode()), *extra, *HEADERS]})
+    await send({"type": "http.response.body", "body": body})
