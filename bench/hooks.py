@@ -53,7 +53,7 @@ print(json.dumps({"import_s": t_import, "paper_s": t_paper, "if_top_s": t_top}))
 
 
 def run_steps(src: Path, model: str, data: str, out: Path, exact_rows: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1", "INSTATTR_CACHE": "off"}   # both encode
     p = subprocess.run([sys.executable, "-c", STEPS, model, data, str(out), str(exact_rows)], env=env,
                        capture_output=True, text=True, cwd=str(src.parent))
     if p.returncode != 0:
