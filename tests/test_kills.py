@@ -8,7 +8,6 @@ import shutil
 import subprocess
 
 import numpy as np
-import pytest
 
 from instattr.cli import main
 from instattr.store import Run
