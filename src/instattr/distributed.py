@@ -33,6 +33,7 @@ HEAD:6379`` on the others, then ``--address HEAD:6379`` or ``auto``); without it
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -207,6 +208,19 @@ def _pool_map(worker, n_batches: int, device: str, kwargs: dict, progress: bool,
                           compute=ray.data.ActorPoolStrategy(size=size), runtime_env=_driver_threads(),
                           fn_constructor_kwargs={k: ray.put(v) if k in SHARED_ARGS else v for k, v in kwargs.items()})
     return done.iter_batches(batch_format="numpy", batch_size=None)
+
+
+@contextmanager
+def _one_line(what: str):
+    """A Ray failure (a lost node whose work Ray could not place again, a worker's own error) as a
+    one-line error; what was recorded before it is kept, so the same command resumes after it."""
+    ray_module()                                   # a one-line error when Ray is not installed
+    from ray.exceptions import RayError
+    try:
+        yield
+    except RayError as e:
+        raise InstattrError(f"--backend ray: {what} stopped: {_root_cause(e)}; run the same command again to "
+                            "resume") from None
 
 
 def _root_cause(error) -> str:
@@ -407,8 +421,10 @@ class RayBackend:
         self._actors: Dict[object, list] = {}      # GradientSource -> its GradientActor handles
 
     def top_k(self, run, fitted, test, train, k: int, bottom_k: int, grid: Grid, progress: bool = False):
-        """Each method's top-k (and bottom-k) of ``test`` against ``train``: {name: {"top": .., "bottom": ..}}."""
-        return ray_top_k(run, fitted, test, train, k, bottom_k, grid, self, progress)
+        """Each method's top-k (and bottom-k) of ``test`` against ``train``: {name: {"top": .., "bottom": ..}}.
+        Shards written before a failure are kept: the same command resumes after them."""
+        with _one_line("attribute"):
+            return ray_top_k(run, fitted, test, train, k, bottom_k, grid, self, progress)
 
     def encode_groups(self, encoder, groups, progress: bool = False) -> List[np.ndarray]:
         """``encoder.encode(texts, queries)`` of each group on one pool of actors, one encoder each."""
@@ -496,9 +512,12 @@ class RayBackend:
         GPUs are stopped first, so the writers can have them."""
         for source in [s for s in self._actors if s.device == "cuda"]:
             self._stop(source)
-        return ray_build_shards(job.root, job.train, job.methods, job.shards, todo, job.dtype, job.train_rows,
-                                self.address, self.workers, progress)
+        with _one_line("index build"):
+            yield from ray_build_shards(job.root, job.train, job.methods, job.shards, todo, job.dtype, job.train_rows,
+                                        self.address, self.workers, progress)
 
     def search(self, index, names, methods, test, k: int, bottom_k: int = 0):
         """An index's top-k, one task per shard, merged on the driver."""
-        return ray_search(index.root, names, methods, test, k, bottom_k, address=self.address, workers=self.workers)
+        with _one_line("query"):
+            return ray_search(index.root, names, methods, test, k, bottom_k, address=self.address,
+                              workers=self.workers)
