@@ -9,6 +9,7 @@ Nothing here uses instattr: the references the tests compare against come from t
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -244,3 +245,17 @@ def as_rows(run, split):
 def spearman(a, b) -> float:
     from scipy.stats import spearmanr
     return float(np.mean([spearmanr(x, y)[0] for x, y in zip(a, b)]))
+
+
+def variant(root, folder, name, **tok_options):
+    """The same weights under another tokenizer (padding side, pad token), and the model's config
+    told that pad token, as a user would save it."""
+    out = root / name
+    shutil.copytree(folder, out)
+    tok, _ = build("llama", **tok_options)
+    tok.save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["pad_token_id"] = tok.pad_token_id
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert T.AutoTokenizer.from_pretrained(out).padding_side == tok_options.get("pad_side", "right")
+    return out

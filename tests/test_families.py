@@ -9,7 +9,6 @@ weight and bias, autograd Hessians, and brute-force Gauss-Newton influence over 
 command runs on one encoder (BERT, sentence pairs) and one decoder (Llama).
 """
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -22,7 +21,18 @@ from instattr.pipeline import ImportConfig, import_run
 from instattr.store import Run
 
 from _brute import Brute
-from _families import DECODERS, FAMILIES, LR, Reference, as_rows, build, final_hessian, find_last_linear, make_model
+from _families import (
+    DECODERS,
+    FAMILIES,
+    LR,
+    Reference,
+    as_rows,
+    build,
+    final_hessian,
+    find_last_linear,
+    make_model,
+    variant,
+)
 from conftest import make_dataset
 
 DAMPING = 0.05
@@ -129,6 +139,10 @@ def test_every_command_works(name, tmp_path, tiny_encoder, capsys):
                  "--proj-dim", "3", "--top-k", "3"]) == 0
     assert run.top_k("if-top")["train_pos"].shape == (8, 3)
     assert run.top_k("if-top")["info"]["config"]["tracked_modules"][-1] == head
+    own = "bert.encoder.layer.1.output.*" if name == "bert" else "model.layers.1.mlp.*"   # the model's names
+    assert [t.name for t in classifier_for(run).tracked(modules=[own])] == \
+        [t.name for t in classifier_for(run).tracked(modules=["*.1.output.*" if name == "bert" else "*.1.mlp.*"])]
+    assert len(classifier_for(run).tracked(modules=[own])) == (1 if name == "bert" else 3)
     capsys.readouterr()
     assert main(["--quiet", "explain", "--run", path, "the dog saw the cat", *query, "--methods", "if,rep,gd-top",
                  "--layers", "1", "--proj-dim", "3", "--k", "2", "--json"]) == 0
@@ -145,21 +159,6 @@ def test_every_command_works(name, tmp_path, tiny_encoder, capsys):
     assert "imported from" in (run.path / "report.html").read_text()
 
 
-def _variant(root, folder, name, **tok_options):
-    """The same weights under another tokenizer (padding side, pad token), and the model's config
-    told that pad token, as a user would save it."""
-    import transformers as T
-    out = root / name
-    shutil.copytree(folder, out)
-    tok, _ = build("llama", **tok_options)
-    tok.save_pretrained(out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["pad_token_id"] = tok.pad_token_id
-    (out / "config.json").write_text(json.dumps(cfg))
-    assert T.AutoTokenizer.from_pretrained(out).padding_side == tok_options.get("pad_side", "right")
-    return out
-
-
 def test_a_decoder_gives_the_same_results_whatever_its_padding_and_pad_token(tmp_path, tiny_encoder):
     """Llama with EOS at the end of every text: a tokenizer padding on the right, on the left, or
     with EOS as its pad token gives identical features, probabilities and scores. With pad = EOS the
@@ -167,9 +166,9 @@ def test_a_decoder_gives_the_same_results_whatever_its_padding_and_pad_token(tmp
     token still, and records the rows where the two differ."""
     data = make_dataset(tmp_path / "data", n_train=24, n_test=8, n_dev=0)
     folder, _ = make_model("llama", tmp_path / "m", data, eos_at_end=True)
-    variants = {"right": _variant(tmp_path, folder, "right", eos_at_end=True),
-                "left": _variant(tmp_path, folder, "left", eos_at_end=True, pad_side="left"),
-                "eos": _variant(tmp_path, folder, "eos", eos_at_end=True, pad_is_eos=True)}
+    variants = {"right": variant(tmp_path, folder, "right", eos_at_end=True),
+                "left": variant(tmp_path, folder, "left", eos_at_end=True, pad_side="left"),
+                "eos": variant(tmp_path, folder, "eos", eos_at_end=True, pad_is_eos=True)}
     runs = {k: import_run(ImportConfig(model=str(v), data=str(data), sbert=tiny_encoder), tmp_path / f"run-{k}",
                           progress=False) for k, v in variants.items()}
     want = runs["right"]

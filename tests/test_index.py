@@ -108,6 +108,22 @@ def test_verify_finds_a_damaged_shard_and_other_arguments_are_refused(run, tmp_p
     verify(out)
 
 
+def test_a_damaged_shard_rewrites_its_own_method_only(run, tmp_path, monkeypatch):
+    """Shards recorded whole are never written again (a rewrite could change their bytes)."""
+    out = tmp_path / "idx"
+    build_run_index(run, "gd,nn-cos", out, dtype="float32", progress=False, **SMALL)
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "nn-cos").glob("shard-*.npy")}
+    shard = out / "gd" / "shard-00002.npy"
+    shard.write_bytes(shard.read_bytes()[:-8])
+    real, calls = build_mod.write_shard, []
+    monkeypatch.setattr(build_mod, "write_shard", lambda root, name, s, *a: calls.append((name, s)) or
+                        real(root, name, s, *a))
+    build_run_index(run, "gd,nn-cos", out, dtype="float32", progress=False, **SMALL)
+    assert calls == [("gd", 2), ("gd", 3), ("gd", 4)]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "nn-cos").glob("shard-*.npy")} == kept
+    verify(out)
+
+
 def test_shard_rows_must_follow_the_blocks(run, tmp_path):
     with pytest.raises(IndexStoreError, match="multiple of 8"):
         build_run_index(run, "gd", tmp_path / "x", progress=False, train_rows=8, shard_rows=12)

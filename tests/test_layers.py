@@ -140,6 +140,22 @@ def test_the_models_own_forward_gives_the_stored_features(kind, request):
     np.testing.assert_allclose(torch.tanh(x @ head["dense_w"].T + head["dense_b"]).numpy(), got, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("kind", ["single", "siamese", "cross"])
+def test_a_new_text_gets_the_probabilities_of_the_same_stored_row(kind, request, tmp_path):
+    """New texts go through the head as it was trained (the run's pair mode; its embeddings
+    are not the siamese sbert-* vectors of a cross-pair run)."""
+    from instattr.sentence import SentenceEmbeddings
+    run = request.getfixturevalue(kind)
+    ds = run.examples("test")
+    docs, queries = [e.document for e in ds], [e.query for e in ds] if kind != "single" else None
+    clf = classifier_for(run)
+    got = clf.featurize(docs, queries)
+    np.testing.assert_allclose(got.probs, run.features("test").probs, atol=1e-5)
+    if kind == "cross":
+        emb = SentenceEmbeddings(run).encode(docs, queries)
+        assert emb.shape[1] == run.manifest.head.d_in
+
 def test_default_tracking_is_the_top_blocks_and_the_head_that_reach_the_logits(single):
     clf = classifier_for(single)
     names = [t.name for t in clf.tracked(1)]
@@ -151,13 +167,46 @@ def test_default_tracking_is_the_top_blocks_and_the_head_that_reach_the_logits(s
     picked = [t.name for t in clf.tracked(modules=["*.layer.0.attention.self.*", "head.classifier"])]
     assert picked == [f"encoder.encoder.layer.0.attention.self.{w}" for w in ("query", "key", "value")] + \
         ["head.classifier"]
-    with pytest.raises(ValueError, match="matches no module of HeadForward"):
+    with pytest.raises(ValueError, match="matches no module of the model"):
         clf.tracked(modules=["*.nothing"])
     with pytest.raises(ValueError, match="matches only .*LayerNorm, a LayerNorm; only linear modules"):
         clf.tracked(modules=["*.layer.1.output.LayerNorm"])
     assert len(clf.tracked(modules=["*.layer.1.*"])) == 6        # the block's norms are not linear: left out
     with pytest.raises(ValueError, match="never uses it to compute the logits"):
         clf.tracked(modules=["encoder.pooler.dense"])
+
+
+def test_tracked_groups_are_contiguous_whatever_the_registration_order():
+    """A model that registers its head first and its blocks out of order: the Hessian's groups
+    (blocks by index, the head last) are still contiguous slices."""
+    from types import SimpleNamespace
+
+    from instattr.models.modules import call_order, reaching, track
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return x + self.down(torch.tanh(self.up(x)))
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(3, 2)
+            self.blocks = torch.nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return SimpleNamespace(logits=self.head(x))
+
+    model, x = Model(), torch.randn(2, 3)
+    order, used = call_order(model, lambda: model(x)), reaching(model, lambda: model(x))
+    picked = track(model, order, used, patterns=["head", "blocks.1.down", "blocks.0.*", "blocks.1.up"])
+    assert [t.name for t in picked] == ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down", "head"]
+    assert [t.group for t in picked] == ["block0", "block0", "block1", "block1", "head"]
 
 
 # ---------------------------------------------------------------- gradients

@@ -106,6 +106,15 @@ def test_ray_import_equals_local(local_ray, tmp_path, tiny_encoder, monkeypatch)
     clf = HFClassifier(str(folder), ["0", "1"], True, 0.01, 32, device="cpu")
     ((f0, p0),) = ray_classify_groups(clf, [([], [])], workers=2)     # nothing to classify: no pool
     assert f0.shape == (0, 16) and p0.shape == (0, 2)
+    # a decoder whose own pooling picks another token (pad = EOS): the workers' count comes back
+    from _families import make_model, variant
+    llama, _ = make_model("llama", tmp_path / "llama", data, eos_at_end=True)
+    eos = variant(tmp_path, llama, "eos", eos_at_end=True, pad_is_eos=True)
+    cfg = ImportConfig(model=str(eos), data=str(make_dataset(tmp_path / "single", n_train=20, n_test=5, n_dev=0)),
+                       sbert=tiny_encoder)
+    differs = [import_run(cfg, tmp_path / f"eos-{b}", progress=False, backend=backend).manifest.hf.own_pooling_differs
+               for b, backend in (("local", None), ("ray", RayBackend(workers=2)))]
+    assert differs == [25, 25]
 
 
 def test_workers_start_with_the_driver_thread_counts(local_ray):

@@ -235,6 +235,15 @@ def test_rows_without_stored_scores_are_explained_live_and_a_torn_top_k_file_is_
         assert [t["idx"] for t in got["methods"][m]["supporting"]] == [train_idx[j] for j in ranked(want, 3)]
         np.testing.assert_allclose([t["score"] for t in got["methods"][m]["supporting"]],
                                    [want[j] for j in ranked(want, 3)], rtol=1e-5)
+    # gd's top-k stored for the first two rows only, and gd not live: the others get no ranking, not an error
+    attribute_run(run, "gd", top_k=3, limit_test=2, progress=False, log=lambda *a: None)
+    with fastapi_testclient.TestClient(create_app(run.path, live_methods=["if"])) as c:
+        kept = c.get("/api/explanations/test/test_1", params={"methods": "gd", "k": 3}).json()["methods"]["gd"]
+        r = c.get("/examples/test/test_2", params={"methods": "gd,if", "k": 3})
+        gone = c.get("/api/explanations/test/test_2", params={"methods": "gd", "k": 3}).json()["methods"]["gd"]
+    assert kept["source"] == "topk" and len(kept["supporting"]) == 3
+    assert gone["source"] == "missing" and gone["supporting"] == []
+    assert r.status_code == 200 and "not stored for this row, and not a live method here" in r.text
 
 
 def test_errors_are_404_for_what_is_missing_and_422_for_bad_input(client):
@@ -380,7 +389,8 @@ def test_a_token_guards_every_request_and_a_cookie_remembers_it(serve_run):
     Authorization: Bearer."""
     with fastapi_testclient.TestClient(create_app(serve_run.path, token="s3cret-token")) as c:
         for path in ("/", "/api/run", "/api/examples/test", "/static/app.js", "/docs", "/openapi.json"):
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Cookie": "instattr_token=wrong"}):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Cookie": "instattr_token_80=wrong"},
+                            {"Cookie": "instattr_token_8001=s3cret-token"}):     # another port's cookie
                 r = c.get(path, headers=headers)
                 assert r.status_code == 401 and "token is required" in r.text, (path, headers)
                 assert "test_" not in r.text and XSS_LABELS[0] not in r.text
@@ -388,9 +398,19 @@ def test_a_token_guards_every_request_and_a_cookie_remembers_it(serve_run):
         r = c.get("/api/run", headers={"Authorization": "Bearer s3cret-token"})
         assert r.status_code == 200 and r.json()["labels"] == XSS_LABELS and "set-cookie" not in r.headers
         r = c.get("/examples?token=s3cret-token")
-        assert r.status_code == 200 and "instattr_token=s3cret-token" in r.headers["set-cookie"]
+        assert r.status_code == 200 and "instattr_token_80=s3cret-token" in r.headers["set-cookie"]
         assert "HttpOnly" in r.headers["set-cookie"] and "SameSite=Strict" in r.headers["set-cookie"]
         assert c.get("/api/examples/test").status_code == 200          # the client keeps the cookie
+        c.cookies.clear()
+        odd = 'a="b; c; theme=x=y; instattr_token_80=s3cret-token; =z'   # one malformed cookie spoils no other
+        assert c.get("/api/run", headers={"Cookie": odd}).status_code == 200
+        from starlette.websockets import WebSocketDisconnect
+        with pytest.raises(WebSocketDisconnect) as closed:     # only HTTP is served, token or not
+            with c.websocket_connect("/api/run?token=s3cret-token"):
+                pass
+        assert closed.value.code == 1008
+    with pytest.raises(ValueError, match="letters, digits"):
+        create_app(serve_run.path, token="has space")
 
 
 def test_the_host_header_must_name_this_machine_on_loopback(serve_run):
@@ -421,6 +441,15 @@ def test_security_headers_and_size_limits(client):
     big = client.post("/api/explain", content=b'{"text": "' + b"a" * 70_000 + b'"}',
                       headers={"Content-Type": "application/json"})
     assert big.status_code == 413 and "over 65536 bytes" in big.text
+
+    def chunks():                                    # no Content-Length: counted while it is read
+        yield b'{"text": "'
+        for _ in range(70):
+            yield b"a" * 1000
+        yield b'"}'
+    streamed = client.post("/api/explain", content=chunks(), headers={"Content-Type": "application/json"})
+    assert streamed.status_code == 413 and "over 65536 bytes" in streamed.text
+    assert "content-security-policy" in streamed.headers
     long = client.get("/explain", params={"text": "good " * 2500, "fragment": 1})
     assert long.status_code == 422 and "at most 10,000 are explained" in long.text
     assert client.post("/api/explain", json={"text": "x" * 10_001}).status_code == 422

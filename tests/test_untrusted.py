@@ -143,6 +143,13 @@ def test_run_json_parses_or_gives_one_line(data):
     Manifest.parse(valid_manifest(), "run.json")        # the unchanged one parses
 
 
+def test_a_trained_run_without_its_encoder_is_refused_when_read():
+    m = valid_manifest()
+    del m["encoder"]
+    with pytest.raises(InstattrError, match=r"^run.json: missing 'encoder'$"):
+        Manifest.parse(m, "run.json")
+
+
 def test_a_pickled_checkpoint_never_runs(tmp_path, tiny_encoder, capsys):
     """A checkpoint whose weights are a pickle with a payload, and one whose config asks for its own
     code: import refuses both in one line, and the payload never runs."""

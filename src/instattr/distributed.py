@@ -83,9 +83,9 @@ def _resolved(x):
 class ShardWriter:
     """A Ray Data actor: writes the shards of the index at ``root`` for the batches it is given."""
 
-    def __init__(self, root: str, train, methods, shards, dtype: str, train_rows: int):
+    def __init__(self, root: str, train, methods, shards, dtype: str, train_rows: int, recorded: Dict[str, int]):
         self.root, self.train, self.methods = Path(root), _resolved(train), _resolved(methods)
-        self.shards, self.dtype, self.train_rows = shards, dtype, train_rows
+        self.shards, self.dtype, self.train_rows, self.recorded = shards, dtype, train_rows, recorded
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         from .index.build import shard_side, write_shard
@@ -93,7 +93,8 @@ class ShardWriter:
         for i in batch["shard"]:
             rows = slice(*self.shards[int(i)])
             entries = {name: write_shard(self.root, name, int(i), shard_side(m, self.train, rows, self.train_rows),
-                                         self.dtype) for name, m in self.methods.items()}
+                                         self.dtype)
+                       for name, m in self.methods.items() if self.recorded.get(name, 0) <= int(i)}
             out.append(json.dumps(entries))
         return {"shard": np.asarray(batch["shard"]), "entries": np.asarray(out)}
 
@@ -134,14 +135,16 @@ class ClassifyWorker:
         self.batches = _resolved(batches)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        pos, feats, probs = [], [], []
+        pos, feats, probs, differs = [], [], [], []
         for j in batch["batch"]:
             rows = self.batches[int(j)]
             f, p = self.classifier.forward_batch(self.rows.batch(rows, self.classifier.device))
             pos.append(np.asarray(rows, dtype=np.int64))
             feats.append(f)
             probs.append(p)
-        return {"pos": np.concatenate(pos), "feat": np.concatenate(feats), "prob": np.concatenate(probs)}
+            differs.append(self.classifier.last_differs)
+        return {"pos": np.concatenate(pos), "feat": np.concatenate(feats), "prob": np.concatenate(probs),
+                "differs": np.concatenate(differs)}
 
 
 class GradientActor:
@@ -277,7 +280,8 @@ def ray_classify_groups(classifier, groups: Sequence[Tuple[Sequence[str], Option
     """``classifier.forward_texts(documents, queries)`` of each group (an
     :class:`~instattr.models.hf.HFClassifier`), by one pool of Ray actors that each load the
     checkpoint folder (one every node sees), in the batches this process would cut: (final
-    layer's inputs, probabilities) per group, in the order of its texts."""
+    layer's inputs, probabilities) per group, in the order of its texts. Rows where a decoder's own
+    pooling picked another token are added to ``classifier.own_pooling_differs``."""
     if not Path(classifier.path).is_dir():
         raise InstattrError(f"--backend ray: the model must be a local folder its workers can load, "
                             f"not {classifier.path!r}")
@@ -302,6 +306,7 @@ def ray_classify_groups(classifier, groups: Sequence[Tuple[Sequence[str], Option
                   "batches": batches, "device": device}
         for part in _pool_map(ClassifyWorker, len(batches), device, kwargs, progress, address, workers):
             feats[part["pos"]], probs[part["pos"]] = part["feat"], part["prob"]
+            classifier.own_pooling_differs += int(np.sum(part["differs"]))   # as if classified here
             seen += len(part["pos"])
     if seen != starts[-1]:
         raise InstattrError(f"--backend ray: the workers classified {seen} of {starts[-1]} texts")
@@ -318,9 +323,12 @@ def _quiet_ray_data(ray, progress: bool) -> None:
 
 def ray_build_shards(root: Path, train, methods: Dict[str, object], shards: List[slice], todo: Sequence[int],
                      dtype: str, train_rows: int, address: Optional[str] = None, workers: Optional[int] = None,
-                     progress: bool = False) -> Iterator[Tuple[int, Dict[str, dict]]]:
-    """Write shards ``todo`` of every method with a pool of Ray actors; yields (shard, its manifest
-    entries) as each shard is written, in whatever order the actors finish them."""
+                     progress: bool = False, recorded: Optional[Dict[str, int]] = None
+                     ) -> Iterator[Tuple[int, Dict[str, dict]]]:
+    """Write shards ``todo`` of every method that lacks them (``recorded``: how many shards each
+    has whole already) with a pool of Ray actors; yields (shard, its manifest entries) as each
+    shard is written, in whatever order the actors finish them."""
+    recorded = dict(recorded or {})
     from .index.build import shard_side, write_shard
     in_fit = {n: m for n, m in methods.items() if not m.streams_train}
     no_side = [n for n, m in in_fit.items() if m.fitted_train_side() is None]
@@ -330,7 +338,8 @@ def ray_build_shards(root: Path, train, methods: Dict[str, object], shards: List
 
     def with_in_fit(i: int, entries: Dict[str, dict]):   # sides made in fit: written here, from memory
         for name, m in in_fit.items():
-            entries[name] = write_shard(root, name, i, shard_side(m, train, shards[i], train_rows), dtype)
+            if recorded.get(name, 0) <= i:
+                entries[name] = write_shard(root, name, i, shard_side(m, train, shards[i], train_rows), dtype)
         return i, entries
 
     methods = {n: m for n, m in methods.items() if m.streams_train}
@@ -349,7 +358,7 @@ def ray_build_shards(root: Path, train, methods: Dict[str, object], shards: List
                          compute=ray.data.ActorPoolStrategy(size=size), runtime_env=_driver_threads(),
                          fn_constructor_kwargs={"root": str(root), "train": ray.put(train),
                                                 "methods": ray.put(methods), "dtype": dtype,
-                                                "train_rows": train_rows,
+                                                "train_rows": train_rows, "recorded": recorded,
                                                 "shards": [(s.start, s.stop) for s in shards]})
     for r in out.iter_rows():
         yield with_in_fit(int(r["shard"]), json.loads(str(r["entries"])))
@@ -514,7 +523,7 @@ class RayBackend:
             self._stop(source)
         with _one_line("index build"):
             yield from ray_build_shards(job.root, job.train, job.methods, job.shards, todo, job.dtype, job.train_rows,
-                                        self.address, self.workers, progress)
+                                        self.address, self.workers, progress, job.recorded)
 
     def search(self, index, names, methods, test, k: int, bottom_k: int = 0):
         """An index's top-k, one task per shard, merged on the driver."""

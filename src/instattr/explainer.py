@@ -24,7 +24,7 @@ import numpy as np
 from .arrays import FeatureSet
 from .data import Split, split_of_rows
 from .errors import InstattrError
-from .ranking import Explanation, Ranking, ranked_rows
+from .ranking import Explanation, rank_live
 
 DEFAULT_METHODS = ("nn-cos", "gc", "if", "rep")
 
@@ -114,11 +114,7 @@ class Explainer:
         if int(k) < 1:
             raise InstattrError(f"k must be positive, got {k}")
         fs = self.classifier.featurize([text], [query] if query is not None else None)
-        ids = [e.idx for e in self.splits["train"].examples]
-        ranked = {}
-        for name, method in self.fitted.items():
-            sup, opp = ranked_rows(method.score(fs), ids, int(k))
-            ranked[name] = Ranking(sup[0], opp[0], "live")
+        ranked = rank_live(self.fitted, fs, [e.idx for e in self.splits["train"].examples], int(k))[0]
         rows = {e.idx: {"text": e.document, **({"query": e.query} if e.query is not None else {}),
                         "label": self.label_names[e.label]} for e in self.splits["train"].examples}
         return Explanation(text=text, query=query, prediction=self.label_names[int(fs.pred[0])],

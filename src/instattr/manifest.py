@@ -178,7 +178,7 @@ class Manifest:
         if pair_mode not in (None, "siamese", "cross"):
             raise ManifestError(f"{where}: pair_mode {pair_mode!r} is not siamese, cross or null")
         encoder = None
-        if mode != "import" and (fmt == 2 or d.get("encoder") is not None):
+        if mode != "import":            # head and finetune runs name the encoder they were trained on
             encoder = EncoderInfo.parse(_get(d, "encoder", dict, where), f"{where} encoder")
         head = _get(d, "head", dict, where, optional=mode != "head")
         hf = _get(d, "hf", dict, where, optional=mode == "head")

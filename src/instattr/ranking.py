@@ -106,35 +106,46 @@ def ranked_rows(scores: np.ndarray, ids: Sequence[str], k: int) -> Tuple[List[Ra
                  for idx, vals in sides)
 
 
+def rank_live(fitted: Dict[str, object], test: FeatureSet, ids: Sequence[str], k: int) -> List[Dict[str, Ranking]]:
+    """Per row of ``test``, each fitted method's top and bottom ``k`` training rows (``ids``)."""
+    out: List[Dict[str, Ranking]] = [{} for _ in range(len(test))]
+    for m, method in fitted.items():
+        sup, opp = ranked_rows(method.score(test), ids, k)
+        for i in range(len(test)):
+            out[i][m] = Ranking(sup[i], opp[i], "live")
+    return out
+
+
 class Ranker:
     """Rankings of a run's training rows (see the module docstring). ``train`` and ``model``
     replace the run's training rows and classifier (a retrained or re-initialised model);
     ``use_stored=False`` computes everything; ``options`` are method options (``--layers``, ...)."""
 
     def __init__(self, run: Run, split: Optional[str] = None, train: Optional[FeatureSet] = None, model=None,
-                 use_stored: bool = True, device=None, options: Optional[dict] = None):
+                 use_stored: Optional[bool] = None, device=None, options: Optional[dict] = None):
         self.run = run
         self.split = split or run.eval_split
         self.train = train if train is not None else run.features("train")
-        self.model, self.use_stored, self.device = model, use_stored, device
+        self.model, self.device = model, device
+        # stored scores are the run's own model's: another training set or model computes its own
+        self.use_stored = (train is None and model is None) if use_stored is None else bool(use_stored)
         self.options = dict(options or {})
+        self.train_ids = np.asarray([str(i) for i in self.train.idx])
         self._fitted: Dict[str, object] = {}
         self._columns: Dict[str, Dict[str, int]] = {}
+        self._files: Dict[tuple, tuple] = {}         # stored files read once, until they change
         self._lock = threading.Lock()
+        self._fit_lock = threading.Lock()
 
     # ------------------------------------------------------------------ fitted methods
     def attributor(self, method: str):
         """The registry's ``method`` fitted on the training rows (once)."""
-        with self._lock:
+        with self._fit_lock:
             if method not in self._fitted:
                 from .attribution import fit_method, method_options
                 opts = method_options([method], self.options, strict=False)[method]
                 self._fitted[method] = fit_method(self.run, method, self.train, self.model, self.device, **opts)
             return self._fitted[method]
-
-    @property
-    def train_ids(self) -> np.ndarray:
-        return np.asarray([str(i) for i in self.train.idx])
 
     # ------------------------------------------------------------------ what is stored
     def stored(self, split: Optional[str] = None) -> Dict[str, str]:
@@ -156,33 +167,60 @@ class Ranker:
         order = {n: i for i, n in enumerate(registered())}
         return {m: found[m] for m in sorted(found, key=lambda m: (order.get(m, len(order)), m))}
 
+    def _stored_file(self, path, read):
+        """``read()`` of a stored file, kept until the file or its sidecar changes."""
+        side = path.with_suffix(".json")
+        stamp = tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in (path, side))
+        with self._lock:
+            kept = self._files.get(path)
+            if kept is None or kept[0] != stamp:
+                kept = self._files[path] = (stamp, read())
+            return kept[1]
+
+    def _dense_file(self, method: str, split: str) -> Optional[dict]:
+        """A stored score matrix of this training set (commit-checked): its rows' positions, its
+        columns for the training rows, the memory-mapped matrix; or None."""
+        if not (self.use_stored and self.run.has_scores(method, split)):
+            return None
+
+        def read():
+            info = self.run.score_info(method, split)
+            train_pos = {s: i for i, s in enumerate(info["train_idx"])}
+            if any(s not in train_pos for s in self.train_ids):
+                return None                  # another training set
+            cols = np.array([train_pos[s] for s in self.train_ids])
+            return {"where": {str(s): i for i, s in enumerate(info["test_idx"])}, "test_idx": info["test_idx"],
+                    "cols": None if np.array_equal(cols, np.arange(len(cols))) else cols,
+                    "train_pos": train_pos, "scores": self.run.scores(method, split)}
+        return self._stored_file(self.run.score_path(method, split), read)
+
     def _dense(self, method: str, split: str, rows: np.ndarray) -> Optional[np.ndarray]:
         """Stored dense scores of ``split``'s rows ``rows`` against the training rows, or None when
         the stored matrix does not cover them (another training set, or rows not scored)."""
-        if not (self.use_stored and self.run.has_scores(method, split)):
+        d = self._dense_file(method, split)
+        if d is None:
             return None
-        info = self.run.score_info(method, split)
-        test_pos = {s: i for i, s in enumerate(info["test_idx"])}
-        train_pos = {s: i for i, s in enumerate(info["train_idx"])}
-        want_test = [str(s) for s in self.run.features(split).idx[rows]]
-        want_train = list(self.train_ids)
-        if any(s not in test_pos for s in want_test) or any(s not in train_pos for s in want_train):
+        want = [str(s) for s in self.run.features(split).idx[rows]]
+        if any(s not in d["where"] for s in want):
             return None
-        cols = np.array([train_pos[s] for s in want_train])
-        block = np.asarray(self.run.scores(method, split)[[test_pos[s] for s in want_test]])
-        return block if np.array_equal(cols, np.arange(len(cols))) else block[:, cols]
+        block = np.asarray(d["scores"][[d["where"][s] for s in want]])
+        return block if d["cols"] is None else block[:, d["cols"]]
 
     def _top_file(self, method: str, split: str, bottom: bool = False) -> Optional[dict]:
-        """A stored top-k (bottom-k) file of this training set, or None."""
+        """A stored top-k (bottom-k) file of this training set (commit-checked), or None."""
         if not (self.use_stored and self.run.has_top_k(method, split, bottom)):
             return None
-        got = self.run.top_k(method, split, bottom)              # commit-checked
-        pos = got["train_pos"]
-        ids = self.train_ids
-        if got["info"].get("n_train") != len(ids) or (pos.size and not np.array_equal(got["train_idx"], ids[pos])):
-            return None                      # another training set or order
-        got["where"] = {str(s): i for i, s in enumerate(got["test_idx"])}
-        return got
+
+        def read():
+            got = self.run.top_k(method, split, bottom)
+            pos = got["train_pos"]
+            ids = self.train_ids
+            if got["info"].get("n_train") != len(ids) or (pos.size and not np.array_equal(got["train_idx"],
+                                                                                            ids[pos])):
+                return None                  # another training set or order
+            got["where"] = {str(s): i for i, s in enumerate(got["test_idx"])}
+            return got
+        return self._stored_file(self.run.top_k_path(method, split, bottom), read)
 
     # ------------------------------------------------------------------ matrices (evaluations)
     def rows(self, method: str, rows: Sequence[int]) -> np.ndarray:
@@ -220,12 +258,14 @@ class Ranker:
         return TopRows(pos, vals, n)
 
     # ------------------------------------------------------------------ one row
-    def test_row(self, method: str, idx: str, k: int, split: Optional[str] = None) -> Ranking:
+    def test_row(self, method: str, idx: str, k: int, split: Optional[str] = None, live: bool = True
+                 ) -> Optional[Ranking]:
         """The ``k`` training rows that support (and oppose) the prediction on row ``idx`` of
-        ``split`` most: stored dense scores, else stored top-k files that keep ``k``, else live."""
+        ``split`` most: stored dense scores, else stored top-k files, else (``live``) computed now;
+        None when nothing stored covers the row and ``live`` is off."""
         split = split or self.split
         fs = self.run.features(split)
-        where = self._row_positions(split)
+        where = self.row_positions(split)
         if str(idx) not in where:
             raise RunError(f"{self.run.path}: no row {idx!r} in split {split!r}")
         row = np.array([where[str(idx)]])
@@ -244,6 +284,8 @@ class Ranker:
                 opp = [(str(s), float(v)) for s, v in zip(bottom["train_idx"][j, :k], bottom["score"][j, :k])]
             sup = [(str(s), float(v)) for s, v in zip(top["train_idx"][i, :k], top["score"][i, :k])]
             return Ranking(sup, opp, "topk", depth=depth)
+        if not live:
+            return None
         sup, opp = ranked_rows(self.score(method, fs.subset(row)), self.train_ids, k)
         return Ranking(sup[0], opp[0], "live")
 
@@ -258,29 +300,29 @@ class Ranker:
             raise RunError(f"{self.run.path}: no stored scores or top-k results for {method} on {split} (a training "
                            f"row's column is read from them; run `instattr attribute --methods {method}`)")
         if kind == "dense":
-            info = self.run.score_info(method, split)
-            train_pos = {str(s): i for i, s in enumerate(info["train_idx"])}
-            if str(idx) not in train_pos:
+            d = self._dense_file(method, split)
+            if d is None or str(idx) not in d["train_pos"]:
                 raise RunError(f"{method} scores on {split} do not cover training row {idx!r}")
-            col = np.asarray(self.run.scores(method, split)[:, train_pos[str(idx)]], dtype=np.float32)[None]
-            test_ids = [str(s) for s in info["test_idx"]]
+            col = np.asarray(d["scores"][:, d["train_pos"][str(idx)]], dtype=np.float32)[None]
+            test_ids = [str(s) for s in d["test_idx"]]
             sides = [top_k(col, k), bottom_k(col, k)]
             sup, opp = ([(test_ids[int(i)], float(v)) for i, v in zip(a[0], b[0])] for a, b in sides)
             return Ranking(sup, opp, "dense")
-        out = []
+        out, depth = [], None
         for bottom in (False, True):
-            got = self.run.top_k(method, split, bottom) if self.run.has_top_k(method, split, bottom) else None
+            got = self._top_file(method, split, bottom)
             if got is None:
                 out.append(None)
                 continue
+            depth = depth or int(got["train_pos"].shape[1])
             rows, cols = np.nonzero(got["train_idx"] == str(idx))
             vals = got["score"][rows, cols].astype(np.float64)
             order = np.lexsort((rows, vals if bottom else -vals))[:k]        # ties: earlier test row first
             out.append([(str(got["test_idx"][rows[o]]), float(vals[o])) for o in order])
-        depth = int(self.run.top_k(method, split)["train_pos"].shape[1])
-        return Ranking(out[0], out[1], "topk", partial=True, depth=depth)
+        return Ranking(out[0] or [], out[1], "topk", partial=True, depth=depth)
 
-    def _row_positions(self, split: str) -> Dict[str, int]:
+    def row_positions(self, split: str) -> Dict[str, int]:
+        """idx -> position of each row of ``split``."""
         if split not in self._columns:
             self._columns[split] = {str(i): p for p, i in enumerate(self.run.features(split).idx)}
         return self._columns[split]
@@ -288,13 +330,7 @@ class Ranker:
     # ------------------------------------------------------------------ new texts
     def rank(self, test: FeatureSet, methods: Sequence[str], k: int) -> List[Dict[str, Ranking]]:
         """Per row of ``test`` (new texts, or any rows), each method's live ranking."""
-        out: List[Dict[str, Ranking]] = [{} for _ in range(len(test))]
-        ids = self.train_ids
-        for m in methods:
-            sup, opp = ranked_rows(self.score(m, test), ids, k)
-            for i in range(len(test)):
-                out[i][m] = Ranking(sup[i], opp[i], "live")
-        return out
+        return rank_live({m: self.attributor(m) for m in methods}, test, self.train_ids, k)
 
     def examples(self) -> Dict[str, dict]:
         """Training idx -> {text, (query), label} of the run's dataset."""

@@ -40,24 +40,28 @@ class SentenceEmbeddings:
         self.run, self.device, self.progress = run, device, progress
         self.spec = run.manifest.sbert if run is not None else None
         self.name = encoder
+        # head mode: the head's own input, encoded as it was trained (its pair mode, float32)
+        self.head = run is not None and run.manifest.mode == "head"
         self._splits: Dict[str, np.ndarray] = {}
         self._positions: Dict[str, Dict[str, int]] = {}
         self._encoder = None
 
     def encoder(self):
-        """The untuned sentence encoder (:class:`~instattr.encoders.Encoder`; bf16 autocast on CUDA)."""
+        """The untuned sentence encoder (:class:`~instattr.encoders.Encoder`; bf16 autocast on CUDA,
+        except in head mode, whose head reads float32 embeddings)."""
         if self._encoder is None:
             from .encoders import Encoder
-            e = self.spec
-            self._encoder = (Encoder(e.path or e.name, e.pooling, e.max_length, device=self.device, autocast=True)
-                             if e is not None else Encoder(self.name, device=self.device, autocast=True))
+            e, autocast = self.spec, not self.head
+            self._encoder = (Encoder(e.path or e.name, e.pooling, e.max_length, device=self.device, autocast=autocast)
+                             if e is not None else Encoder(self.name, device=self.device, autocast=autocast))
         return self._encoder
 
     def encode(self, documents, queries=None) -> np.ndarray:
-        """Embeddings of texts: ``u``, or ``[u, v]`` for pairs."""
+        """Embeddings of texts: ``u``, or ``[u, v]`` for pairs (a head-mode run: as its head reads them)."""
         from .encoders import encode_texts
+        mode = None if queries is None else (self.run.manifest.pair_mode if self.head else "siamese")
         return encode_texts(self.encoder(), list(documents), None if queries is None else list(queries),
-                            "siamese" if queries is not None else None, self.progress, cache=True,
+                            mode, self.progress, cache=True,
                             desc="sentence encoder")
 
     def split(self, name: str) -> np.ndarray:

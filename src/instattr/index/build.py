@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -143,7 +143,8 @@ def build_index(out, train: FeatureSet, methods: Dict[str, object], source: dict
                 todo = sorted(set(todo) | set(range(i, len(shards))))
                 break
     if todo:
-        job = ShardJob(root, train, methods, shards, dtype, train_rows)
+        job = ShardJob(root, train, methods, shards, dtype, train_rows,
+                       {name: len(manifest["methods"][name]["shards"]) for name in methods})
         arrived, order = {}, iter(todo)
         want = next(order)
         for i, entries in backend_or_local(backend).build_shards(job, todo, progress):
@@ -179,11 +180,13 @@ class ShardJob:
     shards: List[slice]
     dtype: str
     train_rows: int
+    recorded: Dict[str, int] = field(default_factory=dict)   # shards each method has whole already
 
     def write(self, i: int) -> Dict[str, dict]:
-        """Shard ``i`` of every method; its manifest entries per method."""
+        """Shard ``i`` of every method that lacks it (a recorded shard is never rewritten); its
+        manifest entries per method."""
         return {name: write_shard(self.root, name, i, shard_side(m, self.train, self.shards[i], self.train_rows),
-                                  self.dtype) for name, m in self.methods.items()}
+                                  self.dtype) for name, m in self.methods.items() if self.recorded.get(name, 0) <= i}
 
 
 def _record(manifest: dict, name: str, i: int, entry: dict) -> None:

@@ -43,6 +43,11 @@ class FlatParameters:
     def flatten(self, tensors) -> torch.Tensor:
         return torch.cat([t.reshape(-1) for t in tensors])
 
+    def on_device(self, batch: Batch, labels: torch.Tensor):
+        """``batch`` and ``labels`` moved to the device of the tracked parameters."""
+        device = self.params[0].device
+        return {k: v.to(device) for k, v in batch.items()}, labels.to(device)
+
 
 @contextmanager
 def eager(module: nn.Module):
@@ -75,6 +80,7 @@ def alone(batch: Batch, i: int) -> Batch:
 
 def regularised_loss(task, flat: FlatParameters, batch: Batch, labels: torch.Tensor, l2: float) -> torch.Tensor:
     """Mean task loss over the batch plus ``l2 * ||p||^2`` on the tracked final layer."""
+    batch, labels = flat.on_device(batch, labels)
     out = flat.module(**batch)
     loss = task.loss(out, labels).mean()
     if flat.penalized:
@@ -86,6 +92,7 @@ def per_example_grads(task, flat: FlatParameters, batch: Batch, labels: torch.Te
                       query: bool = False) -> torch.Tensor:
     """(B, dim): the gradient of each example's loss (``query``: of minus its measurement)."""
     rows = []
+    batch, labels = flat.on_device(batch, labels)
     n = len(next(iter(batch.values())))
     with tracking(flat.module, flat.modules), torch.enable_grad():
         for i in range(n):

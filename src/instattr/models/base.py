@@ -109,14 +109,12 @@ class Classifier(ABC):
         """The linear modules the layered methods track (:func:`instattr.models.modules.track`):
         ``modules`` (glob patterns over the model's own module names), else an adapter's trainable
         ones, else the top ``layers`` blocks and the head. Names are those inside :meth:`module`."""
-        if modules:
-            modules = [m if m.startswith(self.prefix) else self.prefix + m for m in modules]
         module = self.module()
         probe = self.tokenize(["a b"], ["a b"] if self.is_pair else None).batch([0], self.device)
         order = call_order(module, lambda: module(**probe))
         used = reaching(module, lambda: module(**probe))
         trainable = None if modules else self.trainable()
-        return track(module, order, used, layers if trainable is None else None, modules, trainable)
+        return track(module, order, used, layers if trainable is None else None, modules, trainable, self.prefix)
 
     @property
     def n_layers(self) -> int:

@@ -266,6 +266,7 @@ class HFClassifier(Classifier):
         out = module(**{k: v.to(self.device) for k, v in batch.items()})
         logits, own = out.logits.float(), out.own.float()
         differs = ~torch.isclose(logits, own, atol=1e-4, rtol=1e-4).all(-1)
+        self.last_differs = differs.cpu().numpy()       # per row of this batch (Ray workers send it back)
         if differs.any():
             if not out.token_wise:
                 raise InstattrError(f"{self.path}: {self._final} is not the model's last operation (its output is "

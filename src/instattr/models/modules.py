@@ -146,22 +146,30 @@ def group_of(name: str, path: str) -> str:
 
 
 def track(model: nn.Module, order: Dict[str, int], used: Sequence[str], layers: Optional[int] = None,
-          patterns: Optional[Sequence[str]] = None, trainable: Optional[Sequence[str]] = None) -> List[Tracked]:
-    """The tracked linear modules, in the model's module order (see the module docstring):
-    ``patterns`` (globs over module names) if given; else a PEFT adapter's ``trainable`` parameter
-    names if given; else the top ``layers`` blocks and the head. ``order`` and ``used``: the
-    forward's first calls (:func:`call_order`) and the modules reaching the logits (:func:`reaching`)."""
+          patterns: Optional[Sequence[str]] = None, trainable: Optional[Sequence[str]] = None,
+          prefix: str = "") -> List[Tracked]:
+    """The tracked linear modules, block by block and the head last, each in the model's module
+    order (see the module docstring):
+    ``patterns`` (globs over module names, each read after ``prefix``) if given; else a PEFT
+    adapter's ``trainable`` parameter names if given; else the top ``layers`` blocks and the head.
+    ``order`` and ``used``: the forward's first calls (:func:`call_order`) and the modules reaching
+    the logits (:func:`reaching`)."""
     path, blocks = find_blocks(model)
     linear = {n: m for n, m in model.named_modules() if is_linear(m)}
+
+    def own(name: str) -> str:                  # a name as the user's model spells it
+        return name[len(prefix):] if prefix and name.startswith(prefix) else name
+
     if patterns:
+        patterns = [prefix + p for p in patterns]
         names = [n for n in linear if any(fnmatchcase(n, p) for p in patterns)]
         for p in patterns:
             if not any(fnmatchcase(n, p) for n in linear):
                 other = next((n for n, _ in model.named_modules() if fnmatchcase(n, p)), None)
-                what = (f"only {other}, a {type(model.get_submodule(other)).__name__}; only linear modules "
+                what = (f"only {own(other)}, a {type(model.get_submodule(other)).__name__}; only linear modules "
                         "(nn.Linear, Conv1D) are tracked") if other else \
-                    f"no module of {type(model).__name__} (e.g. {', '.join(list(linear)[-3:])})"
-                raise InstattrError(f"--modules {p}: matches {what}")
+                    f"no module of the model (e.g. {', '.join(own(n) for n in list(linear)[-3:])})"
+                raise InstattrError(f"--modules {own(p)}: matches {what}")
     elif trainable is not None:
         own = set(trainable)
         names = [n for n, m in linear.items()
@@ -176,7 +184,12 @@ def track(model: nn.Module, order: Dict[str, int], used: Sequence[str], layers: 
         names += [n for n in head_modules(model, order, used) if n not in names]
     unused = [n for n in names if n not in used]
     if unused and (patterns or trainable is not None):
-        raise InstattrError(f"{unused[0]}: the model's forward never uses it to compute the logits; it cannot be "
+        raise InstattrError(f"{own(unused[0])}: the model's forward never uses it to compute the logits; it cannot be "
                             "tracked")
     names = [n for n in names if n in used]
-    return [Tracked(n, group_of(n, path)) for n in linear if n in names]
+    tracked = [Tracked(n, group_of(n, path)) for n in linear if n in names]
+
+    def place(t: Tracked):      # each group contiguous (the block-diagonal Hessian's slices): blocks, then the head
+        g = t.group[len("block"):]
+        return (1, 0) if t.group == "head" else (0, int(g) if g.isdigit() else 0)
+    return sorted(tracked, key=place)

@@ -30,9 +30,9 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import InstattrError
 from ..report.markdown import markdown_to_html
 from ..store import Run
-from .errors import BadInput
-from .explorer import HEURISTICS, MAX_K, MAX_LIMIT, Explorer
-from .live import MAX_TEXT
+from .errors import BadInput, Unavailable
+from .explorer import HEURISTICS, LIVE_TIMEOUT, MAX_K, MAX_LIMIT, Explorer
+from .live import MAX_TEXT, Answer
 from .security import MAX_BODY, Guard
 
 PACKAGE = resources.files("instattr.serve")
@@ -87,8 +87,9 @@ def _api_docs(app: FastAPI) -> None:
 
 def create_app(run_dir, live_methods: Optional[List[str]] = None, device: str = "cpu", threads: Optional[int] = 1,
                on_ready: Optional[Callable[[], None]] = None, token: Optional[str] = None,
-               hosts: Optional[List[str]] = None, max_body: int = MAX_BODY) -> FastAPI:
-    """The web app over the run at ``run_dir``. It reads the run's texts and predictions and fits
+               hosts: Optional[List[str]] = None, max_body: int = MAX_BODY) -> Guard:
+    """The web app over the run at ``run_dir`` (a FastAPI app inside its :class:`Guard`, which
+    passes ``state`` and the rest through). It reads the run's texts and predictions and fits
     ``live_methods`` (default: the paper's eleven last-layer methods) for live explanation here,
     before it serves anything; ``on_ready`` is called when the server starts. ``threads``: torch
     and BLAS threads of the live explanation worker (None leaves the process's settings).
@@ -109,7 +110,6 @@ def create_app(run_dir, live_methods: Optional[List[str]] = None, device: str = 
                   description="Instance attribution over one run directory: which training examples made "
                               "the model predict this?")
     app.state.explorer = explorer
-    app.add_middleware(Guard, token=token, hosts=hosts, max_body=max_body)
     app.mount("/static", StaticFiles(directory=str(PACKAGE / "static")), name="static")
     _api_docs(app)
 
@@ -162,8 +162,9 @@ def create_app(run_dir, live_methods: Optional[List[str]] = None, device: str = 
 
     @app.get("/api/explanations/{split}/{idx:path}", tags=["api"],
              summary="A row's top supporting and opposing training examples per method, and where methods agree")
-    def api_explanation(split: str, idx: str, methods: Methods = Query(None), k: int = Query(5, ge=1, le=MAX_K)):
-        return JSONResponse(explorer.explanation(explorer.check_split(split), idx, methods, k))
+    async def api_explanation(split: str, idx: str, methods: Methods = Query(None),
+                              k: int = Query(5, ge=1, le=MAX_K)):
+        return JSONResponse(await explained(split, idx, methods, k))
 
     @app.get("/api/influence/{idx:path}", tags=["api"],
              summary="The predictions a training example supports and opposes most, and its suspicion rank")
@@ -171,12 +172,26 @@ def create_app(run_dir, live_methods: Optional[List[str]] = None, device: str = 
                       k: int = Query(5, ge=1, le=MAX_K)):
         return JSONResponse(explorer.influence(idx, split, methods, k))
 
+    async def answer(future) -> Answer:
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), LIVE_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise Unavailable(f"live explanation took longer than {LIVE_TIMEOUT:.0f} s") from None
+
+    async def explained(split: str, idx: str, methods: Methods, k: int) -> dict:
+        """A stored row's explanation: stored files read in the threadpool, the rest awaited from
+        the live worker (no thread waits on it)."""
+        split = explorer.check_split(split)
+        names, found, future = await run_in_threadpool(explorer.explanation_parts, split, idx, methods, k)
+        if future is not None:
+            found.update((await answer(future)).methods)
+        return await run_in_threadpool(explorer.explanation_result, split, idx, names, found, k)
+
     async def live(text: str, query: Optional[str], methods: Methods, k: int) -> dict:
         names = explorer.live_methods(methods)
         explorer.check_k(k)
         future = explorer.live.submit(text, query, names, k)
-        answer = await asyncio.wrap_future(future)
-        return explorer.live_explanation(answer, text, query, names, k)
+        return explorer.live_explanation(await answer(future), text, query, names, k)
 
     @app.post("/api/explain", tags=["api"], summary="Classify and explain a new text, live")
     async def api_explain(body: ExplainRequest):
@@ -203,9 +218,9 @@ def create_app(run_dir, live_methods: Optional[List[str]] = None, device: str = 
         return page(request, "examples.html", t=table, form=form, splits=run.splits, heuristics=HEURISTICS)
 
     @app.get("/examples/{split}/{idx:path}", response_class=HTMLResponse, include_in_schema=False)
-    def example(request: Request, split: str, idx: str, methods: Methods = Query(None),
-                k: int = Query(5, ge=1, le=MAX_K)):
-        e = explorer.explanation(explorer.check_split(split), idx, methods, k)
+    async def example(request: Request, split: str, idx: str, methods: Methods = Query(None),
+                      k: int = Query(5, ge=1, le=MAX_K)):
+        e = await explained(split, idx, methods, k)
         return page(request, "example.html", e=e, split=split, chosen=list(e["methods"]))
 
     @app.get("/train/{idx:path}", response_class=HTMLResponse, include_in_schema=False)
@@ -233,4 +248,4 @@ def create_app(run_dir, live_methods: Optional[List[str]] = None, device: str = 
     def figure(name: str):
         return FileResponse(explorer.figure_path(name), media_type="image/png")
 
-    return app
+    return Guard(app, token=token, hosts=hosts, max_body=max_body)    # outermost: even a 500 carries its headers

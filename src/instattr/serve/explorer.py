@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..ranking import Ranker
+from ..ranking import Ranker, Ranking
 from ..store import Run, RunError
 from .errors import BadInput, NotFound
 from .headlines import headline, paper_column
@@ -22,6 +23,7 @@ DEFAULT_METHODS = ("nn-cos", "gc", "if", "rep")
 MAX_SIDE_BY_SIDE = 4
 MAX_K = 100
 MAX_LIMIT = 500
+LIVE_TIMEOUT = 600.0    # seconds a row's live ranking may take before the request fails (503)
 # A pair's relation to the HANS heuristics, computed from its tokens (HANS's own labels are not in the data)
 HEURISTICS = ("subsequence", "lexical overlap", "partial overlap")
 # What a row shows inside another row's ranking (no probabilities: responses stay small)
@@ -204,22 +206,40 @@ class Explorer:
                 entry[side] = None if r[side] is None else self._train_rows(r[side], counts)
         return result
 
-    def explanation(self, split: str, idx: str, methods: Optional[Sequence[str]] = None, k: int = 5) -> dict:
-        """A row of ``split`` with, per chosen method, the training examples that support and
-        oppose its prediction most, and where the methods agree."""
-        example = self.row(split, idx)
+    def explanation_parts(self, split: str, idx: str, methods: Optional[Sequence[str]] = None, k: int = 5
+                          ) -> Tuple[List[str], Dict[str, Ranking], Optional[Future]]:
+        """The chosen methods, the rankings read from stored files, and a Future of the live
+        worker's :class:`Answer` for the rest (None when every ranking is stored). A stored method
+        that neither covers this row nor runs live gets an empty ranking of source ``missing``."""
+        self.row(split, idx)
         self.check_k(k)
-        available = self.rankable(split)
-        names = self.choose(available, methods, f"stored or live for split {split!r}")
+        names = self.choose(self.rankable(split), methods, f"stored or live for split {split!r}")
         stored = self.methods(split)
-        ranked = {m: self.ranker.test_row(m, idx, k, split) for m in names if m in stored}
-        stored_k = {m: r for m, r in ranked.items() if r.source != "live"}
-        live = [m for m in names if m not in stored_k]
-        if live:                      # not stored (or not for this row): scored by the live worker
-            stored_k.update(self.live.submit_row(split, idx, live, k).result(timeout=600).methods)
-        ranked = {m: {"source": stored_k[m].source, "depth": stored_k[m].depth, "supporting": stored_k[m].supporting,
-                      "opposing": stored_k[m].opposing} for m in names}
-        return {"example": example, "k": k, "available": available, **self._side_by_side(ranked)}
+        found = {m: self.ranker.test_row(m, idx, k, split, live=False) for m in names if m in stored}
+        found = {m: r for m, r in found.items() if r is not None}
+        live = [m for m in names if m not in found and m in self.live.methods]
+        for m in names:
+            if m not in found and m not in live:
+                found[m] = Ranking([], [], "missing")
+        future = self.live.submit_row(split, idx, live, k) if live else None
+        return names, found, future
+
+    def explanation_result(self, split: str, idx: str, names: Sequence[str], found: Dict[str, Ranking],
+                           k: int) -> dict:
+        """A row of ``split`` with, per method in ``names``, the training examples that support
+        and oppose its prediction most (``found``), and where the methods agree."""
+        ranked = {m: {"source": found[m].source, "depth": found[m].depth, "supporting": found[m].supporting,
+                      "opposing": found[m].opposing} for m in names}
+        return {"example": self.row(split, idx), "k": k, "available": self.rankable(split),
+                **self._side_by_side(ranked)}
+
+    def explanation(self, split: str, idx: str, methods: Optional[Sequence[str]] = None, k: int = 5) -> dict:
+        """:meth:`explanation_result` of :meth:`explanation_parts`, waiting here for the live part
+        (the web app awaits it instead)."""
+        names, found, future = self.explanation_parts(split, idx, methods, k)
+        if future is not None:
+            found.update(future.result(timeout=LIVE_TIMEOUT).methods)
+        return self.explanation_result(split, idx, names, found, k)
 
     # ------------------------------------------------------------------ one training row
     def influence(self, idx: str, split: Optional[str] = None, methods: Optional[Sequence[str]] = None,

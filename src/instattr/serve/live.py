@@ -215,12 +215,11 @@ class LiveExplainer:
                                                            [r.query for r in texts] if pair else None)))
         for r in rows:                 # stored rows: their stored features (one per request, rarely many)
             split, idx = r.row
-            fs = self.run.features(split)
-            where = np.flatnonzero(np.asarray([str(i) for i in fs.idx]) == idx)
-            if not len(where):
+            where = self.ranker.row_positions(split).get(idx)
+            if where is None:
                 r.future.set_exception(NotFound(f"no row {idx!r} in split {split!r}"))
                 continue
-            parts.append(([r], fs.subset(where)))
+            parts.append(([r], self.run.features(split).subset(np.array([where]))))
         for requests, fs in parts:
             asked = [m for m in self.fitted if any(m in r.methods for r in requests)]
             ranked = self.ranker.rank(fs, asked, max(r.k for r in requests))

@@ -3,8 +3,9 @@
 :class:`Guard` is an ASGI middleware around the whole app (pages, API, static files, ``/docs``):
 
 - **Token.** When the server has one, every request must carry it: ``?token=T`` on the URL (the
-  answer then sets an ``HttpOnly``, ``SameSite=Strict`` cookie, so the browser keeps it for the
-  pages it opens next), ``Authorization: Bearer T``, or that cookie. It is compared in constant
+  answer then sets an ``HttpOnly``, ``SameSite=Strict`` cookie named after the port, so the browser
+  keeps it for the pages it opens next and two servers on one machine keep one each),
+  ``Authorization: Bearer T``, or that cookie. It is compared in constant
   time (``hmac.compare_digest``); a missing or wrong token gets 401 and no data. ``serve`` makes
   one whenever it binds to an address that is not loopback (printed in the URL), or takes
   ``--token`` / ``$INSTATTR_TOKEN``; on loopback none is needed unless one is given.
@@ -18,17 +19,19 @@
   page on another origin cannot read an answer.
 - **Size.** A request body over ``max_body`` bytes gets 413 (by its Content-Length, or while it is
   read). Text length and the live queue are limited where they are used (:mod:`.app`, :mod:`.live`).
+- **HTTP only.** A WebSocket is closed unanswered.
 """
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 import secrets
-from http.cookies import SimpleCookie
 from typing import Iterable, Optional
 from urllib.parse import parse_qs
 
-COOKIE = "instattr_token"
+COOKIE = "instattr_token"                  # + "_{port}"
+TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~-]+")  # what travels unescaped in a URL and a cookie
 MAX_BODY = 64 * 1024
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
        "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
@@ -52,6 +55,20 @@ def new_token() -> str:
     return secrets.token_urlsafe(24)
 
 
+def check_token(token: str) -> str:
+    """``token`` if it can travel in a URL and a cookie as it is, else a one-line error."""
+    from .errors import BadInput
+    if not TOKEN_CHARS.fullmatch(token):
+        raise BadInput("the token may hold letters, digits and . _ ~ - only (it travels in URLs and cookies)")
+    return token
+
+
+def cookie_name(scope) -> str:
+    """The token cookie of the server answering ``scope`` (cookies do not tell ports apart)."""
+    server = scope.get("server")
+    return f"{COOKIE}_{server[1]}" if server and server[1] else COOKIE
+
+
 def host_of(header: str) -> str:
     """The name in a Host header, without its port (``[::1]:8000`` -> ``::1``)."""
     header = header.strip().lower()
@@ -66,10 +83,18 @@ class Guard:
 
     def __init__(self, app, token: Optional[str] = None, hosts: Optional[Iterable[str]] = None,
                  max_body: int = MAX_BODY):
-        self.app, self.token, self.max_body = app, token, int(max_body)
+        self.app, self.token, self.max_body = app, None if token is None else check_token(token), int(max_body)
         self.hosts = None if hosts is None else {h.strip("[]").lower() for h in hosts}
 
+    def __getattr__(self, name):
+        if name == "app":
+            raise AttributeError(name)
+        return getattr(self.app, name)        # the wrapped app's state, routes, openapi()
+
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":
+            await receive()
+            return await send({"type": "websocket.close", "code": 1008})
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -78,7 +103,7 @@ class Guard:
                                            "(the Host header names another)")
         remember = False
         if self.token is not None:
-            given, from_query = _token_of(scope, headers)
+            given, from_query = _token_of(scope, headers, cookie_name(scope))
             if given is None or not hmac.compare_digest(given.encode(), self.token.encode()):
                 return await _plain(send, 401, "a token is required: open the URL instattr serve printed "
                                                "(?token=...), or send Authorization: Bearer TOKEN",
@@ -87,36 +112,42 @@ class Guard:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return await _plain(send, 413, f"the request body is over {self.max_body} bytes")
-        received = 0
+        received, started = 0, False
+        too_large = f"the request body is over {self.max_body} bytes"
 
         async def counted():
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise BodyTooLarge()
+                if received > self.max_body:      # the app's handler answers it (413), like any HTTP error
+                    from starlette.exceptions import HTTPException
+                    raise HTTPException(413, too_large)
             return message
 
         async def secured(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 extra = list(HEADERS)
                 if remember:
-                    extra.append((b"set-cookie", f"{COOKIE}={self.token}; Path=/; HttpOnly; SameSite=Strict"
-                                  .encode()))
+                    extra.append((b"set-cookie", f"{cookie_name(scope)}={self.token}; Path=/; HttpOnly; "
+                                  "SameSite=Strict".encode()))
                 message = {**message, "headers": list(message.get("headers", [])) + extra}
             await send(message)
         try:
             await self.app(scope, counted, secured)
-        except BodyTooLarge:
-            await _plain(send, 413, f"the request body is over {self.max_body} bytes")
+        except Exception as e:      # noqa: BLE001 - what the app left unanswered: 413 or 500, headers on
+            if started:
+                raise
+            from starlette.exceptions import HTTPException
+            if isinstance(e, HTTPException) and e.status_code == 413:
+                return await _plain(send, 413, too_large)
+            await _plain(send, 500, "internal server error")
+            raise
 
 
-class BodyTooLarge(Exception):
-    """A request body grew past the limit while it was read."""
-
-
-def _token_of(scope, headers) -> tuple:
+def _token_of(scope, headers, cookie: str) -> tuple:
     """(the token the request carries or None, whether it came on the URL)."""
     auth = headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
@@ -124,12 +155,11 @@ def _token_of(scope, headers) -> tuple:
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     if query.get("token"):
         return query["token"][0], True
-    cookie = SimpleCookie()
-    try:
-        cookie.load(headers.get("cookie", ""))
-    except Exception:   # noqa: BLE001 - a malformed cookie header carries no token
-        return None, False
-    return (cookie[COOKIE].value, False) if COOKIE in cookie else (None, False)
+    for part in headers.get("cookie", "").split(";"):      # lenient: one bad cookie spoils no other
+        name, eq, value = part.strip().partition("=")
+        if eq and name.strip() == cookie:
+            return value.strip().strip('"'), False
+    return None, False
 
 
 async def _plain(send, status: int, text: str, extra=()) -> None:
