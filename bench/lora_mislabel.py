@@ -1,9 +1,10 @@
 """Which training labels of a LoRA fine-tune are wrong? Adapter self-influence against the final layer's
 and the loss, on MiniLM fine-tuned with LoRA on SST-2 with a share of its training labels flipped.
 
-    python bench/lora_mislabel.py [--limit 3000] [--flip 0.1] [--epochs 1] [--out /tmp/instattr-lora]
+    python bench/lora_mislabel.py [--limit 3000] [--flip 0.1] [--epochs 2] [--out /tmp/instattr-lora]
 
-Steps (each timed): flip a seeded share of the first ``--limit`` SST-2 training labels; fine-tune a
+Steps (each timed): flip a seeded share of the labels of a seeded sample of ``--limit`` SST-2
+training rows; fine-tune a
 PEFT LoRA adapter (r 8 on the attention's query and value, the classifier trained as
 ``modules_to_save``) over the packaged all-MiniLM-L6-v2 with plain torch; ``instattr import`` the
 adapter folder; then rank the training set three ways, most suspect first:
@@ -33,11 +34,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--limit", type=int, default=3000, help="training rows (the first N of SST-2)")
+    ap.add_argument("--limit", type=int, default=3000, help="training rows (a seeded sample of SST-2's)")
     ap.add_argument("--flip", type=float, default=0.1)
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--r", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/instattr-lora")
     a = ap.parse_args()
@@ -57,8 +58,10 @@ def main() -> int:
 
     # --- the data: SST-2 with a seeded share of its training labels flipped
     ds = load_dataset("sst2")
-    train = ds.splits["train"].examples[:a.limit]
     rng = np.random.default_rng(a.seed)
+    everything = ds.splits["train"].examples
+    train = [everything[i] for i in np.sort(rng.choice(len(everything), min(a.limit, len(everything)),
+                                                       replace=False))]
     flipped = np.zeros(len(train), dtype=bool)
     flipped[rng.choice(len(train), int(round(a.flip * len(train))), replace=False)] = True
     rows = [{"idx": e.idx, "document": e.document, "label": int(1 - e.label if f else e.label)}

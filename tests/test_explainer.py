@@ -66,6 +66,29 @@ def test_explainer_equals_an_imported_run_and_saves_one(model, tmp_path, tiny_en
         ex.save(tmp_path / "saved")
 
 
+def test_an_adapter_in_memory_is_attributed_over_its_trained_modules_and_saved_as_one(tmp_path):
+    from peft import AutoPeftModelForSequenceClassification
+    data = make_dataset(tmp_path / "data", n_train=16, n_test=4, n_dev=0)
+    folder, _ = make_model("lora-bert", tmp_path, data)
+    model = AutoPeftModelForSequenceClassification.from_pretrained(folder)
+    ex = instattr.Explainer(model, T.AutoTokenizer.from_pretrained(folder), train=rows(data / "train.jsonl"),
+                            methods=["if", "if-top"], labels=["negative", "positive"], proj_dim=4)
+    tracked = ex.fitted["if-top"].config()["tracked_modules"]
+    assert tracked and all("lora_" in n or "modules_to_save" in n for n in tracked)
+    saved = ex.save(tmp_path / "saved")
+    assert saved.manifest.hf.adapter_base == str(tmp_path / "base")
+    assert main(["--quiet", "attribute", "--run", str(saved.path), "--methods", "if-top", "--proj-dim", "4"]) == 0
+
+
+def test_a_bf16_model_in_memory_gets_the_layered_methods(model):
+    import torch
+    folder, data = model
+    clf = T.AutoModelForSequenceClassification.from_pretrained(folder).to(torch.bfloat16)
+    ex = instattr.Explainer(clf, T.AutoTokenizer.from_pretrained(folder), train=rows(data / "train.jsonl"),
+                            methods=["gd", "gd-top"], labels=["negative", "positive"], layers=1, proj_dim=4)
+    assert set(ex.explain("the movie was great", k=2).to_frame()["method"]) == {"gd", "gd-top"}
+
+
 def test_explainer_refuses_bad_rows_in_one_line(model):
     folder, data = model
     tok = T.AutoTokenizer.from_pretrained(folder)

@@ -244,6 +244,11 @@ def test_rows_without_stored_scores_are_explained_live_and_a_torn_top_k_file_is_
     assert kept["source"] == "topk" and len(kept["supporting"]) == 3
     assert gone["source"] == "missing" and gone["supporting"] == []
     assert r.status_code == 200 and "not stored for this row, and not a live method here" in r.text
+    with fastapi_testclient.TestClient(create_app(run.path, live_methods=["gd"])) as c:   # gd live: never short
+        got = {k: c.get("/api/explanations/test/test_1", params={"methods": "gd", "k": k}).json()["methods"]["gd"]
+               for k in (3, 5)}
+    assert got[3]["source"] == "topk" and (got[5]["source"], len(got[5]["supporting"])) == ("live", 5)
+    assert [t["idx"] for t in got[5]["supporting"][:3]] == [t["idx"] for t in got[3]["supporting"]]
 
 
 def test_errors_are_404_for_what_is_missing_and_422_for_bad_input(client):
@@ -397,9 +402,11 @@ def test_a_token_guards_every_request_and_a_cookie_remembers_it(serve_run):
         assert c.get("/api/run?token=wrong").status_code == 401
         r = c.get("/api/run", headers={"Authorization": "Bearer s3cret-token"})
         assert r.status_code == 200 and r.json()["labels"] == XSS_LABELS and "set-cookie" not in r.headers
-        r = c.get("/examples?token=s3cret-token")
-        assert r.status_code == 200 and "instattr_token_80=s3cret-token" in r.headers["set-cookie"]
-        assert "HttpOnly" in r.headers["set-cookie"] and "SameSite=Strict" in r.headers["set-cookie"]
+        r = c.get("/examples?split=test&token=s3cret-token&q=a+b", follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/examples?split=test&q=a+b"   # out of the URL
+        assert "instattr_token_80=s3cret-token" in r.headers["set-cookie"]
+        assert "HttpOnly" in r.headers["set-cookie"] and "SameSite=Lax" in r.headers["set-cookie"]
+        assert c.get(r.headers["location"]).status_code == 200
         assert c.get("/api/examples/test").status_code == 200          # the client keeps the cookie
         c.cookies.clear()
         odd = 'a="b; c; theme=x=y; instattr_token_80=s3cret-token; =z'   # one malformed cookie spoils no other
@@ -411,6 +418,21 @@ def test_a_token_guards_every_request_and_a_cookie_remembers_it(serve_run):
         assert closed.value.code == 1008
     with pytest.raises(ValueError, match="letters, digits"):
         create_app(serve_run.path, token="has space")
+
+
+def test_what_another_sites_page_asks_is_refused(client):
+    """Sec-Fetch-Site: cross-site (an <img>, a fetch, a form on another site) gets 403 and no work;
+    a link followed to a page still opens it."""
+    text = {"text": "the movie was good", "fragment": 1}
+    for mode in ("no-cors", "cors"):
+        r = client.get("/explain", params=text, headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": mode})
+        assert r.status_code == 403 and "another site" in r.text
+    r = client.post("/api/explain", json={"text": "good"}, headers={"Sec-Fetch-Site": "cross-site",
+                                                                    "Sec-Fetch-Mode": "navigate"})
+    assert r.status_code == 403
+    assert client.get("/examples", headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}
+                      ).status_code == 200
+    assert client.get("/explain", params=text, headers={"Sec-Fetch-Site": "same-origin"}).status_code == 200
 
 
 def test_the_host_header_must_name_this_machine_on_loopback(serve_run):
@@ -427,6 +449,9 @@ def test_the_host_header_must_name_this_machine_on_loopback(serve_run):
     off = guarded("0.0.0.0")
     assert off["hosts"] is None and len(off["token"]) >= 24 and guarded("0.0.0.0")["token"] != off["token"]
     assert guarded("0.0.0.0", token="mine")["token"] == "mine"
+    assert "proxy.example" in guarded("127.0.0.1", allow_hosts=["proxy.example"])["hosts"]
+    with pytest.raises(ValueError, match="letters, digits"):
+        guarded("0.0.0.0", token="a token")
 
 
 def test_security_headers_and_size_limits(client):

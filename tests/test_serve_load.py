@@ -4,6 +4,7 @@ request (no error) and their latencies are printed. $INSTATTR_LOAD_SECONDS sets 
 import os
 
 import numpy as np
+import pytest
 
 from instattr.serve import running
 from instattr.serve.load import ENDPOINTS, format_stats, percentile, run_load
@@ -18,9 +19,12 @@ def test_percentile_matches_numpy():
 
 
 def test_twenty_clients_without_error(serve_run, request):
+    """Through the token check, as a server on a network is loaded."""
     seconds = float(os.environ.get("INSTATTR_LOAD_SECONDS", "5"))
-    with running(serve_run.path) as url:
-        stats = run_load(url, seconds=seconds, clients=20, min_requests=2)
+    with running(serve_run.path, token="load-test-token") as url:
+        with pytest.raises(RuntimeError, match="HTTP 401"):
+            run_load(url, seconds=0.1, clients=1)
+        stats = run_load(url, seconds=seconds, clients=20, min_requests=2, token="load-test-token")
     with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
         print("\n" + format_stats(stats, 20, seconds) + "  (tiny run; server and clients in one process)")
     for e in ENDPOINTS:

@@ -166,7 +166,10 @@ def cmd_serve(a) -> int:
     from .serve import serve
     if a.threads < 1:
         raise InstattrError(f"--threads must be at least 1, got {a.threads}")
-    serve(a.run, a.host, a.port, device=a.device, threads=a.threads, token=a.token)
+    from .attribution import resolve_methods
+    live = None if a.live_methods is None else resolve_methods(a.live_methods) if a.live_methods.strip() else []
+    serve(a.run, a.host, a.port, device=a.device, threads=a.threads, token=a.token, allow_hosts=a.allow_host,
+          live_methods=live)
     return 0
 
 
@@ -178,6 +181,10 @@ def _serve_parser(sub) -> None:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--token", help="what every request must carry (?token=, Authorization: Bearer, or the cookie "
                     "the first page sets); default $INSTATTR_TOKEN, and off loopback a new one, printed in the URL")
+    sv.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                    help="on loopback, a further Host name to answer (a proxy's, e.g. code-server); repeatable")
+    sv.add_argument("--live-methods", metavar="M[,M]", help="methods that explain new text live (default: the "
+                    "eleven last-layer methods; an empty string turns live explanation off)")
     sv.add_argument("--threads", type=int, default=1, help="torch and BLAS threads that explain new text (default "
                     "1: one core explains, the others serve pages; more helps on a big machine)")
     device_arg(sv)

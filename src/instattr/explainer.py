@@ -129,7 +129,7 @@ class Explainer:
 
         from .encoders import describe
         from .manifest import FORMAT, DataInfo, EncoderInfo, HFInfo, Manifest
-        from .models.hf import fingerprint
+        from .models.hf import adapter_base, fingerprint
         from .pipeline import _plain, _save_final_layer, _versions, _write_split, build_atomically
         from .store import write_json
         out = Path(out).resolve()
@@ -151,10 +151,9 @@ class Explainer:
                 _write_split(tmp, split, fs.features, fs.probs, len(self.label_names), metrics)
             lin = clf.final_layer()
             _save_final_layer(tmp, lin.w, lin.b)
-            summary = clf.summary()
+            summary = {k: v for k, v in clf.summary().items() if k != "adapter_base"}
             hf = HFInfo(path="model/hf", origin="explainer", fingerprint=fingerprint(folder), max_length=clf.max_length,
-                        **{k: v for k, v in summary.items() if k != "adapter_base"},
-                        adapter_base=summary.get("adapter_base"))
+                        adapter_base=adapter_base(folder), own_pooling_differs=clf.own_pooling_differs, **summary)
             manifest = Manifest(format=FORMAT, mode="import",
                                 data=DataInfo(name="explainer", root=str(out / "data"), arg=str(out / "data"),
                                               is_pair=self.is_pair, n={k: len(v) for k, v in self.splits.items()}),

@@ -168,14 +168,24 @@ class Ranker:
         return {m: found[m] for m in sorted(found, key=lambda m: (order.get(m, len(order)), m))}
 
     def _stored_file(self, path, read):
-        """``read()`` of a stored file, kept until the file or its sidecar changes."""
+        """``read()`` of a stored file, kept until the file or its sidecar changes (an atomic
+        replace gives a new inode); a read that a writer overtook is used once, not kept."""
         side = path.with_suffix(".json")
-        stamp = tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in (path, side))
+
+        def stamp():
+            try:
+                return tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in (path.stat(), side.stat()))
+            except OSError as e:
+                raise RunError(f"{path}: cannot be read ({e.strerror}); was it removed?") from None
         with self._lock:
+            before = stamp()
             kept = self._files.get(path)
-            if kept is None or kept[0] != stamp:
-                kept = self._files[path] = (stamp, read())
-            return kept[1]
+            if kept is not None and kept[0] == before:
+                return kept[1]
+            value = read()
+            if stamp() == before:
+                self._files[path] = (before, value)
+            return value
 
     def _dense_file(self, method: str, split: str) -> Optional[dict]:
         """A stored score matrix of this training set (commit-checked): its rows' positions, its
@@ -261,8 +271,9 @@ class Ranker:
     def test_row(self, method: str, idx: str, k: int, split: Optional[str] = None, live: bool = True
                  ) -> Optional[Ranking]:
         """The ``k`` training rows that support (and oppose) the prediction on row ``idx`` of
-        ``split`` most: stored dense scores, else stored top-k files, else (``live``) computed now;
-        None when nothing stored covers the row and ``live`` is off."""
+        ``split`` most: stored dense scores, else stored top-k files (with ``live``, only when
+        their K covers ``k``), else (``live``) computed now; None when nothing stored covers the
+        row and ``live`` is off (a top-k file of a smaller K gives its K rows, ``depth`` says so)."""
         split = split or self.split
         fs = self.run.features(split)
         where = self.row_positions(split)
@@ -274,7 +285,7 @@ class Ranker:
             sup, opp = ranked_rows(stored.astype(np.float32, copy=False), self.train_ids, k)
             return Ranking(sup[0], opp[0], "dense")
         top = self._top_file(method, split)
-        if top is not None and str(idx) in top["where"]:
+        if top is not None and str(idx) in top["where"] and (k <= top["train_pos"].shape[1] or not live):
             i = top["where"][str(idx)]
             depth = top["train_pos"].shape[1]
             bottom = self._top_file(method, split, bottom=True)

@@ -160,8 +160,8 @@ def find_suspects(run: Run, method: str = "if", k: int = 50, methods: Optional[S
     names = check_rankings([method] + list(methods if methods is not None else default_rankings(run)))
     per_method = method_options([n for n in names if n in SELF_SCORED], options)
     train = run.features("train")
-    needs_classifier = any(n in SELF_SCORED and (n.endswith("-top") or n == "tracin") for n in names)
-    if needs_classifier:
+    whole_model = any(n in SELF_SCORED and (n.endswith("-top") or n == "tracin") for n in names)
+    if whole_model:
         from .models import classifier_for
         model = classifier_for(run, device)
     else:

@@ -168,14 +168,18 @@ def projected_gradients(classifier, fs: FeatureSet, labels: np.ndarray, projecto
     parts = backend_or_local(backend if remote else None).gradient_batches(projector, source, fs, rows, labels, order,
                                                                           factors, query)
     done = 0
+    # the stored features came from the model in its own dtype: a bf16 or fp16 model's differ more
+    native = next(classifier.module().parameters()).dtype
+    tolerance = max(FEATURE_TOLERANCE, 16 * torch.finfo(native).eps * float(np.abs(fs.features).max(initial=1.0)))
     with _progress(n, desc, progress) as bar:
         for pos, g, f, feats in parts:
             if check:
                 diff = float(np.abs(np.asarray(feats, dtype=np.float64)
                                     - np.asarray(fs.features[pos], dtype=np.float64)).max(initial=0.0))
-                if diff > FEATURE_TOLERANCE:
-                    raise InstattrError(f"{what}: the model's recomputed features differ from the run's stored "
-                                        f"ones by {diff:.3g}; the run and its model no longer match")
+                if diff > tolerance:
+                    where = classifier.run.path if classifier.run is not None else "the model in memory"
+                    raise InstattrError(f"{what}: {where}: the model's recomputed features differ from the stored "
+                                        f"ones by {diff:.3g}; the rows and the model no longer match")
             grads[pos] = torch.as_tensor(g)
             if factors:
                 facs[pos] = torch.as_tensor(f)

@@ -24,15 +24,31 @@ GRADCACHE_FORMAT = 2
 MAX_CACHE_BYTES = 4 << 30   # larger arrays are recomputed rather than written (MNLI at k = 32: 2.9 GB)
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """Digest of a module's weights, hashed once per module until a tensor is replaced or changed in
+    place (its storage or autograd version counter moves): a large decoder is not copied to the CPU
+    on every fit."""
+    state = sorted(module.state_dict().items())
+    stamp = tuple((name, t.data_ptr(), t._version) for name, t in state)
+    kept = getattr(module, "_instattr_weights", None)
+    if kept is None or kept[0] != stamp:
+        h = hashlib.sha1()
+        for name, t in state:
+            h.update(name.encode())
+            h.update(str(t.dtype).encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())   # bf16 too
+        kept = (stamp, h.hexdigest())
+        object.__setattr__(module, "_instattr_weights", kept)    # not a submodule, parameter or buffer
+    return kept[1]
+
+
 def cache_key(projector, train: FeatureSet, dtype: str, options: dict) -> str:
     """Digest of the model's weights, the tracked modules, the task, the options, the dtype and the
     training rows."""
     spec = {"format": GRADCACHE_FORMAT, "dtype": str(dtype), "tracked": [b.name for b in projector.blocks],
             "task": [type(projector.task).__name__, getattr(projector.task, "measurement_kind", "")], **options}
     h = hashlib.sha1(json.dumps(spec, sort_keys=True).encode())
-    for name, t in sorted(projector.module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(weights_digest(projector.module).encode())
     h.update("\x00".join(map(str, train.idx)).encode())
     h.update(np.asarray(train.label, dtype=np.int64).tobytes())
     return h.hexdigest()[:20]

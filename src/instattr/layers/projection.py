@@ -112,7 +112,7 @@ class GradientProjector:
 
     ``project(batch)`` returns ``(out, J)``: the forward pass's output (``out.logits``,
     ``out.features``) and J (B, R, dim), row r of J_i the projected gradient of the task's scalar r
-    of example i. Blocks are laid out in the model's module order. ``exact_basis`` (C, R), when
+    of example i. Blocks are laid out as tracked (block by block, the head last). ``exact_basis`` (C, R), when
     given, keeps the module ``final`` exact in that output basis.
     """
 
@@ -123,7 +123,8 @@ class GradientProjector:
         if kind not in KINDS:
             raise InstattrError(f"projection must be one of {', '.join(KINDS)}, got {kind!r}")
         if not tracked:
-            raise InstattrError("no module is tracked")
+            raise InstattrError(f"{type(module).__name__}: no module is tracked (--layers 0 and no head, or --modules "
+                                "matched none)")
         self.module, self.task = module, task
         self.k, self.seed, self.kind = None if dim is None else int(dim), int(seed), kind
         first = next(iter(module.parameters()))

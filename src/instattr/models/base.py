@@ -186,7 +186,8 @@ class Classifier(ABC):
         if fs.texts is not None:
             return fs.texts
         if self.run is None or fs.split is None:
-            raise RunError("these rows carry no texts and no run to look them up in")
+            raise RunError(f"{fs.split or 'rows'}: these rows carry no texts, and the {self.kind or 'model'} "
+                           "classifier has no run to look them up in")
         examples = {e.idx: e for e in self.run.examples(fs.split)}
         try:
             rows = [examples[str(i)] for i in fs.idx]

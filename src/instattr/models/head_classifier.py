@@ -90,15 +90,6 @@ class HeadClassifier(Classifier):
         return tokenize(enc.tokenizer, enc.max_length, documents, queries, siamese=self.pair_mode == "siamese")
 
     # ------------------------------------------------------------------ texts -> arrays
-    def featurize(self, documents, queries=None, labels=None, progress: bool = False) -> FeatureSet:
-        documents = list(documents)
-        queries = self.check_texts(documents, queries)
-        feats, probs = self.forward_texts(documents, queries, progress)
-        pred = probs.argmax(1).astype(np.int64)
-        return FeatureSet(idx=np.array([f"new_{i}" for i in range(len(documents))]),
-                          label=pred if labels is None else np.asarray(labels, dtype=np.int64), pred=pred,
-                          probs=probs, features=feats, texts=(documents, queries))
-
     def forward_texts(self, documents, queries, progress: bool = False, desc: str = "classify"):
         """Through the encoder's pooled output (as training computed it), then the head."""
         return predict(self.params, pair_input(self.embed(documents, queries, progress), self.pair_mode))

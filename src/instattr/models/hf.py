@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..arrays import FinalLayer
-from ..encoders import EncoderError, check_max_length
+from ..encoders import EncoderError
 from ..errors import InstattrError
 from ..store import Run
 from .base import Classifier, Output, linear_to_final_layer
@@ -334,7 +334,3 @@ def check_labels(model, label_names: Sequence[str], where: str) -> None:
         raise InstattrError(f"{where}: the model's labels {theirs} do not match the dataset's labels.json "
                             f"{list(label_names)}")
 
-
-def check_length(model, max_length: int, where: str) -> int:
-    """``max_length`` if the model has that many positions, else a one-line error."""
-    return check_max_length(model, max_length, where)

@@ -171,12 +171,13 @@ def track(model: nn.Module, order: Dict[str, int], used: Sequence[str], layers: 
                     f"no module of the model (e.g. {', '.join(own(n) for n in list(linear)[-3:])})"
                 raise InstattrError(f"--modules {own(p)}: matches {what}")
     elif trainable is not None:
-        own = set(trainable)
+        trained = set(trainable)
         names = [n for n, m in linear.items()
                  if [f"{n}.{p}" for p, _ in m.named_parameters(recurse=False)]
-                 and all(f"{n}.{p}" in own for p, _ in m.named_parameters(recurse=False))]
+                 and all(f"{n}.{p}" in trained for p, _ in m.named_parameters(recurse=False))]
         if not names:
-            raise InstattrError("the adapter trains no linear module to track; name them with --modules")
+            raise InstattrError(f"{type(model).__name__}: the adapter trains no linear module to track; name them "
+                                "with --modules")
     else:
         start = first_tracked_block(len(blocks), layers)
         chosen = [f"{path}.{i}" if path else str(i) for i in range(start, len(blocks))]

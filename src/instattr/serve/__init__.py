@@ -1,12 +1,14 @@
 """``instattr serve``: explore a run in the browser (FastAPI + uvicorn, the ``serve`` extra).
 
 >>> from instattr.serve import create_app       # an ASGI app over one run directory
->>> app = create_app("runs/sst2")
+>>> app = create_app("runs/sst2", **guarded("127.0.0.1"))
 
-The pages and the JSON API under ``/api`` (documented at ``/docs``) read the run directory;
-only live explanations of new text compute, with attributors fitted once at start-up. Nothing
-here reaches outside the machine: every asset ships in this package. :mod:`.rankings` (stored
-scores or top-k results, by row) needs no web framework.
+The pages and the JSON API under ``/api`` (documented at ``/docs``) read the run directory and
+rank through :class:`instattr.ranking.Ranker`; live explanations (new texts, and stored rows
+whose scores are not stored) compute, with attributors fitted once at start-up. Nothing here
+reaches outside the machine: every asset ships in this package. :func:`serve` and
+:func:`running` apply the access rules of :func:`guarded` (token, Host names); an app made with
+:func:`create_app` alone has only those it is given.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 from ..errors import InstattrError
 
@@ -72,14 +74,17 @@ def server(run_dir, sock: socket.socket, on_ready: Optional[Callable[[], None]] 
     return uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on"))
 
 
-def guarded(host: str, token: Optional[str] = None) -> dict:
+def guarded(host: str, token: Optional[str] = None, allow_hosts: Sequence[str] = ()) -> dict:
     """The access options of a server bound to ``host`` (:mod:`.security`): off loopback a token
     always (``token``, else ``$INSTATTR_TOKEN``, else a new one); on loopback the Host header must
-    name this machine, and a token only when one is given."""
-    from .security import LOOPBACK_NAMES, is_loopback, new_token
+    name this machine or one of ``allow_hosts`` (a proxy's name), and a token only when one is given."""
+    from .security import LOOPBACK_NAMES, check_token, is_loopback, new_token
     token = token or os.environ.get("INSTATTR_TOKEN") or None
+    if token is not None:
+        check_token(token)
     if is_loopback(host):
-        return {"token": token, "hosts": sorted(set(LOOPBACK_NAMES) | {host.strip("[]").lower()})}
+        names = set(LOOPBACK_NAMES) | {host.strip("[]").lower()} | {h.strip("[]").lower() for h in allow_hosts}
+        return {"token": token, "hosts": sorted(names)}
     return {"token": token or new_token(), "hosts": None}
 
 
@@ -88,12 +93,12 @@ def printed_url(url: str, token: Optional[str]) -> str:
 
 
 def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, log: Callable[[str], None] = print,
-          token: Optional[str] = None, **options) -> None:
+          token: Optional[str] = None, allow_hosts: Sequence[str] = (), **options) -> None:
     """Serve the run until interrupted; prints the URL (with its token, when it needs one) once the
     app is ready (opens nothing)."""
+    access = guarded(host, token, allow_hosts)
     sock = listen(host, port)
     url = url_of(sock)
-    access = guarded(host, token)
     try:
         log(f"instattr serve: {run_dir}: loading the model and fitting the live attributors ...")
         srv = server(run_dir, sock, on_ready=lambda: log(f"instattr serve: open {printed_url(url, access['token'])}"
@@ -109,8 +114,8 @@ def running(run_dir, host: str = "127.0.0.1", port: int = 0, timeout: float = 60
     """Serve the run from a background thread of this process (tests, notebooks); yields the base
     URL once the server accepts connections and stops it on exit. The same access rules as
     :func:`serve` (give ``token`` to know it)."""
-    sock = listen(host, port)
     access = guarded(host, token)
+    sock = listen(host, port)
     try:
         srv = server(run_dir, sock, **access, **options)      # the run is read and the attributors fitted here
     except BaseException:

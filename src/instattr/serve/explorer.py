@@ -23,7 +23,7 @@ DEFAULT_METHODS = ("nn-cos", "gc", "if", "rep")
 MAX_SIDE_BY_SIDE = 4
 MAX_K = 100
 MAX_LIMIT = 500
-LIVE_TIMEOUT = 600.0    # seconds a row's live ranking may take before the request fails (503)
+LIVE_TIMEOUT = 600.0    # seconds a live ranking may take before the request fails (503)
 # A pair's relation to the HANS heuristics, computed from its tokens (HANS's own labels are not in the data)
 HEURISTICS = ("subsequence", "lexical overlap", "partial overlap")
 # What a row shows inside another row's ranking (no probabilities: responses stay small)
@@ -216,7 +216,9 @@ class Explorer:
         names = self.choose(self.rankable(split), methods, f"stored or live for split {split!r}")
         stored = self.methods(split)
         found = {m: self.ranker.test_row(m, idx, k, split, live=False) for m in names if m in stored}
-        found = {m: r for m, r in found.items() if r is not None}
+        # stored top-k lists shorter than k: the live worker gives all k where the method runs live
+        found = {m: r for m, r in found.items()
+                 if r is not None and not (r.depth is not None and r.depth < k and m in self.live.methods)}
         live = [m for m in names if m not in found and m in self.live.methods]
         for m in names:
             if m not in found and m not in live:
@@ -232,14 +234,6 @@ class Explorer:
                       "opposing": found[m].opposing} for m in names}
         return {"example": self.row(split, idx), "k": k, "available": self.rankable(split),
                 **self._side_by_side(ranked)}
-
-    def explanation(self, split: str, idx: str, methods: Optional[Sequence[str]] = None, k: int = 5) -> dict:
-        """:meth:`explanation_result` of :meth:`explanation_parts`, waiting here for the live part
-        (the web app awaits it instead)."""
-        names, found, future = self.explanation_parts(split, idx, methods, k)
-        if future is not None:
-            found.update(future.result(timeout=LIVE_TIMEOUT).methods)
-        return self.explanation_result(split, idx, names, found, k)
 
     # ------------------------------------------------------------------ one training row
     def influence(self, idx: str, split: Optional[str] = None, methods: Optional[Sequence[str]] = None,

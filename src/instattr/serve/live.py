@@ -10,8 +10,8 @@ machine's cores with as many threads, the tokenizer is never used from two threa
 the web server's event loop never runs model code (it awaits a future).
 
 The worker runs torch and BLAS with ``threads`` threads (default 1). On a small machine the rest
-of the server needs a core too: on 2 cores shared with other jobs, one thread each explained ten SST-2
-texts in 26 ms per text against 224 ms with two (threads that spin and wait for each other).
+of the server needs a core too, and threads that spin waiting for a busy core slow every product
+(``--threads`` raises it on a big machine).
 """
 from __future__ import annotations
 

@@ -53,11 +53,15 @@ def served(run_dir, port: int, *options: str) -> Iterator[subprocess.Popen]:
         server.wait(timeout=30)
 
 
-def _get_json(base: str, path: str):
+def _auth(token: Optional[str]) -> Dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _get_json(base: str, path: str, token: Optional[str] = None):
     parts = urlsplit(base)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=_auth(token))
         r = conn.getresponse()
         body = r.read()
         if r.status != 200:
@@ -68,14 +72,15 @@ def _get_json(base: str, path: str):
 
 
 def run_load(base_url: str, seconds: float = 30.0, clients: int = 20, methods: Optional[List[str]] = None,
-             k: int = 5, seed: int = 0, min_requests: int = 0) -> Dict[str, dict]:
-    """Load ``base_url`` and return, per endpoint, ``n``, ``errors`` (first few messages in
-    ``error_examples``), ``p50``/``p95``/``max`` latency in seconds, and ``rps``. Each client sends
-    at least ``min_requests`` requests, however long they take (a loaded machine still gets a sample
-    of every endpoint: 2 per client alternate between the two)."""
-    run = _get_json(base_url, "/api/run")
+             k: int = 5, seed: int = 0, min_requests: int = 0, token: Optional[str] = None) -> Dict[str, dict]:
+    """Load ``base_url`` (sending ``token``, when the server wants one) and return, per endpoint,
+    ``n``, ``errors`` (first few messages in ``error_examples``), ``p50``/``p95``/``max`` latency
+    in seconds, and ``rps``. Each client sends at least ``min_requests`` requests, however long
+    they take (a loaded machine still gets a sample of every endpoint: 2 per client alternate
+    between the two)."""
+    run = _get_json(base_url, "/api/run", token)
     split = run["eval_split"]
-    rows = _get_json(base_url, f"/api/examples/{split}?limit=500")["rows"]
+    rows = _get_json(base_url, f"/api/examples/{split}?limit=500", token)["rows"]
     if not rows:
         raise RuntimeError(f"{base_url}: the {split} split has no rows")
     live_methods = methods or run["live_methods"]
@@ -107,7 +112,8 @@ def run_load(base_url: str, seconds: float = 30.0, clients: int = 20, methods: O
                 method, path, body = "POST", "/api/explain", json.dumps(payload)
             t = time.perf_counter()
             try:
-                conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
+                conn.request(method, path, body=body,
+                             headers={**_auth(token), **({"Content-Type": "application/json"} if body else {})})
                 r = conn.getresponse()
                 data = r.read()
                 ok, why = r.status == 200, f"HTTP {r.status}: {data[:200]!r}"

@@ -2,13 +2,15 @@
 
 :class:`Guard` is an ASGI middleware around the whole app (pages, API, static files, ``/docs``):
 
-- **Token.** When the server has one, every request must carry it: ``?token=T`` on the URL (the
-  answer then sets an ``HttpOnly``, ``SameSite=Strict`` cookie named after the port, so the browser
-  keeps it for the pages it opens next and two servers on one machine keep one each),
-  ``Authorization: Bearer T``, or that cookie. It is compared in constant
-  time (``hmac.compare_digest``); a missing or wrong token gets 401 and no data. ``serve`` makes
-  one whenever it binds to an address that is not loopback (printed in the URL), or takes
-  ``--token`` / ``$INSTATTR_TOKEN``; on loopback none is needed unless one is given.
+- **Token.** When the server has one, every request must carry it: ``?token=T`` on the URL,
+  ``Authorization: Bearer T``, or the cookie that ``?token=`` sets: ``HttpOnly``, ``SameSite=Lax``
+  (a link from elsewhere still opens the page; no other site's request carries it), named after
+  the port (two servers on one machine keep one each). A page opened with ``?token=T`` is
+  redirected to its URL without it (303), so the token leaves the address bar and the history.
+  It is compared in constant time (``hmac.compare_digest``); a missing or wrong token gets 401
+  and no data. ``serve`` makes one whenever it binds to an address that is not loopback (printed
+  in the URL), or takes ``--token`` / ``$INSTATTR_TOKEN``; on loopback none is needed unless one
+  is given.
 - **Host.** On loopback the ``Host`` header must name this machine (``localhost``, ``127.0.0.1``,
   ``::1`` or the bound name): a web page the user visits cannot reach the server through DNS
   rebinding (a name of its own resolving to 127.0.0.1), as Jupyter checks too. Anything else: 400.
@@ -17,6 +19,9 @@
   ``Referrer-Policy: no-referrer``, ``X-Frame-Options: DENY``, ``Cross-Origin-Opener-Policy`` and
   ``Cross-Origin-Resource-Policy: same-origin`` on every answer. No CORS header is ever sent, so a
   page on another origin cannot read an answer.
+- **Other sites.** A browser request that another site's page makes (``Sec-Fetch-Site:
+  cross-site``: an image, a script, a fetch, a form) gets 403, so no page can make the server
+  work on its behalf; only a link followed to a page may cross.
 - **Size.** A request body over ``max_body`` bytes gets 413 (by its Content-Length, or while it is
   read). Text length and the live queue are limited where they are used (:mod:`.app`, :mod:`.live`).
 - **HTTP only.** A WebSocket is closed unanswered.
@@ -39,6 +44,7 @@ HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options
            (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY"),
            (b"cross-origin-opener-policy", b"same-origin"), (b"cross-origin-resource-policy", b"same-origin")]
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+MACHINE = ("/api", "/openapi.json", "/static/", "/docs-assets/", "/figures/")   # read by programs: no redirect
 
 
 def is_loopback(host: str) -> bool:
@@ -86,6 +92,9 @@ class Guard:
         self.app, self.token, self.max_body = app, None if token is None else check_token(token), int(max_body)
         self.hosts = None if hosts is None else {h.strip("[]").lower() for h in hosts}
 
+    def _cookie(self, scope) -> tuple:
+        return (b"set-cookie", f"{cookie_name(scope)}={self.token}; Path=/; HttpOnly; SameSite=Lax".encode())
+
     def __getattr__(self, name):
         if name == "app":
             raise AttributeError(name)
@@ -109,6 +118,13 @@ class Guard:
                                                "(?token=...), or send Authorization: Bearer TOKEN",
                                     [(b"www-authenticate", b"Bearer")])
             remember = from_query
+        if headers.get("sec-fetch-site") == "cross-site" and not (
+                headers.get("sec-fetch-mode") == "navigate" and scope.get("method") in ("GET", "HEAD")):
+            return await _plain(send, 403, "requests that another site's page makes are refused (only a link to a "
+                                           "page may cross)")
+        if remember and scope.get("method") in ("GET", "HEAD") and not scope.get("path", "").startswith(MACHINE):
+            return await _plain(send, 303, "the token is kept in a cookie now",
+                                [(b"location", _without_token(scope)), self._cookie(scope)])
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return await _plain(send, 413, f"the request body is over {self.max_body} bytes")
@@ -131,8 +147,7 @@ class Guard:
                 started = True
                 extra = list(HEADERS)
                 if remember:
-                    extra.append((b"set-cookie", f"{cookie_name(scope)}={self.token}; Path=/; HttpOnly; "
-                                  "SameSite=Strict".encode()))
+                    extra.append(self._cookie(scope))
                 message = {**message, "headers": list(message.get("headers", [])) + extra}
             await send(message)
         try:
@@ -145,6 +160,15 @@ class Guard:
                 return await _plain(send, 413, too_large)
             await _plain(send, 500, "internal server error")
             raise
+
+
+def _without_token(scope) -> bytes:
+    """The request's path and query, percent-encoded as it came, without ``token``."""
+    from urllib.parse import parse_qsl, urlencode
+    path = scope.get("raw_path") or scope.get("path", "/").encode()
+    rest = [(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+            if k != "token"]
+    return path + (("?" + urlencode(rest)).encode("latin-1") if rest else b"")
 
 
 def _token_of(scope, headers, cookie: str) -> tuple:
