@@ -47,6 +47,24 @@ def test_import_refuses_mismatched_labels_and_bad_damping(tmp_path, tiny_encoder
     assert main(args + ["--out", str(tmp_path / "run")]) == 0
 
 
+def test_import_never_loads_the_sentence_encoder_until_an_sbert_method_asks(tmp_path, tiny_encoder, monkeypatch):
+    import instattr.encoders as encoders
+    data = make_dataset(tmp_path / "data", n_train=12, n_test=4, n_dev=0)
+    folder, _ = make_model("bert", tmp_path, data)
+    real = encoders.Encoder.__init__
+
+    def refused(self, *a, **k):
+        raise AssertionError("the sentence encoder was loaded")
+    monkeypatch.setattr(encoders.Encoder, "__init__", refused)
+    run = import_run(ImportConfig(model=str(folder), data=str(data), sbert=tiny_encoder), tmp_path / "r",
+                     progress=False)
+    assert main(["--quiet", "attribute", "--run", str(run.path), "--methods", "nn-cos,gd,if,rep"]) == 0
+    assert not (run.path / "sbert").exists()
+    monkeypatch.setattr(encoders.Encoder, "__init__", real)
+    assert main(["--quiet", "attribute", "--run", str(run.path), "--methods", "sbert-cos"]) == 0
+    assert sorted(p.name for p in (run.path / "sbert").iterdir()) == ["test.npz", "train.npz"]
+
+
 def test_tracin_without_checkpoints_says_what_it_needs(tmp_path, tiny_encoder, capsys):
     data = make_dataset(tmp_path / "data", n_train=12, n_test=4, n_dev=0)
     tok, model = build("distilbert")

@@ -156,6 +156,26 @@ def test_a_new_text_gets_the_probabilities_of_the_same_stored_row(kind, request,
         emb = SentenceEmbeddings(run).encode(docs, queries)
         assert emb.shape[1] == run.manifest.head.d_in
 
+
+def test_new_texts_are_encoded_once_for_the_classifier_and_the_sbert_methods(single, monkeypatch):
+    """Head mode: one encoder, and the rows the classifier encoded are not encoded again when the
+    sbert-* methods score them, whole or a chunk at a time."""
+    import instattr.encoders as encoders
+    from instattr.sentence import sentence_embeddings
+    run = Run.load(single.path)                       # a fresh run object: nothing kept yet
+    clf = classifier_for(run)
+    encoded = []
+    real = encoders.encode_texts
+    monkeypatch.setattr(encoders, "encode_texts", lambda enc, docs, *a, **k: encoded.extend(docs) or
+                        real(enc, docs, *a, **k))
+    docs = ["a fresh text", "another one", "a third"]
+    fs = clf.featurize(docs)
+    method = get_method("sbert-cos").fit(run.features("train"), sentence_embeddings(run))
+    whole = method.score(fs)
+    parts = np.concatenate([block for _, block in method.score_chunks(fs, 2)])
+    assert encoded == docs and clf.encoder() is sentence_embeddings(run).encoder()
+    np.testing.assert_array_equal(whole, parts)
+
 def test_default_tracking_is_the_top_blocks_and_the_head_that_reach_the_logits(single):
     clf = classifier_for(single)
     names = [t.name for t in clf.tracked(1)]

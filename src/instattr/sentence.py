@@ -10,12 +10,16 @@ existed kept them as ``features/{split}.npz:encoder``, which is read as it is.
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Dict, Optional
 
 import numpy as np
 
 from .arrays import FeatureSet
 from .store import Run, RunError, write_npz
+
+KEPT_TEXTS = 200_000     # new texts whose embeddings are kept (about 300 MB at 384 floats)
 
 
 def sbert_path(run: Run, split: str):
@@ -45,24 +49,49 @@ class SentenceEmbeddings:
         self._splits: Dict[str, np.ndarray] = {}
         self._positions: Dict[str, Dict[str, int]] = {}
         self._encoder = None
+        self._texts: "OrderedDict[tuple, np.ndarray]" = OrderedDict()   # (text, query) -> embedding
+        self._lock = threading.Lock()
 
     def encoder(self):
         """The untuned sentence encoder (:class:`~instattr.encoders.Encoder`; bf16 autocast on CUDA,
         except in head mode, whose head reads float32 embeddings)."""
-        if self._encoder is None:
-            from .encoders import Encoder
-            e, autocast = self.spec, not self.head
-            self._encoder = (Encoder(e.path or e.name, e.pooling, e.max_length, device=self.device, autocast=autocast)
-                             if e is not None else Encoder(self.name, device=self.device, autocast=autocast))
-        return self._encoder
+        with self._lock:
+            if self._encoder is None:
+                from .encoders import Encoder
+                e, autocast = self.spec, not self.head
+                self._encoder = (Encoder(e.path or e.name, e.pooling, e.max_length, device=self.device,
+                                         autocast=autocast)
+                                 if e is not None else Encoder(self.name, device=self.device, autocast=autocast))
+            return self._encoder
 
-    def encode(self, documents, queries=None) -> np.ndarray:
-        """Embeddings of texts: ``u``, or ``[u, v]`` for pairs (a head-mode run: as its head reads them)."""
+    def encode(self, documents, queries=None, progress: Optional[bool] = None) -> np.ndarray:
+        """Embeddings of texts: ``u``, or ``[u, v]`` for pairs (a head-mode run: as its head reads
+        them). Texts encoded before are not encoded again (the last ``KEPT_TEXTS``): the methods,
+        and in head mode the classifier, that score the same new texts, a chunk at a time or
+        whole, encode each once."""
         from .encoders import encode_texts
+        documents = list(documents)
+        queries = None if queries is None else list(queries)
         mode = None if queries is None else (self.run.manifest.pair_mode if self.head else "siamese")
-        return encode_texts(self.encoder(), list(documents), None if queries is None else list(queries),
-                            mode, self.progress, cache=True,
-                            desc="sentence encoder")
+        keys = list(zip(documents, queries)) if queries is not None else [(d, None) for d in documents]
+        with self._lock:
+            missing = list(dict.fromkeys(k for k in keys if k not in self._texts))
+        if missing:
+            fresh = encode_texts(self.encoder(), [d for d, _ in missing],
+                                 None if queries is None else [q for _, q in missing], mode,
+                                 self.progress if progress is None else progress, cache=True, desc="sentence encoder")
+            with self._lock:
+                for k, v in zip(missing, fresh):
+                    self._texts[k] = v
+        if not keys:
+            return np.zeros((0, self.encoder().hidden_size * (2 if mode == "siamese" else 1)), np.float32)
+        with self._lock:
+            out = np.stack([self._texts[k] for k in keys])
+            for k in keys:
+                self._texts.move_to_end(k)
+            while len(self._texts) > KEPT_TEXTS:
+                self._texts.popitem(last=False)
+        return out
 
     def split(self, name: str) -> np.ndarray:
         """Every row of split ``name``, in the run's stored order (made and saved on first use)."""

@@ -62,11 +62,23 @@ class HeadClassifier(Classifier):
     def final_layer(self) -> FinalLayer:
         return FinalLayer(w=self.params["w"].double().numpy(), b=None, l2=self.l2)
 
+    def _shares_sentence_encoder(self) -> bool:
+        """Whether the run's sentence encoder (sbert-*) is this head's encoder, as head mode makes it:
+        then one Encoder and one memo of new texts' embeddings serve both."""
+        if self.run is None or self.run.manifest.mode != "head":
+            return False
+        s, e = self.run.manifest.sbert, self.encoder_spec
+        return (s.path or s.name, s.pooling, s.max_length) == (e["path"] or e["name"], e["pooling"], e["max_length"])
+
     def encoder(self) -> Encoder:
         """The frozen encoder (tokenizer, transformer, pooling)."""
         if self._encoder is None:
-            e = self.encoder_spec
-            self._encoder = Encoder(e["path"], e["pooling"], e["max_length"], device=self.device)
+            if self._shares_sentence_encoder():
+                from ..sentence import sentence_embeddings
+                self._encoder = sentence_embeddings(self.run, self.device).encoder()
+            else:
+                e = self.encoder_spec
+                self._encoder = Encoder(e["path"], e["pooling"], e["max_length"], device=self.device)
         return self._encoder
 
     def module(self) -> HeadForward:
@@ -96,6 +108,9 @@ class HeadClassifier(Classifier):
 
     def embed(self, documents, queries, progress: bool = False) -> np.ndarray:
         """The encoder's pooled output of texts (``[u, v]`` for siamese pairs)."""
+        if self._shares_sentence_encoder():       # kept for the sbert-* methods that score the same texts
+            from ..sentence import sentence_embeddings
+            return sentence_embeddings(self.run, self.device).encode(documents, queries, progress)
         return encode_texts(self.encoder(), documents, queries, self.pair_mode, progress, cache=False)
 
     def recompute(self, fs: FeatureSet, progress: bool = False):
