@@ -110,11 +110,10 @@ def test_ray_import_equals_local(local_ray, tmp_path, tiny_encoder, monkeypatch)
     from _families import make_model, variant
     llama, _ = make_model("llama", tmp_path / "llama", data, eos_at_end=True)
     eos = variant(tmp_path, llama, "eos", eos_at_end=True, pad_is_eos=True)
-    cfg = ImportConfig(model=str(eos), data=str(make_dataset(tmp_path / "single", n_train=20, n_test=5, n_dev=0)),
+    cfg = ImportConfig(model=str(eos), data=str(make_dataset(tmp_path / "single", n_train=6, n_test=2, n_dev=0)),
                        sbert=tiny_encoder)
-    differs = [import_run(cfg, tmp_path / f"eos-{b}", progress=False, backend=backend).manifest.hf.own_pooling_differs
-               for b, backend in (("local", None), ("ray", RayBackend(workers=2)))]
-    assert differs == [25, 25]
+    by_ray = import_run(cfg, tmp_path / "eos-run", progress=False, backend=RayBackend(workers=2))
+    assert by_ray.manifest.hf.own_pooling_differs == 8      # every row, as the local import counts it (test_families)
 
 
 def test_workers_start_with_the_driver_thread_counts(local_ray):
