@@ -13,7 +13,9 @@ reruns that differ; exit status 1 if any torn read or difference.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,11 +28,16 @@ def main() -> int:
     ap.add_argument("--per-command", type=int, default=20)
     ap.add_argument("--commands", default=",".join(c.name for c in CASES))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--work", default="/tmp/instattr-kills")
+    ap.add_argument("--work", default=None, help="scratch folder (default: a new temporary one, removed after)")
     a = ap.parse_args()
     cases = [c for c in CASES if c.name in a.commands.split(",")]
     t = time.perf_counter()
-    outcomes = run_cases(cases, a.per_command, Path(a.work), a.seed)
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="instattr-kills-"))
+    try:
+        outcomes = run_cases(cases, a.per_command, work, a.seed)
+    finally:
+        if not a.work:
+            shutil.rmtree(work, ignore_errors=True)
     torn = [o for o in outcomes if o.torn_read]
     differ = [o for o in outcomes if not o.final_equal]
     print(f"\n{len(cases)} commands x {a.per_command} moments = {len(outcomes)} trials in "

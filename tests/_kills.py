@@ -129,8 +129,9 @@ CASES = [
 
 def make_template(folder: Path) -> Path:
     """The shared starting point: data, a tiny encoder, a tiny classifier, a trained run with stored
-    correlation results (for the report). Built once, copied for every trial."""
-    folder.mkdir(parents=True, exist_ok=True)
+    correlation results (for the report). Built once, from nothing, copied for every trial."""
+    shutil.rmtree(folder, ignore_errors=True)       # a template left by an earlier run is never reused
+    folder.mkdir(parents=True)
     script = f"""
 import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
@@ -156,7 +157,9 @@ assert main(["--quiet", "train", "--data", str(data), "--encoder", str(enc), "--
 assert main(["--quiet", "evaluate", "correlation", "--run", str(root / "run"), "--methods", "nn-cos,gd",
              "--n-test", "6"]) == 0
 """
-    subprocess.run([sys.executable, "-c", script], check=True, env=env(), capture_output=True)
+    done = subprocess.run([sys.executable, "-c", script], env=env(), capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"making the kill template in {folder} failed:\n{done.stderr[-4000:]}")
     return folder
 
 
