@@ -20,7 +20,7 @@ LAYERS = {
     "sentence": 5, "task": 5, "backend": 5,
     "models": 6,
     "layers": 7,
-    "pipeline": 8,
+    "pipeline": 8, "lm": 8,
     "attribution": 9,
     "ranking": 10, "index": 10, "suspects": 10,
     "distributed": 11,

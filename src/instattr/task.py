@@ -14,6 +14,8 @@ TRAK's model-output functions. A task defines, from the outputs of one batch, pe
   ``(1/n) sum_i J_i^T A_i^T A_i J_i``, ``J_i`` the Jacobian of the scalars;
 - ``loss(out, labels)`` / ``measurement(out, labels)`` (B,): the plain values (brute force, LiSSA).
 
+``n_scalars`` is R and ``n_roots`` S.
+
 :class:`ClassificationTask`: softmax cross-entropy over C classes. Its scalars are the reduced
 logits ``Q^T z`` (Q: an orthonormal basis of the sum-zero directions, :func:`sum_zero_basis`; a
 softmax ignores the all-ones direction), so one Jacobian of C-1 rows gives the training gradient,
@@ -22,8 +24,22 @@ Hessian ``diag p - p p^T = Q R R^T Q^T`` (:func:`gauss_newton_roots`). The measu
 ``log p(label)`` (the loss at the predicted label, the paper's and the score convention's), or
 with ``measurement="margin"`` the margin ``z_y - logsumexp_{c != y} z_c`` (kronfluence's choice for
 classifiers: it does not saturate when p(y) is near 1).
+
+:class:`LanguageModelTask`: next-token cross-entropy summed over a row's scored tokens
+(:mod:`instattr.models.causal`; a document's every token, a prompt's completion only). Its labels
+are in the batch (the scored next tokens), so ``labels`` is unused. The scalars are the summed
+NLL ``L`` and, ``samples`` times, the summed NLL ``L~_s`` at tokens drawn from the model's own
+next-token distribution at the scored positions. The training gradient is ``grad L``; the
+measurement is the completion's log-probability ``-L``, so the query side is ``grad L`` too. The
+Gauss-Newton Hessian is estimated by Monte Carlo: for each position ``E[grad l~ grad l~^T] =
+J^T (diag p - p p^T) J`` (the softmax cross-entropy's Fisher equals its GGN), and draws at
+different positions are independent with mean-zero gradients, so ``E[grad L~ grad L~^T]`` is the
+row's GGN summed over its positions; the roots are ``e_s / sqrt(samples)``. The draws are seeded
+by ``seed`` and the row's scored tokens, so a row gets the same draws in any batch.
 """
 from __future__ import annotations
+
+import zlib
 
 import torch
 
@@ -31,6 +47,7 @@ from .errors import InstattrError
 from .methods.lastlayer import sum_zero_basis
 
 MEASUREMENTS = ("loss", "margin")
+IGNORE = -100          # a language model's target where no token is scored
 
 
 def gauss_newton_roots(probs: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -52,6 +69,10 @@ class ClassificationTask:
 
     @property
     def n_scalars(self) -> int:
+        return self.n_classes - 1
+
+    @property
+    def n_roots(self) -> int:
         return self.n_classes - 1
 
     def basis(self, like: torch.Tensor) -> torch.Tensor:
@@ -102,3 +123,73 @@ class ClassificationTask:
         mask = torch.zeros_like(z, dtype=torch.bool)
         mask[rows, y] = True
         return z[rows, y] - torch.logsumexp(z.masked_fill(mask, -torch.inf), -1)
+
+
+class LanguageModelTask:
+    """Summed next-token cross-entropy over scored tokens (see the module docstring)."""
+
+    def __init__(self, samples: int = 1, seed: int = 0):
+        if int(samples) < 1:
+            raise InstattrError(f"samples must be a positive integer, got {samples}")
+        self.samples, self.seed = int(samples), int(seed)
+
+    @property
+    def n_scalars(self) -> int:
+        return 1 + self.samples
+
+    @property
+    def n_roots(self) -> int:
+        return self.samples
+
+    def _nll(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(B,) the NLL summed over the positions whose target is not ignored."""
+        keep = targets != IGNORE
+        logp = torch.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)
+        picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        return -(picked * keep).sum(-1)
+
+    def draws(self, out) -> torch.Tensor:
+        """(samples, B, T) tokens drawn from the model's next-token distribution at the scored
+        positions (IGNORE elsewhere), seeded by the row's scored tokens."""
+        targets = out.targets.detach().cpu()
+        probs = torch.softmax(out.logits.detach().double().cpu(), -1)
+        drawn = torch.full((self.samples, *targets.shape), IGNORE, dtype=torch.long)
+        for b in range(len(targets)):
+            pos = torch.nonzero(targets[b] != IGNORE).squeeze(-1)
+            key = torch.cat([pos, targets[b, pos]]).numpy().tobytes()
+            g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:".encode() + key))
+            for s in range(self.samples):
+                drawn[s, b, pos] = torch.multinomial(probs[b, pos], 1, generator=g).squeeze(-1)
+        return drawn.to(out.targets.device)
+
+    def scalars(self, out) -> torch.Tensor:
+        nll = [self._nll(out.logits, out.targets)]
+        nll += [self._nll(out.logits, d) for d in self.draws(out)]
+        return torch.stack(nll, -1)
+
+    def _unit(self, out, r: int) -> torch.Tensor:
+        e = torch.zeros(len(out.targets), self.n_scalars, dtype=torch.float64)
+        e[:, r] = 1.0
+        return e
+
+    def train_coefficients(self, out, labels=None) -> torch.Tensor:
+        """The gradient of the summed NLL: scalar 0."""
+        return self._unit(out, 0)
+
+    def query_coefficients(self, out, labels=None) -> torch.Tensor:
+        """The gradient of minus the completion's log-probability: the summed NLL again."""
+        return self._unit(out, 0)
+
+    def curvature_roots(self, out) -> torch.Tensor:
+        """(B, samples, 1 + samples): row s picks the drawn NLL s, scaled by 1/sqrt(samples)."""
+        roots = torch.zeros(len(out.targets), self.samples, self.n_scalars, dtype=torch.float64)
+        roots[:, torch.arange(self.samples), 1 + torch.arange(self.samples)] = self.samples ** -0.5
+        return roots
+
+    def loss(self, out, labels=None) -> torch.Tensor:
+        """(B,) the summed NLL of the scored tokens."""
+        return self._nll(out.logits, out.targets)
+
+    def measurement(self, out, labels=None) -> torch.Tensor:
+        """(B,) the scored tokens' summed log-probability."""
+        return -self.loss(out)

@@ -156,7 +156,7 @@ def projected_gradients(classifier, fs: FeatureSet, labels: np.ndarray, projecto
     run's splits only: new texts, or a classifier no worker can rebuild (``source`` None), here."""
     dtype = resolve_dtype(dtype)
     rows = classifier.rows(fs)
-    n, s, dim = len(fs), projector.task.n_scalars, projector.dim
+    n, s, dim = len(fs), projector.task.n_roots, projector.dim
     if dtype != projector.dtype:
         raise InstattrError(f"{what}: the projector runs in {projector.dtype}, not {dtype}")
     if n * dim * (1 + s * factors) * torch.finfo(dtype).bits // 8 > MAX_EMBEDDING_BYTES:

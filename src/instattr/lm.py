@@ -1,0 +1,245 @@
+"""Which training documents made a causal language model say this: gd, gc, if, rif over tracked modules.
+
+The task is :class:`instattr.task.LanguageModelTask`: a training row's loss is its summed
+next-token NLL over its scored tokens (a document's every token, a prompt's completion only;
+rows longer than the context are windowed, :mod:`instattr.models.causal`), and a query's
+measurement is its completion's summed log-probability. Per-example gradients of the tracked
+linear modules come from hooks in the model's own forward (:mod:`instattr.layers.projection`;
+default: every linear module of the top ``layers`` blocks, or a PEFT adapter's trainable ones; the
+output embedding is left out, as it is usually tied to the input's), a row's being the sum of its
+windows'. With ``g_q`` the query's and ``g_i`` row i's projected gradient:
+
+    gd = g_q . g_i        gc = cos(g_q, g_i)
+    if = g_q^T H^-1 g_i   rif = if / sqrt(g_q^T H^-1 g_q * g_i^T H^-1 g_i)
+
+H is the Gauss-Newton Hessian of the mean training loss, ``(1/n) sum_i GGN_i``, estimated by
+Monte Carlo in the projected space (the task's drawn tokens), plus ``damping`` times its mean
+eigenvalue ``trace(H)/dim`` (a relative damping: the summed NLL's curvature grows with the rows'
+length). Scores follow the library's convention: higher means the row supports the completion
+more. ``if`` has a stated scale: it is the first-order change of the completion's log-probability,
+in nats, per unit weight added to row i's term of the mean training loss; one more copy of the row
+among n changes it by about ``if / n``. ``gd`` is in nats^2 per squared parameter unit; ``gc`` and
+``rif`` lie in [-1, 1].
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .errors import InstattrError
+from .layers.ihvp import Curvature, GaussNewton
+from .layers.projection import KINDS, GradientProjector
+from .methods.similarity import unit_rows
+from .models.causal import CausalForward, Windows
+from .models.modules import Tracked, call_order, reaching, track
+from .task import LanguageModelTask
+
+METHODS = ("gd", "gc", "if", "rif")
+DEFAULT_LAYERS = 3
+
+
+def _rows(rows, where: str) -> List[dict]:
+    """Rows from dicts, a pandas DataFrame or a ``datasets.Dataset``."""
+    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):
+        rows = rows.to_dict("records")
+    rows = [dict(r) for r in rows]
+    if not rows:
+        raise InstattrError(f"{where}: no rows")
+    return rows
+
+
+def adapter_parameters(model) -> Optional[List[str]]:
+    """A PEFT model's trainable parameter names (its LoRA matrices), else None."""
+    if not hasattr(model, "peft_config"):
+        return None
+    from .models.hf import adapter_trainable
+    return adapter_trainable(model)
+
+
+def tracked_modules(forward: CausalForward, probe: Dict[str, torch.Tensor], layers: Optional[int] = None,
+                    modules: Optional[Sequence[str]] = None) -> List[Tracked]:
+    """The tracked linear modules of ``forward`` (names inside it, ``model.`` first): ``modules``
+    (globs over the model's own names), else an adapter's trainable ones, else the top ``layers``
+    blocks' (the output embedding left out unless named)."""
+    order = call_order(forward, lambda: forward(**probe))
+    used = reaching(forward, lambda: forward(**probe))
+    trainable = None if modules else adapter_parameters(forward.model)
+    if trainable is not None:
+        trainable = ["model." + n for n in trainable]
+    chosen = track(forward, order, used, DEFAULT_LAYERS if layers is None else layers, modules, trainable, "model.")
+    if not modules and trainable is None:
+        chosen = [t for t in chosen if t.group != "head"]
+    if not chosen:
+        raise InstattrError(f"{type(forward.model).__name__}: no linear module is tracked (layers 0?); name some "
+                            "with modules")
+    return chosen
+
+
+def row_sums(values: torch.Tensor, rows: np.ndarray, n: int) -> torch.Tensor:
+    """(n, ...) the sum of ``values`` (one per window) over each row's windows."""
+    out = torch.zeros((n, *values.shape[1:]), dtype=values.dtype)
+    out.index_add_(0, torch.as_tensor(rows), values)
+    return out
+
+
+def gradients(projector: GradientProjector, windows: Windows, batch_size: int = 8, factors: bool = False,
+              progress: Optional[bool] = False, desc: str = "") -> Tuple[torch.Tensor, Optional[torch.Tensor],
+                                                                     torch.Tensor]:
+    """(grads (rows, dim), factors (windows * samples, dim) or None, losses (rows,)): each row's
+    projected gradient of its summed NLL (the sum over its windows), the Gauss-Newton factors per
+    window (``H = (1/n) F^T F``), and each row's summed NLL."""
+    from tqdm.auto import tqdm
+    task, n_win, dim, s = projector.task, len(windows), projector.dim, projector.task.n_roots
+    per = torch.zeros(n_win, dim, dtype=projector.dtype)
+    facs = torch.zeros(n_win, s, dim, dtype=projector.dtype) if factors else None
+    losses = torch.zeros(n_win, dtype=torch.float64)
+    with tqdm(total=n_win, desc=desc, disable=not progress, unit="window") as bar:
+        for pos in windows.order(batch_size):
+            out, jac = projector.project(windows.batch(pos))
+            jac = jac.cpu()
+            per[pos] = torch.einsum("br,brd->bd", task.train_coefficients(out).to(jac.dtype), jac)
+            if factors:
+                facs[pos] = torch.einsum("bsr,brd->bsd", task.curvature_roots(out).to(jac.dtype), jac)
+            losses[pos] = task.loss(out).double().cpu()
+            bar.update(len(pos))
+    rows = windows.rows
+    return (row_sums(per, rows, windows.n_rows), facs.reshape(n_win * s, dim) if factors else None,
+            row_sums(losses, rows, windows.n_rows))
+
+
+@dataclass
+class LMExplanation:
+    """A completion and, per method, the training rows that support and oppose it most."""
+    prompt: str
+    completion: str
+    logprob: float                                       # the completion's summed log-probability (nats)
+    methods: Dict[str, Dict[str, List[Tuple[int, float]]]]   # method -> supporting/opposing -> (idx, score)
+    rows: Dict[int, dict] = field(repr=False, default_factory=dict)
+
+    def to_dict(self) -> dict:
+        def listed(ranked):
+            return [{"idx": i, **self.rows.get(i, {}), "score": s} for i, s in ranked]
+        return {"prompt": self.prompt, "completion": self.completion, "logprob": self.logprob,
+                "methods": {m: {k: listed(v) for k, v in sides.items()} for m, sides in self.methods.items()}}
+
+    def to_frame(self):
+        """A pandas DataFrame, one row per (method, kind, rank): idx, text, score."""
+        import pandas as pd
+        out = [{"method": m, "kind": kind, "rank": r, "idx": i,
+                "text": self.rows.get(i, {}).get("text", self.rows.get(i, {}).get("completion")), "score": s}
+               for m, sides in self.methods.items() for kind, ranked in sides.items()
+               for r, (i, s) in enumerate(ranked)]
+        return pd.DataFrame(out, columns=["method", "kind", "rank", "idx", "text", "score"])
+
+
+class LMExplainer:
+    """Attribution of a causal LM's completions to its training rows (see the module docstring).
+
+    ``model``: an ``AutoModelForCausalLM`` (or a PEFT model around one); ``train``: rows with
+    ``text`` or ``prompt`` and ``completion`` (dicts, a DataFrame or a ``datasets.Dataset``; other
+    fields are kept and shown). ``layers``/``modules``: what is tracked; ``proj_dim`` k: k^2
+    projected numbers per module (None: exact); ``max_length``/``stride``: the windows (default the
+    model's context and half of it); ``samples``: Monte Carlo draws per window for H."""
+
+    def __init__(self, model, tokenizer, train, methods: Sequence[str] = METHODS, layers: Optional[int] = None,
+                 modules: Optional[Sequence[str]] = None, proj_dim: Optional[int] = 32,
+                 projection: str = "khatri-rao", damping: float = 0.1, max_length: Optional[int] = None,
+                 stride: Optional[int] = None, samples: int = 1, batch_size: int = 8, seed: int = 0,
+                 dtype: str = "float32", progress: Optional[bool] = None):
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise InstattrError(f"LMExplainer: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        if projection not in KINDS:
+            raise InstattrError(f"LMExplainer: projection must be one of {', '.join(KINDS)}, got {projection!r}")
+        if not damping > 0:
+            raise InstattrError(f"LMExplainer: damping must be > 0 (relative to H's mean eigenvalue), got {damping}")
+        if dtype not in ("float32", "float64"):
+            raise InstattrError(f"LMExplainer: dtype must be float32 or float64, got {dtype!r}")
+        self.methods, self.damping = list(methods), float(damping)
+        self.tokenizer, self.batch_size, self.progress = tokenizer, int(batch_size), progress
+        self.train = _rows(train, "train")
+        context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or \
+            getattr(getattr(model, "config", None), "n_positions", None) or 1024
+        self.max_length = int(max_length or context)
+        self.stride = stride
+        if next(model.parameters()).dtype != getattr(torch, dtype):      # never change the user's model
+            model = copy.deepcopy(model).to(getattr(torch, dtype))
+        self.forward = CausalForward(model).eval()
+        self.task = LanguageModelTask(samples, seed)
+        probe = Windows(tokenizer, [{"text": "a probe of the forward pass"}], self.max_length).batch(
+            [0], next(model.parameters()).device)
+        self.tracked = tracked_modules(self.forward, probe, layers, modules)
+        self.projector = GradientProjector(self.forward, self.tracked, self.task, proj_dim, seed, projection)
+        windows = self._windows(self.train, "train")
+        needs_h = any(m in ("if", "rif") for m in self.methods)
+        self.train_grads, factors, self.train_losses = gradients(self.projector, windows, self.batch_size, needs_h,
+                                                                 bool(progress), "train gradients")
+        self.solver = None
+        if needs_h:
+            n, dim = len(self.train), self.projector.dim
+            mean_eig = float((factors.double() ** 2).sum()) / n / dim
+            self.damping_absolute = self.damping * max(mean_eig, 1e-12)
+            self.solver = GaussNewton(self.damping_absolute).fit(
+                Curvature(dim=dim, n=n, factors=factors, blocks=self.projector.block_slices(),
+                          groups=list(self.projector.groups().values())))
+            self._train_solved_norms = self.solver.quadratic(self.train_grads.double())
+
+    def _windows(self, rows: List[dict], where: str) -> Windows:
+        return Windows(self.tokenizer, rows, self.max_length, self.stride, where)
+
+    def scores(self, queries) -> Dict[str, np.ndarray]:
+        """Per method, (queries, train) scores of query rows (``prompt`` and ``completion``)."""
+        queries = _rows(queries, "queries")
+        for i, q in enumerate(queries):
+            if "prompt" not in q or "completion" not in q:
+                raise InstattrError(f"queries: row {i} needs 'prompt' and 'completion'")
+        g, _, self.query_losses_ = gradients(self.projector, self._windows(queries, "queries"), self.batch_size)
+        g, train = g.double(), self.train_grads.double()
+        out: Dict[str, np.ndarray] = {}
+        if "gd" in self.methods:
+            out["gd"] = (g @ train.T).numpy()
+        if "gc" in self.methods:
+            out["gc"] = unit_rows(g.numpy()) @ unit_rows(train.numpy()).T
+        if self.solver is not None:
+            solved = self.solver.solve(g)
+            inf = solved @ train.T
+            if "if" in self.methods:
+                out["if"] = inf.numpy()
+            if "rif" in self.methods:
+                q = (solved * g).sum(1).clamp_min(1e-300).sqrt()
+                t = self._train_solved_norms.clamp_min(1e-300).sqrt()
+                out["rif"] = (inf / q[:, None] / t[None, :]).numpy()
+        return {m: out[m] for m in self.methods}
+
+    def complete(self, prompt: str, max_new_tokens: int = 20) -> str:
+        """The model's greedy completion of ``prompt``."""
+        model = self.forward.model
+        ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"].to(next(model.parameters()).device)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=self.tokenizer.pad_token_id or
+                                 self.tokenizer.eos_token_id)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    def explain(self, prompt: str, completion: Optional[str] = None, k: int = 10,
+                max_new_tokens: int = 20) -> LMExplanation:
+        """The top ``k`` supporting and opposing training rows of a completion (greedy when not given)."""
+        if completion is None:
+            completion = self.complete(prompt, max_new_tokens)
+            if not completion:
+                raise InstattrError("explain: the model's greedy completion is empty; give one")
+        scores = self.scores([{"prompt": prompt, "completion": completion}])
+        methods = {}
+        for m, s in scores.items():
+            row = s[0]
+            top = np.argsort(-row, kind="stable")[:k]
+            bottom = np.argsort(row, kind="stable")[:k]
+            methods[m] = {"supporting": [(int(i), float(row[i])) for i in top],
+                          "opposing": [(int(i), float(row[i])) for i in bottom]}
+        shown = {int(i): self.train[int(i)] for sides in methods.values() for ranked in sides.values()
+                 for i, _ in ranked}
+        return LMExplanation(prompt, completion, float(-self.query_losses_[0]), methods, shown)

@@ -1,0 +1,255 @@
+"""Causal language models (instattr.lm): tiny random GPT-2 (Conv1D), Llama, Qwen2 and a LoRA adapter on
+Llama, built from configs with a word-level tokenizer. References are brute force in float64: the
+model's own Hugging Face loss, autograd gradients of each window's loss with respect to the tracked
+modules' parameters, autograd Jacobians for the Gauss-Newton Hessian, and influence by a dense solve.
+"""
+import numpy as np
+import pytest
+import torch
+import transformers as T
+
+from instattr.errors import InstattrError
+from instattr.layers.projection import GradientProjector
+from instattr.lm import LMExplainer, gradients, tracked_modules
+from instattr.models.causal import IGNORE, CausalForward, Windows, windows
+from instattr.task import LanguageModelTask
+
+from _families import word_tokenizer
+
+TRAIN = [{"text": "the movie was good and the plot was fun"},
+         {"text": "a dull film , the actor was awful"},
+         {"prompt": "the plot is", "completion": "very dull"},
+         {"text": "good good great fine movie", "source": 3},
+         {"prompt": "the actor was", "completion": "really great"}]
+QUERIES = [{"prompt": "the film was", "completion": "good"}, {"prompt": "the plot", "completion": "is not fun"}]
+
+
+def tiny(family: str):
+    """(tokenizer, float64 causal LM) of ``family``: gpt2, llama, qwen2 or lora-llama."""
+    tok, v = word_tokenizer("decoder")
+    torch.manual_seed(0)
+    small = dict(vocab_size=v, num_hidden_layers=2, num_attention_heads=2, bos_token_id=0, eos_token_id=2,
+                 pad_token_id=1)
+    if family == "gpt2":
+        model = T.GPT2LMHeadModel(T.GPT2Config(n_embd=16, n_positions=64, initializer_range=0.3, **small))
+    elif family == "qwen2":
+        model = T.Qwen2ForCausalLM(T.Qwen2Config(hidden_size=16, intermediate_size=32, num_key_value_heads=1,
+                                                 max_position_embeddings=64, initializer_range=0.3, **small))
+    else:
+        model = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=16, intermediate_size=32, num_key_value_heads=1,
+                                                 max_position_embeddings=64, initializer_range=0.3, **small))
+    if family == "lora-llama":
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    return tok, model.double().eval()
+
+
+def module_grads(model, names, loss):
+    """The gradient of ``loss`` over the named linear modules, laid out as the exact projector does:
+    per module (out, in) with the bias as a last column (GPT-2's Conv1D weight transposed)."""
+    mods = [model.get_submodule(n) for n in names]
+    params = [p for m in mods for p in m.parameters(recurse=False)]
+    grads = dict(zip(map(id, params), torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)))
+    parts = []
+    for m in mods:
+        w = grads[id(m.weight)]
+        w = torch.zeros_like(m.weight) if w is None else w
+        if type(m).__name__ == "Conv1D":
+            w = w.T
+        if getattr(m, "bias", None) is not None:
+            b = grads[id(m.bias)]
+            w = torch.cat([w, (torch.zeros_like(m.bias) if b is None else b)[:, None]], 1)
+        parts.append(w.reshape(-1))
+    return torch.cat(parts)
+
+
+def window_loss(model, w, tokens=None):
+    """One window's summed NLL at its targets (or at ``tokens``), by the model's own forward."""
+    ids = torch.tensor([w.ids])
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    targets = torch.tensor(w.targets if tokens is None else tokens)
+    keep = targets != IGNORE
+    return -torch.log_softmax(logits, -1)[keep, targets[keep]].sum()
+
+
+def test_windows_score_every_scored_token_exactly_once_with_its_own_context():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(2, 40))
+        ids = list(rng.integers(5, 50, n))
+        scored = [False] + list(rng.random(n - 1) < 0.7)
+        length = int(rng.integers(2, 12))
+        stride = int(rng.integers(1, length))
+        seen = []
+        for w in windows(ids, scored, length, stride):
+            start = w.start
+            assert len(w.ids) <= length and w.ids == ids[start:start + len(w.ids)] and start % stride == 0
+            for t, target in enumerate(w.targets):
+                if target != IGNORE:
+                    assert target == ids[start + t + 1]
+                    seen.append(start + t + 1)
+        assert sorted(seen) == [j for j in range(n) if scored[j]]          # each once, none missing
+    with pytest.raises(InstattrError, match="stride"):
+        windows([1, 2, 3], [False, True, True], 4, 4)
+
+
+def test_the_loss_is_the_models_own_on_documents_and_completions():
+    tok, model = tiny("llama")
+    win = Windows(tok, [TRAIN[0], TRAIN[2]], 64)
+    out = CausalForward(model)(**win.batch([0, 1]))
+    loss = LanguageModelTask().loss(out)
+    for b, row in enumerate([TRAIN[0], TRAIN[2]]):
+        if "text" in row:
+            ids = tok(row["text"], return_tensors="pt")["input_ids"]
+            labels = ids.clone()
+        else:
+            p = tok(row["prompt"])["input_ids"]
+            c = tok(row["completion"], add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([p + c])
+            labels = torch.tensor([[-100] * len(p) + c])
+        own = model(input_ids=ids, labels=labels).loss * int((labels[0, 1:] != -100).sum())   # (float32 inside)
+        torch.testing.assert_close(loss[b], own.double(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "lora-llama"])
+def test_exact_row_gradients_equal_autograd_summed_over_windows(family):
+    tok, model = tiny(family)
+    forward = CausalForward(model)
+    win = Windows(tok, TRAIN, 6, 3)                         # long rows cut into overlapping windows
+    assert len(win) > len(TRAIN)
+    probe = win.batch([0])
+    tracked = tracked_modules(forward, probe, layers=1)
+    if family == "lora-llama":
+        assert tracked and all(".lora_" in t.name for t in tracked)
+    else:
+        assert {t.group for t in tracked} == {"block1"}       # the top block, not the tied output embedding
+    task = LanguageModelTask(samples=2, seed=3)
+    projector = GradientProjector(forward, tracked, task, None)
+    grads, factors, losses = gradients(projector, win, batch_size=3, factors=True)
+    names = [t.name[len("model."):] for t in tracked]
+    want = torch.zeros_like(grads)
+    want_losses = torch.zeros(len(TRAIN), dtype=torch.float64)
+    want_factors = []
+    for j, w in enumerate(win.items):
+        batch = win.batch([j])
+        out = forward(**batch)
+        draws = task.draws(out)                              # the same draws in a batch of one
+        want[w.row] += module_grads(model, names, window_loss(model, w))
+        want_losses[w.row] += float(window_loss(model, w).detach())
+        for s in range(task.samples):
+            want_factors.append(module_grads(model, names, window_loss(model, w, draws[s, 0].tolist()))
+                                / np.sqrt(task.samples))
+    torch.testing.assert_close(grads, want, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(factors, torch.stack(want_factors), rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(losses, want_losses, rtol=1e-10, atol=1e-10)
+    assert float(grads.abs().sum()) > 0
+
+
+def test_draws_follow_the_models_next_token_distribution_and_do_not_depend_on_the_batch():
+    tok, model = tiny("llama")
+    forward = CausalForward(model)
+    win = Windows(tok, [TRAIN[2], TRAIN[0]], 64)
+    out = forward(**win.batch([0, 1]))
+    draws = LanguageModelTask(samples=4000, seed=1).draws(out)
+    probs = torch.softmax(out.logits.detach(), -1)
+    for b in range(2):
+        scored = out.targets[b] != IGNORE
+        assert bool((draws[:, b, ~scored] == IGNORE).all())
+        for t in torch.nonzero(scored).squeeze(-1):
+            freq = torch.bincount(draws[:, b, t], minlength=probs.shape[-1]).double() / 4000
+            assert 0.5 * float((freq - probs[b, t]).abs().sum()) < 0.1          # total variation
+    alone = LanguageModelTask(samples=3, seed=1).draws(forward(**win.batch([1])))
+    together = LanguageModelTask(samples=3, seed=1).draws(out)
+    width = alone.shape[-1]
+    assert torch.equal(alone[:, 0], together[:, 1, :width])
+
+
+def test_drawn_factors_average_to_the_gauss_newton_hessian():
+    """E[F^T F] over the draws is sum_t J_t^T (diag p_t - p_t p_t^T) J_t (autograd Jacobians): the
+    error of a mean of 4 independent estimates is about half a single one's (no bias left over),
+    and far below the empirical Fisher's at the data's own tokens."""
+    tok, model = tiny("gpt2")
+    forward = CausalForward(model)
+    win = Windows(tok, [TRAIN[1]], 64)
+    tracked = [t for t in tracked_modules(forward, win.batch([0]), layers=1) if t.name.endswith("mlp.c_proj")]
+    names = [t.name[len("model."):] for t in tracked]
+    w = win.items[0]
+    ids = torch.tensor([w.ids])
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    ggn = 0
+    for t, target in enumerate(w.targets):
+        if target != IGNORE:
+            p = torch.softmax(logits[t].detach(), -1)
+            jac = torch.stack([module_grads(model, names, logits[t, v]) for v in range(len(p))])
+            ggn = ggn + jac.T @ (torch.diag(p) - torch.outer(p, p)) @ jac
+
+    def rel(h):
+        return float(torch.linalg.norm(h - ggn) / torch.linalg.norm(ggn))
+    estimates = []
+    for seed in range(4):
+        _, factors, _ = gradients(GradientProjector(forward, tracked, LanguageModelTask(100, seed), None), win,
+                                  factors=True)
+        estimates.append(factors.T @ factors)
+    single, mean = np.mean([rel(h) for h in estimates]), rel(sum(estimates) / 4)
+    gold = module_grads(model, names, window_loss(model, w))
+    assert mean < 0.35 and mean < 0.7 * single, (mean, single)
+    assert rel(torch.outer(gold, gold)) > 2.0
+
+
+def test_scores_equal_a_brute_force_influence_in_float64():
+    tok, model = tiny("gpt2")
+    ex = LMExplainer(model, tok, TRAIN, layers=1, modules=None, proj_dim=None, damping=0.05, max_length=6,
+                     stride=3, samples=2, batch_size=4, dtype="float64")
+    scores = ex.scores(QUERIES)
+    names = [t.name[len("model."):] for t in ex.tracked]
+    win, qwin = Windows(tok, TRAIN, 6, 3), Windows(tok, QUERIES, 6, 3)
+    g = torch.zeros(len(TRAIN), ex.projector.dim, dtype=torch.float64)
+    f = []
+    for j, w in enumerate(win.items):
+        g[w.row] += module_grads(model, names, window_loss(model, w))
+        draws = ex.task.draws(CausalForward(model)(**win.batch([j])))
+        f += [module_grads(model, names, window_loss(model, w, d[0].tolist())) / np.sqrt(2) for d in draws]
+    q = torch.zeros(len(QUERIES), ex.projector.dim, dtype=torch.float64)
+    for w in qwin.items:
+        q[w.row] += module_grads(model, names, window_loss(model, w))
+    f = torch.stack(f)
+    h = f.T @ f / len(TRAIN)
+    h += 0.05 * torch.trace(h) / len(h) * torch.eye(len(h), dtype=torch.float64)
+    hinv = torch.linalg.inv(h)
+    want = {"gd": q @ g.T, "if": q @ hinv @ g.T}
+    want["gc"] = (q / q.norm(dim=1, keepdim=True)) @ (g / g.norm(dim=1, keepdim=True)).T
+    qn, gn = torch.sqrt(((q @ hinv) * q).sum(1)), torch.sqrt(((g @ hinv) * g).sum(1))
+    want["rif"] = want["if"] / qn[:, None] / gn[None, :]
+    for m in ("gd", "gc", "if", "rif"):
+        np.testing.assert_allclose(scores[m], want[m].numpy(), rtol=1e-6, atol=1e-9, err_msg=m)
+
+
+def test_a_training_row_equal_to_the_query_ranks_first_and_explain_generates_a_completion():
+    tok, model = tiny("llama")
+    query = {"prompt": "the actor was", "completion": "really great"}
+    ex = LMExplainer(model.float(), tok, TRAIN, layers=2, proj_dim=8, methods=["gc", "if", "rif"])
+    e = ex.explain(query["prompt"], query["completion"], k=3)
+    for m in ("gc", "rif"):
+        idx, score = e.methods[m]["supporting"][0]
+        assert idx == 4 and score == pytest.approx(1.0, abs=1e-5), m
+    assert e.logprob < 0
+    frame = e.to_frame()
+    assert set(frame["method"]) == {"gc", "if", "rif"} and len(frame) == 3 * 2 * 3
+    greedy = ex.explain("the movie", k=2, max_new_tokens=3)
+    assert greedy.completion and greedy.completion == ex.complete("the movie", 3)
+    assert e.to_dict()["methods"]["gc"]["supporting"][0]["completion"] == "really great"
+
+
+def test_bad_rows_and_options_get_one_line_errors():
+    tok, model = tiny("gpt2")
+    with pytest.raises(InstattrError, match="row 1: a row needs 'text'"):
+        LMExplainer(model, tok, [{"text": "good movie"}, {"label": 1}], layers=1)
+    with pytest.raises(InstattrError, match="'prompt' and 'completion'"):
+        LMExplainer(model, tok, [{"prompt": "good movie"}], layers=1)
+    with pytest.raises(InstattrError, match="unknown method 'tracin'"):
+        LMExplainer(model, tok, TRAIN, methods=["tracin"])
+    with pytest.raises(InstattrError, match="--modules nope"):
+        LMExplainer(model, tok, TRAIN, modules=["nope"])
+    ex = LMExplainer(model, tok, TRAIN, layers=1, methods=["gd"])
+    with pytest.raises(InstattrError, match="queries: row 0 needs"):
+        ex.scores([{"text": "good"}])
