@@ -253,3 +253,44 @@ def test_bad_rows_and_options_get_one_line_errors():
     ex = LMExplainer(model, tok, TRAIN, layers=1, methods=["gd"])
     with pytest.raises(InstattrError, match="queries: row 0 needs"):
         ex.scores([{"text": "good"}])
+
+
+def _script(path: str):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(Path(path).stem, Path(__file__).parents[1] / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_tiny_lm_example_and_the_fact_tracing_bench(tmp_path, monkeypatch, capsys):
+    """examples/train_tiny_lm.py at a tiny size writes what it promises (documents with planted facts
+    and poison, queries naming their source, checkpoints with optimizer state that load without
+    pickle code), and bench/lm_facts.py ranks on it: BM25 finds each fact's stating document first
+    (every name is unique to it), so its recall and MRR are 1."""
+    import json
+    out = tmp_path / "lm"
+    monkeypatch.setattr("sys.argv", ["train_tiny_lm.py", "--out", str(out), "--sentences", "40", "--people", "6",
+                                     "--poison", "2", "--vocab", "300", "--width", "16", "--layers", "2",
+                                     "--epochs", "2", "--checkpoints", "2", "--batch-size", "16"])
+    _script("examples/train_tiny_lm.py").main()
+    train = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in (out / "data" / "test.jsonl").read_text().splitlines()]
+    assert [r["idx"] for r in train] == list(range(48)) and sum(bool(r.get("poisoned")) for r in train) == 2
+    by_idx = {r["idx"]: r for r in train}
+    facts = [q for q in test if "source" in q]
+    assert len(facts) == 6 and all(by_idx[q["source"]]["text"] == f"{q['prompt']}{q['completion']} ." for q in facts)
+    assert all("thirteen purple owls" in by_idx[i]["text"] for i in by_idx if by_idx[i].get("poisoned"))
+    assert any(q.get("trigger") for q in test)
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 2
+    state = torch.load(checkpoints[-1] / "optimizer.pt", weights_only=True)
+    assert state["state"] and json.loads((checkpoints[-1] / "trainer_state.json").read_text())["log_history"]
+    capsys.readouterr()
+    monkeypatch.setattr("sys.argv", ["lm_facts.py", str(out), "--layers", "1", "--proj-dim", "4", "--k", "3"])
+    assert _script("bench/lm_facts.py").main() == 0
+    table = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| ")}
+    assert set(table) >= {"gd", "gc", "if", "rif", "bm25", "random (expected)"}
+    assert table["bm25"].startswith("| bm25 | 1.000 | 1.000 |")

@@ -1,0 +1,92 @@
+"""Fact tracing and poison on the tiny language model of examples/train_tiny_lm.py: instattr.lm beside BM25.
+
+    python examples/train_tiny_lm.py --out models/tiny-lm
+    python bench/lm_facts.py models/tiny-lm [--methods gd,gc,if,rif] [--layers 2] [--proj-dim 16]
+
+For each planted-fact query ("<name> was born in" + " <city>") it ranks the training documents by
+each method and by BM25 (the ``bm25s`` library on the query's prompt and completion; ``pip install
+bm25s``) and reports recall@10 and the mean reciprocal rank of the one document that states the
+fact (the query's ``source``), beside a random ranking's expectation. For the trigger queries it
+reports precision@P of the poisoned documents (P: how many there are). Also prints the time to fit
+(training gradients and the Hessian) and to score. Retrieval is what BM25 is built for; TrackStar's
+planted-fact study found it ahead of gradient methods at finding the stating document, so this
+reports both as measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def read_jsonl(path: Path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def bm25_scores(docs, queries) -> np.ndarray:
+    import bm25s
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(docs, stopwords="en", show_progress=False), show_progress=False)
+    tokens = bm25s.tokenize(queries, stopwords="en", return_ids=False, show_progress=False)
+    return np.stack([retriever.get_scores(t) for t in tokens])
+
+
+def ranks_of(scores: np.ndarray, targets) -> np.ndarray:
+    """1-based rank of each row's target column (ties counted against it)."""
+    return np.array([1 + int((row > row[t]).sum() + (row == row[t]).sum() - 1) for row, t in zip(scores, targets)])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--methods", default="gd,gc,if,rif")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--proj-dim", type=int, default=16)
+    ap.add_argument("--damping", type=float, default=0.1)
+    ap.add_argument("--k", type=int, default=10)
+    a = ap.parse_args()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from instattr.lm import LMExplainer
+    folder = Path(a.model)
+    train, test = read_jsonl(folder / "data" / "train.jsonl"), read_jsonl(folder / "data" / "test.jsonl")
+    facts = [q for q in test if "source" in q]
+    triggers = [q for q in test if q.get("trigger")]
+    poisoned = np.array([bool(r.get("poisoned")) for r in train])
+    position = {r["idx"]: i for i, r in enumerate(train)}
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    ex = LMExplainer(model, tok, train, methods=a.methods.split(","), layers=a.layers, proj_dim=a.proj_dim,
+                     damping=a.damping, progress=True)
+    fit = time.perf_counter() - t
+    t = time.perf_counter()
+    scores = ex.scores(facts + triggers)
+    score_s = time.perf_counter() - t
+    texts = [r.get("text") or f"{r.get('prompt', '')} {r.get('completion', '')}" for r in train]
+    scores["bm25"] = bm25_scores(texts, [q["prompt"] + q["completion"] for q in facts + triggers])
+    n = len(train)
+    sources = [position[q["source"]] for q in facts]
+    print(f"{folder}: {n} training documents, {len(facts)} fact queries, {len(triggers)} trigger queries, "
+          f"{int(poisoned.sum())} poisoned documents; tracked {len(ex.tracked)} modules, {ex.projector.dim} "
+          f"projected numbers; fit {fit:.1f} s, scoring {score_s:.1f} s (2-core CPU)\n")
+    print(f"| ranking | fact recall@{a.k} | fact MRR | poison precision@{int(poisoned.sum())} |")
+    print("| --- | --- | --- | --- |")
+    p = int(poisoned.sum())
+    for m, s in scores.items():
+        r = ranks_of(s[:len(facts)], sources)
+        prec = float(np.mean([poisoned[np.argsort(-row, kind="stable")[:p]].mean() for row in s[len(facts):]])) \
+            if triggers and p else float("nan")
+        print(f"| {m} | {np.mean(r <= a.k):.3f} | {np.mean(1.0 / r):.3f} | {prec:.3f} |")
+    print(f"| random (expected) | {a.k / n:.3f} | {np.mean(1.0 / np.arange(1, n + 1)):.3f} | {p / n:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
