@@ -222,6 +222,17 @@ def test_scores_equal_a_brute_force_influence_in_float64():
     want["rif"] = want["if"] / qn[:, None] / gn[None, :]
     for m in ("gd", "gc", "if", "rif"):
         np.testing.assert_allclose(scores[m], want[m].numpy(), rtol=1e-6, atol=1e-9, err_msg=m)
+    tokens, per = ex.token_scores(QUERIES[1]["prompt"], QUERIES[1]["completion"])
+    assert [t.strip() for t in tokens] == ["is", "not", "fun"] and set(per) == {"gd", "if"}
+    w = qwin.items[-1]
+    assert w.row == 1 and len(qwin.items) == 2            # the second query: one window
+    for t, pos in enumerate(i for i, target in enumerate(w.targets) if target != IGNORE):
+        alone = [target if i == pos else IGNORE for i, target in enumerate(w.targets)]
+        g_t = module_grads(model, names, window_loss(model, w, alone))
+        np.testing.assert_allclose(per["gd"][t], (g_t @ g.T).numpy(), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(per["if"][t], (g_t @ hinv @ g.T).numpy(), rtol=1e-6, atol=1e-9)
+    for m in ("gd", "if"):                                  # the tokens' shares sum to the query's score
+        np.testing.assert_allclose(per[m].sum(0), scores[m][1], rtol=1e-8, atol=1e-10)
 
 
 def test_a_training_row_equal_to_the_query_ranks_first_and_explain_generates_a_completion():
@@ -238,6 +249,13 @@ def test_a_training_row_equal_to_the_query_ranks_first_and_explain_generates_a_c
     greedy = ex.explain("the movie", k=2, max_new_tokens=3)
     assert greedy.completion and greedy.completion == ex.complete("the movie", 3)
     assert e.to_dict()["methods"]["gc"]["supporting"][0]["completion"] == "really great"
+    assert [t.strip() for t in e.tokens] == ["really", "great"] and set(e.per_token) == {"if"}
+    for idx, score in e.methods["if"]["supporting"] + e.methods["if"]["opposing"]:
+        assert sum(e.per_token["if"][idx]) == pytest.approx(score, rel=1e-4, abs=1e-6)
+    named = LMExplainer(model, tok, [{**r, "idx": f"doc{i}"} for i, r in enumerate(TRAIN)], layers=2, proj_dim=8,
+                        methods=["gc"]).explain(query["prompt"], query["completion"], k=1)
+    assert named.methods["gc"]["supporting"][0][0] == "doc4" and named.to_dict()["methods"]["gc"]["supporting"][0][
+        "idx"] == "doc4"
 
 
 def test_bad_rows_and_options_get_one_line_errors():

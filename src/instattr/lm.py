@@ -36,7 +36,7 @@ from .layers.projection import KINDS, GradientProjector
 from .methods.similarity import unit_rows
 from .models.causal import CausalForward, Windows
 from .models.modules import Tracked, call_order, reaching, track
-from .task import LanguageModelTask
+from .task import IGNORE, LanguageModelTask
 
 METHODS = ("gd", "gc", "if", "rif")
 DEFAULT_LAYERS = 3
@@ -111,20 +111,38 @@ def gradients(projector: GradientProjector, windows: Windows, batch_size: int = 
             row_sums(losses, rows, windows.n_rows))
 
 
+class TokenLosses:
+    """The scalars of one row's scored tokens, each its own NLL (R = the row's scored tokens):
+    their gradients are the per-token gradients (a batch of one row)."""
+
+    def scalars(self, out) -> torch.Tensor:
+        if len(out.targets) != 1:
+            raise InstattrError("per-token gradients take one window at a time")
+        keep = out.targets[0] != IGNORE
+        logp = torch.log_softmax(out.logits[0][keep], -1)
+        return -logp.gather(-1, out.targets[0][keep].unsqueeze(-1)).T
+
+
 @dataclass
 class LMExplanation:
-    """A completion and, per method, the training rows that support and oppose it most."""
+    """A completion and, per method, the training rows that support and oppose it most, named by
+    their ``idx`` (a row's own ``idx`` field, else its position). ``per_token[method][idx]``: each
+    completion token's share of that row's score (``gd`` and ``if``; the shares sum to the score)."""
     prompt: str
     completion: str
     logprob: float                                       # the completion's summed log-probability (nats)
-    methods: Dict[str, Dict[str, List[Tuple[int, float]]]]   # method -> supporting/opposing -> (idx, score)
-    rows: Dict[int, dict] = field(repr=False, default_factory=dict)
+    methods: Dict[str, Dict[str, List[Tuple[object, float]]]]   # method -> supporting/opposing -> (idx, score)
+    rows: Dict[object, dict] = field(repr=False, default_factory=dict)
+    tokens: List[str] = field(default_factory=list)               # the completion's tokens
+    per_token: Dict[str, Dict[object, List[float]]] = field(repr=False, default_factory=dict)
 
     def to_dict(self) -> dict:
-        def listed(ranked):
-            return [{"idx": i, **self.rows.get(i, {}), "score": s} for i, s in ranked]
+        def listed(m, ranked):
+            return [{**self.rows.get(i, {}), "idx": i, "score": s,
+                     **({"tokens": self.per_token[m][i]} if m in self.per_token else {})} for i, s in ranked]
         return {"prompt": self.prompt, "completion": self.completion, "logprob": self.logprob,
-                "methods": {m: {k: listed(v) for k, v in sides.items()} for m, sides in self.methods.items()}}
+                "tokens": list(self.tokens),
+                "methods": {m: {k: listed(m, v) for k, v in sides.items()} for m, sides in self.methods.items()}}
 
     def to_frame(self):
         """A pandas DataFrame, one row per (method, kind, rank): idx, text, score."""
@@ -215,6 +233,30 @@ class LMExplainer:
                 out["rif"] = (inf / q[:, None] / t[None, :]).numpy()
         return {m: out[m] for m in self.methods}
 
+    def token_scores(self, prompt: str, completion: str) -> Tuple[List[str], Dict[str, np.ndarray]]:
+        """(the completion's tokens, per method ``gd``/``if`` a (tokens, train) matrix): each
+        token's share of the query's score, ``g_t . g_i`` or ``g_t^T H^-1 g_i`` with ``g_t`` the
+        gradient of that token's NLL. The rows sum to the query's score (the completion's gradient
+        is the sum of its tokens'); a positive entry means the training row makes that token more
+        likely. ``gc`` and ``rif`` do not split into sums and are not given per token."""
+        windows = self._windows([{"prompt": prompt, "completion": completion}], "token_scores")
+        projector = GradientProjector(self.forward, self.tracked, TokenLosses(), self.projector.k,
+                                      self.projector.seed, self.projector.kind)
+        per_token, tokens = [], []
+        for j, w in enumerate(windows.items):
+            _, jac = projector.project(windows.batch([j]))
+            per_token.append(jac[0].cpu().double())
+            tokens += [self.tokenizer.decode([t]) for t in w.targets if t != IGNORE]
+        g, train = torch.cat(per_token), self.train_grads.double()
+        out = {}
+        if "gd" in self.methods:
+            out["gd"] = (g @ train.T).numpy()
+        if self.solver is not None and "if" in self.methods:
+            out["if"] = (self.solver.solve(g) @ train.T).numpy()
+        if not out:
+            raise InstattrError("token_scores: needs gd or if among the methods")
+        return tokens, out
+
     def complete(self, prompt: str, max_new_tokens: int = 20) -> str:
         """The model's greedy completion of ``prompt``."""
         model = self.forward.model
@@ -233,13 +275,17 @@ class LMExplainer:
             if not completion:
                 raise InstattrError("explain: the model's greedy completion is empty; give one")
         scores = self.scores([{"prompt": prompt, "completion": completion}])
-        methods = {}
+        ids = [r.get("idx", i) for i, r in enumerate(self.train)]
+        methods, chosen = {}, {}
         for m, s in scores.items():
             row = s[0]
-            top = np.argsort(-row, kind="stable")[:k]
-            bottom = np.argsort(row, kind="stable")[:k]
-            methods[m] = {"supporting": [(int(i), float(row[i])) for i in top],
-                          "opposing": [(int(i), float(row[i])) for i in bottom]}
-        shown = {int(i): self.train[int(i)] for sides in methods.values() for ranked in sides.values()
-                 for i, _ in ranked}
-        return LMExplanation(prompt, completion, float(-self.query_losses_[0]), methods, shown)
+            chosen[m] = list(dict.fromkeys([*np.argsort(-row, kind="stable")[:k], *np.argsort(row, kind="stable")[:k]]))
+            methods[m] = {"supporting": [(ids[i], float(row[i])) for i in np.argsort(-row, kind="stable")[:k]],
+                          "opposing": [(ids[i], float(row[i])) for i in np.argsort(row, kind="stable")[:k]]}
+        shown = {ids[i]: self.train[i] for c in chosen.values() for i in c}
+        tokens, per_token = [], {}
+        if any(m in ("gd", "if") for m in self.methods):
+            tokens, shares = self.token_scores(prompt, completion)
+            per_token = {m: {ids[i]: [float(v) for v in shares[m][:, i]] for i in chosen[m]}
+                         for m in shares if m in chosen}
+        return LMExplanation(prompt, completion, float(-self.query_losses_[0]), methods, shown, tokens, per_token)
