@@ -1,7 +1,7 @@
 """Fact tracing and poison on the tiny language model of examples/train_tiny_lm.py: instattr.lm beside BM25.
 
     python examples/train_tiny_lm.py --out models/tiny-lm
-    python bench/lm_facts.py models/tiny-lm [--methods gd,gc,if,rif] [--layers 2] [--proj-dim 16]
+    python bench/lm_facts.py models/tiny-lm [--methods gd,gc,if,rif,trackstar] [--layers 2] [--proj-dim 16]
 
 For each planted-fact query ("<name> was born in" + " <city>") it ranks the training documents by
 each method, by BM25 (the ``bm25s`` library on the query's prompt and completion; ``pip install
@@ -71,7 +71,7 @@ def ranks_of(scores: np.ndarray, targets) -> np.ndarray:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
-    ap.add_argument("--methods", default="gd,gc,if,rif")
+    ap.add_argument("--methods", default="gd,gc,if,rif,trackstar")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--proj-dim", type=int, default=16)
     ap.add_argument("--damping", type=float, default=0.1)
@@ -93,8 +93,10 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     torch.manual_seed(0)
     t = time.perf_counter()
+    steps = sorted(folder.glob("checkpoint-*/optimizer.pt"), key=lambda f: int(f.parent.name.split("-")[-1]))
+    optimizer = steps[-1] if steps else None          # the example's last checkpoint is the final model
     ex = LMExplainer(model, tok, train, methods=a.methods.split(","), layers=a.layers, proj_dim=a.proj_dim,
-                     damping=a.damping, progress=True)
+                     damping=a.damping, optimizer=optimizer, progress=True)
     fit = time.perf_counter() - t
     t = time.perf_counter()
     scores = ex.scores(facts + triggers)
@@ -105,7 +107,8 @@ def main() -> int:
     sources = [position[q["source"]] for q in facts]
     print(f"{folder}: {n} training documents, {len(facts)} fact queries, {len(triggers)} trigger queries, "
           f"{int(poisoned.sum())} poisoned documents; tracked {len(ex.tracked)} modules, {ex.projector.dim} "
-          f"projected numbers; fit {fit:.1f} s, scoring {score_s:.1f} s (2-core CPU)\n")
+          f"projected numbers; fit {fit:.1f} s, scoring {score_s:.1f} s (2-core CPU); trackstar's optimizer state: "
+          f"{optimizer or 'none'}\n")
     rng = np.random.default_rng(0)
     scores["random"] = rng.random((len(facts) + len(triggers), n))
     patched = facts[:a.patch_queries]

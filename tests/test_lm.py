@@ -314,3 +314,79 @@ def test_the_tiny_lm_example_and_the_fact_tracing_bench(tmp_path, monkeypatch, c
     assert table["bm25"].startswith("| bm25 | 1.000 | 1.000 |")
     gain = {m: float(table[m].split(" | ")[3]) for m in ("gd", "random")}
     assert gain["gd"] > gain["random"]          # a step on the most aligned documents raises the completion most
+
+
+def _rank_one_state(model, kappa: float = 3.0):
+    """An Adam state over ``model.parameters()`` whose second moments are rank one (weights) and
+    proportional to their rows' means (biases): the factored normaliser is then exact."""
+    gen = torch.Generator().manual_seed(0)
+    state, full = {}, {}
+    named = list(model.named_parameters())
+    for i, (n, p) in enumerate(named):
+        if p.dim() == 2:
+            v = torch.outer(torch.rand(p.shape[0], generator=gen, dtype=torch.float64) + 0.1,
+                            torch.rand(p.shape[1], generator=gen, dtype=torch.float64) + 0.1)
+        else:
+            v = torch.rand(p.shape, generator=gen, dtype=torch.float64) + 0.1
+        full[n] = v
+        state[i] = {"step": torch.tensor(5.0), "exp_avg": torch.zeros_like(v), "exp_avg_sq": v}
+    for n, p in named:              # each bias: kappa times its weight's normalised row means
+        if n.endswith(".bias") and full.get(n[:-5] + ".weight", torch.zeros(1)).dim() == 2:
+            w = full[n[:-5] + ".weight"]
+            is_conv = type(model.get_submodule(n[:-5])).__name__ == "Conv1D"
+            rows = (w.T if is_conv else w).mean(1) / w.mean()
+            if rows.shape == p.shape:
+                full[n] = kappa * rows
+                state[[m for m, _ in named].index(n)]["exp_avg_sq"] = full[n]
+    return {"state": state, "param_groups": [{"params": list(range(len(named)))}]}, full
+
+
+def test_trackstar_divides_each_gradient_by_adams_second_moments_then_unit_normalises(tmp_path):
+    tok, model = tiny("gpt2")
+    state, full = _rank_one_state(model)
+    torch.save(state, tmp_path / "optimizer.pt")
+    ex = LMExplainer(model, tok, TRAIN, methods=["trackstar"], layers=1, proj_dim=None, dtype="float64",
+                     optimizer=tmp_path / "optimizer.pt")
+    assert ex.trackstar_normaliser.startswith("adam")
+    names = [t.name[len("model."):] for t in ex.tracked]
+
+    def normalised(loss):
+        g = module_grads(model, names, loss)
+        parts = []
+        for n in names:
+            w = full[n + ".weight"].T if type(model.get_submodule(n)).__name__ == "Conv1D" else full[n + ".weight"]
+            parts.append(torch.cat([w, full[n + ".bias"][:, None]], 1).reshape(-1))
+        g = g / torch.cat(parts).sqrt()
+        return g / g.norm()
+    win = Windows(tok, TRAIN, 64)
+    want = torch.stack([normalised(window_loss(model, w)) for w in win.items])
+    torch.testing.assert_close(ex.trackstar_grads, want, rtol=1e-8, atol=1e-10)
+    q = normalised(window_loss(model, Windows(tok, QUERIES[:1], 64).items[0]))
+    np.testing.assert_allclose(ex.scores(QUERIES[:1])["trackstar"][0], (want @ q).numpy(), rtol=1e-8, atol=1e-10)
+
+
+def test_a_trainers_grouped_optimizer_state_is_matched_by_name_and_no_state_means_gc(tmp_path):
+    from instattr.lm import second_moments
+    tok, model = tiny("llama")
+    decay = [p for n, p in model.named_parameters() if not n.endswith(".bias") and "norm" not in n]
+    rest = [p for n, p in model.named_parameters() if n.endswith(".bias") or "norm" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}])
+    ids = torch.tensor([[0, 7, 8, 9, 10]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    moments = second_moments(model, opt.state_dict())
+    for n, p in model.named_parameters():
+        assert torch.equal(moments[n], opt.state[p]["exp_avg_sq"]), n
+    with pytest.warns(UserWarning, match="no optimizer state"):
+        ex = LMExplainer(model, tok, TRAIN, methods=["trackstar", "gc"], layers=1, dtype="float64")
+    s = ex.scores(QUERIES)
+    np.testing.assert_allclose(s["trackstar"], s["gc"], rtol=1e-10, atol=1e-12)
+    with pytest.raises(InstattrError, match="match neither"):
+        second_moments(model, {"state": {}, "param_groups": [{"params": [0, 1]}]})
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this never runs",))
+    torch.save({"state": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(InstattrError, match="not a readable optimizer state"):
+        LMExplainer(model, tok, TRAIN, methods=["trackstar"], layers=1, optimizer=tmp_path / "evil.pt")

@@ -1,4 +1,4 @@
-"""Which training documents made a causal language model say this: gd, gc, if, rif over tracked modules.
+"""Which training documents made a causal language model say this: gd, gc, if, rif, trackstar.
 
 The task is :class:`instattr.task.LanguageModelTask`: a training row's loss is its summed
 next-token NLL over its scored tokens (a document's every token, a prompt's completion only;
@@ -11,6 +11,7 @@ windows'. With ``g_q`` the query's and ``g_i`` row i's projected gradient:
 
     gd = g_q . g_i        gc = cos(g_q, g_i)
     if = g_q^T H^-1 g_i   rif = if / sqrt(g_q^T H^-1 g_q * g_i^T H^-1 g_i)
+    trackstar = cos(g_q / sqrt(v), g_i / sqrt(v))     (v: Adam's second moments, :func:`adam_scales`)
 
 H is the Gauss-Newton Hessian of the mean training loss, ``(1/n) sum_i GGN_i``, estimated by
 Monte Carlo in the projected space (the task's drawn tokens), plus ``damping`` times its mean
@@ -18,12 +19,14 @@ eigenvalue ``trace(H)/dim`` (a relative damping: the summed NLL's curvature grow
 length). Scores follow the library's convention: higher means the row supports the completion
 more. ``if`` has a stated scale: it is the first-order change of the completion's log-probability,
 in nats, per unit weight added to row i's term of the mean training loss; one more copy of the row
-among n changes it by about ``if / n``. ``gd`` is in nats^2 per squared parameter unit; ``gc`` and
-``rif`` lie in [-1, 1].
+among n changes it by about ``if / n``. ``gd`` is in nats^2 per squared parameter unit; ``gc``,
+``rif`` and ``trackstar`` lie in [-1, 1]. ``token_scores`` splits ``gd`` and ``if`` over the
+completion's tokens.
 """
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -38,7 +41,8 @@ from .models.causal import CausalForward, Windows
 from .models.modules import Tracked, call_order, reaching, track
 from .task import IGNORE, LanguageModelTask
 
-METHODS = ("gd", "gc", "if", "rif")
+METHODS = ("gd", "gc", "if", "rif", "trackstar")
+PLAIN = ("gd", "gc", "if", "rif")
 DEFAULT_LAYERS = 3
 
 
@@ -111,6 +115,71 @@ def gradients(projector: GradientProjector, windows: Windows, batch_size: int = 
             row_sums(losses, rows, windows.n_rows))
 
 
+def read_optimizer(optimizer) -> dict:
+    """An optimizer's state dict: given, or read from a file (a Trainer's ``optimizer.pt``) with
+    ``weights_only=True``, so no code in it runs."""
+    if isinstance(optimizer, dict):
+        return optimizer
+    try:
+        return torch.load(optimizer, map_location="cpu", weights_only=True)
+    except Exception as e:      # noqa: BLE001 - any unreadable file is the one-line error
+        raise InstattrError(f"{optimizer}: not a readable optimizer state ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def second_moments(model, state: dict) -> Dict[str, torch.Tensor]:
+    """Parameter name -> Adam's ``exp_avg_sq``. The state names parameters by their position in
+    the optimizer's groups; the positions are those of ``model.parameters()`` (a plain optimizer),
+    or of a Trainer's two groups (weights with decay, then biases and norms): the first layout
+    whose every shape matches is taken."""
+    named = list(model.named_parameters())
+    order = [i for g in state.get("param_groups", []) for i in g.get("params", [])]
+    moments = {i: v.get("exp_avg_sq") for i, v in state.get("state", {}).items()}
+
+    def no_decay(n: str) -> bool:
+        return n.endswith(".bias") or "norm" in n.lower() or ".ln_" in n
+    trained = [(n, p) for n, p in named if ".lora_" in n or ".modules_to_save." in n] or named
+    layouts = [named, [x for x in named if not no_decay(x[0])] + [x for x in named if no_decay(x[0])],
+               trained, [x for x in trained if not no_decay(x[0])] + [x for x in trained if no_decay(x[0])]]
+    for layout in layouts:
+        if len(layout) != len(order):
+            continue
+        pairs = {n: moments.get(i) for (n, _), i in zip(layout, order)}
+        if all(v is None or tuple(v.shape) == tuple(p.shape) for (n, p), v in zip(layout, pairs.values())):
+            return {n: v for n, v in pairs.items() if v is not None}
+    raise InstattrError(f"the optimizer state's {len(order)} parameters match neither the model's order nor a "
+                        f"Trainer's grouping of its {len(named)} parameters")
+
+
+def adam_scales(model, state: dict, tracked: Sequence[Tracked], prefix: str = "model.") -> Dict[str, tuple]:
+    """For each tracked module, ``(a, b)`` with ``a b^T`` the inverse square root of Adam's second
+    moments ``v`` (d_out x d_in, the bias a last column) factored as Adafactor does:
+    ``v ~ r c^T / mean(v)`` with r, c its row and column means (exact when v has rank one), so
+    the scaled gradient is TrackStar's ``G / sqrt(v)`` without ever forming G."""
+    from .models.modules import conv1d_type
+    moments = second_moments(model, state)
+    out = {}
+    for t in tracked:
+        name = t.name[len(prefix):] if t.name.startswith(prefix) else t.name
+        mod = model.get_submodule(name)
+        v = moments.get(f"{name}.weight")
+        if v is None:
+            raise InstattrError(f"the optimizer state has no second moment of {name}.weight")
+        v = v.double().T if isinstance(mod, conv1d_type() or ()) else v.double()
+        m = float(v.mean())
+        floor = 1e-12 * m + 1e-30
+        r, c = (v.mean(1) / m).clamp_min(floor), v.mean(0).clamp_min(floor)
+        b = c ** -0.5
+        if getattr(mod, "bias", None) is not None:
+            vb = moments.get(f"{name}.bias")
+            if vb is None:
+                raise InstattrError(f"the optimizer state has no second moment of {name}.bias")
+            b = torch.cat([b, torch.tensor([max(float(vb.double().mean()) / float(r.mean()), floor) ** -0.5],
+                                           dtype=torch.float64)])
+        out[t.name] = (r ** -0.5, b)
+    return out
+
+
 class TokenLosses:
     """The scalars of one row's scored tokens, each its own NLL (R = the row's scored tokens):
     their gradients are the per-token gradients (a batch of one row)."""
@@ -163,11 +232,11 @@ class LMExplainer:
     projected numbers per module (None: exact); ``max_length``/``stride``: the windows (default the
     model's context and half of it); ``samples``: Monte Carlo draws per window for H."""
 
-    def __init__(self, model, tokenizer, train, methods: Sequence[str] = METHODS, layers: Optional[int] = None,
+    def __init__(self, model, tokenizer, train, methods: Sequence[str] = PLAIN, layers: Optional[int] = None,
                  modules: Optional[Sequence[str]] = None, proj_dim: Optional[int] = 32,
                  projection: str = "khatri-rao", damping: float = 0.1, max_length: Optional[int] = None,
                  stride: Optional[int] = None, samples: int = 1, batch_size: int = 8, seed: int = 0,
-                 dtype: str = "float32", progress: Optional[bool] = None):
+                 dtype: str = "float32", optimizer=None, progress: Optional[bool] = None):
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise InstattrError(f"LMExplainer: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
@@ -194,9 +263,20 @@ class LMExplainer:
         self.projector = GradientProjector(self.forward, self.tracked, self.task, proj_dim, seed, projection)
         windows = self._windows(self.train, "train")
         needs_h = any(m in ("if", "rif") for m in self.methods)
-        self.train_grads, factors, self.train_losses = gradients(self.projector, windows, self.batch_size, needs_h,
-                                                                 bool(progress), "train gradients")
-        self.solver = None
+        self.train_grads = self.solver = self.trackstar_ = None
+        if any(m in PLAIN for m in self.methods):
+            self.train_grads, factors, self.train_losses = gradients(self.projector, windows, self.batch_size,
+                                                                     needs_h, bool(progress), "train gradients")
+        if "trackstar" in self.methods:
+            self.trackstar_ = GradientProjector(self.forward, self.tracked, self.task, proj_dim, seed, projection)
+            if optimizer is None:
+                warnings.warn("trackstar: no optimizer state given; unit-normalised gradients only (as gc)")
+                self.trackstar_normaliser = "none"
+            else:
+                self.trackstar_.scale(adam_scales(self.forward.model, read_optimizer(optimizer), self.tracked))
+                self.trackstar_normaliser = "adam second moments, factored"
+            g, _, _ = gradients(self.trackstar_, windows, self.batch_size, False, bool(progress), "trackstar gradients")
+            self.trackstar_grads = torch.as_tensor(unit_rows(g.double().numpy()))
         if needs_h:
             n, dim = len(self.train), self.projector.dim
             mean_eig = float((factors.double() ** 2).sum()) / n / dim
@@ -215,9 +295,15 @@ class LMExplainer:
         for i, q in enumerate(queries):
             if "prompt" not in q or "completion" not in q:
                 raise InstattrError(f"queries: row {i} needs 'prompt' and 'completion'")
-        g, _, self.query_losses_ = gradients(self.projector, self._windows(queries, "queries"), self.batch_size)
-        g, train = g.double(), self.train_grads.double()
+        windows = self._windows(queries, "queries")
         out: Dict[str, np.ndarray] = {}
+        if self.trackstar_ is not None:
+            q, _, self.query_losses_ = gradients(self.trackstar_, windows, self.batch_size)
+            out["trackstar"] = unit_rows(q.double().numpy()) @ self.trackstar_grads.numpy().T
+        if self.train_grads is None:
+            return out
+        g, _, self.query_losses_ = gradients(self.projector, windows, self.batch_size)
+        g, train = g.double(), self.train_grads.double()
         if "gd" in self.methods:
             out["gd"] = (g @ train.T).numpy()
         if "gc" in self.methods:
@@ -239,6 +325,8 @@ class LMExplainer:
         gradient of that token's NLL. The rows sum to the query's score (the completion's gradient
         is the sum of its tokens'); a positive entry means the training row makes that token more
         likely. ``gc`` and ``rif`` do not split into sums and are not given per token."""
+        if self.train_grads is None or not any(m in ("gd", "if") for m in self.methods):
+            raise InstattrError("token_scores: needs gd or if among the methods")
         windows = self._windows([{"prompt": prompt, "completion": completion}], "token_scores")
         projector = GradientProjector(self.forward, self.tracked, TokenLosses(), self.projector.k,
                                       self.projector.seed, self.projector.kind)
@@ -253,8 +341,6 @@ class LMExplainer:
             out["gd"] = (g @ train.T).numpy()
         if self.solver is not None and "if" in self.methods:
             out["if"] = (self.solver.solve(g) @ train.T).numpy()
-        if not out:
-            raise InstattrError("token_scores: needs gd or if among the methods")
         return tokens, out
 
     def complete(self, prompt: str, max_new_tokens: int = 20) -> str:

@@ -83,6 +83,8 @@ class Block:
     inputs: list = field(default_factory=list, repr=False)
     outputs: list = field(default_factory=list, repr=False)
     shared: list = field(default_factory=list, repr=False)     # per call: not one row per example
+    out_scale: Optional[torch.Tensor] = None   # (d_out,) and (d_in [+1],): the gradient is divided
+    in_scale: Optional[torch.Tensor] = None    # elementwise by their outer product's inverse (see scale)
 
 
 def _weights(module: nn.Module) -> List[torch.Tensor]:
@@ -154,6 +156,17 @@ class GradientProjector:
                      p_out=self._matrix(k_out, d_out, self.kind, t.name + ":out"),
                      p_in=self._matrix(k_in, d_in, self.kind, t.name + ":in"))
 
+    def scale(self, scales: Dict[str, Tuple[torch.Tensor, torch.Tensor]]) -> "GradientProjector":
+        """Multiply each named module's weight gradient ``G`` (d_out x d_in [+1], the bias a last
+        column) elementwise by ``a b^T`` before it is projected, for ``scales[name] = (a, b)``:
+        ``a`` scales the output gradients and ``b`` the inputs, so the sketch still never forms G
+        (a factored normaliser, e.g. an optimizer's second moments, :func:`instattr.lm.adam_scales`)."""
+        for b in self.blocks:
+            if b.name in scales:
+                a, c = scales[b.name]
+                b.out_scale, b.in_scale = a.to(self.device, self.dtype), c.to(self.device, self.dtype)
+        return self
+
     def _matrix(self, k: int, d: int, kind: str, tag: str) -> torch.Tensor:
         return projection_matrix(k, d, kind, self.seed, tag, self.dtype).to(self.device)
 
@@ -180,6 +193,8 @@ class GradientProjector:
                 x = x[None] if shared else x[:, None]
             if block.bias:
                 x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+            if block.in_scale is not None:
+                x = x * block.in_scale
             block.inputs.append(x if block.p_in is None else x @ block.p_in.T)
             block.outputs.append(output)
             block.shared.append(shared)
@@ -196,6 +211,8 @@ class GradientProjector:
                 g = g[:, None]
             if row is not None:
                 x, g = x[row:row + 1], g[row:row + 1]
+        if block.out_scale is not None:
+            g = g * block.out_scale
         gp = g if block.p_out is None else g @ block.p_out.T
         if block.rank_one:
             return (gp * x).sum(1)
