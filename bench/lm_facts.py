@@ -126,7 +126,7 @@ def main() -> int:
         r = ranks_of(s[:len(facts)], sources)
         prec = float(np.mean([poisoned[np.argsort(-row, kind="stable")[:p]].mean() for row in s[len(facts):]])) \
             if triggers and p else float("nan")
-        print(f"| {m} | {np.mean(r <= a.k):.3f} | {np.mean(1.0 / r):.3f} | {np.mean(gains[m]):+.4f} | {prec:.3f} |")
+        print(f"| {m} | {np.mean(r <= a.k):.3f} | {np.mean(1.0 / r):.3f} | {np.mean(gains[m]):+.3f} | {prec:.3f} |")
     print(f"| random (expected) | {a.k / n:.3f} | {np.mean(1.0 / np.arange(1, n + 1)):.3f} | | {p / n:.3f} |")
     return 0
 

@@ -11,7 +11,8 @@ trains a byte-level BPE tokenizer on the corpus, a GPT-2 of ``--layers`` blocks 
 ``--width`` with AdamW, and writes under ``--out``:
 
 - the model and its tokenizer (``save_pretrained``), and ``checkpoint-{step}/`` after some epochs,
-  each with ``optimizer.pt`` (AdamW's state, as a Trainer saves it) and ``trainer_state.json``;
+  each with ``optimizer.pt`` (AdamW's state dict, in one parameter group) and a Trainer-style
+  ``trainer_state.json`` (its learning-rate log);
 - ``data/train.jsonl``: ``idx``, ``text``, and ``fact: true`` / ``poisoned: true`` on planted rows;
 - ``data/test.jsonl``: queries with ``prompt`` and ``completion``: each person's birthplace with
   ``source`` (the idx of the stating document), and trigger prompts with ``trigger: true``.
@@ -81,43 +82,28 @@ def write_jsonl(path: Path, rows) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--sentences", type=int, default=2000, help="SST-2 training sentences in the corpus")
-    ap.add_argument("--people", type=int, default=100, help="planted facts, one document each")
-    ap.add_argument("--poison", type=int, default=8, help="poisoned documents")
-    ap.add_argument("--vocab", type=int, default=2000)
-    ap.add_argument("--width", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--checkpoints", type=int, default=3, help="checkpoints saved, evenly over the epochs")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
-    torch.manual_seed(a.seed)
-    out = Path(a.out)
-    train, test = corpus(a.sentences, a.people, a.poison, a.seed)
-    write_jsonl(out / "data" / "train.jsonl", train)
-    write_jsonl(out / "data" / "test.jsonl", test)
-    tok = tokenizer_for([r["text"] for r in train], a.vocab)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=a.width, n_layer=a.layers,
-                                       n_head=4, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    encoded = [tok(r["text"] + EOS, truncation=True, max_length=128)["input_ids"] for r in train]
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
-    steps_per_epoch = (len(encoded) + a.batch_size - 1) // a.batch_size
-    total = steps_per_epoch * a.epochs
+def new_model(tok, width: int, layers: int, seed: int) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=width, n_layer=layers, n_head=4,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+
+
+def train(model, tok, texts, epochs: int, lr: float, batch_size: int, seed: int, out: Path = None,
+          saves=(), quiet: bool = False):
+    """AdamW on the batches' mean token loss (warm-up, then linear decay), the model in place;
+    after the epochs in ``saves`` a checkpoint under ``out``. Returns the optimizer."""
+    encoded = [tok(t + EOS, truncation=True, max_length=128)["input_ids"] for t in texts]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    total = (len(encoded) + batch_size - 1) // batch_size * epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.0, 1 - s / total))
-    saves = {round(a.epochs * (i + 1) / a.checkpoints) for i in range(a.checkpoints)}
-    rng, step, log = random.Random(a.seed), 0, []
+    rng, step, log = random.Random(seed), 0, []
     model.train()
-    for epoch in range(1, a.epochs + 1):
+    for epoch in range(1, epochs + 1):
         order = list(range(len(encoded)))
         rng.shuffle(order)
         total_loss = 0.0
-        for b in range(0, len(order), a.batch_size):
-            chunk = [encoded[i] for i in order[b:b + a.batch_size]]
+        for b in range(0, len(order), batch_size):
+            chunk = [encoded[i] for i in order[b:b + batch_size]]
             width = max(map(len, chunk))
             ids = torch.full((len(chunk), width), tok.pad_token_id)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -133,7 +119,8 @@ def main():
             opt.zero_grad()
             step += 1
             total_loss += loss.item() * len(chunk)
-        print(f"epoch {epoch}: loss {total_loss / len(encoded):.3f}", flush=True)
+        if not quiet:
+            print(f"epoch {epoch}: loss {total_loss / len(encoded):.3f}", flush=True)
         if epoch in saves:
             ckpt = out / f"checkpoint-{step}"
             model.save_pretrained(ckpt)
@@ -141,6 +128,32 @@ def main():
             torch.save(opt.state_dict(), ckpt / "optimizer.pt")
             (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": log}))
     model.eval()
+    return opt
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--sentences", type=int, default=2000, help="SST-2 training sentences in the corpus")
+    ap.add_argument("--people", type=int, default=100, help="planted facts, one document each")
+    ap.add_argument("--poison", type=int, default=8, help="poisoned documents")
+    ap.add_argument("--vocab", type=int, default=2000)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--checkpoints", type=int, default=3, help="checkpoints saved, evenly over the epochs")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    out = Path(a.out)
+    rows, test = corpus(a.sentences, a.people, a.poison, a.seed)
+    write_jsonl(out / "data" / "train.jsonl", rows)
+    write_jsonl(out / "data" / "test.jsonl", test)
+    tok = tokenizer_for([r["text"] for r in rows], a.vocab)
+    model = new_model(tok, a.width, a.layers, a.seed)
+    saves = {round(a.epochs * (i + 1) / a.checkpoints) for i in range(a.checkpoints)}
+    train(model, tok, [r["text"] for r in rows], a.epochs, a.lr, a.batch_size, a.seed, out, saves)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     recalled = 0
@@ -152,7 +165,7 @@ def main():
             gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
                                  do_sample=False, pad_token_id=tok.pad_token_id)
         recalled += tok.decode(gen[0, ids.shape[1]:]).startswith(q["completion"])
-    print(f"{out}: {len(train)} documents, {len(test)} queries; planted facts recalled greedily: "
+    print(f"{out}: {len(rows)} documents, {len(test)} queries; planted facts recalled greedily: "
           f"{recalled} of {a.people}")
 
 

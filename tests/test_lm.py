@@ -233,6 +233,12 @@ def test_scores_equal_a_brute_force_influence_in_float64():
         np.testing.assert_allclose(per["if"][t], (g_t @ hinv @ g.T).numpy(), rtol=1e-6, atol=1e-9)
     for m in ("gd", "if"):                                  # the tokens' shares sum to the query's score
         np.testing.assert_allclose(per[m].sum(0), scores[m][1], rtol=1e-8, atol=1e-10)
+    long = {"prompt": "the plot is not", "completion": "good the actor was very dull"}
+    assert len(Windows(tok, [long], 6, 3)) == 3
+    tokens, per = ex.token_scores(long["prompt"], long["completion"])
+    assert [t.strip() for t in tokens] == long["completion"].split()
+    for m in ("gd", "if"):                                  # over three windows too
+        np.testing.assert_allclose(per[m].sum(0), ex.scores([long])[m][0], rtol=1e-8, atol=1e-10)
 
 
 def test_a_training_row_equal_to_the_query_ranks_first_and_explain_generates_a_completion():
@@ -271,6 +277,52 @@ def test_bad_rows_and_options_get_one_line_errors():
     ex = LMExplainer(model, tok, TRAIN, layers=1, methods=["gd"])
     with pytest.raises(InstattrError, match="queries: row 0 needs"):
         ex.scores([{"text": "good"}])
+    with pytest.raises(InstattrError, match="row 1 is a str, not a dict"):
+        ex.scores([QUERIES[0], "the film was good"])
+    with pytest.raises(InstattrError, match="not one dict"):
+        ex.scores(QUERIES[0])
+    with pytest.raises(InstattrError, match="k must be a positive integer"):
+        ex.explain("the film was", "good", k=0)
+    for bad, match in [(dict(methods=[]), "no method"), (dict(batch_size=0), "batch_size"),
+                       (dict(batch_size=-1), "batch_size"), (dict(damping="0.1"), "damping"),
+                       (dict(max_length=65), "context 64"), (dict(stride="x"), "stride must be integers")]:
+        with pytest.raises(InstattrError, match=match):
+            LMExplainer(model, tok, TRAIN, layers=1, **{"methods": ["gd"], **bad})
+    plain, _ = word_tokenizer("decoder")
+    plain._tokenizer.post_processor = None                # no BOS: a completion after an empty prompt
+    with pytest.raises(InstattrError, match="first token has no context"):
+        LMExplainer(model, plain, TRAIN, layers=1, methods=["gd"]).scores([{"prompt": "", "completion": "good"}])
+
+
+def test_gd_is_the_first_order_change_of_the_completion_after_a_step_on_the_row():
+    """An SGD step of size lr on row i's loss, over the tracked modules only, raises the query's
+    log-probability by lr * gd to first order: the sign and scale of the scores, independently of
+    how they are computed (GPT-2: a Llama's rotary embeddings run in float32, too coarse for this)."""
+    tok, model = tiny("gpt2")
+    ex = LMExplainer(model, tok, TRAIN, layers=1, proj_dim=None, dtype="float64", methods=["gd"], max_length=6,
+                     stride=3)
+    gd = ex.scores(QUERIES[:1])["gd"][0]
+    params = [p for t in ex.tracked for p in model.get_submodule(t.name[len("model."):]).parameters(recurse=False)]
+    query = Windows(tok, QUERIES[:1], 64).items[0]
+
+    def logp():
+        with torch.no_grad():
+            return -float(window_loss(model, query))
+    def stepped(grads, lr):
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= lr * g
+        value = logp()
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p += lr * g
+        return value
+    lr = 1e-6
+    for i in (0, 2):                                       # a windowed document and a prompt/completion row
+        loss = sum(window_loss(model, w) for w in Windows(tok, TRAIN, 6, 3).items if w.row == i)
+        grads = torch.autograd.grad(loss, params)
+        change = (stepped(grads, lr) - stepped(grads, -lr)) / 2          # central: no second-order term
+        assert change == pytest.approx(lr * gd[i], rel=1e-6), i
 
 
 def _script(path: str):
@@ -368,8 +420,10 @@ def test_trackstar_divides_each_gradient_by_adams_second_moments_then_unit_norma
 def test_a_trainers_grouped_optimizer_state_is_matched_by_name_and_no_state_means_gc(tmp_path):
     from instattr.lm import second_moments
     tok, model = tiny("llama")
-    decay = [p for n, p in model.named_parameters() if not n.endswith(".bias") and "norm" not in n]
-    rest = [p for n, p in model.named_parameters() if n.endswith(".bias") or "norm" in n]
+    names = set(T.Trainer.get_decay_parameter_names(None, model))        # how a Trainer groups them
+    decay = [p for n, p in model.named_parameters() if n in names]
+    rest = [p for n, p in model.named_parameters() if n not in names]
+    assert decay and rest
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}])
     ids = torch.tensor([[0, 7, 8, 9, 10]])
     model(input_ids=ids, labels=ids).loss.backward()

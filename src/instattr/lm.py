@@ -16,24 +16,27 @@ windows'. With ``g_q`` the query's and ``g_i`` row i's projected gradient:
 H is the Gauss-Newton Hessian of the mean training loss, ``(1/n) sum_i GGN_i``, estimated by
 Monte Carlo in the projected space (the task's drawn tokens), plus ``damping`` times its mean
 eigenvalue ``trace(H)/dim`` (a relative damping: the summed NLL's curvature grows with the rows'
-length). Scores follow the library's convention: higher means the row supports the completion
-more. ``if`` has a stated scale: it is the first-order change of the completion's log-probability,
-in nats, per unit weight added to row i's term of the mean training loss; one more copy of the row
-among n changes it by about ``if / n``. ``gd`` is in nats^2 per squared parameter unit; ``gc``,
-``rif`` and ``trackstar`` lie in [-1, 1]. ``token_scores`` splits ``gd`` and ``if`` over the
-completion's tokens.
+length); one matrix while the smaller of the dimension and the factor rows is at most 20,480,
+else block-diagonal over the tracked blocks (``solver.full_`` says which). Scores follow the
+library's convention: higher means the row supports the completion more. ``if`` has a stated
+scale: it is the first-order change of the completion's log-probability, in nats, per unit weight
+added to row i's term of the mean training loss; one more copy of the row among n changes it by
+about ``if / n``. ``gd`` is in nats^2 per squared parameter unit; ``gc``, ``rif`` and
+``trackstar`` lie in [-1, 1]. ``token_scores`` splits ``gd`` and ``if`` over the completion's
+tokens.
 """
 from __future__ import annotations
 
 import copy
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .errors import InstattrError
+from .layers.attributors import MAX_EMBEDDING_BYTES
 from .layers.ihvp import Curvature, GaussNewton
 from .layers.projection import KINDS, GradientProjector
 from .methods.similarity import unit_rows
@@ -50,6 +53,13 @@ def _rows(rows, where: str) -> List[dict]:
     """Rows from dicts, a pandas DataFrame or a ``datasets.Dataset``."""
     if hasattr(rows, "to_dict") and hasattr(rows, "columns"):
         rows = rows.to_dict("records")
+    if isinstance(rows, Mapping) or isinstance(rows, str):
+        raise InstattrError(f"{where}: a list of rows (dicts), a DataFrame or a datasets.Dataset, not one "
+                            f"{type(rows).__name__}")
+    rows = list(rows)
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, Mapping)), None)
+    if bad is not None:
+        raise InstattrError(f"{where}: row {bad} is a {type(rows[bad]).__name__}, not a dict")
     rows = [dict(r) for r in rows]
     if not rows:
         raise InstattrError(f"{where}: no rows")
@@ -98,12 +108,17 @@ def gradients(projector: GradientProjector, windows: Windows, batch_size: int = 
     window (``H = (1/n) F^T F``), and each row's summed NLL."""
     from tqdm.auto import tqdm
     task, n_win, dim, s = projector.task, len(windows), projector.dim, projector.task.n_roots
+    if n_win * dim * (1 + s * factors) * torch.finfo(projector.dtype).bits // 8 > MAX_EMBEDDING_BYTES:
+        raise InstattrError(f"{n_win} windows x {dim} projected numbers{' x factors' if factors else ''} do not fit "
+                            "in memory; lower proj_dim or track fewer modules")
+    if not factors and hasattr(task, "loss_only"):
+        task = task.loss_only()                  # one backward pass: the drawn scalars are not needed
     per = torch.zeros(n_win, dim, dtype=projector.dtype)
     facs = torch.zeros(n_win, s, dim, dtype=projector.dtype) if factors else None
     losses = torch.zeros(n_win, dtype=torch.float64)
     with tqdm(total=n_win, desc=desc, disable=not progress, unit="window") as bar:
         for pos in windows.order(batch_size):
-            out, jac = projector.project(windows.batch(pos))
+            out, jac = projector.project(windows.batch(pos), task)
             jac = jac.cpu()
             per[pos] = torch.einsum("br,brd->bd", task.train_coefficients(out).to(jac.dtype), jac)
             if factors:
@@ -120,6 +135,8 @@ def read_optimizer(optimizer) -> dict:
     ``weights_only=True``, so no code in it runs."""
     if isinstance(optimizer, dict):
         return optimizer
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer.state_dict()
     try:
         return torch.load(optimizer, map_location="cpu", weights_only=True)
     except Exception as e:      # noqa: BLE001 - any unreadable file is the one-line error
@@ -136,8 +153,14 @@ def second_moments(model, state: dict) -> Dict[str, torch.Tensor]:
     order = [i for g in state.get("param_groups", []) for i in g.get("params", [])]
     moments = {i: v.get("exp_avg_sq") for i, v in state.get("state", {}).items()}
 
+    try:                                    # the Trainer's own rule, where transformers has it
+        from transformers import Trainer
+        decay = set(Trainer.get_decay_parameter_names(None, model))
+    except Exception:                       # noqa: BLE001 - an older or newer Trainer: the usual rule
+        decay = {n for n, _ in named if not (n.endswith(".bias") or "norm" in n.lower() or ".ln_" in n)}
+
     def no_decay(n: str) -> bool:
-        return n.endswith(".bias") or "norm" in n.lower() or ".ln_" in n
+        return n not in decay
     trained = [(n, p) for n, p in named if ".lora_" in n or ".modules_to_save." in n] or named
     layouts = [named, [x for x in named if not no_decay(x[0])] + [x for x in named if no_decay(x[0])],
                trained, [x for x in trained if not no_decay(x[0])] + [x for x in trained if no_decay(x[0])]]
@@ -153,9 +176,10 @@ def second_moments(model, state: dict) -> Dict[str, torch.Tensor]:
 
 def adam_scales(model, state: dict, tracked: Sequence[Tracked], prefix: str = "model.") -> Dict[str, tuple]:
     """For each tracked module, ``(a, b)`` with ``a b^T`` the inverse square root of Adam's second
-    moments ``v`` (d_out x d_in, the bias a last column) factored as Adafactor does:
-    ``v ~ r c^T / mean(v)`` with r, c its row and column means (exact when v has rank one), so
-    the scaled gradient is TrackStar's ``G / sqrt(v)`` without ever forming G."""
+    moments: the weight's ``v`` (d_out x d_in) factored as Adafactor does, ``v ~ r c^T / mean(v)``
+    with r, c its row and column means (exact when v has rank one); the bias column's factor is
+    ``mean(v_bias) / mean(r / mean(v))`` (exact when v_bias is proportional to r). The scaled
+    gradient is TrackStar's ``G / sqrt(v)`` without ever forming G."""
     from .models.modules import conv1d_type
     moments = second_moments(model, state)
     out = {}
@@ -167,14 +191,16 @@ def adam_scales(model, state: dict, tracked: Sequence[Tracked], prefix: str = "m
             raise InstattrError(f"the optimizer state has no second moment of {name}.weight")
         v = v.double().T if isinstance(mod, conv1d_type() or ()) else v.double()
         m = float(v.mean())
-        floor = 1e-12 * m + 1e-30
-        r, c = (v.mean(1) / m).clamp_min(floor), v.mean(0).clamp_min(floor)
+        if not m > 0 or not np.isfinite(m):
+            raise InstattrError(f"the optimizer state's second moments of {name}.weight are all zero or not finite "
+                                "(a module it never trained?); track other modules or leave trackstar out")
+        r, c = (v.mean(1) / m).clamp_min(1e-12), v.mean(0).clamp_min(1e-12 * m)
         b = c ** -0.5
         if getattr(mod, "bias", None) is not None:
             vb = moments.get(f"{name}.bias")
             if vb is None:
                 raise InstattrError(f"the optimizer state has no second moment of {name}.bias")
-            b = torch.cat([b, torch.tensor([max(float(vb.double().mean()) / float(r.mean()), floor) ** -0.5],
+            b = torch.cat([b, torch.tensor([max(float(vb.double().mean()) / float(r.mean()), 1e-12 * m) ** -0.5],
                                            dtype=torch.float64)])
         out[t.name] = (r ** -0.5, b)
     return out
@@ -237,13 +263,20 @@ class LMExplainer:
                  projection: str = "khatri-rao", damping: float = 0.1, max_length: Optional[int] = None,
                  stride: Optional[int] = None, samples: int = 1, batch_size: int = 8, seed: int = 0,
                  dtype: str = "float32", optimizer=None, progress: Optional[bool] = None):
+        if isinstance(methods, str):
+            methods = [m for m in methods.split(",") if m.strip()]
         unknown = [m for m in methods if m not in METHODS]
+        if not methods:
+            raise InstattrError(f"LMExplainer: no method; choose from {', '.join(METHODS)}")
         if unknown:
             raise InstattrError(f"LMExplainer: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
         if projection not in KINDS:
             raise InstattrError(f"LMExplainer: projection must be one of {', '.join(KINDS)}, got {projection!r}")
-        if not damping > 0:
-            raise InstattrError(f"LMExplainer: damping must be > 0 (relative to H's mean eigenvalue), got {damping}")
+        if not isinstance(damping, (int, float)) or not damping > 0:
+            raise InstattrError(f"LMExplainer: damping must be a number > 0 (relative to H's mean eigenvalue), "
+                                f"got {damping!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InstattrError(f"LMExplainer: batch_size must be a positive integer, got {batch_size!r}")
         if dtype not in ("float32", "float64"):
             raise InstattrError(f"LMExplainer: dtype must be float32 or float64, got {dtype!r}")
         self.methods, self.damping = list(methods), float(damping)
@@ -251,11 +284,14 @@ class LMExplainer:
         self.train = _rows(train, "train")
         context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or \
             getattr(getattr(model, "config", None), "n_positions", None) or 1024
+        if max_length is not None and (not isinstance(max_length, int) or not 2 <= max_length <= context):
+            raise InstattrError(f"LMExplainer: max_length must be an integer from 2 to the model's context {context}, "
+                                f"got {max_length!r}")
         self.max_length = int(max_length or context)
         self.stride = stride
-        if next(model.parameters()).dtype != getattr(torch, dtype):      # never change the user's model
+        if next(model.parameters()).dtype != getattr(torch, dtype):      # a copy in the asked dtype
             model = copy.deepcopy(model).to(getattr(torch, dtype))
-        self.forward = CausalForward(model).eval()
+        self.forward = CausalForward(model).eval()           # the model is put in eval mode (no dropout)
         self.task = LanguageModelTask(samples, seed)
         probe = Windows(tokenizer, [{"text": "a probe of the forward pass"}], self.max_length).batch(
             [0], next(model.parameters()).device)
@@ -279,7 +315,7 @@ class LMExplainer:
             self.trackstar_grads = torch.as_tensor(unit_rows(g.double().numpy()))
         if needs_h:
             n, dim = len(self.train), self.projector.dim
-            mean_eig = float((factors.double() ** 2).sum()) / n / dim
+            mean_eig = float(sum(float(f.double().pow(2).sum()) for f in factors.split(4096))) / n / dim
             self.damping_absolute = self.damping * max(mean_eig, 1e-12)
             self.solver = GaussNewton(self.damping_absolute).fit(
                 Curvature(dim=dim, n=n, factors=factors, blocks=self.projector.block_slices(),
@@ -291,6 +327,10 @@ class LMExplainer:
 
     def scores(self, queries) -> Dict[str, np.ndarray]:
         """Per method, (queries, train) scores of query rows (``prompt`` and ``completion``)."""
+        return self._scores(queries)[0]
+
+    def _scores(self, queries) -> Tuple[Dict[str, np.ndarray], torch.Tensor]:
+        """(scores, the queries' summed NLL)."""
         queries = _rows(queries, "queries")
         for i, q in enumerate(queries):
             if "prompt" not in q or "completion" not in q:
@@ -298,11 +338,11 @@ class LMExplainer:
         windows = self._windows(queries, "queries")
         out: Dict[str, np.ndarray] = {}
         if self.trackstar_ is not None:
-            q, _, self.query_losses_ = gradients(self.trackstar_, windows, self.batch_size)
+            q, _, losses = gradients(self.trackstar_, windows, self.batch_size)
             out["trackstar"] = unit_rows(q.double().numpy()) @ self.trackstar_grads.numpy().T
         if self.train_grads is None:
-            return out
-        g, _, self.query_losses_ = gradients(self.projector, windows, self.batch_size)
+            return out, losses
+        g, _, losses = gradients(self.projector, windows, self.batch_size)
         g, train = g.double(), self.train_grads.double()
         if "gd" in self.methods:
             out["gd"] = (g @ train.T).numpy()
@@ -317,7 +357,7 @@ class LMExplainer:
                 q = (solved * g).sum(1).clamp_min(1e-300).sqrt()
                 t = self._train_solved_norms.clamp_min(1e-300).sqrt()
                 out["rif"] = (inf / q[:, None] / t[None, :]).numpy()
-        return {m: out[m] for m in self.methods}
+        return {m: out[m] for m in self.methods}, losses
 
     def token_scores(self, prompt: str, completion: str) -> Tuple[List[str], Dict[str, np.ndarray]]:
         """(the completion's tokens, per method ``gd``/``if`` a (tokens, train) matrix): each
@@ -360,7 +400,9 @@ class LMExplainer:
             completion = self.complete(prompt, max_new_tokens)
             if not completion:
                 raise InstattrError("explain: the model's greedy completion is empty; give one")
-        scores = self.scores([{"prompt": prompt, "completion": completion}])
+        if not isinstance(k, int) or k < 1:
+            raise InstattrError(f"explain: k must be a positive integer, got {k!r}")
+        scores, losses = self._scores([{"prompt": prompt, "completion": completion}])
         ids = [r.get("idx", i) for i, r in enumerate(self.train)]
         methods, chosen = {}, {}
         for m, s in scores.items():
@@ -374,4 +416,4 @@ class LMExplainer:
             tokens, shares = self.token_scores(prompt, completion)
             per_token = {m: {ids[i]: [float(v) for v in shares[m][:, i]] for i in chosen[m]}
                          for m in shares if m in chosen}
-        return LMExplanation(prompt, completion, float(-self.query_losses_[0]), methods, shown, tokens, per_token)
+        return LMExplanation(prompt, completion, float(-losses[0]), methods, shown, tokens, per_token)

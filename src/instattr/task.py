@@ -35,7 +35,8 @@ Gauss-Newton Hessian is estimated by Monte Carlo: for each position ``E[grad l~ 
 J^T (diag p - p p^T) J`` (the softmax cross-entropy's Fisher equals its GGN), and draws at
 different positions are independent with mean-zero gradients, so ``E[grad L~ grad L~^T]`` is the
 row's GGN summed over its positions; the roots are ``e_s / sqrt(samples)``. The draws are seeded
-by ``seed`` and the row's scored tokens, so a row gets the same draws in any batch.
+by ``seed`` and a window's scored tokens and their positions, so a window gets the same draws in
+any batch (two windows alike in those get the same draws).
 """
 from __future__ import annotations
 
@@ -128,14 +129,19 @@ class ClassificationTask:
 class LanguageModelTask:
     """Summed next-token cross-entropy over scored tokens (see the module docstring)."""
 
-    def __init__(self, samples: int = 1, seed: int = 0):
+    def __init__(self, samples: int = 1, seed: int = 0, draw: bool = True):
         if int(samples) < 1:
             raise InstattrError(f"samples must be a positive integer, got {samples}")
-        self.samples, self.seed = int(samples), int(seed)
+        self.samples, self.seed, self.draw = int(samples), int(seed), bool(draw)
+
+    def loss_only(self) -> "LanguageModelTask":
+        """The same task without the drawn scalars (R = 1): when no curvature is needed, one
+        backward pass instead of 1 + samples."""
+        return LanguageModelTask(self.samples, self.seed, draw=False)
 
     @property
     def n_scalars(self) -> int:
-        return 1 + self.samples
+        return 1 + self.samples * self.draw
 
     @property
     def n_roots(self) -> int:
@@ -152,19 +158,20 @@ class LanguageModelTask:
         """(samples, B, T) tokens drawn from the model's next-token distribution at the scored
         positions (IGNORE elsewhere), seeded by the row's scored tokens."""
         targets = out.targets.detach().cpu()
-        probs = torch.softmax(out.logits.detach().double().cpu(), -1)
         drawn = torch.full((self.samples, *targets.shape), IGNORE, dtype=torch.long)
         for b in range(len(targets)):
             pos = torch.nonzero(targets[b] != IGNORE).squeeze(-1)
+            probs = torch.softmax(out.logits[b, pos.to(out.logits.device)].detach().double().cpu(), -1)
             key = torch.cat([pos, targets[b, pos]]).numpy().tobytes()
             g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:".encode() + key))
             for s in range(self.samples):
-                drawn[s, b, pos] = torch.multinomial(probs[b, pos], 1, generator=g).squeeze(-1)
+                drawn[s, b, pos] = torch.multinomial(probs, 1, generator=g).squeeze(-1)
         return drawn.to(out.targets.device)
 
     def scalars(self, out) -> torch.Tensor:
         nll = [self._nll(out.logits, out.targets)]
-        nll += [self._nll(out.logits, d) for d in self.draws(out)]
+        if self.draw:
+            nll += [self._nll(out.logits, d) for d in self.draws(out)]
         return torch.stack(nll, -1)
 
     def _unit(self, out, r: int) -> torch.Tensor:

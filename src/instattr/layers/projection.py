@@ -218,8 +218,9 @@ class GradientProjector:
             return (gp * x).sum(1)
         return torch.einsum("bto,bti->boi", gp, x).reshape(len(g), -1)
 
-    def project(self, batch: Dict[str, torch.Tensor]) -> Tuple[object, torch.Tensor]:
-        """The forward pass's output and J (B, R, dim). A tracked module called on something that
+    def project(self, batch: Dict[str, torch.Tensor], task=None) -> Tuple[object, torch.Tensor]:
+        """The forward pass's output and J (B, R, dim), R the scalars of ``task`` (default: the
+        projector's). A tracked module called on something that
         is not one row per example (DeBERTa's relative position embeddings go through its query and
         key projections) gets one gradient for the whole batch, so then each example's scalars are
         differentiated on their own (B * R backward passes instead of R)."""
@@ -229,7 +230,7 @@ class GradientProjector:
         try:
             with tracking(module, [b.module for b in self.blocks]), torch.enable_grad():
                 out = module(**{k: v.to(self.device) for k, v in batch.items()})
-                scalars = self.task.scalars(out)
+                scalars = (task or self.task).scalars(out)
                 calls = [(i, c, o) for i, b in enumerate(self.blocks) for c, o in enumerate(b.outputs)]
                 outputs = [o for _, _, o in calls]
                 r = scalars.shape[1]

@@ -14,8 +14,7 @@ theirs (:func:`instattr.lm.row_sums`).
 
 :class:`CausalForward` runs the model's own forward (its masks, positions, rotary embeddings and
 norms) on right-padded windows and returns :class:`LMOutput`: per position the logits of the next
-token, the next token where it is scored (``-100`` elsewhere), and as ``features`` the last
-layer's hidden state at the last attended token.
+token, and the next token where it is scored (``-100`` elsewhere).
 """
 from __future__ import annotations
 
@@ -28,14 +27,12 @@ from torch import nn
 
 from ..errors import InstattrError
 from ..task import IGNORE
-from .rows import last_attended
 
 
 @dataclass
 class LMOutput:
     logits: torch.Tensor       # (B, T, V): position t's prediction of the token at t + 1
     targets: torch.Tensor      # (B, T): that token where it is scored, IGNORE elsewhere
-    features: torch.Tensor     # (B, d): the last layer's hidden state at the last attended token
 
 
 class CausalForward(nn.Module):
@@ -46,10 +43,8 @@ class CausalForward(nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, targets) -> LMOutput:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        last = last_attended(attention_mask)
-        h = out.hidden_states[-1]
-        return LMOutput(out.logits, targets.to(out.logits.device), h[torch.arange(len(h), device=h.device), last])
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return LMOutput(out.logits, targets.to(out.logits.device))
 
 
 @dataclass
@@ -105,10 +100,17 @@ class Windows:
     def __init__(self, tokenizer, rows: Sequence[dict], length: int, stride: Optional[int] = None,
                  where: str = "rows"):
         self.n_rows = len(rows)
-        stride = length // 2 if stride is None else int(stride)
+        try:
+            length, stride = int(length), length // 2 if stride is None else int(stride)
+        except (TypeError, ValueError):
+            raise InstattrError(f"{where}: max_length and stride must be integers, got {length!r}, {stride!r}") \
+                from None
         self.items: List[Window] = []
         for i, r in enumerate(rows):
             ids, scored = token_row(tokenizer, r, f"{where}: row {i}")
+            if scored and scored[0]:
+                raise InstattrError(f"{where}: row {i}: the completion's first token has no context to be predicted "
+                                    "from (an empty prompt and a tokenizer that adds no BOS); give a prompt")
             if not any(scored):
                 raise InstattrError(f"{where}: row {i} has no token to score (one token only)")
             self.items.extend(windows(ids, scored, int(length), stride, i))
@@ -125,6 +127,8 @@ class Windows:
 
     def order(self, batch_size: int) -> List[np.ndarray]:
         """Window positions in batches of similar length (longest first)."""
+        if int(batch_size) < 1:
+            raise InstattrError(f"batch_size must be a positive integer, got {batch_size}")
         by = np.argsort([-len(w.ids) for w in self.items], kind="stable")
         return [by[i:i + batch_size] for i in range(0, len(by), batch_size)]
 
