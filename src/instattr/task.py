@@ -26,10 +26,10 @@ with ``measurement="margin"`` the margin ``z_y - logsumexp_{c != y} z_c`` (kronf
 classifiers: it does not saturate when p(y) is near 1).
 
 :class:`LanguageModelTask`: next-token cross-entropy summed over a row's scored tokens
-(:mod:`instattr.models.causal`; a document's every token, a prompt's completion only). Its labels
-are in the batch (the scored next tokens), so ``labels`` is unused. The scalars are the summed
-NLL ``L`` and, ``samples`` times, the summed NLL ``L~_s`` at tokens drawn from the model's own
-next-token distribution at the scored positions. The training gradient is ``grad L``; the
+(:mod:`instattr.models.causal`; a document's every token after the first, a prompt's completion
+only). Its labels are in the batch (the scored next tokens), so ``labels`` is unused. The scalars
+are the summed NLL ``L`` and, ``samples`` times, the summed NLL ``L~_s`` at tokens drawn from the
+model's own next-token distribution at the scored positions. The training gradient is ``grad L``; the
 measurement is the completion's log-probability ``-L``, so the query side is ``grad L`` too. The
 Gauss-Newton Hessian is estimated by Monte Carlo: for each position ``E[grad l~ grad l~^T] =
 J^T (diag p - p p^T) J`` (the softmax cross-entropy's Fisher equals its GGN), and draws at

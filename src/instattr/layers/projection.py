@@ -83,8 +83,8 @@ class Block:
     inputs: list = field(default_factory=list, repr=False)
     outputs: list = field(default_factory=list, repr=False)
     shared: list = field(default_factory=list, repr=False)     # per call: not one row per example
-    out_scale: Optional[torch.Tensor] = None   # (d_out,) and (d_in [+1],): the gradient is divided
-    in_scale: Optional[torch.Tensor] = None    # elementwise by their outer product's inverse (see scale)
+    out_scale: Optional[torch.Tensor] = None   # (d_out,) and (d_in [+1],): the gradient is multiplied
+    in_scale: Optional[torch.Tensor] = None    # elementwise by their outer product (see scale)
 
 
 def _weights(module: nn.Module) -> List[torch.Tensor]:
