@@ -1,11 +1,11 @@
 """Fact tracing and poison on the tiny language model of examples/train_tiny_lm.py: instattr.lm beside BM25.
 
     python examples/train_tiny_lm.py --out models/tiny-lm
-    python bench/lm_facts.py models/tiny-lm [--methods gd,gc,if,rif,trackstar] [--layers 2] [--proj-dim 16]
+    python bench/lm_facts.py models/tiny-lm [--methods gd,gc,if,rif,trackstar,bm25] [--layers 2] [--proj-dim 16]
 
 For each planted-fact query ("<name> was born in" + " <city>") it ranks the training documents by
-each method, by BM25 (the ``bm25s`` library on the query's prompt and completion; ``pip install
-bm25s``) and at random, and reports recall@10 and the mean reciprocal rank of the one document that
+each method (``bm25``: the lexical baseline, BM25 on the query's prompt and completion) and at
+random, and reports recall@10 and the mean reciprocal rank of the one document that
 states the fact (the query's ``source``), and the tail-patch gain: one SGD step on the top 10
 documents' mean loss, the change in the completion's log-probability (finding against influence).
 For the trigger queries it reports precision@P of the poisoned documents (P: how many there are). Also prints the time to fit
@@ -26,14 +26,6 @@ import numpy as np
 
 def read_jsonl(path: Path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def bm25_scores(docs, queries) -> np.ndarray:
-    import bm25s
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(docs, stopwords="en", show_progress=False), show_progress=False)
-    tokens = bm25s.tokenize(queries, stopwords="en", return_ids=False, show_progress=False)
-    return np.stack([retriever.get_scores(t) for t in tokens])
 
 
 def completion_logprob(model, tok, q, params=None) -> float:
@@ -71,7 +63,7 @@ def ranks_of(scores: np.ndarray, targets) -> np.ndarray:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
-    ap.add_argument("--methods", default="gd,gc,if,rif,trackstar")
+    ap.add_argument("--methods", default="gd,gc,if,rif,trackstar,bm25")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--proj-dim", type=int, default=16)
     ap.add_argument("--damping", type=float, default=0.1)
@@ -102,7 +94,6 @@ def main() -> int:
     scores = ex.scores(facts + triggers)
     score_s = time.perf_counter() - t
     texts = [r.get("text") or f"{r.get('prompt', '')} {r.get('completion', '')}" for r in train]
-    scores["bm25"] = bm25_scores(texts, [q["prompt"] + q["completion"] for q in facts + triggers])
     n = len(train)
     sources = [position[q["source"]] for q in facts]
     print(f"{folder}: {n} training documents, {len(facts)} fact queries, {len(triggers)} trigger queries, "

@@ -258,6 +258,8 @@ def test_a_training_row_equal_to_the_query_ranks_first_and_explain_generates_a_c
     assert [t.strip() for t in e.tokens] == ["really", "great"] and set(e.per_token) == {"if"}
     for idx, score in e.methods["if"]["supporting"] + e.methods["if"]["opposing"]:
         assert sum(e.per_token["if"][idx]) == pytest.approx(score, rel=1e-4, abs=1e-6)
+    lexical = LMExplainer(model, tok, TRAIN, methods=["bm25"]).explain(query["prompt"], query["completion"], k=2)
+    assert lexical.methods["bm25"]["supporting"][0][0] == 4 and lexical.logprob == pytest.approx(e.logprob, rel=1e-5)
     named = LMExplainer(model, tok, [{**r, "idx": f"doc{i}"} for i, r in enumerate(TRAIN)], layers=2, proj_dim=8,
                         methods=["gc"]).explain(query["prompt"], query["completion"], k=1)
     assert named.methods["gc"]["supporting"][0][0] == "doc4" and named.to_dict()["methods"]["gc"]["supporting"][0][

@@ -1,4 +1,4 @@
-"""Which training documents made a causal language model say this: gd, gc, if, rif, trackstar.
+"""Which training documents made a causal language model say this: gd, gc, if, rif, trackstar, bm25.
 
 The task is :class:`instattr.task.LanguageModelTask`: a training row's loss is its summed
 next-token NLL over its scored tokens (a document's every token, a prompt's completion only;
@@ -12,6 +12,7 @@ windows'. With ``g_q`` the query's and ``g_i`` row i's projected gradient:
     gd = g_q . g_i        gc = cos(g_q, g_i)
     if = g_q^T H^-1 g_i   rif = if / sqrt(g_q^T H^-1 g_q * g_i^T H^-1 g_i)
     trackstar = cos(g_q / sqrt(v), g_i / sqrt(v))     (v: Adam's second moments, :func:`adam_scales`)
+    bm25 = BM25 of the row's words for the query's prompt and completion (the lexical baseline)
 
 H is the Gauss-Newton Hessian of the mean training loss, ``(1/n) sum_i GGN_i``, estimated by
 Monte Carlo in the projected space (the task's drawn tokens), plus ``damping`` times its mean
@@ -44,9 +45,8 @@ from .models.causal import CausalForward, Windows
 from .models.modules import Tracked, call_order, reaching, track
 from .task import IGNORE, LanguageModelTask
 
-METHODS = ("gd", "gc", "if", "rif", "trackstar")
+METHODS = ("gd", "gc", "if", "rif", "trackstar", "bm25")
 PLAIN = ("gd", "gc", "if", "rif")
-DEFAULT_LAYERS = 3
 
 
 def _rows(rows, where: str) -> List[dict]:
@@ -84,7 +84,7 @@ def tracked_modules(forward: CausalForward, probe: Dict[str, torch.Tensor], laye
     trainable = None if modules else adapter_parameters(forward.model)
     if trainable is not None:
         trainable = ["model." + n for n in trainable]
-    chosen = track(forward, order, used, DEFAULT_LAYERS if layers is None else layers, modules, trainable, "model.")
+    chosen = track(forward, order, used, layers, modules, trainable, "model.")      # None: the top 3 (all if fewer)
     if not modules and trainable is None:
         chosen = [t for t in chosen if t.group != "head"]
     if not chosen:
@@ -206,6 +206,29 @@ def adam_scales(model, state: dict, tracked: Sequence[Tracked], prefix: str = "m
     return out
 
 
+def row_text(row: dict) -> str:
+    """The words of a row: its text, or its prompt and completion."""
+    return row["text"] if isinstance(row.get("text"), str) else f"{row.get('prompt', '')} {row.get('completion', '')}"
+
+
+class Lexical:
+    """BM25 over the rows' words (the ``bm25s`` library, English stopwords removed): the lexical
+    baseline, scored like the others (higher: the row matches the query's prompt and completion
+    more)."""
+
+    def __init__(self, texts: Sequence[str]):
+        import bm25s
+        self.n = len(texts)
+        self.retriever = bm25s.BM25()
+        self.retriever.index(bm25s.tokenize(list(texts), stopwords="en", show_progress=False), show_progress=False)
+
+    def scores(self, queries: Sequence[str]) -> np.ndarray:
+        import bm25s
+        words = bm25s.tokenize(list(queries), stopwords="en", return_ids=False, show_progress=False)
+        return np.stack([np.asarray(self.retriever.get_scores(w), dtype=np.float64) if w else np.zeros(self.n)
+                         for w in words])
+
+
 class TokenLosses:
     """The scalars of one row's scored tokens, each its own NLL (R = the row's scored tokens):
     their gradients are the per-token gradients (a batch of one row)."""
@@ -303,6 +326,7 @@ class LMExplainer:
         if any(m in PLAIN for m in self.methods):
             self.train_grads, factors, self.train_losses = gradients(self.projector, windows, self.batch_size,
                                                                      needs_h, bool(progress), "train gradients")
+        self.bm25_ = Lexical([row_text(r) for r in self.train]) if "bm25" in self.methods else None
         if "trackstar" in self.methods:
             self.trackstar_ = GradientProjector(self.forward, self.tracked, self.task, proj_dim, seed, projection)
             if optimizer is None:
@@ -337,11 +361,14 @@ class LMExplainer:
                 raise InstattrError(f"queries: row {i} needs 'prompt' and 'completion'")
         windows = self._windows(queries, "queries")
         out: Dict[str, np.ndarray] = {}
+        losses = None
+        if self.bm25_ is not None:
+            out["bm25"] = self.bm25_.scores([row_text(q) for q in queries])
         if self.trackstar_ is not None:
             q, _, losses = gradients(self.trackstar_, windows, self.batch_size)
             out["trackstar"] = unit_rows(q.double().numpy()) @ self.trackstar_grads.numpy().T
         if self.train_grads is None:
-            return out, losses
+            return out, (losses if losses is not None else self._losses(windows))
         g, _, losses = gradients(self.projector, windows, self.batch_size)
         g, train = g.double(), self.train_grads.double()
         if "gd" in self.methods:
@@ -382,6 +409,15 @@ class LMExplainer:
         if self.solver is not None and "if" in self.methods:
             out["if"] = (self.solver.solve(g) @ train.T).numpy()
         return tokens, out
+
+    def _losses(self, windows: Windows) -> torch.Tensor:
+        """(rows,) each row's summed NLL, without gradients."""
+        losses = torch.zeros(len(windows), dtype=torch.float64)
+        with torch.no_grad():
+            for pos in windows.order(self.batch_size):
+                batch = {k: v.to(self.projector.device) for k, v in windows.batch(pos).items()}
+                losses[pos] = self.task.loss(self.forward(**batch)).double().cpu()
+        return row_sums(losses, windows.rows, windows.n_rows)
 
     def complete(self, prompt: str, max_new_tokens: int = 20) -> str:
         """The model's greedy completion of ``prompt``."""
