@@ -272,8 +272,8 @@ def test_bad_rows_and_options_get_one_line_errors():
         LMExplainer(model, tok, [{"text": "good movie"}, {"label": 1}], layers=1)
     with pytest.raises(InstattrError, match="'prompt' and 'completion'"):
         LMExplainer(model, tok, [{"prompt": "good movie"}], layers=1)
-    with pytest.raises(InstattrError, match="unknown method 'tracin'"):
-        LMExplainer(model, tok, TRAIN, methods=["tracin"])
+    with pytest.raises(InstattrError, match="unknown method 'nn-cos'"):
+        LMExplainer(model, tok, TRAIN, methods=["nn-cos"])
     with pytest.raises(InstattrError, match="--modules nope"):
         LMExplainer(model, tok, TRAIN, modules=["nope"])
     ex = LMExplainer(model, tok, TRAIN, layers=1, methods=["gd"])
@@ -359,6 +359,11 @@ def test_the_tiny_lm_example_and_the_fact_tracing_bench(tmp_path, monkeypatch, c
     assert len(checkpoints) == 2
     state = torch.load(checkpoints[-1] / "optimizer.pt", weights_only=True)
     assert state["state"] and json.loads((checkpoints[-1] / "trainer_state.json").read_text())["log_history"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    lm, lm_tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    tracin = LMExplainer(lm, lm_tok, train, methods=["tracin"], layers=1, proj_dim=4, checkpoints=checkpoints)
+    last_lr = json.loads((checkpoints[0] / "trainer_state.json").read_text())["log_history"][-1]["learning_rate"]
+    assert tracin.tracin_[0][0] == last_lr and np.isfinite(tracin.scores(test[:2])["tracin"]).all()
     capsys.readouterr()
     monkeypatch.setattr("sys.argv", ["lm_facts.py", str(out), "--layers", "1", "--proj-dim", "4", "--k", "3"])
     assert _script("bench/lm_facts.py").main() == 0
@@ -446,3 +451,22 @@ def test_a_trainers_grouped_optimizer_state_is_matched_by_name_and_no_state_mean
     torch.save({"state": Payload()}, tmp_path / "evil.pt")
     with pytest.raises(InstattrError, match="not a readable optimizer state"):
         LMExplainer(model, tok, TRAIN, methods=["trackstar"], layers=1, optimizer=tmp_path / "evil.pt")
+
+
+def test_tracin_sums_lr_weighted_gradient_products_over_checkpoints(tmp_path):
+    tok, model = tiny("gpt2")
+    _, later = tiny("gpt2")
+    with torch.no_grad():
+        for p in later.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ex = LMExplainer(model, tok, TRAIN, methods=["tracin"], layers=1, proj_dim=None, dtype="float64",
+                     checkpoints=[model, later], checkpoint_lrs=[0.1, 0.3])
+    gd = [LMExplainer(m, tok, TRAIN, methods=["gd"], layers=1, proj_dim=None, dtype="float64").scores(QUERIES)["gd"]
+          for m in (model, later)]
+    np.testing.assert_allclose(ex.scores(QUERIES)["tracin"], 0.1 * gd[0] + 0.3 * gd[1], rtol=1e-10, atol=1e-12)
+    with pytest.raises(InstattrError, match="needs checkpoints"):
+        LMExplainer(model, tok, TRAIN, methods=["tracin"], layers=1)
+    with pytest.raises(InstattrError, match="no learning rate"):
+        LMExplainer(model, tok, TRAIN, methods=["tracin"], layers=1, checkpoints=[model])
+    with pytest.raises(InstattrError, match="not a causal LM checkpoint"):
+        LMExplainer(model, tok, TRAIN, methods=["tracin"], layers=1, checkpoints=[tmp_path], checkpoint_lrs=[1.0])

@@ -1,4 +1,4 @@
-"""Which training documents made a causal language model say this: gd, gc, if, rif, trackstar, bm25.
+"""Which training documents made a causal language model say this: gd, gc, if, rif, trackstar, tracin, bm25.
 
 The task is :class:`instattr.task.LanguageModelTask`: a training row's loss is its summed
 next-token NLL over its scored tokens (a document's every token, a prompt's completion only;
@@ -12,6 +12,7 @@ windows'. With ``g_q`` the query's and ``g_i`` row i's projected gradient:
     gd = g_q . g_i        gc = cos(g_q, g_i)
     if = g_q^T H^-1 g_i   rif = if / sqrt(g_q^T H^-1 g_q * g_i^T H^-1 g_i)
     trackstar = cos(g_q / sqrt(v), g_i / sqrt(v))     (v: Adam's second moments, :func:`adam_scales`)
+    tracin = sum over checkpoints c of lr_c * g_q^c . g_i^c       (TracIn over the saved checkpoints)
     bm25 = BM25 of the row's words for the query's prompt and completion (the lexical baseline)
 
 H is the Gauss-Newton Hessian of the mean training loss, ``(1/n) sum_i GGN_i``, estimated by
@@ -45,7 +46,7 @@ from .models.causal import CausalForward, Windows
 from .models.modules import Tracked, call_order, reaching, track
 from .task import IGNORE, LanguageModelTask
 
-METHODS = ("gd", "gc", "if", "rif", "trackstar", "bm25")
+METHODS = ("gd", "gc", "if", "rif", "trackstar", "tracin", "bm25")
 PLAIN = ("gd", "gc", "if", "rif")
 
 
@@ -206,6 +207,34 @@ def adam_scales(model, state: dict, tracked: Sequence[Tracked], prefix: str = "m
     return out
 
 
+def checkpoint_models(checkpoints, lrs, dtype) -> List[Tuple[torch.nn.Module, float]]:
+    """(model in ``dtype``, learning rate) per checkpoint: a model in memory or a folder (loaded
+    as ``AutoModelForCausalLM``, never with remote code); the rates given, else each folder's last
+    logged one (a Trainer's ``trainer_state.json``)."""
+    from .models.hf import checkpoint_lr
+    if not checkpoints:
+        raise InstattrError("tracin: needs checkpoints (models or folders saved during training)")
+    if lrs is not None and len(lrs) != len(checkpoints):
+        raise InstattrError(f"tracin: {len(lrs)} learning rates for {len(checkpoints)} checkpoints")
+    out = []
+    for i, ckpt in enumerate(checkpoints):
+        lr = None if lrs is None else float(lrs[i])
+        if isinstance(ckpt, torch.nn.Module):
+            model = ckpt if next(ckpt.parameters()).dtype == dtype else copy.deepcopy(ckpt).to(dtype)
+        else:
+            from transformers import AutoModelForCausalLM
+            try:
+                model = AutoModelForCausalLM.from_pretrained(str(ckpt), torch_dtype=dtype)
+            except Exception as e:      # noqa: BLE001 - an unreadable folder is the one-line error
+                raise InstattrError(f"tracin: {ckpt}: not a causal LM checkpoint ({type(e).__name__})") from None
+            lr = lr if lr is not None else checkpoint_lr(ckpt)
+        if lr is None:
+            raise InstattrError(f"tracin: checkpoint {i}: no learning rate (give checkpoint_lrs, or a folder with "
+                                "trainer_state.json)")
+        out.append((model, lr))
+    return out
+
+
 def row_text(row: dict) -> str:
     """The words of a row: its text, or its prompt and completion."""
     return row["text"] if isinstance(row.get("text"), str) else f"{row.get('prompt', '')} {row.get('completion', '')}"
@@ -279,13 +308,17 @@ class LMExplainer:
     ``text`` or ``prompt`` and ``completion`` (dicts, a DataFrame or a ``datasets.Dataset``; other
     fields are kept and shown). ``layers``/``modules``: what is tracked; ``proj_dim`` k: k^2
     projected numbers per module (None: exact); ``max_length``/``stride``: the windows (default the
-    model's context and half of it); ``samples``: Monte Carlo draws per window for H."""
+    model's context and half of it); ``samples``: Monte Carlo draws per window for H;
+    ``optimizer``: Adam's state for ``trackstar`` (a state dict, an optimizer or an
+    ``optimizer.pt``); ``checkpoints``/``checkpoint_lrs``: models or folders saved during training
+    and their learning rates, for ``tracin``. The model is put in eval mode."""
 
     def __init__(self, model, tokenizer, train, methods: Sequence[str] = PLAIN, layers: Optional[int] = None,
                  modules: Optional[Sequence[str]] = None, proj_dim: Optional[int] = 32,
                  projection: str = "khatri-rao", damping: float = 0.1, max_length: Optional[int] = None,
                  stride: Optional[int] = None, samples: int = 1, batch_size: int = 8, seed: int = 0,
-                 dtype: str = "float32", optimizer=None, progress: Optional[bool] = None):
+                 dtype: str = "float32", optimizer=None, checkpoints: Optional[Sequence] = None,
+                 checkpoint_lrs: Optional[Sequence[float]] = None, progress: Optional[bool] = None):
         if isinstance(methods, str):
             methods = [m for m in methods.split(",") if m.strip()]
         unknown = [m for m in methods if m not in METHODS]
@@ -327,6 +360,17 @@ class LMExplainer:
             self.train_grads, factors, self.train_losses = gradients(self.projector, windows, self.batch_size,
                                                                      needs_h, bool(progress), "train gradients")
         self.bm25_ = Lexical([row_text(r) for r in self.train]) if "bm25" in self.methods else None
+        self.tracin_ = []                       # (lr, projector, training gradients) per checkpoint
+        if "tracin" in self.methods:
+            for c, (ckpt, lr) in enumerate(checkpoint_models(checkpoints, checkpoint_lrs, getattr(torch, dtype))):
+                try:
+                    other = GradientProjector(CausalForward(ckpt).eval(), self.tracked, self.task, proj_dim, seed,
+                                              projection)
+                except AttributeError as e:
+                    raise InstattrError(f"tracin: checkpoint {c} is not the model's architecture ({e})") from None
+                g, _, _ = gradients(other, windows, self.batch_size, False, bool(progress),
+                                    f"checkpoint {c + 1} gradients")
+                self.tracin_.append((lr, other, g.double()))
         if "trackstar" in self.methods:
             self.trackstar_ = GradientProjector(self.forward, self.tracked, self.task, proj_dim, seed, projection)
             if optimizer is None:
@@ -364,6 +408,9 @@ class LMExplainer:
         losses = None
         if self.bm25_ is not None:
             out["bm25"] = self.bm25_.scores([row_text(q) for q in queries])
+        if self.tracin_:
+            out["tracin"] = sum(lr * (gradients(other, windows, self.batch_size)[0].double() @ train.T).numpy()
+                                for lr, other, train in self.tracin_)
         if self.trackstar_ is not None:
             q, _, losses = gradients(self.trackstar_, windows, self.batch_size)
             out["trackstar"] = unit_rows(q.double().numpy()) @ self.trackstar_grads.numpy().T
