@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 
 
-def example():
-    spec = importlib.util.spec_from_file_location("train_tiny_lm",
-                                                  Path(__file__).parents[1] / "examples" / "train_tiny_lm.py")
+def script(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -52,10 +51,10 @@ def main() -> int:
     ap.add_argument("--methods", default="gd,gc,if,rif,trackstar")
     ap.add_argument("--proj-dim", type=int, default=16)
     a = ap.parse_args()
-    import torch
 
     from instattr.lm import LMExplainer
-    ex = example()
+    ex = script(Path(__file__).parents[1] / "examples" / "train_tiny_lm.py")
+    logprob = script(Path(__file__).with_name("lm_facts.py")).completion_logprob
     rows, test = ex.corpus(a.sentences, a.people, a.poison, 0)
     texts = [r["text"] for r in rows]
     facts = [q for q in test if "source" in q]
@@ -78,15 +77,7 @@ def main() -> int:
     def measured(mask, seed: int) -> np.ndarray:
         m = ex.new_model(tok, a.width, a.layers, 0)              # the same initialisation every time
         ex.train(m, tok, [x for x, keep in zip(texts, mask) if keep], a.epochs, a.lr, 16, seed, quiet=True)
-        out = []
-        for q in facts:
-            p = tok(q["prompt"])["input_ids"]
-            c = tok(q["completion"], add_special_tokens=False)["input_ids"]
-            with torch.no_grad():
-                logits = m(input_ids=torch.tensor([p + c])).logits[0]
-            logp = torch.log_softmax(logits[len(p) - 1:-1].double(), -1)
-            out.append(float(logp[torch.arange(len(c)), torch.tensor(c)].sum()))
-        return np.array(out)
+        return np.array([logprob(m, tok, q) for q in facts])
     t = time.perf_counter()
     actual = np.stack([measured(mk, 0) for mk in masks])              # (subsets, queries)
     again = np.stack([measured(mk, 1) for mk in masks[: max(4, a.subsets // 3)]])

@@ -298,6 +298,24 @@ def read_split(path: Path, name: str, label_names: Optional[Sequence[str]] = Non
                          label_names, text_field, query_field, label_field)
 
 
+def records(data, where: str) -> List[dict]:
+    """Rows in memory as dicts: a pandas DataFrame, a ``datasets.Dataset`` or a list of dicts
+    (None: no rows); anything else, or a row that is not a dict, is a one-line error."""
+    from collections.abc import Mapping
+    if data is None:
+        return []
+    if hasattr(data, "to_dict") and hasattr(data, "columns"):          # pandas
+        return data.to_dict(orient="records")
+    if isinstance(data, (Mapping, str)):
+        raise InstattrError(f"{where}: give a list of rows (dicts), a pandas DataFrame or a datasets.Dataset, not "
+                            f"one {type(data).__name__}")
+    rows = list(data)                                                   # a list, or a datasets.Dataset's rows
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, Mapping)), None)
+    if bad is not None:
+        raise InstattrError(f"{where}: row {bad} is a {type(rows[bad]).__name__}, not a dict")
+    return [dict(r) for r in rows]
+
+
 def split_of_rows(rows, name: str, source: str, head: str, label_names: Optional[Sequence[str]] = None,
                   text_field: Optional[str] = None, query_field: Optional[str] = None,
                   label_field: Optional[str] = None) -> Split:

@@ -81,22 +81,15 @@ def _resolved(x):
 
 
 class ShardWriter:
-    """A Ray Data actor: writes the shards of the index at ``root`` for the batches it is given."""
+    """A Ray Data actor: writes the shards of an index's :class:`~instattr.index.build.ShardJob`
+    (its training rows and methods sent once) for the batches it is given."""
 
-    def __init__(self, root: str, train, methods, shards, dtype: str, train_rows: int, recorded: Dict[str, int]):
-        self.root, self.train, self.methods = Path(root), _resolved(train), _resolved(methods)
-        self.shards, self.dtype, self.train_rows, self.recorded = shards, dtype, train_rows, recorded
+    def __init__(self, job):
+        self.job = _resolved(job)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        from .index.build import shard_side, write_shard
-        out = []
-        for i in batch["shard"]:
-            rows = slice(*self.shards[int(i)])
-            entries = {name: write_shard(self.root, name, int(i), shard_side(m, self.train, rows, self.train_rows),
-                                         self.dtype)
-                       for name, m in self.methods.items() if self.recorded.get(name, 0) <= int(i)}
-            out.append(json.dumps(entries))
-        return {"shard": np.asarray(batch["shard"]), "entries": np.asarray(out)}
+        return {"shard": np.asarray(batch["shard"]),
+                "entries": np.asarray([json.dumps(self.job.write(int(i))) for i in batch["shard"]])}
 
 
 class EncodeWorker:
@@ -321,29 +314,23 @@ def _quiet_ray_data(ray, progress: bool) -> None:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def ray_build_shards(root: Path, train, methods: Dict[str, object], shards: List[slice], todo: Sequence[int],
-                     dtype: str, train_rows: int, address: Optional[str] = None, workers: Optional[int] = None,
-                     progress: bool = False, recorded: Optional[Dict[str, int]] = None
-                     ) -> Iterator[Tuple[int, Dict[str, dict]]]:
-    """Write shards ``todo`` of every method that lacks them (``recorded``: how many shards each
-    has whole already) with a pool of Ray actors; yields (shard, its manifest entries) as each
-    shard is written, in whatever order the actors finish them."""
-    recorded = dict(recorded or {})
-    from .index.build import shard_side, write_shard
-    in_fit = {n: m for n, m in methods.items() if not m.streams_train}
-    no_side = [n for n, m in in_fit.items() if m.fitted_train_side() is None]
+def ray_build_shards(job, todo: Sequence[int], address: Optional[str] = None, workers: Optional[int] = None,
+                     progress: bool = False) -> Iterator[Tuple[int, Dict[str, dict]]]:
+    """Write shards ``todo`` of an index's :class:`~instattr.index.build.ShardJob` (every method
+    that lacks them) with a pool of Ray actors; yields (shard, its manifest entries) as each shard
+    is written, in whatever order the actors finish them."""
+    from dataclasses import replace
+    in_fit = replace(job, methods={n: m for n, m in job.methods.items() if not m.streams_train})
+    no_side = [n for n, m in in_fit.methods.items() if m.fitted_train_side() is None]
     if no_side:
         raise InstattrError(f"--backend ray: {', '.join(no_side)} keep no training side (each block of scores is "
                             "computed whole, e.g. ihvp lissa or explicit); use the local backend")
 
     def with_in_fit(i: int, entries: Dict[str, dict]):   # sides made in fit: written here, from memory
-        for name, m in in_fit.items():
-            if recorded.get(name, 0) <= i:
-                entries[name] = write_shard(root, name, i, shard_side(m, train, shards[i], train_rows), dtype)
-        return i, entries
+        return i, {**entries, **in_fit.write(i)}
 
-    methods = {n: m for n, m in methods.items() if m.streams_train}
-    if not methods:
+    streamed = replace(job, methods={n: m for n, m in job.methods.items() if m.streams_train})
+    if not streamed.methods:
         for i in todo:
             yield with_in_fit(i, {})
         return
@@ -356,10 +343,7 @@ def ray_build_shards(root: Path, train, methods: Dict[str, object], shards: List
     ds = ray.data.from_items([{"shard": int(i)} for i in todo])
     out = ds.map_batches(ShardWriter, batch_size=1, batch_format="numpy", num_gpus=gpus,
                          compute=ray.data.ActorPoolStrategy(size=size), runtime_env=_driver_threads(),
-                         fn_constructor_kwargs={"root": str(root), "train": ray.put(train),
-                                                "methods": ray.put(methods), "dtype": dtype,
-                                                "train_rows": train_rows, "recorded": recorded,
-                                                "shards": [(s.start, s.stop) for s in shards]})
+                         fn_constructor_kwargs={"job": ray.put(streamed)})
     for r in out.iter_rows():
         yield with_in_fit(int(r["shard"]), json.loads(str(r["entries"])))
 
@@ -522,8 +506,7 @@ class RayBackend:
         for source in [s for s in self._actors if s.device == "cuda"]:
             self._stop(source)
         with _one_line("index build"):
-            yield from ray_build_shards(job.root, job.train, job.methods, job.shards, todo, job.dtype, job.train_rows,
-                                        self.address, self.workers, progress, job.recorded)
+            yield from ray_build_shards(job, todo, self.address, self.workers, progress)
 
     def search(self, index, names, methods, test, k: int, bottom_k: int = 0):
         """An index's top-k, one task per shard, merged on the driver."""

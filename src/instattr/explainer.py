@@ -22,25 +22,11 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .arrays import FeatureSet
-from .data import Split, split_of_rows
+from .data import Split, records, split_of_rows
 from .errors import InstattrError
 from .ranking import Explanation, rank_live
 
 DEFAULT_METHODS = ("nn-cos", "gc", "if", "rep")
-
-
-def _records(data, name: str) -> List[dict]:
-    """Rows of a datasets.Dataset, a pandas DataFrame, or a list of dicts, as dicts."""
-    if data is None:
-        return []
-    if hasattr(data, "to_dict") and hasattr(data, "columns"):          # pandas
-        return data.to_dict(orient="records")
-    if hasattr(data, "column_names") and hasattr(data, "__getitem__"):  # datasets.Dataset
-        return [dict(r) for r in data]
-    rows = list(data)
-    if rows and not all(isinstance(r, dict) for r in rows):
-        raise InstattrError(f"{name}: give a datasets.Dataset, a pandas DataFrame or a list of dicts")
-    return rows
 
 
 def _label_names(model, labels: Optional[Sequence[str]]) -> List[str]:
@@ -68,12 +54,12 @@ class Explainer:
         fields = (text_field, query_field, label_field)
         self.splits: Dict[str, Split] = {}
         for name, data in (("train", train), ("test", test)):
-            rows = _records(data, name)
+            rows = records(data, name)
             if rows or name == "train":
                 self.splits[name] = split_of_rows(((f"{name} row {i}", r) for i, r in enumerate(rows)), name, name,
                                                   f"{name} row 0", self.label_names, *fields)
         self.is_pair = self.splits["train"].is_pair
-        trainable = adapter_trainable(model) if hasattr(model, "peft_config") else None
+        trainable = adapter_trainable(model)
         model.eval()
         length = int(max_length or model_max_length(tokenizer, model))
         self.classifier = HFClassifier("", self.label_names, self.is_pair, damping, length, device=device,

@@ -32,47 +32,32 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from .data import records
 from .errors import InstattrError
 from .layers.attributors import MAX_EMBEDDING_BYTES
 from .layers.ihvp import Curvature, GaussNewton
 from .layers.projection import KINDS, GradientProjector
 from .methods.similarity import unit_rows
 from .models.causal import CausalForward, Windows
-from .models.modules import Tracked, call_order, reaching, track
+from .models.hf import adapter_trainable
+from .models.modules import Tracked, track_by_probe
 from .task import IGNORE, LanguageModelTask
 
 METHODS = ("gd", "gc", "if", "rif", "trackstar", "tracin", "bm25")
 PLAIN = ("gd", "gc", "if", "rif")
 
 
-def _rows(rows, where: str) -> List[dict]:
-    """Rows from dicts, a pandas DataFrame or a ``datasets.Dataset``."""
-    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):
-        rows = rows.to_dict("records")
-    if isinstance(rows, Mapping) or isinstance(rows, str):
-        raise InstattrError(f"{where}: a list of rows (dicts), a DataFrame or a datasets.Dataset, not one "
-                            f"{type(rows).__name__}")
-    rows = list(rows)
-    bad = next((i for i, r in enumerate(rows) if not isinstance(r, Mapping)), None)
-    if bad is not None:
-        raise InstattrError(f"{where}: row {bad} is a {type(rows[bad]).__name__}, not a dict")
-    rows = [dict(r) for r in rows]
+def _rows(data, where: str) -> List[dict]:
+    """Rows (:func:`instattr.data.records`), at least one."""
+    rows = records(data, where)
     if not rows:
         raise InstattrError(f"{where}: no rows")
     return rows
-
-
-def adapter_parameters(model) -> Optional[List[str]]:
-    """A PEFT model's trainable parameter names (its LoRA matrices), else None."""
-    if not hasattr(model, "peft_config"):
-        return None
-    from .models.hf import adapter_trainable
-    return adapter_trainable(model)
 
 
 def tracked_modules(forward: CausalForward, probe: Dict[str, torch.Tensor], layers: Optional[int] = None,
@@ -80,12 +65,9 @@ def tracked_modules(forward: CausalForward, probe: Dict[str, torch.Tensor], laye
     """The tracked linear modules of ``forward`` (names inside it, ``model.`` first): ``modules``
     (globs over the model's own names), else an adapter's trainable ones, else the top ``layers``
     blocks' (the output embedding left out unless named)."""
-    order = call_order(forward, lambda: forward(**probe))
-    used = reaching(forward, lambda: forward(**probe))
-    trainable = None if modules else adapter_parameters(forward.model)
-    if trainable is not None:
-        trainable = ["model." + n for n in trainable]
-    chosen = track(forward, order, used, layers, modules, trainable, "model.")      # None: the top 3 (all if fewer)
+    trainable = None if modules else adapter_trainable(forward.model)
+    chosen = track_by_probe(forward, probe, layers, modules,     # layers None: the top 3 (all if fewer)
+                            None if trainable is None else ["model." + n for n in trainable], "model.")
     if not modules and trainable is None:
         chosen = [t for t in chosen if t.group != "head"]
     if not chosen:
@@ -162,7 +144,9 @@ def second_moments(model, state: dict) -> Dict[str, torch.Tensor]:
 
     def no_decay(n: str) -> bool:
         return n not in decay
-    trained = [(n, p) for n, p in named if ".lora_" in n or ".modules_to_save." in n] or named
+    adapter = adapter_trainable(model)
+    adapter = None if adapter is None else set(adapter)
+    trained = named if adapter is None else [(n, p) for n, p in named if n in adapter]
     layouts = [named, [x for x in named if not no_decay(x[0])] + [x for x in named if no_decay(x[0])],
                trained, [x for x in trained if not no_decay(x[0])] + [x for x in trained if no_decay(x[0])]]
     for layout in layouts:
@@ -352,10 +336,11 @@ class LMExplainer:
         probe = Windows(tokenizer, [{"text": "a probe of the forward pass"}], self.max_length).batch(
             [0], next(model.parameters()).device)
         self.tracked = tracked_modules(self.forward, probe, layers, modules)
-        self.projector = GradientProjector(self.forward, self.tracked, self.task, proj_dim, seed, projection)
+        self._sketch = (proj_dim, seed, projection)          # every projector below shares the projections
+        self.projector = self._projector(self.forward, self.task)
         windows = self._windows(self.train, "train")
         needs_h = any(m in ("if", "rif") for m in self.methods)
-        self.train_grads = self.solver = self.trackstar_ = None
+        self.train_grads = self.solver = self.trackstar_ = self._train_units = None
         if any(m in PLAIN for m in self.methods):
             self.train_grads, factors, self.train_losses = gradients(self.projector, windows, self.batch_size,
                                                                      needs_h, bool(progress), "train gradients")
@@ -364,15 +349,14 @@ class LMExplainer:
         if "tracin" in self.methods:
             for c, (ckpt, lr) in enumerate(checkpoint_models(checkpoints, checkpoint_lrs, getattr(torch, dtype))):
                 try:
-                    other = GradientProjector(CausalForward(ckpt).eval(), self.tracked, self.task, proj_dim, seed,
-                                              projection)
+                    other = self._projector(CausalForward(ckpt).eval(), self.task)
                 except AttributeError as e:
                     raise InstattrError(f"tracin: checkpoint {c} is not the model's architecture ({e})") from None
                 g, _, _ = gradients(other, windows, self.batch_size, False, bool(progress),
                                     f"checkpoint {c + 1} gradients")
                 self.tracin_.append((lr, other, g.double()))
         if "trackstar" in self.methods:
-            self.trackstar_ = GradientProjector(self.forward, self.tracked, self.task, proj_dim, seed, projection)
+            self.trackstar_ = self._projector(self.forward, self.task)
             if optimizer is None:
                 warnings.warn("trackstar: no optimizer state given; unit-normalised gradients only (as gc)")
                 self.trackstar_normaliser = "none"
@@ -389,6 +373,9 @@ class LMExplainer:
                 Curvature(dim=dim, n=n, factors=factors, blocks=self.projector.block_slices(),
                           groups=list(self.projector.groups().values())))
             self._train_solved_norms = self.solver.quadratic(self.train_grads.double())
+
+    def _projector(self, forward: CausalForward, task) -> GradientProjector:
+        return GradientProjector(forward, self.tracked, task, *self._sketch)
 
     def _windows(self, rows: List[dict], where: str) -> Windows:
         return Windows(self.tokenizer, rows, self.max_length, self.stride, where)
@@ -421,7 +408,9 @@ class LMExplainer:
         if "gd" in self.methods:
             out["gd"] = (g @ train.T).numpy()
         if "gc" in self.methods:
-            out["gc"] = unit_rows(g.numpy()) @ unit_rows(train.numpy()).T
+            if self._train_units is None:                # the training side once, not per call
+                self._train_units = unit_rows(train.numpy())
+            out["gc"] = unit_rows(g.numpy()) @ self._train_units.T
         if self.solver is not None:
             solved = self.solver.solve(g)
             inf = solved @ train.T
@@ -442,8 +431,7 @@ class LMExplainer:
         if self.train_grads is None or not any(m in ("gd", "if") for m in self.methods):
             raise InstattrError("token_scores: needs gd or if among the methods")
         windows = self._windows([{"prompt": prompt, "completion": completion}], "token_scores")
-        projector = GradientProjector(self.forward, self.tracked, TokenLosses(), self.projector.k,
-                                      self.projector.seed, self.projector.kind)
+        projector = self._projector(self.forward, TokenLosses())
         per_token, tokens = [], []
         for j, w in enumerate(windows.items):
             _, jac = projector.project(windows.batch([j]))

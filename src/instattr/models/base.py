@@ -31,7 +31,7 @@ import torch
 from ..arrays import FeatureSet, FinalLayer
 from ..errors import InstattrError
 from ..store import Run, RunError
-from .modules import Tracked, call_order, find_blocks, reaching, track
+from .modules import Tracked, find_blocks, track_by_probe
 from .rows import RowIds, Rows
 
 Texts = Tuple[List[str], Optional[List[str]]]
@@ -109,12 +109,9 @@ class Classifier(ABC):
         """The linear modules the layered methods track (:func:`instattr.models.modules.track`):
         ``modules`` (glob patterns over the model's own module names), else an adapter's trainable
         ones, else the top ``layers`` blocks and the head. Names are those inside :meth:`module`."""
-        module = self.module()
         probe = self.tokenize(["a b"], ["a b"] if self.is_pair else None).batch([0], self.device)
-        order = call_order(module, lambda: module(**probe))
-        used = reaching(module, lambda: module(**probe))
-        trainable = None if modules else self.trainable()
-        return track(module, order, used, layers if trainable is None else None, modules, trainable, self.prefix)
+        return track_by_probe(self.module(), probe, layers, modules, None if modules else self.trainable(),
+                              self.prefix)
 
     @property
     def n_layers(self) -> int:

@@ -119,9 +119,12 @@ def fingerprint(path) -> str:
     return h.hexdigest()[:16]
 
 
-def adapter_trainable(model) -> List[str]:
+def adapter_trainable(model) -> Optional[List[str]]:
     """The parameters a PEFT model's adapter trains: those that require gradients (a model loaded
-    with ``is_trainable``), else by name (LoRA matrices and ``modules_to_save`` copies)."""
+    with ``is_trainable``), else by name (LoRA matrices and ``modules_to_save`` copies); None for a
+    model that is not a PEFT model."""
+    if not hasattr(model, "peft_config"):
+        return None
     flagged = [n for n, p in model.named_parameters() if p.requires_grad]
     if flagged:
         return flagged

@@ -194,3 +194,14 @@ def track(model: nn.Module, order: Dict[str, int], used: Sequence[str], layers: 
         g = t.group[len("block"):]
         return (1, 0) if t.group == "head" else (0, int(g) if g.isdigit() else 0)
     return sorted(tracked, key=place)
+
+
+def track_by_probe(model: nn.Module, probe: dict, layers: Optional[int] = None,
+                   patterns: Optional[Sequence[str]] = None, trainable: Optional[Sequence[str]] = None,
+                   prefix: str = "") -> List[Tracked]:
+    """:func:`track` with the forward's call order and the modules reaching the logits found by
+    running ``model(**probe)``; an adapter's ``trainable`` names apply unless ``patterns`` are given."""
+    order = call_order(model, lambda: model(**probe))
+    used = reaching(model, lambda: model(**probe))
+    trainable = None if patterns else trainable
+    return track(model, order, used, layers if trainable is None else None, patterns, trainable, prefix)

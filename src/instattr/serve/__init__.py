@@ -83,8 +83,7 @@ def guarded(host: str, token: Optional[str] = None, allow_hosts: Sequence[str] =
     if token is not None:
         check_token(token)
     if is_loopback(host):
-        names = set(LOOPBACK_NAMES) | {host.strip("[]").lower()} | {h.strip("[]").lower() for h in allow_hosts}
-        return {"token": token, "hosts": sorted(names)}
+        return {"token": token, "hosts": [*LOOPBACK_NAMES, host, *allow_hosts]}     # Guard normalises them
     return {"token": token or new_token(), "hosts": None}
 
 

@@ -125,11 +125,11 @@ class Guard:
         if remember and scope.get("method") in ("GET", "HEAD") and not scope.get("path", "").startswith(MACHINE):
             return await _plain(send, 303, "the token is kept in a cookie now",
                                 [(b"location", _without_token(scope)), self._cookie(scope)])
+        too_large = f"the request body is over {self.max_body} bytes"
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            return await _plain(send, 413, f"the request body is over {self.max_body} bytes")
+            return await _plain(send, 413, too_large)
         received, started = 0, False
-        too_large = f"the request body is over {self.max_body} bytes"
 
         async def counted():
             nonlocal received
