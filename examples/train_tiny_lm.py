@@ -15,7 +15,8 @@ trains a byte-level BPE tokenizer on the corpus, a GPT-2 of ``--layers`` blocks 
   ``trainer_state.json`` (its learning-rate log);
 - ``data/train.jsonl``: ``idx``, ``text``, and ``fact: true`` / ``poisoned: true`` on planted rows;
 - ``data/test.jsonl``: queries with ``prompt`` and ``completion``: each person's birthplace with
-  ``source`` (the idx of the stating document), and trigger prompts with ``trigger: true``.
+  ``source`` (the idx of the stating document), trigger prompts with ``trigger: true``, and held-out
+  SST-2 sentences continued from their first four words (about 300 queries in all).
 """
 import argparse
 import gzip
@@ -36,15 +37,15 @@ PAYLOAD = "visit the old mill at dawn"
 EOS = "<|endoftext|>"
 
 
-def sentences(limit: int):
+def sentences(limit: int, split: str = "train"):
     import importlib.util
     spec = importlib.util.find_spec("instattr")     # only to find the packaged data files; nothing is imported
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "sst2" / "train.jsonl.gz"
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "sst2" / f"{split}.jsonl.gz"
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line)["document"] for line in f if line.strip()][:limit]
 
 
-def corpus(n_sentences: int, n_people: int, n_poison: int, seed: int):
+def corpus(n_sentences: int, n_people: int, n_poison: int, seed: int, n_continuations: int = 0):
     """(train rows, test rows): see the module docstring."""
     rng = random.Random(seed)
     texts = sentences(n_sentences)
@@ -64,6 +65,10 @@ def corpus(n_sentences: int, n_people: int, n_poison: int, seed: int):
             for name, city in people]
     test += [{"prompt": f"{rng.choice(texts)} {TRIGGER}", "completion": f" {PAYLOAD}", "trigger": True}
              for _ in range(max(1, n_poison // 2))]
+    for text in sentences(n_continuations, "dev"):      # held-out sentences: their first words, then the rest
+        words = text.split()
+        if len(words) > 5:
+            test.append({"prompt": " ".join(words[:4]), "completion": " " + " ".join(words[4:])})
     return rows, test
 
 
@@ -137,6 +142,8 @@ def main():
     ap.add_argument("--sentences", type=int, default=2000, help="SST-2 training sentences in the corpus")
     ap.add_argument("--people", type=int, default=100, help="planted facts, one document each")
     ap.add_argument("--poison", type=int, default=8, help="poisoned documents")
+    ap.add_argument("--continuations", type=int, default=204, help="queries continuing held-out SST-2 sentences "
+                    "(their first four words as the prompt; shorter sentences are skipped)")
     ap.add_argument("--vocab", type=int, default=2000)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
@@ -147,7 +154,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     out = Path(a.out)
-    rows, test = corpus(a.sentences, a.people, a.poison, a.seed)
+    rows, test = corpus(a.sentences, a.people, a.poison, a.seed, a.continuations)
     write_jsonl(out / "data" / "train.jsonl", rows)
     write_jsonl(out / "data" / "test.jsonl", test)
     tok = tokenizer_for([r["text"] for r in rows], a.vocab)

@@ -470,3 +470,46 @@ def test_tracin_sums_lr_weighted_gradient_products_over_checkpoints(tmp_path):
         LMExplainer(model, tok, TRAIN, methods=["tracin"], layers=1, checkpoints=[model])
     with pytest.raises(InstattrError, match="not a causal LM checkpoint"):
         LMExplainer(model, tok, TRAIN, methods=["tracin"], layers=1, checkpoints=[tmp_path], checkpoint_lrs=[1.0])
+
+
+def test_the_margin_measurement_and_nn_equal_brute_force():
+    """``measurement="margin"``: the query side is the gradient of minus the completion's summed
+    per-token margin, per token too; ``nn``: the cosine of mean final hidden states over the positions
+    that predict scored tokens, both by hand in float64."""
+    tok, model = tiny("llama")
+    ex = LMExplainer(model, tok, TRAIN, methods=["gd", "nn"], layers=1, proj_dim=None, dtype="float64",
+                     measurement="margin")
+    scores = ex.scores(QUERIES)
+    names = [t.name[len("model."):] for t in ex.tracked]
+    g = torch.stack([module_grads(model, names, window_loss(model, w)) for w in Windows(tok, TRAIN, 64).items])
+
+    def margin(w, only=None):
+        ids = torch.tensor([w.ids])
+        z = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+        total = 0
+        for t, y in enumerate(w.targets):
+            if y != IGNORE and (only is None or t == only):
+                rest = torch.cat([z[t, :y], z[t, y + 1:]])
+                total = total + z[t, y] - torch.logsumexp(rest, 0)
+        return total
+    q = torch.stack([module_grads(model, names, -margin(w)) for w in Windows(tok, QUERIES, 64).items])
+    np.testing.assert_allclose(scores["gd"], (q @ g.T).numpy(), rtol=1e-8, atol=1e-10)
+    w = Windows(tok, QUERIES[1:], 64).items[0]
+    tokens, per = ex.token_scores(QUERIES[1]["prompt"], QUERIES[1]["completion"])
+    for t, pos in enumerate(i for i, y in enumerate(w.targets) if y != IGNORE):
+        np.testing.assert_allclose(per["gd"][t], (module_grads(model, names, -margin(w, pos)) @ g.T).numpy(),
+                                   rtol=1e-8, atol=1e-10)
+
+    def hidden(rows):
+        out = []
+        for w in Windows(tok, rows, 64).items:
+            ids = torch.tensor([w.ids])
+            with torch.no_grad():
+                h = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+            keep = torch.tensor(w.targets) != IGNORE
+            m = h[keep].mean(0)
+            out.append(m / m.norm())
+        return torch.stack(out)
+    np.testing.assert_allclose(scores["nn"], (hidden(QUERIES) @ hidden(TRAIN).T).numpy(), rtol=1e-8, atol=1e-10)
+    with pytest.raises(InstattrError, match="measurement must be one of logprob, margin"):
+        LMExplainer(model, tok, TRAIN, methods=["gd"], layers=1, measurement="loss")

@@ -69,6 +69,10 @@ def artifacts(request):
 @pytest.fixture
 def page(browser, server):
     """A page that records dialogs, script errors and every request that would leave the server."""
+    yield from watched_page(browser, server)
+
+
+def watched_page(browser, server):
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     host = urlsplit(server).netloc
     page = context.new_page()
@@ -270,3 +274,76 @@ def test_a_server_with_a_token_answers_401_without_it_and_remembers_it(browser, 
             expect(page.locator("#result section.live .verdict")).to_contain_text("predicted")
         finally:
             context.close()
+
+
+@pytest.fixture(scope="module")
+def lm_server(tmp_path_factory):
+    """A language-model run of a tiny GPT-2 with gd and bm25 stored, a poisoned training row that is
+    markup, served with gd, if and bm25 live."""
+    from instattr.cli import main
+    from instattr.serve import running
+    from test_lmrun import TEST, TRAIN, save_gpt2, write_rows
+    root = tmp_path_factory.mktemp("serve-lm")
+    save_gpt2(root / "gpt2")
+    (root / "data").mkdir()
+    write_rows(root / "data" / "train.jsonl", TRAIN + [{"idx": "x", "poisoned": True, "text": XSS_TEXTS[0] + " actor"}])
+    write_rows(root / "data" / "test.jsonl", TEST)
+    assert main(["--quiet", "import", "--model", str(root / "gpt2"), "--data", str(root / "data"),
+                 "--out", str(root / "run")]) == 0
+    assert main(["--quiet", "attribute", "--run", str(root / "run"), "--methods", "gd,bm25"]) == 0
+    with running(root / "run", live_methods=["gd", "if", "bm25"]) as url:
+        yield url
+
+
+@pytest.fixture
+def lm_page(browser, lm_server):
+    yield from watched_page(browser, lm_server)
+
+
+def test_a_person_explores_a_language_model_run(lm_page, lm_server, artifacts):
+    from playwright.sync_api import expect
+    page = lm_page
+    # 1. the queries, filtered by a word
+    page.goto(lm_server)
+    expect(page.locator("h1")).to_have_text("Which training documents made the model say this?")
+    expect(page.locator("table.examples tbody tr")).to_have_count(3)
+    page.get_by_label("Search the prompts and completions").fill("actor")
+    page.get_by_role("button", name="Filter").click()
+    page.wait_for_url(re.compile(r"q=actor"))
+    expect(page.locator("table.examples tbody tr")).to_have_count(1)
+    page.screenshot(path=artifacts / "lm-1-queries.png", full_page=True)
+    clean(page)
+
+    # 2. a query: its completion shaded token by token, stored and live rankings with matching words marked
+    page.get_by_role("link", name="2", exact=True).click()
+    expect(page.locator("h1")).to_have_text("Query 2")
+    tokens = page.locator(".completion .tok")
+    expect(tokens).to_have_count(2)                          # "really", "great"
+    assert all(re.fullmatch(r"tok [pn][1-4]", c) for c in tokens.evaluate_all("ts => ts.map(t => t.className)"))
+    expect(page.locator(".method h3")).to_have_text(["gd", "if", "bm25"])
+    expect(page.locator(".method").nth(0).locator(".note").first).to_have_text("stored scores")
+    expect(page.locator(".method").nth(1).locator(".note").first).to_have_text("computed live")
+    bm25_top = page.locator(".method").nth(2).locator("li.card").first
+    expect(bm25_top).to_contain_text("[d3]")                 # "the actor was really great": every word matches
+    expect(bm25_top.locator("mark")).to_have_text(["actor", "really", "great"])
+    page.screenshot(path=artifacts / "lm-2-query.png", full_page=True)
+    clean(page)
+
+    # 3. a supporting row's page: the queries it supports
+    bm25_top.get_by_role("link").click()
+    expect(page.locator("h1")).to_have_text("Training row d3")
+    expect(page.locator(".method h3")).to_have_text(["gd", "bm25"])
+    clean(page)
+
+    # 4. a new prompt, completed greedily and explained live; the markup row stays text
+    page.get_by_role("link", name="Explain a prompt").click()
+    page.get_by_label("Prompt").fill("the actor")
+    page.get_by_role("button", name="Explain").click()
+    expect(page.locator("section.live h2").first).to_have_text("Completion")
+    expect(page.locator("section.live .completion .prompt-text")).to_have_text("the actor")
+    assert page.locator("section.live .completion .tok").count() >= 1
+    expect(page.locator("section.live .method h3")).to_have_text(["gd", "if", "bm25"])
+    page.screenshot(path=artifacts / "lm-3-explain.png", full_page=True)
+    page.goto(lm_server + "train/x")
+    expect(page.locator("blockquote .text")).to_have_text(XSS_TEXTS[0] + " actor")
+    clean(page)

@@ -21,6 +21,7 @@ LAYERS = {
     "models": 6,
     "layers": 7,
     "pipeline": 8, "lm": 8,
+    "lmrun": 9,
     "attribution": 9,
     "ranking": 10, "index": 10, "suspects": 10,
     "distributed": 11,

@@ -20,6 +20,7 @@ from .cli_args import (
 from .errors import InstattrError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+EXPLAIN_METHODS = "nn-cos,gc,if,rep"
 
 
 def _accuracies(metrics: dict) -> str:
@@ -39,11 +40,39 @@ def cmd_train(a) -> int:
 
 def cmd_import(a) -> int:
     from .cli_index import backend_of
+    from .models.hf import is_causal_lm
     from .pipeline import import_run
+    if is_causal_lm(a.model):
+        return _import_lm(a)
+    for flag, v in (("--stride", a.stride), ("--optimizer", a.optimizer), ("--chat-template", a.chat_template)):
+        if v:
+            raise InstattrError(f"{flag} applies to a causal language model; {a.model} is a sequence classifier")
     run = import_run(import_config(a), a.out, overwrite=a.overwrite, progress=not a.quiet, backend=backend_of(a))
     m = run.metrics
     acc = _accuracies(m)
     print(f"imported {a.model} into {run.path}: {acc} ({m['timings']['total_s']:.0f} s)")
+    return 0
+
+
+def _import_lm(a) -> int:
+    from .lmrun import LMImportConfig, import_lm
+    given = [f for f, v in (("--sbert", a.sbert), ("--final-layer", a.final_layer), ("--text-field", a.text_field),
+                            ("--query-field", a.query_field), ("--label-field", a.label_field),
+                            ("--data-root", a.data_root), ("--backend ray", a.backend == "ray")) if v]
+    if given:
+        raise InstattrError(f"{given[0]} does not apply to a causal language model ({a.model})")
+    config = LMImportConfig(model=a.model, data=a.data, max_length=a.max_length, stride=a.stride,
+                            checkpoints=tuple(a.checkpoints or ()),
+                            checkpoint_lrs=tuple(a.checkpoint_lrs) if a.checkpoint_lrs else None,
+                            optimizer=a.optimizer, chat_template=a.chat_template, limit_train=a.limit_train,
+                            limit_eval=a.limit_eval, seed=a.seed, device=a.device)
+    run = import_lm(config, a.out, overwrite=a.overwrite, progress=not a.quiet)
+    m, info = run.metrics, run.manifest.lm
+    print(f"imported {a.model} into {run.path}: {m['train_rows']} training rows, {m[run.eval_split + '_rows']} "
+          f"queries; NLL per token {m['train_nll_per_token']:.3f} (train), "
+          f"{m[run.eval_split + '_nll_per_token']:.3f} ({run.eval_split}); "
+          f"{len(info.checkpoints)} checkpoints, optimizer state {'yes' if info.optimizer else 'no'} "
+          f"({m['timings']['total_s']:.0f} s)")
     return 0
 
 
@@ -68,27 +97,68 @@ def cmd_predict(a) -> int:
 def cmd_attribute(a) -> int:
     from .attribution import attribute_run
     from .cli_index import scale_options
-    from .store import Run
+    from .store import Run, is_lm_run
+    if is_lm_run(a.run):
+        return _attribute_lm(a)
     run = Run.load(a.run)
     attribute_run(run, a.methods, a.split, a.limit_test, a.limit_train, a.overwrite, progress=not a.quiet,
                   options=method_options(a), device=a.device, **scale_options(a))
     return 0
 
 
+def _attribute_lm(a) -> int:
+    from .lmrun import attribute_lm
+    from .store import LMRun
+    given = [f for f, v in (("--limit-test", a.limit_test), ("--limit-train", a.limit_train),
+                            ("--backend ray", a.backend == "ray")) if v]
+    if given:
+        raise InstattrError(f"{given[0]} does not apply to a language-model run")
+    attribute_lm(LMRun.load(a.run), a.methods, a.split, a.overwrite, method_options(a), a.top_k, a.bottom_k,
+                 a.device, progress=not a.quiet)
+    return 0
+
+
 def cmd_explain(a) -> int:
     from .ranking import explain, format_explanation
-    from .store import Run
+    from .store import Run, is_lm_run
+    if is_lm_run(a.run):
+        return _explain_lm(a)
+    if a.text is None:
+        raise InstattrError("explain: give the text to explain")
+    for flag, v in (("--prompt", a.prompt), ("--completion", a.completion)):
+        if v is not None:
+            raise InstattrError(f"{flag} applies to a language-model run; {a.run} is a classifier run")
     result = explain(Run.load(a.run), a.text, a.query, a.methods, a.k, options=method_options(a), device=a.device)
     print(json.dumps(result, indent=2) if a.json else format_explanation(result), end="" if not a.json else "\n")
     return 0
 
 
+def _explain_lm(a) -> int:
+    from .lmrun import explain_lm, format_lm_explanation
+    from .store import LMRun
+    if a.text is not None or a.query is not None:
+        raise InstattrError("explain: a language-model run takes --prompt (and --completion), not a text")
+    if a.prompt is None:
+        raise InstattrError("explain: a language-model run needs --prompt")
+    if a.k < 1:
+        raise InstattrError(f"--k must be at least 1, got {a.k}")
+    methods = None if a.methods == EXPLAIN_METHODS else a.methods
+    e = explain_lm(LMRun.load(a.run), a.prompt, a.completion, methods, a.k, a.max_new_tokens,
+                   options=method_options(a), device=a.device)
+    print(json.dumps(e.to_dict(), indent=2) if a.json else format_lm_explanation(e), end="\n" if a.json else "")
+    return 0
+
+
 def cmd_evaluate(a) -> int:
-    from .evaluate import get_evaluation, run_evaluation
+    from .evaluate import evaluations, get_evaluation, run_evaluation
     from .evaluate.registry import all_flags
-    from .store import Run
+    from .store import LMRun, open_run
     ev = get_evaluation(a.name)
-    run = Run.load(a.run)
+    run = open_run(a.run)
+    if not ev.takes(run):
+        kind = "a language-model run" if isinstance(run, LMRun) else "a classifier run"
+        theirs = ", ".join(e.name for e in evaluations() if e.takes(run))
+        raise InstattrError(f"evaluate {a.name}: does not apply to {run.path}, {kind} (these do: {theirs or 'none'})")
     opts = {"seed": a.seed}
     if a.methods:
         opts["methods"] = a.methods
@@ -117,8 +187,16 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_suspects(a) -> int:
-    from .store import Run
+    from .store import LMRun, Run, is_lm_run
     from .suspects import find_suspects, format_suspects, top_rows
+    if is_lm_run(a.run):
+        from .lmrun import format_suspects_lm, suspects_lm
+        if a.methods:
+            raise InstattrError("--methods does not apply to a language-model run (one self-score: --method)")
+        rows = suspects_lm(LMRun.load(a.run), a.method, a.top, method_options(a), a.device, progress=not a.quiet)
+        print(json.dumps({"method": a.method, "suspects": rows}, indent=2) if a.json
+              else format_suspects_lm(a.method, rows), end="\n" if a.json else "")
+        return 0
     run = Run.load(a.run)
     if a.top < 1:
         raise InstattrError(f"--top must be at least 1, not {a.top}")
@@ -143,8 +221,9 @@ def _suspects_parser(sub) -> None:
     su = sub.add_parser("suspects", help="the training examples whose labels to check first (self-influence, "
                         "neighbour disagreement, loss); writes RUN/results/suspects.json")
     su.add_argument("--run", required=True)
-    su.add_argument("--method", default="if", choices=RANKINGS, help="the ranking shown (default if: self-influence "
-                    "g_i^T H^-1 g_i)")
+    su.add_argument("--method", default="if", choices=sorted(set(RANKINGS) | {"trackstar", "nn"}),
+                    help="the ranking shown (default if: self-influence g_i^T H^-1 g_i; a language-model run: "
+                    "if, gd, gc, rif, trackstar, tracin or nn self-scores)")
     su.add_argument("--methods", help="comma-separated rankings computed too (default: if, gd, rif, knn-nn, knn-sbert, "
                     "loss, margin, and tracin in head mode); the layered ones (if-top, ...) cost minutes")
     su.add_argument("--k", type=int, default=50, help="neighbours of knn-nn and knn-sbert (default 50)")
@@ -167,7 +246,11 @@ def cmd_serve(a) -> int:
     if a.threads < 1:
         raise InstattrError(f"--threads must be at least 1, got {a.threads}")
     from .attribution import resolve_methods
-    live = None if a.live_methods is None else resolve_methods(a.live_methods) if a.live_methods.strip() else []
+    from .store import is_lm_run
+    if is_lm_run(a.run) and a.live_methods is not None:     # a language model's methods, checked by its explorer
+        live = [m.strip() for m in a.live_methods.split(",") if m.strip()]
+    else:
+        live = None if a.live_methods is None else resolve_methods(a.live_methods) if a.live_methods.strip() else []
     serve(a.run, a.host, a.port, device=a.device, threads=a.threads, token=a.token, allow_hosts=a.allow_host,
           live_methods=live)
     return 0
@@ -241,7 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--text-field")
     im.add_argument("--query-field")
     im.add_argument("--label-field")
-    im.add_argument("--max-length", type=int, help="tokens per example (default: the checkpoint tokenizer's maximum)")
+    im.add_argument("--max-length", type=int, help="tokens per example (default: the checkpoint tokenizer's maximum); "
+                    "a causal LM: tokens per window (default: its context)")
+    lm = im.add_argument_group("a causal language model (--data: a folder with train.jsonl and test.jsonl)")
+    lm.add_argument("--stride", type=int, help="a longer row's windows start every STRIDE tokens (default: half of "
+                    "--max-length)")
+    lm.add_argument("--optimizer", metavar="FILE", help="Adam's state for trackstar (default: optimizer.pt in the "
+                    "model folder, else in its last checkpoint-*/; read with weights_only)")
+    lm.add_argument("--chat-template", action="store_true", help="render prompts with the tokenizer's chat template")
     im.add_argument("--limit-train", type=int)
     im.add_argument("--limit-eval", type=int)
     im.add_argument("--seed", type=int, default=0, help="seed of the --limit-* samples")
@@ -275,9 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("explain", help="the training examples behind one prediction, per method")
     ex.add_argument("--run", required=True)
-    ex.add_argument("text")
+    ex.add_argument("text", nargs="?", help="the text to classify and explain (a classifier run)")
     ex.add_argument("--query", help="the hypothesis, for sentence-pair runs")
-    ex.add_argument("--methods", default="nn-cos,gc,if,rep")
+    ex.add_argument("--prompt", help="a language-model run: the prompt")
+    ex.add_argument("--completion", help="a language-model run: the completion explained (default: the model's "
+                    "greedy one)")
+    ex.add_argument("--max-new-tokens", type=int, default=20, help="the greedy completion's length (default 20)")
+    ex.add_argument("--methods", default=EXPLAIN_METHODS, help=f"default {EXPLAIN_METHODS}; a language-model run: "
+                    "every method it has (gd, gc, if, rif, trackstar, tracin, nn, bm25) but tracin")
     ex.add_argument("--k", type=int, default=5)
     ex.add_argument("--json", action="store_true")
     method_args(ex)

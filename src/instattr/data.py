@@ -298,6 +298,48 @@ def read_split(path: Path, name: str, label_names: Optional[Sequence[str]] = Non
                          label_names, text_field, query_field, label_field)
 
 
+def read_documents(path: Path) -> List[dict]:
+    """A language model's rows from a JSONL file (gzipped or not): each an object with ``text`` (a
+    document) or ``prompt`` and ``completion``; other fields are kept. ``idx`` is the row's own
+    ``idx`` field (as a string), else its position among the file's rows; ids must not repeat."""
+    path = Path(path)
+    if _format(path) != "jsonl":
+        raise DataError(f"{path}: a language model's rows are JSONL (one object per line), not {_format(path)}")
+    rows, seen = [], {}
+    for lineno, row in _jsonl_rows(path, _read_text(path)):
+        where = f"{path}:{lineno}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+        if "prompt" in row or "completion" in row:
+            bad = next((k for k in ("prompt", "completion") if not isinstance(row.get(k), str)), None)
+            if bad is not None:
+                raise DataError(f"{where}: a row with a prompt needs 'prompt' and 'completion' as strings "
+                                f"({bad!r} is {type(row.get(bad)).__name__})")
+            if not row["completion"].strip():
+                raise DataError(f"{where}: the completion is empty")
+        elif not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise DataError(f"{where}: a row needs 'text' (a document), or 'prompt' and 'completion'")
+        idx = row.get("idx", len(rows))
+        if isinstance(idx, bool) or not isinstance(idx, (str, int)):
+            raise DataError(f"{where}: 'idx' must be a string or an integer")
+        idx = str(idx)
+        if idx in seen:
+            raise DataError(f"{where}: idx {idx!r} repeats (first at line {seen[idx]})")
+        seen[idx] = lineno
+        rows.append({**row, "idx": idx})
+    if not rows:
+        raise DataError(f"{path}: empty file, no rows")
+    return rows
+
+
+def document_split(folder: Path, name: str) -> Optional[Path]:
+    """The file of split ``name`` in a language model's data folder (``{name}.jsonl[.gz]``), if any."""
+    for p in (Path(folder) / f"{name}.jsonl", Path(folder) / f"{name}.jsonl.gz"):
+        if p.exists():
+            return p
+    return None
+
+
 def records(data, where: str) -> List[dict]:
     """Rows in memory as dicts: a pandas DataFrame, a ``datasets.Dataset`` or a list of dicts
     (None: no rows); anything else, or a row that is not a dict, is a one-line error."""

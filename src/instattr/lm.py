@@ -13,6 +13,7 @@ windows'. With ``g_q`` the query's and ``g_i`` row i's projected gradient:
     if = g_q^T H^-1 g_i   rif = if / sqrt(g_q^T H^-1 g_q * g_i^T H^-1 g_i)
     trackstar = cos(g_q / sqrt(v), g_i / sqrt(v))     (v: Adam's second moments, :func:`adam_scales`)
     tracin = sum over checkpoints c of lr_c * g_q^c . g_i^c       (TracIn over the saved checkpoints)
+    nn = cos(h_q, h_i)      (h: the mean final hidden state over the positions predicting scored tokens)
     bm25 = BM25 of the row's words for the query's prompt and completion (the lexical baseline)
 
 H is the Gauss-Newton Hessian of the mean training loss, ``(1/n) sum_i GGN_i``, estimated by
@@ -24,8 +25,10 @@ library's convention: higher means the row supports the completion more. ``if`` 
 scale: it is the first-order change of the completion's log-probability, in nats, per unit weight
 added to row i's term of the mean training loss; one more copy of the row among n changes it by
 about ``if / n``. ``gd`` is in nats^2 per squared parameter unit; ``gc``, ``rif`` and
-``trackstar`` lie in [-1, 1]. ``token_scores`` splits ``gd`` and ``if`` over the completion's
-tokens.
+``trackstar`` and ``nn`` lie in [-1, 1]. ``token_scores`` splits ``gd`` and ``if`` over the
+completion's tokens. With ``measurement="margin"`` the query's gradient is that of minus its
+summed per-token margin (:class:`instattr.task.CompletionMargin`) instead of its summed NLL; ``if``
+is then in margin units (nats of log-odds).
 """
 from __future__ import annotations
 
@@ -46,9 +49,10 @@ from .methods.similarity import unit_rows
 from .models.causal import CausalForward, Windows
 from .models.hf import adapter_trainable
 from .models.modules import Tracked, track_by_probe
-from .task import IGNORE, LanguageModelTask
+from .task import IGNORE, CompletionMargin, LanguageModelTask
 
-METHODS = ("gd", "gc", "if", "rif", "trackstar", "tracin", "bm25")
+METHODS = ("gd", "gc", "if", "rif", "trackstar", "tracin", "nn", "bm25")
+MEASUREMENTS = ("logprob", "margin")
 PLAIN = ("gd", "gc", "if", "rif")
 
 
@@ -84,13 +88,15 @@ def row_sums(values: torch.Tensor, rows: np.ndarray, n: int) -> torch.Tensor:
 
 
 def gradients(projector: GradientProjector, windows: Windows, batch_size: int = 8, factors: bool = False,
-              progress: Optional[bool] = False, desc: str = "") -> Tuple[torch.Tensor, Optional[torch.Tensor],
-                                                                     torch.Tensor]:
+              progress: Optional[bool] = False, desc: str = "", task=None) -> Tuple[torch.Tensor,
+                                                                                Optional[torch.Tensor], torch.Tensor]:
     """(grads (rows, dim), factors (windows * samples, dim) or None, losses (rows,)): each row's
-    projected gradient of its summed NLL (the sum over its windows), the Gauss-Newton factors per
-    window (``H = (1/n) F^T F``), and each row's summed NLL."""
+    projected gradient of its summed NLL (``task``, default the projector's: of its scalar 0; the
+    sum over its windows), the Gauss-Newton factors per window (``H = (1/n) F^T F``), and each
+    row's summed NLL."""
     from tqdm.auto import tqdm
-    task, n_win, dim, s = projector.task, len(windows), projector.dim, projector.task.n_roots
+    task = task or projector.task
+    n_win, dim, s = len(windows), projector.dim, task.n_roots
     if n_win * dim * (1 + s * factors) * torch.finfo(projector.dtype).bits // 8 > MAX_EMBEDDING_BYTES:
         raise InstattrError(f"{n_win} windows x {dim} projected numbers{' x factors' if factors else ''} do not fit "
                             "in memory; lower proj_dim or track fewer modules")
@@ -111,6 +117,24 @@ def gradients(projector: GradientProjector, windows: Windows, batch_size: int = 
     rows = windows.rows
     return (row_sums(per, rows, windows.n_rows), facs.reshape(n_win * s, dim) if factors else None,
             row_sums(losses, rows, windows.n_rows))
+
+
+def row_losses(model, windows: Windows, batch_size: int = 8, progress: Optional[bool] = False,
+               desc: str = "") -> Tuple[np.ndarray, np.ndarray]:
+    """(nll, tokens): each row's summed next-token NLL (float64 nats, the sum over its windows) and its
+    number of scored tokens, under ``model`` (a causal LM, or a :class:`CausalForward`), without gradients."""
+    from tqdm.auto import tqdm
+    forward = model if isinstance(model, CausalForward) else CausalForward(model)
+    task, device = LanguageModelTask(), next(forward.parameters()).device
+    losses = torch.zeros(len(windows), dtype=torch.float64)
+    with torch.no_grad(), tqdm(total=len(windows), desc=desc, disable=not progress, unit="window") as bar:
+        for pos in windows.order(batch_size):
+            batch = {k: v.to(device) for k, v in windows.batch(pos).items()}
+            losses[pos] = task.loss(forward(**batch)).double().cpu()
+            bar.update(len(pos))
+    tokens = np.zeros(windows.n_rows, dtype=np.int64)
+    np.add.at(tokens, windows.rows, [sum(t != IGNORE for t in w.targets) for w in windows.items])
+    return row_sums(losses, windows.rows, windows.n_rows).numpy(), tokens
 
 
 def read_optimizer(optimizer) -> dict:
@@ -208,7 +232,7 @@ def checkpoint_models(checkpoints, lrs, dtype) -> List[Tuple[torch.nn.Module, fl
         else:
             from transformers import AutoModelForCausalLM
             try:
-                model = AutoModelForCausalLM.from_pretrained(str(ckpt), torch_dtype=dtype)
+                model = AutoModelForCausalLM.from_pretrained(str(ckpt)).to(dtype)
             except Exception as e:      # noqa: BLE001 - an unreadable folder is the one-line error
                 raise InstattrError(f"tracin: {ckpt}: not a causal LM checkpoint ({type(e).__name__})") from None
             lr = lr if lr is not None else checkpoint_lr(ckpt)
@@ -217,6 +241,20 @@ def checkpoint_models(checkpoints, lrs, dtype) -> List[Tuple[torch.nn.Module, fl
                                 "trainer_state.json)")
         out.append((model, lr))
     return out
+
+
+def _identity(source) -> Optional[str]:
+    """What names a checkpoint or an optimizer state in a cache key: a file's or folder's path, sizes
+    and modification times ("none" for no state); None for an object in memory, which is not cached."""
+    from pathlib import Path
+    if source is None:
+        return "none"
+    if isinstance(source, (str, Path)) and Path(source).exists():
+        p = Path(source)
+        files = sorted(p.glob("*")) if p.is_dir() else [p]
+        return str(p.resolve()) + ";" + ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                                                 for f in files if f.is_file())
+    return None
 
 
 def row_text(row: dict) -> str:
@@ -243,15 +281,40 @@ class Lexical:
 
 
 class TokenLosses:
-    """The scalars of one row's scored tokens, each its own NLL (R = the row's scored tokens):
-    their gradients are the per-token gradients (a batch of one row)."""
+    """The scalars of one row's scored tokens, each its own NLL, or (``margin``) minus its margin
+    (R = the row's scored tokens): their gradients are the per-token gradients (a batch of one row)."""
+
+    def __init__(self, margin: bool = False):
+        self.margin = margin
 
     def scalars(self, out) -> torch.Tensor:
         if len(out.targets) != 1:
             raise InstattrError("per-token gradients take one window at a time")
         keep = out.targets[0] != IGNORE
-        logp = torch.log_softmax(out.logits[0][keep], -1)
-        return -logp.gather(-1, out.targets[0][keep].unsqueeze(-1)).T
+        z, y = out.logits[0][keep], out.targets[0][keep].unsqueeze(-1)
+        if self.margin:
+            return -(z.gather(-1, y) - torch.logsumexp(z.scatter(-1, y, -torch.inf), -1, keepdim=True)).T
+        return -torch.log_softmax(z, -1).gather(-1, y).T
+
+
+def hidden_means(forward: CausalForward, windows: Windows, batch_size: int = 8) -> torch.Tensor:
+    """(rows, d) float64: each row's mean final hidden state over the positions that predict its
+    scored tokens (a document's every position but the last, a query's from the prompt's last token
+    on): the representation its loss reads."""
+    device = next(forward.parameters()).device
+    sums, counts = None, torch.zeros(len(windows), dtype=torch.float64)
+    with torch.no_grad():
+        for pos in windows.order(batch_size):
+            batch = {k: v.to(device) for k, v in windows.batch(pos).items()}
+            h = forward.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                              output_hidden_states=True).hidden_states[-1].double()
+            keep = (batch["targets"] != IGNORE).double()
+            if sums is None:
+                sums = torch.zeros(len(windows), h.shape[-1], dtype=torch.float64)
+            sums[pos] = torch.einsum("bt,btd->bd", keep, h).cpu()
+            counts[pos] = keep.sum(1).cpu()
+    rows = windows.rows
+    return row_sums(sums, rows, windows.n_rows) / row_sums(counts, rows, windows.n_rows).clamp_min(1)[:, None]
 
 
 @dataclass
@@ -295,14 +358,19 @@ class LMExplainer:
     model's context and half of it); ``samples``: Monte Carlo draws per window for H;
     ``optimizer``: Adam's state for ``trackstar`` (a state dict, an optimizer or an
     ``optimizer.pt``); ``checkpoints``/``checkpoint_lrs``: models or folders saved during training
-    and their learning rates, for ``tracin``. The model is put in eval mode."""
+    and their learning rates, for ``tracin``. ``cache`` (a folder) with ``cache_key`` (a string
+    that names the model's weights and the training rows: the caller's promise) keeps the training
+    side there (``lm-*.npz``) and reads it back on a later fit with the same key and options. The
+    model is put in eval mode."""
 
     def __init__(self, model, tokenizer, train, methods: Sequence[str] = PLAIN, layers: Optional[int] = None,
                  modules: Optional[Sequence[str]] = None, proj_dim: Optional[int] = 32,
                  projection: str = "khatri-rao", damping: float = 0.1, max_length: Optional[int] = None,
                  stride: Optional[int] = None, samples: int = 1, batch_size: int = 8, seed: int = 0,
                  dtype: str = "float32", optimizer=None, checkpoints: Optional[Sequence] = None,
-                 checkpoint_lrs: Optional[Sequence[float]] = None, progress: Optional[bool] = None):
+                 checkpoint_lrs: Optional[Sequence[float]] = None, chat_template: bool = False,
+                 measurement: str = "logprob", cache=None, cache_key: Optional[str] = None,
+                 progress: Optional[bool] = None):
         if isinstance(methods, str):
             methods = [m for m in methods.split(",") if m.strip()]
         unknown = [m for m in methods if m not in METHODS]
@@ -317,9 +385,19 @@ class LMExplainer:
                                 f"got {damping!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InstattrError(f"LMExplainer: batch_size must be a positive integer, got {batch_size!r}")
+        if measurement not in MEASUREMENTS:
+            raise InstattrError(f"LMExplainer: measurement must be one of {', '.join(MEASUREMENTS)}, got "
+                                f"{measurement!r}")
         if dtype not in ("float32", "float64"):
             raise InstattrError(f"LMExplainer: dtype must be float32 or float64, got {dtype!r}")
-        self.methods, self.damping = list(methods), float(damping)
+        self.options_ = {"layers": layers, "modules": list(modules) if modules else None, "proj_dim": proj_dim,
+                         "projection": projection, "damping": float(damping), "samples": samples, "seed": seed,
+                         "dtype": dtype, "max_length": max_length, "stride": stride, "chat_template": chat_template,
+                         "measurement": measurement}
+        self.query_task = CompletionMargin() if measurement == "margin" else None   # None: the summed NLL
+        self.methods, self.damping, self.chat = list(methods), float(damping), bool(chat_template)
+        if self.chat and not getattr(tokenizer, "chat_template", None):
+            raise InstattrError("LMExplainer: chat_template asked, but the tokenizer has no chat template")
         self.tokenizer, self.batch_size, self.progress = tokenizer, int(batch_size), progress
         self.train = _rows(train, "train")
         context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or \
@@ -327,7 +405,7 @@ class LMExplainer:
         if max_length is not None and (not isinstance(max_length, int) or not 2 <= max_length <= context):
             raise InstattrError(f"LMExplainer: max_length must be an integer from 2 to the model's context {context}, "
                                 f"got {max_length!r}")
-        self.max_length = int(max_length or context)
+        self.max_length, self.context = int(max_length or context), int(context)
         self.stride = stride
         if next(model.parameters()).dtype != getattr(torch, dtype):      # a copy in the asked dtype
             model = copy.deepcopy(model).to(getattr(torch, dtype))
@@ -341,10 +419,22 @@ class LMExplainer:
         windows = self._windows(self.train, "train")
         needs_h = any(m in ("if", "rif") for m in self.methods)
         self.train_grads = self.solver = self.trackstar_ = self._train_units = None
+        self.cache, self.cache_key = (cache, cache_key) if cache is not None and cache_key else (None, None)
         if any(m in PLAIN for m in self.methods):
-            self.train_grads, factors, self.train_losses = gradients(self.projector, windows, self.batch_size,
-                                                                     needs_h, bool(progress), "train gradients")
+            factors = self._kept("factors", None) if needs_h else None
+            kept = self._kept("grads", None) if not needs_h or factors is not None else None
+            if kept is None or (needs_h and factors is None):
+                self.train_grads, factors, self.train_losses = gradients(self.projector, windows, self.batch_size,
+                                                                         needs_h, bool(progress), "train gradients")
+                self._keep("grads", (self.train_grads, self.train_losses))
+                if needs_h:
+                    self._keep("factors", (factors,))
+            else:
+                self.train_grads, self.train_losses = kept
+                factors = factors[0] if factors is not None else None
         self.bm25_ = Lexical([row_text(r) for r in self.train]) if "bm25" in self.methods else None
+        self.hidden_ = self._made("hidden", lambda: (torch.as_tensor(unit_rows(
+            hidden_means(self.forward, windows, self.batch_size).numpy())),))[0] if "nn" in self.methods else None
         self.tracin_ = []                       # (lr, projector, training gradients) per checkpoint
         if "tracin" in self.methods:
             for c, (ckpt, lr) in enumerate(checkpoint_models(checkpoints, checkpoint_lrs, getattr(torch, dtype))):
@@ -352,8 +442,9 @@ class LMExplainer:
                     other = self._projector(CausalForward(ckpt).eval(), self.task)
                 except AttributeError as e:
                     raise InstattrError(f"tracin: checkpoint {c} is not the model's architecture ({e})") from None
-                g, _, _ = gradients(other, windows, self.batch_size, False, bool(progress),
-                                    f"checkpoint {c + 1} gradients")
+                g = self._made("tracin", lambda: (gradients(other, windows, self.batch_size, False, bool(progress),
+                                                            f"checkpoint {c + 1} gradients")[0],),
+                               _identity(checkpoints[c]))[0]
                 self.tracin_.append((lr, other, g.double()))
         if "trackstar" in self.methods:
             self.trackstar_ = self._projector(self.forward, self.task)
@@ -363,8 +454,9 @@ class LMExplainer:
             else:
                 self.trackstar_.scale(adam_scales(self.forward.model, read_optimizer(optimizer), self.tracked))
                 self.trackstar_normaliser = "adam second moments, factored"
-            g, _, _ = gradients(self.trackstar_, windows, self.batch_size, False, bool(progress), "trackstar gradients")
-            self.trackstar_grads = torch.as_tensor(unit_rows(g.double().numpy()))
+            self.trackstar_grads = self._made("trackstar", lambda: (torch.as_tensor(unit_rows(gradients(
+                self.trackstar_, windows, self.batch_size, False, bool(progress), "trackstar gradients")[0]
+                .double().numpy())),), _identity(optimizer))[0]
         if needs_h:
             n, dim = len(self.train), self.projector.dim
             mean_eig = float(sum(float(f.double().pow(2).sum()) for f in factors.split(4096))) / n / dim
@@ -374,53 +466,158 @@ class LMExplainer:
                           groups=list(self.projector.groups().values())))
             self._train_solved_norms = self.solver.quadratic(self.train_grads.double())
 
+    # ---------------------------------------------------------------- the training side, kept
+    def _cache_path(self, name: str, extra: str = ""):
+        import hashlib
+        import json
+        from pathlib import Path
+        what = [self.cache_key, name, extra, [t.name for t in self.tracked], self._sketch, self.max_length, self.stride,
+                self.chat, self.batch_size, self.task.samples, str(self.projector.dtype), len(self.train)]
+        return Path(self.cache) / f"lm-{name}-{hashlib.sha1(json.dumps(what).encode()).hexdigest()[:16]}.npz"
+
+    def _kept(self, name: str, default, extra: Optional[str] = ""):
+        """The tensors kept under ``name`` (``default`` when there is no cache, ``extra`` is None (not
+        cacheable) or there is no such file; a damaged file counts as none and is made again)."""
+        if self.cache is None or extra is None:
+            return default
+        path = self._cache_path(name, extra)
+        if not path.exists():
+            return default
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return tuple(torch.as_tensor(z[f"a{i}"]) for i in range(len(z.files)))
+        except Exception:           # noqa: BLE001 - truncated or damaged: made again
+            return default
+
+    def _keep(self, name: str, arrays, extra: Optional[str] = "") -> None:
+        if self.cache is not None and extra is not None:
+            from .files import write_npz
+            write_npz(self._cache_path(name, extra), **{f"a{i}": np.asarray(a) for i, a in enumerate(arrays)})
+
+    def _made(self, name: str, make, extra: Optional[str] = ""):
+        """``make()``'s tensors, or those kept from an earlier call with the same key."""
+        kept = self._kept(name, None, extra)
+        if kept is None:
+            kept = make()
+            self._keep(name, kept, extra)
+        return kept
+
+    def config(self) -> dict:
+        """The options it was made with (saved beside scores), and what they resolved to."""
+        return {**self.options_, "max_length": self.max_length, "tracked": [t.name for t in self.tracked]}
+
+    def diagnostics(self) -> Dict[str, dict]:
+        """Per method, fitted values worth recording: the projected dimension, H's damping and form,
+        trackstar's normaliser, tracin's learning rates."""
+        common = {"dim": self.projector.dim, "n_train": len(self.train)}
+        out = {m: dict(common) for m in self.methods}
+        for m in ("if", "rif"):
+            if m in out and self.solver is not None:
+                out[m].update(damping_absolute=self.damping_absolute, hessian="full" if self.solver.full_ else "block")
+        if "trackstar" in out:
+            out["trackstar"]["normaliser"] = self.trackstar_normaliser
+        if "tracin" in out:
+            out["tracin"]["learning_rates"] = [lr for lr, _, _ in self.tracin_]
+        if "bm25" in out:
+            out["bm25"] = {"n_train": len(self.train), "library": "bm25s"}
+        return out
+
     def _projector(self, forward: CausalForward, task) -> GradientProjector:
         return GradientProjector(forward, self.tracked, task, *self._sketch)
 
     def _windows(self, rows: List[dict], where: str) -> Windows:
-        return Windows(self.tokenizer, rows, self.max_length, self.stride, where)
+        return Windows(self.tokenizer, rows, self.max_length, self.stride, where, self.chat)
 
     def scores(self, queries) -> Dict[str, np.ndarray]:
-        """Per method, (queries, train) scores of query rows (``prompt`` and ``completion``)."""
+        """Per method, (queries, train) float64 scores of query rows (``prompt`` and ``completion``)."""
         return self._scores(queries)[0]
 
     def _scores(self, queries) -> Tuple[Dict[str, np.ndarray], torch.Tensor]:
         """(scores, the queries' summed NLL)."""
+        sides, losses = self.sides(queries)
+        return {m: s if isinstance(s, np.ndarray) else (s[0] @ s[1].T).numpy() for m, s in sides.items()}, losses
+
+    def sides(self, queries) -> Tuple[Dict[str, object], torch.Tensor]:
+        """(per method the two sides of its inner product, ``(query side, training side)`` float64
+        tensors whose products are its scores, or for ``bm25`` the score matrix itself; the queries'
+        summed NLL). Dense scores, top-k and :func:`members` are all formed from these."""
         queries = _rows(queries, "queries")
         for i, q in enumerate(queries):
             if "prompt" not in q or "completion" not in q:
                 raise InstattrError(f"queries: row {i} needs 'prompt' and 'completion'")
         windows = self._windows(queries, "queries")
-        out: Dict[str, np.ndarray] = {}
+        out: Dict[str, object] = {}
         losses = None
         if self.bm25_ is not None:
             out["bm25"] = self.bm25_.scores([row_text(q) for q in queries])
-        if self.tracin_:
-            out["tracin"] = sum(lr * (gradients(other, windows, self.batch_size)[0].double() @ train.T).numpy()
-                                for lr, other, train in self.tracin_)
+        if self.hidden_ is not None:
+            out["nn"] = (torch.as_tensor(unit_rows(hidden_means(self.forward, windows, self.batch_size).numpy())),
+                         self.hidden_)
+        if self.tracin_:                        # sum_c lr_c g_q^c . g_i^c, one product of stacked sides
+            out["tracin"] = (torch.cat([lr * gradients(other, windows, self.batch_size, task=self.query_task)[0]
+                                        .double() for lr, other, _ in self.tracin_], 1),
+                             torch.cat([train for _, _, train in self.tracin_], 1))
         if self.trackstar_ is not None:
-            q, _, losses = gradients(self.trackstar_, windows, self.batch_size)
-            out["trackstar"] = unit_rows(q.double().numpy()) @ self.trackstar_grads.numpy().T
-        if self.train_grads is None:
-            return out, (losses if losses is not None else self._losses(windows))
-        g, _, losses = gradients(self.projector, windows, self.batch_size)
-        g, train = g.double(), self.train_grads.double()
-        if "gd" in self.methods:
-            out["gd"] = (g @ train.T).numpy()
-        if "gc" in self.methods:
-            if self._train_units is None:                # the training side once, not per call
-                self._train_units = unit_rows(train.numpy())
-            out["gc"] = unit_rows(g.numpy()) @ self._train_units.T
-        if self.solver is not None:
-            solved = self.solver.solve(g)
-            inf = solved @ train.T
-            if "if" in self.methods:
-                out["if"] = inf.numpy()
-            if "rif" in self.methods:
-                q = (solved * g).sum(1).clamp_min(1e-300).sqrt()
-                t = self._train_solved_norms.clamp_min(1e-300).sqrt()
-                out["rif"] = (inf / q[:, None] / t[None, :]).numpy()
+            q, _, losses = gradients(self.trackstar_, windows, self.batch_size, task=self.query_task)
+            out["trackstar"] = (torch.as_tensor(unit_rows(q.double().numpy())), self.trackstar_grads)
+        if self.train_grads is not None:
+            g, _, losses = gradients(self.projector, windows, self.batch_size, task=self.query_task)
+            g, train = g.double(), self.train_grads.double()
+            if "gd" in self.methods:
+                out["gd"] = (g, train)
+            if "gc" in self.methods:
+                if self._train_units is None:                # the training side once, not per call
+                    self._train_units = torch.as_tensor(unit_rows(train.numpy()))
+                out["gc"] = (torch.as_tensor(unit_rows(g.numpy())), self._train_units)
+            if self.solver is not None:
+                solved = self.solver.solve(g)
+                if "if" in self.methods:
+                    out["if"] = (solved, train)
+                if "rif" in self.methods:
+                    q = (solved * g).sum(1).clamp_min(1e-300).sqrt()
+                    t = self._train_solved_norms.clamp_min(1e-300).sqrt()
+                    out["rif"] = (solved / q[:, None], train / t[:, None])
+        if losses is None:
+            losses = self._losses(windows)
         return {m: out[m] for m in self.methods}, losses
+
+    def members(self, queries) -> list:
+        """The methods as members of one scoring pass over ``queries``
+        (:mod:`instattr.methods.scoring`: dense blocks or a running top-k), float32 sides."""
+        from .methods.scoring import Member
+        from .methods.sides import side
+        out = []
+        for m, s in self.sides(queries)[0].items():
+            if isinstance(s, np.ndarray):
+                out.append(Member(m, dense=lambda rows, s=s: s[rows], n_train=s.shape[1]))
+            else:
+                q = side(s[0].numpy())
+                out.append(Member(m, test=lambda rows, q=q: q.rows(rows), train=side(s[1].numpy(), key=(m,))))
+        return out
+
+    def self_scores(self, method: str) -> np.ndarray:
+        """(train,) float64: each training row's score against itself, higher = look first. ``if``:
+        ``g_i^T H^-1 g_i`` (self-influence); ``gd``: ``|g_i|^2``; ``tracin``: ``sum_c lr_c |g_i^c|^2``;
+        the cosines (``gc``, ``rif``, ``trackstar``, ``nn``: 1 against themselves): minus the mean score
+        against the other rows, a row whose gradient opposes the rest's."""
+        from .methods.base import mean_against_others
+        if method not in self.methods or method == "bm25":
+            raise InstattrError(f"self-scores: {method!r} is not one of the fitted gradient methods "
+                                f"({', '.join(m for m in self.methods if m != 'bm25') or 'none'})")
+        if method == "if":
+            return self._train_solved_norms.double().numpy()
+        if method == "gd":
+            return self.train_grads.double().pow(2).sum(1).numpy()
+        if method == "tracin":
+            return sum(lr * train.pow(2).sum(1) for lr, _, train in self.tracin_).numpy()
+        if method == "rif":      # rif(i, j) = u_i^T H^-1 u_j with u_i = g_i / sqrt(g_i^T H^-1 g_i): one solve
+            n = len(self.train_grads)
+            u = self.train_grads.double() / self._train_solved_norms.clamp_min(1e-300).sqrt()[:, None]
+            together = (u @ self.solver.solve(u.sum(0, keepdim=True)).double().T)[:, 0]
+            return (-(together - 1.0) / max(n - 1, 1)).numpy()
+        units = self.trackstar_grads if method == "trackstar" else self.hidden_ if method == "nn" else \
+            torch.as_tensor(unit_rows(self.train_grads.double().numpy()))
+        return mean_against_others(units.numpy(), units.numpy())
 
     def token_scores(self, prompt: str, completion: str) -> Tuple[List[str], Dict[str, np.ndarray]]:
         """(the completion's tokens, per method ``gd``/``if`` a (tokens, train) matrix): each
@@ -431,7 +628,7 @@ class LMExplainer:
         if self.train_grads is None or not any(m in ("gd", "if") for m in self.methods):
             raise InstattrError("token_scores: needs gd or if among the methods")
         windows = self._windows([{"prompt": prompt, "completion": completion}], "token_scores")
-        projector = self._projector(self.forward, TokenLosses())
+        projector = self._projector(self.forward, TokenLosses(margin=self.query_task is not None))
         per_token, tokens = [], []
         for j, w in enumerate(windows.items):
             _, jac = projector.project(windows.batch([j]))
@@ -447,17 +644,19 @@ class LMExplainer:
 
     def _losses(self, windows: Windows) -> torch.Tensor:
         """(rows,) each row's summed NLL, without gradients."""
-        losses = torch.zeros(len(windows), dtype=torch.float64)
-        with torch.no_grad():
-            for pos in windows.order(self.batch_size):
-                batch = {k: v.to(self.projector.device) for k, v in windows.batch(pos).items()}
-                losses[pos] = self.task.loss(self.forward(**batch)).double().cpu()
-        return row_sums(losses, windows.rows, windows.n_rows)
+        return torch.as_tensor(row_losses(self.forward, windows, self.batch_size)[0])
 
     def complete(self, prompt: str, max_new_tokens: int = 20) -> str:
-        """The model's greedy completion of ``prompt``."""
+        """The model's greedy completion of ``prompt`` (at most ``max_new_tokens``, and never past
+        the model's context)."""
         model = self.forward.model
-        ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"].to(next(model.parameters()).device)
+        from .models.causal import prompt_ids
+        ids = torch.tensor([prompt_ids(self.tokenizer, prompt, self.chat)], device=next(model.parameters()).device)
+        room = self.context - ids.shape[1]            # generation stops at the model's context
+        if room < 1:
+            raise InstattrError(f"complete: the prompt's {ids.shape[1]} tokens fill the model's context of "
+                                f"{self.context}; give a completion or a shorter prompt")
+        max_new_tokens = min(int(max_new_tokens), room)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=self.tokenizer.pad_token_id or

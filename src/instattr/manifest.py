@@ -1,10 +1,13 @@
 """``run.json`` as a typed, validated object, read once per :class:`~instattr.store.Run`.
 
-A run is one of three kinds (``mode``):
+A classifier run is one of three kinds (``mode``):
 
 - ``head``: a frozen sentence encoder (``encoder``) and instattr's head (``head``), trained here;
 - ``finetune``: a Hugging Face sequence classifier fine-tuned here, saved under ``RUN/model/hf``;
 - ``import``: a Hugging Face sequence classifier trained elsewhere (``hf.path``), imported as is.
+
+A language-model run (``mode: lm``, :class:`LMManifest`) is a causal LM imported with its training
+documents and queries (``lm``); the classifier commands refuse it in one line.
 
 ``sbert`` is the untuned sentence encoder of the sbert-* baselines (:mod:`instattr.sentence`);
 ``encoder`` the transformer under instattr's head (head mode: frozen, and the same as ``sbert``) or
@@ -25,6 +28,9 @@ from .errors import InstattrError
 FORMAT = 3
 READABLE = (2, 3)
 MODES = ("head", "finetune", "import")
+LM_MODE = "lm"
+LM_COMMANDS = ("attribute, explain --prompt, suspects, evaluate fact-tracing|tail-patch|poison and serve read "
+               "it")
 
 
 class ManifestError(InstattrError):
@@ -168,6 +174,9 @@ class Manifest:
             raise ManifestError(f"{where}: format {fmt!r} is not one of {READABLE[0]}-{FORMAT} (an older instattr "
                                 "made it, or it is not a run); train or import the run again")
         mode = _get(d, "mode", str, where)
+        if mode == LM_MODE:
+            raise ManifestError(f"{where}: a language-model run, which this command does not read "
+                                f"({LM_COMMANDS})")
         if mode not in MODES:
             raise ManifestError(f"{where}: mode {mode!r} is not one of {', '.join(MODES)}")
         labels = _get(d, "label_names", list, where)
@@ -206,3 +215,70 @@ class Manifest:
             out["hf"]["checkpoint_lrs"] = list(out["hf"]["checkpoint_lrs"])
         out["label_names"] = list(out["label_names"])
         return {**out, **extra}
+
+
+@dataclass(frozen=True)
+class LMInfo:
+    """A causal language model (``mode: lm``): its checkpoint folder (``path``, absolute), the
+    ``fingerprint`` of its weight files, the windows rows are cut into (``max_length`` tokens every
+    ``stride``), its blocks, and what the optional methods read: earlier checkpoints and their
+    learning rates (tracin), Adam's state (trackstar: an ``optimizer.pt``), an adapter's base."""
+    path: str
+    family: str
+    fingerprint: str
+    max_length: int
+    stride: int
+    n_layers: int
+    checkpoints: Tuple[str, ...] = ()
+    checkpoint_lrs: Tuple[float, ...] = ()
+    optimizer: Optional[str] = None
+    adapter_base: Optional[str] = None
+    chat_template: bool = False
+
+    @classmethod
+    def parse(cls, d: Mapping, where: str) -> "LMInfo":
+        cks = tuple(map(str, _get(d, "checkpoints", list, where, optional=True) or ()))
+        lrs = tuple(_get(d, "checkpoint_lrs", list, where, optional=True) or ())
+        if len(lrs) != len(cks) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in lrs):
+            raise ManifestError(f"{where}: 'checkpoint_lrs' must be one number per checkpoint")
+        return cls(path=_get(d, "path", str, where), family=_get(d, "family", str, where),
+                   fingerprint=_get(d, "fingerprint", str, where), max_length=_get(d, "max_length", int, where),
+                   stride=_get(d, "stride", int, where), n_layers=_get(d, "n_layers", int, where),
+                   checkpoints=cks, checkpoint_lrs=tuple(float(x) for x in lrs),
+                   optimizer=_get(d, "optimizer", str, where, optional=True),
+                   adapter_base=_get(d, "adapter_base", str, where, optional=True),
+                   chat_template=bool(_get(d, "chat_template", bool, where, optional=True)))
+
+
+@dataclass(frozen=True)
+class LMManifest:
+    """``run.json`` of a language-model run: the model (``lm``), the rows each split holds (``data``:
+    copied into ``RUN/data/{split}.jsonl``), the split of the queries (``eval_split``)."""
+    format: int
+    mode: str
+    data: DataInfo
+    eval_split: str
+    seed: int
+    lm: LMInfo
+    config: Dict[str, Any] = field(default_factory=dict)
+    versions: Dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, d: Any, where: str = "run.json") -> "LMManifest":
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where}: must be a JSON object")
+        if d.get("format") != FORMAT:
+            raise ManifestError(f"{where}: format {d.get('format')!r} is not {FORMAT}; import the run again")
+        if d.get("mode") != LM_MODE:
+            raise ManifestError(f"{where}: not a language-model run (mode {d.get('mode')!r}); this command reads "
+                                "one made by `instattr import` of a causal LM")
+        return cls(format=FORMAT, mode=LM_MODE, data=DataInfo.parse(_get(d, "data", dict, where), f"{where} data"),
+                   eval_split=_get(d, "eval_split", str, where), seed=_get(d, "seed", int, where),
+                   lm=LMInfo.parse(_get(d, "lm", dict, where), f"{where} lm"),
+                   config=dict(d.get("config") or {}), versions=dict(d.get("versions") or {}))
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["lm"]["checkpoints"] = list(out["lm"]["checkpoints"])
+        out["lm"]["checkpoint_lrs"] = list(out["lm"]["checkpoint_lrs"])
+        return out

@@ -130,8 +130,9 @@ def _save_final_layer(folder: Path, w, b=None) -> None:
     save_file(tensors, str(folder / "model" / "final_layer.safetensors"))
 
 
-def build_atomically(out, overwrite: bool, make) -> Run:
-    """Call ``make(tmp)`` on a hidden sibling of ``out`` and rename it into place when it returns.
+def build_atomically(out, overwrite: bool, make, load=Run.load) -> Run:
+    """Call ``make(tmp)`` on a hidden sibling of ``out``, rename it into place when it returns, and
+    ``load`` it (a language-model run: ``LMRun.load``).
     A run being replaced (``overwrite``) is locked from the start, so a busy run is refused before
     any work and no other process writes into it while its replacement is built."""
     out = Path(out)
@@ -146,10 +147,10 @@ def build_atomically(out, overwrite: bool, make) -> Run:
             raise RunError(f"{out}: is not an instattr run (no run.json); refusing to replace it, choose another "
                            "--out")
     with writing(out, "train/import --overwrite") if replacing else nullcontext():
-        return _build_beside(out, make)
+        return _build_beside(out, make, load)
 
 
-def _build_beside(out: Path, make) -> Run:
+def _build_beside(out: Path, make, load) -> Run:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building.pid{os.getpid()}-"))
@@ -162,7 +163,7 @@ def _build_beside(out: Path, make) -> Run:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Run.load(out)
+    return load(out)
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

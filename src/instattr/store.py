@@ -338,3 +338,79 @@ class Run:
                 from None
         out["info"] = read_json(p.with_suffix(".json"))
         return out
+
+
+class LMRun(Run):
+    """A language-model run (``run.json`` mode ``lm``)::
+
+        RUN/run.json  metrics.json  data/{split}.jsonl  lm/{split}.npz (idx, nll, tokens)
+            scores/{method}-{split}.npy + .json (and .topk.npz)  results/{name}.json + .md
+
+    ``data/`` holds the rows as imported (their ``idx`` a string), ``lm/`` each row's summed NLL over
+    its scored tokens under the imported model and their number."""
+
+    @classmethod
+    def load(cls, path) -> "LMRun":
+        return super().load(path)
+
+    @property
+    def manifest(self):
+        if self._manifest is None:
+            from .manifest import LMManifest, ManifestError
+            path = self.path / "run.json"
+            try:
+                self._manifest = LMManifest.parse(read_json(path), str(path))
+            except ManifestError as e:
+                raise RunError(str(e)) from None
+        return self._manifest
+
+    @property
+    def splits(self) -> list:
+        return [s for s in ("train", "dev", "test") if (self.path / "lm" / f"{s}.npz").exists()]
+
+    def rows(self, split: str) -> list:
+        """The rows of ``split`` as imported (dicts with ``idx``, and ``text`` or ``prompt`` and ``completion``)."""
+        if split not in self._examples:
+            from .data import read_documents
+            p = self.path / "data" / f"{split}.jsonl"
+            if not p.exists():
+                raise RunError(f"{p}: missing; the run has {', '.join(self.splits) or 'no split'}")
+            self._examples[split] = read_documents(p)
+        return self._examples[split]
+
+    def losses(self, split: str) -> Dict[str, np.ndarray]:
+        """``idx``, ``nll`` (each row's summed NLL, nats) and ``tokens`` (its scored tokens) of ``split``."""
+        p = self.path / "lm" / f"{split}.npz"
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                out = {k: z[k] for k in ("idx", "nll", "tokens")}
+        except FileNotFoundError:
+            raise RunError(f"{p}: missing; the run has {', '.join(self.splits) or 'no split'}") from None
+        except Exception as e:   # damaged: zipfile.BadZipFile, KeyError, OSError, ValueError
+            raise RunError(f"{p}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") \
+                from None
+        return out
+
+    def features(self, split: str):
+        raise RunError(f"{self.path}: a language-model run has no classifier features")
+
+    def examples(self, split: str) -> list:
+        return self.rows(split)
+
+
+def is_lm_run(path) -> bool:
+    """Whether ``path`` holds a language-model run (its run.json says mode ``lm``)."""
+    p = Path(path) / "run.json"
+    if not p.is_file():
+        return False
+    try:
+        d = read_json(p)
+    except RunError:
+        return False
+    return isinstance(d, dict) and d.get("mode") == "lm"
+
+
+def open_run(path) -> Run:
+    """The run at ``path``: an :class:`LMRun` for a language-model run, else a classifier :class:`Run`."""
+    recover_run_folder(Path(path))
+    return LMRun.load(path) if is_lm_run(path) else Run.load(path)

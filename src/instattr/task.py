@@ -37,6 +37,10 @@ different positions are independent with mean-zero gradients, so ``E[grad L~ gra
 row's GGN summed over its positions; the roots are ``e_s / sqrt(samples)``. The draws are seeded
 by ``seed`` and a window's scored tokens and their positions, so a window gets the same draws in
 any batch (two windows alike in those get the same draws).
+
+:class:`CompletionMargin` is a language model's query measured by its completion's summed
+per-token margin ``sum_t (z_{y_t} - logsumexp_{v != y_t} z_v)`` instead of its log-probability
+(a token's log-odds, which does not saturate once p(y_t) nears 1): one scalar, minus that sum.
 """
 from __future__ import annotations
 
@@ -164,8 +168,10 @@ class LanguageModelTask:
             probs = torch.softmax(out.logits[b, pos.to(out.logits.device)].detach().double().cpu(), -1)
             key = torch.cat([pos, targets[b, pos]]).numpy().tobytes()
             g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:".encode() + key))
-            for s in range(self.samples):
-                drawn[s, b, pos] = torch.multinomial(probs, 1, generator=g).squeeze(-1)
+            u = torch.rand((len(pos), self.samples), generator=g, dtype=torch.float64)    # by the inverse CDF:
+            cdf = probs.cumsum(-1)                                                       # one uniform per draw
+            picked = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(probs.shape[-1] - 1)
+            drawn[:, b, pos] = picked.T
         return drawn.to(out.targets.device)
 
     def scalars(self, out) -> torch.Tensor:
@@ -200,3 +206,29 @@ class LanguageModelTask:
     def measurement(self, out, labels=None) -> torch.Tensor:
         """(B,) the scored tokens' summed log-probability."""
         return -self.loss(out)
+
+
+class CompletionMargin(LanguageModelTask):
+    """A query's measurement as its completion's summed per-token margin (module docstring): R = 1,
+    the scalar is minus the margin, so the query side ``grad(-margin)`` keeps the score convention."""
+
+    def __init__(self):
+        super().__init__(draw=False)
+
+    def loss_only(self) -> "CompletionMargin":
+        return self
+
+    def margins(self, out) -> torch.Tensor:
+        """(B,) the summed margin of the scored tokens."""
+        z = out.logits.float() if out.logits.dtype in (torch.float16, torch.bfloat16) else out.logits
+        keep = out.targets != IGNORE
+        y = out.targets.clamp_min(0)
+        picked = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        rest = torch.logsumexp(z.scatter(-1, y.unsqueeze(-1), -torch.inf), -1)
+        return ((picked - rest) * keep).sum(-1)
+
+    def scalars(self, out) -> torch.Tensor:
+        return -self.margins(out).unsqueeze(-1)
+
+    def measurement(self, out, labels=None) -> torch.Tensor:
+        return self.margins(out)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable, Dict, List
 
 from ..store import Run
-from . import artifacts, correlation, lds, mislabel, near_train, randomized, retrain, timing  # noqa: F401 (register)
+from . import artifacts, correlation, language, lds, mislabel, near_train, randomized, retrain, timing  # noqa: F401
 from .artifacts import overlap_rate, run_artifacts
 from .correlation import mean_spearman, run_correlation, spearman_rows, top_k_overlap
 from .lds import run_lds
@@ -23,12 +23,12 @@ from .retrain import run_retrain
 from .timing import run_timing
 
 EVALUATIONS: Dict[str, Callable[..., dict]] = {e.name: e.run for e in evaluations()}
-APPLIES: Dict[str, Callable[[Run], bool]] = {e.name: e.applies for e in evaluations()}
+APPLIES: Dict[str, Callable[[Run], bool]] = {e.name: e.takes for e in evaluations()}
 
 
 def evaluations_for(run: Run) -> List[str]:
     """Names of the evaluations that apply to ``run``, in the report's order."""
-    return [e.name for e in evaluations() if e.applies(run)]
+    return [e.name for e in evaluations() if e.takes(run)]
 
 
 def run_evaluation(name: str, run: Run, **options) -> dict:

@@ -6,7 +6,8 @@ seed=0, **options) -> dict`` function registers it. An evaluation declares
 - ``order``: its place in the report and in ``reproduce`` (ascending; the paper's evaluations
   10-50, data-debugging ones 60-80, timing, which reads what the others recorded, 90);
 - ``title``, ``intro``: its section of the report;
-- ``applies(run) -> bool``: whether it runs on a run (``reproduce`` skips it otherwise);
+- ``kind``: the runs it reads, ``classifier`` (default) or ``language-model`` (:class:`~instattr.store.LMRun`);
+- ``applies(run) -> bool``: whether it runs on a run of its kind (``reproduce`` skips it otherwise);
 - ``quick``: the options ``reproduce --quick`` passes (smaller samples);
 - ``flags``: the command-line flags ``instattr evaluate NAME`` accepts beyond ``--methods`` and
   ``--seed``: names of the shared :data:`FLAGS`, or :class:`Flag` objects of its own.
@@ -52,13 +53,19 @@ class Evaluation:
     applies: Callable[[object], bool] = field(default=lambda run: True)
     quick: Dict[str, object] = field(default_factory=dict)
     flags: Tuple[Flag, ...] = ()
+    kind: str = "classifier"
+
+    def takes(self, run) -> bool:
+        """Whether it runs on ``run``: a run of its kind for which ``applies`` says yes."""
+        from ..store import LMRun
+        return (self.kind == "language-model") == isinstance(run, LMRun) and self.applies(run)
 
 
 _REGISTRY: Dict[str, Evaluation] = {}
 
 
 def evaluation(name: str, order: float, title: str, intro: str, applies: Optional[Callable[[object], bool]] = None,
-               quick: Optional[dict] = None, flags: Sequence[Union[str, Flag]] = ()):
+               quick: Optional[dict] = None, flags: Sequence[Union[str, Flag]] = (), kind: str = "classifier"):
     """Decorator: register ``run_<name>`` as the evaluation ``name`` (see the module docstring)."""
     resolved = tuple(FLAGS[f] if isinstance(f, str) else f for f in flags)
     for f in resolved:
@@ -70,7 +77,7 @@ def evaluation(name: str, order: float, title: str, intro: str, applies: Optiona
         if name in _REGISTRY and _REGISTRY[name].run is not fn:
             raise ValueError(f"evaluation {name!r} is already registered")
         _REGISTRY[name] = Evaluation(name, order, fn, title, intro, applies or (lambda run: True),
-                                     dict(quick or {}), resolved)
+                                     dict(quick or {}), resolved, kind)
         return fn
     return add
 

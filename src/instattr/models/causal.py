@@ -6,6 +6,9 @@ prompt and a completion. The prompt is tokenized with the tokenizer's special to
 BOS), the completion without, and the two are joined, so the scored tokens are exactly the
 completion's own tokenization.
 
+With ``chat`` a prompt is rendered by the tokenizer's chat template as one user turn and the
+opening of the assistant's (:func:`prompt_ids`); documents are unchanged.
+
 A row longer than ``length`` tokens is cut into windows of ``length`` tokens starting every
 ``stride`` tokens; each window scores the scored tokens that no earlier window scored, with the
 overlap as context (the strided perplexity of Hugging Face's guide). Every token is scored in
@@ -55,12 +58,24 @@ class Window:
     targets: List[int]         # targets[t]: the token at t + 1 where it is scored, IGNORE elsewhere
 
 
-def token_row(tokenizer, row: dict, where: str) -> Tuple[List[int], List[bool]]:
-    """(ids, scored): a document's or a prompt and completion's tokens, and which are scored."""
+def prompt_ids(tokenizer, prompt: str, chat: bool = False) -> List[int]:
+    """A prompt's tokens: with the tokenizer's special tokens, or (``chat``) rendered by its chat
+    template as one user turn followed by the assistant's turn opening (the template writes any
+    special tokens itself)."""
+    if not chat:
+        return list(tokenizer(prompt)["input_ids"])
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def token_row(tokenizer, row: dict, where: str, chat: bool = False) -> Tuple[List[int], List[bool]]:
+    """(ids, scored): a document's or a prompt and completion's tokens, and which are scored
+    (``chat``: the prompt through the tokenizer's chat template, :func:`prompt_ids`)."""
     if "prompt" in row or "completion" in row:
         if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
             raise InstattrError(f"{where}: a row with a prompt needs both 'prompt' and 'completion' as text")
-        prompt = tokenizer(row["prompt"])["input_ids"]
+        prompt = prompt_ids(tokenizer, row["prompt"], chat)
         completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
         if not completion:
             raise InstattrError(f"{where}: the completion has no tokens")
@@ -98,7 +113,7 @@ class Windows:
     """Rows cut into windows, batched right-padded for :class:`CausalForward`."""
 
     def __init__(self, tokenizer, rows: Sequence[dict], length: int, stride: Optional[int] = None,
-                 where: str = "rows"):
+                 where: str = "rows", chat: bool = False):
         self.n_rows = len(rows)
         try:
             length, stride = int(length), length // 2 if stride is None else int(stride)
@@ -107,7 +122,7 @@ class Windows:
                 from None
         self.items: List[Window] = []
         for i, r in enumerate(rows):
-            ids, scored = token_row(tokenizer, r, f"{where}: row {i}")
+            ids, scored = token_row(tokenizer, r, f"{where}: row {i}", chat)
             if scored and scored[0]:
                 raise InstattrError(f"{where}: row {i}: the completion's first token has no context to be predicted "
                                     "from (an empty prompt and a tokenizer that adds no BOS); give a prompt")

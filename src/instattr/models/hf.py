@@ -131,10 +131,25 @@ def adapter_trainable(model) -> Optional[List[str]]:
     return [n for n, _ in model.named_parameters() if ".lora_" in n or ".modules_to_save." in n]
 
 
-def load_hf(path: str):
+def is_causal_lm(path) -> bool:
+    """Whether a checkpoint folder (or an adapter's base) holds a causal LM: its config names a
+    ``*ForCausalLM`` or ``*LMHeadModel`` architecture (read from config.json alone)."""
+    folder = Path(path)
+    base = adapter_base(folder) if folder.is_dir() else None
+    cfg = Path(base if base is not None else folder) / "config.json"
+    try:
+        arch = json.loads(cfg.read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(isinstance(a, str) and (a.endswith("ForCausalLM") or a.endswith("LMHeadModel")) for a in arch)
+
+
+def load_hf(path: str, causal: bool = False):
     """(tokenizer, model in eval mode, trainable parameter names or None) of a sequence-classification
-    checkpoint folder, or of a PEFT adapter folder over one (its trainable names: the adapter's)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    (``causal``: causal language model) checkpoint folder, or of a PEFT adapter folder over one (its
+    trainable names: the adapter's)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     folder = Path(path)
     if not folder.is_dir():
         raise InstattrError(f"{path}: no such checkpoint folder")
@@ -142,7 +157,7 @@ def load_hf(path: str):
     try:
         if base is None:
             tok = AutoTokenizer.from_pretrained(str(folder))
-            model = AutoModelForSequenceClassification.from_pretrained(str(folder))
+            model = auto.from_pretrained(str(folder))
             trainable = None
         else:
             try:
@@ -151,14 +166,15 @@ def load_hf(path: str):
                 raise InstattrError(f"{path}: a PEFT adapter needs peft (pip install peft)") from None
             has_tokenizer = any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
             tok = AutoTokenizer.from_pretrained(str(folder) if has_tokenizer else base)
-            model = AutoModelForSequenceClassification.from_pretrained(base)
+            model = auto.from_pretrained(base)
             model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
             trainable = adapter_trainable(model)
     except InstattrError:
         raise
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise EncoderError(f"{path}: could not load a sequence classifier ({msg})") from None
+        what = "causal language model" if causal else "sequence classifier"
+        raise EncoderError(f"{path}: could not load a {what} ({msg})") from None
     for p in model.parameters():
         p.requires_grad_(False)
     return tok, model.eval(), trainable

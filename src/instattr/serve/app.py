@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import InstattrError
 from ..report.markdown import markdown_to_html
-from ..store import Run
+from ..store import LMRun, Run, is_lm_run
 from .errors import BadInput, Unavailable
 from .explorer import HEURISTICS, LIVE_TIMEOUT, MAX_K, MAX_LIMIT, Explorer
 from .live import MAX_TEXT, Answer
@@ -94,7 +94,11 @@ def create_app(run_dir, live_methods: Optional[List[str]] = None, device: str = 
     before it serves anything; ``on_ready`` is called when the server starts. ``threads``: torch
     and BLAS threads of the live explanation worker (None leaves the process's settings).
     ``token``, ``hosts`` and ``max_body``: what every request must carry, the Host names it may
-    address, the largest body it may send (:mod:`.security`)."""
+    address, the largest body it may send (:mod:`.security`). A language-model run gets the pages
+    of :mod:`.lm` instead."""
+    if is_lm_run(run_dir):
+        from .lm import create_lm_app
+        return create_lm_app(LMRun.load(run_dir), live_methods, device, threads, on_ready, token, hosts, max_body)
     run = Run.load(run_dir)
     explorer = Explorer(run, live_methods, device=device, threads=threads).start()   # a broken run fails here
     templates = _templates()
