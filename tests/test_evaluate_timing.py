@@ -44,7 +44,7 @@ def test_stored_layered_methods_report_their_attribute_time(run):
 
 def test_registry_and_applicability(run, tmp_path):
     assert list(EVALUATIONS) == ["correlation", "retrain", "randomized", "artifacts", "near-train", "mislabel", "lds",
-                                 "timing"]
+                                 "timing", "fact-tracing", "tail-patch", "poison"]
     assert evaluations_for(run) == ["correlation", "retrain", "randomized", "near-train", "mislabel", "lds", "timing"]
     hans = make_run(tmp_path / "h", kind="hans", n_train=20, n_test=4, epochs=1)
     assert "artifacts" in evaluations_for(hans)

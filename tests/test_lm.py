@@ -16,6 +16,8 @@ from instattr.task import LanguageModelTask
 
 from _families import word_tokenizer
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")   # conftest
+
 TRAIN = [{"text": "the movie was good and the plot was fun"},
          {"text": "a dull film , the actor was awful"},
          {"prompt": "the plot is", "completion": "very dull"},

@@ -17,6 +17,8 @@ from instattr.store import LMRun
 
 from _families import word_tokenizer
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")   # conftest
+
 DOCS = ["the movie was good and the plot was fun", "a dull film , the actor was awful",
         " ".join(["good great fine movie the plot"] * 12), "the actor was really great"]
 TRAIN = [{"idx": f"d{i}", "text": t, "note": i} for i, t in enumerate(DOCS)] + \
@@ -167,6 +169,8 @@ def test_bad_input_and_the_classifier_commands_get_one_line_errors(lm_run, tmp_p
         err = capsys.readouterr().err
         assert match in err and err.count("\n") == 1, err
     run = str(root / "run")
+    from instattr.evaluate import evaluations_for
+    assert evaluations_for(LMRun.load(run)) == ["fact-tracing", "tail-patch", "poison"]
     fails(["evaluate", "correlation", "--run", run], "does not apply to")
     fails(["report", "--run", run], "a language-model run, which this command does not read")
     fails(["predict", "--run", run, "good"], "a language-model run")
@@ -175,10 +179,12 @@ def test_bad_input_and_the_classifier_commands_get_one_line_errors(lm_run, tmp_p
     fails(["attribute", "--run", run, "--methods", "tracin"], "tracin needs checkpoints")
     fails(["attribute", "--run", run, "--ihvp", "lissa"], "--ihvp does not apply")
     fails(["suspects", "--run", run, "--method", "loss"], "no self-score")
+    import shutil
     data = tmp_path / "data"
     data.mkdir()
     write_rows(data / "train.jsonl", TRAIN)
-    imp = ["import", "--model", str(root / "gpt2"), "--data", str(data), "--out", str(tmp_path / "r")]
+    shutil.copytree(root / "gpt2", tmp_path / "gpt2")          # this test changes its weights at the end
+    imp = ["import", "--model", str(tmp_path / "gpt2"), "--data", str(data), "--out", str(tmp_path / "r")]
     fails(imp, "no test.jsonl or dev.jsonl")
     write_rows(data / "test.jsonl", [{"text": "a document"}])
     fails(imp, "is a document; a query needs")
@@ -195,9 +201,8 @@ def test_bad_input_and_the_classifier_commands_get_one_line_errors(lm_run, tmp_p
     assert main(["--quiet", *imp]) == 0
     fails(imp, "already exists; pass --overwrite")
     before = (tmp_path / "r" / "run.json").read_text()
-    model.save_pretrained(root / "gpt2-changed")       # a changed model is refused, the run kept whole
-    import shutil
-    shutil.copy(root / "gpt2-changed" / "model.safetensors", root / "gpt2" / "model.safetensors")
+    model.save_pretrained(tmp_path / "gpt2-changed")       # a changed model is refused, the run kept whole
+    shutil.copy(tmp_path / "gpt2-changed" / "model.safetensors", tmp_path / "gpt2" / "model.safetensors")
     fails(["attribute", "--run", str(tmp_path / "r"), "--methods", "gd"], "changed since import")
     assert (tmp_path / "r" / "run.json").read_text() == before and not (tmp_path / "r" / "scores").exists()
 
@@ -286,15 +291,15 @@ def test_the_explorers_api_on_a_language_model_run(lm_run):
     from instattr.serve import running
     root, tok, model = lm_run
     assert main(["--quiet", "attribute", "--run", str(root / "run"), "--methods", "gd"]) in (0,)
-    with running(root / "run", live_methods=["if", "bm25"], token="s3cret") as url:
+    with running(root / "run", live_methods=["if", "nn", "bm25"], token="s3cret") as url:
         c = httpx.Client(base_url=url, headers={"Authorization": "Bearer s3cret"}, timeout=60)
         assert httpx.get(url + "api/run").status_code == 401
         summary = c.get("api/run").json()
-        assert summary["n_train"] == 5 and summary["live"] == ["if", "bm25"] and "gd" in summary["stored"]
+        assert summary["n_train"] == 5 and summary["live"] == ["if", "nn", "bm25"] and "gd" in summary["stored"]
         assert [r["idx"] for r in c.get("api/queries", params={"q": "ACTOR"}).json()["rows"]] == ["2"]
-        e = c.get("api/queries/2", params={"methods": ["gd", "if"], "k": 5}).json()
+        e = c.get("api/queries/2", params={"methods": ["gd", "if", "nn"], "k": 5}).json()
         gd = LMRun.load(root / "run").scores("gd", "test")[2]
-        assert e["methods"]["gd"]["source"] == "stored" and e["methods"]["if"]["source"] == "live"
+        assert e["methods"]["gd"]["source"] == "stored" and e["methods"]["nn"]["source"] == "live"
         assert [r["score"] for r in e["methods"]["gd"]["supporting"]] == pytest.approx(sorted(gd, reverse=True),
                                                                                       rel=1e-6)
         top = e["methods"]["if"]["supporting"][0]
@@ -304,7 +309,7 @@ def test_the_explorers_api_on_a_language_model_run(lm_run):
         live = c.post("api/explain", json={"prompt": "the actor", "max_new_tokens": 2, "methods": ["bm25"]}).json()
         assert live["completion"] and list(live["methods"]) == ["bm25"]
         assert c.get("api/queries/nope").status_code == 404
-        assert c.get("api/queries/2", params={"methods": "nn"}).json()["detail"].startswith("method 'nn' is neither")
+        assert c.get("api/queries/2", params={"methods": "tracin"}).json()["detail"].startswith("method 'tracin' is neither")
         assert c.post("api/explain", json={"prompt": "x", "methods": ["gd"]}).status_code == 422     # gd: not live
         assert c.get("train/d3").status_code == 200 and "the actor was really great" in c.get("train/d3").text
 
@@ -324,8 +329,8 @@ def test_the_training_side_is_kept_in_the_run_and_read_back_unchanged(lm_run, mo
     assert "train gradients" not in calls
     for m, s in again.scores(TEST).items():
         np.testing.assert_array_equal(s, want[m])
-    kept = sorted((root / "run" / "cache").glob("lm-factors-*.npz"))
-    kept[0].write_bytes(b"damaged")                      # a damaged file is made again, not trusted
+    for kept in (root / "run" / "cache").glob("lm-factors-*.npz"):
+        kept.write_bytes(b"damaged")                     # a damaged file is made again, not trusted
     calls.clear()
     third = explainer_of(LMRun.load(root / "run"), ["if"], {"proj_dim": 4})
     assert "train gradients" in calls
