@@ -82,7 +82,7 @@ def import_lm(config: LMImportConfig, out, overwrite: bool = False, progress: bo
     from .lm import row_losses
     from .manifest import FORMAT, LM_MODE, DataInfo, LMInfo, LMManifest
     from .models.causal import Windows
-    from .models.hf import checkpoint_lr, fingerprint, is_causal_lm, load_hf
+    from .models.hf import adapter_base, checkpoint_lr, fingerprint, is_causal_lm, load_hf
     from .models.modules import find_blocks
     from .pipeline import _plain, _versions, build_atomically
     t0 = time.perf_counter()
@@ -159,7 +159,7 @@ def import_lm(config: LMImportConfig, out, overwrite: bool = False, progress: bo
                       n_layers=len(blocks[1]) if blocks else 0,
                       checkpoints=tuple(map(str, checkpoints)), checkpoint_lrs=tuple(float(x) for x in lrs),
                       optimizer=str(optimizer) if optimizer else None,
-                      adapter_base=_adapter_base(path), chat_template=config.chat_template)
+                      adapter_base=adapter_base(path), chat_template=config.chat_template)
         data = DataInfo(name=folder.name, root=str(folder.resolve()), arg=config.data, is_pair=False,
                         n={k: len(v[0]) for k, v in forward_rows.items()})
         manifest = LMManifest(format=FORMAT, mode=LM_MODE, data=data, eval_split=eval_name, seed=config.seed,
@@ -169,11 +169,6 @@ def import_lm(config: LMImportConfig, out, overwrite: bool = False, progress: bo
         write_json(tmp / "run.json", manifest.to_dict())
 
     return build_atomically(out, overwrite, make, LMRun.load)
-
-
-def _adapter_base(path: Path) -> Optional[str]:
-    from .models.hf import adapter_base
-    return adapter_base(path)
 
 
 # ---------------------------------------------------------------- methods on a run
@@ -270,8 +265,8 @@ def attribute_lm(run: LMRun, methods=None, split: Optional[str] = None, overwrit
         if m not in todo:
             info = run.score_info(m, split) if top_k is None else run.top_k(m, split)["info"]
             kept = info.get("config", {})
-            for key, value in (options or {}).items():
-                asked = "logprob" if (key, value) == ("measurement", "loss") else value
+            for key in options or {}:
+                asked = opts[key]
                 if key in kept and kept[key] != asked:
                     raise InstattrError(f"{m}: the stored scores of {split} were made with {key}={kept[key]!r}, not "
                                         f"{asked!r}; pass --overwrite to recompute them")

@@ -143,14 +143,18 @@ class Run:
         return self._memo.get(key)
 
     # manifest and metrics
+    manifest_type = "Manifest"      # the class in :mod:`instattr.manifest` that parses run.json
+
     @property
     def manifest(self):
-        """The typed, validated run.json (:class:`instattr.manifest.Manifest`), read once."""
+        """The typed, validated run.json (:class:`instattr.manifest.Manifest`, or ``LMManifest`` for
+        an :class:`LMRun`), read once."""
         if self._manifest is None:
-            from .manifest import Manifest, ManifestError
+            from .manifest import LMManifest, Manifest, ManifestError
+            kind = {"Manifest": Manifest, "LMManifest": LMManifest}[self.manifest_type]
             path = self.path / "run.json"
             try:
-                self._manifest = Manifest.parse(read_json(path), str(path))
+                self._manifest = kind.parse(read_json(path), str(path))
             except ManifestError as e:
                 raise RunError(str(e)) from None
         return self._manifest
@@ -349,20 +353,7 @@ class LMRun(Run):
     ``data/`` holds the rows as imported (their ``idx`` a string), ``lm/`` each row's summed NLL over
     its scored tokens under the imported model and their number."""
 
-    @classmethod
-    def load(cls, path) -> "LMRun":
-        return super().load(path)
-
-    @property
-    def manifest(self):
-        if self._manifest is None:
-            from .manifest import LMManifest, ManifestError
-            path = self.path / "run.json"
-            try:
-                self._manifest = LMManifest.parse(read_json(path), str(path))
-            except ManifestError as e:
-                raise RunError(str(e)) from None
-        return self._manifest
+    manifest_type = "LMManifest"
 
     @property
     def splits(self) -> list:

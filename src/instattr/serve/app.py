@@ -85,6 +85,24 @@ def _api_docs(app: FastAPI) -> None:
 </body></html>""")
 
 
+def app_over(explorer, title: str, description: str, on_ready: Optional[Callable[[], None]]) -> FastAPI:
+    """A FastAPI app over ``explorer`` (kept in ``app.state``): ``on_ready`` called when the server
+    starts, ``explorer.close`` in the threadpool when it stops, the static files and the offline
+    API page. Both kinds of run build their routes on it."""
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if on_ready is not None:
+            on_ready()
+        yield
+        await run_in_threadpool(explorer.close)
+
+    app = FastAPI(title=title, lifespan=lifespan, docs_url=None, redoc_url=None, description=description)
+    app.state.explorer = explorer
+    app.mount("/static", StaticFiles(directory=str(PACKAGE / "static")), name="static")
+    _api_docs(app)
+    return app
+
+
 def create_app(run_dir, live_methods: Optional[List[str]] = None, device: str = "cpu", threads: Optional[int] = 1,
                on_ready: Optional[Callable[[], None]] = None, token: Optional[str] = None,
                hosts: Optional[List[str]] = None, max_body: int = MAX_BODY) -> Guard:
@@ -102,20 +120,8 @@ def create_app(run_dir, live_methods: Optional[List[str]] = None, device: str = 
     run = Run.load(run_dir)
     explorer = Explorer(run, live_methods, device=device, threads=threads).start()   # a broken run fails here
     templates = _templates()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        if on_ready is not None:
-            on_ready()
-        yield
-        await run_in_threadpool(explorer.close)
-
-    app = FastAPI(title=f"instattr: {run.manifest.data.name}", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Instance attribution over one run directory: which training examples made "
-                              "the model predict this?")
-    app.state.explorer = explorer
-    app.mount("/static", StaticFiles(directory=str(PACKAGE / "static")), name="static")
-    _api_docs(app)
+    app = app_over(explorer, f"instattr: {run.manifest.data.name}", "Instance attribution over one run directory: "
+                   "which training examples made the model predict this?", on_ready)
 
     def wants_json(request: Request) -> bool:
         return request.url.path.startswith("/api/") or request.url.path == "/api"

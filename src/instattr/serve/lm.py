@@ -14,19 +14,18 @@ import asyncio
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
-from fastapi import FastAPI, Query, Request
+from fastapi import Query, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
-from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import InstattrError
+from ..lm import row_text
 from ..store import LMRun
 from .errors import BadInput, NotFound, Unavailable
 from .security import MAX_BODY, Guard
@@ -38,11 +37,6 @@ PAGE_ROWS = 100
 WORD = re.compile(r"\w+", re.UNICODE)
 STOP = {"the", "a", "an", "of", "and", "or", "in", "on", "to", "is", "was", "it", "that", "this", "for", "with",
         "as", "at", "by", "be", "are", "were", "its", "his", "her", "their"}
-
-
-def row_text(row: dict) -> str:
-    """What a row says: its text, or its prompt and completion."""
-    return row["text"] if isinstance(row.get("text"), str) else f"{row.get('prompt', '')} {row.get('completion', '')}"
 
 
 def marked(text: str, words: set) -> List[dict]:
@@ -290,22 +284,11 @@ def create_lm_app(run: LMRun, live_methods: Optional[List[str]] = None, device: 
                   threads: Optional[int] = 1, on_ready: Optional[Callable[[], None]] = None,
                   token: Optional[str] = None, hosts: Optional[List[str]] = None, max_body: int = MAX_BODY) -> Guard:
     """The web app over a language-model run (the same :class:`Guard` as the classifier app's)."""
-    from .app import PACKAGE, _api_docs, _templates
+    from .app import _templates, app_over
     explorer = LMExplorer(run, live_methods, device=device, threads=threads)
     templates = _templates()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        if on_ready is not None:
-            on_ready()
-        yield
-        await run_in_threadpool(explorer.close)
-
-    app = FastAPI(title=f"instattr: {run.manifest.data.name} (language model)", lifespan=lifespan, docs_url=None,
-                  redoc_url=None, description="Which training documents made the language model say this?")
-    app.state.explorer = explorer
-    app.mount("/static", StaticFiles(directory=str(PACKAGE / "static")), name="static")
-    _api_docs(app)
+    app = app_over(explorer, f"instattr: {run.manifest.data.name} (language model)",
+                   "Which training documents made the language model say this?", on_ready)
 
     def error(request: Request, status: int, message: str):
         if request.url.path.startswith("/api"):
