@@ -3,7 +3,7 @@
     python bench/kills.py [--per-command 20] [--commands train,import,...] [--seed 0] [--work DIR]
 
 For each command (train, import, attribute dense, attribute top-k, index build, evaluate retrain,
-report) on tiny models: an uninterrupted reference run, then ``--per-command`` trials, each killed
+report; on a language-model run import, attribute dense and top-k, evaluate lds) on tiny models: an uninterrupted reference run, then ``--per-command`` trials, each killed
 at a moment drawn in one of that many equal strata of the reference's duration. After each kill
 the library's readers look at what is on disk (nothing they accept may differ from the reference),
 then the same command runs again (its result must equal the reference bit for bit). Prints one

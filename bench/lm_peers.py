@@ -19,8 +19,11 @@ tokenizer's special tokens, the completion without, joined: instattr's own token
 the peers are given as token ids). Rows, each in its own process (its wall time for fit and
 scoring, and its peak RSS from ``wait4``; a failure stops only that row):
 
-- ``instattr if``: projected (32 x 32 per module) influence with a Monte Carlo Gauss-Newton Hessian;
-- ``instattr trackstar``: projected gradients scaled by the last checkpoint's Adam second moments, cosine;
+- ``instattr gd``: the projected (32 x 32 per module) gradient dot product;
+- ``instattr if``: projected influence with a Monte Carlo Gauss-Newton Hessian;
+- ``instattr trackstar``: projected gradients scaled by the last checkpoint's Adam second moments
+  (factored), whitened by the training rows' autocorrelation mixed with these queries' (TrackStar's
+  rule, k = 1000), cosine;
 - ``kronfluence ekfac``: EK-FAC influence, GPT-2's Conv1D swapped for the equivalent nn.Linear on a
   copy of the model, kronfluence's heuristic damping (0.1 x the mean eigenvalue, per module);
 - ``kronfluence identity``: the exact gradient dot product (no Hessian);
@@ -51,6 +54,7 @@ from pathlib import Path
 import numpy as np
 
 METHODS = {                       # row name -> (peer, worker)
+    "instattr gd": ("instattr", "instattr-gd"),
     "instattr if": ("instattr", "instattr-if"),
     "instattr trackstar": ("instattr", "instattr-trackstar"),
     "kronfluence ekfac": ("kronfluence", "kronfluence-ekfac"),
@@ -101,7 +105,7 @@ def work_instattr(spec: dict, method: str):
     tok, model, train, queries = load(spec)
     t = time.perf_counter()
     ex = LMExplainer(model, tok, train, methods=[method], proj_dim=spec["proj_dim"], optimizer=spec["optimizer"],
-                     batch_size=spec["batch_size"])
+                     batch_size=spec["batch_size"], whiten_queries=queries if method == "trackstar" else None)
     scores = ex.scores(queries)[method]
     return scores, time.perf_counter() - t, {"tracked": [t.name for t in ex.tracked], "dim": ex.projector.dim}
 

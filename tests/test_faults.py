@@ -19,7 +19,7 @@ COMMANDS = {
     "predict": ["predict", "--run", "{run}", "the movie was good"],
     "attribute": ["attribute", "--run", "{run}", "--methods", "paper"],
     "explain": ["explain", "--run", "{run}", "the movie was good", "--methods", "gd,if,rep,tracin", "--k", "2"],
-    "correlation": ["evaluate", "correlation", "--run", "{run}"],
+    "correlation": ["evaluate", "correlation", "--run", "{run}", "--methods", "gd,nn-cos,if"],  # 3 x 3 figures
     "retrain": ["evaluate", "retrain", "--run", "{run}", "--methods", "gd", "--n-test", "2", "--n-random", "2"],
     "randomized": ["evaluate", "randomized", "--run", "{run}", "--methods", "gd,nn-cos", "--n-test", "3"],
     "report": ["report", "--run", "{run}"],

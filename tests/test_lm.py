@@ -407,7 +407,7 @@ def test_trackstar_divides_each_gradient_by_adams_second_moments_then_unit_norma
     state, full = _rank_one_state(model)
     torch.save(state, tmp_path / "optimizer.pt")
     ex = LMExplainer(model, tok, TRAIN, methods=["trackstar"], layers=1, proj_dim=None, dtype="float64",
-                     optimizer=tmp_path / "optimizer.pt")
+                     optimizer=tmp_path / "optimizer.pt", whiten=False)
     assert ex.trackstar_normaliser.startswith("adam")
     names = [t.name[len("model."):] for t in ex.tracked]
 
@@ -426,6 +426,70 @@ def test_trackstar_divides_each_gradient_by_adams_second_moments_then_unit_norma
     np.testing.assert_allclose(ex.scores(QUERIES[:1])["trackstar"][0], (want @ q).numpy(), rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_trackstar_whitens_by_the_mixed_autocorrelation_as_brute_force_does(family, tmp_path):
+    """cos(W g_q, W g_i), W = (R + c mean eig)^-1/2 per module, R = lam R_query + (1 - lam) R_train,
+    lam where the sorted eigenvalue curves cross at k: every step redone in float64 by hand."""
+    import scipy.linalg
+    tok, model = tiny(family)
+    opt = torch.optim.Adam(model.parameters())      # a real optimizer's second moments
+    for row in TRAIN[:2]:
+        ids = torch.tensor([tok(row["text"])["input_ids"]])
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    k = 5
+    ex = LMExplainer(model, tok, TRAIN, methods=["trackstar"], layers=1, proj_dim=None, dtype="float64",
+                     optimizer=tmp_path / "optimizer.pt", whiten_queries=QUERIES, whiten_components=k)
+    names = [t.name[len("model."):] for t in ex.tracked]
+    plain = LMExplainer(model, tok, TRAIN, methods=["trackstar"], layers=1, proj_dim=None, dtype="float64",
+                        optimizer=tmp_path / "optimizer.pt", whiten=False)
+    moments = {n: opt.state[p]["exp_avg_sq"].double() for n, p in model.named_parameters()}
+    model = model.double()
+
+    def normalised(loss):          # G / sqrt(v), v factored as adam_scales documents (rank one: exact here)
+        g = module_grads(model, names, loss)
+        parts = []
+        for n in names:
+            mod = model.get_submodule(n)
+            v = moments[n + ".weight"].T if type(mod).__name__ == "Conv1D" else moments[n + ".weight"]
+            r, c = v.mean(1) / v.mean(), v.mean(0)
+            if getattr(mod, "bias", None) is not None:
+                c = torch.cat([c, (moments[n + ".bias"].mean() / r.mean())[None]])
+            parts.append((r[:, None] * c[None]).reshape(-1))
+        return g / torch.cat(parts).sqrt()
+    train = torch.stack([sum(normalised(window_loss(model, w)) for w in Windows(tok, [row], 64).items)
+                         for row in TRAIN]).detach().numpy()
+    queries = torch.stack([normalised(window_loss(model, w)) for w in Windows(tok, QUERIES, 64).items]).detach().numpy()
+    sizes = [sum(p.numel() for p in model.get_submodule(n).parameters(recurse=False)) for n in names]
+    edges = np.cumsum([0] + sizes)
+    blocks = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+    rt = [train[:, b].T @ train[:, b] / len(train) for b in blocks]
+    rq = [queries[:, b].T @ queries[:, b] / len(queries) for b in blocks]
+    st = np.sort(np.concatenate([np.linalg.eigvalsh(r) for r in rt]))[::-1]
+    sq = np.sort(np.concatenate([np.linalg.eigvalsh(r) for r in rq]))[::-1]
+    lam = st[k - 1] / (st[k - 1] + sq[k - 1])
+    assert lam * sq[k - 1] == pytest.approx((1 - lam) * st[k - 1])
+    assert ex.trackstar_mix == pytest.approx(lam, rel=1e-8) and 0 < lam < 1
+
+    def whitened(x):
+        out = np.empty_like(x)
+        for b, a, c in zip(blocks, rq, rt):
+            r = lam * a + (1 - lam) * c
+            out[:, b] = x[:, b] @ np.real(scipy.linalg.inv(scipy.linalg.sqrtm(
+                r + 0.1 * np.trace(r) / len(r) * np.eye(len(r)))))
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+    want = whitened(train)           # W is fixed only up to a rotation: compare the rows' inner products
+    got = ex.trackstar_grads.numpy()
+    np.testing.assert_allclose(got @ got.T, want @ want.T, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(ex.scores(QUERIES)["trackstar"], whitened(queries) @ want.T, rtol=1e-6, atol=1e-9)
+    unwhitened = train / np.linalg.norm(train, axis=1, keepdims=True)
+    np.testing.assert_allclose(plain.trackstar_grads.numpy(), unwhitened, rtol=1e-6, atol=1e-9)
+    assert np.abs(want - unwhitened).max() > 1e-2           # the whitening changes something
+    assert ex.diagnostics()["trackstar"]["whitened"] and not plain.diagnostics()["trackstar"]["whitened"]
+
+
 def test_a_trainers_grouped_optimizer_state_is_matched_by_name_and_no_state_means_gc(tmp_path):
     from instattr.lm import second_moments
     tok, model = tiny("llama")
@@ -441,7 +505,7 @@ def test_a_trainers_grouped_optimizer_state_is_matched_by_name_and_no_state_mean
     for n, p in model.named_parameters():
         assert torch.equal(moments[n], opt.state[p]["exp_avg_sq"]), n
     with pytest.warns(UserWarning, match="no optimizer state"):
-        ex = LMExplainer(model, tok, TRAIN, methods=["trackstar", "gc"], layers=1, dtype="float64")
+        ex = LMExplainer(model, tok, TRAIN, methods=["trackstar", "gc"], layers=1, dtype="float64", whiten=False)
     s = ex.scores(QUERIES)
     np.testing.assert_allclose(s["trackstar"], s["gc"], rtol=1e-10, atol=1e-12)
     with pytest.raises(InstattrError, match="match neither"):

@@ -170,7 +170,7 @@ def test_bad_input_and_the_classifier_commands_get_one_line_errors(lm_run, tmp_p
         assert match in err and err.count("\n") == 1, err
     run = str(root / "run")
     from instattr.evaluate import evaluations_for
-    assert evaluations_for(LMRun.load(run)) == ["fact-tracing", "tail-patch", "poison"]
+    assert evaluations_for(LMRun.load(run)) == ["lds", "fact-tracing", "tail-patch", "poison"]
     fails(["evaluate", "correlation", "--run", run], "does not apply to")
     fails(["report", "--run", run], "a language-model run, which this command does not read")
     fails(["predict", "--run", run, "good"], "a language-model run")
@@ -338,3 +338,93 @@ def test_the_training_side_is_kept_in_the_run_and_read_back_unchanged(lm_run, mo
     calls.clear()
     explainer_of(LMRun.load(root / "run"), ["gd"], {"proj_dim": 8})      # other options: another file
     assert "train gradients" in calls
+
+
+def test_lds_retrains_the_configuration_on_each_subset_and_resumes_after_a_stop(lm_run, tmp_path, monkeypatch):
+    """Each subset's log-probabilities are those of a model of the run's configuration trained on exactly
+    that subset by a plain Hugging Face loop (same seed, AdamW, warm-up and decay, the batch's mean token
+    loss); each query's LDS is the Spearman correlation of the summed scores with them; a stop after the
+    first subset resumes without retraining it."""
+    import random
+
+    from scipy.stats import spearmanr
+
+    from instattr.evaluate import language
+    from instattr.evaluate.lds import subset_masks
+    root, tok, _ = lm_run
+    train = [{"idx": f"r{i}", "text": t} for i, t in enumerate(
+        ["the movie was good", "a dull film", "the actor was awful", "the plot was fun", "good great fine movie",
+         "the film was really great", "a dull actor"])] + [{"idx": "p", "prompt": "the plot is", "completion": "dull"}]
+    test = [{"prompt": "the film was", "completion": "good"}, {"prompt": "the actor", "completion": "was awful"}]
+    (tmp_path / "data").mkdir()
+    write_rows(tmp_path / "data" / "train.jsonl", train)
+    write_rows(tmp_path / "data" / "test.jsonl", test)
+    run_dir = tmp_path / "run"
+    assert main(["--quiet", "import", "--model", str(root / "gpt2"), "--data", str(tmp_path / "data"),
+                 "--out", str(run_dir)]) == 0
+    run = LMRun.load(run_dir)
+    real, calls = language.retrain_lm, []
+
+    def stops_after_one(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(language, "retrain_lm", stops_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        language.run_lds_lm(run, ["gd", "bm25"], subsets=4, epochs=3, lr=0.01, progress=False)
+    assert (run_dir / "cache" / "lm-lds-partial.npz").exists()
+    monkeypatch.setattr(language, "retrain_lm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main(["--quiet", "evaluate", "lds", "--run", str(run_dir), "--methods", "gd,bm25", "--subsets", "4",
+                 "--epochs", "3", "--lr", "0.01"]) == 0
+    assert len(calls) == 4 and not (run_dir / "cache" / "lm-lds-partial.npz").exists()
+    got = run.result("lds")
+    masks = subset_masks(len(train), 4, 0.5, np.random.default_rng(0))
+
+    def logprob(m, q):
+        p, c = tok(q["prompt"])["input_ids"], tok(q["completion"], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(m(input_ids=torch.tensor([p + c])).logits[0].double(), -1)
+        return float(logp[torch.arange(len(p) - 1, len(p) + len(c) - 1), torch.tensor(c)].sum())
+    config = T.AutoConfig.from_pretrained(root / "gpt2")
+    actual = []
+    for mask in masks:
+        torch.manual_seed(0)
+        m = T.AutoModelForCausalLM.from_config(config)
+        rows = [r for r, keep in zip(train, mask) if keep]
+        encoded = []
+        for r in rows:
+            if "text" in r:
+                ids = tok(r["text"])["input_ids"]
+                encoded.append((ids, ids))
+            else:
+                p, c = tok(r["prompt"])["input_ids"], tok(r["completion"], add_special_tokens=False)["input_ids"]
+                encoded.append((p + c, [-100] * len(p) + c))
+        width = max(len(i) for i, _ in encoded)
+        opt = torch.optim.AdamW(m.parameters(), lr=0.01, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.0, 1 - s / 3))
+        m.train()                             # dropout on: the rows' order in the batch matters
+        order = random.Random(0)
+        for _ in range(3):                    # one batch holds the whole subset, in a seeded order
+            pos = list(range(len(encoded)))
+            order.shuffle(pos)
+            chunk = [encoded[j] for j in pos]
+            ids = torch.tensor([i + [1] * (width - len(i)) for i, _ in chunk])
+            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in chunk])
+            attention = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk])
+            m(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        m.eval()
+        actual.append([logprob(m, q) for q in test])
+    actual = np.array(actual)
+    assert np.ptp(actual, axis=0).min() > 1e-4            # the subsets differ
+    np.testing.assert_allclose(got["logprob"], actual, rtol=1e-4, atol=1e-4)
+    for method in ("gd", "bm25"):
+        summed = masks.astype(float) @ np.asarray(run.scores(method, "test"), dtype=np.float64).T
+        want = [spearmanr(summed[:, q], np.array(got["logprob"])[:, q]).statistic for q in range(len(test))]
+        np.testing.assert_allclose(got["per_query"][method], want, atol=1e-9, err_msg=method)
+    assert got["subsets"] == 4 and got["epochs"] == 3 and (run_dir / got["figures"][0]).exists()
+    assert main(["--quiet", "evaluate", "lds", "--run", str(run_dir), "--scope", "final"]) == 2

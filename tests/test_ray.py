@@ -10,6 +10,7 @@ from instattr.methods.scoring import Grid
 from _synthetic import make_run
 
 ray = pytest.importorskip("ray")   # installed by the dev extra; absent only outside CI
+pytestmark = pytest.mark.ray       # actor pools (each worker imports torch): .ci/run runs them with -m ray
 
 METHODS = "nn-euc,gd,if,rif,rep"
 

@@ -115,6 +115,9 @@ def method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ihvp", choices=["projected", "lissa", "explicit"],
                    help="inverse-Hessian-vector products: projected Gauss-Newton (default), LiSSA as the "
                         "paper ran it, or the explicit Hessian (tiny models)")
+    g.add_argument("--whiten-components", type=int, metavar="K", help="trackstar on a language-model run: "
+                   "TrackStar's mixing of the queries' gradient autocorrelation into the training rows', set where "
+                   "their sorted eigenvalues cross at component K (default 1000)")
     g.add_argument("--checkpoints", nargs="+", metavar="CKPT", help="tracin, tracin-top on a Hugging Face model: "
                    "its training checkpoints (save_pretrained folders), oldest first")
     g.add_argument("--checkpoint-lrs", type=float, nargs="+", metavar="LR",
@@ -124,7 +127,7 @@ def method_args(p: argparse.ArgumentParser) -> None:
 def method_options(a) -> dict:
     """The method options given on the command line (only those given)."""
     opts = {k: getattr(a, k) for k in ("layers", "projection", "damping", "ihvp", "measurement", "checkpoints",
-                                       "checkpoint_lrs") if getattr(a, k) is not None}
+                                       "checkpoint_lrs", "whiten_components") if getattr(a, k) is not None}
     if a.modules is not None:
         opts["modules"] = [m.strip() for m in a.modules.split(",") if m.strip()]
     if a.proj_dim is not None:

@@ -11,7 +11,8 @@ windows'. With ``g_q`` the query's and ``g_i`` row i's projected gradient:
 
     gd = g_q . g_i        gc = cos(g_q, g_i)
     if = g_q^T H^-1 g_i   rif = if / sqrt(g_q^T H^-1 g_q * g_i^T H^-1 g_i)
-    trackstar = cos(g_q / sqrt(v), g_i / sqrt(v))     (v: Adam's second moments, :func:`adam_scales`)
+    trackstar = cos(W g~_q, W g~_i)   (g~ = g / sqrt(v), v: Adam's second moments, :func:`adam_scales`;
+                                       W = R^-1/2, R their autocorrelation, :mod:`instattr.layers.whiten`)
     tracin = sum over checkpoints c of lr_c * g_q^c . g_i^c       (TracIn over the saved checkpoints)
     nn = cos(h_q, h_i)      (h: the mean final hidden state over the positions predicting scored tokens)
     bm25 = BM25 of the row's words for the query's prompt and completion (the lexical baseline)
@@ -243,6 +244,13 @@ def checkpoint_models(checkpoints, lrs, dtype) -> List[Tuple[torch.nn.Module, fl
     return out
 
 
+def _digest(rows: List[dict]) -> str:
+    """What names a list of query rows: their prompts and completions."""
+    import hashlib
+    import json
+    return hashlib.sha1(json.dumps([[q["prompt"], q["completion"]] for q in rows]).encode()).hexdigest()
+
+
 def _identity(source) -> Optional[str]:
     """What names a checkpoint or an optimizer state in a cache key: a file's or folder's path, sizes
     and modification times ("none" for no state); None for an object in memory, which is not cached."""
@@ -357,7 +365,10 @@ class LMExplainer:
     projected numbers per module (None: exact); ``max_length``/``stride``: the windows (default the
     model's context and half of it); ``samples``: Monte Carlo draws per window for H;
     ``optimizer``: Adam's state for ``trackstar`` (a state dict, an optimizer or an
-    ``optimizer.pt``); ``checkpoints``/``checkpoint_lrs``: models or folders saved during training
+    ``optimizer.pt``); ``whiten``: trackstar's ``R^-1/2`` (False: the normalised gradients'
+    cosine alone), ``whiten_queries``: rows (``prompt``, ``completion``) whose autocorrelation is
+    mixed into R, ``whiten_components``: the mixing's k (:mod:`instattr.layers.whiten`);
+    ``checkpoints``/``checkpoint_lrs``: models or folders saved during training
     and their learning rates, for ``tracin``. ``cache`` (a folder) with ``cache_key`` (a string
     that names the model's weights and the training rows: the caller's promise) keeps the training
     side there (``lm-*.npz``) and reads it back on a later fit with the same key and options. The
@@ -369,7 +380,8 @@ class LMExplainer:
                  stride: Optional[int] = None, samples: int = 1, batch_size: int = 8, seed: int = 0,
                  dtype: str = "float32", optimizer=None, checkpoints: Optional[Sequence] = None,
                  checkpoint_lrs: Optional[Sequence[float]] = None, chat_template: bool = False,
-                 measurement: str = "logprob", cache=None, cache_key: Optional[str] = None,
+                 measurement: str = "logprob", whiten: bool = True, whiten_queries=None,
+                 whiten_components: int = 1000, cache=None, cache_key: Optional[str] = None,
                  progress: Optional[bool] = None):
         if isinstance(methods, str):
             methods = [m for m in methods.split(",") if m.strip()]
@@ -393,7 +405,7 @@ class LMExplainer:
         self.options_ = {"layers": layers, "modules": list(modules) if modules else None, "proj_dim": proj_dim,
                          "projection": projection, "damping": float(damping), "samples": samples, "seed": seed,
                          "dtype": dtype, "max_length": max_length, "stride": stride, "chat_template": chat_template,
-                         "measurement": measurement}
+                         "measurement": measurement, "whiten": bool(whiten), "whiten_components": whiten_components}
         self.query_task = CompletionMargin() if measurement == "margin" else None   # None: the summed NLL
         self.methods, self.damping, self.chat = list(methods), float(damping), bool(chat_template)
         if self.chat and not getattr(tokenizer, "chat_template", None):
@@ -446,17 +458,23 @@ class LMExplainer:
                                                             f"checkpoint {c + 1} gradients")[0],),
                                _identity(checkpoints[c]))[0]
                 self.tracin_.append((lr, other, g.double()))
+        self.whitener, self.trackstar_mix, self._whitened_queries = None, None, None
         if "trackstar" in self.methods:
             self.trackstar_ = self._projector(self.forward, self.task)
             if optimizer is None:
-                warnings.warn("trackstar: no optimizer state given; unit-normalised gradients only (as gc)")
+                warnings.warn("trackstar: no optimizer state given; no second-moment normaliser")
                 self.trackstar_normaliser = "none"
             else:
                 self.trackstar_.scale(adam_scales(self.forward.model, read_optimizer(optimizer), self.tracked))
                 self.trackstar_normaliser = "adam second moments, factored"
-            self.trackstar_grads = self._made("trackstar", lambda: (torch.as_tensor(unit_rows(gradients(
+            state = _identity(optimizer)
+            raw = self._made("trackstar-raw", lambda: (gradients(
                 self.trackstar_, windows, self.batch_size, False, bool(progress), "trackstar gradients")[0]
-                .double().numpy())),), _identity(optimizer))[0]
+                .double(),), state)[0]
+            if whiten:
+                self._fit_whitener(raw, whiten_queries, whiten_components, state, progress)
+                raw = self.whitener(raw)
+            self.trackstar_grads = torch.as_tensor(unit_rows(raw.double().numpy()))
         if needs_h:
             n, dim = len(self.train), self.projector.dim
             mean_eig = float(sum(float(f.double().pow(2).sum()) for f in factors.split(4096))) / n / dim
@@ -465,6 +483,27 @@ class LMExplainer:
                 Curvature(dim=dim, n=n, factors=factors, blocks=self.projector.block_slices(),
                           groups=list(self.projector.groups().values())))
             self._train_solved_norms = self.solver.quadratic(self.train_grads.double())
+
+    def _fit_whitener(self, train: torch.Tensor, queries, components: int, state: Optional[str], progress) -> None:
+        """TrackStar's ``W = R^-1/2`` (:mod:`instattr.layers.whiten`) from the training rows'
+        normalised gradients, mixed with those of ``queries`` when given."""
+        from .layers.whiten import Whitener, autocorrelations, mixing, spectrum
+        blocks = self.trackstar_.block_slices()
+        r = autocorrelations(train, blocks)
+        if queries is not None:
+            rows = _rows(queries, "whiten_queries")
+            for i, q in enumerate(rows):
+                if "prompt" not in q or "completion" not in q:
+                    raise InstattrError(f"whiten_queries: row {i} needs 'prompt' and 'completion'")
+            digest = _digest(rows)
+            g = self._made("trackstar-queries", lambda: (gradients(
+                self.trackstar_, self._windows(rows, "whiten_queries"), self.batch_size, False, bool(progress),
+                "trackstar query gradients", task=self.query_task)[0].double(),),
+                None if state is None else f"{state};{digest};{self.options_['measurement']}")[0]
+            self.trackstar_mix = mixing(spectrum(g, blocks), spectrum(train, blocks, r), components)
+            r = [self.trackstar_mix * a + (1 - self.trackstar_mix) * b for a, b in zip(autocorrelations(g, blocks), r)]
+            self._whitened_queries = (digest, g)          # sides() of these same queries reuses them
+        self.whitener = Whitener(blocks, r, self.damping)
 
     # ---------------------------------------------------------------- the training side, kept
     def _cache_path(self, name: str, extra: str = ""):
@@ -515,7 +554,8 @@ class LMExplainer:
             if m in out and self.solver is not None:
                 out[m].update(damping_absolute=self.damping_absolute, hessian="full" if self.solver.full_ else "block")
         if "trackstar" in out:
-            out["trackstar"]["normaliser"] = self.trackstar_normaliser
+            out["trackstar"].update(normaliser=self.trackstar_normaliser, whitened=self.whitener is not None,
+                                    mixing=self.trackstar_mix)
         if "tracin" in out:
             out["tracin"]["learning_rates"] = [lr for lr, _, _ in self.tracin_]
         if "bm25" in out:
@@ -558,8 +598,13 @@ class LMExplainer:
                                         .double() for lr, other, _ in self.tracin_], 1),
                              torch.cat([train for _, _, train in self.tracin_], 1))
         if self.trackstar_ is not None:
-            q, _, losses = gradients(self.trackstar_, windows, self.batch_size, task=self.query_task)
-            out["trackstar"] = (torch.as_tensor(unit_rows(q.double().numpy())), self.trackstar_grads)
+            kept = self._whitened_queries
+            if kept is not None and kept[0] == _digest(queries):
+                q = kept[1]
+            else:
+                q, _, losses = gradients(self.trackstar_, windows, self.batch_size, task=self.query_task)
+            q = self.whitener(q) if self.whitener is not None else q.double()
+            out["trackstar"] = (torch.as_tensor(unit_rows(q.numpy())), self.trackstar_grads)
         if self.train_grads is not None:
             g, _, losses = gradients(self.projector, windows, self.batch_size, task=self.query_task)
             g, train = g.double(), self.train_grads.double()

@@ -31,7 +31,8 @@ from .lm import METHODS, LMExplainer, LMExplanation
 from .store import LMRun, open_run
 
 DEFAULT_PROJ_DIM = 32
-OPTION_KEYS = ("layers", "modules", "proj_dim", "projection", "damping", "measurement", "samples", "batch_size")
+OPTION_KEYS = ("layers", "modules", "proj_dim", "projection", "damping", "measurement", "samples", "batch_size",
+               "whiten_components")
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,7 @@ def explainer_of(run: LMRun, methods: Sequence[str], options: Optional[dict] = N
                        cache=run.path / "cache", cache_key=key,
                        stride=info.stride, seed=run.manifest.seed, progress=progress,
                        optimizer=info.optimizer if "trackstar" in methods else None,
+                       whiten_queries=run.rows(run.eval_split) if "trackstar" in methods else None,
                        checkpoints=list(info.checkpoints) if "tracin" in methods else None,
                        checkpoint_lrs=list(info.checkpoint_lrs) if "tracin" in methods else None,
                        chat_template=info.chat_template, **opts)

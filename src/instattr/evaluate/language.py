@@ -1,4 +1,4 @@
-"""Evaluations of language-model runs: fact tracing, tail-patch and poison.
+"""Evaluations of language-model runs: fact tracing, tail-patch, poison and the retraining behind lds.
 
 Ground truth comes from the data. A query's ``source`` names the training row (its ``idx``) that
 states the fact the query asks for; training rows with ``poisoned: true`` are planted poison and
@@ -26,6 +26,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..errors import InstattrError
+from ..models.causal import IGNORE
 from ..store import LMRun
 from .common import fmt, md_table, new_figure, save, save_figure
 from .registry import Flag, evaluation
@@ -216,3 +217,126 @@ def run_poison(run: LMRun, methods=None, seed: int = 0, progress: bool = False) 
           + md_table(["ranking", f"precision@{p}", "all poisoned rows first"],
                      [[m, fmt(v["precision"]), fmt(v["separated"])] for m, v in out.items()]))
     return save(run, "poison", result, md)
+
+
+# ---------------------------------------------------------------- lds: retraining on subsets
+def retrain_lm(run: LMRun, rows: List[dict], epochs: int, lr: float, batch_size: int, seed: int, device=None):
+    """A model of the run's configuration, freshly initialised (seed ``seed``: the same start for every
+    call), trained on ``rows`` with the example's recipe: AdamW (no weight decay) at ``lr`` with 50
+    warm-up steps and linear decay, gradients clipped at norm 1, each batch's mean NLL over its scored
+    tokens (a document's every token, a completion's own), ``epochs`` passes in a seeded order. A full
+    model's run only: an adapter's base is not retrained."""
+    import random
+
+    import torch
+
+    from ..lmrun import model_of
+    from ..models.causal import CausalForward, Windows
+    from ..task import LanguageModelTask
+    info = run.manifest.lm
+    tok, trained = model_of(run, device)
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(trained.config).to(next(trained.parameters()).device)
+    forward, task = CausalForward(model), LanguageModelTask()
+    windows = Windows(tok, rows, info.max_length, info.stride, "lds", info.chat_template)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    total = max(1, -(-len(windows) // batch_size) * epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.0, 1 - s / total))
+    order, device = random.Random(seed), next(model.parameters()).device
+    model.train()
+    for _ in range(epochs):
+        positions = list(range(len(windows)))
+        order.shuffle(positions)
+        for b in range(0, len(positions), batch_size):
+            batch = windows.batch(positions[b:b + batch_size], device)
+            scored = int((batch["targets"] != IGNORE).sum())
+            loss = task.loss(forward(**batch)).sum() / max(scored, 1)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    return model.eval()
+
+
+def run_lds_lm(run: LMRun, methods=None, seed: int = 0, subsets: int = 24, fraction: float = 0.5,
+               n_test: Optional[int] = None, epochs: int = 20, lr: float = 2e-3, batch_size: int = 32,
+               n_boot: int = 1000, level: float = 0.95, progress: bool = True, device=None) -> dict:
+    """``instattr evaluate lds`` on a language-model run: each method's LDS against random scores by
+    actual retraining (:func:`retrain_lm`) on ``subsets`` random subsets; ``n_test`` samples the
+    queries. Each retrained subset is kept in ``RUN/cache/lm-lds-partial.npz`` as it finishes, so a
+    stopped run resumes. Writes results/lds.* and figures/lds.png."""
+    import json
+
+    from tqdm.auto import tqdm
+
+    from ..files import write_npz
+    from ..lm import row_losses
+    from ..lmrun import model_of
+    from ..models.causal import Windows
+    from .lds import bootstrap_mean, figure, lds_per_example, subset_masks
+    t0 = time.perf_counter()
+    if not 0 < fraction < 1:
+        raise InstattrError(f"lds: --fraction must be between 0 and 1, got {fraction}")
+    if int(subsets) < 2:
+        raise InstattrError(f"lds: --subsets must be at least 2 (a correlation across subsets), got {subsets}")
+    if int(epochs) < 1 or not lr > 0:
+        raise InstattrError(f"lds: --epochs must be at least 1 and --lr > 0, got {epochs} and {lr}")
+    info, train, queries = run.manifest.lm, run.rows("train"), run.rows(run.eval_split)
+    if info.adapter_base:
+        raise InstattrError(f"{run.path}: lds retrains the model from its configuration; an adapter run's base "
+                            "model is not retrained (score a full model's run)")
+    rng = np.random.default_rng(seed)
+    chosen = np.arange(len(queries)) if n_test is None or n_test >= len(queries) else \
+        np.sort(rng.choice(len(queries), size=int(n_test), replace=False))
+    masks = subset_masks(len(train), int(subsets), fraction, rng)
+    scores = method_scores(run, methods, progress)
+    tok, _ = model_of(run, device)
+    asked = Windows(tok, [queries[i] for i in chosen], info.max_length, info.stride, "lds", info.chat_template)
+    key = json.dumps([info.fingerprint, seed, int(subsets), fraction, chosen.tolist(), int(epochs), lr, batch_size])
+    partial = run.path / "cache" / "lm-lds-partial.npz"
+    logprob, done = np.zeros((int(subsets), len(chosen))), np.zeros(int(subsets), dtype=bool)
+    try:
+        with np.load(partial, allow_pickle=False) as z:
+            if str(z["key"]) == key:
+                logprob, done = z["logprob"], z["done"]
+    except Exception:         # noqa: BLE001 - none, another run's or damaged: start over
+        pass
+    t = time.perf_counter()
+    with tqdm(total=int(subsets), initial=int(done.sum()), desc="lds: retraining", disable=not progress) as bar:
+        for j in np.flatnonzero(~done):
+            model = retrain_lm(run, [r for r, keep in zip(train, masks[j]) if keep], int(epochs), lr, batch_size,
+                               seed, device)
+            logprob[j], done[j] = -row_losses(model, asked)[0], True
+            write_npz(partial, key=np.array(key), logprob=logprob, done=done)
+            bar.update(1)
+    retrain_s = time.perf_counter() - t
+    boot = np.random.default_rng(seed + 1)
+    per_method, per_query = {}, {}
+    for m, s in scores.items():
+        rho = lds_per_example(logprob.T, s[chosen], masks)
+        mean, lo, hi = bootstrap_mean(rho, boot, n_boot, level)
+        per_method[m], per_query[m] = {"lds": mean, "low": lo, "high": hi, "n": int(np.isfinite(rho).sum())}, rho
+    rho = lds_per_example(logprob.T, _random(len(chosen), len(train), seed + 2), masks)
+    mean, lo, hi = bootstrap_mean(rho, boot, n_boot, level)
+    result = {"methods": per_method, "random": {"lds": mean, "low": lo, "high": hi, "n": int(np.isfinite(rho).sum())},
+              "subsets": int(subsets), "fraction": float(fraction), "n_train": len(train), "n_test": len(chosen),
+              "epochs": int(epochs), "lr": lr, "batch_size": batch_size, "seed": seed, "level": level,
+              "query_idx": [queries[i]["idx"] for i in chosen], "per_query": per_query, "logprob": logprob,
+              "logprob_std": float(np.mean(logprob.std(0))),
+              "seconds": {"retrain": retrain_s, "total": time.perf_counter() - t0}}
+    result["figures"] = [figure(run, result)]
+    md = (f"{subsets} random subsets of {fraction * 100:.0f}% of the {len(train)} training rows; the model's "
+          f"configuration retrained from the same initialisation on each ({epochs} epochs, AdamW at {lr:g}). For "
+          f"each of {len(chosen)} queries, the Spearman correlation across subsets between its completion's "
+          "log-probability and the method's summed scores over the subset, averaged over queries, with a "
+          f"{int(level * 100)}% bootstrap interval. Higher = the scores predict what retraining does; random "
+          "scores give about 0. Retraining noise bounds it below 1.\n\n"
+          + md_table(["method", "LDS", "interval", "n"],
+                     [[m, fmt(r["lds"]), f"[{fmt(r['low'])}, {fmt(r['high'])}]", str(r["n"])]
+                      for m, r in [*per_method.items(), ("random scores", result["random"])]])
+          + f"\n![lds]({result['figures'][0]})\n")
+    saved = save(run, "lds", result, md)
+    partial.unlink(missing_ok=True)
+    return saved

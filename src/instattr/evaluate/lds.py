@@ -107,7 +107,7 @@ def markdown(result: dict) -> str:
             + md_table(["method", "LDS", "interval", "n"], rows))
 
 
-def figure(run: Run, result: dict) -> str:
+def figure(run: Run, result: dict, name: str = "lds") -> str:
     names = list(result["methods"]) + ["random scores"]
     rs = [result["methods"][m] for m in result["methods"]] + [result["random"]]
     fig = new_figure(1.5 + 0.55 * len(names), 3.5)
@@ -120,24 +120,40 @@ def figure(run: Run, result: dict) -> str:
     ax.set_ylabel("LDS (mean Spearman)")
     ax.tick_params(axis="x", rotation=45)
     ax.grid(axis="y", alpha=0.3)
-    return save_figure(run, "lds", fig)
+    return save_figure(run, name, fig)
 
 
 @evaluation("lds", 70, "Linear datamodeling score",
             "Retrain on random halves of the training set: does the sum of a method's scores over a subset predict "
             "each test example's margin under it? (TRAK's LDS; random scores give about 0.)",
-            quick={"subsets": 50},
-            flags=(Flag("--subsets", "subsets", "random training subsets, one retrained model each (default 100)",
-                        metavar="M"),
+            quick={"subsets": 50}, kind=("classifier", "language-model"),
+            flags=(Flag("--subsets", "subsets", "random training subsets, one retrained model each (default 100; "
+                        "24 on a language-model run)", metavar="M"),
                    Flag("--fraction", "fraction", "share of the training set in each subset (default 0.5)",
                         type=float, metavar="F"),
-                   "--n-test", "--scope", "--device"))
-def run_lds(run: Run, methods=None, seed: int = 0, subsets: int = 100, fraction: float = 0.5,
+                   "--n-test", "--scope", "--device",
+                   Flag("--epochs", "epochs", "language-model runs: passes over each subset (default 20)",
+                        metavar="E"),
+                   Flag("--lr", "lr", "language-model runs: AdamW's peak learning rate (default 2e-3)",
+                        type=float, metavar="LR")))
+def run_lds(run: Run, methods=None, seed: int = 0, subsets: Optional[int] = None, fraction: float = 0.5,
             n_test: Optional[int] = None, scope: Optional[str] = None, n_boot: int = 1000, level: float = 0.95,
-            progress: bool = True, device=None) -> dict:
+            progress: bool = True, device=None, epochs: Optional[int] = None, lr: Optional[float] = None) -> dict:
     """LDS of every method (default: the paper's and every stored one) against random scores;
-    writes results/lds.* and figures/lds.png. ``n_test``: a seeded sample of test examples (all by default)."""
+    writes results/lds.* and figures/lds.png. ``n_test``: a seeded sample of test examples (all by default).
+    On a language-model run, :func:`instattr.evaluate.language.run_lds_lm` (``epochs``, ``lr``)."""
     from ..device import resolve_device
+    from ..store import LMRun
+    if isinstance(run, LMRun):
+        from .language import run_lds_lm
+        if scope is not None:
+            raise InstattrError("lds: --scope applies to classifier runs; a language-model run retrains all of it")
+        return run_lds_lm(run, methods, seed, 24 if subsets is None else subsets, fraction, n_test,
+                          20 if epochs is None else epochs, 2e-3 if lr is None else lr, n_boot=n_boot, level=level,
+                          progress=progress, device=device)
+    if epochs is not None or lr is not None:
+        raise InstattrError("lds: --epochs and --lr apply to language-model runs; a classifier run refits its head")
+    subsets = 100 if subsets is None else subsets
     t_all = time.perf_counter()
     if not 0 < fraction < 1:
         raise InstattrError(f"lds: --fraction must be between 0 and 1, got {fraction}")

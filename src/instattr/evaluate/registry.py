@@ -6,7 +6,8 @@ seed=0, **options) -> dict`` function registers it. An evaluation declares
 - ``order``: its place in the report and in ``reproduce`` (ascending; the paper's evaluations
   10-50, data-debugging ones 60-80, timing, which reads what the others recorded, 90);
 - ``title``, ``intro``: its section of the report;
-- ``kind``: the runs it reads, ``classifier`` (default) or ``language-model`` (:class:`~instattr.store.LMRun`);
+- ``kind``: the runs it reads, ``classifier`` (default), ``language-model`` (:class:`~instattr.store.LMRun`)
+  or both (a tuple);
 - ``applies(run) -> bool``: whether it runs on a run of its kind (``reproduce`` skips it otherwise);
 - ``quick``: the options ``reproduce --quick`` passes (smaller samples);
 - ``flags``: the command-line flags ``instattr evaluate NAME`` accepts beyond ``--methods`` and
@@ -53,19 +54,21 @@ class Evaluation:
     applies: Callable[[object], bool] = field(default=lambda run: True)
     quick: Dict[str, object] = field(default_factory=dict)
     flags: Tuple[Flag, ...] = ()
-    kind: str = "classifier"
+    kind: Union[str, Tuple[str, ...]] = "classifier"
 
     def takes(self, run) -> bool:
-        """Whether it runs on ``run``: a run of its kind for which ``applies`` says yes."""
+        """Whether it runs on ``run``: a run of its kind (or one of its kinds) for which ``applies`` says yes."""
         from ..store import LMRun
-        return (self.kind == "language-model") == isinstance(run, LMRun) and self.applies(run)
+        kinds = (self.kind,) if isinstance(self.kind, str) else self.kind
+        return ("language-model" if isinstance(run, LMRun) else "classifier") in kinds and self.applies(run)
 
 
 _REGISTRY: Dict[str, Evaluation] = {}
 
 
 def evaluation(name: str, order: float, title: str, intro: str, applies: Optional[Callable[[object], bool]] = None,
-               quick: Optional[dict] = None, flags: Sequence[Union[str, Flag]] = (), kind: str = "classifier"):
+               quick: Optional[dict] = None, flags: Sequence[Union[str, Flag]] = (),
+               kind: Union[str, Tuple[str, ...]] = "classifier"):
     """Decorator: register ``run_<name>`` as the evaluation ``name`` (see the module docstring)."""
     resolved = tuple(FLAGS[f] if isinstance(f, str) else f for f in flags)
     for f in resolved:

@@ -137,7 +137,7 @@ class LMExplorer:
         m = self.run.manifest
         metrics = self.run.metrics
         results = {}
-        for name in ("fact-tracing", "tail-patch", "poison"):
+        for name in ("fact-tracing", "tail-patch", "poison", "lds"):
             md = self.run.path / "results" / f"{name}.md"
             if md.exists():
                 results[name] = md.read_text(encoding="utf-8")
