@@ -407,7 +407,7 @@ def test_trackstar_divides_each_gradient_by_adams_second_moments_then_unit_norma
     state, full = _rank_one_state(model)
     torch.save(state, tmp_path / "optimizer.pt")
     ex = LMExplainer(model, tok, TRAIN, methods=["trackstar"], layers=1, proj_dim=None, dtype="float64",
-                     optimizer=tmp_path / "optimizer.pt", whiten=False)
+                     optimizer=tmp_path / "optimizer.pt", whiten_components=0)
     assert ex.trackstar_normaliser.startswith("adam")
     names = [t.name[len("model."):] for t in ex.tracked]
 
@@ -444,7 +444,7 @@ def test_trackstar_whitens_by_the_mixed_autocorrelation_as_brute_force_does(fami
                      optimizer=tmp_path / "optimizer.pt", whiten_queries=QUERIES, whiten_components=k)
     names = [t.name[len("model."):] for t in ex.tracked]
     plain = LMExplainer(model, tok, TRAIN, methods=["trackstar"], layers=1, proj_dim=None, dtype="float64",
-                        optimizer=tmp_path / "optimizer.pt", whiten=False)
+                        optimizer=tmp_path / "optimizer.pt", whiten_components=0)
     moments = {n: opt.state[p]["exp_avg_sq"].double() for n, p in model.named_parameters()}
     model = model.double()
 
@@ -505,7 +505,7 @@ def test_a_trainers_grouped_optimizer_state_is_matched_by_name_and_no_state_mean
     for n, p in model.named_parameters():
         assert torch.equal(moments[n], opt.state[p]["exp_avg_sq"]), n
     with pytest.warns(UserWarning, match="no optimizer state"):
-        ex = LMExplainer(model, tok, TRAIN, methods=["trackstar", "gc"], layers=1, dtype="float64", whiten=False)
+        ex = LMExplainer(model, tok, TRAIN, methods=["trackstar", "gc"], layers=1, dtype="float64", whiten_components=0)
     s = ex.scores(QUERIES)
     np.testing.assert_allclose(s["trackstar"], s["gc"], rtol=1e-10, atol=1e-12)
     with pytest.raises(InstattrError, match="match neither"):

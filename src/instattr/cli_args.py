@@ -117,7 +117,7 @@ def method_args(p: argparse.ArgumentParser) -> None:
                         "paper ran it, or the explicit Hessian (tiny models)")
     g.add_argument("--whiten-components", type=int, metavar="K", help="trackstar on a language-model run: "
                    "TrackStar's mixing of the queries' gradient autocorrelation into the training rows', set where "
-                   "their sorted eigenvalues cross at component K (default 1000)")
+                   "their sorted eigenvalues cross at component K (default 1000; 0: no whitening)")
     g.add_argument("--checkpoints", nargs="+", metavar="CKPT", help="tracin, tracin-top on a Hugging Face model: "
                    "its training checkpoints (save_pretrained folders), oldest first")
     g.add_argument("--checkpoint-lrs", type=float, nargs="+", metavar="LR",

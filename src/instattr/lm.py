@@ -365,9 +365,9 @@ class LMExplainer:
     projected numbers per module (None: exact); ``max_length``/``stride``: the windows (default the
     model's context and half of it); ``samples``: Monte Carlo draws per window for H;
     ``optimizer``: Adam's state for ``trackstar`` (a state dict, an optimizer or an
-    ``optimizer.pt``); ``whiten``: trackstar's ``R^-1/2`` (False: the normalised gradients'
-    cosine alone), ``whiten_queries``: rows (``prompt``, ``completion``) whose autocorrelation is
-    mixed into R, ``whiten_components``: the mixing's k (:mod:`instattr.layers.whiten`);
+    ``optimizer.pt``); ``whiten_queries``: rows (``prompt``, ``completion``) whose gradient
+    autocorrelation trackstar mixes into R, ``whiten_components``: the mixing's k
+    (:mod:`instattr.layers.whiten`; 0: no whitening, the cosine of the normalised gradients);
     ``checkpoints``/``checkpoint_lrs``: models or folders saved during training
     and their learning rates, for ``tracin``. ``cache`` (a folder) with ``cache_key`` (a string
     that names the model's weights and the training rows: the caller's promise) keeps the training
@@ -380,8 +380,7 @@ class LMExplainer:
                  stride: Optional[int] = None, samples: int = 1, batch_size: int = 8, seed: int = 0,
                  dtype: str = "float32", optimizer=None, checkpoints: Optional[Sequence] = None,
                  checkpoint_lrs: Optional[Sequence[float]] = None, chat_template: bool = False,
-                 measurement: str = "logprob", whiten: bool = True, whiten_queries=None,
-                 whiten_components: int = 1000, cache=None, cache_key: Optional[str] = None,
+                 measurement: str = "logprob", whiten_queries=None, whiten_components: int = 1000, cache=None, cache_key: Optional[str] = None,
                  progress: Optional[bool] = None):
         if isinstance(methods, str):
             methods = [m for m in methods.split(",") if m.strip()]
@@ -400,12 +399,15 @@ class LMExplainer:
         if measurement not in MEASUREMENTS:
             raise InstattrError(f"LMExplainer: measurement must be one of {', '.join(MEASUREMENTS)}, got "
                                 f"{measurement!r}")
+        if not isinstance(whiten_components, int) or whiten_components < 0:
+            raise InstattrError(f"LMExplainer: whiten_components must be an integer >= 0 (0: no whitening), got "
+                                f"{whiten_components!r}")
         if dtype not in ("float32", "float64"):
             raise InstattrError(f"LMExplainer: dtype must be float32 or float64, got {dtype!r}")
         self.options_ = {"layers": layers, "modules": list(modules) if modules else None, "proj_dim": proj_dim,
                          "projection": projection, "damping": float(damping), "samples": samples, "seed": seed,
                          "dtype": dtype, "max_length": max_length, "stride": stride, "chat_template": chat_template,
-                         "measurement": measurement, "whiten": bool(whiten), "whiten_components": whiten_components}
+                         "measurement": measurement, "whiten_components": whiten_components}
         self.query_task = CompletionMargin() if measurement == "margin" else None   # None: the summed NLL
         self.methods, self.damping, self.chat = list(methods), float(damping), bool(chat_template)
         if self.chat and not getattr(tokenizer, "chat_template", None):
@@ -471,7 +473,7 @@ class LMExplainer:
             raw = self._made("trackstar-raw", lambda: (gradients(
                 self.trackstar_, windows, self.batch_size, False, bool(progress), "trackstar gradients")[0]
                 .double(),), state)[0]
-            if whiten:
+            if whiten_components:
                 self._fit_whitener(raw, whiten_queries, whiten_components, state, progress)
                 raw = self.whitener(raw)
             self.trackstar_grads = torch.as_tensor(unit_rows(raw.double().numpy()))
