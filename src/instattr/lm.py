@@ -380,8 +380,8 @@ class LMExplainer:
                  stride: Optional[int] = None, samples: int = 1, batch_size: int = 8, seed: int = 0,
                  dtype: str = "float32", optimizer=None, checkpoints: Optional[Sequence] = None,
                  checkpoint_lrs: Optional[Sequence[float]] = None, chat_template: bool = False,
-                 measurement: str = "logprob", whiten_queries=None, whiten_components: int = 1000, cache=None, cache_key: Optional[str] = None,
-                 progress: Optional[bool] = None):
+                 measurement: str = "logprob", whiten_queries=None, whiten_components: int = 1000,
+                 cache=None, cache_key: Optional[str] = None, progress: Optional[bool] = None):
         if isinstance(methods, str):
             methods = [m for m in methods.split(",") if m.strip()]
         unknown = [m for m in methods if m not in METHODS]
