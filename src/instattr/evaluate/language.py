@@ -229,13 +229,13 @@ def retrain_lm(run: LMRun, rows: List[dict], epochs: int, lr: float, batch_size:
     import random
 
     import torch
+    from transformers import AutoModelForCausalLM
 
     from ..lmrun import model_of
     from ..models.causal import CausalForward, Windows
     from ..task import LanguageModelTask
     info = run.manifest.lm
     tok, trained = model_of(run, device)
-    from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(trained.config).to(next(trained.parameters()).device)
     forward, task = CausalForward(model), LanguageModelTask()
@@ -283,6 +283,8 @@ def run_lds_lm(run: LMRun, methods=None, seed: int = 0, subsets: int = 24, fract
         raise InstattrError(f"lds: --subsets must be at least 2 (a correlation across subsets), got {subsets}")
     if int(epochs) < 1 or not lr > 0:
         raise InstattrError(f"lds: --epochs must be at least 1 and --lr > 0, got {epochs} and {lr}")
+    if n_test is not None and n_test < 1:
+        raise InstattrError(f"lds: --n-test must be at least 1, got {n_test}")
     info, train, queries = run.manifest.lm, run.rows("train"), run.rows(run.eval_split)
     if info.adapter_base:
         raise InstattrError(f"{run.path}: lds retrains the model from its configuration; an adapter run's base "

@@ -107,7 +107,7 @@ def markdown(result: dict) -> str:
             + md_table(["method", "LDS", "interval", "n"], rows))
 
 
-def figure(run: Run, result: dict, name: str = "lds") -> str:
+def figure(run: Run, result: dict) -> str:
     names = list(result["methods"]) + ["random scores"]
     rs = [result["methods"][m] for m in result["methods"]] + [result["random"]]
     fig = new_figure(1.5 + 0.55 * len(names), 3.5)
@@ -120,7 +120,7 @@ def figure(run: Run, result: dict, name: str = "lds") -> str:
     ax.set_ylabel("LDS (mean Spearman)")
     ax.tick_params(axis="x", rotation=45)
     ax.grid(axis="y", alpha=0.3)
-    return save_figure(run, name, fig)
+    return save_figure(run, "lds", fig)
 
 
 @evaluation("lds", 70, "Linear datamodeling score",
