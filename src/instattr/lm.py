@@ -12,7 +12,8 @@ windows'. With ``g_q`` the query's and ``g_i`` row i's projected gradient:
     gd = g_q . g_i        gc = cos(g_q, g_i)
     if = g_q^T H^-1 g_i   rif = if / sqrt(g_q^T H^-1 g_q * g_i^T H^-1 g_i)
     trackstar = cos(W g~_q, W g~_i)   (g~ = g / sqrt(v), v: Adam's second moments, :func:`adam_scales`;
-                                       W = R^-1/2, R their autocorrelation, :mod:`instattr.layers.whiten`)
+                                       W^T W = (R + damping)^-1, R their autocorrelation,
+                                       :mod:`instattr.layers.whiten`)
     tracin = sum over checkpoints c of lr_c * g_q^c . g_i^c       (TracIn over the saved checkpoints)
     nn = cos(h_q, h_i)      (h: the mean final hidden state over the positions predicting scored tokens)
     bm25 = BM25 of the row's words for the query's prompt and completion (the lexical baseline)
@@ -62,6 +63,15 @@ def _rows(data, where: str) -> List[dict]:
     rows = records(data, where)
     if not rows:
         raise InstattrError(f"{where}: no rows")
+    return rows
+
+
+def _query_rows(data, where: str) -> List[dict]:
+    """Query rows (:func:`_rows`), each with a ``prompt`` and a ``completion``."""
+    rows = _rows(data, where)
+    for i, q in enumerate(rows):
+        if "prompt" not in q or "completion" not in q:
+            raise InstattrError(f"{where}: row {i} needs 'prompt' and 'completion'")
     return rows
 
 
@@ -476,7 +486,7 @@ class LMExplainer:
             if whiten_components:
                 self._fit_whitener(raw, whiten_queries, whiten_components, state, progress)
                 raw = self.whitener(raw)
-            self.trackstar_grads = torch.as_tensor(unit_rows(raw.double().numpy()))
+            self.trackstar_grads = torch.as_tensor(unit_rows(raw.numpy()))
         if needs_h:
             n, dim = len(self.train), self.projector.dim
             mean_eig = float(sum(float(f.double().pow(2).sum()) for f in factors.split(4096))) / n / dim
@@ -487,16 +497,13 @@ class LMExplainer:
             self._train_solved_norms = self.solver.quadratic(self.train_grads.double())
 
     def _fit_whitener(self, train: torch.Tensor, queries, components: int, state: Optional[str], progress) -> None:
-        """TrackStar's ``W = R^-1/2`` (:mod:`instattr.layers.whiten`) from the training rows'
-        normalised gradients, mixed with those of ``queries`` when given."""
+        """TrackStar's whitening (:mod:`instattr.layers.whiten`) from the training rows' normalised
+        gradients' autocorrelation, mixed with that of ``queries`` when given."""
         from .layers.whiten import Whitener, autocorrelations, mixing, spectrum
         blocks = self.trackstar_.block_slices()
         r = autocorrelations(train, blocks)
         if queries is not None:
-            rows = _rows(queries, "whiten_queries")
-            for i, q in enumerate(rows):
-                if "prompt" not in q or "completion" not in q:
-                    raise InstattrError(f"whiten_queries: row {i} needs 'prompt' and 'completion'")
+            rows = _query_rows(queries, "whiten_queries")
             digest = _digest(rows)
             g = self._made("trackstar-queries", lambda: (gradients(
                 self.trackstar_, self._windows(rows, "whiten_queries"), self.batch_size, False, bool(progress),
@@ -583,10 +590,7 @@ class LMExplainer:
         """(per method the two sides of its inner product, ``(query side, training side)`` float64
         tensors whose products are its scores, or for ``bm25`` the score matrix itself; the queries'
         summed NLL). Dense scores, top-k and :func:`members` are all formed from these."""
-        queries = _rows(queries, "queries")
-        for i, q in enumerate(queries):
-            if "prompt" not in q or "completion" not in q:
-                raise InstattrError(f"queries: row {i} needs 'prompt' and 'completion'")
+        queries = _query_rows(queries, "queries")
         windows = self._windows(queries, "queries")
         out: Dict[str, object] = {}
         losses = None

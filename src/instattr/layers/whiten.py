@@ -33,7 +33,7 @@ import torch
 
 from ..errors import InstattrError
 
-MAX_BLOCK = 8192     # a block's eigendecomposition is cubic in its size
+MAX_BLOCK = 8192     # a block's Cholesky factor and eigenvalues are cubic in its size
 
 
 def _check(grads: torch.Tensor, blocks: Sequence[slice]) -> torch.Tensor:
