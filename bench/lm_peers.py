@@ -21,6 +21,8 @@ scoring, and its peak RSS from ``wait4``; a failure stops only that row):
 
 - ``instattr gd``: the projected (32 x 32 per module) gradient dot product;
 - ``instattr if``: projected influence with a Monte Carlo Gauss-Newton Hessian;
+- ``instattr if ekfac``: the same influence with that Hessian's EK-FAC per module, in an orthogonal
+  (Kronecker) sketch of the same 32 x 32 per module;
 - ``instattr trackstar``: projected gradients scaled by the last checkpoint's Adam second moments
   (factored), whitened by the training rows' autocorrelation mixed with these queries' (TrackStar's
   rule, k = 1000), cosine;
@@ -56,6 +58,7 @@ import numpy as np
 METHODS = {                       # row name -> (peer, worker)
     "instattr gd": ("instattr", "instattr-gd"),
     "instattr if": ("instattr", "instattr-if"),
+    "instattr if ekfac": ("instattr", "instattr-if-ekfac"),
     "instattr trackstar": ("instattr", "instattr-trackstar"),
     "kronfluence ekfac": ("kronfluence", "kronfluence-ekfac"),
     "kronfluence identity": ("kronfluence", "kronfluence-identity"),
@@ -103,9 +106,11 @@ def tokenized(tok, rows, where: str):
 def work_instattr(spec: dict, method: str):
     from instattr.lm import LMExplainer
     tok, model, train, queries = load(spec)
+    method, _, ihvp = method.partition("-")          # if-ekfac: if with ihvp ekfac
     t = time.perf_counter()
     ex = LMExplainer(model, tok, train, methods=[method], proj_dim=spec["proj_dim"], optimizer=spec["optimizer"],
-                     batch_size=spec["batch_size"], whiten_queries=queries if method == "trackstar" else None)
+                     batch_size=spec["batch_size"], whiten_queries=queries if method == "trackstar" else None,
+                     ihvp=ihvp or "projected")
     scores = ex.scores(queries)[method]
     return scores, time.perf_counter() - t, {"tracked": [t.name for t in ex.tracked], "dim": ex.projector.dim}
 

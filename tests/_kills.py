@@ -137,6 +137,9 @@ CASES = [
          lambda t: run_state(t / "lmrun")),
     Case("lm-attribute-top-k", lambda t: ["attribute", "--run", str(t / "lmrun"), "--methods", "gd,if,rif", "--top-k",
                                           "3", "--bottom-k", "2"], lambda t: run_state(t / "lmrun")),
+    Case("lm-index-build", lambda t: ["index", "build", "--run", str(t / "lmrun"), "--methods", "gd,if,nn", "--out",
+                                      str(t / "lmidx"), "--dtype", "float32", "--ann", "ivf"],
+         lambda t: index_state(t / "lmidx")),
     Case("lm-evaluate-lds", lambda t: ["evaluate", "lds", "--run", str(t / "lmrun"), "--methods", "gd",
                                        "--subsets", "4", "--epochs", "2"], lambda t: run_state(t / "lmrun")),
 ]

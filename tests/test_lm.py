@@ -243,6 +243,82 @@ def test_scores_equal_a_brute_force_influence_in_float64():
         np.testing.assert_allclose(per[m].sum(0), ex.scores([long])[m][0], rtol=1e-8, atol=1e-10)
 
 
+def token_sums(model, names, w, draws):
+    """Per module (sum_t x~_t x~_t^T, sum_{d, t} delta_t delta_t^T) of one window alone: its inputs
+    (with a 1 for the bias) at every position and the gradients of each drawn-token loss with
+    respect to its outputs, by hooks on a plain forward."""
+    mods = [model.get_submodule(n) for n in names]
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0][0], o))) for n, m in
+             zip(names, mods)]
+    ids = torch.tensor([w.ids])
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    for h in hooks:
+        h.remove()
+    out = []
+    for n, m in zip(names, mods):
+        x, o = seen[n]
+        if getattr(m, "bias", None) is not None:
+            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        s = 0
+        for d in draws:
+            targets = torch.tensor(d[0].tolist())
+            keep = targets != IGNORE
+            loss = -torch.log_softmax(logits, -1)[keep, targets[keep]].sum()
+            delta = torch.autograd.grad(loss, o, retain_graph=True)[0][0]
+            s = s + delta.T @ delta
+        out.append(((x.T @ x).detach(), s))
+    return out
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_ekfac_equals_a_brute_force_eigenvalue_corrected_kfac_in_float64(family):
+    """ihvp="ekfac": per tracked module, K-FAC's eigenbasis from the tokens' input and drawn-token
+    output-gradient covariances (padding excluded: rows are batched here, alone in the brute force),
+    the eigenvalues refitted to the drawn factors, built as a dense (Q_S kron Q_A) diag(Lambda)
+    (Q_S kron Q_A)^T per module and inverted; an orthogonal sketch as wide as every module (a
+    rotation) gives the same scores."""
+    tok, model = tiny(family)
+    opts = dict(layers=1, damping=0.05, max_length=6, stride=3, samples=2, batch_size=4, dtype="float64",
+                ihvp="ekfac")
+    ex = LMExplainer(model, tok, TRAIN, methods=["if", "rif"], proj_dim=None, **opts)
+    scores = ex.scores(QUERIES)
+    names = [t.name[len("model."):] for t in ex.tracked]
+    win, qwin = Windows(tok, TRAIN, 6, 3), Windows(tok, QUERIES, 6, 3)
+    sums = None
+    g = torch.zeros(len(TRAIN), ex.projector.dim, dtype=torch.float64)
+    f = []
+    for j, w in enumerate(win.items):
+        g[w.row] += module_grads(model, names, window_loss(model, w))
+        draws = ex.task.draws(CausalForward(model)(**win.batch([j])))
+        f += [module_grads(model, names, window_loss(model, w, d[0].tolist())) for d in draws]
+        part = token_sums(model, names, w, draws)
+        sums = part if sums is None else [(a + a2, s + s2) for (a, s), (a2, s2) in zip(sums, part)]
+    q = torch.zeros(len(QUERIES), ex.projector.dim, dtype=torch.float64)
+    for w in qwin.items:
+        q[w.row] += module_grads(model, names, window_loss(model, w))
+    f = torch.stack(f) / np.sqrt(2)                           # H = F^T F / n, as the projected solver's
+    blocks, start = [], 0
+    for a, s in sums:
+        q_a, q_s = torch.linalg.eigh(a)[1], torch.linalg.eigh(s)[1]
+        basis = torch.kron(q_s, q_a)                          # row-major (out, in), as module_grads lays out
+        lam = ((f[:, start:start + len(basis)] @ basis) ** 2).sum(0) / len(TRAIN)
+        blocks.append(basis @ torch.diag(lam) @ basis.T)
+        start += len(basis)
+    h = torch.block_diag(*blocks)
+    h += 0.05 * torch.trace(h) / len(h) * torch.eye(len(h), dtype=torch.float64)
+    hinv = torch.linalg.inv(h)
+    want = q @ hinv @ g.T
+    np.testing.assert_allclose(scores["if"], want.numpy(), rtol=1e-6, atol=1e-9)
+    qn, gn = torch.sqrt(((q @ hinv) * q).sum(1)), torch.sqrt(((g @ hinv) * g).sum(1))
+    np.testing.assert_allclose(scores["rif"], (want / qn[:, None] / gn[None, :]).numpy(), rtol=1e-6, atol=1e-9)
+    assert ex.diagnostics()["if"]["hessian"] == "ekfac"
+    rotated = LMExplainer(model, tok, TRAIN, methods=["if"], proj_dim=128, projection="orthogonal", **opts)
+    np.testing.assert_allclose(rotated.scores(QUERIES)["if"], scores["if"], rtol=1e-6, atol=1e-9)
+    with pytest.raises(InstattrError, match="needs Kronecker sketches"):
+        LMExplainer(model, tok, TRAIN, methods=["if"], proj_dim=4, projection="khatri-rao", ihvp="ekfac")
+
+
 def test_a_training_row_equal_to_the_query_ranks_first_and_explain_generates_a_completion():
     tok, model = tiny("llama")
     query = {"prompt": "the actor was", "completion": "really great"}

@@ -16,41 +16,14 @@ from instattr.lm import LMExplainer
 from instattr.store import LMRun
 
 from _families import word_tokenizer
+from _lm import DOCS, TEST, TRAIN, make_lm_run, write_rows
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")   # conftest
-
-DOCS = ["the movie was good and the plot was fun", "a dull film , the actor was awful",
-        " ".join(["good great fine movie the plot"] * 12), "the actor was really great"]
-TRAIN = [{"idx": f"d{i}", "text": t, "note": i} for i, t in enumerate(DOCS)] + \
-        [{"prompt": "the plot is", "completion": "very dull", "idx": "p0"}]
-TEST = [{"prompt": "the film was", "completion": "good", "source": "d0"},
-        {"prompt": "the plot", "completion": "is not fun"}, {"prompt": "the actor was", "completion": "really great"}]
-
-
-def write_rows(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def save_gpt2(folder):
-    tok, v = word_tokenizer("decoder")
-    torch.manual_seed(0)
-    model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=v, n_embd=16, n_layer=2, n_head=2, n_positions=16,
-                                           initializer_range=0.3, bos_token_id=0, eos_token_id=2, pad_token_id=1))
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return tok, model.eval()
 
 
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lmrun")
-    tok, model = save_gpt2(root / "gpt2")
-    (root / "data").mkdir()
-    write_rows(root / "data" / "train.jsonl", TRAIN)
-    write_rows(root / "data" / "test.jsonl", TEST)
-    assert main(["--quiet", "import", "--model", str(root / "gpt2"), "--data", str(root / "data"),
-                 "--out", str(root / "run")]) == 0
-    return root, tok, model
+    return make_lm_run(tmp_path_factory.mktemp("lmrun"))
 
 
 def test_import_stores_the_rows_and_their_losses_under_the_models_own_loss(lm_run):
@@ -177,7 +150,9 @@ def test_bad_input_and_the_classifier_commands_get_one_line_errors(lm_run, tmp_p
     fails(["explain", "--run", run, "good"], "takes --prompt")
     fails(["attribute", "--run", run, "--methods", "nn-cos"], "unknown method 'nn-cos'")
     fails(["attribute", "--run", run, "--methods", "tracin"], "tracin needs checkpoints")
-    fails(["attribute", "--run", run, "--ihvp", "lissa"], "--ihvp does not apply")
+    fails(["attribute", "--run", run, "--ihvp", "lissa"], "--ihvp is one of projected, ekfac")
+    fails(["attribute", "--run", run, "--methods", "if", "--ihvp", "ekfac", "--projection", "khatri-rao"],
+          "needs Kronecker sketches")
     fails(["suspects", "--run", run, "--method", "loss"], "no self-score")
     import shutil
     data = tmp_path / "data"
@@ -428,3 +403,49 @@ def test_lds_retrains_the_configuration_on_each_subset_and_resumes_after_a_stop(
         np.testing.assert_allclose(got["per_query"][method], want, atol=1e-9, err_msg=method)
     assert got["subsets"] == 4 and got["epochs"] == 3 and (run_dir / got["figures"][0]).exists()
     assert main(["--quiet", "evaluate", "lds", "--run", str(run_dir), "--scope", "final"]) == 2
+
+
+def test_an_index_of_the_run_answers_as_the_explainer_does_exactly_and_through_faiss(lm_run, tmp_path, capsys):
+    """`index build` on a language-model run writes each vector method's training side; `query --split`
+    and `query --prompt` find the explainer's own top rows and scores, exactly and through an IVF index
+    (one list here: exhaustive); bm25, a classifier's --text and a training split are one-line errors."""
+    root, tok, model = lm_run
+    run, idx, names = str(root / "run"), str(tmp_path / "idx"), ["gd", "if", "rif", "nn"]
+    ex = LMExplainer(model, tok, TRAIN, methods=names, proj_dim=32, max_length=16, stride=8)
+    want = ex.scores(TEST)
+    assert main(["--quiet", "index", "build", "--run", run, "--methods", ",".join(names), "--out", idx,
+                 "--dtype", "float32", "--ann", "ivf"]) == 0
+    capsys.readouterr()
+    for ann in ([], ["--ann"]):
+        out = tmp_path / f"top{len(ann)}"
+        assert main(["--quiet", "query", "--index", idx, "--split", "test", "--top-k", "3", "--bottom-k", "1",
+                     "--out", str(out)] + ann) == 0
+        for m in names:
+            with np.load(out / f"{m}-test.topk.npz") as z:
+                np.testing.assert_array_equal(z["train_pos"], np.argsort(-want[m], axis=1, kind="stable")[:, :3])
+                np.testing.assert_allclose(z["score"], -np.sort(-want[m], axis=1)[:, :3], rtol=1e-4, atol=1e-6)
+                assert z["train_idx"][0, 0] == TRAIN[int(z["train_pos"][0, 0])]["idx"]
+            with np.load(out / f"{m}-test.bottomk.npz") as z:
+                np.testing.assert_array_equal(z["train_pos"][:, 0], want[m].argmin(1))
+    capsys.readouterr()
+    assert main(["--quiet", "query", "--index", idx, "--prompt", "the actor was", "--completion", "really great",
+                 "--top-k", "2", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["completion"] == "really great"
+    for m in names:
+        order = np.argsort(-want[m][2], kind="stable")[:2]
+        assert [r["idx"] for r in got["methods"][m]["top"]] == [TRAIN[i]["idx"] for i in order]
+        assert [r["score"] for r in got["methods"][m]["top"]] == pytest.approx(want[m][2][order], rel=1e-4)
+    assert main(["--quiet", "query", "--index", idx, "--prompt", "the movie", "--max-new-tokens", "2",
+                 "--methods", "gd", "--ann"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("prompt: the movie\ncompletion: ") and "── gd supporting" in text
+    for argv, message in [(["index", "build", "--run", run, "--methods", "gd,bm25", "--out", str(tmp_path / "b")],
+                           "bm25 has no vector sides"),
+                          (["query", "--index", idx, "--text", "a film"], "give --prompt"),
+                          (["query", "--index", idx, "--split", "train", "--out", str(tmp_path / "o")],
+                           "no query split 'train'"),
+                          (["query", "--index", idx, "--completion", "great"], "give either --prompt or --split")]:
+        assert main(["--quiet"] + argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err

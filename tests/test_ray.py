@@ -1,4 +1,6 @@
 """The Ray backend on a local Ray (2 CPUs): bit-identical to the local backend."""
+import json
+
 import numpy as np
 import pytest
 
@@ -218,3 +220,42 @@ def test_a_failing_gradient_worker_gives_one_line_and_stops_its_pool(local_ray, 
     print(caught.value)
     assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
     assert backend._actors == {}
+
+
+def test_a_language_model_run_on_ray_equals_local(local_ray, tmp_path, monkeypatch):
+    """A language-model run's top-k on Ray (its training sides indexed in the run's cache, one Ray task
+    per shard; bm25 scored on the driver) and its index built and searched on Ray give the local
+    top-k: the same rows, the same float32 scores."""
+    from instattr.distributed import RayBackend
+    from instattr.index import Index
+    from instattr.index.language import build_lm_index
+    from instattr.lmrun import attribute_lm
+    from instattr.methods.language import Rows
+    from instattr.store import LMRun
+
+    from _lm import make_lm_run
+    monkeypatch.setattr(build_mod, "SHARD_BLOCKS", 1)
+    root, _, _ = make_lm_run(tmp_path)
+    run, names, grid = LMRun.load(root / "run"), ["gd", "if", "nn", "bm25"], Grid(2, 2)   # 5 rows: 3 shards
+    quiet = {"top_k": 2, "bottom_k": 1, "progress": False, "log": lambda *a: None, "grid": grid}
+    attribute_lm(run, names, **quiet)
+    local = {(m, b): run.top_k(m, "test", b) for m in names for b in (False, True)}
+    with RayBackend() as backend:
+        attribute_lm(run, names, overwrite=True, backend=backend, **quiet)
+        for (m, b), want in local.items():
+            got = run.top_k(m, "test", b)
+            np.testing.assert_array_equal(got["train_pos"], want["train_pos"])
+            np.testing.assert_allclose(got["score"], want["score"], rtol=1e-6)
+            assert got["info"]["diagnostics"]["backend"] == "ray"
+        cache = next((root / "run" / "cache").glob("ray-index-*"))
+        assert [len(e["shards"]) for e in json.loads((cache / "index.json").read_text())["methods"].values()] == \
+            [3, 3, 3]
+        build_lm_index(run, "gd,if,nn", tmp_path / "idx", dtype="float32", train_rows=2, shard_rows=2,
+                       backend=backend, progress=False)
+        index = Index(tmp_path / "idx")
+        found = backend.search(index, ["gd", "if", "nn"], {m: index.method(m) for m in ("gd", "if", "nn")},
+                               Rows(run.rows("test")), 2, 1)
+    for m in ("gd", "if", "nn"):
+        for which, b in (("top", False), ("bottom", True)):
+            np.testing.assert_array_equal(found[m][which][0], local[m, b]["train_pos"])
+            np.testing.assert_allclose(found[m][which][1], local[m, b]["score"], rtol=1e-6)

@@ -282,7 +282,8 @@ def lm_server(tmp_path_factory):
     markup, served with gd, if and bm25 live."""
     from instattr.cli import main
     from instattr.serve import running
-    from test_lmrun import TEST, TRAIN, save_gpt2, write_rows
+
+    from _lm import TEST, TRAIN, save_gpt2, write_rows
     root = tmp_path_factory.mktemp("serve-lm")
     save_gpt2(root / "gpt2")
     (root / "data").mkdir()

@@ -107,14 +107,15 @@ def cmd_attribute(a) -> int:
 
 
 def _attribute_lm(a) -> int:
+    from .cli_index import backend_of
     from .lmrun import attribute_lm
     from .store import LMRun
-    given = [f for f, v in (("--limit-test", a.limit_test), ("--limit-train", a.limit_train),
-                            ("--backend ray", a.backend == "ray")) if v]
+    given = [f for f, v in (("--limit-test", a.limit_test), ("--limit-train", a.limit_train)) if v]
     if given:
         raise InstattrError(f"{given[0]} does not apply to a language-model run")
-    attribute_lm(LMRun.load(a.run), a.methods, a.split, a.overwrite, method_options(a), a.top_k, a.bottom_k,
-                 a.device, progress=not a.quiet)
+    with backend_of(a) as backend:
+        attribute_lm(LMRun.load(a.run), a.methods, a.split, a.overwrite, method_options(a), a.top_k, a.bottom_k,
+                     a.device, progress=not a.quiet, backend=backend)
     return 0
 
 

@@ -112,9 +112,10 @@ def method_args(p: argparse.ArgumentParser) -> None:
                         "LoGra's Kronecker product of orthogonal or gaussian side projections")
     g.add_argument("--damping", type=float, help="damping added to the Hessian: if, rif (default 0, the run's own "
                    "L2 alone), if-top, rif-top (default 0.1)")
-    g.add_argument("--ihvp", choices=["projected", "lissa", "explicit"],
+    g.add_argument("--ihvp", choices=["projected", "lissa", "explicit", "ekfac"],
                    help="inverse-Hessian-vector products: projected Gauss-Newton (default), LiSSA as the "
-                        "paper ran it, or the explicit Hessian (tiny models)")
+                        "paper ran it, the explicit Hessian (tiny models), or on a language-model run EK-FAC per "
+                        "tracked module (with --projection orthogonal or gaussian)")
     g.add_argument("--whiten-components", type=int, metavar="K", help="trackstar on a language-model run: "
                    "TrackStar's mixing of the queries' gradient autocorrelation into the training rows', set where "
                    "their sorted eigenvalues cross at component K (default 1000; 0: no whitening)")

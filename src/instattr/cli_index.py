@@ -47,12 +47,17 @@ def scale_options(a) -> dict:
 def cmd_index_build(a) -> int:
     from .cli_args import method_options
     from .index import build_run_index
-    from .store import Run
+    from .store import LMRun, Run, is_lm_run
     if a.ann is not None and a.ann_k < 1:
         raise InstattrError(f"--ann-k must be positive, got {a.ann_k}")
-    m = build_run_index(Run.load(a.run), a.methods, a.out, options=method_options(a), device=a.device,
-                        dtype=a.dtype, shard_rows=a.shard_rows, ann=a.ann, ann_k=a.ann_k, ann_target=a.ann_target,
-                        overwrite=a.overwrite, progress=not a.quiet, backend=backend_of(a))
+    kwargs = dict(options=method_options(a), device=a.device, dtype=a.dtype, shard_rows=a.shard_rows, ann=a.ann,
+                  ann_k=a.ann_k, ann_target=a.ann_target, overwrite=a.overwrite, progress=not a.quiet,
+                  backend=backend_of(a))
+    if is_lm_run(a.run):
+        from .index.language import build_lm_index
+        m = build_lm_index(LMRun.load(a.run), a.methods, a.out, **kwargs)
+    else:
+        m = build_run_index(Run.load(a.run), a.methods or "gd,if,nn-cos", a.out, **kwargs)
     shards = sum(len(e["shards"]) for e in m["methods"].values())
     recall = {n: e["ann"]["recall"] for n, e in m["methods"].items() if e.get("ann")}
     print(f"index {a.out}: {m['n']} training rows, {', '.join(m['methods'])} ({shards} shards, {m['dtype']})"
@@ -76,6 +81,11 @@ def cmd_query(a) -> int:
     names = a.methods.split(",") if a.methods else index.names
     if a.top_k < 1 or (a.bottom_k is not None and a.bottom_k < 1):
         raise InstattrError("--top-k and --bottom-k must be positive")
+    if index.is_lm:
+        return _query_lm(a, index, names)
+    if a.prompt is not None or a.completion is not None:
+        raise InstattrError(f"{a.index}: indexes a classifier run; --prompt and --completion are for a "
+                            "language-model run's index (give --text)")
     if (a.text is None) == (a.split is None):
         raise InstattrError("give either --text or --split")
     run = index.run()
@@ -88,11 +98,7 @@ def cmd_query(a) -> int:
         if not a.out:
             raise InstattrError("--split writes top-k files: give --out FOLDER")
         test = run.features(a.split)
-    if a.ann:
-        res = index.ann_search(names, test, a.top_k, a.bottom_k or 0)
-    else:
-        with backend_of(a) as backend:
-            res = backend.search(index, names, {n: index.method(n) for n in names}, test, a.top_k, a.bottom_k or 0)
+    res = _search(index, names, test, a)
     if a.text is None:
         return _write_split(index, res, test, a)
     ids, labels = index.ids, index.labels
@@ -109,6 +115,59 @@ def cmd_query(a) -> int:
                               for which in r}
     print(json.dumps(out, indent=2) if a.json else _table(out))
     return 0
+
+
+def _search(index, names, test, a) -> dict:
+    if a.ann:
+        return index.ann_search(names, test, a.top_k, a.bottom_k or 0)
+    with backend_of(a) as backend:
+        return backend.search(index, names, {n: index.method(n) for n in names}, test, a.top_k, a.bottom_k or 0)
+
+
+def _query_lm(a, index, names) -> int:
+    """``query`` on a language-model run's index: a prompt (its completion given, or the model's
+    greedy one) or every row of a query split."""
+    from .methods.language import Rows
+    if a.text is not None or a.query is not None:
+        raise InstattrError(f"{a.index}: indexes a language-model run; give --prompt (and --completion), not --text")
+    if (a.prompt is None) == (a.split is None):
+        raise InstattrError("give either --prompt or --split")
+    if a.completion is not None and a.prompt is None:
+        raise InstattrError("--completion needs --prompt")
+    if a.max_new_tokens < 1:
+        raise InstattrError(f"--max-new-tokens must be at least 1, got {a.max_new_tokens}")
+    run = index.run()
+    if a.split is not None:
+        if a.split not in run.splits or a.split == "train":
+            raise InstattrError(f"{run.path}: no query split {a.split!r}; the run's queries are {run.eval_split!r}")
+        if not a.out:
+            raise InstattrError("--split writes top-k files: give --out FOLDER")
+        test = Rows(run.rows(a.split))
+        return _write_split(index, _search(index, names, test, a), test, a)
+    if not a.prompt.strip():
+        raise InstattrError("query: give a non-empty --prompt")
+    completion = a.completion
+    if completion is None:
+        completion = index.method(names[0]).explainer.complete(a.prompt, a.max_new_tokens)
+    test = Rows([{"idx": "query", "prompt": a.prompt, "completion": completion}])
+    res = _search(index, names, test, a)
+    ids, train = index.ids, run.rows("train")
+    out = {"prompt": a.prompt, "completion": completion, "methods": {}}
+    for n, r in res.items():
+        out["methods"][n] = {which: [{"idx": str(ids[p]), "score": float(v), "row": train[int(p)]}
+                                     for p, v in zip(r[which][0][0], r[which][1][0]) if p >= 0] for which in r}
+    print(json.dumps(out, indent=2) if a.json else _lm_table(out))
+    return 0
+
+
+def _lm_table(out: dict, width: int = 100) -> str:
+    from .lm import row_text
+    lines = [f"prompt: {out['prompt']}", f"completion: {out['completion']}"]
+    for n, r in out["methods"].items():
+        for which, rows in r.items():
+            lines.append(f"── {n} {'supporting' if which == 'top' else 'opposing'}")
+            lines += [f"{x['score']:+#.4g} {x['idx']:<12} {' '.join(row_text(x['row']).split())[:width]}" for x in rows]
+    return "\n".join(lines)
 
 
 def _row(pos, score, ids, labels, names, examples) -> dict:
@@ -148,7 +207,8 @@ def add_commands(sub) -> None:
     isub = ix.add_subparsers(dest="index_command", required=True)
     b = isub.add_parser("build", help="write each method's training side in shards (resumable)")
     b.add_argument("--run", required=True)
-    b.add_argument("--methods", default="gd,if,nn-cos", help="'paper' or a comma-separated list (default gd,if,nn-cos)")
+    b.add_argument("--methods", help="'paper' or a comma-separated list (default gd,if,nn-cos; on a language-model "
+                   "run every method it can compute but bm25)")
     b.add_argument("--out", required=True, help="index folder")
     b.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     b.add_argument("--shard-rows", type=int, metavar="N", help="training rows per shard (a multiple of 16384; "
@@ -171,6 +231,10 @@ def add_commands(sub) -> None:
     q.add_argument("--index", required=True)
     q.add_argument("--text", help="a new text (its run's classifier featurizes it)")
     q.add_argument("--query", help="the hypothesis, for sentence-pair runs")
+    q.add_argument("--prompt", help="a language-model run's index: a new prompt")
+    q.add_argument("--completion", help="with --prompt: the completion to explain (default: the model's greedy one)")
+    q.add_argument("--max-new-tokens", type=int, default=20, help="the greedy completion's length limit "
+                   "(default 20)")
     q.add_argument("--split", help="every row of a split of the index's run (writes --out)")
     q.add_argument("--out", help="--split: folder for {method}-{split}.topk.npz")
     q.add_argument("--methods", help="comma-separated (default: every method in the index)")

@@ -22,7 +22,9 @@ H is the Gauss-Newton Hessian of the mean training loss, ``(1/n) sum_i GGN_i``, 
 Monte Carlo in the projected space (the task's drawn tokens), plus ``damping`` times its mean
 eigenvalue ``trace(H)/dim`` (a relative damping: the summed NLL's curvature grows with the rows'
 length); one matrix while the smaller of the dimension and the factor rows is at most 20,480,
-else block-diagonal over the tracked blocks (``solver.full_`` says which). Scores follow the
+else block-diagonal over the tracked blocks (``solver.full_`` says which). With ``ihvp="ekfac"``
+H is instead its eigenvalue-corrected K-FAC per tracked module (:mod:`instattr.layers.ekfac`),
+the same trace, so the same damping. Scores follow the
 library's convention: higher means the row supports the completion more. ``if`` has a stated
 scale: it is the first-order change of the completion's log-probability, in nats, per unit weight
 added to row i's term of the mean training loss; one more copy of the row among n changes it by
@@ -45,6 +47,7 @@ import torch
 from .data import records
 from .errors import InstattrError
 from .layers.attributors import MAX_EMBEDDING_BYTES
+from .layers.ekfac import EKFAC
 from .layers.ihvp import Curvature, GaussNewton
 from .layers.projection import KINDS, GradientProjector
 from .methods.similarity import unit_rows
@@ -56,6 +59,7 @@ from .task import IGNORE, CompletionMargin, LanguageModelTask
 METHODS = ("gd", "gc", "if", "rif", "trackstar", "tracin", "nn", "bm25")
 MEASUREMENTS = ("logprob", "margin")
 PLAIN = ("gd", "gc", "if", "rif")
+IHVPS = ("projected", "ekfac")       # H: the projected Gauss-Newton, or its EK-FAC per tracked module
 
 
 def _rows(data, where: str) -> List[dict]:
@@ -373,7 +377,9 @@ class LMExplainer:
     ``text`` or ``prompt`` and ``completion`` (dicts, a DataFrame or a ``datasets.Dataset``; other
     fields are kept and shown). ``layers``/``modules``: what is tracked; ``proj_dim`` k: k^2
     projected numbers per module (None: exact); ``max_length``/``stride``: the windows (default the
-    model's context and half of it); ``samples``: Monte Carlo draws per window for H;
+    model's context and half of it); ``samples``: Monte Carlo draws per window for H; ``ihvp``: H
+    itself, ``projected`` (the Gauss-Newton in the sketch space) or ``ekfac`` (its EK-FAC per tracked
+    module, :mod:`instattr.layers.ekfac`; ``projection`` then defaults to ``orthogonal``);
     ``optimizer``: Adam's state for ``trackstar`` (a state dict, an optimizer or an
     ``optimizer.pt``); ``whiten_queries``: rows (``prompt``, ``completion``) whose gradient
     autocorrelation trackstar mixes into R, ``whiten_components``: the mixing's k
@@ -386,12 +392,13 @@ class LMExplainer:
 
     def __init__(self, model, tokenizer, train, methods: Sequence[str] = PLAIN, layers: Optional[int] = None,
                  modules: Optional[Sequence[str]] = None, proj_dim: Optional[int] = 32,
-                 projection: str = "khatri-rao", damping: float = 0.1, max_length: Optional[int] = None,
+                 projection: Optional[str] = None, damping: float = 0.1, max_length: Optional[int] = None,
                  stride: Optional[int] = None, samples: int = 1, batch_size: int = 8, seed: int = 0,
                  dtype: str = "float32", optimizer=None, checkpoints: Optional[Sequence] = None,
                  checkpoint_lrs: Optional[Sequence[float]] = None, chat_template: bool = False,
                  measurement: str = "logprob", whiten_queries=None, whiten_components: int = 1000,
-                 cache=None, cache_key: Optional[str] = None, progress: Optional[bool] = None):
+                 ihvp: str = "projected", cache=None, cache_key: Optional[str] = None,
+                 progress: Optional[bool] = None):
         if isinstance(methods, str):
             methods = [m for m in methods.split(",") if m.strip()]
         unknown = [m for m in methods if m not in METHODS]
@@ -399,6 +406,8 @@ class LMExplainer:
             raise InstattrError(f"LMExplainer: no method; choose from {', '.join(METHODS)}")
         if unknown:
             raise InstattrError(f"LMExplainer: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        if projection is None:            # EK-FAC needs Kronecker sketches; else the Khatri-Rao ones
+            projection = "orthogonal" if ihvp == "ekfac" else "khatri-rao"
         if projection not in KINDS:
             raise InstattrError(f"LMExplainer: projection must be one of {', '.join(KINDS)}, got {projection!r}")
         if not isinstance(damping, (int, float)) or not damping > 0:
@@ -412,12 +421,18 @@ class LMExplainer:
         if not isinstance(whiten_components, int) or whiten_components < 0:
             raise InstattrError(f"LMExplainer: whiten_components must be an integer >= 0 (0: no whitening), got "
                                 f"{whiten_components!r}")
+        if ihvp not in IHVPS:
+            raise InstattrError(f"LMExplainer: ihvp must be one of {', '.join(IHVPS)} on a language model, got "
+                                f"{ihvp!r}")
+        if ihvp == "ekfac" and proj_dim is not None and projection == "khatri-rao":
+            raise InstattrError("LMExplainer: ihvp ekfac needs Kronecker sketches: projection orthogonal or gaussian "
+                                "(or proj_dim None, exact)")
         if dtype not in ("float32", "float64"):
             raise InstattrError(f"LMExplainer: dtype must be float32 or float64, got {dtype!r}")
         self.options_ = {"layers": layers, "modules": list(modules) if modules else None, "proj_dim": proj_dim,
                          "projection": projection, "damping": float(damping), "samples": samples, "seed": seed,
                          "dtype": dtype, "max_length": max_length, "stride": stride, "chat_template": chat_template,
-                         "measurement": measurement, "whiten_components": whiten_components}
+                         "measurement": measurement, "whiten_components": whiten_components, "ihvp": ihvp}
         self.query_task = CompletionMargin() if measurement == "margin" else None   # None: the summed NLL
         self.methods, self.damping, self.chat = list(methods), float(damping), bool(chat_template)
         if self.chat and not getattr(tokenizer, "chat_template", None):
@@ -442,17 +457,24 @@ class LMExplainer:
         self.projector = self._projector(self.forward, self.task)
         windows = self._windows(self.train, "train")
         needs_h = any(m in ("if", "rif") for m in self.methods)
-        self.train_grads = self.solver = self.trackstar_ = self._train_units = None
+        self.train_grads = self.solver = self.trackstar_ = self._train_sides = None
         self.cache, self.cache_key = (cache, cache_key) if cache is not None and cache_key else (None, None)
+        ekfac = needs_h and ihvp == "ekfac"
         if any(m in PLAIN for m in self.methods):
             factors = self._kept("factors", None) if needs_h else None
+            kfac = self._kept("kfac", None) if ekfac else None      # per module: sum a a^T, sum s s^T
             kept = self._kept("grads", None) if not needs_h or factors is not None else None
-            if kept is None or (needs_h and factors is None):
+            if kept is None or (needs_h and factors is None) or (ekfac and kfac is None):
+                if ekfac:
+                    self.projector.collect_covariances()
                 self.train_grads, factors, self.train_losses = gradients(self.projector, windows, self.batch_size,
                                                                          needs_h, bool(progress), "train gradients")
                 self._keep("grads", (self.train_grads, self.train_losses))
                 if needs_h:
                     self._keep("factors", (factors,))
+                if ekfac:
+                    kfac = [m for a, s, _ in self.projector.covariances() for m in (a, s)]
+                    self._keep("kfac", kfac)
             else:
                 self.train_grads, self.train_losses = kept
                 factors = factors[0] if factors is not None else None
@@ -491,9 +513,13 @@ class LMExplainer:
             n, dim = len(self.train), self.projector.dim
             mean_eig = float(sum(float(f.double().pow(2).sum()) for f in factors.split(4096))) / n / dim
             self.damping_absolute = self.damping * max(mean_eig, 1e-12)
-            self.solver = GaussNewton(self.damping_absolute).fit(
-                Curvature(dim=dim, n=n, factors=factors, blocks=self.projector.block_slices(),
-                          groups=list(self.projector.groups().values())))
+            if ekfac:
+                pairs = [(kfac[2 * j], kfac[2 * j + 1], 0) for j in range(len(kfac) // 2)]
+                self.solver = EKFAC(self.damping_absolute).fit(self.projector.block_slices(), pairs, factors, n)
+            else:
+                self.solver = GaussNewton(self.damping_absolute).fit(
+                    Curvature(dim=dim, n=n, factors=factors, blocks=self.projector.block_slices(),
+                              groups=list(self.projector.groups().values())))
             self._train_solved_norms = self.solver.quadratic(self.train_grads.double())
 
     def _fit_whitener(self, train: torch.Tensor, queries, components: int, state: Optional[str], progress) -> None:
@@ -561,7 +587,8 @@ class LMExplainer:
         out = {m: dict(common) for m in self.methods}
         for m in ("if", "rif"):
             if m in out and self.solver is not None:
-                out[m].update(damping_absolute=self.damping_absolute, hessian="full" if self.solver.full_ else "block")
+                out[m].update(damping_absolute=self.damping_absolute, hessian="ekfac" if isinstance(
+                    self.solver, EKFAC) else "full" if self.solver.full_ else "block")
         if "trackstar" in out:
             out["trackstar"].update(normaliser=self.trackstar_normaliser, whitened=self.whitener is not None,
                                     mixing=self.trackstar_mix)
@@ -589,7 +616,33 @@ class LMExplainer:
     def sides(self, queries) -> Tuple[Dict[str, object], torch.Tensor]:
         """(per method the two sides of its inner product, ``(query side, training side)`` float64
         tensors whose products are its scores, or for ``bm25`` the score matrix itself; the queries'
-        summed NLL). Dense scores, top-k and :func:`members` are all formed from these."""
+        summed NLL). Dense scores, top-k, :func:`members` and the index are all formed from these."""
+        asked, losses = self.query_sides(queries)
+        train = self.train_sides()
+        return {m: asked[m] if m == "bm25" else (asked[m], train[m]) for m in self.methods}, losses
+
+    def train_sides(self) -> Dict[str, torch.Tensor]:
+        """Per method but ``bm25``, the training rows' side of its inner product, (train, D),
+        made once (the index writes these in shards)."""
+        if self._train_sides is None:
+            out: Dict[str, torch.Tensor] = {}
+            if self.hidden_ is not None:
+                out["nn"] = self.hidden_
+            if self.tracin_:                    # sum_c lr_c g_q^c . g_i^c, one product of stacked sides
+                out["tracin"] = torch.cat([train for _, _, train in self.tracin_], 1)
+            if self.trackstar_ is not None:
+                out["trackstar"] = self.trackstar_grads
+            if self.train_grads is not None:
+                train = self.train_grads.double()
+                out.update(gd=train, gc=torch.as_tensor(unit_rows(train.numpy())), **{"if": train})
+                if self.solver is not None:
+                    out["rif"] = train / self._train_solved_norms.clamp_min(1e-300).sqrt()[:, None]
+            self._train_sides = {m: out[m] for m in self.methods if m != "bm25"}
+        return self._train_sides
+
+    def query_sides(self, queries) -> Tuple[Dict[str, object], torch.Tensor]:
+        """(per method the query rows' side of its inner product, float64 (queries, D), or for
+        ``bm25`` its (queries, train) score matrix; the queries' summed NLL)."""
         queries = _query_rows(queries, "queries")
         windows = self._windows(queries, "queries")
         out: Dict[str, object] = {}
@@ -597,12 +650,10 @@ class LMExplainer:
         if self.bm25_ is not None:
             out["bm25"] = self.bm25_.scores([row_text(q) for q in queries])
         if self.hidden_ is not None:
-            out["nn"] = (torch.as_tensor(unit_rows(hidden_means(self.forward, windows, self.batch_size).numpy())),
-                         self.hidden_)
-        if self.tracin_:                        # sum_c lr_c g_q^c . g_i^c, one product of stacked sides
-            out["tracin"] = (torch.cat([lr * gradients(other, windows, self.batch_size, task=self.query_task)[0]
-                                        .double() for lr, other, _ in self.tracin_], 1),
-                             torch.cat([train for _, _, train in self.tracin_], 1))
+            out["nn"] = torch.as_tensor(unit_rows(hidden_means(self.forward, windows, self.batch_size).numpy()))
+        if self.tracin_:
+            out["tracin"] = torch.cat([lr * gradients(other, windows, self.batch_size, task=self.query_task)[0]
+                                       .double() for lr, other, _ in self.tracin_], 1)
         if self.trackstar_ is not None:
             kept = self._whitened_queries
             if kept is not None and kept[0] == _digest(queries):
@@ -610,24 +661,15 @@ class LMExplainer:
             else:
                 q, _, losses = gradients(self.trackstar_, windows, self.batch_size, task=self.query_task)
             q = self.whitener(q) if self.whitener is not None else q.double()
-            out["trackstar"] = (torch.as_tensor(unit_rows(q.numpy())), self.trackstar_grads)
+            out["trackstar"] = torch.as_tensor(unit_rows(q.numpy()))
         if self.train_grads is not None:
             g, _, losses = gradients(self.projector, windows, self.batch_size, task=self.query_task)
-            g, train = g.double(), self.train_grads.double()
-            if "gd" in self.methods:
-                out["gd"] = (g, train)
-            if "gc" in self.methods:
-                if self._train_units is None:                # the training side once, not per call
-                    self._train_units = torch.as_tensor(unit_rows(train.numpy()))
-                out["gc"] = (torch.as_tensor(unit_rows(g.numpy())), self._train_units)
+            g = g.double()
+            out.update(gd=g, gc=torch.as_tensor(unit_rows(g.numpy())))
             if self.solver is not None:
                 solved = self.solver.solve(g)
-                if "if" in self.methods:
-                    out["if"] = (solved, train)
-                if "rif" in self.methods:
-                    q = (solved * g).sum(1).clamp_min(1e-300).sqrt()
-                    t = self._train_solved_norms.clamp_min(1e-300).sqrt()
-                    out["rif"] = (solved / q[:, None], train / t[:, None])
+                out["if"] = solved
+                out["rif"] = solved / (solved * g).sum(1).clamp_min(1e-300).sqrt()[:, None]
         if losses is None:
             losses = self._losses(windows)
         return {m: out[m] for m in self.methods}, losses

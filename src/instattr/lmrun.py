@@ -27,12 +27,12 @@ import numpy as np
 
 from .errors import InstattrError, RunError
 from .files import write_json, write_npz, write_text
-from .lm import METHODS, LMExplainer, LMExplanation
+from .lm import IHVPS, METHODS, LMExplainer, LMExplanation
 from .store import LMRun, open_run
 
 DEFAULT_PROJ_DIM = 32
 OPTION_KEYS = ("layers", "modules", "proj_dim", "projection", "damping", "measurement", "samples", "batch_size",
-               "whiten_components")
+               "whiten_components", "ihvp")
 
 
 @dataclass(frozen=True)
@@ -197,6 +197,12 @@ def lm_options(options: Optional[dict]) -> dict:
     other = [k for k in options if k not in OPTION_KEYS]
     if other:
         raise InstattrError(f"--{other[0].replace('_', '-')} does not apply to a language-model run")
+    if options.get("ihvp", "projected") not in IHVPS:
+        raise InstattrError(f"--ihvp {options['ihvp']}: on a language-model run --ihvp is one of {', '.join(IHVPS)}")
+    if options.get("ihvp") == "ekfac" and options.get("projection") == "khatri-rao" and \
+            options.get("proj_dim", DEFAULT_PROJ_DIM) is not None:
+        raise InstattrError("--ihvp ekfac needs Kronecker sketches: --projection orthogonal or gaussian (the default "
+                            "with ekfac), or --proj-dim 0")
     options.setdefault("proj_dim", DEFAULT_PROJ_DIM)
     if options.get("measurement") == "loss":      # the classifier's name for the log-probability measurement
         options["measurement"] = "logprob"
@@ -241,11 +247,14 @@ def explainer_of(run: LMRun, methods: Sequence[str], options: Optional[dict] = N
 
 def attribute_lm(run: LMRun, methods=None, split: Optional[str] = None, overwrite: bool = False,
                  options: Optional[dict] = None, top_k: Optional[int] = None, bottom_k: Optional[int] = None,
-                 device=None, progress: bool = True, log=print) -> Dict[str, float]:
+                 device=None, progress: bool = True, log=print, backend=None, grid=None) -> Dict[str, float]:
     """Score ``split``'s queries (default: the eval split) against every training row with each method
     (:func:`lm_methods`): ``scores/{method}-{split}.npy`` and ``.json``, or with ``top_k`` the best
     ``top_k`` (``bottom_k``: most opposing) rows per query. Stored results are kept unless ``overwrite``.
-    Returns the seconds of each method that ran (fitting shared equally)."""
+    ``backend`` (:mod:`instattr.backend`; None: here) scores top-k elsewhere: Ray's tasks score the
+    training sides' shards (bm25, which has none, is scored here); ``grid``: the scoring blocks
+    (:class:`~instattr.methods.scoring.Grid`). Returns the seconds of each method that ran (fitting
+    shared equally)."""
     from .methods.scoring import Grid, score_dense, score_top_k
     names = lm_methods(methods, run)
     opts = lm_options(options)
@@ -257,6 +266,8 @@ def attribute_lm(run: LMRun, methods=None, split: Optional[str] = None, overwrit
             raise InstattrError(f"{name} must be at least 1, got {v}")
     if bottom_k and top_k is None:
         raise InstattrError("--bottom-k needs --top-k")
+    if backend is not None and not backend.dense and top_k is None:
+        raise InstattrError(f"--backend {backend.name} writes top-k results; add --top-k K")
 
     def stored(name):
         if top_k is None:
@@ -282,12 +293,16 @@ def attribute_lm(run: LMRun, methods=None, split: Optional[str] = None, overwrit
         t0 = time.perf_counter()
         explainer = explainer_of(run, todo, opts, device, progress)
         fit = time.perf_counter() - t0
-        members = explainer.members(queries)
         config, diagnostics = explainer.config(), explainer.diagnostics()
+        grid = grid or Grid()
         if top_k is None:
-            scores = score_dense(members, len(queries), Grid())
-        else:
-            found = score_top_k(members, len(queries), top_k, bottom_k or 0, Grid())
+            scores = score_dense(explainer.members(queries), len(queries), grid)
+        elif backend is None or backend.dense:
+            found = score_top_k(explainer.members(queries), len(queries), top_k, bottom_k or 0, grid)
+        else:       # the training sides' shards scored by the backend's tasks; bm25's matrix here
+            found = _top_k_elsewhere(explainer, todo, run, queries, train, top_k, bottom_k or 0, backend, grid,
+                                     progress)
+            diagnostics = {m: dict(d, backend=backend.name) for m, d in diagnostics.items()}
         total = time.perf_counter() - t0
         for m in todo:            # one fit and one pass over the queries serve them all: each gets a share
             seconds[m] = total / len(todo)
@@ -304,6 +319,23 @@ def attribute_lm(run: LMRun, methods=None, split: Optional[str] = None, overwrit
         log(f"{', '.join(todo)}: {what} in {total:.1f} s (training side {fit:.1f} s, queries and scoring "
             f"{total - fit:.1f} s)")
     return seconds
+
+
+def _top_k_elsewhere(explainer, names, run, queries, train, k: int, bottom_k: int, backend, grid, progress) -> dict:
+    """``backend.top_k`` of the vector methods among ``names``, bm25's top-k from its matrix here."""
+    from .methods.language import QuerySides, Rows, lm_index_methods
+    from .methods.scoring import Member, score_top_k
+    shared = QuerySides(explainer)
+    found = {}
+    if "bm25" in names:
+        bm25 = shared(Rows(queries))["bm25"]
+        found = score_top_k([Member("bm25", dense=lambda rows: bm25[rows], n_train=bm25.shape[1])], len(queries), k,
+                            bottom_k, grid)
+    vector = [m for m in names if m != "bm25"]
+    if vector:
+        found.update(backend.top_k(run, lm_index_methods(explainer, vector, shared), Rows(queries), Rows(train), k,
+                                   bottom_k, grid, progress))
+    return found
 
 
 def explain_lm(run: LMRun, prompt: str, completion: Optional[str] = None, methods=None, k: int = 5,

@@ -15,7 +15,7 @@ import numpy as np
 from ..arrays import FeatureSet
 from ..methods.scoring import Grid, Member, score_top_k
 from ..methods.sides import FINISHES, Side
-from ..store import Run, read_json
+from ..store import LMRun, Run, read_json
 from .layout import IndexStoreError, read_manifest
 
 
@@ -87,13 +87,18 @@ class Index:
     def labels(self) -> np.ndarray:
         return np.load(self.root / "labels.npy")
 
+    @property
+    def is_lm(self) -> bool:
+        """Whether it indexes a language-model run (:mod:`instattr.index.language`)."""
+        return self.manifest["source"].get("kind") == "lm"
+
     def run(self) -> Run:
         """The run the index was built from (checked to be unchanged)."""
         src = self.manifest["source"]
         if "run" not in src:
             raise IndexStoreError(f"{self.root}: was built from feature arrays, not a run; it answers "
                                   "search() calls only")
-        run = Run.load(src["run"])
+        run = LMRun.load(src["run"]) if self.is_lm else Run.load(src["run"])
         from .build import run_digest
         if run_digest(run) != src.get("run_sha256"):
             raise IndexStoreError(f"{self.root}: its run {run.path} changed since the index was built; rebuild it")
@@ -106,6 +111,10 @@ class Index:
 
     def method(self, name: str):
         """The fitted method (its test side): from the saved state, or refit from the run."""
+        if name not in self._methods and self.is_lm:     # one explainer, its training side kept in the run
+            from .language import fit_lm_methods
+            entry = self._entry(name)
+            self._methods.update(fit_lm_methods(self.run(), self.names, entry.get("options", {})))
         if name not in self._methods:
             entry = self._entry(name)
             if entry["state"] is not None:

@@ -37,6 +37,13 @@ Projections (``kind``), all scaled so that E[P^T P] = I (inner products are unbi
 - ``gaussian``: the same Kronecker with N(0, 1/k) entries, as TRAK and LoGra.
 
 ``dim=None`` keeps every block exact.
+
+K-FAC's two factors in the sketch space (:meth:`GradientProjector.collect_covariances`): for a
+Kronecker block (``orthogonal``, ``gaussian`` or exact) the projected gradient is
+``sum_t s_t a_t^T`` with ``a_t = P_in x~_t`` and ``s_t = P_out delta_t``, so while they are
+collected each call also adds ``sum_t a_t a_t^T`` over the batch's real tokens (its attention mask)
+and ``sum_t s_t s_t^T`` over the task's Gauss-Newton roots (a language model's drawn tokens) to
+per-module sums (:mod:`instattr.layers.ekfac` takes their eigenvectors).
 """
 from __future__ import annotations
 
@@ -137,6 +144,7 @@ class GradientProjector:
             exact = None if t.name != final or exact_basis is None else exact_basis.T.to(self.device, self.dtype)
             self.blocks.append(self._block(t, mod, exact))
         self.offsets = np.cumsum([0] + [b.dim for b in self.blocks])
+        self._covariances: Optional[Dict[str, list]] = None      # collect_covariances(): name -> [A, S, tokens]
 
     def _block(self, t: Tracked, mod: nn.Module, exact: Optional[torch.Tensor]) -> Block:
         d_in, d_out, bias = linear_shape(mod)
@@ -166,6 +174,55 @@ class GradientProjector:
                 a, c = scales[b.name]
                 b.out_scale, b.in_scale = a.to(self.device, self.dtype), c.to(self.device, self.dtype)
         return self
+
+    def collect_covariances(self) -> "GradientProjector":
+        """From now on every :meth:`project` adds its tokens' ``a a^T`` and its Gauss-Newton roots'
+        ``s s^T`` per module (see the module docstring); :meth:`covariances` returns the sums.
+        Kronecker blocks only: the Khatri-Rao sketch has no two factors."""
+        rank_one = [b.name for b in self.blocks if b.rank_one or b.exact]
+        if rank_one:
+            raise InstattrError(f"{rank_one[0]}: the {self.kind} sketch has no Kronecker factors; EK-FAC needs "
+                                "--projection orthogonal or gaussian (or --proj-dim 0)")
+        self._covariances = {b.name: [0.0, 0.0, 0] for b in self.blocks}
+        return self
+
+    def covariances(self) -> List[Tuple[torch.Tensor, torch.Tensor, int]]:
+        """Per block, (sum of a a^T (k_in, k_in), sum of s s^T (k_out, k_out), tokens) collected so far,
+        float64 on the CPU; collecting stops."""
+        if self._covariances is None:
+            raise InstattrError("covariances: collect_covariances() was not called")
+        out = []
+        for b in self.blocks:
+            a, g, t = self._covariances[b.name]
+            if t == 0:
+                raise InstattrError(f"{b.name}: no token reached it while covariances were collected")
+            out.append((a.cpu(), g.cpu(), int(t)))
+        self._covariances = None
+        return out
+
+    def _out_side(self, block: Block, g: torch.Tensor) -> torch.Tensor:
+        """Output gradients (B, T, d_out) scaled and projected: ``P_out delta_t``."""
+        if g.dim() == 2:
+            g = g[:, None]
+        if block.out_scale is not None:
+            g = g * block.out_scale
+        return g if block.p_out is None else g @ block.p_out.T
+
+    def _add_covariances(self, out, task, batch: Dict[str, torch.Tensor], kept: Dict[tuple, dict]) -> None:
+        """Add this batch's token sums (``kept[(block, call)][scalar]``: its projected output gradients)."""
+        roots = task.curvature_roots(out).to(self.dtype)                     # (B, S, R)
+        mask = batch.get("attention_mask")
+        for (i, c), per in kept.items():
+            b = self.blocks[i]
+            x = b.inputs[c]                                                  # (B, T, k_in)
+            m = mask.to(x.device, x.dtype)[..., None] if mask is not None and mask.shape == x.shape[:2] else \
+                torch.ones_like(x[..., :1])
+            g = torch.stack([per.get(r, torch.zeros_like(next(iter(per.values())))) for r in range(roots.shape[2])], 1)
+            s = torch.einsum("bsr,brto->bsto", roots.to(g.device), g)
+            acc = self._covariances[b.name]
+            acc[0] = acc[0] + torch.einsum("bti,btj->ij", x * m, x).double()
+            acc[1] = acc[1] + torch.einsum("bsto,bstp->op", s, s).double()
+            acc[2] += int(m.sum())
 
     def _matrix(self, k: int, d: int, kind: str, tag: str) -> torch.Tensor:
         return projection_matrix(k, d, kind, self.seed, tag, self.dtype).to(self.device)
@@ -206,17 +263,16 @@ class GradientProjector:
         x = block.inputs[call]
         if block.shared[call]:                     # one set of rows, whatever the example
             g = g.reshape(1, -1, g.shape[-1])
-        else:
-            if g.dim() == 2:
-                g = g[:, None]
-            if row is not None:
-                x, g = x[row:row + 1], g[row:row + 1]
-        if block.out_scale is not None:
-            g = g * block.out_scale
-        gp = g if block.p_out is None else g @ block.p_out.T
+        elif row is not None:
+            x, g = x[row:row + 1], (g[:, None] if g.dim() == 2 else g)[row:row + 1]
+        return self._combine(block, x, self._out_side(block, g))
+
+    @staticmethod
+    def _combine(block: Block, x: torch.Tensor, gp: torch.Tensor) -> torch.Tensor:
+        """Per row, the sketch of ``sum_t gp_t x_t^T`` (Khatri-Rao entries or the Kronecker block)."""
         if block.rank_one:
             return (gp * x).sum(1)
-        return torch.einsum("bto,bti->boi", gp, x).reshape(len(g), -1)
+        return torch.einsum("bto,bti->boi", gp, x).reshape(len(gp), -1)
 
     def project(self, batch: Dict[str, torch.Tensor], task=None) -> Tuple[object, torch.Tensor]:
         """The forward pass's output and J (B, R, dim), R the scalars of ``task`` (default: the
@@ -236,6 +292,12 @@ class GradientProjector:
                 r = scalars.shape[1]
                 rows = torch.zeros(len(scalars), r, self.dim, dtype=scalars.dtype, device=scalars.device)
                 apart = any(s for b in self.blocks for s in b.shared)
+                collect = self._covariances is not None and getattr(task or self.task, "n_roots", 0) > 0 and \
+                    r > 1
+                if collect and apart:
+                    raise InstattrError("EK-FAC: a tracked module is called on rows shared by the batch; use the "
+                                        "projected Gauss-Newton Hessian")
+                kept: Dict[tuple, dict] = {}
                 targets = [(None, k) for k in range(r)] if not apart else [(j, k) for j in range(n) for k in range(r)]
                 for t, (j, k) in enumerate(targets):
                     value = scalars[:, k].sum() if j is None else scalars[j, k]
@@ -243,11 +305,15 @@ class GradientProjector:
                     for (i, c, _), g in zip(calls, grads):
                         if g is not None:
                             b, a = self.blocks[i], int(self.offsets[i])
-                            part = self._contribution(b, c, g.detach(), j)
                             if j is None:
-                                rows[:, k, a:a + b.dim] += part
+                                gp = self._out_side(b, g.detach())
+                                if collect:
+                                    kept.setdefault((i, c), {})[k] = gp
+                                rows[:, k, a:a + b.dim] += self._combine(b, b.inputs[c], gp)
                             else:
-                                rows[j, k, a:a + b.dim] += part[0]
+                                rows[j, k, a:a + b.dim] += self._contribution(b, c, g.detach(), j)[0]
+                if collect:
+                    self._add_covariances(out, task or self.task, batch, kept)
         finally:
             for h in handles:
                 h.remove()

@@ -1,0 +1,105 @@
+"""A language-model explainer's methods as scoring methods: what the index, FAISS and Ray read.
+
+A language-model method already is a training side and a query side under one inner product
+(:meth:`instattr.lm.LMExplainer.train_sides`, ``query_sides``). :class:`LMMethod` presents one of
+them as a classifier method made in its fit is presented (``streams_train`` False,
+``fitted_train_side()``, ``test_side(rows)``, ``config()``, ``finish``, ``member(test)``), and
+:class:`Rows` stands for a list of rows where that code reads a FeatureSet (``len``, ``idx``,
+``subset``). So :func:`~instattr.index.build.build_index`, ``Index.search``, the FAISS index and the
+Ray backend's shard tasks take a language-model run through their own code. ``bm25`` has no vector
+sides (its scores come from its own inverted index) and is not one of them.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+from ..errors import InstattrError
+from .scoring import Member
+from .sides import INNER_PRODUCT, Side, side
+
+NO_SIDES = ("bm25 has no vector sides to index or send to Ray (its scores come from its own inverted index); "
+            "choose among gd, gc, if, rif, trackstar, tracin and nn")
+
+
+class Rows:
+    """Rows of a language-model run (dicts with ``idx``) where the index code reads a FeatureSet:
+    ``len``, ``idx``, ``subset(rows)``; ``label`` is -1 (a row has no class)."""
+
+    def __init__(self, rows: Sequence[dict]):
+        self.rows = list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def idx(self) -> np.ndarray:
+        return np.asarray([str(r["idx"]) for r in self.rows])
+
+    @property
+    def label(self) -> np.ndarray:
+        return np.full(len(self.rows), -1, dtype=np.int64)
+
+    def subset(self, rows) -> "Rows":
+        """The rows at ``rows`` (a slice or positions)."""
+        if isinstance(rows, slice):
+            return Rows(self.rows[rows])
+        return Rows([self.rows[int(i)] for i in np.asarray(rows).ravel()])
+
+
+class QuerySides:
+    """The explainer's query sides of the last rows asked: the methods of one index share one
+    gradient pass per block of queries instead of one each."""
+
+    def __init__(self, explainer):
+        self.explainer = explainer
+        self._last = None
+
+    def __call__(self, rows: Rows) -> dict:
+        key = [(str(r.get("idx")), r.get("prompt"), r.get("completion")) for r in rows.rows]
+        if self._last is None or self._last[0] != key:
+            self._last = (key, self.explainer.query_sides(rows.rows)[0])
+        return self._last[1]
+
+
+class LMMethod:
+    """One method of a fitted :class:`~instattr.lm.LMExplainer` as an index method: its training
+    side made in the fit, its query side of query rows (``prompt``, ``completion``), scores the
+    plain inner product of the two (the explainer's own, in float32)."""
+
+    streams_train = False
+    finish = INNER_PRODUCT
+    needs = "lm"
+    state = None              # nothing to save beside the index: refit from the run, whose cache keeps it
+
+    def __init__(self, name: str, explainer, queries: Optional[QuerySides] = None):
+        if name == "bm25":
+            raise InstattrError(NO_SIDES)
+        if name not in explainer.methods:
+            raise InstattrError(f"{name}: not fitted by this explainer (has {', '.join(explainer.methods)})")
+        self.name, self.explainer = name, explainer
+        self.queries = queries or QuerySides(explainer)
+        self.key_ = ("lm", name)
+
+    def config(self) -> dict:
+        return {"method": self.name, "kind": "lm", **self.explainer.config()}
+
+    def fitted_train_side(self) -> Side:
+        return side(self.explainer.train_sides()[self.name].numpy(), key=self.key_)
+
+    def test_side(self, rows: Rows) -> Side:
+        return side(self.queries(rows)[self.name].numpy())
+
+    def member(self, test: Rows) -> Member:
+        """This method as a member of one scoring pass over ``test``."""
+        return Member(self.name, test=lambda rows: self.test_side(test.subset(rows)), train=self.fitted_train_side())
+
+
+def lm_index_methods(explainer, names: Optional[Sequence[str]] = None,
+                     shared: Optional[QuerySides] = None) -> Dict[str, LMMethod]:
+    """``names`` (default: every fitted method but bm25) of ``explainer`` as index methods sharing
+    one query pass (``shared``, or a new one)."""
+    shared = shared or QuerySides(explainer)
+    names = [m for m in explainer.methods if m != "bm25"] if names is None else list(names)
+    return {n: LMMethod(n, explainer, shared) for n in names}
