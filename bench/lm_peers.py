@@ -22,7 +22,8 @@ scoring, and its peak RSS from ``wait4``; a failure stops only that row):
 - ``instattr gd``: the projected (32 x 32 per module) gradient dot product;
 - ``instattr if``: projected influence with a Monte Carlo Gauss-Newton Hessian;
 - ``instattr if ekfac``: the same influence with that Hessian's EK-FAC per module, in an orthogonal
-  (Kronecker) sketch of the same 32 x 32 per module;
+  (Kronecker) sketch of ``--ekfac-proj-dim`` (64) squared numbers per module: EK-FAC forms no
+  dim x dim matrix, so a wider sketch costs little;
 - ``instattr trackstar``: projected gradients scaled by the last checkpoint's Adam second moments
   (factored), whitened by the training rows' autocorrelation mixed with these queries' (TrackStar's
   rule, k = 1000), cosine;
@@ -108,9 +109,9 @@ def work_instattr(spec: dict, method: str):
     tok, model, train, queries = load(spec)
     method, _, ihvp = method.partition("-")          # if-ekfac: if with ihvp ekfac
     t = time.perf_counter()
-    ex = LMExplainer(model, tok, train, methods=[method], proj_dim=spec["proj_dim"], optimizer=spec["optimizer"],
-                     batch_size=spec["batch_size"], whiten_queries=queries if method == "trackstar" else None,
-                     ihvp=ihvp or "projected")
+    ex = LMExplainer(model, tok, train, methods=[method], optimizer=spec["optimizer"], batch_size=spec["batch_size"],
+                     proj_dim=spec["ekfac_proj_dim"] if ihvp == "ekfac" else spec["proj_dim"],
+                     whiten_queries=queries if method == "trackstar" else None, ihvp=ihvp or "projected")
     scores = ex.scores(queries)[method]
     return scores, time.perf_counter() - t, {"tracked": [t.name for t in ex.tracked], "dim": ex.projector.dim}
 
@@ -333,6 +334,7 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=None, help="the first N fact queries (default all)")
     ap.add_argument("--peers", default="kronfluence,bergson", help="which peers beside instattr (comma-separated)")
     ap.add_argument("--proj-dim", type=int, default=32, help="instattr's and Bergson TrackStar's k (k x k per module)")
+    ap.add_argument("--ekfac-proj-dim", type=int, default=64, help="instattr if ekfac's k (k x k per module)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2, help="torch threads in each worker")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds before a worker is stopped")
@@ -397,6 +399,7 @@ def main() -> int:
         (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     spec = {"model": str(folder.resolve()), "train": str(tmp / "train.jsonl"), "queries": str(tmp / "queries.jsonl"),
             "tracked": tracked, "optimizer": str(optimizer) if optimizer else None, "proj_dim": a.proj_dim,
+            "ekfac_proj_dim": a.ekfac_proj_dim,
             "batch_size": a.batch_size, "threads": a.threads, "context": context, "tmp": str(tmp)}
     spec_path = tmp / "spec.json"
     spec_path.write_text(json.dumps(spec))

@@ -405,16 +405,23 @@ def test_lds_retrains_the_configuration_on_each_subset_and_resumes_after_a_stop(
     assert main(["--quiet", "evaluate", "lds", "--run", str(run_dir), "--scope", "final"]) == 2
 
 
-def test_an_index_of_the_run_answers_as_the_explainer_does_exactly_and_through_faiss(lm_run, tmp_path, capsys):
+def test_an_index_of_the_run_answers_as_the_explainer_does_exactly_and_through_faiss(lm_run, tmp_path, capsys,
+                                                                                   monkeypatch):
     """`index build` on a language-model run writes each vector method's training side; `query --split`
     and `query --prompt` find the explainer's own top rows and scores, exactly and through an IVF index
-    (one list here: exhaustive); bm25, a classifier's --text and a training split are one-line errors."""
+    (one list here: exhaustive); the four methods' query sides come from one pass over the queries,
+    however the searches cut them into blocks; bm25, a classifier's --text and a training split are
+    one-line errors."""
     root, tok, model = lm_run
     run, idx, names = str(root / "run"), str(tmp_path / "idx"), ["gd", "if", "rif", "nn"]
     ex = LMExplainer(model, tok, TRAIN, methods=names, proj_dim=32, max_length=16, stride=8)
     want = ex.scores(TEST)
+    passes, real = [], LMExplainer.query_sides
+    monkeypatch.setattr(LMExplainer, "query_sides", lambda self, q: passes.append(len(q)) or real(self, q))
+    monkeypatch.setattr("instattr.index.ann.ANN_TEST_ROWS", 2)          # the recall check in blocks of 2
     assert main(["--quiet", "index", "build", "--run", run, "--methods", ",".join(names), "--out", idx,
                  "--dtype", "float32", "--ann", "ivf"]) == 0
+    assert passes == [3]
     capsys.readouterr()
     for ann in ([], ["--ann"]):
         out = tmp_path / f"top{len(ann)}"

@@ -11,6 +11,7 @@ sides (its scores come from its own inverted index) and is not one of them.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -49,18 +50,27 @@ class Rows:
 
 
 class QuerySides:
-    """The explainer's query sides of the last rows asked: the methods of one index share one
-    gradient pass per block of queries instead of one each."""
+    """The explainer's query sides, kept per query row (the last ``keep`` rows): the methods of one
+    index share one gradient pass over a query, and the blocks that exact and approximate search
+    cut the same queries into (FAISS's recall check cuts them twice) never recompute one."""
 
-    def __init__(self, explainer):
-        self.explainer = explainer
-        self._last = None
+    def __init__(self, explainer, keep: int = 4096):
+        self.explainer, self.keep = explainer, int(keep)
+        self._kept: "OrderedDict[tuple, Dict[str, np.ndarray]]" = OrderedDict()
 
-    def __call__(self, rows: Rows) -> dict:
-        key = [(str(r.get("idx")), r.get("prompt"), r.get("completion")) for r in rows.rows]
-        if self._last is None or self._last[0] != key:
-            self._last = (key, self.explainer.query_sides(rows.rows)[0])
-        return self._last[1]
+    def __call__(self, rows: Rows) -> Dict[str, np.ndarray]:
+        """Per method, (len(rows), D) float64 query sides (bm25: its score rows)."""
+        keys = [(str(r.get("idx")), r.get("prompt"), r.get("completion")) for r in rows.rows]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._kept))
+        if missing:
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            sides = self.explainer.query_sides([rows.rows[first[k]] for k in missing])[0]
+            for j, k in enumerate(missing):
+                self._kept[k] = {m: np.asarray(v[j], dtype=np.float64) for m, v in sides.items()}
+        out = {m: np.stack([self._kept[k][m] for k in keys]) for m in self._kept[keys[0]]} if keys else {}
+        while len(self._kept) > self.keep:
+            self._kept.popitem(last=False)
+        return out
 
 
 class LMMethod:
@@ -89,7 +99,7 @@ class LMMethod:
         return side(self.explainer.train_sides()[self.name].numpy(), key=self.key_)
 
     def test_side(self, rows: Rows) -> Side:
-        return side(self.queries(rows)[self.name].numpy())
+        return side(self.queries(rows)[self.name])
 
     def member(self, test: Rows) -> Member:
         """This method as a member of one scoring pass over ``test``."""
