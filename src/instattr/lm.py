@@ -96,7 +96,10 @@ def tracked_modules(forward: CausalForward, probe: Dict[str, torch.Tensor], laye
 
 
 def row_sums(values: torch.Tensor, rows: np.ndarray, n: int) -> torch.Tensor:
-    """(n, ...) the sum of ``values`` (one per window) over each row's windows."""
+    """(n, ...) the sum of ``values`` (one per window) over each row's windows (``values`` itself when
+    every row is one window)."""
+    if len(rows) == n and np.array_equal(rows, np.arange(n)):
+        return values
     out = torch.zeros((n, *values.shape[1:]), dtype=values.dtype)
     out.index_add_(0, torch.as_tensor(rows), values)
     return out
@@ -511,7 +514,8 @@ class LMExplainer:
             self.trackstar_grads = torch.as_tensor(unit_rows(raw.numpy()))
         if needs_h:
             n, dim = len(self.train), self.projector.dim
-            mean_eig = float(sum(float(f.double().pow(2).sum()) for f in factors.split(4096))) / n / dim
+            mean_eig = sum(float(torch.linalg.vector_norm(f, dtype=torch.float64) ** 2)    # float64 sums, no copy
+                           for f in factors.split(256)) / n / dim
             self.damping_absolute = self.damping * max(mean_eig, 1e-12)
             if ekfac:
                 pairs = [(kfac[2 * j], kfac[2 * j + 1], 0) for j in range(len(kfac) // 2)]
@@ -520,7 +524,8 @@ class LMExplainer:
                 self.solver = GaussNewton(self.damping_absolute).fit(
                     Curvature(dim=dim, n=n, factors=factors, blocks=self.projector.block_slices(),
                               groups=list(self.projector.groups().values())))
-            self._train_solved_norms = self.solver.quadratic(self.train_grads.double())
+            self._train_solved_norms = torch.cat([self.solver.quadratic(c.double()) for c in   # no float64 copy
+                                                  self.train_grads.split(512)])
 
     def _fit_whitener(self, train: torch.Tensor, queries, components: int, state: Optional[str], progress) -> None:
         """TrackStar's whitening (:mod:`instattr.layers.whiten`) from the training rows' normalised
@@ -634,8 +639,10 @@ class LMExplainer:
                 out["trackstar"] = self.trackstar_grads
             if self.train_grads is not None:
                 train = self.train_grads.double()
-                out.update(gd=train, gc=torch.as_tensor(unit_rows(train.numpy())), **{"if": train})
-                if self.solver is not None:
+                out.update(gd=train, **{"if": train})
+                if "gc" in self.methods:
+                    out["gc"] = torch.as_tensor(unit_rows(train.numpy()))
+                if "rif" in self.methods:
                     out["rif"] = train / self._train_solved_norms.clamp_min(1e-300).sqrt()[:, None]
             self._train_sides = {m: out[m] for m in self.methods if m != "bm25"}
         return self._train_sides

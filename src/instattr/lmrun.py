@@ -302,7 +302,7 @@ def attribute_lm(run: LMRun, methods=None, split: Optional[str] = None, overwrit
         else:       # the training sides' shards scored by the backend's tasks; bm25's matrix here
             found = _top_k_elsewhere(explainer, todo, run, queries, train, top_k, bottom_k or 0, backend, grid,
                                      progress)
-            diagnostics = {m: dict(d, backend=backend.name) for m, d in diagnostics.items()}
+            diagnostics = {m: dict(d, backend="local" if m == "bm25" else backend.name) for m, d in diagnostics.items()}
         total = time.perf_counter() - t0
         for m in todo:            # one fit and one pass over the queries serve them all: each gets a share
             seconds[m] = total / len(todo)
