@@ -21,13 +21,15 @@ def write_rows(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def save_gpt2(folder):
+def save_gpt2(folder=None):
+    """(tokenizer, model): a tiny random GPT-2 over a word tokenizer, saved in ``folder`` when given."""
     tok, v = word_tokenizer("decoder")
     torch.manual_seed(0)
     model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=v, n_embd=16, n_layer=2, n_head=2, n_positions=16,
                                            initializer_range=0.3, bos_token_id=0, eos_token_id=2, pad_token_id=1))
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    if folder is not None:
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
     return tok, model.eval()
 
 
@@ -41,3 +43,4 @@ def make_lm_run(root):
     assert main(["--quiet", "import", "--model", str(root / "gpt2"), "--data", str(root / "data"),
                  "--out", str(root / "run")]) == 0
     return root, tok, model
+

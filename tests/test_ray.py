@@ -235,7 +235,7 @@ def test_a_language_model_run_on_ray_equals_local(local_ray, tmp_path, monkeypat
 
     from _lm import make_lm_run
     monkeypatch.setattr(build_mod, "SHARD_BLOCKS", 1)
-    root, _, _ = make_lm_run(tmp_path)
+    root, tok, model = make_lm_run(tmp_path)
     run, names, grid = LMRun.load(root / "run"), ["gd", "if", "nn", "bm25"], Grid(2, 2)   # 5 rows: 3 shards
     quiet = {"top_k": 2, "bottom_k": 1, "progress": False, "log": lambda *a: None, "grid": grid}
     attribute_lm(run, names, **quiet)
@@ -259,3 +259,35 @@ def test_a_language_model_run_on_ray_equals_local(local_ray, tmp_path, monkeypat
         for which, b in (("top", False), ("bottom", True)):
             np.testing.assert_array_equal(found[m][which][0], local[m, b]["train_pos"])
             np.testing.assert_allclose(found[m][which][1], local[m, b]["score"], rtol=1e-6)
+
+
+def test_a_language_models_gradient_passes_run_on_ray_actors_with_the_local_results(local_ray, monkeypatch):
+    """LMExplainer(backend=RayBackend()): each training gradient pass (gradients, Gauss-Newton factors,
+    EK-FAC's covariance sums) runs its batches on a pool of actors holding the projector and the
+    windows once: the same batches, so the same gradients and scores as here, bit for bit (EK-FAC's
+    sums arrive in another order: equal to rounding). The driver's own batch code is disabled while
+    Ray runs them, so nothing is computed here."""
+    import torch
+
+    import instattr.lm as lm
+    from instattr.distributed import RayBackend
+
+    from _lm import TEST, TRAIN, save_gpt2
+    tok, model = save_gpt2()
+    opts = dict(proj_dim=8, max_length=16, stride=8, batch_size=2)
+    here = {ihvp: lm.LMExplainer(model, tok, TRAIN, methods=["gd", "if"], ihvp=ihvp, **opts)
+            for ihvp in ("projected", "ekfac")}
+    want = {ihvp: ex.scores(TEST) for ihvp, ex in here.items()}
+
+    def not_here(self, j):
+        raise AssertionError("a batch ran on the driver")
+    with RayBackend() as backend:
+        with monkeypatch.context() as m:
+            m.setattr(lm.WindowBatches, "__call__", not_here)
+            there = {ihvp: lm.LMExplainer(model, tok, TRAIN, methods=["gd", "if"], ihvp=ihvp, backend=backend, **opts)
+                     for ihvp in ("projected", "ekfac")}
+    assert torch.equal(there["projected"].train_grads, here["projected"].train_grads)
+    assert torch.equal(there["projected"].train_losses, here["projected"].train_losses)
+    for m in ("gd", "if"):
+        np.testing.assert_array_equal(there["projected"].scores(TEST)[m], want["projected"][m])
+        np.testing.assert_allclose(there["ekfac"].scores(TEST)[m], want["ekfac"][m], rtol=1e-6)

@@ -50,6 +50,11 @@ class LocalBackend:
         for pos in batches:
             yield (pos, *projector.gradients(rows.batch(pos), labels[pos], factors, query))
 
+    def map_batches(self, work) -> Iterator[object]:
+        """``work(j)`` for each of its ``len(work)`` batches, in order."""
+        for j in range(len(work)):
+            yield work(j)
+
     def build_shards(self, job, todo: Sequence[int], progress: bool = False) -> Iterator[Tuple[int, Dict[str, dict]]]:
         """Write shards ``todo`` one after the other; yields (shard, its entries per method)."""
         from tqdm.auto import tqdm

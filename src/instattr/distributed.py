@@ -165,6 +165,17 @@ class GradientActor:
         return rows, g.numpy(), None if f is None else f.numpy(), x.float().numpy()
 
 
+class BatchActor:
+    """A Ray actor holding one piece of batched work (e.g. :class:`instattr.lm.WindowBatches`: a
+    projector with its model and the windows) and running its batches."""
+
+    def __init__(self, work):
+        self.work = _resolved(work)
+
+    def run(self, j: int):
+        return self.work(j)
+
+
 def _cut(encoder, groups: Sequence[Tuple[Sequence[str], Optional[Sequence[str]]]]):
     """Every group tokenized and cut into the length-sorted batches ``encoder.batches`` would cut:
     (ids, token types or None, batches of positions into ids, where each group starts)."""
@@ -456,6 +467,34 @@ class RayBackend:
             self._stop(source)
             raise InstattrError(f"--backend ray: the gradient workers for {source.run} failed: "
                                 f"{_root_cause(e)}") from None
+
+    def map_batches(self, work):
+        """``work(j)`` for each of its batches on a pool of :class:`BatchActor` (each holding ``work``
+        once, spread over the nodes; a GPU each when ``work.device`` is CUDA), in whatever order
+        they finish. A worker that fails stops the pool and raises a one-line error."""
+        if not len(work):
+            return
+        ray = connect(self.address, self.workers)
+        from ray.exceptions import RayError
+        from ray.util import ActorPool
+        size = max(1, min(_pool_size(ray, self.workers), len(work)))
+        placing = {"num_cpus": 0, "scheduling_strategy": "SPREAD"}
+        if str(getattr(work, "device", "cpu")).startswith("cuda"):
+            size = min(size, int(ray.cluster_resources().get("GPU", 0)))
+            if size < 1:
+                raise InstattrError("--backend ray: the model runs on CUDA here but the Ray cluster has no GPU; "
+                                    "pass --device cpu to run on its CPUs")
+            placing = {"num_cpus": 0, "num_gpus": 1}
+        actor = ray.remote(BatchActor).options(runtime_env=_driver_threads(), **placing)
+        ref = ray.put(work)
+        actors = [actor.remote(ref) for _ in range(size)]
+        try:
+            yield from ActorPool(actors).map_unordered(lambda a, j: a.run.remote(j), range(len(work)))
+        except RayError as e:
+            raise InstattrError(f"--backend ray: a batch worker failed: {_root_cause(e)}") from None
+        finally:
+            for a in actors:
+                ray.kill(a)
 
     def _gradient_actors(self, ray, source) -> list:
         """The actors for ``source``, started on first use and kept: a layered method asks for the

@@ -105,14 +105,45 @@ def row_sums(values: torch.Tensor, rows: np.ndarray, n: int) -> torch.Tensor:
     return out
 
 
+class WindowBatches:
+    """One :func:`gradients` pass as work a backend maps over (:mod:`instattr.backend`): batch ``j``'s
+    positions, per-window gradients (B, dim), Gauss-Newton factors (B, S, dim) or None, summed NLLs
+    (B,) and, while the projector collects them, that batch's covariance sums (EK-FAC). Picklable:
+    a Ray actor holds one copy (the projector with its model, the windows)."""
+
+    def __init__(self, projector: GradientProjector, windows: Windows, batches: List[List[int]], task, factors: bool):
+        self.projector, self.windows, self.batches, self.task = projector, windows, batches, task
+        self.factors, self.device = bool(factors), projector.device
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __call__(self, j: int):
+        pos = self.batches[j]
+        out, jac = self.projector.project(self.windows.batch(pos), self.task)
+        jac = jac.cpu()
+        per = torch.einsum("br,brd->bd", self.task.train_coefficients(out).to(jac.dtype), jac)
+        facs = torch.einsum("bsr,brd->bsd", self.task.curvature_roots(out).to(jac.dtype), jac) if self.factors \
+            else None
+        sums = self.projector.covariances(restart=True) if self.projector.collecting else None
+        return pos, per, facs, self.task.loss(out).double().cpu(), sums
+
+
+def _tensor(a) -> torch.Tensor:
+    return a if isinstance(a, torch.Tensor) else torch.tensor(np.asarray(a))
+
+
 def gradients(projector: GradientProjector, windows: Windows, batch_size: int = 8, factors: bool = False,
-              progress: Optional[bool] = False, desc: str = "", task=None) -> Tuple[torch.Tensor,
-                                                                                Optional[torch.Tensor], torch.Tensor]:
+              progress: Optional[bool] = False, desc: str = "", task=None, backend=None
+              ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """(grads (rows, dim), factors (windows * samples, dim) or None, losses (rows,)): each row's
     projected gradient of its summed NLL (``task``, default the projector's: of its scalar 0; the
     sum over its windows), the Gauss-Newton factors per window (``H = (1/n) F^T F``), and each
-    row's summed NLL."""
+    row's summed NLL. ``backend`` (:mod:`instattr.backend`, default here) computes the batches,
+    cut here: a Ray one on a pool of actors, with the same results."""
     from tqdm.auto import tqdm
+
+    from .backend import backend_or_local
     task = task or projector.task
     n_win, dim, s = len(windows), projector.dim, task.n_roots
     if n_win * dim * (1 + s * factors) * torch.finfo(projector.dtype).bits // 8 > MAX_EMBEDDING_BYTES:
@@ -123,14 +154,16 @@ def gradients(projector: GradientProjector, windows: Windows, batch_size: int = 
     per = torch.zeros(n_win, dim, dtype=projector.dtype)
     facs = torch.zeros(n_win, s, dim, dtype=projector.dtype) if factors else None
     losses = torch.zeros(n_win, dtype=torch.float64)
+    work = WindowBatches(projector, windows, list(windows.order(batch_size)), task, factors)
     with tqdm(total=n_win, desc=desc, disable=not progress, unit="window") as bar:
-        for pos in windows.order(batch_size):
-            out, jac = projector.project(windows.batch(pos), task)
-            jac = jac.cpu()
-            per[pos] = torch.einsum("br,brd->bd", task.train_coefficients(out).to(jac.dtype), jac)
+        for pos, g, f, loss, sums in backend_or_local(backend).map_batches(work):
+            pos = np.array(pos)                   # a worker's arrays may arrive read-only: copied in
+            per[pos] = _tensor(g)
             if factors:
-                facs[pos] = torch.einsum("bsr,brd->bsd", task.curvature_roots(out).to(jac.dtype), jac)
-            losses[pos] = task.loss(out).double().cpu()
+                facs[pos] = _tensor(f)
+            losses[pos] = _tensor(loss)
+            if sums is not None and projector.collecting:     # a worker's batch: its sums join ours
+                projector.add_covariances(sums)
             bar.update(len(pos))
     rows = windows.rows
     return (row_sums(per, rows, windows.n_rows), facs.reshape(n_win * s, dim) if factors else None,
@@ -390,8 +423,10 @@ class LMExplainer:
     ``checkpoints``/``checkpoint_lrs``: models or folders saved during training
     and their learning rates, for ``tracin``. ``cache`` (a folder) with ``cache_key`` (a string
     that names the model's weights and the training rows: the caller's promise) keeps the training
-    side there (``lm-*.npz``) and reads it back on a later fit with the same key and options. The
-    model is put in eval mode."""
+    side there (``lm-*.npz``) and reads it back on a later fit with the same key and options.
+    ``backend`` (:mod:`instattr.backend`; None: here) computes the training rows' gradient passes
+    (a Ray one on a pool of actors, each holding the model once; the same batches, the same
+    results). The model is put in eval mode."""
 
     def __init__(self, model, tokenizer, train, methods: Sequence[str] = PLAIN, layers: Optional[int] = None,
                  modules: Optional[Sequence[str]] = None, proj_dim: Optional[int] = 32,
@@ -401,7 +436,7 @@ class LMExplainer:
                  checkpoint_lrs: Optional[Sequence[float]] = None, chat_template: bool = False,
                  measurement: str = "logprob", whiten_queries=None, whiten_components: int = 1000,
                  ihvp: str = "projected", cache=None, cache_key: Optional[str] = None,
-                 progress: Optional[bool] = None):
+                 progress: Optional[bool] = None, backend=None):
         if isinstance(methods, str):
             methods = [m for m in methods.split(",") if m.strip()]
         unknown = [m for m in methods if m not in METHODS]
@@ -471,7 +506,8 @@ class LMExplainer:
                 if ekfac:
                     self.projector.collect_covariances()
                 self.train_grads, factors, self.train_losses = gradients(self.projector, windows, self.batch_size,
-                                                                         needs_h, bool(progress), "train gradients")
+                                                                         needs_h, bool(progress), "train gradients",
+                                                                         backend=backend)
                 self._keep("grads", (self.train_grads, self.train_losses))
                 if needs_h:
                     self._keep("factors", (factors,))
@@ -492,7 +528,7 @@ class LMExplainer:
                 except AttributeError as e:
                     raise InstattrError(f"tracin: checkpoint {c} is not the model's architecture ({e})") from None
                 g = self._made("tracin", lambda: (gradients(other, windows, self.batch_size, False, bool(progress),
-                                                            f"checkpoint {c + 1} gradients")[0],),
+                                                            f"checkpoint {c + 1} gradients", backend=backend)[0],),
                                _identity(checkpoints[c]))[0]
                 self.tracin_.append((lr, other, g.double()))
         self.whitener, self.trackstar_mix, self._whitened_queries = None, None, None
@@ -506,8 +542,8 @@ class LMExplainer:
                 self.trackstar_normaliser = "adam second moments, factored"
             state = _identity(optimizer)
             raw = self._made("trackstar-raw", lambda: (gradients(
-                self.trackstar_, windows, self.batch_size, False, bool(progress), "trackstar gradients")[0]
-                .double(),), state)[0]
+                self.trackstar_, windows, self.batch_size, False, bool(progress), "trackstar gradients",
+                backend=backend)[0].double(),), state)[0]
             if whiten_components:
                 self._fit_whitener(raw, whiten_queries, whiten_components, state, progress)
                 raw = self.whitener(raw)

@@ -227,9 +227,10 @@ def model_of(run: LMRun, device=None):
 
 
 def explainer_of(run: LMRun, methods: Sequence[str], options: Optional[dict] = None, device=None,
-                 progress: bool = False) -> LMExplainer:
-    """An :class:`~instattr.lm.LMExplainer` of the run's model and training rows, fitted for ``methods``;
-    its training side is kept under ``RUN/cache/lm-*.npz`` for the next command."""
+                 progress: bool = False, backend=None) -> LMExplainer:
+    """An :class:`~instattr.lm.LMExplainer` of the run's model and training rows, fitted for ``methods``
+    (its gradient passes on ``backend``); its training side is kept under ``RUN/cache/lm-*.npz`` for
+    the next command."""
     from .files import file_digest
     info = run.manifest.lm
     tok, model = model_of(run, device)
@@ -242,7 +243,7 @@ def explainer_of(run: LMRun, methods: Sequence[str], options: Optional[dict] = N
                        whiten_queries=run.rows(run.eval_split) if "trackstar" in methods else None,
                        checkpoints=list(info.checkpoints) if "tracin" in methods else None,
                        checkpoint_lrs=list(info.checkpoint_lrs) if "tracin" in methods else None,
-                       chat_template=info.chat_template, **opts)
+                       chat_template=info.chat_template, backend=backend, **opts)
 
 
 def attribute_lm(run: LMRun, methods=None, split: Optional[str] = None, overwrite: bool = False,
@@ -291,7 +292,7 @@ def attribute_lm(run: LMRun, methods=None, split: Optional[str] = None, overwrit
     seconds = {}
     with run.writing("attribute"):
         t0 = time.perf_counter()
-        explainer = explainer_of(run, todo, opts, device, progress)
+        explainer = explainer_of(run, todo, opts, device, progress, backend)
         fit = time.perf_counter() - t0
         config, diagnostics = explainer.config(), explainer.diagnostics()
         grid = grid or Grid()

@@ -24,11 +24,11 @@ def index_names(spec, run: LMRun) -> List[str]:
 
 
 def fit_lm_methods(run: LMRun, names: Sequence[str], options: Optional[dict] = None, device=None,
-                   progress: bool = False) -> Dict[str, LMMethod]:
+                   progress: bool = False, backend=None) -> Dict[str, LMMethod]:
     """The run's explainer fitted for ``names`` (its training side read back from ``RUN/cache``
-    when kept) as index methods."""
+    when kept, else computed on ``backend``) as index methods."""
     from ..lmrun import explainer_of
-    return lm_index_methods(explainer_of(run, list(names), options, device, progress))
+    return lm_index_methods(explainer_of(run, list(names), options, device, progress, backend))
 
 
 def build_lm_index(run: LMRun, names, out, options: Optional[dict] = None, device=None, progress: bool = True,
@@ -39,7 +39,7 @@ def build_lm_index(run: LMRun, names, out, options: Optional[dict] = None, devic
     from .build import build_index, run_digest
     names = index_names(names, run)
     opts = lm_options(options)
-    methods = fit_lm_methods(run, names, opts, device, progress)
+    methods = fit_lm_methods(run, names, opts, device, progress, kwargs.get("backend"))
     if kwargs.get("queries") is None:       # the ANN's recall is measured on held-out queries
         rows = run.rows(run.eval_split)
         pick = np.sort(np.random.default_rng(0).choice(len(rows), min(len(rows), 200), replace=False))

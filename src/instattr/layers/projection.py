@@ -186,19 +186,30 @@ class GradientProjector:
         self._covariances = {b.name: [0.0, 0.0, 0] for b in self.blocks}
         return self
 
-    def covariances(self) -> List[Tuple[torch.Tensor, torch.Tensor, int]]:
+    @property
+    def collecting(self) -> bool:
+        return self._covariances is not None
+
+    def covariances(self, restart: bool = False) -> List[Tuple[torch.Tensor, torch.Tensor, int]]:
         """Per block, (sum of a a^T (k_in, k_in), sum of s s^T (k_out, k_out), tokens) collected so far,
-        float64 on the CPU; collecting stops."""
+        float64 on the CPU; collecting stops (``restart``: goes on from zero, and a block no token
+        reached gives zeros)."""
         if self._covariances is None:
             raise InstattrError("covariances: collect_covariances() was not called")
         out = []
         for b in self.blocks:
             a, g, t = self._covariances[b.name]
-            if t == 0:
+            if t == 0 and not restart:
                 raise InstattrError(f"{b.name}: no token reached it while covariances were collected")
-            out.append((a.cpu(), g.cpu(), int(t)))
-        self._covariances = None
+            out.append((torch.as_tensor(a).cpu(), torch.as_tensor(g).cpu(), int(t)))
+        self._covariances = {b.name: [0.0, 0.0, 0] for b in self.blocks} if restart else None
         return out
+
+    def add_covariances(self, sums: List[Tuple[torch.Tensor, torch.Tensor, int]]) -> None:
+        """Add sums :meth:`covariances` gave elsewhere (a worker's batch) to those collected here."""
+        for b, (a, g, t) in zip(self.blocks, sums):
+            acc = self._covariances[b.name]
+            acc[0], acc[1], acc[2] = acc[0] + a, acc[1] + g, acc[2] + t
 
     def _out_side(self, block: Block, g: torch.Tensor) -> torch.Tensor:
         """Output gradients (B, T, d_out) scaled and projected: ``P_out delta_t``."""
