@@ -10,6 +10,9 @@ process would cut, so that every backend gives the same bits:
 - ``gradient_batches(projector, source, fs, rows, labels, batches, factors, query)``: the layered
   methods' projected gradients, batch by batch (``source`` and ``fs`` let a worker elsewhere
   rebuild the projector and the rows; ``projector`` and ``rows`` are this process's);
+- ``map_batches(work)``: ``work(j)`` for each of ``len(work)`` batches, any order elsewhere (a
+  language model's gradient pass, :class:`instattr.lm.WindowBatches`: picklable, results carry
+  their positions);
 - ``build_shards(job, todo)``: an index's shards (``job.write(i)`` writes shard i here);
 - ``top_k(run, fitted, test, train, k, bottom_k, grid)``: each method's streamed top-k;
 - ``search(index, names, methods, test, k, bottom_k)``: an index's exact top-k.

@@ -14,6 +14,10 @@
   (:class:`~instattr.layers.attributors.GradientSource`; the run folder must be one every node
   sees) and returns projected gradients and Gauss-Newton factors; the driver reduces the curvature
   (if-top, rif-top) and keeps the training side.
+- A language model's gradient passes (:class:`instattr.lm.WindowBatches`): a pool of
+  :class:`BatchActor`, each holding the work (the projector with its model, the tokenized
+  windows) once from the object store, runs the batches the local pass cuts; the driver gathers
+  them (and EK-FAC's covariance sums, in arrival order).
 - Training sides: a Ray Data ``map_batches`` over the shards of an index, run by a pool of actors
   (:class:`ShardWriter`), each holding the fitted methods and the training rows once (a GPU each
   where the cluster has them); each actor writes its shards into the index folder, which must be
