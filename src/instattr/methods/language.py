@@ -91,12 +91,16 @@ class LMMethod:
         self.name, self.explainer = name, explainer
         self.queries = queries or QuerySides(explainer)
         self.key_ = ("lm", name)
+        self._train: Optional[Side] = None
 
     def config(self) -> dict:
         return {"method": self.name, "kind": "lm", **self.explainer.config()}
 
     def fitted_train_side(self) -> Side:
-        return side(self.explainer.train_sides()[self.name].numpy(), key=self.key_)
+        """The training rows' side, float32, made once (each shard of an index takes its rows)."""
+        if self._train is None:
+            self._train = side(self.explainer.train_sides()[self.name].numpy(), key=self.key_)
+        return self._train
 
     def test_side(self, rows: Rows) -> Side:
         return side(self.queries(rows)[self.name])
