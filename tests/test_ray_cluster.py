@@ -174,3 +174,47 @@ def test_a_worker_node_lost_mid_attribute_top_k(cluster, run, capsys):
     with capsys.disabled():
         print(f"\nattribute --top-k: a worker node removed at {record.get('moment', float('nan')):.2f} s: {outcome}; "
               "the results equal the local ones")
+
+
+def test_a_worker_node_lost_mid_language_model_gradient_pass(cluster, capsys, monkeypatch):
+    """A language model's training gradient pass on the cluster's actors (LMExplainer(backend=...)):
+    a worker node removed once five batches have arrived. The fit either completes (Ray retried the
+    lost work) or stops in one line, and then the same fit runs again; either way its gradients and
+    scores are the local ones, bit for bit."""
+    import torch
+
+    from instattr.distributed import RayBackend
+    from instattr.lm import LMExplainer
+
+    from _lm import TEST, TRAIN, save_gpt2
+    tok, model = save_gpt2()
+    rows = [{**r, "idx": f"{r['idx']}-{i}"} for i in range(8) for r in TRAIN]         # 40 batches of one
+    opts = dict(methods=["gd", "if"], proj_dim=8, max_length=16, stride=8, batch_size=1)
+    local = LMExplainer(model, tok, rows, **opts)
+    arrived, real = [], RayBackend.map_batches
+
+    def counted(self, work):
+        for result in real(self, work):
+            arrived.append(1)
+            yield result
+    monkeypatch.setattr(RayBackend, "map_batches", counted)
+    thread, record = _lose_a_node_when(cluster, lambda: len(arrived) >= 5, "gradients")
+    try:
+        with RayBackend(address=cluster.address) as backend:
+            there = LMExplainer(model, tok, rows, backend=backend, **opts)
+        outcome = "completed (Ray retried the lost work)"
+    except InstattrError as e:
+        assert "\n" not in str(e)
+        thread.join()
+        _restore(cluster)
+        with RayBackend(address=cluster.address) as backend:
+            there = LMExplainer(model, tok, rows, backend=backend, **opts)
+        outcome = f"stopped in one line ({e}); the same fit ran again"
+    thread.join()
+    _restore(cluster)
+    assert torch.equal(there.train_grads, local.train_grads)
+    for m, s in there.scores(TEST).items():
+        np.testing.assert_array_equal(s, local.scores(TEST)[m])
+    with capsys.disabled():
+        print(f"\nlanguage-model gradients: a worker node removed at {record.get('moment', float('nan')):.2f} s: "
+              f"{outcome}; the gradients equal the local ones")
