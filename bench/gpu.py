@@ -8,8 +8,9 @@ config with a word-level tokenizer over the packaged SST-2's words, and runs on 
 packaged SST-2, per device: a short fine-tune (``train --mode finetune``), ``import`` of the
 checkpoint it wrote (features through the model; the sbert-* baselines through the same small
 encoder), ``attribute --methods paper`` and ``if-top``, a head-mode run and ``evaluate lds`` (its
-batched head trainer), and live explanation through ``serve``'s worker. Every step is timed and
-printed beside the other device's; then per method the mean row Spearman between the CUDA and the
+batched head trainer), and live explanation through ``serve``'s worker; a random GPT-2 over the
+same tokenizer (``import`` of a language model, ``attribute --methods gd,if --ihvp ekfac``). Every
+step is timed and printed beside the other device's; then per method the mean row Spearman between the CUDA and the
 CPU scores (on the same CPU-made checkpoint, so only the arithmetic differs), the LDS values, and
 whether live explanation agrees. Steps that cannot run (no CUDA, no faiss-gpu, a package missing
 on the machine) are listed as skipped with the reason. Meant to finish within 4 minutes.
@@ -55,6 +56,27 @@ def small_encoder(folder: Path, n_words: int = 4000) -> Path:
     BertModel(BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=128, max_position_embeddings=128)).save_pretrained(folder)
     tok.save_pretrained(folder)
+    return folder
+
+
+def small_lm(folder: Path, enc: Path, data: Path) -> Path:
+    """A 2-block, 64-wide GPT-2 with random weights over the small encoder's tokenizer, and a data
+    folder of SST-2 sentences: 300 documents and 30 prompt/completion queries."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from instattr.data import load_dataset
+    tok = AutoTokenizer.from_pretrained(enc)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                               bos_token_id=2, eos_token_id=3, pad_token_id=0)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    texts = [" ".join(e.document.lower().split()[:40]) for e in load_dataset("sst2").splits["train"].examples]
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:300]))
+    long = [t.split() for t in texts[300:] if len(t.split()) >= 7][:30]
+    (data / "test.jsonl").write_text("".join(json.dumps({"prompt": " ".join(w[:4]), "completion": " ".join(w[4:7])})
+                                             + "\n" for w in long))
     return folder
 
 
@@ -122,6 +144,7 @@ def main() -> int:
     else:
         skipped.append("cuda: torch sees no CUDA device here")
     enc = small_encoder(work / "enc")
+    lm = small_lm(work / "lm", enc, work / "lmdata")
     limits = ["--limit-train", str(a.limit_train), "--limit-eval", str(a.limit_eval)]
     steps = Steps()
     ckpt = None
@@ -135,6 +158,10 @@ def main() -> int:
             steps.cli(device, "attribute paper", ["attribute", "--run", str(d / "imp"), "--methods", "paper"])
             steps.cli(device, "attribute if-top", ["attribute", "--run", str(d / "imp"), "--methods", "if-top",
                                                    "--layers", "2"])
+        if steps.cli(device, "lm import", ["import", "--model", str(lm), "--data", str(work / "lmdata"),
+                                           "--out", str(d / "lm")]):
+            steps.cli(device, "lm attribute (ekfac)", ["attribute", "--run", str(d / "lm"), "--methods", "gd,if",
+                                                       "--ihvp", "ekfac"])
         if steps.cli(device, "head train", ["train", "--data", "sst2", "--encoder", str(enc), *limits,
                                             "--out", str(d / "head")]):
             steps.cli(device, "lds (batched heads)", ["evaluate", "lds", "--run", str(d / "head"), "--subsets", "16",
@@ -167,6 +194,12 @@ def main() -> int:
         for m in PAPER + ["if-top"]:
             if cpu.has_scores(m, "test") and gpu.has_scores(m, "test"):
                 print(f"  {m:10s} {spearman_rows(np.asarray(cpu.scores(m)), np.asarray(gpu.scores(m))):.4f}")
+        from instattr.store import LMRun
+        if all((work / d / "lm" / "scores" / "if-test.npy").exists() for d in devices):
+            cpu_lm, gpu_lm = LMRun.load(work / "cpu" / "lm"), LMRun.load(work / "cuda" / "lm")
+            for m in ("gd", "if"):
+                print(f"  lm {m:7s} {spearman_rows(np.asarray(cpu_lm.scores(m)), np.asarray(gpu_lm.scores(m))):.4f}"
+                      "  (a random GPT-2, EK-FAC)")
         for d in devices:
             p = work / d / "head" / "results" / "lds.json"
             if p.exists():

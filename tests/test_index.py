@@ -20,7 +20,11 @@ SMALL = {"train_rows": 8, "shard_rows": 16}      # 80 training rows: 5 shards of
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("idx"), "sst2", n_train=80, n_test=30)
+    """A run with each method's top-6 and bottom-4 stored (the tests below read them, in whichever
+    process pytest-xdist runs them)."""
+    run = make_run(tmp_path_factory.mktemp("idx"), "sst2", n_train=80, n_test=30)
+    attribute_run(run, METHODS, top_k=6, bottom_k=4, progress=False, log=lambda *a: None, grid=GRID)
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +35,6 @@ def index(run, tmp_path_factory):
 
 
 def test_top_k_files_equal_the_dense_top_k(run):
-    attribute_run(run, METHODS, top_k=6, bottom_k=4, progress=False, log=lambda *a: None, grid=GRID)
     attribute_run(run, METHODS, progress=False, log=lambda *a: None, grid=GRID)
     test_idx = [str(i) for i in run.features("test").idx]
     train_idx = run.features("train").idx

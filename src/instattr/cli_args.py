@@ -108,8 +108,9 @@ def method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--proj-dim", type=int, metavar="K", help="projection size: K*K numbers per linear layer "
                    "(default 32; 0 = exact gradients, tiny models only)")
     g.add_argument("--projection", choices=["khatri-rao", "orthogonal", "gaussian"],
-                   help="how each layer's gradient is sketched: khatri-rao rank-one sketches (default), or "
-                        "LoGra's Kronecker product of orthogonal or gaussian side projections")
+                   help="how each layer's gradient is sketched: khatri-rao rank-one sketches (default; orthogonal "
+                        "for if and rif with --ihvp ekfac), or LoGra's Kronecker product of orthogonal or gaussian "
+                        "side projections")
     g.add_argument("--damping", type=float, help="damping added to the Hessian: if, rif (default 0, the run's own "
                    "L2 alone), if-top, rif-top (default 0.1)")
     g.add_argument("--ihvp", choices=["projected", "lissa", "explicit", "ekfac"],

@@ -77,7 +77,7 @@ def cmd_index_verify(a) -> int:
 
 def cmd_query(a) -> int:
     from .index import Index
-    index = Index(a.index)
+    index = Index(a.index, device=a.device)
     names = a.methods.split(",") if a.methods else index.names
     if a.top_k < 1 or (a.bottom_k is not None and a.bottom_k < 1):
         raise InstattrError("--top-k and --bottom-k must be positive")

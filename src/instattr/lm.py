@@ -445,7 +445,8 @@ class LMExplainer:
         if unknown:
             raise InstattrError(f"LMExplainer: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
         if projection is None:            # EK-FAC needs Kronecker sketches; else the Khatri-Rao ones
-            projection = "orthogonal" if ihvp == "ekfac" else "khatri-rao"
+            projection = "orthogonal" if ihvp == "ekfac" and any(m in ("if", "rif") for m in methods) else \
+                "khatri-rao"
         if projection not in KINDS:
             raise InstattrError(f"LMExplainer: projection must be one of {', '.join(KINDS)}, got {projection!r}")
         if not isinstance(damping, (int, float)) or not damping > 0:

@@ -252,7 +252,8 @@ def attribute_lm(run: LMRun, methods=None, split: Optional[str] = None, overwrit
     """Score ``split``'s queries (default: the eval split) against every training row with each method
     (:func:`lm_methods`): ``scores/{method}-{split}.npy`` and ``.json``, or with ``top_k`` the best
     ``top_k`` (``bottom_k``: most opposing) rows per query. Stored results are kept unless ``overwrite``.
-    ``backend`` (:mod:`instattr.backend`; None: here) scores top-k elsewhere: Ray's tasks score the
+    ``backend`` (:mod:`instattr.backend`; None: here) runs the training rows' gradient passes and,
+    with ``top_k``, scores elsewhere: Ray's actors compute the batches and its tasks score the
     training sides' shards (bm25, which has none, is scored here); ``grid``: the scoring blocks
     (:class:`~instattr.methods.scoring.Grid`). Returns the seconds of each method that ran (fitting
     shared equally)."""

@@ -65,8 +65,8 @@ class ShardSource:
 class Index:
     """A finished index on disk (``instattr index build``)."""
 
-    def __init__(self, root):
-        self.root = Path(root)
+    def __init__(self, root, device=None):
+        self.root, self.device = Path(root), device       # device: where a refit method's model runs
         self.manifest = read_manifest(self.root)
         if not self.manifest.get("complete"):
             raise IndexStoreError(f"{self.root}: the build did not finish; rerun the same `instattr index build` "
@@ -114,7 +114,7 @@ class Index:
         if name not in self._methods and self.is_lm:     # one explainer, its training side kept in the run
             from .language import fit_lm_methods
             entry = self._entry(name)
-            self._methods.update(fit_lm_methods(self.run(), self.names, entry.get("options", {})))
+            self._methods.update(fit_lm_methods(self.run(), self.names, entry.get("options", {}), self.device))
         if name not in self._methods:
             entry = self._entry(name)
             if entry["state"] is not None:
@@ -127,7 +127,7 @@ class Index:
                     method.bind(sentence_embeddings(self.run()))
             else:
                 from ..attribution import fit_method
-                method = fit_method(self.run(), name, **entry.get("options", {}))
+                method = fit_method(self.run(), name, device=self.device, **entry.get("options", {}))
             method.n_train_ = self.n
             self._methods[name] = method
         return self._methods[name]

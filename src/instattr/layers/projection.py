@@ -230,9 +230,9 @@ class GradientProjector:
                 torch.ones_like(x[..., :1])
             g = torch.stack([per.get(r, torch.zeros_like(next(iter(per.values())))) for r in range(roots.shape[2])], 1)
             s = torch.einsum("bsr,brto->bsto", roots.to(g.device), g)
-            acc = self._covariances[b.name]
-            acc[0] = acc[0] + torch.einsum("bti,btj->ij", x * m, x).double()
-            acc[1] = acc[1] + torch.einsum("bsto,bstp->op", s, s).double()
+            acc = self._covariances[b.name]                                  # float64, on the CPU
+            acc[0] = acc[0] + torch.einsum("bti,btj->ij", x * m, x).double().cpu()
+            acc[1] = acc[1] + torch.einsum("bsto,bstp->op", s, s).double().cpu()
             acc[2] += int(m.sum())
 
     def _matrix(self, k: int, d: int, kind: str, tag: str) -> torch.Tensor:

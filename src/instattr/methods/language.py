@@ -1,9 +1,10 @@
 """A language-model explainer's methods as scoring methods: what the index, FAISS and Ray read.
 
 A language-model method already is a training side and a query side under one inner product
-(:meth:`instattr.lm.LMExplainer.train_sides`, ``query_sides``). :class:`LMMethod` presents one of
-them as a classifier method made in its fit is presented (``streams_train`` False,
-``fitted_train_side()``, ``test_side(rows)``, ``config()``, ``finish``, ``member(test)``), and
+(:meth:`instattr.lm.LMExplainer.train_sides`, ``query_sides``). :class:`LMMethod` presents each
+one as a method whose training side is made in its fit, as a classifier's layered methods are
+(``streams_train`` False, ``fitted_train_side()``, ``test_side(rows)``, ``config()``, ``finish``,
+``member(test)``), and
 :class:`Rows` stands for a list of rows where that code reads a FeatureSet (``len``, ``idx``,
 ``subset``). So :func:`~instattr.index.build.build_index`, ``Index.search``, the FAISS index and the
 Ray backend's shard tasks take a language-model run through their own code. ``bm25`` has no vector
@@ -61,6 +62,9 @@ class QuerySides:
     def __call__(self, rows: Rows) -> Dict[str, np.ndarray]:
         """Per method, (len(rows), D) float64 query sides (bm25: its score rows)."""
         keys = [(str(r.get("idx")), r.get("prompt"), r.get("completion")) for r in rows.rows]
+        for k in keys:                                  # kept rows asked again are the newest
+            if k in self._kept:
+                self._kept.move_to_end(k)
         missing = list(dict.fromkeys(k for k in keys if k not in self._kept))
         if missing:
             first = {k: i for i, k in reversed(list(enumerate(keys)))}
