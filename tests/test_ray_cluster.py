@@ -106,6 +106,28 @@ def _lose_a_node_when(cluster, ready, what):
     return t, record
 
 
+def _through_a_lost_node(cluster, ready, step, again: str):
+    """Run ``step(backend)`` on the cluster while a worker node is removed once ``ready()``; if it
+    stops, the stop is one line, the node comes back and ``step`` runs once more. (the last
+    result, how it went, the removal's record)."""
+    from instattr.distributed import RayBackend
+    thread, record = _lose_a_node_when(cluster, ready, "")
+    try:
+        with RayBackend(address=cluster.address) as backend:
+            result = step(backend)
+        outcome = "completed (Ray retried the lost work)"
+    except InstattrError as e:
+        assert "\n" not in str(e)
+        thread.join()
+        _restore(cluster)
+        with RayBackend(address=cluster.address) as backend:
+            result = step(backend)
+        outcome = f"stopped in one line ({e}); {again}"
+    thread.join()
+    _restore(cluster)
+    return result, outcome, record
+
+
 def _restore(cluster):
     while len(worker_nodes(cluster)) < 2:
         cluster.add_node(num_cpus=1)
@@ -149,27 +171,15 @@ def test_a_worker_node_lost_mid_index_build(cluster, run, tmp_path, capsys):
 
 
 def test_a_worker_node_lost_mid_attribute_top_k(cluster, run, capsys):
-    from instattr.distributed import RayBackend
     grid = Grid(4, 8)
     want = local_top_k(run, grid)
     cache = run.path / "cache"
 
     def started():
         return any(_shards(p / "index.json") >= 2 for p in cache.glob("ray-index-*"))
-    thread, record = _lose_a_node_when(cluster, started, "attribute")
-    try:
-        with RayBackend(address=cluster.address) as backend:
-            attribute_run(run, METHODS, top_k=6, bottom_k=3, grid=grid, backend=backend, overwrite=True, **QUIET)
-        outcome = "completed (Ray retried the lost work)"
-    except InstattrError as e:
-        assert "\n" not in str(e)
-        thread.join()
-        _restore(cluster)
-        with RayBackend(address=cluster.address) as backend:
-            attribute_run(run, METHODS, top_k=6, bottom_k=3, grid=grid, backend=backend, overwrite=True, **QUIET)
-        outcome = f"stopped in one line ({e}); the same command resumed"
-    thread.join()
-    _restore(cluster)
+    _, outcome, record = _through_a_lost_node(cluster, started, lambda backend: attribute_run(
+        run, METHODS, top_k=6, bottom_k=3, grid=grid, backend=backend, overwrite=True, **QUIET),
+        "the same command resumed")
     assert_same(want, run)
     with capsys.disabled():
         print(f"\nattribute --top-k: a worker node removed at {record.get('moment', float('nan')):.2f} s: {outcome}; "
@@ -198,20 +208,9 @@ def test_a_worker_node_lost_mid_language_model_gradient_pass(cluster, capsys, mo
             arrived.append(1)
             yield result
     monkeypatch.setattr(RayBackend, "map_batches", counted)
-    thread, record = _lose_a_node_when(cluster, lambda: len(arrived) >= 5, "gradients")
-    try:
-        with RayBackend(address=cluster.address) as backend:
-            there = LMExplainer(model, tok, rows, backend=backend, **opts)
-        outcome = "completed (Ray retried the lost work)"
-    except InstattrError as e:
-        assert "\n" not in str(e)
-        thread.join()
-        _restore(cluster)
-        with RayBackend(address=cluster.address) as backend:
-            there = LMExplainer(model, tok, rows, backend=backend, **opts)
-        outcome = f"stopped in one line ({e}); the same fit ran again"
-    thread.join()
-    _restore(cluster)
+    there, outcome, record = _through_a_lost_node(
+        cluster, lambda: len(arrived) >= 5, lambda backend: LMExplainer(model, tok, rows, backend=backend, **opts),
+        "the same fit ran again")
     assert torch.equal(there.train_grads, local.train_grads)
     for m, s in there.scores(TEST).items():
         np.testing.assert_array_equal(s, local.scores(TEST)[m])

@@ -709,11 +709,14 @@ class LMExplainer:
         if self.train_grads is not None:
             g, _, losses = gradients(self.projector, windows, self.batch_size, task=self.query_task)
             g = g.double()
-            out.update(gd=g, gc=torch.as_tensor(unit_rows(g.numpy())))
+            out["gd"] = g
+            if "gc" in self.methods:
+                out["gc"] = torch.as_tensor(unit_rows(g.numpy()))
             if self.solver is not None:
                 solved = self.solver.solve(g)
                 out["if"] = solved
-                out["rif"] = solved / (solved * g).sum(1).clamp_min(1e-300).sqrt()[:, None]
+                if "rif" in self.methods:
+                    out["rif"] = solved / (solved * g).sum(1).clamp_min(1e-300).sqrt()[:, None]
         if losses is None:
             losses = self._losses(windows)
         return {m: out[m] for m in self.methods}, losses
