@@ -24,6 +24,8 @@ scoring, and its peak RSS from ``wait4``; a failure stops only that row):
 - ``instattr if ekfac``: the same influence with that Hessian's EK-FAC per module, in an orthogonal
   (Kronecker) sketch of ``--ekfac-proj-dim`` (64) squared numbers per module: EK-FAC forms no
   dim x dim matrix, so a wider sketch costs little;
+- ``instattr if ekfac empirical``: the same with the empirical Fisher (H's factors are the training
+  rows' own loss gradients: one backward pass per batch instead of two);
 - ``instattr trackstar``: projected gradients scaled by the last checkpoint's Adam second moments
   (factored), whitened by the training rows' autocorrelation mixed with these queries' (TrackStar's
   rule, k = 1000), cosine;
@@ -60,6 +62,7 @@ METHODS = {                       # row name -> (peer, worker)
     "instattr gd": ("instattr", "instattr-gd"),
     "instattr if": ("instattr", "instattr-if"),
     "instattr if ekfac": ("instattr", "instattr-if-ekfac"),
+    "instattr if ekfac empirical": ("instattr", "instattr-if-ekfac-empirical"),
     "instattr trackstar": ("instattr", "instattr-trackstar"),
     "kronfluence ekfac": ("kronfluence", "kronfluence-ekfac"),
     "kronfluence identity": ("kronfluence", "kronfluence-identity"),
@@ -107,11 +110,13 @@ def tokenized(tok, rows, where: str):
 def work_instattr(spec: dict, method: str):
     from instattr.lm import LMExplainer
     tok, model, train, queries = load(spec)
-    method, _, ihvp = method.partition("-")          # if-ekfac: if with ihvp ekfac
+    method, _, ihvp = method.partition("-")          # if-ekfac(-empirical): if with ihvp ekfac (, the empirical Fisher)
+    ihvp, _, fisher = ihvp.partition("-")
     t = time.perf_counter()
     ex = LMExplainer(model, tok, train, methods=[method], optimizer=spec["optimizer"], batch_size=spec["batch_size"],
                      proj_dim=spec["ekfac_proj_dim"] if ihvp == "ekfac" else spec["proj_dim"],
-                     whiten_queries=queries if method == "trackstar" else None, ihvp=ihvp or "projected")
+                     whiten_queries=queries if method == "trackstar" else None, ihvp=ihvp or "projected",
+                     fisher=fisher or "true")
     scores = ex.scores(queries)[method]
     return scores, time.perf_counter() - t, {"tracked": [t.name for t in ex.tracked], "dim": ex.projector.dim}
 

@@ -590,6 +590,9 @@ def test_cli_method_options_reach_the_layered_methods(single, capsys):
     assert main(["--quiet", "attribute", "--run", path, "--methods", "nn-cos", "--layers", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--layers applies to none of nn-cos" in err and "if-top" in err
+    assert main(["--quiet", "attribute", "--run", path, "--methods", "if-top", "--fisher", "empirical"]) == 2
+    err = capsys.readouterr().err                          # a language-model run's option
+    assert err.count("\n") == 1 and "--fisher applies to none of if-top" in err
     assert main(["--quiet", "attribute", "--run", path, "--methods", "gd-top", "--layers", "-1",
                  "--overwrite"]) == 2
     assert "layers must be" in capsys.readouterr().err

@@ -198,10 +198,22 @@ def test_drawn_factors_average_to_the_gauss_newton_hessian():
     assert rel(torch.outer(gold, gold)) > 2.0
 
 
-def test_scores_equal_a_brute_force_influence_in_float64():
+def factor_targets(fisher: str, model, win, j, samples=2, seed=0) -> list:
+    """The target tokens of window j's Gauss-Newton factors: the task's seeded draws (the true
+    Fisher), or the window's own targets (the empirical Fisher)."""
+    if fisher == "empirical":
+        return [win.items[j].targets]
+    task = LanguageModelTask(samples, seed)
+    return [d[0].tolist() for d in task.draws(CausalForward(model)(**win.batch([j])))]
+
+
+@pytest.mark.parametrize("fisher", ["true", "empirical"])
+def test_scores_equal_a_brute_force_influence_in_float64(fisher):
+    """H = F^T F / n + damping: F the gradients at two drawn tokens per position, each scaled by
+    1/sqrt(2) (true), or the windows' own loss gradients (empirical)."""
     tok, model = tiny("gpt2")
     ex = LMExplainer(model, tok, TRAIN, layers=1, modules=None, proj_dim=None, damping=0.05, max_length=6,
-                     stride=3, samples=2, batch_size=4, dtype="float64")
+                     stride=3, samples=2, batch_size=4, dtype="float64", fisher=fisher)
     scores = ex.scores(QUERIES)
     names = [t.name[len("model."):] for t in ex.tracked]
     win, qwin = Windows(tok, TRAIN, 6, 3), Windows(tok, QUERIES, 6, 3)
@@ -209,8 +221,9 @@ def test_scores_equal_a_brute_force_influence_in_float64():
     f = []
     for j, w in enumerate(win.items):
         g[w.row] += module_grads(model, names, window_loss(model, w))
-        draws = ex.task.draws(CausalForward(model)(**win.batch([j])))
-        f += [module_grads(model, names, window_loss(model, w, d[0].tolist())) / np.sqrt(2) for d in draws]
+        targets = factor_targets(fisher, model, win, j)
+        f += [module_grads(model, names, window_loss(model, w, t)) / np.sqrt(len(targets)) for t in targets]
+    assert len(f) == len(win.items) * (1 if fisher == "empirical" else 2)
     q = torch.zeros(len(QUERIES), ex.projector.dim, dtype=torch.float64)
     for w in qwin.items:
         q[w.row] += module_grads(model, names, window_loss(model, w))
@@ -245,8 +258,8 @@ def test_scores_equal_a_brute_force_influence_in_float64():
 
 def token_sums(model, names, w, draws):
     """Per module (sum_t x~_t x~_t^T, sum_{d, t} delta_t delta_t^T) of one window alone: its inputs
-    (with a 1 for the bias) at every position and the gradients of each drawn-token loss with
-    respect to its outputs, by hooks on a plain forward."""
+    (with a 1 for the bias) at every position and the gradients of each factor's loss (at the
+    target tokens ``draws``) with respect to its outputs, by hooks on a plain forward."""
     mods = [model.get_submodule(n) for n in names]
     seen = {}
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0][0], o))) for n, m in
@@ -262,7 +275,7 @@ def token_sums(model, names, w, draws):
             x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
         s = 0
         for d in draws:
-            targets = torch.tensor(d[0].tolist())
+            targets = torch.tensor(d)
             keep = targets != IGNORE
             loss = -torch.log_softmax(logits, -1)[keep, targets[keep]].sum()
             delta = torch.autograd.grad(loss, o, retain_graph=True)[0][0]
@@ -271,16 +284,16 @@ def token_sums(model, names, w, draws):
     return out
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_ekfac_equals_a_brute_force_eigenvalue_corrected_kfac_in_float64(family):
+@pytest.mark.parametrize("family,fisher", [("gpt2", "true"), ("llama", "true"), ("llama", "empirical")])
+def test_ekfac_equals_a_brute_force_eigenvalue_corrected_kfac_in_float64(family, fisher):
     """ihvp="ekfac": per tracked module, K-FAC's eigenbasis from the tokens' input and drawn-token
-    output-gradient covariances (padding excluded: rows are batched here, alone in the brute force),
-    the eigenvalues refitted to the drawn factors, built as a dense (Q_S kron Q_A) diag(Lambda)
-    (Q_S kron Q_A)^T per module and inverted; an orthogonal sketch as wide as every module (a
-    rotation) gives the same scores."""
+    (empirical: observed-token) output-gradient covariances (padding excluded: rows are batched
+    here, alone in the brute force), the eigenvalues refitted to the same factors, built as a dense
+    (Q_S kron Q_A) diag(Lambda) (Q_S kron Q_A)^T per module and inverted; an orthogonal sketch as
+    wide as every module (a rotation) gives the same scores."""
     tok, model = tiny(family)
     opts = dict(layers=1, damping=0.05, max_length=6, stride=3, samples=2, batch_size=4, dtype="float64",
-                ihvp="ekfac")
+                ihvp="ekfac", fisher=fisher)
     ex = LMExplainer(model, tok, TRAIN, methods=["if", "rif"], proj_dim=None, **opts)
     scores = ex.scores(QUERIES)
     names = [t.name[len("model."):] for t in ex.tracked]
@@ -290,14 +303,14 @@ def test_ekfac_equals_a_brute_force_eigenvalue_corrected_kfac_in_float64(family)
     f = []
     for j, w in enumerate(win.items):
         g[w.row] += module_grads(model, names, window_loss(model, w))
-        draws = ex.task.draws(CausalForward(model)(**win.batch([j])))
-        f += [module_grads(model, names, window_loss(model, w, d[0].tolist())) for d in draws]
-        part = token_sums(model, names, w, draws)
+        targets = factor_targets(fisher, model, win, j)
+        f += [module_grads(model, names, window_loss(model, w, t)) / np.sqrt(len(targets)) for t in targets]
+        part = token_sums(model, names, w, targets)
         sums = part if sums is None else [(a + a2, s + s2) for (a, s), (a2, s2) in zip(sums, part)]
     q = torch.zeros(len(QUERIES), ex.projector.dim, dtype=torch.float64)
     for w in qwin.items:
         q[w.row] += module_grads(model, names, window_loss(model, w))
-    f = torch.stack(f) / np.sqrt(2)                           # H = F^T F / n, as the projected solver's
+    f = torch.stack(f)                                        # H = F^T F / n, as the projected solver's
     blocks, start = [], 0
     for a, s in sums:
         q_a, q_s = torch.linalg.eigh(a)[1], torch.linalg.eigh(s)[1]

@@ -55,6 +55,14 @@ def test_attribute_writes_the_explainers_scores_and_top_k_equals_sorting_them(lm
         assert got.shape == (3, 5) and run.score_info(m, "test")["train_idx"] == ["d0", "d1", "d2", "d3", "p0"]
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-5 * np.abs(want).max(), err_msg=m)
     assert run.score_info("if", "test")["diagnostics"]["hessian"] == "full"
+    assert run.score_info("if", "test")["diagnostics"]["fisher"] == "true"
+    assert main(["--quiet", "attribute", "--run", str(root / "run"), "--methods", "rif", "--fisher", "empirical",
+                 "--overwrite"]) == 0
+    want = LMExplainer(model, tok, TRAIN, methods=["rif"], proj_dim=32, max_length=16, stride=8,
+                       fisher="empirical").scores(TEST)["rif"]
+    np.testing.assert_allclose(run.scores("rif", "test"), want, rtol=2e-4, atol=1e-5)
+    assert run.score_info("rif", "test")["diagnostics"]["fisher"] == "empirical"
+    assert np.abs(want - ref["rif"]).max() > 1e-3           # not the true Fisher's
     before = run.score_info("gd", "test")["sha256"]      # other options than the stored scores': refused, kept
     assert main(["--quiet", "attribute", "--run", str(root / "run"), "--methods", "gd", "--proj-dim", "8"]) == 2
     assert run.score_info("gd", "test")["sha256"] == before

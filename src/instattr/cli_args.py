@@ -117,6 +117,10 @@ def method_args(p: argparse.ArgumentParser) -> None:
                    help="inverse-Hessian-vector products: projected Gauss-Newton (default), LiSSA as the "
                         "paper ran it, the explicit Hessian (tiny models), or on a language-model run EK-FAC per "
                         "tracked module (with --projection orthogonal or gaussian)")
+    g.add_argument("--fisher", choices=["true", "empirical"], help="if and rif on a language-model run: H's "
+                   "factors are gradients at tokens drawn from the model (true, default: the Gauss-Newton) or at "
+                   "the observed tokens (empirical: one backward pass per batch, no factors kept beside the "
+                   "gradients)")
     g.add_argument("--whiten-components", type=int, metavar="K", help="trackstar on a language-model run: "
                    "TrackStar's mixing of the queries' gradient autocorrelation into the training rows', set where "
                    "their sorted eigenvalues cross at component K (default 1000; 0: no whitening)")
@@ -129,7 +133,7 @@ def method_args(p: argparse.ArgumentParser) -> None:
 def method_options(a) -> dict:
     """The method options given on the command line (only those given)."""
     opts = {k: getattr(a, k) for k in ("layers", "projection", "damping", "ihvp", "measurement", "checkpoints",
-                                       "checkpoint_lrs", "whiten_components") if getattr(a, k) is not None}
+                                       "checkpoint_lrs", "whiten_components", "fisher") if getattr(a, k) is not None}
     if a.modules is not None:
         opts["modules"] = [m.strip() for m in a.modules.split(",") if m.strip()]
     if a.proj_dim is not None:

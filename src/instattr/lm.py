@@ -19,7 +19,9 @@ windows'. With ``g_q`` the query's and ``g_i`` row i's projected gradient:
     bm25 = BM25 of the row's words for the query's prompt and completion (the lexical baseline)
 
 H is the Gauss-Newton Hessian of the mean training loss, ``(1/n) sum_i GGN_i``, estimated by
-Monte Carlo in the projected space (the task's drawn tokens), plus ``damping`` times its mean
+Monte Carlo in the projected space (the task's drawn tokens; with ``fisher="empirical"`` the
+empirical Fisher ``(1/n) sum_i g_i g_i^T`` of the rows' windows instead, one backward pass per batch
+and no factors kept beside the gradients), plus ``damping`` times its mean
 eigenvalue ``trace(H)/dim`` (a relative damping: the summed NLL's curvature grows with the rows'
 length); one matrix while the smaller of the dimension and the factor rows is at most 20,480,
 else block-diagonal over the tracked blocks (``solver.full_`` says which). With ``ihvp="ekfac"``
@@ -60,6 +62,7 @@ METHODS = ("gd", "gc", "if", "rif", "trackstar", "tracin", "nn", "bm25")
 MEASUREMENTS = ("logprob", "margin")
 PLAIN = ("gd", "gc", "if", "rif")
 IHVPS = ("projected", "ekfac")       # H: the projected Gauss-Newton, or its EK-FAC per tracked module
+FISHERS = ("true", "empirical")      # H's factors: gradients at drawn tokens, or at the observed ones
 
 
 def _rows(data, where: str) -> List[dict]:
@@ -146,20 +149,22 @@ def gradients(projector: GradientProjector, windows: Windows, batch_size: int = 
     from .backend import backend_or_local
     task = task or projector.task
     n_win, dim, s = len(windows), projector.dim, task.n_roots
-    if n_win * dim * (1 + s * factors) * torch.finfo(projector.dtype).bits // 8 > MAX_EMBEDDING_BYTES:
-        raise InstattrError(f"{n_win} windows x {dim} projected numbers{' x factors' if factors else ''} do not fit "
-                            "in memory; lower proj_dim or track fewer modules")
     if not factors and hasattr(task, "loss_only"):
         task = task.loss_only()                  # one backward pass: the drawn scalars are not needed
+    same = factors and getattr(task, "empirical", False)        # the factors are the gradients: kept once
+    if n_win * dim * (1 + s * (factors and not same)) * torch.finfo(projector.dtype).bits // 8 > MAX_EMBEDDING_BYTES:
+        raise InstattrError(f"{n_win} windows x {dim} projected numbers{' x factors' if factors else ''} do not fit "
+                            "in memory; lower proj_dim or track fewer modules")
     per = torch.zeros(n_win, dim, dtype=projector.dtype)
-    facs = torch.zeros(n_win, s, dim, dtype=projector.dtype) if factors else None
+    facs = per.view(n_win, 1, dim) if same else torch.zeros(n_win, s, dim, dtype=projector.dtype) if factors \
+        else None
     losses = torch.zeros(n_win, dtype=torch.float64)
-    work = WindowBatches(projector, windows, list(windows.order(batch_size)), task, factors)
+    work = WindowBatches(projector, windows, list(windows.order(batch_size)), task, factors and not same)
     with tqdm(total=n_win, desc=desc, disable=not progress, unit="window") as bar:
         for pos, g, f, loss, sums in backend_or_local(backend).map_batches(work):
             pos = np.array(pos)                   # a worker's arrays may arrive read-only: copied in
             per[pos] = _tensor(g)
-            if factors:
+            if factors and not same:
                 facs[pos] = _tensor(f)
             losses[pos] = _tensor(loss)
             if sums is not None and projector.collecting:     # a worker's batch: its sums join ours
@@ -413,7 +418,8 @@ class LMExplainer:
     ``text`` or ``prompt`` and ``completion`` (dicts, a DataFrame or a ``datasets.Dataset``; other
     fields are kept and shown). ``layers``/``modules``: what is tracked; ``proj_dim`` k: k^2
     projected numbers per module (None: exact); ``max_length``/``stride``: the windows (default the
-    model's context and half of it); ``samples``: Monte Carlo draws per window for H; ``ihvp``: H
+    model's context and half of it); ``samples``: Monte Carlo draws per window for H; ``fisher``:
+    ``true`` (those draws) or ``empirical`` (the windows' own loss gradients); ``ihvp``: H
     itself, ``projected`` (the Gauss-Newton in the sketch space) or ``ekfac`` (its EK-FAC per tracked
     module, :mod:`instattr.layers.ekfac`; ``projection`` then defaults to ``orthogonal``);
     ``optimizer``: Adam's state for ``trackstar`` (a state dict, an optimizer or an
@@ -435,7 +441,7 @@ class LMExplainer:
                  dtype: str = "float32", optimizer=None, checkpoints: Optional[Sequence] = None,
                  checkpoint_lrs: Optional[Sequence[float]] = None, chat_template: bool = False,
                  measurement: str = "logprob", whiten_queries=None, whiten_components: int = 1000,
-                 ihvp: str = "projected", cache=None, cache_key: Optional[str] = None,
+                 ihvp: str = "projected", fisher: str = "true", cache=None, cache_key: Optional[str] = None,
                  progress: Optional[bool] = None, backend=None):
         if isinstance(methods, str):
             methods = [m for m in methods.split(",") if m.strip()]
@@ -463,6 +469,8 @@ class LMExplainer:
         if ihvp not in IHVPS:
             raise InstattrError(f"LMExplainer: ihvp must be one of {', '.join(IHVPS)} on a language model, got "
                                 f"{ihvp!r}")
+        if fisher not in FISHERS:
+            raise InstattrError(f"LMExplainer: fisher must be one of {', '.join(FISHERS)}, got {fisher!r}")
         if ihvp == "ekfac" and proj_dim is not None and projection == "khatri-rao":
             raise InstattrError("LMExplainer: ihvp ekfac needs Kronecker sketches: projection orthogonal or gaussian "
                                 "(or proj_dim None, exact)")
@@ -471,7 +479,8 @@ class LMExplainer:
         self.options_ = {"layers": layers, "modules": list(modules) if modules else None, "proj_dim": proj_dim,
                          "projection": projection, "damping": float(damping), "samples": samples, "seed": seed,
                          "dtype": dtype, "max_length": max_length, "stride": stride, "chat_template": chat_template,
-                         "measurement": measurement, "whiten_components": whiten_components, "ihvp": ihvp}
+                         "measurement": measurement, "whiten_components": whiten_components, "ihvp": ihvp,
+                         "fisher": fisher}
         self.query_task = CompletionMargin() if measurement == "margin" else None   # None: the summed NLL
         self.methods, self.damping, self.chat = list(methods), float(damping), bool(chat_template)
         if self.chat and not getattr(tokenizer, "chat_template", None):
@@ -488,7 +497,7 @@ class LMExplainer:
         if next(model.parameters()).dtype != getattr(torch, dtype):      # a copy in the asked dtype
             model = copy.deepcopy(model).to(getattr(torch, dtype))
         self.forward = CausalForward(model).eval()           # the model is put in eval mode (no dropout)
-        self.task = LanguageModelTask(samples, seed)
+        self.task = LanguageModelTask(samples, seed, empirical=fisher == "empirical")
         probe = Windows(tokenizer, [{"text": "a probe of the forward pass"}], self.max_length).batch(
             [0], next(model.parameters()).device)
         self.tracked = tracked_modules(self.forward, probe, layers, modules)
@@ -531,7 +540,7 @@ class LMExplainer:
                 g = self._made("tracin", lambda: (gradients(other, windows, self.batch_size, False, bool(progress),
                                                             f"checkpoint {c + 1} gradients", backend=backend)[0],),
                                _identity(checkpoints[c]))[0]
-                self.tracin_.append((lr, other, g.double()))
+                self.tracin_.append((lr, other, g))
         self.whitener, self.trackstar_mix, self._whitened_queries = None, None, None
         if "trackstar" in self.methods:
             self.trackstar_ = self._projector(self.forward, self.task)
@@ -548,21 +557,32 @@ class LMExplainer:
             if whiten_components:
                 self._fit_whitener(raw, whiten_queries, whiten_components, state, progress)
                 raw = self.whitener(raw)
-            self.trackstar_grads = torch.as_tensor(unit_rows(raw.numpy()))
+            self.trackstar_grads = torch.as_tensor(unit_rows(raw.numpy())).to(self.projector.dtype)
+        self._solved_norms = None
         if needs_h:
             n, dim = len(self.train), self.projector.dim
-            mean_eig = sum(float(torch.linalg.vector_norm(f, dtype=torch.float64) ** 2)    # float64 sums, no copy
-                           for f in factors.split(256)) / n / dim
+            if ekfac:             # its eigenvalues sum to trace(H): the mean eigenvalue without another pass
+                pairs = [(kfac[2 * j], kfac[2 * j + 1], 0) for j in range(len(kfac) // 2)]
+                self.solver = EKFAC(1.0).fit(self.projector.block_slices(), pairs, factors, n)
+                mean_eig = self.solver.mean_eigenvalue
+            else:
+                mean_eig = sum(float(torch.linalg.vector_norm(f, dtype=torch.float64) ** 2)    # float64, no copy
+                               for f in factors.split(256)) / n / dim
             self.damping_absolute = self.damping * max(mean_eig, 1e-12)
             if ekfac:
-                pairs = [(kfac[2 * j], kfac[2 * j + 1], 0) for j in range(len(kfac) // 2)]
-                self.solver = EKFAC(self.damping_absolute).fit(self.projector.block_slices(), pairs, factors, n)
+                self.solver.damping = self.damping_absolute
             else:
                 self.solver = GaussNewton(self.damping_absolute).fit(
                     Curvature(dim=dim, n=n, factors=factors, blocks=self.projector.block_slices(),
                               groups=list(self.projector.groups().values())))
-            self._train_solved_norms = torch.cat([self.solver.quadratic(c.double()) for c in   # no float64 copy
-                                                  self.train_grads.split(512)])
+
+    @property
+    def _train_solved_norms(self) -> torch.Tensor:
+        """(train,) float64 ``g_i^T (H + damping I)^-1 g_i``, made when first asked (rif, self-influence)."""
+        if self._solved_norms is None:
+            self._solved_norms = torch.cat([self.solver.quadratic(c.double()) for c in   # no float64 copy
+                                            self.train_grads.split(512)])
+        return self._solved_norms
 
     def _fit_whitener(self, train: torch.Tensor, queries, components: int, state: Optional[str], progress) -> None:
         """TrackStar's whitening (:mod:`instattr.layers.whiten`) from the training rows' normalised
@@ -588,7 +608,8 @@ class LMExplainer:
         import json
         from pathlib import Path
         what = [self.cache_key, name, extra, [t.name for t in self.tracked], self._sketch, self.max_length, self.stride,
-                self.chat, self.batch_size, self.task.samples, str(self.projector.dtype), len(self.train)]
+                self.chat, self.batch_size, self.task.samples, str(self.projector.dtype), len(self.train)] + \
+            (["empirical"] if self.task.empirical and name in ("factors", "kfac") else [])   # H's; others as before
         return Path(self.cache) / f"lm-{name}-{hashlib.sha1(json.dumps(what).encode()).hexdigest()[:16]}.npz"
 
     def _kept(self, name: str, default, extra: Optional[str] = ""):
@@ -630,7 +651,8 @@ class LMExplainer:
         for m in ("if", "rif"):
             if m in out and self.solver is not None:
                 out[m].update(damping_absolute=self.damping_absolute, hessian="ekfac" if isinstance(
-                    self.solver, EKFAC) else "full" if self.solver.full_ else "block")
+                    self.solver, EKFAC) else "full" if self.solver.full_ else "block",
+                    fisher="empirical" if self.task.empirical else "true")
         if "trackstar" in out:
             out["trackstar"].update(normaliser=self.trackstar_normaliser, whitened=self.whitener is not None,
                                     mixing=self.trackstar_mix)
@@ -653,11 +675,16 @@ class LMExplainer:
     def _scores(self, queries) -> Tuple[Dict[str, np.ndarray], torch.Tensor]:
         """(scores, the queries' summed NLL)."""
         sides, losses = self.sides(queries)
-        return {m: s if isinstance(s, np.ndarray) else (s[0] @ s[1].T).numpy() for m, s in sides.items()}, losses
+
+        def product(q, train):            # float64, the training side widened ~32 MB at a time
+            rows = max(1, (1 << 25) // (8 * max(train.shape[1], 1)))
+            return torch.cat([q @ part.double().T for part in train.split(rows)], 1).numpy()
+        return {m: s if isinstance(s, np.ndarray) else product(*s) for m, s in sides.items()}, losses
 
     def sides(self, queries) -> Tuple[Dict[str, object], torch.Tensor]:
-        """(per method the two sides of its inner product, ``(query side, training side)`` float64
-        tensors whose products are its scores, or for ``bm25`` the score matrix itself; the queries'
+        """(per method the two sides of its inner product, ``(query side, training side)`` tensors
+        (the query side float64, the training side as kept: the explainer's dtype for the gradient
+        methods) whose products are its scores, or for ``bm25`` the score matrix itself; the queries'
         summed NLL). Dense scores, top-k, :func:`members` and the index are all formed from these."""
         asked, losses = self.query_sides(queries)
         train = self.train_sides()
@@ -665,7 +692,8 @@ class LMExplainer:
 
     def train_sides(self) -> Dict[str, torch.Tensor]:
         """Per method but ``bm25``, the training rows' side of its inner product, (train, D),
-        made once (the index writes these in shards)."""
+        made once (the index writes these in shards); the gradient methods' in the explainer's dtype,
+        gd and if one tensor, the kept gradients themselves (no float64 copy of the training side)."""
         if self._train_sides is None:
             out: Dict[str, torch.Tensor] = {}
             if self.hidden_ is not None:
@@ -675,12 +703,12 @@ class LMExplainer:
             if self.trackstar_ is not None:
                 out["trackstar"] = self.trackstar_grads
             if self.train_grads is not None:
-                train = self.train_grads.double()
+                train = self.train_grads
                 out.update(gd=train, **{"if": train})
                 if "gc" in self.methods:
-                    out["gc"] = torch.as_tensor(unit_rows(train.numpy()))
+                    out["gc"] = torch.as_tensor(unit_rows(train.numpy())).to(train.dtype)
                 if "rif" in self.methods:
-                    out["rif"] = train / self._train_solved_norms.clamp_min(1e-300).sqrt()[:, None]
+                    out["rif"] = train / self._train_solved_norms.clamp_min(1e-300).sqrt().to(train.dtype)[:, None]
             self._train_sides = {m: out[m] for m in self.methods if m != "bm25"}
         return self._train_sides
 
@@ -749,7 +777,7 @@ class LMExplainer:
         if method == "gd":
             return self.train_grads.double().pow(2).sum(1).numpy()
         if method == "tracin":
-            return sum(lr * train.pow(2).sum(1) for lr, _, train in self.tracin_).numpy()
+            return sum(lr * train.double().pow(2).sum(1) for lr, _, train in self.tracin_).numpy()
         if method == "rif":      # rif(i, j) = u_i^T H^-1 u_j with u_i = g_i / sqrt(g_i^T H^-1 g_i): one solve
             n = len(self.train_grads)
             u = self.train_grads.double() / self._train_solved_norms.clamp_min(1e-300).sqrt()[:, None]

@@ -32,7 +32,7 @@ from .store import LMRun, open_run
 
 DEFAULT_PROJ_DIM = 32
 OPTION_KEYS = ("layers", "modules", "proj_dim", "projection", "damping", "measurement", "samples", "batch_size",
-               "whiten_components", "ihvp")
+               "whiten_components", "ihvp", "fisher")
 
 
 @dataclass(frozen=True)

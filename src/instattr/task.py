@@ -36,7 +36,10 @@ J^T (diag p - p p^T) J`` (the softmax cross-entropy's Fisher equals its GGN), an
 different positions are independent with mean-zero gradients, so ``E[grad L~ grad L~^T]`` is the
 row's GGN summed over its positions; the roots are ``e_s / sqrt(samples)``. The draws are seeded
 by ``seed`` and a window's scored tokens and their positions, so a window gets the same draws in
-any batch (two windows alike in those get the same draws).
+any batch (two windows alike in those get the same draws). With ``empirical=True`` the factor is
+``grad L`` itself, at the observed tokens (the empirical Fisher ``(1/n) sum_i grad L_i grad L_i^T``,
+which equals the GGN only where the model's predictions match the data): nothing is drawn, the
+one scalar is ``L``, and a training pass needs one backward pass instead of ``1 + samples``.
 
 :class:`CompletionMargin` is a language model's query measured by its completion's summed
 per-token margin ``sum_t (z_{y_t} - logsumexp_{v != y_t} z_v)`` instead of its log-probability
@@ -133,15 +136,16 @@ class ClassificationTask:
 class LanguageModelTask:
     """Summed next-token cross-entropy over scored tokens (see the module docstring)."""
 
-    def __init__(self, samples: int = 1, seed: int = 0, draw: bool = True):
+    def __init__(self, samples: int = 1, seed: int = 0, draw: bool = True, empirical: bool = False):
         if int(samples) < 1:
             raise InstattrError(f"samples must be a positive integer, got {samples}")
-        self.samples, self.seed, self.draw = int(samples), int(seed), bool(draw)
+        self.samples, self.seed, self.empirical = int(samples), int(seed), bool(empirical)
+        self.draw = bool(draw) and not self.empirical
 
     def loss_only(self) -> "LanguageModelTask":
         """The same task without the drawn scalars (R = 1): when no curvature is needed, one
         backward pass instead of 1 + samples."""
-        return LanguageModelTask(self.samples, self.seed, draw=False)
+        return self if self.empirical else LanguageModelTask(self.samples, self.seed, draw=False)
 
     @property
     def n_scalars(self) -> int:
@@ -149,7 +153,12 @@ class LanguageModelTask:
 
     @property
     def n_roots(self) -> int:
-        return self.samples
+        return 1 if self.empirical else self.samples
+
+    @property
+    def has_roots(self) -> bool:
+        """Whether :meth:`scalars` carries what :meth:`curvature_roots` combines (not after :meth:`loss_only`)."""
+        return self.draw or self.empirical
 
     def _nll(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(B,) the NLL summed over the positions whose target is not ignored."""
@@ -194,7 +203,10 @@ class LanguageModelTask:
         return self._unit(out, 0)
 
     def curvature_roots(self, out) -> torch.Tensor:
-        """(B, samples, 1 + samples): row s picks the drawn NLL s, scaled by 1/sqrt(samples)."""
+        """(B, samples, 1 + samples): row s picks the drawn NLL s, scaled by 1/sqrt(samples); empirical:
+        (B, 1, 1), the NLL itself."""
+        if self.empirical:
+            return torch.ones(len(out.targets), 1, 1, dtype=torch.float64)
         roots = torch.zeros(len(out.targets), self.samples, self.n_scalars, dtype=torch.float64)
         roots[:, torch.arange(self.samples), 1 + torch.arange(self.samples)] = self.samples ** -0.5
         return roots

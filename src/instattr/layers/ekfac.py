@@ -55,8 +55,9 @@ class EKFAC:
             q_a = torch.linalg.eigh(a.double())[1]
             q_s = torch.linalg.eigh(s.double())[1]
             lam = torch.zeros(k_out, k_in, dtype=torch.float64)
+            s_t, a_t = q_s.T.to(factors.dtype), q_a.to(factors.dtype)      # rotated in the factors' precision
             for f in factors.split(CHUNK):
-                lam += (q_s.T @ f[:, sl].double().reshape(-1, k_out, k_in) @ q_a).pow(2).sum(0)
+                lam += (s_t @ f[:, sl].reshape(-1, k_out, k_in) @ a_t).pow(2).sum(0, dtype=torch.float64)
             self.blocks_.append((sl, q_s, q_a, lam / n))
         return self
 

@@ -304,7 +304,7 @@ class GradientProjector:
                 rows = torch.zeros(len(scalars), r, self.dim, dtype=scalars.dtype, device=scalars.device)
                 apart = any(s for b in self.blocks for s in b.shared)
                 collect = self._covariances is not None and getattr(task or self.task, "n_roots", 0) > 0 and \
-                    r > 1
+                    getattr(task or self.task, "has_roots", r > 1)
                 if collect and apart:
                     raise InstattrError("EK-FAC: a tracked module is called on rows shared by the batch; use the "
                                         "projected Gauss-Newton Hessian")
