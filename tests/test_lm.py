@@ -332,6 +332,39 @@ def test_ekfac_equals_a_brute_force_eigenvalue_corrected_kfac_in_float64(family,
         LMExplainer(model, tok, TRAIN, methods=["if"], proj_dim=4, projection="khatri-rao", ihvp="ekfac")
 
 
+def test_the_empirical_fishers_factors_are_the_rows_gradients_kept_once(tmp_path):
+    """With one window per row the empirical Fisher's factors are the rows' gradients: one tensor in
+    memory, no factors file in the cache, and a fit from the cache gives the same scores. With a
+    row cut into windows they are the windows' gradients, kept."""
+    tok, model = tiny("gpt2")
+    opts = dict(methods=["if", "rif"], layers=1, proj_dim=4, fisher="empirical", cache=tmp_path, cache_key="k")
+    ex = LMExplainer(model, tok, TRAIN, **opts)
+    assert ex.solver.dual_ and ex.solver.factors_.data_ptr() == ex.train_grads.data_ptr()    # held once
+    assert not list(tmp_path.glob("lm-factors-*")) and list(tmp_path.glob("lm-grads-*"))
+    again = LMExplainer(model, tok, TRAIN, **opts)
+    for m in ("if", "rif"):
+        np.testing.assert_allclose(again.scores(QUERIES)[m], ex.scores(QUERIES)[m], rtol=1e-10, err_msg=m)
+    cut = LMExplainer(model, tok, TRAIN, max_length=6, stride=3, **opts)           # windows: factors kept
+    assert len(list(tmp_path.glob("lm-factors-*"))) == 1
+    np.testing.assert_allclose(LMExplainer(model, tok, TRAIN, max_length=6, stride=3, **opts).scores(QUERIES)["if"],
+                               cut.scores(QUERIES)["if"], rtol=1e-10)
+
+
+def test_narrowing_the_methods_for_a_while_leaves_every_method_scorable():
+    """serve narrows ``methods`` to what a live request asks; the training sides made then must not
+    stand in for the others' later."""
+    tok, model = tiny("gpt2")
+    ex = LMExplainer(model, tok, TRAIN, methods=["gd", "gc", "if", "rif"], layers=1, proj_dim=4)
+    want = ex.scores(QUERIES)
+    fresh = LMExplainer(model, tok, TRAIN, methods=["gd", "gc", "if", "rif"], layers=1, proj_dim=4)
+    fresh.methods = ["gd", "if"]
+    assert set(fresh.scores(QUERIES)) == {"gd", "if"}
+    fresh.methods = ["gd", "gc", "if", "rif"]
+    got = fresh.scores(QUERIES)
+    for m in want:
+        np.testing.assert_allclose(got[m], want[m], rtol=1e-10, err_msg=m)
+
+
 def test_a_training_row_equal_to_the_query_ranks_first_and_explain_generates_a_completion():
     tok, model = tiny("llama")
     query = {"prompt": "the actor was", "completion": "really great"}

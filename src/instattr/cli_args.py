@@ -119,8 +119,8 @@ def method_args(p: argparse.ArgumentParser) -> None:
                         "tracked module (with --projection orthogonal or gaussian)")
     g.add_argument("--fisher", choices=["true", "empirical"], help="if and rif on a language-model run: H's "
                    "factors are gradients at tokens drawn from the model (true, default: the Gauss-Newton) or at "
-                   "the observed tokens (empirical: one backward pass per batch, no factors kept beside the "
-                   "gradients)")
+                   "the observed tokens (empirical: one backward pass per batch, and the factors are the "
+                   "windows' own gradients)")
     g.add_argument("--whiten-components", type=int, metavar="K", help="trackstar on a language-model run: "
                    "TrackStar's mixing of the queries' gradient autocorrelation into the training rows', set where "
                    "their sorted eigenvalues cross at component K (default 1000; 0: no whitening)")

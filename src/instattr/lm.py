@@ -20,8 +20,8 @@ windows'. With ``g_q`` the query's and ``g_i`` row i's projected gradient:
 
 H is the Gauss-Newton Hessian of the mean training loss, ``(1/n) sum_i GGN_i``, estimated by
 Monte Carlo in the projected space (the task's drawn tokens; with ``fisher="empirical"`` the
-empirical Fisher ``(1/n) sum_i g_i g_i^T`` of the rows' windows instead, one backward pass per batch
-and no factors kept beside the gradients), plus ``damping`` times its mean
+empirical Fisher ``(1/n) sum_i g_i g_i^T`` over the rows' windows instead, one backward pass per
+batch, its factors the windows' gradients themselves), plus ``damping`` times its mean
 eigenvalue ``trace(H)/dim`` (a relative damping: the summed NLL's curvature grows with the rows'
 length); one matrix while the smaller of the dimension and the factor rows is at most 20,480,
 else block-diagonal over the tracked blocks (``solver.full_`` says which). With ``ihvp="ekfac"``
@@ -132,6 +132,13 @@ class WindowBatches:
         return pos, per, facs, self.task.loss(out).double().cpu(), sums
 
 
+def widened_product(queries: torch.Tensor, train: torch.Tensor) -> np.ndarray:
+    """``queries @ train.T`` (float64 numpy) with the training side widened to float64 about 32 MB
+    at a time, never whole."""
+    rows = max(1, (1 << 25) // (8 * max(train.shape[1], 1)))
+    return torch.cat([queries.double() @ part.double().T for part in train.split(rows)], 1).numpy()
+
+
 def _tensor(a) -> torch.Tensor:
     return a if isinstance(a, torch.Tensor) else torch.tensor(np.asarray(a))
 
@@ -139,10 +146,11 @@ def _tensor(a) -> torch.Tensor:
 def gradients(projector: GradientProjector, windows: Windows, batch_size: int = 8, factors: bool = False,
               progress: Optional[bool] = False, desc: str = "", task=None, backend=None
               ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """(grads (rows, dim), factors (windows * samples, dim) or None, losses (rows,)): each row's
+    """(grads (rows, dim), factors (windows * roots, dim) or None, losses (rows,)): each row's
     projected gradient of its summed NLL (``task``, default the projector's: of its scalar 0; the
-    sum over its windows), the Gauss-Newton factors per window (``H = (1/n) F^T F``), and each
-    row's summed NLL. ``backend`` (:mod:`instattr.backend`, default here) computes the batches,
+    sum over its windows), the Gauss-Newton factors per window (``H = (1/n) F^T F``; for an
+    empirical-Fisher task a view of the windows' gradients, one per window), and each row's summed
+    NLL. ``backend`` (:mod:`instattr.backend`, default here) computes the batches,
     cut here: a Ray one on a pool of actors, with the same results."""
     from tqdm.auto import tqdm
 
@@ -509,24 +517,27 @@ class LMExplainer:
         self.cache, self.cache_key = (cache, cache_key) if cache is not None and cache_key else (None, None)
         ekfac = needs_h and ihvp == "ekfac"
         if any(m in PLAIN for m in self.methods):
-            factors = self._kept("factors", None) if needs_h else None
+            # the empirical Fisher's factors are the windows' gradients: with one window per row, the
+            # rows' gradients themselves, neither kept twice nor held twice
+            alias = needs_h and self.task.empirical and len(windows) == windows.n_rows
+            factors = self._kept("factors", None) if needs_h and not alias else None
             kfac = self._kept("kfac", None) if ekfac else None      # per module: sum a a^T, sum s s^T
-            kept = self._kept("grads", None) if not needs_h or factors is not None else None
-            if kept is None or (needs_h and factors is None) or (ekfac and kfac is None):
+            kept = self._kept("grads", None) if not needs_h or alias or factors is not None else None
+            if kept is None or (needs_h and not alias and factors is None) or (ekfac and kfac is None):
                 if ekfac:
                     self.projector.collect_covariances()
                 self.train_grads, factors, self.train_losses = gradients(self.projector, windows, self.batch_size,
                                                                          needs_h, bool(progress), "train gradients",
                                                                          backend=backend)
                 self._keep("grads", (self.train_grads, self.train_losses))
-                if needs_h:
+                if needs_h and not alias:
                     self._keep("factors", (factors,))
                 if ekfac:
                     kfac = [m for a, s, _ in self.projector.covariances() for m in (a, s)]
                     self._keep("kfac", kfac)
             else:
                 self.train_grads, self.train_losses = kept
-                factors = factors[0] if factors is not None else None
+                factors = self.train_grads if alias else factors[0] if factors is not None else None
         self.bm25_ = Lexical([row_text(r) for r in self.train]) if "bm25" in self.methods else None
         self.hidden_ = self._made("hidden", lambda: (torch.as_tensor(unit_rows(
             hidden_means(self.forward, windows, self.batch_size).numpy())),))[0] if "nn" in self.methods else None
@@ -568,6 +579,9 @@ class LMExplainer:
             else:
                 mean_eig = sum(float(torch.linalg.vector_norm(f, dtype=torch.float64) ** 2)    # float64, no copy
                                for f in factors.split(256)) / n / dim
+            if not np.isfinite(mean_eig):
+                raise InstattrError("H's mean eigenvalue is not finite: a training row's gradient holds NaN or inf "
+                                    "(check the model and the rows' losses)")
             self.damping_absolute = self.damping * max(mean_eig, 1e-12)
             if ekfac:
                 self.solver.damping = self.damping_absolute
@@ -607,9 +621,10 @@ class LMExplainer:
         import hashlib
         import json
         from pathlib import Path
+        empirical = self.task.empirical and name in ("factors", "kfac")       # H's; the others' keys as before
         what = [self.cache_key, name, extra, [t.name for t in self.tracked], self._sketch, self.max_length, self.stride,
-                self.chat, self.batch_size, self.task.samples, str(self.projector.dtype), len(self.train)] + \
-            (["empirical"] if self.task.empirical and name in ("factors", "kfac") else [])   # H's; others as before
+                self.chat, self.batch_size, "empirical" if empirical else self.task.samples, str(self.projector.dtype),
+                len(self.train)]
         return Path(self.cache) / f"lm-{name}-{hashlib.sha1(json.dumps(what).encode()).hexdigest()[:16]}.npz"
 
     def _kept(self, name: str, default, extra: Optional[str] = ""):
@@ -675,11 +690,7 @@ class LMExplainer:
     def _scores(self, queries) -> Tuple[Dict[str, np.ndarray], torch.Tensor]:
         """(scores, the queries' summed NLL)."""
         sides, losses = self.sides(queries)
-
-        def product(q, train):            # float64, the training side widened ~32 MB at a time
-            rows = max(1, (1 << 25) // (8 * max(train.shape[1], 1)))
-            return torch.cat([q @ part.double().T for part in train.split(rows)], 1).numpy()
-        return {m: s if isinstance(s, np.ndarray) else product(*s) for m, s in sides.items()}, losses
+        return {m: s if isinstance(s, np.ndarray) else widened_product(*s) for m, s in sides.items()}, losses
 
     def sides(self, queries) -> Tuple[Dict[str, object], torch.Tensor]:
         """(per method the two sides of its inner product, ``(query side, training side)`` tensors
@@ -691,26 +702,31 @@ class LMExplainer:
         return {m: asked[m] if m == "bm25" else (asked[m], train[m]) for m in self.methods}, losses
 
     def train_sides(self) -> Dict[str, torch.Tensor]:
-        """Per method but ``bm25``, the training rows' side of its inner product, (train, D),
-        made once (the index writes these in shards); the gradient methods' in the explainer's dtype,
-        gd and if one tensor, the kept gradients themselves (no float64 copy of the training side)."""
+        """Per method but ``bm25``, the training rows' side of its inner product, (train, D), each
+        made once, when first asked (the index writes these in shards); the gradient methods' in the
+        explainer's dtype, gd and if one tensor, the kept gradients themselves (no float64 copy)."""
         if self._train_sides is None:
-            out: Dict[str, torch.Tensor] = {}
-            if self.hidden_ is not None:
-                out["nn"] = self.hidden_
-            if self.tracin_:                    # sum_c lr_c g_q^c . g_i^c, one product of stacked sides
-                out["tracin"] = torch.cat([train for _, _, train in self.tracin_], 1)
-            if self.trackstar_ is not None:
-                out["trackstar"] = self.trackstar_grads
-            if self.train_grads is not None:
-                train = self.train_grads
-                out.update(gd=train, **{"if": train})
-                if "gc" in self.methods:
-                    out["gc"] = torch.as_tensor(unit_rows(train.numpy())).to(train.dtype)
-                if "rif" in self.methods:
-                    out["rif"] = train / self._train_solved_norms.clamp_min(1e-300).sqrt().to(train.dtype)[:, None]
-            self._train_sides = {m: out[m] for m in self.methods if m != "bm25"}
-        return self._train_sides
+            self._train_sides = {}
+        made = self._train_sides
+        for m in self.methods:
+            if m != "bm25" and m not in made:
+                made[m] = self._train_side(m)
+        return {m: made[m] for m in self.methods if m != "bm25"}
+
+    def _train_side(self, method: str) -> torch.Tensor:
+        if method == "nn":
+            return self.hidden_
+        if method == "tracin":                   # sum_c lr_c g_q^c . g_i^c, one product of stacked sides
+            return torch.cat([train for _, _, train in self.tracin_], 1)
+        if method == "trackstar":
+            return self.trackstar_grads
+        train = self.train_grads
+        if method == "gc":
+            return torch.as_tensor(unit_rows(train.numpy())).to(train.dtype)
+        if method == "rif":                      # a zero row stays zero: its norm is clamped in its own dtype
+            norms = self._train_solved_norms.sqrt().to(train.dtype).clamp_min(torch.finfo(train.dtype).tiny)
+            return train / norms[:, None]
+        return train                             # gd, if
 
     def query_sides(self, queries) -> Tuple[Dict[str, object], torch.Tensor]:
         """(per method the query rows' side of its inner product, float64 (queries, D), or for
@@ -802,12 +818,11 @@ class LMExplainer:
             _, jac = projector.project(windows.batch([j]))
             per_token.append(jac[0].cpu().double())
             tokens += [self.tokenizer.decode([t]) for t in w.targets if t != IGNORE]
-        g, train = torch.cat(per_token), self.train_grads.double()
-        out = {}
+        g, out = torch.cat(per_token), {}
         if "gd" in self.methods:
-            out["gd"] = (g @ train.T).numpy()
+            out["gd"] = widened_product(g, self.train_grads)
         if self.solver is not None and "if" in self.methods:
-            out["if"] = (self.solver.solve(g) @ train.T).numpy()
+            out["if"] = widened_product(self.solver.solve(g), self.train_grads)
         return tokens, out
 
     def _losses(self, windows: Windows) -> torch.Tensor:

@@ -282,6 +282,8 @@ def attribute_lm(run: LMRun, methods=None, split: Optional[str] = None, overwrit
             kept = info.get("config", {})
             for key in options or {}:
                 asked = opts[key]
+                if key == "fisher" and "fisher" not in kept:            # stored before the option: the true Fisher
+                    kept = {**kept, "fisher": "true"}
                 if key in kept and kept[key] != asked:
                     raise InstattrError(f"{m}: the stored scores of {split} were made with {key}={kept[key]!r}, not "
                                         f"{asked!r}; pass --overwrite to recompute them")

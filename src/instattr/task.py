@@ -157,7 +157,8 @@ class LanguageModelTask:
 
     @property
     def has_roots(self) -> bool:
-        """Whether :meth:`scalars` carries what :meth:`curvature_roots` combines (not after :meth:`loss_only`)."""
+        """Whether :meth:`scalars` carries what :meth:`curvature_roots` combines: the drawn scalars (not
+        after :meth:`loss_only`), or the loss itself for the empirical Fisher."""
         return self.draw or self.empirical
 
     def _nll(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
