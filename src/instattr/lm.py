@@ -160,19 +160,20 @@ def gradients(projector: GradientProjector, windows: Windows, batch_size: int = 
     if not factors and hasattr(task, "loss_only"):
         task = task.loss_only()                  # one backward pass: the drawn scalars are not needed
     same = factors and getattr(task, "empirical", False)        # the factors are the gradients: kept once
-    if n_win * dim * (1 + s * (factors and not same)) * torch.finfo(projector.dtype).bits // 8 > MAX_EMBEDDING_BYTES:
+    separate = factors and not same
+    if n_win * dim * (1 + s * separate) * torch.finfo(projector.dtype).bits // 8 > MAX_EMBEDDING_BYTES:
         raise InstattrError(f"{n_win} windows x {dim} projected numbers{' x factors' if factors else ''} do not fit "
                             "in memory; lower proj_dim or track fewer modules")
     per = torch.zeros(n_win, dim, dtype=projector.dtype)
-    facs = per.view(n_win, 1, dim) if same else torch.zeros(n_win, s, dim, dtype=projector.dtype) if factors \
+    facs = per.view(n_win, 1, dim) if same else torch.zeros(n_win, s, dim, dtype=projector.dtype) if separate \
         else None
     losses = torch.zeros(n_win, dtype=torch.float64)
-    work = WindowBatches(projector, windows, list(windows.order(batch_size)), task, factors and not same)
+    work = WindowBatches(projector, windows, list(windows.order(batch_size)), task, separate)
     with tqdm(total=n_win, desc=desc, disable=not progress, unit="window") as bar:
         for pos, g, f, loss, sums in backend_or_local(backend).map_batches(work):
             pos = np.array(pos)                   # a worker's arrays may arrive read-only: copied in
             per[pos] = _tensor(g)
-            if factors and not same:
+            if separate:
                 facs[pos] = _tensor(f)
             losses[pos] = _tensor(loss)
             if sums is not None and projector.collecting:     # a worker's batch: its sums join ours
@@ -575,20 +576,22 @@ class LMExplainer:
             if ekfac:             # its eigenvalues sum to trace(H): the mean eigenvalue without another pass
                 pairs = [(kfac[2 * j], kfac[2 * j + 1], 0) for j in range(len(kfac) // 2)]
                 self.solver = EKFAC(1.0).fit(self.projector.block_slices(), pairs, factors, n)
-                mean_eig = self.solver.mean_eigenvalue
+                self.solver.damping = self._absolute_damping(self.solver.mean_eigenvalue)
             else:
                 mean_eig = sum(float(torch.linalg.vector_norm(f, dtype=torch.float64) ** 2)    # float64, no copy
                                for f in factors.split(256)) / n / dim
-            if not np.isfinite(mean_eig):
-                raise InstattrError("H's mean eigenvalue is not finite: a training row's gradient holds NaN or inf "
-                                    "(check the model and the rows' losses)")
-            self.damping_absolute = self.damping * max(mean_eig, 1e-12)
-            if ekfac:
-                self.solver.damping = self.damping_absolute
-            else:
-                self.solver = GaussNewton(self.damping_absolute).fit(
+                self.solver = GaussNewton(self._absolute_damping(mean_eig)).fit(
                     Curvature(dim=dim, n=n, factors=factors, blocks=self.projector.block_slices(),
                               groups=list(self.projector.groups().values())))
+
+    def _absolute_damping(self, mean_eigenvalue: float) -> float:
+        """``damping`` times H's mean eigenvalue (kept as ``damping_absolute``); a non-finite one is
+        a one-line error."""
+        if not np.isfinite(mean_eigenvalue):
+            raise InstattrError("H's mean eigenvalue is not finite: a training row's gradient holds NaN or inf "
+                                "(check the model and the rows' losses)")
+        self.damping_absolute = self.damping * max(mean_eigenvalue, 1e-12)
+        return self.damping_absolute
 
     @property
     def _train_solved_norms(self) -> torch.Tensor:

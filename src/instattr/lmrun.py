@@ -33,6 +33,7 @@ from .store import LMRun, open_run
 DEFAULT_PROJ_DIM = 32
 OPTION_KEYS = ("layers", "modules", "proj_dim", "projection", "damping", "measurement", "samples", "batch_size",
                "whiten_components", "ihvp", "fisher")
+FORMER_DEFAULTS = {"fisher": "true"}      # options stored scores may predate: what they were made with
 
 
 @dataclass(frozen=True)
@@ -282,10 +283,9 @@ def attribute_lm(run: LMRun, methods=None, split: Optional[str] = None, overwrit
             kept = info.get("config", {})
             for key in options or {}:
                 asked = opts[key]
-                if key == "fisher" and "fisher" not in kept:            # stored before the option: the true Fisher
-                    kept = {**kept, "fisher": "true"}
-                if key in kept and kept[key] != asked:
-                    raise InstattrError(f"{m}: the stored scores of {split} were made with {key}={kept[key]!r}, not "
+                made = kept.get(key, FORMER_DEFAULTS.get(key, asked))     # an option newer than the scores
+                if made != asked:
+                    raise InstattrError(f"{m}: the stored scores of {split} were made with {key}={made!r}, not "
                                         f"{asked!r}; pass --overwrite to recompute them")
             log(f"{m}: scores for {split} exist, kept (use --overwrite to recompute)")
     if not todo:
